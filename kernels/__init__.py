@@ -1,0 +1,61 @@
+"""ReAttention kernels (import name ``reattention_kernels``; the source folder is ``kernels/``).
+
+Public ops, each dispatched (see `dispatch`) to a Triton kernel or its PyTorch reference:
+
+* `score_topk` - exact per-row, per-head top-k of raw ``q . k`` over the middle of the store.
+* `scope_attention` - attention over ``[sink | selected | local]`` read by index from the pre-RoPE
+  store, RoPE applied at fresh contiguous positions, bottom-right causal.
+
+The folder is deliberately not importable as ``kernels``: that name belongs to Hugging Face's
+kernel-hub package, which transformers probes for.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from reattention_kernels.dispatch import resolve_backend
+from reattention_kernels.reference import score_topk_ref, scope_attention_ref
+
+
+def score_topk(q: torch.Tensor, k: torch.Tensor, top_k: int, *, backend: str | None = None) -> torch.Tensor:
+    """Per-row, per-query-head top-k key indices; see `reference.topk.score_topk_ref` for the spec."""
+    if resolve_backend(q, backend) == "triton":
+        from reattention_kernels.triton_ops.topk import score_topk_triton
+
+        return score_topk_triton(q, k, top_k)
+    return score_topk_ref(q, k, top_k)
+
+
+def scope_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    sel_idx: torch.Tensor,
+    n_sel: torch.Tensor,
+    *,
+    sink_len: int,
+    local_start: int,
+    inv_freq: torch.Tensor,
+    attention_scaling: float,
+    scale: float,
+    return_lse: bool = False,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Sparse-scope attention; see `reference.attention.scope_attention_ref` for the spec."""
+    kwargs = dict(
+        sink_len=sink_len,
+        local_start=local_start,
+        inv_freq=inv_freq,
+        attention_scaling=attention_scaling,
+        scale=scale,
+        return_lse=return_lse,
+    )
+    if resolve_backend(q, backend) == "triton":
+        from reattention_kernels.triton_ops.attention import scope_attention_triton
+
+        return scope_attention_triton(q, k, v, sel_idx, n_sel, **kwargs)
+    return scope_attention_ref(q, k, v, sel_idx, n_sel, **kwargs)
+
+
+__all__ = ["score_topk", "scope_attention", "score_topk_ref", "scope_attention_ref", "resolve_backend"]

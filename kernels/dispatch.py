@@ -1,0 +1,57 @@
+"""Backend choice for every op: Triton on CUDA, the PyTorch reference elsewhere.
+
+``REATTENTION_KERNELS`` overrides the choice: ``auto`` (default), ``triton`` or ``reference``.
+Nothing here imports Triton unless the Triton backend is actually chosen, so the CPU reference
+path works on machines without Triton. Under ``TRITON_INTERPRET=1`` the Triton backend also runs
+on CPU tensors (slowly): that is how CI tests the kernels.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+BACKENDS = ("auto", "triton", "reference")
+ENV_VAR = "REATTENTION_KERNELS"
+
+
+def interpreting() -> bool:
+    """True when Triton runs in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.cache
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def requested_backend() -> str:
+    value = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    if value not in BACKENDS:
+        raise ValueError(f"{ENV_VAR}={value!r} is not one of {BACKENDS}")
+    return value
+
+
+def resolve_backend(tensor: torch.Tensor, backend: str | None = None) -> str:
+    """``"triton"`` or ``"reference"`` for an op on ``tensor``.
+
+    ``backend`` (or the environment override) ``"triton"`` forces Triton and fails loudly where it
+    cannot run; ``"auto"`` picks Triton for CUDA tensors when it is installed.
+    """
+    choice = backend or requested_backend()
+    if choice not in BACKENDS:
+        raise ValueError(f"backend {choice!r} is not one of {BACKENDS}")
+    if choice == "reference":
+        return "reference"
+    runnable = triton_available() and (tensor.is_cuda or interpreting())
+    if choice == "triton":
+        if not runnable:
+            raise RuntimeError(
+                "the Triton backend was requested but cannot run here: it needs the `triton` package and a CUDA "
+                f"tensor (or TRITON_INTERPRET=1 for CPU tensors); unset {ENV_VAR} to use the reference"
+            )
+        return "triton"
+    return "triton" if runnable and tensor.is_cuda else "reference"

@@ -1,0 +1,6 @@
+"""Pure-PyTorch references: the specification every Triton kernel is tested against."""
+
+from reattention_kernels.reference.attention import apply_rope_ref, rope_cos_sin, scope_attention_ref
+from reattention_kernels.reference.topk import score_topk_ref
+
+__all__ = ["apply_rope_ref", "rope_cos_sin", "scope_attention_ref", "score_topk_ref"]

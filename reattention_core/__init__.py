@@ -1,0 +1,39 @@
+"""ReAttention: unbounded context with a finite attention scope for Hugging Face RoPE models.
+
+Quick start::
+
+    from reattention_core import ReAttentionEngine
+    engine = ReAttentionEngine.from_pretrained()      # the embedded SmolLM2-135M-Instruct
+    print(engine.generate([{"role": "user", "content": "What is the capital of France?"}]).text)
+"""
+
+from reattention_core.config import PRESETS, ReAttentionConfig
+from reattention_core.engine import GenerationResult, ReAttentionEngine
+from reattention_core.errors import (
+    ConfigError,
+    ContextLimitError,
+    InvalidInputError,
+    ModelNotFoundError,
+    ReAttentionError,
+    UnsupportedModelError,
+)
+from reattention_core.hf import ReAttentionCache, enable_reattention
+from reattention_core.store import KVStore
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PRESETS",
+    "ConfigError",
+    "ContextLimitError",
+    "GenerationResult",
+    "InvalidInputError",
+    "KVStore",
+    "ModelNotFoundError",
+    "ReAttentionCache",
+    "ReAttentionConfig",
+    "ReAttentionEngine",
+    "ReAttentionError",
+    "UnsupportedModelError",
+    "enable_reattention",
+]

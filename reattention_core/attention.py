@@ -1,0 +1,102 @@
+"""One layer of ReAttention: split the store, select blocks, attend over the scope with fresh RoPE.
+
+This module is framework-free: plain tensors in ``[B, T, H, D]`` layout. The Hugging Face glue
+(`reattention_core.hf`) only reshapes and calls `reattention_attention`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from reattention_core.config import ReAttentionConfig
+from reattention_core.rope import RopeSpec
+from reattention_core.selection import select_blocks
+from reattention_kernels import scope_attention
+
+
+@dataclass(frozen=True)
+class ScopePlan:
+    """Where sink, middle and local window lie in a store of ``total`` tokens.
+
+    ``middle_end == sink_len`` means there is no middle (everything is attended in place).
+    """
+
+    sink_len: int
+    local_start: int
+    total: int
+    select: bool
+
+    @property
+    def middle_len(self) -> int:
+        return self.local_start - self.sink_len
+
+
+def plan_scope(cfg: ReAttentionConfig, total: int, num_queries: int) -> ScopePlan:
+    """Split a store of ``total`` tokens (the last ``num_queries`` are the queries).
+
+    With ``mode="full"``, or while everything fits in sink + local window, the scope is the
+    whole store at its original positions, i.e. plain causal attention.
+    """
+    # A chunk longer than the local window would push its own first queries into the middle.
+    local = max(cfg.local_window, num_queries)
+    if cfg.mode == "full" or total <= cfg.sink_size + local:
+        return ScopePlan(sink_len=0, local_start=0, total=total, select=False)
+    return ScopePlan(
+        sink_len=cfg.sink_size, local_start=total - local, total=total, select=cfg.mode == "reattention"
+    )
+
+
+def reattention_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cfg: ReAttentionConfig,
+    rope: RopeSpec,
+    scale: float,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """ReAttention for one layer.
+
+    Args:
+        q (torch.Tensor): pre-RoPE queries ``[B, TQ, HQ, D]`` of the last ``TQ`` stored tokens.
+        k (torch.Tensor): pre-RoPE key store ``[B, T, H, D]`` (including the queries' own keys).
+        v (torch.Tensor): value store ``[B, T, H, D]``.
+        cfg (ReAttentionConfig): sizes and mode.
+        rope (RopeSpec): the model's rotary settings.
+        scale (float): softmax scale.
+
+    Returns:
+        torch.Tensor: ``[B, TQ, HQ, D]`` attention output.
+    """
+    b, tq = q.shape[0], q.shape[1]
+    plan = plan_scope(cfg, k.shape[1], tq)
+    if plan.select:
+        sel, n_sel = select_blocks(
+            q,
+            k[:, plan.sink_len : plan.local_start],
+            top_k=cfg.top_k,
+            max_blocks=cfg.max_blocks,
+            block_size=cfg.block_size,
+            backend=backend,
+        )
+        sel = sel + plan.sink_len
+    else:
+        sel = torch.zeros((b, 0), dtype=torch.int64, device=q.device)
+        n_sel = torch.zeros((b,), dtype=torch.int64, device=q.device)
+    out, _ = scope_attention(
+        q,
+        k,
+        v,
+        sel,
+        n_sel,
+        sink_len=plan.sink_len,
+        local_start=plan.local_start,
+        inv_freq=rope.inv_freq,
+        attention_scaling=rope.attention_scaling,
+        scale=scale,
+        backend=backend,
+    )
+    return out

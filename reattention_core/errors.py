@@ -1,0 +1,27 @@
+"""Typed errors. Every message says what went wrong and what to do about it."""
+
+from __future__ import annotations
+
+
+class ReAttentionError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class ConfigError(ReAttentionError, ValueError):
+    """A `ReAttentionConfig` (or a value given for one) is invalid."""
+
+
+class UnsupportedModelError(ReAttentionError, ValueError):
+    """The model's architecture or RoPE variant cannot run under ReAttention."""
+
+
+class ModelNotFoundError(ReAttentionError, FileNotFoundError):
+    """The requested model, or the embedded default model, is not installed."""
+
+
+class InvalidInputError(ReAttentionError, ValueError):
+    """A prompt, message list or generation parameter is malformed."""
+
+
+class ContextLimitError(InvalidInputError):
+    """The prompt plus the requested output exceeds the configured maximum context."""

@@ -1,0 +1,56 @@
+"""Every place that depends on the transformers version lives here, and only here.
+
+Supported: transformers 5.x (tested on 5.17 and 5.23). The extension points used are public:
+`AttentionInterface.register`, `PreTrainedModel.set_attn_implementation`, `Cache` built from a list
+of `CacheLayerMixin` layers, and forward hooks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import transformers
+from packaging.version import Version
+
+from reattention_core.errors import UnsupportedModelError
+
+TRANSFORMERS_VERSION = Version(transformers.__version__)
+MIN_TRANSFORMERS = Version("5.0")
+
+
+def check_transformers() -> None:
+    if TRANSFORMERS_VERSION < MIN_TRANSFORMERS:
+        raise UnsupportedModelError(
+            f"transformers {transformers.__version__} is too old; reattention needs >= {MIN_TRANSFORMERS} "
+            "(pip install -U 'transformers>=5,<6')"
+        )
+
+
+def register_attention(name: str, fn: Callable) -> None:
+    """Register ``fn`` under ``name`` in the global attention registry (idempotent)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(name, fn)
+
+
+def get_attn_implementation(model: torch.nn.Module) -> str | None:
+    return getattr(model.config, "_attn_implementation", None)
+
+
+def set_attn_implementation(model: torch.nn.Module, name: str) -> None:
+    model.set_attn_implementation(name)
+
+
+def cache_base_init(cache: object, layers: list) -> None:
+    """Initialise a `transformers.Cache` subclass instance with pre-built ``layers``."""
+    from transformers.cache_utils import Cache
+
+    Cache.__init__(cache, layers=layers)  # type: ignore[arg-type]
+
+
+def cache_classes() -> tuple[type, type]:
+    """``(Cache, CacheLayerMixin)`` base classes."""
+    from transformers.cache_utils import Cache, CacheLayerMixin
+
+    return Cache, CacheLayerMixin

@@ -1,0 +1,75 @@
+"""Which Hugging Face architectures run under ReAttention, and where their parts live.
+
+Every supported family computes RoPE once per forward in ``model.model.rotary_emb`` and passes
+``(cos, sin)`` to each attention layer, which applies it right before ``past_key_values.update``
+and the registered attention function: that is the seam ReAttention uses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from reattention_core.errors import UnsupportedModelError
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Where one architecture keeps its rotary module and attention layers."""
+
+    model_type: str
+    notes: str = ""
+
+
+ARCHITECTURES: dict[str, ArchSpec] = {
+    "llama": ArchSpec("llama"),
+    "mistral": ArchSpec("mistral", "a configured sliding window is superseded by the ReAttention scope"),
+    "qwen2": ArchSpec("qwen2", "a configured sliding window is superseded by the ReAttention scope"),
+    "qwen3": ArchSpec("qwen3", "q_norm/k_norm run before RoPE, so stored keys are normalised and pre-RoPE"),
+}
+
+
+def supported_list() -> str:
+    return ", ".join(sorted(ARCHITECTURES))
+
+
+def check_model_type(model_type: str | None) -> ArchSpec:
+    if model_type not in ARCHITECTURES:
+        raise UnsupportedModelError(
+            f"model type {model_type!r} is not supported by ReAttention; supported model types: {supported_list()}"
+        )
+    return ARCHITECTURES[model_type]
+
+
+def backbone(model: torch.nn.Module) -> torch.nn.Module:
+    """The decoder stack (``model.model`` for a *ForCausalLM, the model itself otherwise)."""
+    inner = getattr(model, "model", None)
+    return inner if inner is not None and hasattr(inner, "layers") else model
+
+
+def check_model(model: torch.nn.Module) -> ArchSpec:
+    config = getattr(model, "config", None)
+    spec = check_model_type(getattr(config, "model_type", None))
+    body = backbone(model)
+    if not hasattr(body, "rotary_emb") or not hasattr(body, "layers"):
+        raise UnsupportedModelError(
+            f"{type(model).__name__} has no `rotary_emb`/`layers` where a {spec.model_type} model keeps them"
+        )
+    return spec
+
+
+def rotary_module(model: torch.nn.Module) -> torch.nn.Module:
+    return backbone(model).rotary_emb
+
+
+def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    return [layer.self_attn for layer in backbone(model).layers]
+
+
+def pretraining_window(config: object) -> int:
+    """Positions the model was trained on (the range ReAttention keeps positions inside)."""
+    window = getattr(config, "max_position_embeddings", None)
+    if not isinstance(window, int) or window <= 0:
+        raise UnsupportedModelError("the model config has no valid max_position_embeddings")
+    return window

@@ -1,0 +1,58 @@
+"""The attention function registered with transformers under the name ``"reattention"``.
+
+It has the contract of ``sdpa_attention_forward``: it receives ``[B, H, T, D]`` tensors and
+returns ``([B, TQ, HQ, D], None)``. Its settings come from ``module.reattention_runtime``, which
+`enable_reattention` sets on every attention module and removes on exit, so the function itself
+holds no state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from reattention_core.attention import reattention_attention
+from reattention_core.config import ReAttentionConfig
+from reattention_core.rope import RopeSpec
+
+ATTN_IMPLEMENTATION = "reattention"
+RUNTIME_ATTR = "reattention_runtime"
+
+
+@dataclass(frozen=True)
+class LayerRuntime:
+    """What the attention function needs besides tensors."""
+
+    config: ReAttentionConfig
+    rope: RopeSpec
+    backend: str | None = None
+
+
+def reattention_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: object,
+) -> tuple[torch.Tensor, None]:
+    runtime: LayerRuntime | None = getattr(module, RUNTIME_ATTR, None)
+    if runtime is None:
+        raise RuntimeError(
+            "the 'reattention' attention implementation runs only inside `enable_reattention(model, config)`"
+        )
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    out = reattention_attention(
+        query.transpose(1, 2),
+        key.transpose(1, 2),
+        value.transpose(1, 2),
+        runtime.config,
+        runtime.rope,
+        scaling,
+        backend=runtime.backend,
+    )
+    return out, None

@@ -1,0 +1,105 @@
+"""`KVStore`: every layer's pre-RoPE keys and values, in preallocated, growing buffers.
+
+ReAttention keeps the whole sequence (selection may pick any old token), so the store grows with
+the context. Appends write into spare capacity (index assignment, no ``torch.cat``); when the
+capacity runs out it grows geometrically, so the total copy traffic stays O(N). Callers that know
+the final length up front (the engine does: prompt + max_new_tokens) call `reserve` once and never
+copy at all.
+
+Layout: ``[B, T, H, D]`` (batch, tokens, KV heads, head dim), keys stored *without* RoPE.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_MIN_CAPACITY = 256
+
+
+class KVStore:
+    """Per-layer pre-RoPE key/value buffers of shape ``[B, capacity, H, D]``.
+
+    Args:
+        num_layers: number of attention layers.
+    """
+
+    def __init__(self, num_layers: int) -> None:
+        self.num_layers = num_layers
+        self._keys: list[torch.Tensor | None] = [None] * num_layers
+        self._values: list[torch.Tensor | None] = [None] * num_layers
+        self._lengths = [0] * num_layers
+        self._reserved = 0
+        self.grow_events = 0  # number of reallocations, exposed for tests and benchmarks
+
+    def length(self, layer: int = 0) -> int:
+        """Tokens stored for ``layer``."""
+        return self._lengths[layer]
+
+    def capacity(self, layer: int = 0) -> int:
+        buf = self._keys[layer]
+        return 0 if buf is None else buf.shape[1]
+
+    def reserve(self, tokens: int) -> None:
+        """Make room for ``tokens`` tokens per layer, so appends up to that length never copy."""
+        self._reserved = max(self._reserved, tokens)
+        for layer in range(self.num_layers):
+            if self._keys[layer] is not None and self.capacity(layer) < tokens:
+                self._grow(layer, tokens)
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append ``k, v`` (``[B, TQ, H, D]``) to ``layer`` and return views of all stored tokens.
+
+        Returns:
+            ``(keys, values)``, each a ``[B, T, H, D]`` view (no copy) with ``T`` the new length.
+        """
+        tq = k.shape[1]
+        if self._keys[layer] is None:
+            cap = max(_MIN_CAPACITY, self._reserved, tq)
+            shape = (k.shape[0], cap, k.shape[2], k.shape[3])
+            self._keys[layer] = torch.empty(shape, dtype=k.dtype, device=k.device)
+            self._values[layer] = torch.empty(
+                (v.shape[0], cap, v.shape[2], v.shape[3]), dtype=v.dtype, device=v.device
+            )
+        start = self._lengths[layer]
+        end = start + tq
+        if end > self.capacity(layer):
+            self._grow(layer, max(end, 2 * self.capacity(layer)))
+        keys, values = self._keys[layer], self._values[layer]
+        assert keys is not None and values is not None
+        keys[:, start:end] = k
+        values[:, start:end] = v
+        self._lengths[layer] = end
+        return keys[:, :end], values[:, :end]
+
+    def view(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(keys, values)`` views ``[B, T, H, D]`` of what ``layer`` holds."""
+        keys, values = self._keys[layer], self._values[layer]
+        if keys is None or values is None:
+            raise RuntimeError(f"layer {layer} holds no tokens yet")
+        n = self._lengths[layer]
+        return keys[:, :n], values[:, :n]
+
+    def truncate(self, tokens: int) -> None:
+        """Forget every token at index >= ``tokens`` (keeps the buffers for reuse)."""
+        if tokens < 0:
+            raise ValueError(f"tokens must be >= 0, got {tokens}")
+        self._lengths = [min(n, tokens) for n in self._lengths]
+
+    def nbytes(self) -> int:
+        """Bytes allocated by all buffers (capacity, not length)."""
+        total = 0
+        for buf in (*self._keys, *self._values):
+            if buf is not None:
+                total += buf.numel() * buf.element_size()
+        return total
+
+    def _grow(self, layer: int, new_capacity: int) -> None:
+        old_k, old_v = self._keys[layer], self._values[layer]
+        assert old_k is not None and old_v is not None
+        n = self._lengths[layer]
+        new_k = old_k.new_empty((old_k.shape[0], new_capacity, *old_k.shape[2:]))
+        new_v = old_v.new_empty((old_v.shape[0], new_capacity, *old_v.shape[2:]))
+        new_k[:, :n] = old_k[:, :n]
+        new_v[:, :n] = old_v[:, :n]
+        self._keys[layer], self._values[layer] = new_k, new_v
+        self.grow_events += 1
