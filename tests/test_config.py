@@ -1,0 +1,83 @@
+from __future__ import annotations
+
+import pytest
+
+from reattention_core import PRESETS, ConfigError, ReAttentionConfig
+
+
+def test_defaults_are_the_papers_8k_sizing():
+    cfg = ReAttentionConfig.for_window(8192)
+    assert (cfg.sink_size, cfg.block_size, cfg.top_k, cfg.local_window) == (32, 32, 4, 4096)
+    assert cfg.max_blocks == 127 and cfg.prefill_chunk_size == 512
+    assert cfg.scope_size == 8192
+    cfg.check_window(8192)
+
+
+def test_for_window_small_window_keeps_chunk_inside_local():
+    cfg = ReAttentionConfig.for_window(512)
+    assert cfg.prefill_chunk_size <= cfg.local_window
+    assert cfg.scope_size <= 512
+
+
+def test_scope_over_the_window_is_rejected_with_a_hint():
+    cfg = ReAttentionConfig(max_blocks=200)
+    with pytest.raises(ConfigError, match="exceeds the model's pre-training window of 8192.*for_window"):
+        cfg.check_window(8192)
+
+
+def test_full_mode_has_no_scope_bound():
+    cfg = ReAttentionConfig(mode="full", max_blocks=10_000)
+    assert cfg.scope_size is None
+    cfg.check_window(128)
+
+
+def test_streaming_scope_is_sink_plus_local():
+    assert ReAttentionConfig(mode="streaming", sink_size=8, local_window=64, prefill_chunk_size=64).scope_size == 72
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"mode": "sparse"}, "mode must be one of"),
+        ({"block_size": 0}, "block_size must be >= 1"),
+        ({"top_k": -1}, "top_k must be >= 1"),
+        ({"sink_size": -1}, "sink_size must be >= 0"),
+        ({"local_window": 2.5}, "local_window must be an int"),
+        ({"max_blocks": True}, "max_blocks must be an int"),
+        ({"prefill_chunk_size": 1024, "local_window": 512}, "exceeds local_window"),
+        ({"max_context": 0}, "max_context"),
+    ],
+)
+def test_invalid_values_raise_config_error(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        ReAttentionConfig(**kwargs)
+
+
+def test_config_is_frozen():
+    cfg = ReAttentionConfig()
+    with pytest.raises(AttributeError):
+        cfg.top_k = 3  # type: ignore[misc]
+
+
+def test_unknown_keys_raise():
+    with pytest.raises(ConfigError, match="unknown ReAttentionConfig keys.*topk"):
+        ReAttentionConfig.from_dict({"topk": 3})
+    with pytest.raises(TypeError):
+        ReAttentionConfig(topk=3)  # type: ignore[call-arg]
+    with pytest.raises(ConfigError, match="unknown"):
+        ReAttentionConfig().replace(windw=3)
+
+
+def test_round_trip_and_fingerprint():
+    cfg = ReAttentionConfig.preset("smollm2-135m")
+    again = ReAttentionConfig.from_dict(cfg.to_dict())
+    assert again == cfg and again.fingerprint() == cfg.fingerprint()
+    assert cfg.replace(top_k=2).fingerprint() != cfg.fingerprint()
+
+
+def test_embedded_preset_is_the_measured_one():
+    cfg = PRESETS["smollm2-135m"]
+    assert (cfg.sink_size, cfg.max_blocks, cfg.block_size, cfg.local_window, cfg.prefill_chunk_size) == (32, 32, 32, 256, 256)
+    assert cfg.scope_size == 1312
+    with pytest.raises(ConfigError, match="unknown preset"):
+        ReAttentionConfig.preset("gpt-5")

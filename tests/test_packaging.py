@@ -1,0 +1,46 @@
+"""`kernels/` ships as `reattention_kernels`, never as a top-level `kernels` package."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import reattention_kernels
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_import_name_maps_to_the_kernels_folder():
+    assert Path(reattention_kernels.__file__).resolve() == ROOT / "kernels" / "__init__.py"
+
+
+def test_built_wheel_installs_reattention_kernels_and_no_kernels_package(tmp_path):
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(ROOT)],
+        check=True,
+    )
+    wheel = next(tmp_path.glob("reattention-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "reattention_kernels/__init__.py" in names
+    assert "reattention_kernels/reference/topk.py" in names
+    assert not any(n.startswith("kernels/") for n in names)
+    target = tmp_path / "site"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)], check=True
+    )
+    probe = (
+        "import importlib.util, reattention_kernels, reattention_core;"
+        "print(reattention_kernels.__file__);"
+        "spec = importlib.util.find_spec('kernels');"
+        "print(spec.origin if spec else None)"
+    )
+    env = dict(os.environ, PYTHONPATH=str(target))
+    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True, check=True)
+    ours, kernels_origin = out.stdout.split()
+    assert Path(ours).is_relative_to(target)
+    # `kernels` is either absent or Hugging Face's package, never our folder
+    assert kernels_origin == "None" or not Path(kernels_origin).is_relative_to(ROOT)
+    assert kernels_origin == "None" or not Path(kernels_origin).is_relative_to(target)
