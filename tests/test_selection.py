@@ -117,3 +117,12 @@ def test_short_store_attends_everything_in_place():
     cfg = ReAttentionConfig(sink_size=4, block_size=6, top_k=3, max_blocks=5, local_window=24, prefill_chunk_size=16)
     plan = plan_scope(cfg, 28, 16)
     assert not plan.select and plan.sink_len == 0 and plan.local_start == 0
+
+
+def test_prefill_plan_runs_the_last_token_alone():
+    from reattention_core.prefill import plan_prefill
+
+    assert plan_prefill(10, 4) == [(0, 4), (4, 8), (8, 9), (9, 10)]
+    assert plan_prefill(9, 4) == [(0, 4), (4, 8), (8, 9)]
+    assert plan_prefill(1, 4) == [(0, 1)]
+    assert plan_prefill(0, 4) == []

@@ -1,0 +1,169 @@
+"""End-to-end speed and memory: prefill time and decode ms/token against context length.
+
+Modes:
+  reattention  the engine with its configured scope (chunked prefill, selection per chunk/step)
+  full         the engine with mode="full": same chunked path, plain attention over every token
+  hf           vanilla Hugging Face (SDPA, DynamicCache), one-shot prefill: the external baseline
+
+    python benchmarks/bench_engine.py --tokens 4096 16384 --modes reattention full hf \
+        --out benchmarks/results/engine-cpu.jsonl
+
+Models: the embedded SmolLM2-135M (default), ``--model llama8b-random`` (Llama-3.1-8B shapes,
+random bf16 weights, GPU only), or a model directory. Prompts are random token ids: speed does
+not depend on the text. Every row records device, versions and commit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+from reattention_core import KVStore, ReAttentionCache, ReAttentionConfig, ReAttentionEngine, enable_reattention
+from reattention_core.prefill import run_prefill
+
+
+def llama8b_random(device: str) -> ReAttentionEngine:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+    )
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    model.config._attn_implementation_internal = "sdpa"
+    return ReAttentionEngine(model, tokenizer=None, model_name="llama-3.1-8b-shaped-random")
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def run_engine(engine: ReAttentionEngine, cfg: ReAttentionConfig, ids: torch.Tensor, decode: int) -> dict:
+    model = engine.model
+    with torch.inference_mode(), enable_reattention(model, cfg, backend=engine.backend):
+        store = KVStore(model.config.num_hidden_layers)
+        store.reserve(ids.shape[1] + decode + 1)
+        cache = ReAttentionCache(store)
+        sync()
+        t0 = time.perf_counter()
+        logits = run_prefill(model, ids, cache, cfg.prefill_chunk_size, progress=False)
+        sync()
+        prefill = time.perf_counter() - t0
+        token = logits.argmax(-1, keepdim=True)
+        model(input_ids=token, past_key_values=cache, use_cache=True)  # warm-up step
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(decode):
+            out = model(input_ids=token, past_key_values=cache, use_cache=True)
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+        sync()
+        step = (time.perf_counter() - t0) / max(1, decode)
+        kv_bytes = store.nbytes()
+    return {"prefill_s": prefill, "decode_ms_per_token": step * 1000, "kv_bytes": kv_bytes}
+
+
+def run_hf(engine: ReAttentionEngine, ids: torch.Tensor, decode: int) -> dict:
+    from transformers import DynamicCache
+
+    model = engine.model
+    with torch.inference_mode():
+        cache = DynamicCache(config=model.config)
+        sync()
+        t0 = time.perf_counter()
+        out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        sync()
+        prefill = time.perf_counter() - t0
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        model(input_ids=token, past_key_values=cache, use_cache=True)
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(decode):
+            out = model(input_ids=token, past_key_values=cache, use_cache=True)
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+        sync()
+        step = (time.perf_counter() - t0) / max(1, decode)
+    return {"prefill_s": prefill, "decode_ms_per_token": step * 1000}
+
+
+def environment() -> dict:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    if torch.cuda.is_available():
+        device = torch.cuda.get_device_name()
+    else:
+        device = f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {"device": device, "torch": torch.__version__, "triton": triton_version,
+            "transformers": transformers.__version__, "commit": commit or "unknown"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="embedded")
+    ap.add_argument("--gguf-file", default=None)
+    ap.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384])
+    ap.add_argument("--modes", nargs="+", default=["reattention", "full"], choices=["reattention", "full", "streaming", "hf"])
+    ap.add_argument("--decode", type=int, default=16, help="decode steps timed after prefill")
+    ap.add_argument("--prefill-chunk", type=int, default=None, help="override the config's prefill chunk")
+    ap.add_argument("--backend", default=None, choices=["triton", "reference"])
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args(argv)
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.model == "llama8b-random":
+        engine = llama8b_random(device)
+    else:
+        engine = ReAttentionEngine.from_pretrained(None if args.model == "embedded" else args.model, gguf_file=args.gguf_file)
+    engine.backend = args.backend
+    base = engine.config
+    if args.prefill_chunk:
+        base = base.replace(prefill_chunk_size=args.prefill_chunk)
+    env = environment()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    vocab = engine.model.config.vocab_size
+    for tokens in args.tokens:
+        ids = torch.randint(100, vocab - 100, (1, tokens), generator=torch.Generator().manual_seed(tokens)).to(engine.device)
+        for mode in args.modes:
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            row = {"model": engine.model_name, "tokens": tokens, "mode": mode, **env}
+            try:
+                if mode == "hf":
+                    row.update(run_hf(engine, ids, args.decode))
+                else:
+                    cfg = base.replace(mode=mode)
+                    row["config"] = cfg.to_dict()
+                    row.update(run_engine(engine, cfg, ids, args.decode))
+                row["prefill_tok_per_s"] = tokens / row["prefill_s"]
+            except torch.cuda.OutOfMemoryError as exc:  # full attention is expected to run out first
+                row["error"] = f"out of memory: {str(exc).splitlines()[0]}"
+            if torch.cuda.is_available():
+                row["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            with args.out.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            shown = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items() if k not in env and k != "config"}
+            print(json.dumps(shown), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
