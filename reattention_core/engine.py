@@ -245,7 +245,9 @@ class ReAttentionEngine:
         sampler = Sampler(params)
         text = TextAssembler(self.tokenizer, params.stop)
         finish = "length"
-        with self._lock, torch.inference_mode(), enable_reattention(self.model, self.config, backend=self.backend):
+        # inference_mode wraps each forward, never a `yield`: grad mode is thread-local and must
+        # not leak into the caller's code while a stream is suspended.
+        with self._lock, enable_reattention(self.model, self.config, backend=self.backend):
             store = KVStore(self.model.config.num_hidden_layers)
             store.reserve(len(ids) + params.max_new_tokens)
             cache = ReAttentionCache(store)
@@ -263,10 +265,7 @@ class ReAttentionEngine:
                     finish = "stop"
                     break
                 if step + 1 < params.max_new_tokens:
-                    out = self.model(
-                        input_ids=torch.tensor([[token]], device=self.device), past_key_values=cache, use_cache=True
-                    )
-                    logits = out.logits[:, -1].float()
+                    logits = self._decode_step(token, cache)
         tail = text.finish()
         if tail:
             yield tail
@@ -277,6 +276,12 @@ class ReAttentionEngine:
             finish_reason=finish,
             token_ids=tuple(text.ids),
         )
+
+    @torch.inference_mode()
+    def _decode_step(self, token: int, cache: ReAttentionCache) -> torch.Tensor:
+        """fp32 logits ``[1, V]`` after feeding one token."""
+        out = self.model(input_ids=torch.tensor([[token]], device=self.device), past_key_values=cache, use_cache=True)
+        return out.logits[:, -1].float()
 
     def _collect_eos_ids(self) -> frozenset[int]:
         ids: set[int] = set()

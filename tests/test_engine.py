@@ -130,3 +130,12 @@ def test_engine_generates_on_a_tiny_model_with_sampling(byte_tokenizer):
     res = engine.generate("hello " * 20, max_new_tokens=6, temperature=1.0, seed=1)
     assert res.completion_tokens <= 6 and res.prompt_tokens == 120
     assert torch.is_grad_enabled(), "inference mode must not leak out of generate"
+
+
+def test_stream_does_not_leak_inference_mode_to_the_caller(byte_tokenizer):
+    engine = ReAttentionEngine(tiny_model("llama"), byte_tokenizer,
+                               ReAttentionConfig(sink_size=2, block_size=4, top_k=2, max_blocks=3, local_window=16, prefill_chunk_size=8))
+    seen = []
+    for _ in engine.stream("abc " * 10, max_new_tokens=4, temperature=1.0, seed=0):
+        seen.append(torch.is_inference_mode_enabled())
+    assert seen and not any(seen)
