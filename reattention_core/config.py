@@ -106,19 +106,21 @@ class ReAttentionConfig:
     def for_window(cls, window: int, **overrides: Any) -> ReAttentionConfig:
         """The paper's sizing for a model pre-trained on ``window`` positions.
 
-        Sink 32, blocks of 32, top-4 per head, half the window as local window, prefill chunks of
-        512 (at most the local window), and as many blocks as fill the rest of the window
-        (LLaMA3-8B, 8K: 32 + 127 x 32 + 4096 = 8192).
+        Sink 32, blocks of 32, top-4 per head, prefill chunks of 512 (at most the local window).
+        The local window is half the pre-training window and the blocks fill the rest, as the
+        authors ran LLaMA3-8B (8K: 32 + 127 x 32 + 4096 = 8192); for long-window models they
+        capped the scope at 32 + 256 x 32 + 8192 = 16,416 (LLaMA3.1/3.2, Mistral-v0.3, Qwen2.5,
+        InternLM2.5), and so does this rule: local window <= 8192, at most 256 blocks.
         """
         if isinstance(window, bool) or not isinstance(window, int) or window < 128:
             raise ConfigError(f"window must be an int >= 128, got {window!r}")
         sink, block = 32, 32
-        local = window // 2
+        local = min(window // 2, 8192)
         values: dict[str, Any] = dict(
             sink_size=sink,
             block_size=block,
             top_k=4,
-            max_blocks=max(1, (window - sink - local) // block),
+            max_blocks=max(1, min(256, (window - sink - local) // block)),
             local_window=local,
             prefill_chunk_size=min(512, local),
         )

@@ -81,3 +81,9 @@ def test_embedded_preset_is_the_measured_one():
     assert cfg.scope_size == 1312
     with pytest.raises(ConfigError, match="unknown preset"):
         ReAttentionConfig.preset("gpt-5")
+
+
+def test_long_window_models_get_the_papers_16k_scope():
+    cfg = ReAttentionConfig.for_window(131072)
+    assert (cfg.local_window, cfg.max_blocks, cfg.scope_size) == (8192, 256, 16416)
+    assert ReAttentionConfig.for_window(32768).scope_size == 16416
