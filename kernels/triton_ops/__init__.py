@@ -1,0 +1,6 @@
+"""Triton kernels (imported lazily by `reattention_kernels.score_topk` / `scope_attention`)."""
+
+from reattention_kernels.triton_ops.attention import scope_attention_triton
+from reattention_kernels.triton_ops.topk import score_topk_triton
+
+__all__ = ["scope_attention_triton", "score_topk_triton"]

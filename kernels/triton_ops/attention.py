@@ -1,0 +1,380 @@
+"""Sparse-scope attention: flash attention over ``[sink | selected | local]`` read from the store.
+
+The scope is never gathered. Scope position ``p`` of sequence ``b`` reads store row::
+
+    p                                        if p < sink_len
+    sel_idx[b, p - sink_len]                 if p < sink_len + n_sel[b]
+    local_start + p - sink_len - n_sel[b]    otherwise
+
+and its key is rotated on the fly at position ``p`` (the two halves of the row are loaded apart,
+``rotate_half`` convention); queries are rotated once at ``L - TQ + t``. cos/sin come from a
+``[L, D/2]`` table built by a small kernel per call (fp32 math, scaled, cast to the input dtype as
+Hugging Face does), which every head and program shares through L2.
+
+One program owns ``BM`` rows ``r = t * G + g`` of one (sequence, KV head), so a K/V tile serves the
+whole GQA group. ``n_sel`` stays on the device: the loop bound is read in the kernel. When there
+are too few programs to fill the GPU (decode), the scope is split over programs and a second
+kernel merges the partial outputs by their log-sum-exp (flash-decoding).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from reattention_kernels.dispatch import interpreting
+
+_LOG2E = 1.4426950408889634
+_MAX_SPLITS = 128
+
+
+@triton.jit(do_not_specialize=["P"])
+def rope_table_kernel(inv_freq, cos_t, sin_t, P, scaling, HALF: tl.constexpr, BP: tl.constexpr):
+    i_p = tl.program_id(0)
+    o_p = i_p * BP + tl.arange(0, BP)
+    m_p = o_p < P
+    o_f = tl.arange(0, HALF)
+    b_f = tl.load(inv_freq + o_f).to(tl.float32)
+    # [BP, HALF]
+    b_x = o_p.to(tl.float32)[:, None] * b_f[None, :]
+    o_t = o_p.to(tl.int64)[:, None] * HALF + o_f[None, :]
+    tl.store(cos_t + o_t, (tl.cos(b_x) * scaling).to(cos_t.dtype.element_ty), mask=m_p[:, None])
+    tl.store(sin_t + o_t, (tl.sin(b_x) * scaling).to(sin_t.dtype.element_ty), mask=m_p[:, None])
+
+
+@triton.jit(do_not_specialize=["TQ", "T", "sink_len", "local_start", "R", "NSPLIT", "pos_per_split"])
+def scope_attention_fwd_kernel(
+    q,
+    k,
+    v,
+    sel_idx,
+    n_sel,
+    cos_t,
+    sin_t,
+    o,
+    lse,
+    ws_o,
+    ws_lse,
+    stride_qb,
+    stride_qt,
+    stride_qh,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_vb,
+    stride_vt,
+    stride_vh,
+    stride_sb,
+    stride_ss,
+    stride_ob,
+    stride_ot,
+    stride_oh,
+    TQ,
+    T,
+    sink_len,
+    local_start,
+    R,
+    NSPLIT,
+    pos_per_split,
+    scale_log2,
+    H: tl.constexpr,
+    G: tl.constexpr,
+    D: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    SPLIT: tl.constexpr,
+    RETURN_LSE: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    HALF: tl.constexpr = D // 2
+    i_m, i_s, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
+    dtype = q.dtype.element_ty
+
+    b_ns = tl.load(n_sel + i_b).to(tl.int32)
+    L = sink_len + b_ns + T - local_start
+    o_r = i_m * BM + tl.arange(0, BM)
+    m_r = o_r < R
+    o_t = o_r // G
+    o_hq = i_h * G + (o_r % G)
+    o_h = tl.arange(0, HALF)
+    o_d = tl.arange(0, D)
+    o_c = tl.arange(0, BN)
+    # [BM] position of each query row; padding rows sit past the scope and see all of it
+    b_qpos = L - TQ + o_t
+
+    p_q = q + i_b * stride_qb + o_t.to(tl.int64)[:, None] * stride_qt + o_hq[:, None] * stride_qh + o_h[None, :]
+    b_q1 = tl.load(p_q, mask=m_r[:, None], other=0.0).to(tl.float32)
+    b_q2 = tl.load(p_q + HALF, mask=m_r[:, None], other=0.0).to(tl.float32)
+    o_tq = b_qpos.to(tl.int64)[:, None] * HALF + o_h[None, :]
+    b_cq = tl.load(cos_t + o_tq, mask=m_r[:, None], other=0.0).to(tl.float32)
+    b_sq = tl.load(sin_t + o_tq, mask=m_r[:, None], other=0.0).to(tl.float32)
+    # [BM, HALF]
+    b_q1r = (b_q1 * b_cq - b_q2 * b_sq).to(dtype)
+    b_q2r = (b_q2 * b_cq + b_q1 * b_sq).to(dtype)
+
+    t_hi = tl.minimum((i_m * BM + BM - 1) // G, TQ - 1)
+    p_lo = i_s * pos_per_split
+    p_hi = tl.minimum(tl.minimum(p_lo + pos_per_split, L), L - TQ + t_hi + 1)
+    k_base = k + i_b * stride_kb + i_h * stride_kh
+    v_base = v + i_b * stride_vb + i_h * stride_vh
+
+    b_m = tl.full([BM], float("-inf"), dtype=tl.float32)
+    b_l = tl.zeros([BM], dtype=tl.float32)
+    b_acc = tl.zeros([BM, D], dtype=tl.float32)
+    for p0 in range(p_lo, p_hi, BN):
+        o_p = p0 + o_c
+        m_p = o_p < p_hi
+        m_sel = (o_p >= sink_len) & (o_p < sink_len + b_ns) & m_p
+        b_sel = tl.load(sel_idx + i_b * stride_sb + (o_p - sink_len).to(tl.int64) * stride_ss, mask=m_sel, other=0)
+        # [BN] store row of each scope position
+        o_tok = tl.where(
+            o_p < sink_len, o_p.to(tl.int64), tl.where(m_sel, b_sel.to(tl.int64), (local_start + o_p - sink_len - b_ns))
+        ).to(tl.int64)
+        p_k = k_base + o_tok[:, None] * stride_kt + o_h[None, :]
+        b_k1 = tl.load(p_k, mask=m_p[:, None], other=0.0).to(tl.float32)
+        b_k2 = tl.load(p_k + HALF, mask=m_p[:, None], other=0.0).to(tl.float32)
+        o_tk = o_p.to(tl.int64)[:, None] * HALF + o_h[None, :]
+        b_ck = tl.load(cos_t + o_tk, mask=m_p[:, None], other=0.0).to(tl.float32)
+        b_sk = tl.load(sin_t + o_tk, mask=m_p[:, None], other=0.0).to(tl.float32)
+        # [BN, HALF]
+        b_k1r = (b_k1 * b_ck - b_k2 * b_sk).to(dtype)
+        b_k2r = (b_k2 * b_ck + b_k1 * b_sk).to(dtype)
+        if IEEE:
+            b_s = tl.dot(b_q1r, tl.trans(b_k1r), input_precision="ieee")
+            b_s = tl.dot(b_q2r, tl.trans(b_k2r), b_s, input_precision="ieee")
+        else:
+            b_s = tl.dot(b_q1r, tl.trans(b_k1r))
+            b_s = tl.dot(b_q2r, tl.trans(b_k2r), b_s)
+        # [BM, BN]
+        b_s = tl.where(m_p[None, :] & (o_p[None, :] <= b_qpos[:, None]), b_s * scale_log2, float("-inf"))
+        b_mn = tl.maximum(b_m, tl.max(b_s, 1))
+        b_ms = tl.where(b_mn == float("-inf"), 0.0, b_mn)
+        b_p = tl.exp2(b_s - b_ms[:, None])
+        b_alpha = tl.exp2(b_m - b_ms)
+        b_l = b_l * b_alpha + tl.sum(b_p, 1)
+        p_v = v_base + o_tok[:, None] * stride_vt + o_d[None, :]
+        b_v = tl.load(p_v, mask=m_p[:, None], other=0.0)
+        if IEEE:
+            b_acc = tl.dot(b_p.to(dtype), b_v, b_acc * b_alpha[:, None], input_precision="ieee")
+        else:
+            b_acc = tl.dot(b_p.to(dtype), b_v, b_acc * b_alpha[:, None])
+        b_m = b_mn
+
+    b_o = b_acc / tl.where(b_l == 0.0, 1.0, b_l)[:, None]
+    # log2-domain log-sum-exp; -inf for rows that saw no key of this split
+    b_lse2 = b_m + tl.log2(tl.where(b_l == 0.0, 1.0, b_l))
+    if SPLIT:
+        o_w = (i_bh * R + o_r).to(tl.int64) * NSPLIT + i_s
+        tl.store(ws_lse + o_w, b_lse2, mask=m_r)
+        tl.store(ws_o + o_w[:, None] * D + o_d[None, :], b_o, mask=m_r[:, None])
+    else:
+        p_o = o + i_b * stride_ob + o_t.to(tl.int64)[:, None] * stride_ot + o_hq[:, None] * stride_oh + o_d[None, :]
+        tl.store(p_o, b_o.to(o.dtype.element_ty), mask=m_r[:, None])
+        if RETURN_LSE:
+            p_lse = lse + (i_b * TQ + o_t) * (H * G) + o_hq
+            tl.store(p_lse, b_lse2 * 0.6931471805599453, mask=m_r)
+
+
+@triton.jit(do_not_specialize=["TQ", "R", "NSPLIT"])
+def scope_attention_fwd_kernel_merge(
+    ws_o,
+    ws_lse,
+    o,
+    lse,
+    stride_ob,
+    stride_ot,
+    stride_oh,
+    TQ,
+    R,
+    NSPLIT,
+    H: tl.constexpr,
+    G: tl.constexpr,
+    D: tl.constexpr,
+    BS: tl.constexpr,
+    RETURN_LSE: tl.constexpr,
+):
+    i_r, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
+    o_s = tl.arange(0, BS)
+    m_s = o_s < NSPLIT
+    o_d = tl.arange(0, D)
+    o_w = (i_bh * R + i_r).to(tl.int64) * NSPLIT + o_s
+    # [BS]
+    b_lse = tl.load(ws_lse + o_w, mask=m_s, other=float("-inf"))
+    b_mx = tl.max(b_lse, 0)
+    b_w = tl.exp2(b_lse - b_mx)
+    b_sw = tl.sum(b_w, 0)
+    # [BS, D]
+    b_o = tl.load(ws_o + o_w[:, None] * D + o_d[None, :], mask=m_s[:, None], other=0.0)
+    b_o = tl.sum(b_o * (b_w / b_sw)[:, None], 0)
+    i_t = (i_r // G).to(tl.int64)
+    i_hq = i_h * G + i_r % G
+    tl.store(o + i_b * stride_ob + i_t * stride_ot + i_hq * stride_oh + o_d, b_o.to(o.dtype.element_ty))
+    if RETURN_LSE:
+        tl.store(lse + (i_b * TQ + i_t) * (H * G) + i_hq, (b_mx + tl.log2(b_sw)) * 0.6931471805599453)
+
+
+@functools.cache
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _config(rows: int, dtype: torch.dtype, d: int) -> tuple[int, int, int, int]:
+    """(BM, BN, num_warps, num_stages): rows of the GQA group per program, scope keys per tile.
+
+    Measured on an H100 (benchmarks/bench_kernels.py --sweep).
+    """
+    if interpreting():
+        return 16, 16, 4, 1
+    bm = min(128 if d <= 64 else 64, max(16, triton.next_power_of_2(rows)))
+    if dtype == torch.float32:
+        return min(bm, 64), 32, 4, 2
+    if bm <= 16:
+        return bm, 128, 4, 2
+    return bm, 64, (8 if bm >= 128 else 4), 2
+
+
+def rope_table(inv_freq: torch.Tensor, length: int, attention_scaling: float, dtype: torch.dtype, device) -> tuple:
+    """cos/sin ``[length, D/2]`` in ``dtype`` for positions ``0 .. length-1`` (one kernel)."""
+    half = inv_freq.numel()
+    inv_freq = inv_freq.to(device=device, dtype=torch.float32).contiguous()
+    cos_t = torch.empty((max(length, 1), half), dtype=dtype, device=device)
+    sin_t = torch.empty_like(cos_t)
+    bp = 64 if interpreting() else max(1, 4096 // half)
+    rope_table_kernel[(triton.cdiv(max(length, 1), bp),)](
+        inv_freq, cos_t, sin_t, length, float(attention_scaling), HALF=half, BP=bp
+    )
+    return cos_t, sin_t
+
+
+def scope_attention_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    sel_idx: torch.Tensor,
+    n_sel: torch.Tensor,
+    *,
+    sink_len: int,
+    local_start: int,
+    inv_freq: torch.Tensor,
+    attention_scaling: float,
+    scale: float,
+    return_lse: bool = False,
+    splits: int | None = None,
+    config: tuple[int, int, int, int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`scope_attention_triton` with optional forced scope splits and (BM, BN, num_warps, num_stages)."""
+    b, tq, hq, d = q.shape
+    t, h = k.shape[1], k.shape[2]
+    if t - local_start < tq:
+        raise ValueError(f"local window [{local_start}, {t}) is shorter than the {tq} queries")
+    if hq % h != 0:
+        raise ValueError(f"query heads ({hq}) must be a multiple of KV heads ({h})")
+    if d < 32 or d & (d - 1) or inv_freq.numel() != d // 2:
+        raise ValueError(f"head dim must be a power of two >= 32 with D/2 inverse frequencies, got {d}")
+    g = hq // h
+    dev = q.device
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    k, v = k.to(q.dtype), v.to(q.dtype)
+    o = torch.empty((b, tq, hq, d), dtype=q.dtype, device=dev)
+    lse = torch.empty((b, tq, hq), dtype=torch.float32, device=dev) if return_lse else None
+    if b == 0 or tq == 0:
+        return o, lse
+    ns = sel_idx.shape[1] if sel_idx.dim() == 2 else 0
+    if ns == 0:
+        sel_idx = torch.zeros((b, 1), dtype=torch.int64, device=dev)
+    n_sel = n_sel.to(device=dev)
+    if n_sel.dtype not in (torch.int32, torch.int64):
+        n_sel = n_sel.to(torch.int64)
+    l_max = sink_len + ns + t - local_start
+    cos_t, sin_t = rope_table(inv_freq, l_max, attention_scaling, q.dtype, dev)
+
+    rows = tq * g
+    bm, bn, warps, stages = config or _config(rows, q.dtype, d)
+    n_m = triton.cdiv(rows, bm)
+    base = b * h * n_m
+    if splits is None:
+        target = (
+            4
+            if interpreting() or dev.type != "cuda"
+            else 2 * _num_sms(torch.cuda.current_device() if dev.index is None else dev.index)
+        )
+        splits = triton.cdiv(target, base)
+    splits = max(1, min(splits, _MAX_SPLITS, triton.cdiv(l_max, bn)))
+    pos_per_split = triton.cdiv(triton.cdiv(l_max, splits), bn) * bn
+    splits = triton.cdiv(l_max, pos_per_split)
+    ieee = q.dtype == torch.float32
+    lse_arg = lse if lse is not None else o
+    common = (
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), sel_idx.stride(0), sel_idx.stride(1),
+        o.stride(0), o.stride(1), o.stride(2), tq, t, sink_len, local_start, rows,
+    )  # fmt: skip
+    scale_log2 = float(scale) * _LOG2E
+    if splits == 1:
+        scope_attention_fwd_kernel[(n_m, 1, b * h)](
+            q, k, v, sel_idx, n_sel, cos_t, sin_t, o, lse_arg, o, o, *common, 1, pos_per_split, scale_log2,
+            H=h, G=g, D=d, BM=bm, BN=bn, SPLIT=False, RETURN_LSE=return_lse, IEEE=ieee,
+            num_warps=warps, num_stages=stages,
+        )  # fmt: skip
+        return o, lse
+    ws_o = torch.empty((b * h, rows, splits, d), dtype=torch.float32, device=dev)
+    ws_lse = torch.empty((b * h, rows, splits), dtype=torch.float32, device=dev)
+    scope_attention_fwd_kernel[(n_m, splits, b * h)](
+        q, k, v, sel_idx, n_sel, cos_t, sin_t, o, lse_arg, ws_o, ws_lse, *common, splits, pos_per_split, scale_log2,
+        H=h, G=g, D=d, BM=bm, BN=bn, SPLIT=True, RETURN_LSE=return_lse, IEEE=ieee,
+        num_warps=warps, num_stages=stages,
+    )  # fmt: skip
+    scope_attention_fwd_kernel_merge[(rows, b * h)](
+        ws_o, ws_lse, o, lse_arg, o.stride(0), o.stride(1), o.stride(2), tq, rows, splits,
+        H=h, G=g, D=d, BS=triton.next_power_of_2(splits), RETURN_LSE=return_lse, num_warps=4,
+    )  # fmt: skip
+    return o, lse
+
+
+def scope_attention_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    sel_idx: torch.Tensor,
+    n_sel: torch.Tensor,
+    *,
+    sink_len: int,
+    local_start: int,
+    inv_freq: torch.Tensor,
+    attention_scaling: float,
+    scale: float,
+    return_lse: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Attention of pre-RoPE queries over their scope ``[sink | selected | local]``, fused.
+
+    Args:
+        q (torch.Tensor): pre-RoPE queries of shape ``[B, TQ, HQ, D]``, the last ``TQ`` stored tokens.
+        k (torch.Tensor): pre-RoPE key store of shape ``[B, T, H, D]`` (contiguous last dim).
+        v (torch.Tensor): value store of shape ``[B, T, H, D]``.
+        sel_idx (torch.Tensor): int ``[B, NS]`` absolute indices of selected middle tokens,
+            ascending; only the first ``n_sel[b]`` entries of row ``b`` are read.
+        n_sel (torch.Tensor): int ``[B]`` valid entries per row of ``sel_idx``, on the device
+            (read by the kernel: no host synchronisation).
+        sink_len (int): sink tokens ``[0, sink_len)``.
+        local_start (int): local window ``[local_start, T)``, at least ``TQ`` long.
+        inv_freq (torch.Tensor): RoPE inverse frequencies ``[D // 2]``.
+        attention_scaling (float): RoPE cos/sin multiplier.
+        scale (float): softmax scale, usually ``D ** -0.5``.
+        return_lse (bool): also return the natural log-sum-exp of the scaled scores.
+            Default: ``False``.
+
+    Returns:
+        ``(o, lse)``: ``o [B, TQ, HQ, D]`` in ``q.dtype``; ``lse [B, TQ, HQ]`` fp32 or ``None``.
+    """
+    return scope_attention_fwd(
+        q, k, v, sel_idx, n_sel, sink_len=sink_len, local_start=local_start, inv_freq=inv_freq,
+        attention_scaling=attention_scaling, scale=scale, return_lse=return_lse,
+    )  # fmt: skip
+
+
+__all__ = ["rope_table", "scope_attention_fwd", "scope_attention_triton"]

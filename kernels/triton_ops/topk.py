@@ -1,0 +1,347 @@
+"""Exact fused ``q . k`` scoring + per-row top-k (the position-agnostic first attention).
+
+One program owns ``BM`` rows of one (sequence, KV head): the ``G`` query heads of the group times
+the query tokens, row ``r = t * G + g``, so every K tile is loaded once for the whole group. It
+streams the keys of its range in tiles of ``BN``, scores them with one ``tl.dot`` and keeps, per
+row, the best ``TOPK`` (score, index) pairs in registers as an unordered set whose worst entry is
+the admission threshold. A tile whose row maxima cannot beat any row's threshold costs one row-max
+and one compare; otherwise the row maxima are extracted one at a time until no row improves.
+
+Keys are visited in ascending index order, so a candidate that ties the threshold always loses:
+that is the reference's order (score descending, index ascending) without a tie-break pass.
+Decode (few rows) splits the key range over many programs (split-K); a second kernel merges the
+partial sets.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from reattention_kernels.dispatch import interpreting
+
+# Splits cover a multiple of this many keys (a multiple of every BN).
+_SPLIT_ALIGN = 256
+_MAX_SPLITS = 256
+
+
+@triton.jit
+def _pick_best(b_v, b_i, o_j, KP: tl.constexpr):
+    """Best entry of each row of a (value, index) set ``[BM, KP]``: max value, then min index."""
+    b_best = tl.max(b_v, 1)
+    # a unique key per slot: empty slots share index -1 and are told apart by their column
+    b_key = tl.where(b_v == b_best[:, None], b_i.to(tl.int64) * KP + o_j[None, :], 2**62)
+    b_kmin = tl.min(b_key, 1)
+    m_hit = b_key == b_kmin[:, None]
+    b_idx = tl.where(b_best == float("-inf"), -1, tl.sum(tl.where(m_hit, b_i, 0), 1))
+    return b_idx, m_hit
+
+
+@triton.jit
+def _admit(
+    b_s,
+    b_ci,
+    n0,
+    b_v,
+    b_i,
+    b_kth,
+    o_c,
+    o_j,
+    TOPK: tl.constexpr,
+    KP: tl.constexpr,
+    BN: tl.constexpr,
+    GATHER: tl.constexpr,
+):
+    """Admit the candidates ``b_s [BM, BN]`` (visited in ascending index order among equal values)
+    into the running sets ``b_v, b_i [BM, KP]``; their indices are ``b_ci`` or ``n0 + column``."""
+    b_m = tl.max(b_s, 1)
+    b_up = b_m > b_kth
+    # a row gains at most TOPK keys per tile; an unrolled chain of guarded steps (rather than a
+    # while loop) keeps the tile loop pipelinable
+    for _ in tl.static_range(TOPK):
+        if tl.max(b_up.to(tl.int32), 0) > 0:
+            b_a = tl.min(tl.where(b_s == b_m[:, None], o_c[None, :], BN), 1)
+            m_a = o_c[None, :] == b_a[:, None]
+            if GATHER:
+                b_ai = tl.sum(tl.where(m_a, b_ci, 0), 1)
+            else:
+                b_ai = n0 + b_a
+            # replace the worst slot (min value, then max index) of every improving row
+            b_wkey = tl.where(b_v == b_kth[:, None], b_i.to(tl.int64) * KP + o_j[None, :], -(2**62))
+            m_w = (b_wkey == tl.max(b_wkey, 1)[:, None]) & b_up[:, None]
+            b_v = tl.where(m_w, b_m[:, None], b_v)
+            b_i = tl.where(m_w, b_ai[:, None], b_i)
+            b_kth = tl.min(b_v, 1)
+            b_s = tl.where(m_a, float("-inf"), b_s)
+            b_m = tl.max(b_s, 1)
+            b_up = b_m > b_kth
+    return b_v, b_i, b_kth
+
+
+@triton.jit
+def _scan_tile(
+    b_q,
+    p_k,
+    n0,
+    n_hi,
+    b_v,
+    b_i,
+    b_kth,
+    o_c,
+    o_j,
+    TOPK: tl.constexpr,
+    KP: tl.constexpr,
+    BN: tl.constexpr,
+    MASK: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    """Score the keys ``[n0, n0 + BN)`` (pointers ``p_k [BN, D]``) and admit them."""
+    if MASK:
+        m_n = (n0 + o_c) < n_hi
+        b_k = tl.load(p_k, mask=m_n[:, None], other=0.0)
+    else:
+        b_k = tl.load(p_k)
+    if IEEE:
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision="ieee")
+    else:
+        b_s = tl.dot(b_q, tl.trans(b_k))
+    # [BM, BN]
+    if MASK:
+        b_s = tl.where(m_n[None, :], b_s, float("-inf"))
+    return _admit(b_s, b_s, n0, b_v, b_i, b_kth, o_c, o_j, TOPK, KP, BN, False)
+
+
+@triton.jit
+def _store_sorted(b_v, b_i, o_j, p_o, p_wv, m_r, TOPK: tl.constexpr, KP: tl.constexpr, VALUES: tl.constexpr):
+    """Write each row's set best first: indices (int64, -1 for empty slots) and, if asked, values."""
+    for j in tl.static_range(TOPK):
+        b_idx, m_hit = _pick_best(b_v, b_i, o_j, KP)
+        if VALUES:
+            tl.store(p_wv + j, tl.max(b_v, 1), mask=m_r)
+            tl.store(p_o + j, b_idx, mask=m_r)
+        else:
+            tl.store(p_o + j, b_idx.to(tl.int64), mask=m_r)
+        b_v = tl.where(m_hit, float("-inf"), b_v)
+        b_i = tl.where(m_hit, 2**30, b_i)
+
+
+@triton.jit(do_not_specialize=["TK", "R", "NSPLIT", "keys_per_split"])
+def score_topk_fwd_kernel_scan(
+    q,
+    k,
+    o,
+    ws_v,
+    ws_i,
+    stride_qb,
+    stride_qt,
+    stride_qh,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_ob,
+    stride_ot,
+    stride_oh,
+    TK,
+    R,
+    NSPLIT,
+    keys_per_split,
+    H: tl.constexpr,
+    G: tl.constexpr,
+    D: tl.constexpr,
+    TOPK: tl.constexpr,
+    KP: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    SPLIT: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    i_m, i_s, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
+    o_r = i_m * BM + tl.arange(0, BM)
+    m_r = o_r < R
+    o_t = (o_r // G).to(tl.int64)
+    o_hq = i_h * G + (o_r % G)
+    o_d = tl.arange(0, D)
+    o_c = tl.arange(0, BN)
+    o_j = tl.arange(0, KP)
+
+    p_q = q + i_b * stride_qb + o_t[:, None] * stride_qt + o_hq[:, None] * stride_qh + o_d[None, :]
+    b_q = tl.load(p_q, mask=m_r[:, None], other=0.0)
+    # [BM, KP]; padding slots (j >= TOPK) hold +inf so they are never the worst entry
+    b_v = tl.where(o_j[None, :] < TOPK, float("-inf"), float("inf")) + tl.zeros([BM, KP], dtype=tl.float32)
+    b_i = tl.full([BM, KP], -1, dtype=tl.int32)
+    b_kth = tl.full([BM], float("-inf"), dtype=tl.float32)
+
+    k_base = k + i_b * stride_kb + i_h * stride_kh
+    n_lo = i_s * keys_per_split
+    n_hi = tl.minimum(n_lo + keys_per_split, TK)
+    n_full = n_lo + (n_hi - n_lo) // BN * BN
+    for n0 in range(n_lo, n_full, BN):
+        p_k = k_base + (n0 + o_c).to(tl.int64)[:, None] * stride_kt + o_d[None, :]
+        b_v, b_i, b_kth = _scan_tile(b_q, p_k, n0, n_hi, b_v, b_i, b_kth, o_c, o_j, TOPK, KP, BN, False, IEEE)
+    if n_full < n_hi:
+        p_k = k_base + (n_full + o_c).to(tl.int64)[:, None] * stride_kt + o_d[None, :]
+        b_v, b_i, b_kth = _scan_tile(b_q, p_k, n_full, n_hi, b_v, b_i, b_kth, o_c, o_j, TOPK, KP, BN, True, IEEE)
+
+    b_v = tl.where(o_j[None, :] < TOPK, b_v, float("-inf"))
+    if SPLIT:
+        # partial set, best first -> ws[bh, r, split, :]
+        o_w = (i_bh * R + o_r).to(tl.int64) * NSPLIT + i_s
+        _store_sorted(b_v, b_i, o_j, ws_i + o_w * TOPK, ws_v + o_w * TOPK, m_r, TOPK, KP, True)
+    else:
+        _store_sorted(b_v, b_i, o_j, o + i_b * stride_ob + o_t * stride_ot + o_hq * stride_oh, o, m_r, TOPK, KP, False)
+
+
+@triton.jit(do_not_specialize=["R", "NSPLIT"])
+def score_topk_fwd_kernel_merge(
+    ws_v,
+    ws_i,
+    o,
+    stride_ob,
+    stride_ot,
+    stride_oh,
+    R,
+    NSPLIT,
+    H: tl.constexpr,
+    G: tl.constexpr,
+    TOPK: tl.constexpr,
+    KP: tl.constexpr,
+    BR: tl.constexpr,
+    BC: tl.constexpr,
+):
+    i_r, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
+    o_r = i_r * BR + tl.arange(0, BR)
+    m_r = o_r < R
+    o_c = tl.arange(0, BC)
+    o_j = tl.arange(0, KP)
+    b_v = tl.where(o_j[None, :] < TOPK, float("-inf"), float("inf")) + tl.zeros([BR, KP], dtype=tl.float32)
+    b_i = tl.full([BR, KP], -1, dtype=tl.int32)
+    b_kth = tl.full([BR], float("-inf"), dtype=tl.float32)
+    # the partial sets of one row, split after split, each best first: among equal values the
+    # candidates come in ascending index order, as the admission rule needs
+    n_c = NSPLIT * TOPK
+    o_w = (i_bh * R + o_r).to(tl.int64) * n_c
+    for c0 in range(0, n_c, BC):
+        m_w = m_r[:, None] & ((c0 + o_c) < n_c)[None, :]
+        p_w = o_w[:, None] + c0 + o_c[None, :]
+        # [BR, BC]
+        b_s = tl.load(ws_v + p_w, mask=m_w, other=float("-inf"))
+        b_ci = tl.load(ws_i + p_w, mask=m_w, other=-1)
+        b_v, b_i, b_kth = _admit(b_s, b_ci, c0, b_v, b_i, b_kth, o_c, o_j, TOPK, KP, BC, True)
+    o_t = (o_r // G).to(tl.int64)
+    o_hq = i_h * G + (o_r % G)
+    b_v = tl.where(o_j[None, :] < TOPK, b_v, float("-inf"))
+    _store_sorted(b_v, b_i, o_j, o + i_b * stride_ob + o_t * stride_ot + o_hq * stride_oh, o, m_r, TOPK, KP, False)
+
+
+@functools.cache
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _target_programs(device: torch.device) -> int:
+    if interpreting() or device.type != "cuda":
+        return 4
+    # about two programs per SM: enough bytes in flight, and splits long enough for the early-out
+    return 2 * _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _config(rows: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """(BM, BN, num_warps, num_stages): rows of the GQA group per program, keys per tile.
+
+    Measured on an H100 (benchmarks/bench_kernels.py --sweep): 64 x 128 tiles with 4 warps beat
+    128-row tiles, whose extraction steps are taken whenever any of their rows improves.
+    """
+    if interpreting():
+        return 16, 32, 4, 1
+    bm = min(64, max(16, triton.next_power_of_2(rows)))
+    if dtype == torch.float32:
+        return bm, 32, 4, 2
+    return bm, 128, 4, 3
+
+
+def score_topk_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    top_k: int,
+    *,
+    splits: int | None = None,
+    config: tuple[int, int, int, int] | None = None,
+) -> torch.Tensor:
+    """`score_topk_triton` with optional forced key splits and (BM, BN, num_warps, num_stages), for tuning."""
+    b, tq, hq, d = q.shape
+    tk, h = k.shape[1], k.shape[2]
+    if k.shape[0] != b or k.shape[3] != d:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} disagree on batch or head dim")
+    if hq % h != 0:
+        raise ValueError(f"query heads ({hq}) must be a multiple of KV heads ({h})")
+    if not 1 <= top_k <= 8:
+        raise ValueError(f"top_k must be in [1, 8], got {top_k}")
+    if d < 16 or d & (d - 1):
+        raise ValueError(f"head dim must be a power of two >= 16, got {d}")
+    g = hq // h
+    if tk == 0 or b == 0 or tq == 0:
+        return torch.full((b, tq, hq, top_k), -1, dtype=torch.int64, device=q.device)
+    # every slot is written by the kernels
+    out = torch.empty((b, tq, hq, top_k), dtype=torch.int64, device=q.device)
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if k.stride(-1) != 1:
+        k = k.contiguous()
+    if k.dtype != q.dtype:
+        k = k.to(q.dtype)
+
+    rows = tq * g
+    bm, bn, warps, stages = config or _config(rows, q.dtype)
+    n_m = triton.cdiv(rows, bm)
+    base = b * h * n_m
+    if splits is None:
+        splits = triton.cdiv(_target_programs(q.device), base)
+    align = 32 if interpreting() else _SPLIT_ALIGN
+    splits = max(1, min(splits, _MAX_SPLITS, triton.cdiv(tk, align)))
+    keys_per_split = triton.cdiv(triton.cdiv(tk, splits), align) * align
+    splits = triton.cdiv(tk, keys_per_split)
+
+    kp = triton.next_power_of_2(top_k)
+    ieee = q.dtype == torch.float32
+    args = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2))
+    o_args = (out.stride(0), out.stride(1), out.stride(2))
+    if splits == 1:
+        grid = (n_m, 1, b * h)
+        score_topk_fwd_kernel_scan[grid](
+            q, k, out, out, out, *args, *o_args, tk, rows, 1, keys_per_split,
+            H=h, G=g, D=d, TOPK=top_k, KP=kp, BM=bm, BN=bn, SPLIT=False, IEEE=ieee, num_warps=warps, num_stages=stages,
+        )  # fmt: skip
+        return out
+    ws_v = torch.empty((b * h, rows, splits, top_k), dtype=torch.float32, device=q.device)
+    ws_i = torch.empty((b * h, rows, splits, top_k), dtype=torch.int32, device=q.device)
+    score_topk_fwd_kernel_scan[(n_m, splits, b * h)](
+        q, k, out, ws_v, ws_i, *args, *o_args, tk, rows, splits, keys_per_split,
+        H=h, G=g, D=d, TOPK=top_k, KP=kp, BM=bm, BN=bn, SPLIT=True, IEEE=ieee, num_warps=warps, num_stages=stages,
+    )  # fmt: skip
+    bc = min(32 if interpreting() else 256, triton.next_power_of_2(splits * top_k))
+    br = min(16, triton.next_power_of_2(rows))
+    score_topk_fwd_kernel_merge[(triton.cdiv(rows, br), b * h)](
+        ws_v, ws_i, out, *o_args, rows, splits, H=h, G=g, TOPK=top_k, KP=kp, BR=br, BC=bc, num_warps=4
+    )
+    return out
+
+
+def score_topk_triton(q: torch.Tensor, k: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Exact per-row, per-head top-k of raw ``q . k`` over all keys, fused (no score matrix).
+
+    Args:
+        q (torch.Tensor): pre-RoPE queries of shape ``[B, TQ, HQ, D]``, fp16/bf16/fp32.
+        k (torch.Tensor): pre-RoPE keys of shape ``[B, TK, H, D]``; any strides with a contiguous
+            last dim (e.g. the middle slice of the key store), ``HQ % H == 0``.
+        top_k (int): keys kept per (row, query head), 1 to 8.
+
+    Returns:
+        torch.Tensor: int64 ``[B, TQ, HQ, top_k]`` indices into ``TK``, best first (fp32 score
+        descending, index ascending on ties), ``-1`` in slots beyond ``TK``.
+    """
+    return score_topk_fwd(q, k, top_k)

@@ -1,0 +1,135 @@
+"""`score_topk_triton` against `score_topk_ref`: indices must be exactly equal."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from reattention_kernels import score_topk
+from reattention_kernels.reference import score_topk_ref
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def make_keys(b: int, tk: int, h: int, d: int, dtype: torch.dtype, device: str, kind: str, offset: int = 5):
+    """Keys ``[b, tk, h, d]`` as a strided slice (starting at ``offset``) of a bigger store.
+
+    ``kind``: ``randn``; ``dup`` (randn with exact duplicate rows, like repeated tokens in layer 0);
+    ``int`` (small integers: every dot product is exact, so ties are everywhere).
+    """
+    store = torch.randn(b, offset + tk + 3, h, d, device=device)
+    if kind == "int":
+        store = store.mul(1.2).round().clamp(-2, 2)
+    keys = store[:, offset : offset + tk]
+    if kind == "dup" and tk > 1:
+        src = torch.randint(0, tk, (tk // 3 + 1,), device=device)
+        dst = torch.randint(0, tk, (tk // 3 + 1,), device=device)
+        keys[:, dst] = keys[:, src]
+    return store.to(dtype)[:, offset : offset + tk]
+
+
+def make_queries(b: int, tq: int, hq: int, d: int, dtype: torch.dtype, device: str, kind: str):
+    q = torch.randn(b, tq, hq, d, device=device)
+    if kind == "int":
+        q = q.mul(1.2).round().clamp(-2, 2)
+    return q.to(dtype)
+
+
+def check(b, tq, tk, hq, h, d, dtype, top_k, kind, device, seed=0):
+    torch.manual_seed(seed)
+    q = make_queries(b, tq, hq, d, DTYPES[dtype], device, kind)
+    k = make_keys(b, tk, h, d, DTYPES[dtype], device, kind)
+    assert k.storage_offset() > 0  # a view into the store, not a fresh tensor
+    out = score_topk(q, k, top_k, backend="triton")
+    ref = score_topk_ref(q, k, top_k)
+    assert out.dtype == torch.int64 and out.shape == (b, tq, hq, top_k)
+    mismatch = (out != ref).any(-1)
+    assert not mismatch.any(), f"{int(mismatch.sum())} rows differ; first: {out[mismatch][0]} vs {ref[mismatch][0]}"
+
+
+# (B, TQ, TK, HQ, H, D, dtype, top_k, kind)
+CASES = [
+    (1, 1, 1, 4, 1, 64, "fp32", 4, "randn"),
+    (1, 1, 3, 4, 4, 64, "fp32", 8, "randn"),
+    (2, 1, 37, 4, 1, 64, "fp32", 4, "dup"),
+    (1, 1, 130, 3, 1, 64, "fp16", 8, "dup"),
+    (1, 1, 300, 32, 8, 128, "fp16", 4, "randn"),
+    (1, 1, 300, 9, 3, 64, "fp32", 8, "int"),
+    (2, 3, 37, 6, 2, 128, "fp32", 5, "int"),
+    (1, 7, 130, 12, 3, 64, "fp16", 8, "int"),
+    (1, 9, 130, 8, 2, 64, "fp32", 3, "dup"),
+    (2, 5, 300, 4, 4, 64, "fp16", 8, "dup"),
+    (1, 17, 64, 3, 3, 128, "fp32", 2, "randn"),
+    (1, 4, 6, 8, 2, 64, "fp32", 8, "int"),
+]
+
+
+@pytest.mark.parametrize(
+    ("b", "tq", "tk", "hq", "h", "d", "dtype", "top_k", "kind"),
+    [pytest.param(*c, id="B{}-TQ{}-TK{}-HQ{}-H{}-D{}-{}-k{}-{}".format(*c)) for c in CASES],
+)
+def test_score_topk(b, tq, tk, hq, h, d, dtype, top_k, kind, device):
+    check(b, tq, tk, hq, h, d, dtype, top_k, kind, device)
+
+
+@pytest.mark.parametrize("top_k", range(1, 9))
+def test_score_topk_every_k(top_k, device):
+    check(1, 2, 70, 4, 2, 64, "fp32", top_k, "int", device, seed=top_k)
+
+
+@pytest.mark.parametrize("splits", [1, 2, 5])
+@pytest.mark.parametrize("tq", [1, 6])
+def test_score_topk_splits(tq, splits, device):
+    """The split-K path (partial sets + merge) and the single-pass path agree with the reference."""
+    from reattention_kernels.triton_ops.topk import score_topk_fwd
+
+    torch.manual_seed(splits)
+    q = make_queries(1, tq, 8, 64, torch.float32, device, "int")
+    k = make_keys(1, 200, 2, 64, torch.float32, device, "int")
+    torch.testing.assert_close(score_topk_fwd(q, k, 8, splits=splits), score_topk_ref(q, k, 8), rtol=0, atol=0)
+
+
+def test_score_topk_identical_keys(device):
+    """All keys equal: every score ties, so the answer is the first top_k indices."""
+    q = torch.randn(1, 2, 4, 64, device=device)
+    k = torch.randn(1, 1, 2, 64, device=device).expand(1, 100, 2, 64)
+    out = score_topk(q, k, 6, backend="triton")
+    assert (out == torch.arange(6, device=device)).all()
+
+
+def test_score_topk_empty(device):
+    q = torch.randn(1, 1, 4, 64, device=device)
+    k = torch.randn(1, 0, 2, 64, device=device)
+    assert (score_topk(q, k, 3, backend="triton") == -1).all()
+
+
+GPU_CASES = [
+    (1, 1, 131072, 9, 3, 64, "bf16", 8, "randn"),
+    (1, 1, 131072, 32, 8, 128, "bf16", 8, "randn"),
+    (1, 1, 131072, 32, 8, 128, "bf16", 4, "int"),
+    (1, 64, 131072, 9, 3, 64, "bf16", 8, "int"),
+    (2, 33, 131072, 32, 8, 128, "bf16", 8, "randn"),
+    (1, 1, 1000003, 32, 8, 128, "fp16", 8, "dup"),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    ("b", "tq", "tk", "hq", "h", "d", "dtype", "top_k", "kind"),
+    [pytest.param(*c, id="B{}-TQ{}-TK{}-HQ{}-H{}-D{}-{}-k{}-{}".format(*c)) for c in GPU_CASES],
+)
+def test_score_topk_gpu(b, tq, tk, hq, h, d, dtype, top_k, kind):
+    check(b, tq, tk, hq, h, d, dtype, top_k, kind, "cuda")
+
+
+@pytest.mark.gpu
+def test_score_topk_gpu_no_sync():
+    q = torch.randn(1, 1, 32, 128, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, 65536, 8, 128, device="cuda", dtype=torch.bfloat16)
+    score_topk(q, k, 8, backend="triton")  # compile and autotune first
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        score_topk(q, k, 8, backend="triton")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
