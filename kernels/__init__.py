@@ -18,9 +18,18 @@ from reattention_kernels.dispatch import resolve_backend
 from reattention_kernels.reference import score_topk_ref, scope_attention_ref
 
 
+def _pow2(d: int, least: int) -> bool:
+    return d >= least and d & (d - 1) == 0
+
+
 def score_topk(q: torch.Tensor, k: torch.Tensor, top_k: int, *, backend: str | None = None) -> torch.Tensor:
-    """Per-row, per-query-head top-k key indices; see `reference.topk.score_topk_ref` for the spec."""
-    if resolve_backend(q, backend) == "triton":
+    """Per-row, per-query-head top-k key indices; see `reference.topk.score_topk_ref` for the spec.
+
+    ``auto`` falls back to the reference for shapes the kernel does not cover (head dim not a
+    power of two >= 16, top_k > 8); an explicit ``"triton"`` request raises instead.
+    """
+    supported = _pow2(q.shape[-1], 16) and 1 <= top_k <= 8
+    if resolve_backend(q, backend, supported=supported) == "triton":
         from reattention_kernels.triton_ops.topk import score_topk_triton
 
         return score_topk_triton(q, k, top_k)
@@ -42,7 +51,10 @@ def scope_attention(
     return_lse: bool = False,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Sparse-scope attention; see `reference.attention.scope_attention_ref` for the spec."""
+    """Sparse-scope attention; see `reference.attention.scope_attention_ref` for the spec.
+
+    ``auto`` falls back to the reference when the head dim is not a power of two >= 32.
+    """
     kwargs = dict(
         sink_len=sink_len,
         local_start=local_start,
@@ -51,7 +63,7 @@ def scope_attention(
         scale=scale,
         return_lse=return_lse,
     )
-    if resolve_backend(q, backend) == "triton":
+    if resolve_backend(q, backend, supported=_pow2(q.shape[-1], 32)) == "triton":
         from reattention_kernels.triton_ops.attention import scope_attention_triton
 
         return scope_attention_triton(q, k, v, sel_idx, n_sel, **kwargs)

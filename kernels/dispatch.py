@@ -35,11 +35,12 @@ def requested_backend() -> str:
     return value
 
 
-def resolve_backend(tensor: torch.Tensor, backend: str | None = None) -> str:
+def resolve_backend(tensor: torch.Tensor, backend: str | None = None, *, supported: bool = True) -> str:
     """``"triton"`` or ``"reference"`` for an op on ``tensor``.
 
     ``backend`` (or the environment override) ``"triton"`` forces Triton and fails loudly where it
-    cannot run; ``"auto"`` picks Triton for CUDA tensors when it is installed.
+    cannot run; ``"auto"`` picks Triton for CUDA tensors when it is installed and the op's kernel
+    covers the shape (``supported``).
     """
     choice = backend or requested_backend()
     if choice not in BACKENDS:
@@ -54,4 +55,4 @@ def resolve_backend(tensor: torch.Tensor, backend: str | None = None) -> str:
                 f"tensor (or TRITON_INTERPRET=1 for CPU tensors); unset {ENV_VAR} to use the reference"
             )
         return "triton"
-    return "triton" if runnable and tensor.is_cuda else "reference"
+    return "triton" if runnable and supported and tensor.is_cuda else "reference"
