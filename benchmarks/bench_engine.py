@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -99,7 +100,10 @@ def run_hf(engine: ReAttentionEngine, ids: torch.Tensor, decode: int) -> dict:
 
 
 def environment() -> dict:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    # REATTENTION_COMMIT names the commit where the tree has no .git (an exported copy on the GPU machine)
+    commit = os.environ.get("REATTENTION_COMMIT") or subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
     if torch.cuda.is_available():
         device = torch.cuda.get_device_name()
     else:
