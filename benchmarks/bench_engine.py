@@ -52,7 +52,9 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def run_engine(engine: ReAttentionEngine, cfg: ReAttentionConfig, ids: torch.Tensor, decode: int) -> dict:
+def run_engine(
+    engine: ReAttentionEngine, cfg: ReAttentionConfig, ids: torch.Tensor, decode: int, progress: bool = False
+) -> dict:
     model = engine.model
     with torch.inference_mode(), enable_reattention(model, cfg, backend=engine.backend):
         store = KVStore(model.config.num_hidden_layers)
@@ -60,7 +62,9 @@ def run_engine(engine: ReAttentionEngine, cfg: ReAttentionConfig, ids: torch.Ten
         cache = ReAttentionCache(store)
         sync()
         t0 = time.perf_counter()
-        logits = run_prefill(model, ids, cache, cfg.prefill_chunk_size, progress=False)
+        if torch.cuda.is_available():
+            print(f"store reserved: {torch.cuda.memory_allocated() / 2**30:.1f} GiB allocated", file=sys.stderr)
+        logits = run_prefill(model, ids, cache, cfg.prefill_chunk_size, progress=progress)
         sync()
         prefill = time.perf_counter() - t0
         token = logits.argmax(-1, keepdim=True)
@@ -127,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--decode", type=int, default=16, help="decode steps timed after prefill")
     ap.add_argument("--prefill-chunk", type=int, default=None, help="override the config's prefill chunk")
     ap.add_argument("--backend", default=None, choices=["triton", "reference"])
+    ap.add_argument("--progress", action="store_true", help="show a prefill progress bar (stderr)")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
 
@@ -156,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     cfg = base.replace(mode=mode)
                     row["config"] = cfg.to_dict()
-                    row.update(run_engine(engine, cfg, ids, args.decode))
+                    row.update(run_engine(engine, cfg, ids, args.decode, args.progress))
                 row["prefill_tok_per_s"] = tokens / row["prefill_s"]
             except torch.cuda.OutOfMemoryError as exc:  # full attention is expected to run out first
                 row["error"] = f"out of memory: {str(exc).splitlines()[0]}"
