@@ -12,6 +12,8 @@ the last token inside the final chunk and found with it alone.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from tqdm.auto import tqdm
 
@@ -19,15 +21,18 @@ from tqdm.auto import tqdm
 _PROGRESS_MIN_CHUNKS = 8
 
 
-def plan_prefill(num_tokens: int, chunk_size: int) -> list[tuple[int, int]]:
+def plan_prefill(num_tokens: int, chunk_size: int, *, last_alone: bool = True) -> list[tuple[int, int]]:
     """``[start, end)`` token ranges of the prefill chunks of a ``num_tokens`` prompt.
 
-    Chunks of ``chunk_size`` cover all but the last token, which gets a range of its own.
+    Chunks of ``chunk_size`` cover all but the last token, which gets a range of its own
+    (``last_alone=False``: plain chunks to the end, for warming a cache without answering).
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if num_tokens < 1:
         return []
+    if not last_alone:
+        return [(s, min(s + chunk_size, num_tokens)) for s in range(0, num_tokens, chunk_size)]
     head = num_tokens - 1
     return [(s, min(s + chunk_size, head)) for s in range(0, head, chunk_size)] + [(head, num_tokens)]
 
@@ -39,24 +44,49 @@ def run_prefill(
     cache: object,
     chunk_size: int,
     *,
+    start: int = 0,
+    last_alone: bool = True,
     progress: bool | None = None,
     desc: str = "prefill",
-) -> torch.Tensor:
+    on_chunk: Callable[[int], None] | None = None,
+) -> torch.Tensor | None:
     """Run ``input_ids [1, N]`` through ``model`` chunk by chunk, appending to ``cache``.
 
     Args:
+        start: tokens ``[0, start)`` are already in ``cache`` (restored from the prefix cache);
+            prefill resumes there. It must be a chunk boundary of the full schedule, so that
+            every token sees exactly the chunks it would have seen in a cold run (a token's keys
+            and values depend on the chunk schedule: one selection per chunk).
+        last_alone: run the last token alone (see the module doc); ``False`` for cache warm-up.
         progress: show a tqdm bar (``None``: only for prompts of 8 chunks or more).
+        on_chunk: called with the end offset after each chunk has been appended to ``cache``.
 
     Returns:
-        torch.Tensor: fp32 logits ``[1, V]`` of the last prompt token.
+        torch.Tensor: fp32 logits ``[1, V]`` of the last prompt token (``None`` only when
+        ``last_alone=False`` and nothing was left to run).
     """
-    chunks = plan_prefill(input_ids.shape[1], chunk_size)
+    n = input_ids.shape[1]
+    plan = plan_prefill(n, chunk_size, last_alone=last_alone)
+    if start:
+        starts = {s for s, _ in plan}
+        if start not in starts and not (start == n and not last_alone):
+            raise ValueError(
+                f"start={start} is not a prefill chunk boundary of a {n}-token prompt with chunks of {chunk_size}"
+            )
+        held = cache.get_seq_length() if hasattr(cache, "get_seq_length") else start
+        if held != start:
+            raise ValueError(f"the cache holds {held} tokens but prefill was asked to resume at {start}")
+    chunks = [(s, e) for s, e in plan if s >= start]
     show = len(chunks) >= _PROGRESS_MIN_CHUNKS if progress is None else progress
     logits = None
-    with tqdm(total=input_ids.shape[1], desc=desc, unit="tok", disable=not show, leave=False) as bar:
-        for start, end in chunks:
-            out = model(input_ids=input_ids[:, start:end], past_key_values=cache, use_cache=True, logits_to_keep=1)
+    with tqdm(total=n, initial=start, desc=desc, unit="tok", disable=not show, leave=False) as bar:
+        for s, e in chunks:
+            out = model(input_ids=input_ids[:, s:e], past_key_values=cache, use_cache=True, logits_to_keep=1)
             logits = out.logits[:, -1]
-            bar.update(end - start)
-    assert logits is not None, "empty prompt"
+            if on_chunk is not None:
+                on_chunk(e)
+            bar.update(e - s)
+    if logits is None:
+        assert not last_alone, "empty prompt"
+        return None
     return logits.float()

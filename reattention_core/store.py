@@ -52,14 +52,27 @@ class KVStore:
         Returns:
             ``(keys, values)``, each a ``[B, T, H, D]`` view (no copy) with ``T`` the new length.
         """
+        end = self._write(layer, k, v, k.device, k.dtype)
+        keys, values = self._keys[layer], self._values[layer]
+        assert keys is not None and values is not None
+        return keys[:, :end], values[:, :end]
+
+    def extend(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor, *, device: torch.device, dtype: torch.dtype
+    ) -> None:
+        """Append ``k, v`` (``[B, T, H, D]``) that may live elsewhere (e.g. CPU pages read from disk).
+
+        The buffers are allocated on ``device`` with ``dtype`` if the layer is still empty, and the
+        tokens are copied straight into them (no intermediate tensor on the target device).
+        """
+        self._write(layer, k, v, device, dtype)
+
+    def _write(self, layer: int, k: torch.Tensor, v: torch.Tensor, device: torch.device, dtype: torch.dtype) -> int:
         tq = k.shape[1]
         if self._keys[layer] is None:
             cap = max(_MIN_CAPACITY, self._reserved, tq)
-            shape = (k.shape[0], cap, k.shape[2], k.shape[3])
-            self._keys[layer] = torch.empty(shape, dtype=k.dtype, device=k.device)
-            self._values[layer] = torch.empty(
-                (v.shape[0], cap, v.shape[2], v.shape[3]), dtype=v.dtype, device=v.device
-            )
+            self._keys[layer] = torch.empty((k.shape[0], cap, k.shape[2], k.shape[3]), dtype=dtype, device=device)
+            self._values[layer] = torch.empty((v.shape[0], cap, v.shape[2], v.shape[3]), dtype=dtype, device=device)
         start = self._lengths[layer]
         end = start + tq
         if end > self.capacity(layer):
@@ -69,7 +82,7 @@ class KVStore:
         keys[:, start:end] = k
         values[:, start:end] = v
         self._lengths[layer] = end
-        return keys[:, :end], values[:, :end]
+        return end
 
     def view(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(keys, values)`` views ``[B, T, H, D]`` of what ``layer`` holds."""
@@ -84,6 +97,10 @@ class KVStore:
         if tokens < 0:
             raise ValueError(f"tokens must be >= 0, got {tokens}")
         self._lengths = [min(n, tokens) for n in self._lengths]
+
+    def min_length(self) -> int:
+        """Tokens held by every layer (layers differ only while a forward pass is under way)."""
+        return min(self._lengths) if self._lengths else 0
 
     def nbytes(self) -> int:
         """Bytes allocated by all buffers (capacity, not length)."""
