@@ -8,8 +8,9 @@ Quick start::
 """
 
 from reattention_core.config import PRESETS, ReAttentionConfig
-from reattention_core.engine import GenerationResult, ReAttentionEngine
+from reattention_core.engine import GenerationResult, PrefillResult, ReAttentionEngine
 from reattention_core.errors import (
+    CacheError,
     ConfigError,
     ContextLimitError,
     InvalidInputError,
@@ -18,18 +19,23 @@ from reattention_core.errors import (
     UnsupportedModelError,
 )
 from reattention_core.hf import ReAttentionCache, enable_reattention
+from reattention_core.prefix_cache import CacheConfig, CacheInfo
 from reattention_core.store import KVStore
 
 __version__ = "0.1.0"
 
 __all__ = [
     "PRESETS",
+    "CacheConfig",
+    "CacheError",
+    "CacheInfo",
     "ConfigError",
     "ContextLimitError",
     "GenerationResult",
     "InvalidInputError",
     "KVStore",
     "ModelNotFoundError",
+    "PrefillResult",
     "ReAttentionCache",
     "ReAttentionConfig",
     "ReAttentionEngine",

@@ -2,6 +2,10 @@
 
 It owns a model, its tokenizer and a `ReAttentionConfig`, and runs its own loop: chunked prefill
 under `enable_reattention`, then one token at a time, each step selecting its scope afresh.
+
+It also owns a prefix cache (`reattention_core.prefix_cache`): the keys and values of every prompt
+it prefills are kept in pages, in memory and on disk, so a later prompt that starts with the same
+tokens (the same corpus, another question) prefills only what follows.
 """
 
 from __future__ import annotations
@@ -18,18 +22,24 @@ from reattention_core.config import ReAttentionConfig
 from reattention_core.decoding import Sampler, SamplingParams, TextAssembler
 from reattention_core.embedded import EMBEDDED_NAME, embedded_model_file, preset_for
 from reattention_core.errors import (
+    CacheError,
     ContextLimitError,
     InvalidInputError,
     ModelNotFoundError,
     UnsupportedModelError,
 )
+from reattention_core.fingerprint import EngineFingerprint
 from reattention_core.hf import ReAttentionCache, enable_reattention
 from reattention_core.hf.architectures import check_model, check_model_type, pretraining_window
 from reattention_core.prefill import run_prefill
+from reattention_core.prefix_cache import CacheConfig, CacheInfo, PrefixCache, PrefixRun
 from reattention_core.store import KVStore
 
 Prompt = str | Sequence[Mapping[str, Any]]
 CHAT_ROLES = ("system", "user", "assistant")
+# Between the context and the question when `context=` is given.
+CONTEXT_SEPARATOR = "\n\n"
+_QUESTION_SENTINEL = "\ue000\ue001question\ue001\ue000"
 
 
 @dataclass(frozen=True)
@@ -42,6 +52,8 @@ class GenerationResult:
         completion_tokens: tokens generated.
         finish_reason: ``"stop"`` (a stop string or the end-of-sequence token) or ``"length"``.
         token_ids: the generated token ids.
+        cached_tokens: prompt tokens whose keys and values came from the prefix cache (memory or
+            disk) instead of being prefilled.
     """
 
     text: str
@@ -49,6 +61,24 @@ class GenerationResult:
     completion_tokens: int
     finish_reason: str
     token_ids: tuple[int, ...] = ()
+    cached_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class PrefillResult:
+    """What `ReAttentionEngine.prefill` returns.
+
+    Attributes:
+        prompt_tokens: tokens of the text as rendered.
+        cached_tokens: of those, tokens that were already cached (memory or disk).
+        stored_tokens: tokens now cached (whole pages; the tail after the last full page is not).
+        prefilled_tokens: tokens computed by this call.
+    """
+
+    prompt_tokens: int
+    cached_tokens: int
+    stored_tokens: int
+    prefilled_tokens: int
 
 
 def default_device() -> str:
@@ -71,6 +101,12 @@ class ReAttentionEngine:
             paper's sizing for the model's pre-training window (`ReAttentionConfig.for_window`).
         model_name: a display name (defaults to the model's ``name_or_path``).
         backend: kernel backend override: ``"triton"``, ``"reference"`` or ``None`` (auto).
+        cache: prefix cache settings (`CacheConfig`); ``None``/``True``: on, in memory and on disk
+            in the default directory; ``False``: off.
+
+    Prompt layout: the cache reuses a prompt's longest *token prefix* shared with an earlier
+    prompt, so put the long, stable material first and the question last. ``context=`` on
+    `generate`, `stream` and `prefill` does that for you under any chat template.
 
     Example:
         >>> engine = ReAttentionEngine.from_pretrained()          # embedded SmolLM2-135M
@@ -85,6 +121,7 @@ class ReAttentionEngine:
         *,
         model_name: str | None = None,
         backend: str | None = None,
+        cache: CacheConfig | bool | None = None,
     ) -> None:
         check_model(model)
         self.model = model.eval()
@@ -101,6 +138,15 @@ class ReAttentionEngine:
         self.backend = backend
         self._lock = threading.RLock()
         self._eos_ids = self._collect_eos_ids()
+        if cache is None or cache is True:
+            cache = CacheConfig()
+        elif cache is False:
+            cache = CacheConfig(enabled=False)
+        elif not isinstance(cache, CacheConfig):
+            raise InvalidInputError(f"cache must be a CacheConfig or a bool, got {type(cache).__name__}")
+        cache.page_size_for(config)  # validate now
+        self.cache_config = cache
+        self._prefix = PrefixCache(cache, self.device) if cache.enabled else None
 
     @classmethod
     def from_pretrained(
@@ -112,6 +158,7 @@ class ReAttentionEngine:
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
         backend: str | None = None,
+        cache: CacheConfig | bool | None = None,
     ) -> ReAttentionEngine:
         """Load a model and its tokenizer.
 
@@ -122,6 +169,7 @@ class ReAttentionEngine:
             config: ReAttention settings (default: see the class docstring).
             device: ``"cuda"`` when available, else ``"cpu"``.
             dtype: bf16 on GPU, fp32 on CPU by default.
+            cache: prefix cache settings (see the class docstring).
         """
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -151,39 +199,80 @@ class ReAttentionEngine:
             preset = preset_for(name)
             if preset:
                 config = ReAttentionConfig.preset(preset)
-        return cls(model, tokenizer, config, model_name=name, backend=backend)
+        return cls(model, tokenizer, config, model_name=name, backend=backend, cache=cache)
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def encode(self, prompt: Prompt) -> list[int]:
+    def encode(self, prompt: Prompt, *, context: str | None = None) -> list[int]:
         """Token ids of a plain-text prompt, or of a chat (message list) with its template applied.
 
         A message list is rendered with the tokenizer's chat template and the assistant turn
         opened. Keep long shared material (a corpus) in the first messages and the question last,
-        so the rendered prompt of every question starts with the same tokens.
+        so the rendered prompt of every question starts with the same tokens and the prefix cache
+        reuses them.
+
+        Args:
+            context: long, stable material (a corpus) to put first. It is placed at the start of
+                the first user message (``context + "\\n\\n" + question``), after any system
+                message, and the prompt is then always rendered with the chat template (a string
+                prompt becomes one user message); without a chat template it is plain text
+                ``context + "\\n\\n" + prompt``. Keep system messages identical across
+                questions: they come before the context.
         """
+        if context is not None:
+            return self._encode_with_context(prompt, context)
         if isinstance(prompt, str):
             if not prompt.strip():
                 raise InvalidInputError("the prompt is empty; pass some text or a list of chat messages")
             return list(self.tokenizer(prompt)["input_ids"])
-        if isinstance(prompt, Sequence) and not isinstance(prompt, (bytes, bytearray)):
+        return self._encode_messages(prompt, add_generation_prompt=True)
+
+    def _encode_messages(self, prompt: Prompt, *, add_generation_prompt: bool) -> list[int]:
+        if isinstance(prompt, Sequence) and not isinstance(prompt, (str, bytes, bytearray)):
             messages = _check_messages(prompt)
             if not getattr(self.tokenizer, "chat_template", None):
                 raise InvalidInputError(
                     f"the tokenizer of {self.model_name} has no chat template; pass a plain string prompt instead"
                 )
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            text = self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=add_generation_prompt
+            )
             return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         raise InvalidInputError(
             f"prompt must be a string or a list of {{'role', 'content'}} messages, got {type(prompt).__name__}"
         )
 
+    def _encode_with_context(self, prompt: Prompt, context: str) -> list[int]:
+        if not isinstance(context, str):
+            raise InvalidInputError(f"context must be a string, got {type(context).__name__}")
+        if not getattr(self.tokenizer, "chat_template", None):
+            if not isinstance(prompt, str):
+                raise InvalidInputError(
+                    f"the tokenizer of {self.model_name} has no chat template; pass the question as a string"
+                )
+            return self.encode(context + CONTEXT_SEPARATOR + prompt)
+        return self.encode(_with_context(prompt, context))
+
+    def _context_prefix_ids(self, context: str) -> list[int]:
+        """Token ids of everything a ``context=`` prompt renders before its question."""
+        if not isinstance(context, str) or not context.strip():
+            raise InvalidInputError("context must be a non-empty string")
+        if not getattr(self.tokenizer, "chat_template", None):
+            return list(self.tokenizer(context + CONTEXT_SEPARATOR)["input_ids"])
+        messages = _with_context(_QUESTION_SENTINEL, context)
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        cut = text.find(_QUESTION_SENTINEL)
+        if cut < 0:  # pragma: no cover - a template that rewrites the content
+            raise CacheError("the chat template does not keep the message text verbatim; prefill the full prompt instead")
+        return list(self.tokenizer(text[:cut], add_special_tokens=False)["input_ids"])
+
     def generate(
         self,
         prompt: Prompt,
         *,
+        context: str | None = None,
         max_new_tokens: int = 256,
         temperature: float = 0.0,
         top_p: float = 1.0,
@@ -192,9 +281,14 @@ class ReAttentionEngine:
         stop: str | Sequence[str] | None = None,
         progress: bool | None = None,
     ) -> GenerationResult:
-        """Generate a completion (greedy by default). See `SamplingParams` for the arguments."""
+        """Generate a completion (greedy by default). See `SamplingParams` for the arguments.
+
+        ``context``: a corpus to put before the question (see `encode`); the prefix cache then
+        reuses it across questions. ``result.cached_tokens`` says how many prompt tokens came
+        from the cache.
+        """
         params = self._params(max_new_tokens, temperature, top_p, top_k, seed, stop)
-        it = self._run(self._prepare(prompt, params), params, progress)
+        it = self._run(self._prepare(prompt, params, context), params, progress)
         while True:
             try:
                 next(it)
@@ -205,6 +299,7 @@ class ReAttentionEngine:
         self,
         prompt: Prompt,
         *,
+        context: str | None = None,
         max_new_tokens: int = 256,
         temperature: float = 0.0,
         top_p: float = 1.0,
@@ -215,7 +310,7 @@ class ReAttentionEngine:
     ) -> Iterator[str]:
         """Yield the completion as text pieces while it is generated (same arguments as `generate`)."""
         params = self._params(max_new_tokens, temperature, top_p, top_k, seed, stop)
-        ids = self._prepare(prompt, params)  # validate now, not at the first next()
+        ids = self._prepare(prompt, params, context)  # validate now, not at the first next()
         return _drain_text(self._run(ids, params, progress))
 
     def _params(self, max_new_tokens, temperature, top_p, top_k, seed, stop) -> SamplingParams:  # noqa: ANN001
@@ -228,8 +323,8 @@ class ReAttentionEngine:
             stop=SamplingParams.normalize_stop(stop),
         )
 
-    def _prepare(self, prompt: Prompt, params: SamplingParams) -> list[int]:
-        ids = self.encode(prompt)
+    def _prepare(self, prompt: Prompt, params: SamplingParams, context: str | None = None) -> list[int]:
+        ids = self.encode(prompt, context=context)
         limit = self.config.max_context
         if limit is not None and len(ids) + params.max_new_tokens > limit:
             raise ContextLimitError(
@@ -248,24 +343,32 @@ class ReAttentionEngine:
         # inference_mode wraps each forward, never a `yield`: grad mode is thread-local and must
         # not leak into the caller's code while a stream is suspended.
         with self._lock, enable_reattention(self.model, self.config, backend=self.backend):
-            store = KVStore(self.model.config.num_hidden_layers)
-            store.reserve(len(ids) + params.max_new_tokens)
-            cache = ReAttentionCache(store)
-            input_ids = torch.tensor([ids], device=self.device)
-            logits = run_prefill(self.model, input_ids, cache, self.config.prefill_chunk_size, progress=progress)
-            for step in range(params.max_new_tokens):
-                token = sampler(logits[0])
-                if token in self._eos_ids:
-                    finish = "stop"
-                    break
-                delta = text.push(token)
-                if delta:
-                    yield delta
-                if text.stopped:
-                    finish = "stop"
-                    break
-                if step + 1 < params.max_new_tokens:
-                    logits = self._decode_step(token, cache)
+            run = self._begin(ids, reserve=len(ids) + params.max_new_tokens)
+            cached = run.cached_tokens if run is not None else 0
+            try:
+                store = run.store if run is not None else _fresh_store(self.model, len(ids) + params.max_new_tokens)
+                cache = ReAttentionCache(store)
+                input_ids = torch.tensor([ids], device=self.device)
+                logits = run_prefill(
+                    self.model, input_ids, cache, self.config.prefill_chunk_size, start=cached, progress=progress,
+                    on_chunk=run.on_chunk if run is not None else None,
+                )
+                for step in range(params.max_new_tokens):
+                    token = sampler(logits[0])
+                    if token in self._eos_ids:
+                        finish = "stop"
+                        break
+                    delta = text.push(token)
+                    if delta:
+                        yield delta
+                    if text.stopped:
+                        finish = "stop"
+                        break
+                    if step + 1 < params.max_new_tokens:
+                        logits = self._decode_step(token, cache)
+            finally:
+                if run is not None:
+                    run.finish()  # truncates the store back to its pages: the cached corpus is unchanged
         tail = text.finish()
         if tail:
             yield tail
@@ -275,7 +378,98 @@ class ReAttentionEngine:
             completion_tokens=len(text.ids),
             finish_reason=finish,
             token_ids=tuple(text.ids),
+            cached_tokens=cached,
         )
+
+    # -- prefix cache -----------------------------------------------------------------------------
+
+    def _fingerprint(self) -> EngineFingerprint:
+        assert self._prefix is not None
+        return self._prefix.fingerprint(self.model, self.tokenizer, self.config, self.backend, self.model_name)
+
+    def _begin(self, ids: list[int], *, reserve: int, num_pages: int | None = None) -> PrefixRun | None:
+        """Restore the longest cached prefix of ``ids`` (``None`` with the cache off). Holds the lock."""
+        if self._prefix is None:
+            return None
+        param = next(self.model.parameters())
+        return self._prefix.begin(
+            ids,
+            self._fingerprint(),
+            page_size=self.cache_config.page_size_for(self.config),
+            num_layers=self.model.config.num_hidden_layers,
+            device=param.device,
+            dtype=param.dtype,
+            reserve=reserve,
+            num_pages=num_pages,
+        )
+
+    def prefill(
+        self, prompt: Prompt | None = None, *, context: str | None = None, progress: bool | None = True
+    ) -> PrefillResult:
+        """Warm the prefix cache with a corpus, so later questions over it prefill only themselves.
+
+        Pass either the text (or messages) every later prompt will start with, or
+        ``context=corpus`` to warm exactly what ``generate(question, context=corpus)`` renders
+        before the question (the recommended pairing). A message list is rendered without
+        opening the assistant turn. Whole pages are cached (see `CacheConfig.page_size`).
+
+        Ctrl-C stops it cleanly: the pages completed so far stay cached (in memory and on disk,
+        each written whole), nothing else changes; calling `prefill` again resumes.
+
+        Returns:
+            `PrefillResult` (tokens rendered, already cached, now cached, computed).
+        """
+        if self._prefix is None:
+            raise CacheError("the prefix cache is off for this engine; create it with cache=True (the default)")
+        if (prompt is None) == (context is None):
+            raise InvalidInputError("pass the prompt to cache, or context=..., not both")
+        if context is not None:
+            ids = self._context_prefix_ids(context)
+        elif isinstance(prompt, str):
+            ids = self.encode(prompt)
+        else:
+            ids = self._encode_messages(prompt, add_generation_prompt=False)
+        page = self.cache_config.page_size_for(self.config)
+        pages = len(ids) // page
+        with self._lock, enable_reattention(self.model, self.config, backend=self.backend):
+            run = self._begin(ids, reserve=pages * page, num_pages=pages)
+            assert run is not None
+            try:
+                if pages * page > run.cached_tokens:
+                    cache = ReAttentionCache(run.store)
+                    input_ids = torch.tensor([ids[: pages * page]], device=self.device)
+                    run_prefill(
+                        self.model, input_ids, cache, self.config.prefill_chunk_size, start=run.cached_tokens,
+                        last_alone=False, progress=progress, desc="prefill (cache)", on_chunk=run.on_chunk,
+                    )
+            finally:
+                run.finish()
+        return PrefillResult(
+            prompt_tokens=len(ids),
+            cached_tokens=run.cached_tokens,
+            stored_tokens=pages * page,
+            prefilled_tokens=pages * page - run.cached_tokens,
+        )
+
+    def cache_info(self) -> CacheInfo:
+        """Entries (cached prefixes), pages, tokens and bytes of the prefix cache, in memory and on disk.
+
+        The disk figures are for this engine's fingerprint; ``disk.total_bytes`` covers the whole
+        directory (what ``disk_bytes`` caps).
+        """
+        if self._prefix is None:
+            raise CacheError("the prefix cache is off for this engine; create it with cache=True (the default)")
+        return self._prefix.info(self._fingerprint(), self.cache_config.page_size_for(self.config))
+
+    def clear_cache(self, *, disk: bool = True, all_models: bool = False) -> None:
+        """Forget cached prefixes: in memory, and on disk unless ``disk=False``.
+
+        On disk only this engine's fingerprint (model, config, ...) is cleared, or every entry of
+        the directory with ``all_models=True``. Other processes may keep using the directory.
+        """
+        if self._prefix is None:
+            return
+        self._prefix.clear(self._fingerprint(), disk=disk, all_fingerprints=all_models)
 
     @torch.inference_mode()
     def _decode_step(self, token: int, cache: ReAttentionCache) -> torch.Tensor:
@@ -295,6 +489,22 @@ class ReAttentionEngine:
 
 def _drain_text(run: Iterator[str]) -> Iterator[str]:
     yield from run
+
+
+def _fresh_store(model: torch.nn.Module, reserve: int) -> KVStore:
+    store = KVStore(model.config.num_hidden_layers)
+    store.reserve(reserve)
+    return store
+
+
+def _with_context(prompt: Prompt, context: str) -> list[dict[str, str]]:
+    """Messages with ``context`` at the start of the first user message (system messages stay first)."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else _check_messages(prompt)
+    for i, m in enumerate(messages):
+        if m["role"] == "user":
+            messages[i] = {"role": "user", "content": context + CONTEXT_SEPARATOR + m["content"]}
+            return messages
+    raise InvalidInputError("context= needs a user message to attach to; add {'role': 'user', 'content': question}")
 
 
 def _generation_eos(model: torch.nn.Module) -> Any:
@@ -320,4 +530,4 @@ def _check_messages(messages: Sequence[Any]) -> list[dict[str, str]]:
     return clean
 
 
-__all__ = ["GenerationResult", "ReAttentionEngine", "UnsupportedModelError"]
+__all__ = ["CacheConfig", "CacheInfo", "GenerationResult", "PrefillResult", "ReAttentionEngine", "UnsupportedModelError"]

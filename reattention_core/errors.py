@@ -25,3 +25,7 @@ class InvalidInputError(ReAttentionError, ValueError):
 
 class ContextLimitError(InvalidInputError):
     """The prompt plus the requested output exceeds the configured maximum context."""
+
+
+class CacheError(ReAttentionError):
+    """The prefix cache cannot do what was asked (it is off, or a prompt cannot be cached)."""

@@ -8,6 +8,14 @@ import torch
 from tests.helpers import TINY_ARCHS, ByteTokenizer, tiny_model
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache_dir(tmp_path_factory: pytest.TempPathFactory):
+    """Engines built by tests keep their prefix cache in a temporary folder, never in ~/.cache."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("REATTENTION_CACHE_DIR", str(tmp_path_factory.mktemp("reattention-cache")))
+        yield
+
+
 @pytest.fixture(params=TINY_ARCHS)
 def tiny_arch(request: pytest.FixtureRequest) -> str:
     return request.param

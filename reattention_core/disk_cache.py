@@ -1,0 +1,575 @@
+"""The on-disk page store of the prefix cache: safetensors files, atomic, checksummed, shared.
+
+Layout of the cache directory (`default_cache_dir`)::
+
+    <dir>/.lock                                  flock'ed for manifest writes, eviction, clearing
+    <dir>/<namespace>/manifest.json              the fingerprint components of every page below
+    <dir>/<namespace>/p000012-<key>.safetensors  one page: keys and values of all layers
+
+``namespace`` is the first 32 hex digits of the engine fingerprint's root (model weights,
+tokenizer, ReAttention config, dtype, device type, kernel backend, page size, format version; see
+`reattention_core.fingerprint`), and ``key`` the page's hash-chain key, which already depends on
+that root. A page file holds tensors ``k.<layer>`` and ``v.<layer>`` (``[page_size, H, D]``,
+pre-RoPE keys and values) and, in its safetensors metadata, the format version, the fingerprint
+root, its key, its parent's key, its index in the chain and one CRC-32 per tensor.
+
+Guarantees:
+
+* **Atomic writes**: a page is written to a temporary file in the same folder, fsync'ed and
+  renamed over its final name (then the folder is fsync'ed), so a crash, Ctrl-C or a full disk
+  never leaves a half page under a page name; stale temporary files are swept by eviction.
+* **Verified reads**: files are memory-mapped (`safetensors.safe_open`); the header must parse,
+  cover the file exactly, name the expected fingerprint, key, parent and index, and every tensor
+  must have the expected dtype, shape and CRC-32 (zlib; about 3 GB/s per core here, computed on a
+  thread pool while the previous page is being copied into the store). A page that fails any check
+  is logged (warning, with the reason), deleted and recomputed.
+* **Shared by processes**: page files appear atomically and are never modified, so readers need no
+  lock; manifest writes, eviction and clearing take an exclusive ``fcntl.flock`` on ``<dir>/.lock``.
+  Two processes writing the same page write identical bytes; the last rename wins.
+* **Size cap, LRU**: after writes, the total size of all page files is kept under ``max_bytes``
+  by deleting the least recently used pages (a page's mtime is its last use; within one prompt
+  the deeper pages count as older, so a chain is cut from its end and its prefix stays usable).
+  Pages of the prompt being processed are never evicted for it; if that prompt alone outgrows the
+  cap, its remaining pages are not written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import secrets
+import struct
+import threading
+import time
+import zlib
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from reattention_core.fingerprint import FORMAT_VERSION, EngineFingerprint
+
+try:  # POSIX; on other systems the cache still works for one process at a time
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None  # type: ignore[assignment]
+
+log = logging.getLogger("reattention")
+
+ENV_DIR = "REATTENTION_CACHE_DIR"
+ENV_MAX_BYTES = "REATTENTION_CACHE_MAX_BYTES"
+DEFAULT_MAX_BYTES = 32 << 30
+MANIFEST = "manifest.json"
+LOCK = ".lock"
+PAGE_SUFFIX = ".safetensors"
+TMP_PREFIX = ".tmp-"
+# Temporary files older than this are leftovers of a killed process.
+STALE_TMP_S = 3600.0
+
+
+def default_cache_dir() -> Path:
+    """``$REATTENTION_CACHE_DIR``, else ``$XDG_CACHE_HOME/reattention``, else ``~/.cache/reattention``."""
+    env = os.environ.get(ENV_DIR)
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "reattention"
+
+
+def parse_bytes(value: str | int) -> int:
+    """``123``, ``"64G"``, ``"500M"``, ``"1.5T"`` -> bytes (binary units)."""
+    if isinstance(value, int):
+        return value
+    text = value.strip().upper().removesuffix("B").removesuffix("I")
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    if text and text[-1] in units:
+        return int(float(text[:-1]) * units[text[-1]])
+    return int(text)
+
+
+def default_max_bytes() -> int:
+    """``$REATTENTION_CACHE_MAX_BYTES`` (e.g. ``64G``), else 32 GiB."""
+    env = os.environ.get(ENV_MAX_BYTES)
+    return parse_bytes(env) if env else DEFAULT_MAX_BYTES
+
+
+def page_file_name(index: int, key: str) -> str:
+    return f"p{index:06d}-{key}{PAGE_SUFFIX}"
+
+
+class PageError(Exception):
+    """A page file failed verification (the message says how)."""
+
+
+class PageMissing(Exception):
+    """A page file is not there (a plain miss: nothing to warn about)."""
+
+
+@dataclass(frozen=True)
+class PageRef:
+    """Where one page of a prompt's chain lives and what it must contain."""
+
+    path: Path
+    key: str
+    parent: str
+    index: int
+
+
+@dataclass(frozen=True)
+class DiskStats:
+    dir: str
+    entries: int  # distinct cached prefixes (chain ends) of this fingerprint
+    pages: int
+    tokens: int
+    bytes: int
+    total_bytes: int  # all fingerprints in the directory (what the cap applies to)
+    max_bytes: int
+
+
+def _crc(t: torch.Tensor) -> int:
+    return zlib.crc32(t.contiguous().view(torch.uint8).numpy())
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _read_header(path: Path) -> dict[str, Any]:
+    with open(path, "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        if n > 100 << 20:
+            raise ValueError("header too large")
+        return json.loads(fh.read(n))
+
+
+class DiskCache:
+    """Pages of one or more engine fingerprints in one directory (see the module doc).
+
+    Args:
+        directory: the cache directory (created on first write).
+        max_bytes: size cap for all page files in ``directory``.
+        workers: threads verifying checksums while pages load.
+    """
+
+    def __init__(self, directory: str | Path, max_bytes: int, *, workers: int | None = None) -> None:
+        self.dir = Path(directory).expanduser()
+        self.max_bytes = int(max_bytes)
+        self.workers = workers or max(1, min(8, os.cpu_count() or 1))
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
+        self._manifest_ok: set[str] = set()
+        self._explained: set[str] = set()
+        self._estimate: int | None = None  # running total of page bytes (rescanned under the lock)
+        self._warned_write = False
+
+    # -- paths, lock, manifest ---------------------------------------------------------------
+
+    def namespace_dir(self, fp: EngineFingerprint) -> Path:
+        return self.dir / fp.namespace
+
+    def refs(self, fp: EngineFingerprint, keys: Sequence[str], start: int = 0) -> list[PageRef]:
+        """`PageRef` of pages ``start ..`` of a chain with ``keys``."""
+        ns = self.namespace_dir(fp)
+        return [
+            PageRef(ns / page_file_name(i, keys[i]), keys[i], keys[i - 1] if i else fp.root, i)
+            for i in range(start, len(keys))
+        ]
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Exclusive inter-process lock on the cache directory."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with open(self.dir / LOCK, "a+b") as fh:
+            if fcntl is not None:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                if fcntl is not None:
+                    fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+    def _manifest_body(self, fp: EngineFingerprint) -> dict[str, Any]:
+        return {
+            "format": FORMAT_VERSION,
+            "fingerprint": fp.root,
+            "components": fp.components,
+            "model_name": fp.model_name,
+            "details": fp.details,
+        }
+
+    def ensure_manifest(self, fp: EngineFingerprint) -> Path:
+        """Create (or repair) the manifest of ``fp``'s namespace; returns the namespace folder."""
+        ns = self.namespace_dir(fp)
+        if fp.root in self._manifest_ok and (ns / MANIFEST).is_file():
+            return ns
+        with self.locked():
+            ns.mkdir(parents=True, exist_ok=True)
+            path = ns / MANIFEST
+            reason = None
+            if path.is_file():
+                try:
+                    data = json.loads(path.read_text())
+                    if data.get("fingerprint") != fp.root or data.get("format") != FORMAT_VERSION:
+                        reason = "it names another fingerprint"
+                except (OSError, ValueError) as exc:
+                    reason = f"it is unreadable ({exc})"
+            else:
+                reason = "missing"
+            if reason is not None:
+                if reason != "missing":
+                    log.warning("prefix cache: rewriting manifest %s: %s", path, reason)
+                self._atomic_write_bytes(path, json.dumps(self._manifest_body(fp), indent=1, default=str).encode())
+        self._manifest_ok.add(fp.root)
+        return ns
+
+    def _atomic_write_bytes(self, path: Path, data: bytes) -> None:
+        tmp = path.with_name(f"{TMP_PREFIX}{path.name}-{os.getpid()}-{secrets.token_hex(4)}")
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+            _fsync_dir(path.parent)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+
+    def explain_miss(self, fp: EngineFingerprint) -> None:
+        """Log, once per fingerprint, why nothing under this fingerprint is on disk."""
+        if fp.root in self._explained:
+            return
+        self._explained.add(fp.root)
+        if (self.namespace_dir(fp) / MANIFEST).is_file():
+            log.info("prefix cache: no page on disk for this prompt (fingerprint %s)", fp.namespace[:12])
+            return
+        others = []
+        if self.dir.is_dir():
+            for manifest in self.dir.glob(f"*/{MANIFEST}"):
+                try:
+                    data = json.loads(manifest.read_text())
+                except (OSError, ValueError):
+                    continue
+                comps = data.get("components") or {}
+                others.append((fp.differences(comps), data, manifest.parent.name))
+        if not others:
+            log.info("prefix cache: %s holds no pages yet", self.dir)
+            return
+        diff, data, name = min(others, key=lambda o: len(o[0]))
+        detail = _describe(diff, fp, data)
+        log.info(
+            "prefix cache miss: %d cached fingerprint(s) in %s do not match this engine; never loading them. "
+            "The closest (%s, model %r) differs in %s",
+            len(others), self.dir, name[:12], data.get("model_name", "?"), detail,
+        )
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def save(
+        self,
+        fp: EngineFingerprint,
+        ref: PageRef,
+        keys: Sequence[torch.Tensor],
+        values: Sequence[torch.Tensor],
+        *,
+        pinned: set[str] | frozenset[str] = frozenset(),
+    ) -> str:
+        """Write one page atomically, evicting older pages first if the cap requires it.
+
+        ``keys[l]``/``values[l]``: ``[T, H, D]`` tensors of layer ``l`` (any device).
+
+        Returns:
+            ``"written"``; ``"exists"`` (already on disk, left as it is); ``"cap"`` (it would not
+            fit under ``max_bytes`` even after evicting every page not in ``pinned``); or
+            ``"error"`` (the write failed, e.g. a full disk; logged once, nothing left behind).
+        """
+        from safetensors.torch import save_file
+
+        if ref.path.is_file():
+            return "exists"
+        size = sum(t.numel() * t.element_size() for t in (*keys, *values)) + 8192
+        over = self._estimate is None or self._estimate + size > self.max_bytes
+        if over and not self.evict(pinned, reserve=size):
+            return "cap"
+        tmp = None
+        try:
+            ns = self.ensure_manifest(fp)
+            tensors: dict[str, torch.Tensor] = {}
+            for i, (k, v) in enumerate(zip(keys, values, strict=True)):
+                tensors[f"k.{i}"] = k.detach().to("cpu").contiguous()
+                tensors[f"v.{i}"] = v.detach().to("cpu").contiguous()
+            meta = {
+                "format": str(FORMAT_VERSION),
+                "fingerprint": fp.root,
+                "key": ref.key,
+                "parent": ref.parent,
+                "index": str(ref.index),
+                "tokens": str(next(iter(tensors.values())).shape[0]),
+                "crc32": json.dumps({n: _crc(t) for n, t in tensors.items()}, sort_keys=True),
+            }
+            tmp = ns / f"{TMP_PREFIX}{ref.key[:16]}-{os.getpid()}-{secrets.token_hex(4)}{PAGE_SUFFIX}"
+            save_file(tensors, str(tmp), metadata=meta)
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            written = tmp.stat().st_size
+            os.replace(tmp, ref.path)
+            tmp = None
+            _fsync_dir(ns)
+        except Exception as exc:  # noqa: BLE001 - a cache must never break generation
+            if not self._warned_write:
+                self._warned_write = True
+                hint = " (the disk is full)" if isinstance(exc, OSError) and exc.errno == errno.ENOSPC else ""
+                log.warning(
+                    "prefix cache: could not write %s%s: %s; pages are kept in memory only. Free space, "
+                    "lower the cap or set another cache directory (REATTENTION_CACHE_DIR)",
+                    ref.path, hint, exc,
+                )
+            return "error"
+        finally:
+            if tmp is not None:  # also on KeyboardInterrupt: never leave a temporary file behind
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+        if self._estimate is not None:
+            self._estimate += written
+        return "written"
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def _executor(self) -> ThreadPoolExecutor:
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="reattention-cache")
+            return self._pool
+
+    def load(
+        self, fp: EngineFingerprint, refs: Sequence[PageRef], *, page_size: int, num_layers: int, dtype: torch.dtype
+    ) -> Iterator[tuple[list[torch.Tensor], list[torch.Tensor]]]:
+        """Yield the verified ``(keys, values)`` of consecutive pages of ``refs`` until one is missing or bad.
+
+        Tensors are ``[page_size, H, D]`` CPU views of the memory-mapped file: copy them out
+        before the next iteration. A bad page is logged, deleted and ends the iteration.
+        """
+        count = 0
+        for ref in refs:
+            if not ref.path.is_file():
+                break
+            count += 1
+        if count == 0:
+            if refs and refs[0].index == 0:
+                self.explain_miss(fp)
+            return
+        pool = self._executor()
+        window: deque[Future] = deque()
+        todo = iter(refs[:count])
+        args = (fp.root, page_size, num_layers, dtype)
+        try:
+            for ref in todo:
+                window.append(pool.submit(_read_page, ref, *args))
+                if len(window) > self.workers:
+                    break
+            while window:
+                try:
+                    page = window.popleft().result()
+                except PageMissing:  # evicted by another process meanwhile: a plain miss
+                    return
+                nxt = next(todo, None)
+                if nxt is not None:
+                    window.append(pool.submit(_read_page, nxt, *args))
+                yield page
+        except PageError as exc:
+            reason, path = exc.args
+            log.warning("prefix cache: dropping %s: %s; it will be recomputed", path, reason)
+            with contextlib.suppress(OSError):
+                Path(path).unlink()
+        finally:
+            for fut in window:
+                fut.cancel()
+
+    def touch(self, refs: Sequence[PageRef]) -> None:
+        """Mark pages as just used; deeper pages of the chain get slightly older times."""
+        now = time.time_ns()
+        for ref in refs:
+            t = now - ref.index * 1000
+            with contextlib.suppress(OSError):
+                os.utime(ref.path, ns=(t, t))
+
+    # -- size cap, info, clearing -------------------------------------------------------------
+
+    def _scan(self) -> list[tuple[int, int, int, Path]]:
+        """``(mtime_ns, -index, size, path)`` of every page file; sweeps stale temporary files."""
+        pages = []
+        if not self.dir.is_dir():
+            return pages
+        now = time.time()
+        for ns in self.dir.iterdir():
+            if not ns.is_dir():
+                continue
+            with contextlib.suppress(OSError):
+                for entry in os.scandir(ns):
+                    name = entry.name
+                    try:
+                        st = entry.stat()
+                    except OSError:
+                        continue
+                    if name.startswith(TMP_PREFIX):
+                        if now - st.st_mtime > STALE_TMP_S:
+                            with contextlib.suppress(OSError):
+                                os.unlink(entry.path)
+                        continue
+                    if name.endswith(PAGE_SUFFIX) and name.startswith("p"):
+                        try:
+                            index = int(name[1:7])
+                        except ValueError:
+                            index = 0
+                        pages.append((st.st_mtime_ns, -index, st.st_size, Path(entry.path)))
+        return pages
+
+    def evict(self, pinned: set[str] | frozenset[str] = frozenset(), *, reserve: int = 0) -> bool:
+        """Delete least recently used pages until the total plus ``reserve`` bytes fits ``max_bytes``.
+
+        Pages whose key is in ``pinned`` are kept. Returns whether it now fits.
+        """
+        with self.locked():
+            pages = self._scan()
+            total = sum(p[2] for p in pages)
+            removed = 0
+            if total + reserve > self.max_bytes:
+                for _mtime, _neg, size, path in sorted(pages):
+                    if total + reserve <= self.max_bytes:
+                        break
+                    if path.stem.split("-", 1)[-1] in pinned:
+                        continue
+                    with contextlib.suppress(FileNotFoundError):
+                        path.unlink()
+                    total -= size
+                    removed += 1
+            self._estimate = total
+        if removed:
+            log.info("prefix cache: evicted %d page(s) to keep %s under %d bytes", removed, self.dir, self.max_bytes)
+        return total + reserve <= self.max_bytes
+
+    def stats(self, fp: EngineFingerprint, page_size: int) -> DiskStats:
+        ns = self.namespace_dir(fp)
+        pages = self._scan()
+        total = sum(p[2] for p in pages)
+        mine = [p for p in pages if p[3].parent == ns]
+        parents: set[str] = set()
+        keys: set[str] = set()
+        for _m, _i, _s, path in mine:
+            keys.add(path.stem.split("-", 1)[-1])
+            with contextlib.suppress(OSError, ValueError, KeyError, struct.error):
+                parents.add(_read_header(path)["__metadata__"]["parent"])
+        return DiskStats(
+            dir=str(self.dir),
+            entries=len(keys - parents),
+            pages=len(mine),
+            tokens=len(mine) * page_size,
+            bytes=sum(p[2] for p in mine),
+            total_bytes=total,
+            max_bytes=self.max_bytes,
+        )
+
+    def clear(self, fp: EngineFingerprint | None = None) -> int:
+        """Delete the pages (and manifest) of ``fp``, or of every fingerprint; returns files deleted."""
+        if not self.dir.is_dir():
+            return 0
+        removed = 0
+        with self.locked():
+            folders = [self.namespace_dir(fp)] if fp is not None else [p for p in self.dir.iterdir() if p.is_dir()]
+            for ns in folders:
+                if not ns.is_dir():
+                    continue
+                for entry in os.scandir(ns):
+                    if entry.name.endswith(PAGE_SUFFIX) or entry.name == MANIFEST:
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(entry.path)
+                            removed += 1
+            self._estimate = None
+        self._manifest_ok.clear()
+        self._explained.clear()
+        return removed
+
+
+def _read_page(
+    ref: PageRef, root: str, page_size: int, num_layers: int, dtype: torch.dtype
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Open, check and checksum one page (runs on the loader's thread pool)."""
+    from safetensors import safe_open
+
+    path = str(ref.path)
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            names = set(f.keys())
+            expected = {f"{kind}.{i}" for kind in "kv" for i in range(num_layers)}
+            if names != expected:
+                raise PageError(f"holds tensors {sorted(names)[:4]}..., expected k.0..k.{num_layers - 1}, v.*", path)
+            tensors = {n: f.get_tensor(n) for n in expected}
+    except FileNotFoundError as exc:
+        raise PageMissing(path) from exc
+    except PageError:
+        raise
+    except Exception as exc:  # safetensors raises its own error types for bad headers
+        raise PageError(f"unreadable or truncated ({exc})", path) from exc
+    checks = {
+        "format": str(FORMAT_VERSION),
+        "fingerprint": root,
+        "key": ref.key,
+        "parent": ref.parent,
+        "index": str(ref.index),
+        "tokens": str(page_size),
+    }
+    for name, want in checks.items():
+        if meta.get(name) != want:
+            raise PageError(f"metadata {name}={meta.get(name)!r}, expected {want!r}", path)
+    try:
+        crcs = json.loads(meta["crc32"])
+    except (KeyError, ValueError) as exc:
+        raise PageError("no readable checksums", path) from exc
+    shape = None
+    for name in sorted(expected):
+        t = tensors[name]
+        if t.dtype != dtype:
+            raise PageError(f"{name} has dtype {t.dtype}, expected {dtype}", path)
+        if t.dim() != 3 or t.shape[0] != page_size or (shape is not None and t.shape != shape):
+            raise PageError(f"{name} has shape {tuple(t.shape)}", path)
+        shape = t.shape
+        if _crc(t) != crcs.get(name):
+            raise PageError(f"checksum mismatch in {name} (corrupted file)", path)
+    keys = [tensors[f"k.{i}"] for i in range(num_layers)]
+    values = [tensors[f"v.{i}"] for i in range(num_layers)]
+    return keys, values
+
+
+def _describe(diff: list[str], fp: EngineFingerprint, data: dict[str, Any]) -> str:
+    if not diff:
+        return "nothing recorded (an older format?)"
+    parts = []
+    theirs = data.get("components") or {}
+    their_details = data.get("details") or {}
+    for name in diff:
+        if name == "config":
+            a, b = their_details.get("config") or {}, fp.details.get("config") or {}
+            fields = [f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+            parts.append("config" + (f" ({', '.join(fields)})" if fields else ""))
+        elif name in ("model", "tokenizer"):
+            parts.append(f"{name} ({str(theirs.get(name))[:8]} -> {fp.components.get(name, '')[:8]})")
+        else:
+            parts.append(f"{name} ({theirs.get(name)!r} -> {fp.components.get(name)!r})")
+    return ", ".join(parts)
