@@ -1,0 +1,299 @@
+"""Time to first token for a question over a corpus: cold vs warm-in-memory vs warm-from-disk.
+
+For each corpus size N (tokens of Python standard-library documentation, rendered by pydoc and
+cut to N tokens), with the corpus passed as ``context=`` and a short question:
+
+  cold        a fresh cache directory: the whole prompt is prefilled (and its pages written to disk)
+  memory      the same engine asks again: the corpus comes from the in-memory prefix cache
+  disk        a fresh process (a subprocess: loads the model, then asks): the corpus comes from disk,
+              with the OS page cache still holding the files
+  disk-cold   the same after the page-cache copies of the files were dropped (posix_fadvise
+              DONTNEED), so the pages are read from the device
+
+TTFT is the wall time of ``generate(question, context=corpus, max_new_tokens=1)`` (prefill, cache
+restore and sampling the first token); the fresh process's model loading is reported apart
+(``load_s``). Every row records device, versions, commit, the tokens restored from the cache and
+the tokens still prefilled (the tail after the last full page before the final token), and
+whether the first token equals the cold run's.
+
+    python benchmarks/bench_cache.py --tokens 32768 --out benchmarks/results/cache-cpu.jsonl
+    # GPU machine (source benchmarks/device_env.sh first):
+    python3 benchmarks/bench_cache.py --model /root/model --gguf-file SmolLM2-135M-Instruct.Q4_1.gguf \\
+        --tokens 131072 1048576 --out benchmarks/results/cache-h100.jsonl
+
+``--phases`` runs a subset (e.g. ``cold`` in one command and ``memory disk disk-cold`` in another,
+with the same ``--cache-dir`` and ``--work-dir``); speedups then use the latest cold row of the
+output file for the same model, device and size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import io
+import json
+import os
+import platform
+import pydoc
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+from reattention_core import CacheConfig, ReAttentionEngine
+
+PHASES = ("cold", "memory", "disk", "disk-cold")
+QUESTION = "Which function in the documentation above returns the greatest common divisor of integers?"
+# Standard-library modules whose pydoc text makes the corpus (cycled when more text is needed).
+MODULES = (
+    "math", "collections", "functools", "itertools", "os", "pathlib", "re", "json", "typing", "argparse",
+    "logging", "subprocess", "threading", "datetime", "decimal", "fractions", "statistics", "random",
+    "string", "textwrap", "shutil", "tarfile", "zipfile", "sqlite3", "socket", "csv", "configparser",
+    "dataclasses", "enum", "heapq", "bisect", "contextlib", "abc", "io", "pickle", "copy", "pprint",
+    "difflib", "calendar", "glob", "tempfile", "hashlib", "base64", "struct", "codecs", "inspect",
+    "unittest", "doctest", "asyncio", "http.client", "urllib.request", "email.message", "xml.etree.ElementTree",
+    "concurrent.futures", "queue", "sched", "selectors", "signal", "ssl", "uuid", "zlib", "gzip", "bz2",
+    "lzma", "operator", "weakref", "types", "ast", "dis", "tokenize", "traceback", "warnings", "timeit",
+)
+
+
+def corpus_text(tokenizer, tokens: int) -> str:
+    """Exactly ``tokens`` tokens (as encoded alone) of pydoc text, decoded back to a string."""
+    import importlib
+
+    parts: list[str] = []
+    ids: list[int] = []
+    rounds = 0
+    while len(ids) < tokens:
+        for name in MODULES:
+            try:
+                module = importlib.import_module(name)
+                doc = pydoc.render_doc(module, renderer=pydoc.plaintext)
+            except Exception:  # noqa: BLE001, S112 - a module missing on this Python is skipped
+                continue
+            parts.append(f"\n\n=== {name} (part {rounds + 1}) ===\n\n{doc}")
+            ids.extend(tokenizer(parts[-1], add_special_tokens=False)["input_ids"])
+            if len(ids) >= tokens:
+                break
+        rounds += 1
+    return tokenizer.decode(ids[:tokens])
+
+
+def environment() -> dict:
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+    ).stdout.strip()
+    if torch.cuda.is_available():
+        device = torch.cuda.get_device_name()
+    else:
+        device = f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return {"device": device, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version(), "commit": commit or "unknown"}
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def load_engine(model: str, gguf_file: str | None, cache: CacheConfig) -> ReAttentionEngine:
+    return ReAttentionEngine.from_pretrained(None if model == "embedded" else model, gguf_file=gguf_file, cache=cache)
+
+
+def cache_config(cache_dir: Path, kv_bytes: int) -> CacheConfig:
+    if torch.cuda.is_available():
+        memory = int(torch.cuda.get_device_properties(0).total_memory * 0.6)
+    else:
+        memory = int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * 0.6)
+    return CacheConfig(dir=cache_dir, disk_bytes=2 * kv_bytes + (1 << 30), memory_bytes=memory)
+
+
+def kv_bytes_estimate(engine: ReAttentionEngine, tokens: int) -> int:
+    cfg = engine.model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    itemsize = next(engine.model.parameters()).element_size()
+    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * itemsize * tokens
+
+
+def ask(engine: ReAttentionEngine, corpus: str, progress: bool) -> tuple[dict, float]:
+    """TTFT of the question, with how much came from the cache and how long restoring took."""
+    restore = {"s": 0.0}
+    prefix = engine._prefix
+    real_begin = prefix.begin
+
+    def timed_begin(*args, **kwargs):
+        sync()
+        t0 = time.perf_counter()
+        run = real_begin(*args, **kwargs)
+        sync()
+        restore["s"] = time.perf_counter() - t0
+        return run
+
+    prefix.begin = timed_begin
+    try:
+        sync()
+        t0 = time.perf_counter()
+        res = engine.generate(QUESTION, context=corpus, max_new_tokens=1, progress=progress)
+        sync()
+        ttft = time.perf_counter() - t0
+    finally:
+        del prefix.begin
+    row = {
+        "ttft_s": ttft,
+        "restore_s": restore["s"],
+        "prompt_tokens": res.prompt_tokens,
+        "cached_tokens": res.cached_tokens,
+        "prefilled_tokens": res.prompt_tokens - res.cached_tokens,
+        "first_token": res.token_ids[0] if res.token_ids else None,
+    }
+    return row, ttft
+
+
+def drop_page_cache(cache_dir: Path) -> int:
+    """Ask the kernel to drop its cached copies of the page files (clean pages only). Returns files."""
+    n = 0
+    for path in cache_dir.rglob("*.safetensors"):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            n += 1
+        finally:
+            os.close(fd)
+    return n
+
+
+def child_main(spec: dict) -> int:
+    """The fresh process of the ``disk`` phases: load, ask once, print one JSON line."""
+    t0 = time.perf_counter()
+    engine = load_engine(spec["model"], spec["gguf_file"], cache_config(Path(spec["cache_dir"]), spec["kv_bytes"]))
+    load_s = time.perf_counter() - t0
+    corpus = Path(spec["corpus_file"]).read_text()
+    row, _ = ask(engine, corpus, progress=False)
+    row["load_s"] = load_s
+    print("RESULT " + json.dumps(row), flush=True)
+    return 0
+
+
+def previous_cold(out: Path, key: dict) -> dict | None:
+    if not out.is_file():
+        return None
+    found = None
+    for line in out.read_text().splitlines():
+        with contextlib.suppress(ValueError):
+            row = json.loads(line)
+            if row.get("phase") == "cold" and all(row.get(k) == v for k, v in key.items()):
+                found = row
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="embedded")
+    ap.add_argument("--gguf-file", default=None)
+    ap.add_argument("--tokens", type=int, nargs="+", default=[32768])
+    ap.add_argument("--phases", nargs="+", default=list(PHASES), choices=PHASES)
+    ap.add_argument("--cache-dir", type=Path, default=None, help="default: a temporary folder, deleted at the end")
+    ap.add_argument("--work-dir", type=Path, default=None, help="where the corpus files go (default: temporary)")
+    ap.add_argument("--progress", action="store_true", help="show prefill progress bars")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        return child_main(json.loads(args.child))
+
+    tmp_root = Path(tempfile.mkdtemp(prefix="reattention-bench-cache-"))
+    cache_root = args.cache_dir or tmp_root / "cache"
+    work = args.work_dir or tmp_root
+    work.mkdir(parents=True, exist_ok=True)
+    env = environment()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    engine = load_engine(args.model, args.gguf_file, CacheConfig(enabled=False))
+    print(f"model loaded in {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
+    try:
+        for tokens in args.tokens:
+            cache_dir = cache_root / f"n{tokens}"
+            kv = kv_bytes_estimate(engine, tokens + 4096)
+            cached_engine = ReAttentionEngine(engine.model, engine.tokenizer, engine.config,
+                                              model_name=engine.model_name, cache=cache_config(cache_dir, kv))
+            corpus_file = work / f"corpus-{tokens}.txt"
+            if not corpus_file.is_file():
+                corpus_file.write_text(corpus_text(engine.tokenizer, tokens))
+            corpus = corpus_file.read_text()
+            base = {"bench": "cache", "model": engine.model_name, "tokens": tokens, **env,
+                    "config": engine.config.to_dict(), "page_size": cached_engine.cache_config.page_size_for(engine.config)}
+            cold = previous_cold(args.out, {k: base[k] for k in ("model", "tokens", "device")})
+            cold_ttft = cold["ttft_s"] if cold else None
+            cold_token = cold["first_token"] if cold else None
+            for phase in args.phases:
+                gc.collect()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                row = {**base, "phase": phase}
+                if phase == "cold":
+                    if cache_dir.exists():
+                        shutil.rmtree(cache_dir)
+                    disk = cached_engine._prefix.disk
+                    writes = {"s": 0.0}
+                    real_save = disk.save
+
+                    def timed_save(*a, real_save=real_save, writes=writes, **kw):
+                        t = time.perf_counter()
+                        try:
+                            return real_save(*a, **kw)
+                        finally:
+                            writes["s"] += time.perf_counter() - t
+
+                    disk.save = timed_save
+                    try:
+                        result, ttft = ask(cached_engine, corpus, args.progress)
+                    finally:
+                        del disk.save
+                    result["page_write_s"] = writes["s"]
+                    cold_ttft, cold_token = ttft, result["first_token"]
+                    info = cached_engine.cache_info()
+                    result.update(disk_bytes=info.disk.bytes if info.disk else 0, disk_pages=info.disk.pages if info.disk else 0)
+                elif phase == "memory":
+                    result, ttft = ask(cached_engine, corpus, args.progress)
+                else:
+                    cached_engine.clear_cache(disk=False)  # free this process's copy before the child loads
+                    gc.collect()
+                    if torch.cuda.is_available():
+                        torch.cuda.empty_cache()
+                    if phase == "disk-cold":
+                        result_files = drop_page_cache(cache_dir)
+                        row["page_cache_dropped_files"] = result_files
+                    spec = {"model": args.model, "gguf_file": args.gguf_file, "cache_dir": str(cache_dir),
+                            "kv_bytes": kv, "corpus_file": str(corpus_file)}
+                    proc = subprocess.run([sys.executable, __file__, "--out", str(args.out), "--child", json.dumps(spec)],
+                                          capture_output=True, text=True, check=False)
+                    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+                    if proc.returncode != 0 or not lines:
+                        raise RuntimeError(f"the fresh process failed:\n{proc.stderr[-4000:]}")
+                    result = json.loads(lines[-1].removeprefix("RESULT "))
+                    ttft = result["ttft_s"]
+                row.update(result)
+                if cold_ttft and phase != "cold":
+                    row["speedup_vs_cold"] = cold_ttft / ttft
+                    row["same_first_token_as_cold"] = result["first_token"] == cold_token
+                with args.out.open("a") as fh:
+                    fh.write(json.dumps(row) + "\n")
+                shown = {k: row[k] for k in ("tokens", "phase", "ttft_s", "cached_tokens", "prefilled_tokens",
+                                             "restore_s", "load_s", "speedup_vs_cold", "same_first_token_as_cold")
+                         if k in row}
+                print(json.dumps(shown), flush=True)
+    finally:
+        shutil.rmtree(tmp_root, ignore_errors=True)  # holds only what was not given a folder
+    return 0
+
+
+if __name__ == "__main__":
+    with contextlib.redirect_stderr(io.StringIO()) if "--child" in sys.argv else contextlib.nullcontext():
+        sys.exit(main())
