@@ -62,22 +62,24 @@ def run_engine(
         cache = ReAttentionCache(store)
         sync()
         t0 = time.perf_counter()
-        if torch.cuda.is_available():
-            print(f"store reserved: {torch.cuda.memory_allocated() / 2**30:.1f} GiB allocated", file=sys.stderr)
         logits = run_prefill(model, ids, cache, cfg.prefill_chunk_size, progress=progress)
         sync()
         prefill = time.perf_counter() - t0
-        token = logits.argmax(-1, keepdim=True)
-        model(input_ids=token, past_key_values=cache, use_cache=True)  # warm-up step
-        sync()
-        t0 = time.perf_counter()
-        for _ in range(decode):
-            out = model(input_ids=token, past_key_values=cache, use_cache=True)
-            token = out.logits[:, -1].argmax(-1, keepdim=True)
-        sync()
-        step = (time.perf_counter() - t0) / max(1, decode)
-        kv_bytes = store.nbytes()
-    return {"prefill_s": prefill, "decode_ms_per_token": step * 1000, "kv_bytes": kv_bytes}
+        step_ms = time_decode(model, cache, logits, decode)
+    return {"prefill_s": prefill, "decode_ms_per_token": step_ms, "kv_bytes": store.nbytes()}
+
+
+def time_decode(model: torch.nn.Module, cache: object, logits: torch.Tensor, steps: int) -> float:
+    """Milliseconds per greedy decode step (after one untimed step)."""
+    token = logits[:, -1].argmax(-1, keepdim=True) if logits.dim() == 3 else logits.argmax(-1, keepdim=True)
+    model(input_ids=token, past_key_values=cache, use_cache=True)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        out = model(input_ids=token, past_key_values=cache, use_cache=True)
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+    sync()
+    return (time.perf_counter() - t0) / max(1, steps) * 1000
 
 
 def run_hf(engine: ReAttentionEngine, ids: torch.Tensor, decode: int) -> dict:
@@ -91,16 +93,8 @@ def run_hf(engine: ReAttentionEngine, ids: torch.Tensor, decode: int) -> dict:
         out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
         sync()
         prefill = time.perf_counter() - t0
-        token = out.logits[:, -1].argmax(-1, keepdim=True)
-        model(input_ids=token, past_key_values=cache, use_cache=True)
-        sync()
-        t0 = time.perf_counter()
-        for _ in range(decode):
-            out = model(input_ids=token, past_key_values=cache, use_cache=True)
-            token = out.logits[:, -1].argmax(-1, keepdim=True)
-        sync()
-        step = (time.perf_counter() - t0) / max(1, decode)
-    return {"prefill_s": prefill, "decode_ms_per_token": step * 1000}
+        step_ms = time_decode(model, cache, out.logits, decode)
+    return {"prefill_s": prefill, "decode_ms_per_token": step_ms}
 
 
 def environment() -> dict:
