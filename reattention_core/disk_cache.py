@@ -358,11 +358,19 @@ class DiskCache:
             return self._pool
 
     def load(
-        self, fp: EngineFingerprint, refs: Sequence[PageRef], *, page_size: int, num_layers: int, dtype: torch.dtype
+        self,
+        fp: EngineFingerprint,
+        refs: Sequence[PageRef],
+        *,
+        page_size: int,
+        num_layers: int,
+        dtype: torch.dtype,
+        pin: bool = False,
     ) -> Iterator[tuple[list[torch.Tensor], list[torch.Tensor]]]:
         """Yield the verified ``(keys, values)`` of consecutive pages of ``refs`` until one is missing or bad.
 
-        Tensors are ``[page_size, H, D]`` CPU views of the memory-mapped file: copy them out
+        Tensors are ``[page_size, H, D]`` CPU views of the memory-mapped file (``pin=True``: copies
+        in pinned memory, made on the worker threads, for fast copies to a GPU): copy them out
         before the next iteration. A bad page is logged, deleted and ends the iteration.
         """
         count = 0
@@ -377,7 +385,7 @@ class DiskCache:
         pool = self._executor()
         window: deque[Future] = deque()
         todo = iter(refs[:count])
-        args = (fp.root, page_size, num_layers, dtype)
+        args = (fp.root, page_size, num_layers, dtype, pin)
         try:
             for ref in todo:
                 window.append(pool.submit(_read_page, ref, *args))
@@ -507,7 +515,7 @@ class DiskCache:
 
 
 def _read_page(
-    ref: PageRef, root: str, page_size: int, num_layers: int, dtype: torch.dtype
+    ref: PageRef, root: str, page_size: int, num_layers: int, dtype: torch.dtype, pin: bool = False
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Open, check and checksum one page (runs on the loader's thread pool)."""
     from safetensors import safe_open
@@ -554,6 +562,9 @@ def _read_page(
             raise PageError(f"checksum mismatch in {name} (corrupted file)", path)
     keys = [tensors[f"k.{i}"] for i in range(num_layers)]
     values = [tensors[f"v.{i}"] for i in range(num_layers)]
+    if pin:  # the memcpy out of the page cache runs here, in parallel; the GPU copy is then fast
+        keys = [torch.empty_like(t, pin_memory=True).copy_(t) for t in keys]
+        values = [torch.empty_like(t, pin_memory=True).copy_(t) for t in values]
     return keys, values
 
 

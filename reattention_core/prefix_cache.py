@@ -382,7 +382,10 @@ class PrefixRun:
         disk = self.cache.disk
         if disk is not None and n_mem < len(self.keys):
             refs = disk.refs(self.fp, self.keys, n_mem)
-            for keys, values in disk.load(self.fp, refs, page_size=ps, num_layers=self.num_layers, dtype=self.dtype):
+            pages = disk.load(
+                self.fp, refs, page_size=ps, num_layers=self.num_layers, dtype=self.dtype, pin=self.device.type == "cuda"
+            )
+            for keys, values in pages:
                 for layer in range(self.num_layers):
                     self.store.extend(
                         layer, keys[layer].unsqueeze(0), values[layer].unsqueeze(0), device=self.device, dtype=self.dtype
