@@ -327,7 +327,11 @@ class PrefixCache:
         ``num_pages``: pages of ``ids`` to cache (default: those ending before the last token).
         """
         run = PrefixRun(self, ids, fp, page_size, num_layers, device, dtype, num_pages)
-        run.restore(reserve)
+        try:
+            run.restore(reserve)
+        except BaseException:  # Ctrl-C while pages load: keep the complete ones, nothing half-done
+            run.finish()
+            raise
         return run
 
     def info(self, fp: EngineFingerprint, page_size: int) -> CacheInfo:

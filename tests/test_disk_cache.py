@@ -16,7 +16,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from reattention_core import CacheConfig, ReAttentionConfig, ReAttentionEngine
+from reattention_core import CacheConfig, KVStore, ReAttentionConfig, ReAttentionEngine
 from reattention_core import disk_cache as dc
 from reattention_core.fingerprint import model_fingerprint, tokenizer_fingerprint
 from tests.helpers import ByteTokenizer, tiny_model
@@ -29,7 +29,7 @@ PAGE = 64
 CHILD = r"""
 import json, os, pathlib, sys, time
 from tests.helpers import ByteTokenizer, tiny_model
-from reattention_core import CacheConfig, ReAttentionConfig, ReAttentionEngine
+from reattention_core import CacheConfig, KVStore, ReAttentionConfig, ReAttentionEngine
 a = json.loads(sys.argv[1])
 engine = ReAttentionEngine(tiny_model("llama"), ByteTokenizer(), ReAttentionConfig(**a["config"]),
                            cache=CacheConfig(page_size=a["page"], dir=a["dir"], disk_bytes=a["cap"]))
@@ -260,6 +260,29 @@ def test_interrupted_prefill_leaves_only_complete_pages(tmp_path, cold_ids):
     res = engine.generate(PROMPT, max_new_tokens=4)
     assert res.cached_tokens == 2 * PAGE and res.token_ids == cold_ids
     assert make_engine(tmp_path, model=model).prefill(PROMPT, progress=False).cached_tokens == 5 * PAGE
+
+
+def test_ctrl_c_while_pages_load_keeps_the_engine_consistent(tmp_path, cold_ids, monkeypatch):
+    model = tiny_model("llama")
+    make_engine(tmp_path, model=model).generate(PROMPT, max_new_tokens=4)
+    engine = make_engine(tmp_path, model=model)
+    real, calls = KVStore.extend, {"n": 0}
+
+    def extend(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2 * 2 + 2:  # third page, second layer (2 layers per page)
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(KVStore, "extend", extend)
+    with pytest.raises(KeyboardInterrupt):
+        engine.generate(PROMPT, max_new_tokens=4)
+    monkeypatch.setattr(KVStore, "extend", real)
+    (seg,) = engine._prefix.memory._segments
+    assert len(seg.keys) == 2 and [seg.store.length(i) for i in range(2)] == [2 * PAGE, 2 * PAGE]
+    res = engine.generate(PROMPT, max_new_tokens=4)
+    assert res.cached_tokens == 5 * PAGE and res.token_ids == cold_ids  # 2 pages from memory, 3 from disk
+    verify_all(tmp_path)
 
 
 @pytest.mark.parametrize("failure", ["disk full", "ctrl-c"])
