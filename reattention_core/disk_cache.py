@@ -563,8 +563,11 @@ def _read_page(
     keys = [tensors[f"k.{i}"] for i in range(num_layers)]
     values = [tensors[f"v.{i}"] for i in range(num_layers)]
     if pin:  # the memcpy out of the page cache runs here, in parallel; the GPU copy is then fast
-        keys = [torch.empty_like(t, pin_memory=True).copy_(t) for t in keys]
-        values = [torch.empty_like(t, pin_memory=True).copy_(t) for t in values]
+        try:
+            keys = [torch.empty_like(t, pin_memory=True).copy_(t) for t in keys]
+            values = [torch.empty_like(t, pin_memory=True).copy_(t) for t in values]
+        except RuntimeError:  # no pinned memory to be had: copy from the mapping directly
+            pass
     return keys, values
 
 
