@@ -21,9 +21,16 @@ whether the first token equals the cold run's.
     python3 benchmarks/bench_cache.py --model /root/model --gguf-file SmolLM2-135M-Instruct.Q4_1.gguf \\
         --tokens 131072 1048576 --out benchmarks/results/cache-h100.jsonl
 
-``--phases`` runs a subset (e.g. ``cold`` in one command and ``memory disk disk-cold`` in another,
-with the same ``--cache-dir`` and ``--work-dir``); speedups then use the latest cold row of the
-output file for the same model, device and size.
+``--phases`` runs a subset; speedups then use the latest cold row of the output file for the same
+model, device and size. At 1M tokens the phases do not fit one 10-minute command on the H100
+(cold prefill about 6 minutes, each fresh process about a minute to load the GGUF): split them,
+back to back, sharing the folders and the output file::
+
+    D=/tmp/bench-cache; M="--model /root/SmolLM2-135M-Instruct --gguf-file SmolLM2-135M-Instruct.Q4_1.gguf"
+    python3 benchmarks/bench_cache.py $M --tokens 1048576 --phases cold memory \
+        --cache-dir $D --work-dir $D --out $D/cache.jsonl
+    python3 benchmarks/bench_cache.py $M --tokens 1048576 --phases disk disk-cold \
+        --cache-dir $D --work-dir $D --out $D/cache.jsonl && cp $D/cache.jsonl $OUT/
 """
 
 from __future__ import annotations
