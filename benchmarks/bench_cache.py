@@ -101,6 +101,7 @@ def environment() -> dict:
         device = torch.cuda.get_device_name()
     else:
         device = f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    commit = commit or os.environ.get("REATTENTION_COMMIT", "")  # copies without .git (the GPU machine)
     return {"device": device, "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version(), "commit": commit or "unknown"}
 
