@@ -14,6 +14,10 @@ import time
 from reattention_core.config import MODES
 from reattention_core.errors import ReAttentionError
 
+# Modules that add subcommands (``register(subparsers, common_parent_parser)``). Keep imports
+# inside the commands so that ``reattention --help`` stays fast.
+_COMMAND_MODULES: tuple[str, ...] = ()
+
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 
 
@@ -88,6 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--compare-full", action="store_true", help="also run plain full attention")
     d.set_defaults(func=cmd_demo)
+
+    # Larger command groups live in their own modules; each has ``register(sub, common)``.
+    import importlib
+
+    for name in _COMMAND_MODULES:
+        importlib.import_module(name).register(sub, common)
     return ap
 
 
