@@ -11,6 +11,7 @@ tokens (the same corpus, another question) prefills only what follows.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -450,6 +451,30 @@ class ReAttentionEngine:
             stored_tokens=pages * page,
             prefilled_tokens=pages * page - run.cached_tokens,
         )
+
+    def warmup(self, decode_steps: int = 2) -> float:
+        """Run a synthetic prompt through every code path once; returns the seconds it took.
+
+        The first selection and attention calls of a process compile or load their GPU kernels
+        (a second or so per kernel variant). A server calls this at start-up so the first real
+        question does not pay it. The prompt is long enough to exercise a full prefill chunk with
+        selection, a partial one, the last token alone and ``decode_steps`` decode steps; it
+        bypasses the prefix cache.
+        """
+        cfg = self.config
+        chunk = cfg.prefill_chunk_size
+        n = cfg.sink_size + cfg.local_window + chunk + chunk // 2 + 2
+        vocab = int(self.model.config.vocab_size)
+        ids = torch.arange(n, device=self.device).remainder(vocab - 1).add(1).unsqueeze(0)
+        t0 = time.perf_counter()
+        with self._lock, enable_reattention(self.model, cfg, backend=self.backend):
+            cache = ReAttentionCache(_fresh_store(self.model, n + decode_steps))
+            logits = run_prefill(self.model, ids, cache, chunk, progress=False)
+            for _ in range(decode_steps):
+                logits = self._decode_step(int(logits[0].argmax()), cache)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - t0
 
     def cache_info(self) -> CacheInfo:
         """Entries (cached prefixes), pages, tokens and bytes of the prefix cache, in memory and on disk.

@@ -79,8 +79,12 @@ class KVStore:
             self._grow(layer, max(end, 2 * self.capacity(layer)))
         keys, values = self._keys[layer], self._values[layer]
         assert keys is not None and values is not None
-        keys[:, start:end] = k
-        values[:, start:end] = v
+        # Pages restored from disk arrive in pinned host memory: copy them asynchronously, so the
+        # next page's host work overlaps this transfer. PyTorch's pinned-memory allocator records
+        # the copy, so the source block is not reused before the transfer has finished.
+        asynchronous = keys.is_cuda and not k.is_cuda and k.is_pinned() and v.is_pinned()
+        keys[:, start:end].copy_(k, non_blocking=asynchronous)
+        values[:, start:end].copy_(v, non_blocking=asynchronous)
         self._lengths[layer] = end
         return end
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from reattention_core import (
+    CacheConfig,
     ContextLimitError,
     InvalidInputError,
     ModelNotFoundError,
@@ -139,3 +140,28 @@ def test_stream_does_not_leak_inference_mode_to_the_caller(byte_tokenizer):
     for _ in engine.stream("abc " * 10, max_new_tokens=4, temperature=1.0, seed=0):
         seen.append(torch.is_inference_mode_enabled())
     assert seen and not any(seen)
+
+
+def test_warmup_runs_selection_for_every_query_shape_and_leaves_no_state(byte_tokenizer, monkeypatch):
+    import reattention_core.attention as attention
+
+    cfg = ReAttentionConfig(sink_size=2, block_size=4, top_k=2, max_blocks=3, local_window=16, prefill_chunk_size=8)
+    # pages of 8 tokens: anything that went through the prefix cache would leave pages behind
+    engine = ReAttentionEngine(tiny_model("llama"), byte_tokenizer, cfg, cache=CacheConfig(page_size=8, disk=False))
+    before = engine.generate("warm " * 12, max_new_tokens=5).token_ids
+    info_before = engine.cache_info()
+    assert info_before.memory.tokens > 0
+    shapes = []
+    real = attention.select_blocks
+
+    def counting(q, k_middle, **kw):
+        shapes.append(q.shape[1])
+        return real(q, k_middle, **kw)
+
+    monkeypatch.setattr(attention, "select_blocks", counting)
+    assert engine.warmup(decode_steps=2) > 0
+    layers = engine.model.config.num_hidden_layers
+    # a full chunk, the partial chunk, the last token alone and two decode steps, in every layer
+    assert 8 in shapes and any(1 < t < 8 for t in shapes) and shapes.count(1) == 3 * layers
+    assert engine.cache_info().memory == info_before.memory, "warm-up must bypass the prefix cache"
+    assert engine.generate("warm " * 12, max_new_tokens=5).token_ids == before
