@@ -1,7 +1,14 @@
 """The ``reattention`` command line.
 
-    reattention demo                 # hide a pass key in ~8K tokens, let the embedded model find it
+    reattention ask notes/ README.md -q "What did we decide about X?"   # answer over files (cached)
+    reattention ask notes/ --chat                                         # many questions, one corpus
+    reattention ask --sample-corpus /tmp/stdlib-docs -q "..."             # stdlib docstrings as a corpus
     reattention generate "Why is the sky blue?" --chat
+    reattention cache ls | reattention cache rm MODEL | reattention cache rm --all
+    reattention demo                 # hide a pass key in ~8K tokens, let the embedded model find it
+
+Errors the user can fix (a missing path, a binary file, an empty question) exit with code 2 and a
+one-line message that says what to do; the model is loaded only after the documents were read.
 """
 
 from __future__ import annotations
@@ -10,6 +17,7 @@ import argparse
 import random
 import sys
 import time
+from datetime import datetime
 
 from reattention_core.config import MODES
 from reattention_core.errors import ReAttentionError
@@ -38,6 +46,86 @@ def cmd_generate(args: argparse.Namespace) -> int:
                                seed=args.seed, stop=args.stop or None):
         print(piece, end="", flush=True)
     print()
+    return 0
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    from reattention_core.ask import AskSettings, ask, chat, question_prompt
+    from reattention_core.corpus import load_corpus
+    from reattention_core.sample_corpus import write_sample_corpus
+
+    paths = list(args.paths)
+    if args.sample_corpus:
+        write_sample_corpus(args.sample_corpus)
+        paths.append(args.sample_corpus)
+    if args.question is not None:
+        question_prompt(args.question)  # an empty question fails before the model loads
+    elif not args.chat:
+        print('error: no question; pass -q "..." or --chat for an interactive session', file=sys.stderr)
+        return 2
+    settings = AskSettings(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed
+    )
+    corpus = load_corpus(paths)
+    skipped = f", {len(corpus.skipped)} binary or empty file(s) skipped" if corpus.skipped else ""
+    print(f"documents: {len(corpus)} file(s), {len(corpus.text):,} characters{skipped}", file=sys.stderr, flush=True)
+    engine = _load(args)
+    if args.chat:
+        chat(engine, corpus.text, settings, first_question=args.question)
+    else:
+        ask(engine, corpus.text, args.question, settings)
+    return 0
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError  # pragma: no cover
+
+
+def cmd_cache_ls(args: argparse.Namespace) -> int:
+    import json
+
+    from reattention_core.cache_listing import list_cache
+    from reattention_core.disk_cache import default_cache_dir, default_max_bytes
+
+    folder = args.dir or default_cache_dir()
+    found = list_cache(folder)
+    if args.json:
+        rows = [{k: v for k, v in vars(ns).items() if k != "manifest"} for ns in found]
+        print(json.dumps({"dir": str(folder), "namespaces": rows}, indent=1))
+        return 0
+    total = sum(ns.bytes for ns in found)
+    print(f"{folder}: {_size(total)} of {_size(default_max_bytes())} allowed")
+    if not found:
+        print("nothing cached")
+        return 0
+    print(f"{'model':<28} {'mode':<12} {'dtype':<9} {'device':<6} {'entries':>7} {'tokens':>10} {'size':>10}  "
+          f"{'last used':<16}  namespace")
+    for ns in found:
+        s = ns.settings
+        used = datetime.fromtimestamp(ns.last_used).strftime("%Y-%m-%d %H:%M") if ns.last_used else "-"
+        print(f"{ns.model_name:<28} {s.get('mode', '?'):<12} {s.get('dtype', '?'):<9} {s.get('device', '?'):<6} "
+              f"{ns.entries:>7} {ns.tokens:>10,} {_size(ns.bytes):>10}  {used:<16}  {ns.namespace[:12]}")
+    return 0
+
+
+def cmd_cache_rm(args: argparse.Namespace) -> int:
+    from reattention_core.cache_listing import remove_cache
+    from reattention_core.disk_cache import default_cache_dir
+
+    if (args.model is None) == (not args.all):
+        print("error: name a model (as `reattention cache ls` shows it) or pass --all, not both", file=sys.stderr)
+        return 2
+    folder = args.dir or default_cache_dir()
+    removed = remove_cache(folder, None if args.all else args.model)
+    if not removed:
+        print(f"nothing cached in {folder}")
+    for ns in removed:
+        print(f"removed {ns.model_name} [{ns.namespace[:12]}]: {ns.pages} page(s), {ns.tokens:,} tokens, "
+              f"{_size(ns.bytes)}")
     return 0
 
 
@@ -85,6 +173,30 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.set_defaults(func=cmd_generate)
+
+    a = sub.add_parser("ask", parents=[common], help="answer questions over text files and folders (cached)")
+    a.add_argument("paths", nargs="*", metavar="PATH", help="text files or folders (recursive; hidden ones skipped)")
+    a.add_argument("-q", "--question", default=None, help="the question (with --chat: the first one)")
+    a.add_argument("--chat", action="store_true", help="ask questions interactively over the same corpus")
+    a.add_argument("--sample-corpus", metavar="DIR", default=None,
+                   help="write Python standard library docstrings into DIR and add it to the corpus")
+    a.add_argument("--max-new-tokens", type=int, default=256)
+    a.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
+    a.add_argument("--top-p", type=float, default=1.0)
+    a.add_argument("--seed", type=int, default=None)
+    a.set_defaults(func=cmd_ask)
+
+    c = sub.add_parser("cache", help="list or remove the disk prefix cache")
+    csub = c.add_subparsers(dest="cache_command", required=True)
+    ls = csub.add_parser("ls", help="cached prefixes, tokens and bytes per model fingerprint")
+    ls.add_argument("--dir", default=None, help="cache folder (default: $REATTENTION_CACHE_DIR or ~/.cache/reattention)")
+    ls.add_argument("--json", action="store_true", help="machine-readable output")
+    ls.set_defaults(func=cmd_cache_ls)
+    rm = csub.add_parser("rm", help="remove one model's cached pages, or all of them (no confirmation)")
+    rm.add_argument("model", nargs="?", default=None, help="model name as `cache ls` shows it, or a namespace prefix")
+    rm.add_argument("--all", action="store_true", help="remove every cached page")
+    rm.add_argument("--dir", default=None, help="cache folder (default: $REATTENTION_CACHE_DIR or ~/.cache/reattention)")
+    rm.set_defaults(func=cmd_cache_rm)
 
     d = sub.add_parser("demo", parents=[common], help="find a pass key hidden in a long text")
     d.add_argument("--tokens", type=int, default=8192)

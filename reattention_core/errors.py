@@ -29,3 +29,7 @@ class ContextLimitError(InvalidInputError):
 
 class CacheError(ReAttentionError):
     """The prefix cache cannot do what was asked (it is off, or a prompt cannot be cached)."""
+
+
+class CorpusError(InvalidInputError):
+    """Documents given to ``reattention ask`` cannot be used (missing, binary, not UTF-8, empty)."""

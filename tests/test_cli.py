@@ -1,0 +1,161 @@
+"""The ``reattention`` command line: ``ask`` (corpus reading, errors, a real answer with cache reuse),
+``cache ls|rm`` on a real disk cache, and the sample corpus."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+
+from reattention_core import CacheConfig, ReAttentionConfig, ReAttentionEngine, cli
+from reattention_core.corpus import load_corpus
+from reattention_core.errors import CorpusError
+from reattention_core.sample_corpus import SAMPLE_ANSWER_WORDS, module_document, write_sample_corpus
+from tests.helpers import ByteTokenizer, tiny_model
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# -- corpus reading and typed errors (no model is loaded: they fail before it) ------------------------
+
+
+def test_corpus_is_sorted_with_headers_and_skips_hidden_and_binary(tmp_path):
+    (tmp_path / "b.md").write_text("bee\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "a.txt").write_text("ay")
+    (tmp_path / ".git").mkdir()
+    (tmp_path / ".git" / "config").write_text("hidden")
+    (tmp_path / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00")
+    (tmp_path / "empty.rst").write_text("  \n")
+    root = str(tmp_path)
+    corpus = load_corpus([root, str(tmp_path / "b.md")])  # b.md twice: read once
+    assert [d.path for d in corpus.documents] == [f"{root}/b.md", f"{root}/sub/a.txt"]
+    assert corpus.text == f"### {root}/b.md\nbee\n\n### {root}/sub/a.txt\nay"
+    assert sorted(corpus.skipped) == [f"{root}/empty.rst", f"{root}/image.png"]
+    assert load_corpus([str(tmp_path / "sub"), root]).text == load_corpus([root, str(tmp_path / "sub")]).text
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda p: p / "missing.md", "no such file or folder"),
+        (lambda p: (p / "x.bin").write_bytes(b"abc\x00def") and p / "x.bin", "binary file"),
+        (lambda p: (p / "x.txt").write_bytes(b"caf\xe9 latin-1") and p / "x.txt", "not UTF-8"),
+        (lambda p: (p / "x.md").write_text("\n\n") and p / "x.md", "is empty"),
+        (lambda p: (p / "d").mkdir() or (p / "d" / "pic.jpg").write_bytes(b"\xff\xd8\x00") and p / "d", "no text found"),
+    ],
+    ids=["missing", "binary", "latin1", "empty-file", "no-text"],
+)
+def test_ask_errors_exit_2_with_a_one_line_hint(tmp_path, capsys, make, message):
+    path = make(tmp_path)
+    code, out, err = run(capsys, "ask", str(path), "-q", "anything?")
+    assert code == 2 and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
+    with pytest.raises(CorpusError, match=message):
+        load_corpus([path])
+
+
+def test_ask_without_a_usable_question_exits_2(tmp_path, capsys):
+    (tmp_path / "a.md").write_text("text")
+    code, _, err = run(capsys, "ask", str(tmp_path), "-q", "   ")
+    assert code == 2 and "question is empty" in err
+    code, _, err = run(capsys, "ask", str(tmp_path))
+    assert code == 2 and "no question" in err
+    with pytest.raises(SystemExit) as exc:  # argparse usage error
+        cli.main(["ask", str(tmp_path), "-q", "x", "--max-new-tokens", "many"])
+    assert exc.value.code == 2
+
+
+def test_sample_corpus_holds_the_answer_and_is_stable(tmp_path):
+    files = write_sample_corpus(tmp_path / "s", ["json", "heapq"])
+    assert [f.name for f in files] == ["json.md", "heapq.md"]
+    text = files[0].read_text()
+    assert text.startswith("# The json module") and "## json.dumps" in text
+    assert all(word in text for word in SAMPLE_ANSWER_WORDS)
+    assert module_document("json") == text  # deterministic: a second run reuses the cache
+    with pytest.raises(CorpusError, match="cannot import"):
+        module_document("no_such_module_xyz")
+
+
+# -- cache ls / rm on pages written by real (tiny) engines ---------------------------------------------
+
+
+def _fill_cache(directory, name: str, seed: int) -> ReAttentionEngine:
+    config = ReAttentionConfig(sink_size=4, block_size=4, top_k=2, max_blocks=4, local_window=32, prefill_chunk_size=16)
+    engine = ReAttentionEngine(tiny_model("llama", seed=seed), ByteTokenizer(), config, model_name=name,
+                               cache=CacheConfig(page_size=64, dir=directory))
+    engine.prefill("x" * 200, progress=False)  # 3 pages of 64 tokens
+    engine.prefill("x" * 128 + "y" * 72, progress=False)  # shares 2 pages, adds 1: a second entry
+    return engine
+
+
+def test_cache_ls_and_rm(tmp_path, capsys):
+    d = str(tmp_path / "cache")
+    code, out, _ = run(capsys, "cache", "ls", "--dir", d)
+    assert code == 0 and "nothing cached" in out
+    a = _fill_cache(d, "tiny-a", 0)
+    _fill_cache(d, "tiny-b", 1)
+    code, out, _ = run(capsys, "cache", "ls", "--dir", d, "--json")
+    rows = {r["model_name"]: r for r in json.loads(out)["namespaces"]}
+    assert set(rows) == {"tiny-a", "tiny-b"}
+    info = a.cache_info().disk
+    assert (rows["tiny-a"]["entries"], rows["tiny-a"]["pages"], rows["tiny-a"]["tokens"]) == (2, 4, 256)
+    assert (rows["tiny-a"]["pages"], rows["tiny-a"]["bytes"]) == (info.pages, info.bytes)
+    code, out, _ = run(capsys, "cache", "ls", "--dir", d)
+    assert code == 0 and "tiny-a" in out and "tiny-b" in out and "256" in out
+
+    code, out, _ = run(capsys, "cache", "rm", "tiny-a", "--dir", d)
+    assert code == 0 and out.startswith("removed tiny-a") and "4 page(s)" in out
+    assert a.cache_info().disk.pages == 0
+    assert [r["model_name"] for r in json.loads(run(capsys, "cache", "ls", "--dir", d, "--json")[1])["namespaces"]] == [
+        "tiny-b"
+    ]
+    code, _, err = run(capsys, "cache", "rm", "tiny-a", "--dir", d)
+    assert code == 2 and "holds: tiny-b" in err
+    code, _, err = run(capsys, "cache", "rm", "--dir", d)
+    assert code == 2 and "--all" in err
+    code, out, _ = run(capsys, "cache", "rm", "--all", "--dir", d)
+    assert code == 0 and "removed tiny-b" in out
+    assert "nothing cached" in run(capsys, "cache", "ls", "--dir", d)[1]
+
+
+# -- real answers with the embedded model ----------------------------------------------------------------
+
+
+@pytest.fixture
+def shared_engine(embedded_engine, monkeypatch):
+    """`reattention ask` on the session's embedded engine (saves a 20 s load per command)."""
+    monkeypatch.setattr(cli, "_load", lambda args: embedded_engine)
+    return embedded_engine
+
+
+def test_ask_answers_from_the_corpus_and_reuses_it(tmp_path, capsys, shared_engine):
+    write_sample_corpus(tmp_path / "docs", ["json"])
+    question = "Which standard library modules does the API of the json module resemble?"
+    argv = ("ask", str(tmp_path / "docs"), "-q", question, "--max-new-tokens", "32")
+    code, first, err1 = run(capsys, *argv)
+    assert code == 0
+    assert all(word in first.lower() for word in SAMPLE_ANSWER_WORDS), first
+    assert "0 from the cache" in err1
+    code, second, err2 = run(capsys, *argv)
+    assert code == 0 and second == first  # greedy: a cached corpus gives the same answer
+    cached = int(err2.split(" from the cache")[0].rsplit(", ", 1)[-1].replace(",", ""))
+    corpus_tokens = int(err2.split("corpus: ")[1].split(" tokens")[0].replace(",", ""))
+    assert cached >= 1024 and corpus_tokens - cached < 1024  # every whole page came from the cache
+
+
+def test_chat_answers_each_question_over_the_cached_corpus(tmp_path, capsys, monkeypatch, shared_engine):
+    (tmp_path / "facts.md").write_text("The secret color of the castle door is turquoise.\n" * 3)
+    monkeypatch.setattr("sys.stdin", io.StringIO("What color is the castle door?\n\nexit\nnever asked\n"))
+    code, out, err = run(capsys, "ask", str(tmp_path), "--chat", "-q", "What is the secret color?",
+                         "--max-new-tokens", "16")
+    assert code == 0
+    answers = [line for line in out.split("question> ") if line.strip()]
+    assert len(answers) == 2 and all("turquoise" in a.lower() for a in answers), out
+    assert err.count("corpus:") == 2 and "never asked" not in out
