@@ -33,3 +33,7 @@ class CacheError(ReAttentionError):
 
 class CorpusError(InvalidInputError):
     """Documents given to ``reattention ask`` cannot be used (missing, binary, not UTF-8, empty)."""
+
+
+class DistributedError(ReAttentionError):
+    """A sharded (multi-process) engine cannot go on: a rank failed or the process group is unusable."""
