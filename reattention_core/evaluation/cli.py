@@ -1,0 +1,185 @@
+"""``reattention eval ...``: the evaluation subcommands (plugged into `reattention_core.cli`).
+
+    reattention eval passkey --lengths 2K 4K 8K --depths 3 --out results/passkey.jsonl --plot results/passkey.png
+    reattention eval ruler --tasks multikey vartrack --lengths 4K 16K --out results/ruler.jsonl
+    reattention eval qa --sizes 2K 8K --questions 12 --out results/qa.jsonl --plot results/qa.png
+    reattention eval report results/passkey.jsonl --plot results/passkey.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+from reattention_core.config import MODES
+from reattention_core.errors import InvalidInputError
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmM]?)\s*$")
+
+
+def parse_tokens(text: str) -> int:
+    """``"4096"``, ``"4K"`` (4096) or ``"1M"`` (1,048,576) -> int."""
+    m = _SIZE.match(text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a token count: {text!r} (use e.g. 4096, 4K or 1M)")
+    value = float(m.group(1)) * {"": 1, "k": 1024, "m": 1 << 20}[m.group(2).lower()]
+    if value != int(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of tokens")
+    return int(value)
+
+
+def parse_depths(values: list[str]) -> tuple[float, ...]:
+    """One integer N: N depths spread over [0.05, 0.95]; otherwise explicit fractions in [0, 1]."""
+    from reattention_core.evaluation.runner import even_depths
+
+    if len(values) == 1 and values[0].isdigit():
+        return even_depths(int(values[0]))
+    try:
+        depths = tuple(float(v) for v in values)
+    except ValueError as exc:
+        raise InvalidInputError(f"--depths takes a count (5) or fractions (0.1 0.5 0.9), got {values}") from exc
+    if any(not 0.0 <= d <= 1.0 for d in depths):
+        raise InvalidInputError(f"--depths fractions must be in [0, 1], got {values}")
+    return depths
+
+
+def parse_mode_caps(values: list[str] | None) -> dict[str, int]:
+    caps: dict[str, int] = {}
+    for v in values or []:
+        mode, _, size = v.partition("=")
+        if mode not in MODES or not size:
+            raise InvalidInputError(f"--max-length takes MODE=TOKENS with MODE in {MODES}, got {v!r}")
+        caps[mode] = parse_tokens(size)
+    return caps
+
+
+def _engine(args: argparse.Namespace, *, cache):
+    from reattention_core.engine import ReAttentionEngine
+
+    print(f"loading {args.model or 'the embedded SmolLM2-135M-Instruct'} ...", file=sys.stderr, flush=True)
+    return ReAttentionEngine.from_pretrained(args.model, gguf_file=args.gguf_file, cache=cache)
+
+
+def _finish(rows_path: Path, plot: Path | None, report, kind: str) -> int:
+    from reattention_core.evaluation import report as rep
+    from reattention_core.evaluation.results import read_rows
+
+    rows = read_rows(rows_path)
+    print(f"\n{report.ran} cells run, {report.skipped} already in {rows_path}"
+          + (" - interrupted; rerun the same command to resume" if report.interrupted else ""), file=sys.stderr)
+    print(rep.markdown_table(rows))
+    if plot is not None and rows:
+        (rep.qa_plot if kind == "qa" else rep.heatmap)(rows, plot)
+        print(f"figure: {plot}", file=sys.stderr)
+    return 130 if report.interrupted else 0
+
+
+def cmd_needles(args: argparse.Namespace) -> int:
+    from reattention_core.evaluation.results import ResultsFile
+    from reattention_core.evaluation.runner import NeedleGrid, run_grid
+
+    tasks = ("passkey",) if args.eval_command == "passkey" else tuple(args.tasks)
+    # The shared --mode picks one mode; --modes several.
+    modes = args.modes or ([args.mode] if args.mode else list(MODES))
+    grid = NeedleGrid(
+        tasks=tasks,
+        lengths=tuple(args.lengths),
+        depths=parse_depths(args.depths),
+        modes=tuple(modes),
+        samples=args.samples,
+        haystack=args.haystack,
+        seed=args.seed,
+        max_new_tokens=args.max_new_tokens,
+        mode_max_length=parse_mode_caps(args.max_length),
+    )
+    # Every needle prompt is unique: caching its pages would only fill memory and disk.
+    engine = _engine(args, cache=False)
+    results = ResultsFile(args.out)
+    report = run_grid(engine, grid, results, limit=args.limit, progress=not args.no_progress)
+    return _finish(results.path, args.plot, report, "needles")
+
+
+def cmd_qa(args: argparse.Namespace) -> int:
+    from reattention_core.evaluation.qa import QAGrid, run_qa
+    from reattention_core.evaluation.results import ResultsFile
+    from reattention_core.prefix_cache import CacheConfig
+
+    if args.mode:
+        raise InvalidInputError("eval qa compares its own modes: use --modes reattention rag full-truncated")
+    grid = QAGrid(
+        sizes=tuple(args.sizes), modes=tuple(args.modes), questions=args.questions, seed=args.seed,
+        top_k=args.top_k, max_new_tokens=args.max_new_tokens,
+    )
+    # The corpus is reused across questions through the in-memory prefix cache; nothing on disk.
+    engine = _engine(args, cache=CacheConfig(disk=False))
+    results = ResultsFile(args.out)
+    report = run_qa(engine, grid, results, limit=args.limit, progress=not args.no_progress)
+    return _finish(results.path, args.plot, report, "qa")
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from reattention_core.evaluation import report as rep
+    from reattention_core.evaluation.results import iter_rows
+
+    rows = list(iter_rows(args.results))
+    print(rep.markdown_table(rows))
+    if args.plot is not None:
+        needles = [r for r in rows if r.get("task") != "qa"]
+        qa = [r for r in rows if r.get("task") == "qa"]
+        if needles:
+            print(f"figure: {rep.heatmap(needles, args.plot)}", file=sys.stderr)
+        if qa:
+            path = args.plot if not needles else args.plot.with_name(args.plot.stem + "-qa" + args.plot.suffix)
+            print(f"figure: {rep.qa_plot(qa, path)}", file=sys.stderr)
+    return 0
+
+
+def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    """Add ``eval`` with its subcommands to the ``reattention`` command line."""
+    from reattention_core.evaluation.tasks import RULER_TASKS
+
+    ev = sub.add_parser("eval", help="long-context evaluation: pass key, RULER-style tasks, corpus QA vs RAG")
+    evsub = ev.add_subparsers(dest="eval_command", required=True)
+
+    run_opts = argparse.ArgumentParser(add_help=False)
+    run_opts.add_argument("--out", type=Path, required=True, help="results file (JSON lines; appended, resumable)")
+    run_opts.add_argument("--plot", type=Path, default=None, help="write a PNG figure of all rows of --out")
+    run_opts.add_argument("--limit", type=int, default=None, help="run at most this many new cells")
+    run_opts.add_argument("--seed", type=int, default=0, help="base seed of the samples")
+    run_opts.add_argument("--max-new-tokens", type=int, default=None, help="override the per-task default")
+    run_opts.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    needle_opts = argparse.ArgumentParser(add_help=False)
+    needle_opts.add_argument("--lengths", type=parse_tokens, nargs="+", default=[2048, 4096, 8192],
+                             help="prompt lengths in tokens: 4096, 4K, 1M (default 2K 4K 8K)")
+    needle_opts.add_argument("--depths", nargs="+", default=["3"],
+                             help="a count (spread over 5%%..95%%) or fractions, e.g. 0.1 0.5 0.9 (default 3)")
+    needle_opts.add_argument("--modes", nargs="+", choices=MODES, default=None,
+                             help="attention modes, run on the same samples (default: all three)")
+    needle_opts.add_argument("--samples", type=int, default=1, help="needles (seeded) per length x depth")
+    needle_opts.add_argument("--haystack", choices=("docs", "filler"), default="docs",
+                             help="docs: Python standard-library docstrings; filler: a repeated sentence group")
+    needle_opts.add_argument("--max-length", nargs="+", metavar="MODE=TOKENS",
+                             help="longest length a mode runs, e.g. full=32K streaming=32K")
+
+    p = evsub.add_parser("passkey", parents=[common, run_opts, needle_opts], help="5-digit pass key in a haystack")
+    p.set_defaults(func=cmd_needles)
+    r = evsub.add_parser("ruler", parents=[common, run_opts, needle_opts], help="RULER-style synthetic tasks")
+    r.add_argument("--tasks", nargs="+", choices=RULER_TASKS, default=list(RULER_TASKS))
+    r.set_defaults(func=cmd_needles)
+
+    from reattention_core.evaluation.qa import QA_MODES
+
+    q = evsub.add_parser("qa", parents=[common, run_opts], help="corpus QA: in context vs BM25-RAG vs truncated full")
+    q.add_argument("--sizes", type=parse_tokens, nargs="+", default=[2048, 8192], help="corpus sizes in tokens")
+    q.add_argument("--modes", nargs="+", choices=QA_MODES, default=list(QA_MODES))
+    q.add_argument("--questions", type=int, default=12, help="questions per corpus size (half single-, half multi-fact)")
+    q.add_argument("--top-k", type=int, default=4, help="passages BM25 retrieves for the rag mode")
+    q.set_defaults(func=cmd_qa)
+
+    rep = evsub.add_parser("report", help="accuracy table (and figure) of results files")
+    rep.add_argument("results", type=Path, nargs="+")
+    rep.add_argument("--plot", type=Path, default=None)
+    rep.set_defaults(func=cmd_report)

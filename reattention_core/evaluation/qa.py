@@ -1,0 +1,178 @@
+"""Corpus QA: the whole corpus in context (ReAttention) vs BM25-RAG vs full attention truncated.
+
+For each corpus size the same generated corpus (`facts.make_corpus`) and the same questions go
+to every mode; the prompt layout is the same everywhere (context, blank line, question, in one
+user message), only the context differs:
+
+* ``reattention``: the whole corpus, ``engine.generate(question, context=corpus)``; the prefix
+  cache keeps the corpus, so only the first question of a size pays its prefill.
+* ``rag``: the ``top_k`` BM25 records, through a LangChain chain (`rag.rag_chain`).
+* ``full-truncated``: full attention over the records that fit the model's pre-training window
+  (whole records from the start, leaving room for the question and answer).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from reattention_core.errors import InvalidInputError
+from reattention_core.evaluation.env import environment
+from reattention_core.evaluation.facts import FactCorpus, corpus_of_size
+from reattention_core.evaluation.results import ResultsFile, cell_key
+from reattention_core.evaluation.runner import RunReport
+from reattention_core.evaluation.scoring import found
+
+QA_MODES: tuple[str, ...] = ("reattention", "rag", "full-truncated")
+QUESTION_SUFFIX = " Answer in a few words."
+# Room kept in the window for the chat template, the question and the answer when truncating.
+_TRUNCATION_MARGIN = 160
+
+
+@dataclass(frozen=True)
+class QAGrid:
+    """Corpus sizes (tokens) x modes x questions. ``top_k``: records retrieved by ``rag``."""
+
+    sizes: tuple[int, ...]
+    modes: tuple[str, ...] = QA_MODES
+    questions: int = 12
+    seed: int = 0
+    top_k: int = 4
+    max_new_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.sizes or any(isinstance(s, bool) or not isinstance(s, int) or s < 256 for s in self.sizes):
+            raise InvalidInputError(f"corpus sizes must be ints >= 256 tokens, got {self.sizes}")
+        bad = [m for m in self.modes if m not in QA_MODES]
+        if not self.modes or bad:
+            raise InvalidInputError(f"QA modes must be among {QA_MODES}, got {self.modes}")
+        if self.questions < 1:
+            raise InvalidInputError(f"questions must be >= 1, got {self.questions}")
+        if self.top_k < 1:
+            raise InvalidInputError(f"top_k must be >= 1, got {self.top_k}")
+
+    @property
+    def new_tokens(self) -> int:
+        return self.max_new_tokens or 24
+
+
+def truncate_records(records: tuple[str, ...], budget: int, count: Callable[[str], int]) -> tuple[int, str]:
+    """The longest run of whole records from the start whose text fits ``budget`` tokens.
+
+    Returns:
+        (records kept, their text).
+    """
+    lo, hi = 0, len(records)
+    while lo < hi:  # the largest n with count(first n records) <= budget
+        mid = (lo + hi + 1) // 2
+        if count("\n\n".join(records[:mid])) <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo, "\n\n".join(records[:lo])
+
+
+def run_qa(
+    engine: Any, grid: QAGrid, results: ResultsFile, *, limit: int | None = None, progress: bool = True
+) -> RunReport:
+    """Answer every (size, mode, question) not yet in ``results``, appending one row each."""
+    from tqdm.auto import tqdm
+
+    if "rag" in grid.modes:
+        from reattention_core.evaluation import rag
+
+        rag._require()  # fail before the first prefill, not after
+    env = environment(engine)
+    base = engine.config
+    report = RunReport()
+
+    def count(text: str) -> int:
+        return len(engine.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def ident(size: int, mode: str, index: int) -> dict[str, Any]:
+        return {"task": "qa", "haystack": "facts", "length": size, "depth": None, "index": index, "mode": mode,
+                "seed": grid.seed, "model": engine.model_name}
+
+    todo = [(s, m, i) for s in grid.sizes for m in grid.modes for i in range(grid.questions)]
+    pending = []
+    for cell in todo:
+        if cell_key(ident(*cell)) in results:
+            report.skipped += 1
+        else:
+            pending.append(cell)
+    if limit is not None:
+        pending = pending[: max(0, limit)]
+    corpora: dict[int, tuple[FactCorpus, int]] = {}
+    chains: dict[int, Any] = {}
+    bar = tqdm(pending, desc="qa", unit="question", disable=not progress, dynamic_ncols=True)
+    try:
+        for size, mode, index in bar:
+            if size not in corpora:
+                corpora.clear()  # one corpus at a time: the sizes run in order
+                chains.clear()
+                corpora[size] = corpus_of_size(size, grid.questions, grid.seed, count)
+            corpus, corpus_tokens = corpora[size]
+            q = corpus.questions[index]
+            question = q.text + QUESTION_SUFFIX
+            bar.set_description(f"qa {size} {mode}")
+            extra: dict[str, Any] = {}
+            t0 = time.perf_counter()
+            if mode == "rag":
+                from reattention_core.evaluation import rag
+
+                engine.config = base.replace(mode="reattention")
+                if size not in chains:
+                    retriever = rag.make_retriever(corpus.records, grid.top_k)
+                    chains[size] = (retriever, rag.rag_chain(retriever, rag.chat_model(engine, grid.new_tokens)))
+                retriever, chain = chains[size]
+                got = [d.metadata["id"] for d in retriever.invoke(question)]
+                answer = chain.invoke(question)
+                extra = {"retrieved": got, "support_in_context": sum(s in got for s in q.support) / len(q.support),
+                         "pipeline": type(chain).__name__}
+                prompt_tokens = cached = None
+            else:
+                if mode == "full-truncated":
+                    engine.config = base.replace(mode="full")
+                    kept, context = truncate_records(corpus.records, engine.window - _TRUNCATION_MARGIN - grid.new_tokens,
+                                                     count)
+                    extra = {"records_in_context": kept,
+                             "support_in_context": sum(s < kept for s in q.support) / len(q.support)}
+                else:
+                    engine.config = base.replace(mode="reattention")
+                    context = corpus.text
+                    extra = {"support_in_context": 1.0}
+                if not context:
+                    raise InvalidInputError("the window is too small to hold a single record")
+                res = engine.generate(question, context=context, max_new_tokens=grid.new_tokens, progress=False)
+                answer, prompt_tokens, cached = res.text, res.prompt_tokens, res.cached_tokens
+            seconds = time.perf_counter() - t0
+            hits = found(answer, (q.answer,))
+            row = {
+                **ident(size, mode, index),
+                "kind": q.kind,
+                "corpus_tokens": corpus_tokens,
+                "records": len(corpus.records),
+                "question": q.text,
+                "expected": [q.answer],
+                "answer": answer,
+                "found": hits,
+                "score": float(bool(hits)),
+                "hit": bool(hits),
+                "seconds": round(seconds, 3),
+                "prompt_tokens": prompt_tokens,
+                "cached_tokens": cached,
+                **extra,
+                "config": engine.config.to_dict(),
+                "env": env,
+            }
+            results.append(row)
+            report.ran += 1
+            report.rows.append(row)
+    except KeyboardInterrupt:
+        report.interrupted = True
+    finally:
+        engine.config = base
+        bar.close()
+    return report

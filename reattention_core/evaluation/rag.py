@@ -1,0 +1,103 @@
+"""Retrieval-augmented generation for the corpus-QA baseline: BM25 inside a LangChain chain.
+
+``retriever | format | prompt | model | parser``: `BM25Retriever` (a LangChain `BaseRetriever`
+over ``rank_bm25.BM25Okapi``) returns the top passages, they become the context of the same
+prompt layout the in-context modes use (``context + "\\n\\n" + question`` in one user message),
+and the same engine answers.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+from reattention_core.errors import InvalidInputError
+
+_WORD = re.compile(r"[a-z0-9]+")
+_STOP = frozenset("a an and the of in is to for does do what which who that with by on at was".split())
+
+
+def bm25_tokens(text: str) -> list[str]:
+    """Lower-case word tokens without possessives and a few stop words."""
+    return [w for w in _WORD.findall(text.lower().replace("'s", "")) if w not in _STOP]
+
+
+def _require() -> None:
+    try:
+        import langchain_core  # noqa: F401
+        import rank_bm25  # noqa: F401
+    except ImportError as exc:
+        raise InvalidInputError(
+            f"the rag mode needs langchain-core and rank-bm25 ({exc.name} is missing): "
+            "pip install 'reattention[eval]', or leave rag out of --modes"
+        ) from exc
+
+
+def make_retriever(passages: Sequence[str], k: int = 4) -> Any:
+    """A `BM25Retriever` over ``passages`` (metadata ``{"id": i}``) returning the top ``k``."""
+    _require()
+    from langchain_core.callbacks import CallbackManagerForRetrieverRun
+    from langchain_core.documents import Document
+    from langchain_core.retrievers import BaseRetriever
+    from pydantic import PrivateAttr
+    from rank_bm25 import BM25Okapi
+
+    class BM25Retriever(BaseRetriever):
+        """Okapi BM25 over a fixed list of documents; ties go to the earlier document."""
+
+        documents: list[Document]
+        k: int = 4
+        _index: Any = PrivateAttr(default=None)
+
+        def model_post_init(self, context: Any) -> None:
+            if not self.documents:
+                raise InvalidInputError("BM25Retriever needs at least one document")
+            self._index = BM25Okapi([bm25_tokens(d.page_content) for d in self.documents])
+
+        def _get_relevant_documents(
+            self, query: str, *, run_manager: CallbackManagerForRetrieverRun
+        ) -> list[Document]:
+            scores = self._index.get_scores(bm25_tokens(query))
+            order = sorted(range(len(self.documents)), key=lambda i: (-scores[i], i))
+            return [self.documents[i] for i in order[: self.k]]
+
+    if k < 1:
+        raise InvalidInputError(f"k must be >= 1, got {k}")
+    docs = [Document(page_content=p, metadata={"id": i}) for i, p in enumerate(passages)]
+    return BM25Retriever(documents=docs, k=k)
+
+
+def chat_model(engine: Any, max_new_tokens: int) -> Any:
+    """A LangChain runnable that answers chat messages with ``engine`` (greedy).
+
+    Uses `reattention_integrations.langchain.ChatReAttention` when it is installed, else a
+    `RunnableLambda` over ``engine.generate`` (same prompt, same tokens).
+    """
+    try:
+        from reattention_integrations.langchain import ChatReAttention
+    except ImportError:
+        ChatReAttention = None  # noqa: N806
+    if ChatReAttention is not None:
+        return ChatReAttention(engine=engine, max_new_tokens=max_new_tokens, temperature=0.0)
+    from langchain_core.messages import convert_to_openai_messages
+    from langchain_core.runnables import RunnableLambda
+
+    def answer(prompt_value: Any) -> str:
+        messages = convert_to_openai_messages(prompt_value.to_messages())
+        return engine.generate(messages, max_new_tokens=max_new_tokens).text
+
+    return RunnableLambda(answer)
+
+
+def rag_chain(retriever: Any, model: Any) -> Any:
+    """``{"context": retriever | join, "question": passthrough} | prompt | model | StrOutputParser()``."""
+    from langchain_core.output_parsers import StrOutputParser
+    from langchain_core.prompts import ChatPromptTemplate
+    from langchain_core.runnables import RunnableLambda, RunnablePassthrough
+
+    from reattention_core.engine import CONTEXT_SEPARATOR
+
+    prompt = ChatPromptTemplate.from_messages([("user", "{context}" + CONTEXT_SEPARATOR + "{question}")])
+    join = RunnableLambda(lambda docs: "\n\n".join(d.page_content for d in docs))
+    return {"context": retriever | join, "question": RunnablePassthrough()} | prompt | model | StrOutputParser()

@@ -1,0 +1,152 @@
+"""Summaries of result rows: accuracy tables (markdown) and figures (PNG, matplotlib Agg backend).
+
+Accuracy of a group of rows is the mean of their scores (1/0 for one-answer tasks, recall for
+multi-answer tasks).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from reattention_core.errors import InvalidInputError
+
+_MODE_ORDER = ("reattention", "full", "streaming", "rag", "full-truncated")
+
+
+def _order(values: Iterable[str]) -> list[str]:
+    vals = set(values)
+    return [m for m in _MODE_ORDER if m in vals] + sorted(vals - set(_MODE_ORDER))
+
+
+def accuracy(rows: Sequence[dict[str, Any]]) -> float:
+    return sum(float(r["score"]) for r in rows) / len(rows) if rows else math.nan
+
+
+def group(rows: Iterable[dict[str, Any]], *fields: str) -> dict[tuple, list[dict[str, Any]]]:
+    out: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        out[tuple(r.get(f) for f in fields)].append(r)
+    return out
+
+
+def _fmt_len(n: int) -> str:
+    if n >= 1024 and n % 1024 == 0:
+        return f"{n // 1024}K" if n < 1 << 20 or n % (1 << 20) else f"{n >> 20}M"
+    return str(n)
+
+
+def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
+    """One line per (task, mode) or (task, question kind, mode), one column per length:
+    ``accuracy (n)``."""
+    if not rows:
+        return "(no rows)"
+    lengths = sorted({r["length"] for r in rows})
+    head = "| task | mode | " + " | ".join(_fmt_len(n) for n in lengths) + " |"
+    lines = [head, "|---|---|" + "---:|" * len(lengths)]
+    keyed = group(rows, "task", "kind", "mode")
+    for task in sorted({k[0] for k in keyed}):
+        for kind in sorted({k[1] for k in keyed if k[0] == task}, key=str):
+            for mode in _order(k[2] for k in keyed if k[:2] == (task, kind)):
+                cells = group(keyed[(task, kind, mode)], "length")
+                vals = []
+                for n in lengths:
+                    rs = cells.get((n,), [])
+                    vals.append(f"{accuracy(rs):.2f} ({len(rs)})" if rs else "-")
+                name = task if kind is None else f"{task} ({kind})"
+                lines.append(f"| {name} | {mode} | " + " | ".join(vals) + " |")
+    return "\n".join(lines)
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError as exc:  # pragma: no cover - matplotlib is in the eval extra
+        raise InvalidInputError(
+            "plots need matplotlib (pip install 'reattention[eval]'); the JSON lines are complete without it: "
+            "make the figure later with `reattention eval report RESULTS --plot out.png`"
+        ) from exc
+    matplotlib.use("Agg")  # files only, never a window
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def heatmap(rows: Sequence[dict[str, Any]], path: str | Path, title: str | None = None) -> Path:
+    """Accuracy over length (rows) x depth (columns), one panel per task x mode; a PNG at ``path``."""
+    rows = [r for r in rows if r.get("task") != "qa"]
+    if not rows:
+        raise InvalidInputError("no needle rows to plot")
+    plt = _pyplot()
+    import numpy as np
+
+    tasks = sorted({r["task"] for r in rows})
+    modes = _order(r["mode"] for r in rows)
+    fig, axes = plt.subplots(len(tasks), len(modes), figsize=(3.4 * len(modes) + 1, 2.8 * len(tasks) + 0.4),
+                             squeeze=False)
+    cmap = plt.get_cmap("RdYlGn").copy()
+    cmap.set_bad("#dddddd")
+    image = None
+    for i, task in enumerate(tasks):
+        trows = [r for r in rows if r["task"] == task]
+        lengths = sorted({r["length"] for r in trows})
+        depths = sorted({r["depth"] for r in trows}, key=lambda d: -1 if d is None else d)
+        for j, mode in enumerate(modes):
+            ax = axes[i][j]
+            cells = group((r for r in trows if r["mode"] == mode), "length", "depth")
+            grid = np.full((len(lengths), len(depths)), np.nan)
+            for a, n in enumerate(lengths):
+                for b, d in enumerate(depths):
+                    rs = cells.get((n, d))
+                    if rs:
+                        grid[a, b] = accuracy(rs)
+                        ax.text(b, a, f"{grid[a, b]:.2f}", ha="center", va="center", fontsize=7)
+            image = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=0, vmax=1, aspect="auto", origin="lower")
+            ax.set_xticks(range(len(depths)), ["-" if d is None else f"{d:.0%}" for d in depths], fontsize=7)
+            ax.set_yticks(range(len(lengths)), [_fmt_len(n) for n in lengths], fontsize=7)
+            ax.set_title(f"{task} / {mode}", fontsize=9)
+            if i == len(tasks) - 1:
+                ax.set_xlabel("depth")
+            if j == 0:
+                ax.set_ylabel("prompt tokens")
+    if image is not None:
+        fig.colorbar(image, ax=axes, shrink=0.8, label="accuracy")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def qa_plot(rows: Sequence[dict[str, Any]], path: str | Path, title: str | None = None) -> Path:
+    """Corpus QA: accuracy against corpus size, one line per mode, one panel per question kind."""
+    rows = [r for r in rows if r.get("task") == "qa"]
+    if not rows:
+        raise InvalidInputError("no corpus-QA rows to plot")
+    plt = _pyplot()
+    kinds = sorted({r["kind"] for r in rows})
+    fig, axes = plt.subplots(1, len(kinds), figsize=(4.2 * len(kinds), 3.2), squeeze=False)
+    for j, kind in enumerate(kinds):
+        ax = axes[0][j]
+        for mode in _order(r["mode"] for r in rows):
+            cells = group((r for r in rows if r["kind"] == kind and r["mode"] == mode), "length")
+            xs = sorted(k[0] for k in cells)
+            ax.plot(xs, [accuracy(cells[(x,)]) for x in xs], marker="o", label=mode)
+        ax.set_xscale("log", base=2)
+        ax.set_ylim(-0.05, 1.05)
+        ax.set_title(f"{kind}-fact questions", fontsize=9)
+        ax.set_xlabel("corpus tokens")
+        ax.set_ylabel("accuracy")
+        ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path

@@ -1,0 +1,81 @@
+"""Result files: JSON lines appended one per finished cell, read back to resume and to report.
+
+A row is written with a single ``write`` of one line and flushed, so an interrupted run (Ctrl-C,
+a killed job) leaves whole rows only, plus at worst one torn last line, which `read_rows` skips.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+# The coordinates that identify a cell; two rows with the same key are the same measurement.
+KEY_FIELDS: tuple[str, ...] = ("task", "haystack", "length", "depth", "index", "mode", "seed", "model")
+
+
+def cell_key(row: dict[str, Any]) -> tuple:
+    """The identity of a row's cell (see `KEY_FIELDS`); depths are rounded so floats compare."""
+    out = []
+    for name in KEY_FIELDS:
+        value = row.get(name)
+        if name == "model" and value is None:
+            value = (row.get("env") or {}).get("model")
+        out.append(round(value, 6) if isinstance(value, float) else value)
+    return tuple(out)
+
+
+def read_rows(path: str | Path) -> list[dict[str, Any]]:
+    """Every complete row of a results file (a missing file has none; a torn last line is skipped)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut by an interrupted write
+    return rows
+
+
+class ResultsFile:
+    """Append-only JSON-lines results with the set of cells already done."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.done: set[tuple] = {cell_key(r) for r in read_rows(self.path)}
+
+    def __contains__(self, row_or_key: Any) -> bool:
+        key = row_or_key if isinstance(row_or_key, tuple) else cell_key(row_or_key)
+        return key in self.done
+
+    def append(self, row: dict[str, Any]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        line = json.dumps(row, sort_keys=False, default=str) + "\n"
+        # A torn last line from an earlier crash must not swallow this row: start on a fresh line.
+        needs_newline = self.path.exists() and self.path.stat().st_size > 0 and not _ends_with_newline(self.path)
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(("\n" if needs_newline else "") + line)
+            f.flush()
+            os.fsync(f.fileno())
+        self.done.add(cell_key(row))
+
+    def rows(self) -> list[dict[str, Any]]:
+        return read_rows(self.path)
+
+
+def _ends_with_newline(path: Path) -> bool:
+    with path.open("rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
+
+
+def iter_rows(paths: Iterable[str | Path]) -> Iterator[dict[str, Any]]:
+    for p in paths:
+        yield from read_rows(p)

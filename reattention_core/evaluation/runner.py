@@ -1,0 +1,199 @@
+"""The needle grid: length x depth x sample x mode, one JSON line per finished cell.
+
+Cells run in the order length, task, depth, sample, mode, so one prompt is built once and then
+answered in every mode back to back (the same tokens for every mode). A rerun with the same
+results file skips the cells already there; Ctrl-C stops between rows and leaves the file whole.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from reattention_core.config import MODES
+from reattention_core.errors import InvalidInputError
+from reattention_core.evaluation.env import environment
+from reattention_core.evaluation.haystack import HAYSTACK_KINDS, Haystack
+from reattention_core.evaluation.results import ResultsFile, cell_key
+from reattention_core.evaluation.scoring import found
+from reattention_core.evaluation.tasks import DEPTHLESS, TASKS, Sample, make_sample
+
+# Enough new tokens for each task's full answer, and not many more (decode dominates short prompts).
+DEFAULT_MAX_NEW_TOKENS: dict[str, int] = {"passkey": 12, "multikey": 16, "multivalue": 48, "vartrack": 32, "cwe": 64}
+
+
+def even_depths(count: int) -> tuple[float, ...]:
+    """``count`` depths spread evenly over [0.05, 0.95] (one depth: 0.5)."""
+    if count < 1:
+        raise InvalidInputError(f"the number of depths must be >= 1, got {count}")
+    if count == 1:
+        return (0.5,)
+    return tuple(round(0.05 + 0.9 * i / (count - 1), 4) for i in range(count))
+
+
+@dataclass(frozen=True)
+class Cell:
+    task: str
+    length: int
+    depth: float | None
+    index: int
+    mode: str
+
+
+@dataclass(frozen=True)
+class NeedleGrid:
+    """What to run.
+
+    Args:
+        tasks: names from `TASKS`.
+        lengths: prompt lengths in tokens (chat template and question included).
+        depths: needle depths in [0, 1] (ignored by depth-less tasks such as ``cwe``).
+        modes: attention modes (`reattention_core.config.MODES`).
+        samples: samples (different needles, fixed seeds) per length x depth.
+        haystack: ``"docs"`` (standard-library docstrings) or ``"filler"``.
+        seed: base seed; samples are derived from it and their coordinates only.
+        max_new_tokens: per-task override of `DEFAULT_MAX_NEW_TOKENS`.
+        mode_max_length: longest length each mode runs (e.g. ``{"full": 32768}``), absent: no cap.
+    """
+
+    tasks: tuple[str, ...]
+    lengths: tuple[int, ...]
+    depths: tuple[float, ...] = (0.5,)
+    modes: tuple[str, ...] = MODES
+    samples: int = 1
+    haystack: str = "docs"
+    seed: int = 0
+    max_new_tokens: int | None = None
+    mode_max_length: Mapping[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("tasks", "lengths", "depths", "modes"):
+            if not getattr(self, name):
+                raise InvalidInputError(f"NeedleGrid.{name} is empty; give at least one")
+        bad = [t for t in self.tasks if t not in TASKS]
+        if bad:
+            raise InvalidInputError(f"unknown tasks {bad}; choose from {TASKS}")
+        bad = [m for m in self.modes if m not in MODES]
+        if bad:
+            raise InvalidInputError(f"unknown modes {bad}; choose from {MODES}")
+        bad = [m for m in self.mode_max_length if m not in MODES]
+        if bad:
+            raise InvalidInputError(f"mode_max_length names unknown modes {bad}; choose from {MODES}")
+        if any(isinstance(n, bool) or not isinstance(n, int) or n < 64 for n in self.lengths):
+            raise InvalidInputError(f"lengths must be ints >= 64 tokens, got {self.lengths}")
+        if any(not 0.0 <= d <= 1.0 for d in self.depths):
+            raise InvalidInputError(f"depths must be in [0, 1], got {self.depths}")
+        if self.samples < 1:
+            raise InvalidInputError(f"samples must be >= 1, got {self.samples}")
+        if self.haystack not in HAYSTACK_KINDS:
+            raise InvalidInputError(f"haystack must be one of {HAYSTACK_KINDS}, got {self.haystack!r}")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise InvalidInputError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+    def cells(self) -> list[Cell]:
+        out = []
+        for length in self.lengths:
+            modes = [m for m in self.modes if length <= self.mode_max_length.get(m, length)]
+            for task in self.tasks:
+                depths: Sequence[float | None] = (None,) if task in DEPTHLESS else self.depths
+                for depth in depths:
+                    for index in range(self.samples):
+                        out.extend(Cell(task, length, depth, index, mode) for mode in modes)
+        return out
+
+    def new_tokens(self, task: str) -> int:
+        return self.max_new_tokens or DEFAULT_MAX_NEW_TOKENS[task]
+
+
+@dataclass
+class RunReport:
+    """What a run did: cells run now, cells skipped as already done, whether Ctrl-C stopped it."""
+
+    ran: int = 0
+    skipped: int = 0
+    interrupted: bool = False
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+
+def row_identity(grid: NeedleGrid, cell: Cell, model: str) -> dict[str, Any]:
+    return {
+        "task": cell.task, "haystack": grid.haystack, "length": cell.length, "depth": cell.depth,
+        "index": cell.index, "mode": cell.mode, "seed": grid.seed, "model": model,
+    }
+
+
+def run_grid(
+    engine: Any,
+    grid: NeedleGrid,
+    results: ResultsFile,
+    *,
+    limit: int | None = None,
+    progress: bool = True,
+    on_row: Callable[[dict[str, Any]], None] | None = None,
+) -> RunReport:
+    """Run the cells of ``grid`` not yet in ``results`` (at most ``limit`` of them), appending rows.
+
+    The engine's config is switched per cell (``mode`` only) and restored afterwards.
+    """
+    from tqdm.auto import tqdm
+
+    env = environment(engine)
+    report = RunReport()
+    pending = []
+    for cell in grid.cells():
+        if cell_key(row_identity(grid, cell, engine.model_name)) in results:
+            report.skipped += 1
+        else:
+            pending.append(cell)
+    if limit is not None:
+        pending = pending[: max(0, limit)]
+    haystack = Haystack(engine.tokenizer, grid.haystack) if pending else None
+    base = engine.config
+    tally: dict[str, list[float]] = {}
+    sample: Sample | None = None
+    bar = tqdm(pending, desc="eval", unit="cell", disable=not progress, dynamic_ncols=True)
+    try:
+        for cell in bar:
+            if sample is None or (sample.task, sample.length, sample.depth, sample.index) != (
+                cell.task, cell.length, cell.depth, cell.index
+            ):
+                sample = make_sample(cell.task, engine.tokenizer, haystack, cell.length, cell.depth, cell.index, grid.seed)
+            engine.config = base.replace(mode=cell.mode)
+            bar.set_description(f"{cell.task} {cell.length} {cell.mode}")
+            t0 = time.perf_counter()
+            res = engine.generate(sample.prompt, max_new_tokens=grid.new_tokens(cell.task), progress=False)
+            seconds = time.perf_counter() - t0
+            hits = found(res.text, sample.expected)
+            score = len(hits) / len(sample.expected)
+            row = {
+                **row_identity(grid, cell, engine.model_name),
+                "sample_seed": sample.seed,
+                "haystack_fingerprint": haystack.fingerprint if haystack else None,
+                "prompt_tokens": res.prompt_tokens,
+                "expected": list(sample.expected),
+                "answer": res.text,
+                "found": hits,
+                "score": score,
+                "hit": score == 1.0,
+                "seconds": round(seconds, 3),
+                "completion_tokens": res.completion_tokens,
+                "config": engine.config.to_dict(),
+                "env": env,
+            }
+            results.append(row)
+            report.ran += 1
+            report.rows.append(row)
+            t = tally.setdefault(cell.mode, [0.0, 0])
+            t[0] += score
+            t[1] += 1
+            bar.set_postfix({m: f"{s / n:.2f}" for m, (s, n) in tally.items()})
+            if on_row is not None:
+                on_row(row)
+    except KeyboardInterrupt:
+        report.interrupted = True
+    finally:
+        engine.config = base
+        bar.close()
+    return report
