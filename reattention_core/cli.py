@@ -24,7 +24,7 @@ from reattention_core.errors import ReAttentionError
 
 # Modules that add subcommands (``register(subparsers, common_parent_parser)``). Keep imports
 # inside the commands so that ``reattention --help`` stays fast.
-_COMMAND_MODULES: tuple[str, ...] = ("reattention_core.serving.cli",)
+_COMMAND_MODULES: tuple[str, ...] = ("reattention_core.serving.cli", "reattention_core.evaluation.cli")
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 
