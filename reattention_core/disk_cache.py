@@ -18,7 +18,7 @@ Guarantees:
 * **Atomic writes**: a page is written to a temporary file in the same folder, fsync'ed and
   renamed over its final name (then the folder is fsync'ed), so a crash, Ctrl-C or a full disk
   never leaves a half page under a page name; stale temporary files are swept by eviction.
-* **Verified reads**: files are memory-mapped (`safetensors.safe_open`); the header must parse,
+* **Verified reads**: files are memory-mapped (private mappings); the header must parse,
   cover the file exactly, name the expected fingerprint, key, parent and index, and every tensor
   must have the expected dtype, shape and CRC-32 (zlib; about 3 GB/s per core here, computed on a
   thread pool while the previous page is being copied into the store). A page that fails any check
@@ -514,27 +514,56 @@ class DiskCache:
         return removed
 
 
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+
+def _map_page(path: str) -> tuple[dict[str, Any], torch.Tensor]:
+    """Memory-map a page file: its parsed safetensors header and its data section as uint8.
+
+    The mapping is private (copy-on-write), so the tensors are writable views that can never
+    change the file; pages are read from the page cache or the device as they are touched.
+    """
+    import mmap
+
+    with open(path, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        if size < 8:
+            raise PageError(f"truncated ({size} bytes)", path)
+        mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+    (n,) = struct.unpack("<Q", mm[:8])
+    if n > min(size - 8, 100 << 20):
+        raise PageError(f"header length {n} does not fit a {size}-byte file", path)
+    try:
+        header = json.loads(mm[8 : 8 + n])
+    except ValueError as exc:
+        raise PageError(f"unreadable header ({exc})", path) from exc
+    if not isinstance(header, dict):
+        raise PageError("unreadable header (not an object)", path)
+    data = torch.frombuffer(mm, dtype=torch.uint8, offset=8 + n)
+    with contextlib.suppress(AttributeError, OSError):  # hint: the whole file is about to be read
+        mm.madvise(mmap.MADV_WILLNEED)
+    return header, data
+
+
 def _read_page(
     ref: PageRef, root: str, page_size: int, num_layers: int, dtype: torch.dtype, pin: bool = False
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Open, check and checksum one page (runs on the loader's thread pool)."""
-    from safetensors import safe_open
+    """Map, check and checksum one page (runs on the loader's thread pool).
 
+    Returns views of the memory-mapped file, or (``pin=True``) of one pinned host buffer that the
+    data section was copied into in a single pass, ready for asynchronous copies to a GPU.
+    """
     path = str(ref.path)
     try:
-        with safe_open(path, framework="pt", device="cpu") as f:
-            meta = f.metadata() or {}
-            names = set(f.keys())
-            expected = {f"{kind}.{i}" for kind in "kv" for i in range(num_layers)}
-            if names != expected:
-                raise PageError(f"holds tensors {sorted(names)[:4]}..., expected k.0..k.{num_layers - 1}, v.*", path)
-            tensors = {n: f.get_tensor(n) for n in expected}
+        header, data = _map_page(path)
     except FileNotFoundError as exc:
         raise PageMissing(path) from exc
-    except PageError:
-        raise
-    except Exception as exc:  # safetensors raises its own error types for bad headers
+    except (OSError, ValueError, struct.error) as exc:
         raise PageError(f"unreadable or truncated ({exc})", path) from exc
+    meta = header.pop("__metadata__", None) or {}
+    expected = {f"{kind}.{i}" for kind in "kv" for i in range(num_layers)}
+    if set(header) != expected:
+        raise PageError(f"holds tensors {sorted(header)[:4]}..., expected k.0..k.{num_layers - 1}, v.*", path)
     checks = {
         "format": str(FORMAT_VERSION),
         "fingerprint": root,
@@ -550,24 +579,40 @@ def _read_page(
         crcs = json.loads(meta["crc32"])
     except (KeyError, ValueError) as exc:
         raise PageError("no readable checksums", path) from exc
-    shape = None
+    # Layout checks before touching the data: dtype, shape, extents inside and covering the file.
+    extents, shape, end = {}, None, 0
     for name in sorted(expected):
-        t = tensors[name]
-        if t.dtype != dtype:
-            raise PageError(f"{name} has dtype {t.dtype}, expected {dtype}", path)
-        if t.dim() != 3 or t.shape[0] != page_size or (shape is not None and t.shape != shape):
-            raise PageError(f"{name} has shape {tuple(t.shape)}", path)
-        shape = t.shape
-        if _crc(t) != crcs.get(name):
+        info = header[name]
+        try:
+            t_dtype, t_shape = _SAFETENSORS_DTYPES.get(info["dtype"]), tuple(int(x) for x in info["shape"])
+            begin, stop = (int(x) for x in info["data_offsets"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise PageError(f"malformed entry for {name}", path) from exc
+        if t_dtype != dtype:
+            raise PageError(f"{name} has dtype {info['dtype']}, expected {dtype}", path)
+        if len(t_shape) != 3 or t_shape[0] != page_size or (shape is not None and t_shape != shape):
+            raise PageError(f"{name} has shape {t_shape}", path)
+        shape = t_shape
+        nbytes = t_shape[0] * t_shape[1] * t_shape[2] * dtype.itemsize
+        if not 0 <= begin <= stop <= data.numel() or stop - begin != nbytes:
+            raise PageError(f"{name} lies outside the file (truncated?)", path)
+        extents[name] = (begin, stop)
+        end = max(end, stop)
+    if end != data.numel():
+        raise PageError(f"the data section has {data.numel()} bytes, the header describes {end}", path)
+    if pin:  # one copy out of the page cache, on this worker thread; the GPU copy is then asynchronous
+        try:
+            data = torch.empty_like(data, pin_memory=True).copy_(data)
+        except RuntimeError:  # no pinned memory to be had: hand out views of the mapping
+            pass
+    tensors = {}
+    for name, (begin, stop) in extents.items():
+        t = data[begin:stop]
+        if zlib.crc32(t.numpy()) != crcs.get(name):
             raise PageError(f"checksum mismatch in {name} (corrupted file)", path)
+        tensors[name] = t.view(dtype).view(shape)
     keys = [tensors[f"k.{i}"] for i in range(num_layers)]
     values = [tensors[f"v.{i}"] for i in range(num_layers)]
-    if pin:  # the memcpy out of the page cache runs here, in parallel; the GPU copy is then fast
-        try:
-            keys = [torch.empty_like(t, pin_memory=True).copy_(t) for t in keys]
-            values = [torch.empty_like(t, pin_memory=True).copy_(t) for t in values]
-        except RuntimeError:  # no pinned memory to be had: copy from the mapping directly
-            pass
     return keys, values
 
 
