@@ -1,0 +1,238 @@
+"""`ShardedEngine`: one `ReAttentionEngine` per rank, the KV store split across the ranks.
+
+Every rank loads the same model and runs every forward pass; only the KV store is sharded
+(`ShardedKVStore`), and each attention layer combines the shards with two collectives
+(`sharded_reattention_attention`), so the logits, and the tokens, equal the single-device
+engine's. Rank 0 leads: it tokenises and validates the prompt, broadcasts the token ids and the
+sampling settings, samples every token and broadcasts it with a "go on" flag; the other ranks
+follow. Launch one process per GPU with ``torchrun`` (NCCL), or per CPU process (gloo)::
+
+    torchrun --nproc-per-node 2 -m reattention_core.distributed "What is the capital of France?"
+
+The prefix cache is not used here: a sharded corpus is prefilled on every request.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from reattention_core.decoding import Sampler, SamplingParams, TextAssembler
+from reattention_core.distributed.patch import enable_sharded_reattention
+from reattention_core.distributed.store import ShardedKVStore, ShardLayout
+from reattention_core.engine import GenerationResult, ReAttentionEngine
+from reattention_core.errors import DistributedError, ReAttentionError
+from reattention_core.hf import ReAttentionCache
+from reattention_core.prefill import run_prefill
+
+# First element of every job broadcast.
+_RUN, _SKIP, _SHUTDOWN = "run", "skip", "shutdown"
+
+
+def init_from_env(backend: str | None = None, timeout_s: float = 1800.0) -> torch.device:
+    """Join the process group ``torchrun`` describes in the environment; the device for this rank.
+
+    NCCL with one GPU per local rank when CUDA is available, else gloo on the CPU.
+    """
+    cuda = torch.cuda.is_available() and backend != "gloo"
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}") if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+            raise DistributedError("no process group: launch with torchrun (it sets RANK, WORLD_SIZE, MASTER_ADDR)")
+        dist.init_process_group(backend or ("nccl" if cuda else "gloo"),
+                                timeout=datetime.timedelta(seconds=timeout_s))
+    return device
+
+
+class ShardedEngine:
+    """Generation over a KV store sharded across the ranks of ``group``.
+
+    Args:
+        engine: this rank's engine (same model, tokenizer and config on every rank).
+        group: the process group (default: the world).
+
+    Every rank calls the same methods in the same order (`generate` on all ranks), or rank 0
+    serves (`run`, used by ``reattention serve`` under torchrun) while the others call
+    `follow` until rank 0 calls `shutdown`.
+    """
+
+    def __init__(self, engine: ReAttentionEngine, group: dist.ProcessGroup | None = None) -> None:
+        if not (dist.is_available() and dist.is_initialized()):
+            raise DistributedError("torch.distributed is not initialised; call init_from_env() (under torchrun) first")
+        self.engine = engine
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world = dist.get_world_size(group)
+        self._src = dist.get_global_rank(group, 0) if group is not None else 0
+        nccl = dist.get_backend(group) == "nccl"
+        self._comm_device = engine.device if nccl else torch.device("cpu")
+        self._failure: BaseException | None = None
+
+    @property
+    def is_leader(self) -> bool:
+        return self.rank == 0
+
+    # -- whole generations, called on every rank --------------------------------------------------
+
+    def generate(
+        self, prompt: Any = None, *, context: str | None = None, progress: bool | None = None, **sampling: Any
+    ) -> GenerationResult | None:
+        """Generate on every rank; rank 0's arguments count (`ReAttentionEngine.generate`'s).
+
+        Returns:
+            the `GenerationResult` on rank 0, ``None`` on the others.
+        """
+        if not self.is_leader:
+            self.follow(once=True)
+            return None
+        try:
+            params = self.engine._params(**_sampling_args(sampling))
+            ids = self.engine._prepare(prompt, params, context)
+        except ReAttentionError:
+            self._broadcast_job((_SKIP,))
+            raise
+        run = self.run(ids, params, progress=progress)
+        while True:
+            try:
+                next(run)
+            except StopIteration as done:
+                return done.value
+
+    # -- leader ------------------------------------------------------------------------------------
+
+    def run(self, ids: list[int], params: SamplingParams, *, progress: bool | None = None) -> Iterator[str]:
+        """Rank 0: broadcast a validated job, then generate it (a generator like the engine's ``_run``).
+
+        Text deltas are yielded; the `GenerationResult` is the ``StopIteration`` value. Closing
+        the generator early (a client went away) tells the other ranks to stop too.
+        """
+        if not self.is_leader:
+            raise DistributedError("only rank 0 leads generations; the other ranks call follow()")
+        self._check()
+        self._broadcast_job((_RUN, ids, params))
+        return self._lead(ids, params, progress)
+
+    def shutdown(self) -> None:
+        """Rank 0: release the ranks waiting in `follow`."""
+        if self.is_leader and self._failure is None:
+            self._broadcast_job((_SHUTDOWN,))
+
+    def _lead(self, ids: list[int], params: SamplingParams, progress: bool | None) -> Iterator[str]:
+        sampler, text = Sampler(params), TextAssembler(self.engine.tokenizer, params.stop)
+        finish = "length"
+        with self._session(ids, params, progress) as (cache, logits):
+            told = False
+            try:
+                for step in range(params.max_new_tokens):
+                    token = sampler(logits[0])
+                    if token in self.engine._eos_ids:
+                        finish = "stop"
+                        break
+                    delta = text.push(token)
+                    if delta:
+                        yield delta
+                    if text.stopped:
+                        finish = "stop"
+                        break
+                    if step + 1 < params.max_new_tokens:
+                        self._send(token, more=True)
+                        logits = self._guarded(self.engine._decode_step, token, cache)
+                self._send(0, more=False)
+                told = True
+            finally:
+                if not told and self._failure is None:
+                    self._send(0, more=False)  # closed early: the followers stop at the same step
+        tail = text.finish()
+        if tail:
+            yield tail
+        return GenerationResult(text=text.text, prompt_tokens=len(ids), completion_tokens=len(text.ids),
+                                finish_reason=finish, token_ids=tuple(text.ids), cached_tokens=0)
+
+    # -- followers ---------------------------------------------------------------------------------
+
+    def follow(self, *, once: bool = False) -> None:
+        """Ranks > 0: run rank 0's jobs until it shuts down (``once``: a single job)."""
+        while True:
+            job = self._broadcast_job(None)
+            if job[0] == _SHUTDOWN:
+                return
+            if job[0] == _RUN:
+                _, ids, params = job
+                with self._session(ids, params, False) as (cache, _):
+                    while True:
+                        token, more = self._recv()
+                        if not more:
+                            break
+                        self._guarded(self.engine._decode_step, token, cache)
+            if once:
+                return
+
+    # -- shared ------------------------------------------------------------------------------------
+
+    @contextmanager
+    def _session(
+        self, ids: list[int], params: SamplingParams, progress: bool | None
+    ) -> Iterator[tuple[ReAttentionCache, torch.Tensor]]:
+        """Hold the engine, shard a fresh store, prefill ``ids``; yields ``(cache, logits)``."""
+        eng = self.engine
+        reserve = len(ids) + params.max_new_tokens
+        store = ShardedKVStore(eng.model.config.num_hidden_layers, ShardLayout.balanced(reserve, self.rank, self.world))
+        store.reserve(reserve)
+        with eng._lock, enable_sharded_reattention(eng.model, eng.config, store, group=self.group, backend=eng.backend):
+            cache = ReAttentionCache(store)  # type: ignore[arg-type] - a ShardedKVStore has the KVStore methods it calls
+            input_ids = torch.tensor([ids], device=eng.device)
+            logits = self._guarded(run_prefill, eng.model, input_ids, cache, eng.config.prefill_chunk_size,
+                                   progress=progress)
+            yield cache, logits
+
+    def _guarded(self, fn, *args: Any, **kwargs: Any) -> Any:
+        """Run a step that includes collectives; a failure poisons the engine (the group is unusable)."""
+        self._check()
+        try:
+            return fn(*args, **kwargs)
+        except ReAttentionError:
+            raise
+        except Exception as exc:
+            self._failure = exc
+            raise DistributedError(
+                f"rank {self.rank}: a collective failed ({type(exc).__name__}: {exc}); another rank has probably died. "
+                "This engine cannot answer from a partial store: restart the whole torchrun job."
+            ) from exc
+
+    def _check(self) -> None:
+        if self._failure is not None:
+            raise DistributedError(
+                f"an earlier collective failed on rank {self.rank} ({self._failure}); restart the whole torchrun job"
+            )
+
+    def _broadcast_job(self, job: tuple | None) -> tuple:
+        box = [job]
+        self._guarded(dist.broadcast_object_list, box, src=self._src, group=self.group)
+        return box[0]
+
+    def _send(self, token: int, *, more: bool) -> None:
+        ctrl = torch.tensor([token, int(more)], dtype=torch.int64, device=self._comm_device)
+        self._guarded(dist.broadcast, ctrl, src=self._src, group=self.group)
+
+    def _recv(self) -> tuple[int, bool]:
+        ctrl = torch.empty(2, dtype=torch.int64, device=self._comm_device)
+        self._guarded(dist.broadcast, ctrl, src=self._src, group=self.group)
+        return int(ctrl[0]), bool(ctrl[1])
+
+
+def _sampling_args(sampling: dict[str, Any]) -> dict[str, Any]:
+    allowed = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop")
+    unknown = set(sampling) - set(allowed)
+    if unknown:
+        raise TypeError(f"unexpected arguments: {', '.join(sorted(unknown))}")
+    defaults: dict[str, Any] = {"max_new_tokens": 256, "temperature": 0.0, "top_p": 1.0, "top_k": 0, "seed": None,
+                                "stop": None}
+    return {**defaults, **sampling}
