@@ -211,3 +211,92 @@ def test_sharded_engine_needs_a_process_group(byte_tokenizer):
         pytest.skip("a process group exists in this process")
     with pytest.raises(DistributedError, match="init_from_env"):
         ShardedEngine(ReAttentionEngine(tiny_model("llama"), byte_tokenizer, CFG, cache=False))
+
+
+# -- serving over a sharded store: rank 0 serves, rank 1 follows ------------------------------------
+
+SERVE_JOBS_BEFORE_DEATH = 3  # rank 1 follows this many jobs, then dies
+
+
+def _serve_worker(rank: int, world: int, init_file: str, port: int, stop_file: str) -> None:
+    import datetime
+    import time
+
+    from reattention_core.distributed import ShardedEngine
+    from reattention_core.serving import AppConfig, BackgroundServer, ServeConfig
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=8))
+    # keepalive well below the 8 s timeout: the parent takes seconds between requests
+    sharded = ShardedEngine(ReAttentionEngine(tiny_model("llama"), ByteTokenizer(), CFG, cache=False), keepalive_s=1.0)
+    if rank == 0:
+        serve = ServeConfig(port=port, log_level="warning")
+        with BackgroundServer(sharded.engine, serve, AppConfig(model_name="tiny"), backend=sharded):
+            while not Path(stop_file).exists():
+                time.sleep(0.05)
+        return  # the follower is gone: no shutdown broadcast, no clean teardown to wait for
+    for _ in range(SERVE_JOBS_BEFORE_DEATH):
+        sharded.follow(once=True)
+    os._exit(0)  # a worker rank dies without a word
+
+
+def test_sharded_server_answers_like_one_process_and_fails_loudly_when_a_rank_dies(tmp_path, one_thread):
+    import socket
+    import time
+
+    import httpx
+    openai = pytest.importorskip("openai")
+    pytest.importorskip("fastapi")
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    stop = tmp_path / "stop"
+    engine = ReAttentionEngine(tiny_model("llama"), ByteTokenizer(), CFG, cache=False)  # before the fork: shared imports
+    ctx = mp.start_processes(_serve_worker, args=(2, str(tmp_path / "init"), port, str(stop)), nprocs=2,
+                             join=False, start_method="fork")
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "the sharded server did not come up"
+            time.sleep(0.1)
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0, timeout=60)
+        messages = [{"role": "user", "content": PROMPTS[0]}]
+
+        # job 1: the same answer as one process
+        resp = client.chat.completions.create(model="tiny", messages=messages, max_tokens=MAX_NEW)
+        want = engine.generate(messages, max_new_tokens=MAX_NEW, progress=False)
+        assert resp.choices[0].message.content == want.text and resp.usage.completion_tokens == want.completion_tokens
+
+        # job 2: a client hangs up mid-stream; both ranks stop at the same step
+        body = {"model": "tiny", "prompt": PROMPTS[1], "max_tokens": 200, "stream": True}
+        with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=60) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: ")
+
+        # job 3: still in step
+        resp = client.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=MAX_NEW)
+        assert resp.choices[0].text == engine.generate(PROMPTS[1], max_new_tokens=MAX_NEW, progress=False).text
+
+        # rank 1 is dead now: a clear 503, never an answer from half a store, and it stays refused
+        with pytest.raises(openai.APIStatusError) as info:
+            client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=MAX_NEW)
+        assert info.value.status_code == 503 and "restart" in info.value.message
+        health = httpx.get(f"{base}/health", timeout=5)
+        assert health.status_code == 503 and health.json()["status"] == "broken"
+        with pytest.raises(openai.APIStatusError) as info:
+            client.completions.create(model="tiny", prompt="x", max_tokens=2)
+        assert info.value.status_code == 503
+    finally:
+        stop.touch()
+        for p in ctx.processes:
+            p.join(30)
+            if p.is_alive():
+                p.kill()

@@ -32,7 +32,7 @@ from reattention_core.hf import ReAttentionCache
 from reattention_core.prefill import run_prefill
 
 # First element of every job broadcast.
-_RUN, _SKIP, _SHUTDOWN = "run", "skip", "shutdown"
+_RUN, _SKIP, _IDLE, _SHUTDOWN = "run", "skip", "idle", "shutdown"
 
 
 def init_from_env(backend: str | None = None, timeout_s: float = 1800.0) -> torch.device:
@@ -58,13 +58,18 @@ class ShardedEngine:
     Args:
         engine: this rank's engine (same model, tokenizer and config on every rank).
         group: the process group (default: the world).
+        keepalive_s: while serving, rank 0 sends an idle message this often, so the ranks
+            waiting for the next job never reach the process group's timeout (keep it well
+            below it; `init_from_env` sets 30 minutes).
 
     Every rank calls the same methods in the same order (`generate` on all ranks), or rank 0
     serves (`run`, used by ``reattention serve`` under torchrun) while the others call
     `follow` until rank 0 calls `shutdown`.
     """
 
-    def __init__(self, engine: ReAttentionEngine, group: dist.ProcessGroup | None = None) -> None:
+    def __init__(
+        self, engine: ReAttentionEngine, group: dist.ProcessGroup | None = None, *, keepalive_s: float = 60.0
+    ) -> None:
         if not (dist.is_available() and dist.is_initialized()):
             raise DistributedError("torch.distributed is not initialised; call init_from_env() (under torchrun) first")
         self.engine = engine
@@ -75,6 +80,7 @@ class ShardedEngine:
         nccl = dist.get_backend(group) == "nccl"
         self._comm_device = engine.device if nccl else torch.device("cpu")
         self._failure: BaseException | None = None
+        self.keepalive_s = keepalive_s
 
     @property
     def is_leader(self) -> bool:
@@ -120,6 +126,12 @@ class ShardedEngine:
         self._broadcast_job((_RUN, ids, params))
         return self._lead(ids, params, progress)
 
+    def keepalive(self) -> None:
+        """Rank 0, while idle: show the waiting ranks that it is alive (a failure raises `DistributedError`)."""
+        if self.is_leader:
+            self._check()
+            self._broadcast_job((_IDLE,))
+
     def shutdown(self) -> None:
         """Rank 0: release the ranks waiting in `follow`."""
         if self.is_leader and self._failure is None:
@@ -164,6 +176,8 @@ class ShardedEngine:
             job = self._broadcast_job(None)
             if job[0] == _SHUTDOWN:
                 return
+            if job[0] == _IDLE:
+                continue
             if job[0] == _RUN:
                 _, ids, params = job
                 with self._session(ids, params, False) as (cache, _):

@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from reattention_core.engine import ReAttentionEngine
-from reattention_core.errors import ContextLimitError, InvalidInputError
+from reattention_core.errors import ContextLimitError, DistributedError, InvalidInputError
 from reattention_core.serving.protocol import (
     APIError,
     ChatCompletionRequest,
@@ -31,7 +31,17 @@ from reattention_core.serving.protocol import (
     ResponseShape,
     _Sampling,
 )
-from reattention_core.serving.worker import Done, Event, Failed, GenerationWorker, Job, Piece, QueueFull, params_for
+from reattention_core.serving.worker import (
+    Backend,
+    Done,
+    Event,
+    Failed,
+    GenerationWorker,
+    Job,
+    Piece,
+    QueueFull,
+    params_for,
+)
 
 
 @dataclass(frozen=True)
@@ -55,11 +65,14 @@ class AppConfig:
             raise InvalidInputError("default_max_tokens must be >= 1 and max_pending >= 0")
 
 
-def create_app(engine: ReAttentionEngine, config: AppConfig | None = None) -> FastAPI:
-    """An OpenAI-compatible app serving ``engine``; its worker thread stops at app shutdown."""
+def create_app(engine: ReAttentionEngine, config: AppConfig | None = None, *, backend: Backend | None = None) -> FastAPI:
+    """An OpenAI-compatible app serving ``engine``; its worker thread stops at app shutdown.
+
+    ``backend``: see `GenerationWorker` (a sharded deployment passes its `ShardedEngine` on rank 0).
+    """
     config = config or AppConfig()
     model_name = config.model_name or engine.model_name
-    worker = GenerationWorker(engine, max_pending=config.max_pending)
+    worker = GenerationWorker(engine, max_pending=config.max_pending, backend=backend)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -95,10 +108,11 @@ def create_app(engine: ReAttentionEngine, config: AppConfig | None = None) -> Fa
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        body = {"status": "ok" if worker.alive else "dead", "model": model_name,
+        status = "dead" if not worker.alive else "broken" if worker.broken else "ok"
+        body = {"status": status, "model": model_name, "error": str(worker.broken) if worker.broken else None,
                 "busy": worker.busy, "pending": worker.pending,
                 "completed": worker.completed, "cancelled": worker.cancelled}
-        return JSONResponse(body, status_code=200 if worker.alive else 503)
+        return JSONResponse(body, status_code=200 if status == "ok" else 503)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -132,6 +146,8 @@ def create_app(engine: ReAttentionEngine, config: AppConfig | None = None) -> Fa
         job = Job(ids, params, emit=lambda ev: _hand_over(loop, events, ev, job))
         if not worker.alive:
             raise APIError(503, "the generation worker has stopped; restart the server", type="server_error")
+        if worker.broken:
+            raise APIError(503, str(worker.broken), type="server_error", code="worker_failed")
         try:
             worker.submit(job)
         except QueueFull as exc:
@@ -194,6 +210,8 @@ def _hand_over(loop: asyncio.AbstractEventLoop, events: asyncio.Queue[Event], ev
 def _failure(error: BaseException) -> APIError:
     if isinstance(error, InvalidInputError):
         return APIError(400, str(error))
+    if isinstance(error, DistributedError):
+        return APIError(503, str(error), type="server_error", code="worker_failed")
     return APIError(500, f"generation failed: {type(error).__name__}: {error}", type="server_error")
 
 

@@ -1,8 +1,15 @@
-"""``reattention serve``: the OpenAI-compatible server (a `reattention_core.cli` plug-in)."""
+"""``reattention serve``: the OpenAI-compatible server (a `reattention_core.cli` plug-in).
+
+Under ``torchrun`` (``WORLD_SIZE > 1``) the KV store is sharded across the ranks: rank 0 serves,
+the other ranks follow its generations::
+
+    torchrun --nproc-per-node 2 --no-python reattention serve
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -24,6 +31,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from reattention_core.serving.server import ServeConfig, serve
 
     config = ServeConfig(host=args.host, port=args.port)  # validate before loading the model
+    app_config = AppConfig(model_name=args.model_name, api_key=args.api_key, default_max_tokens=args.max_tokens)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return _serve_sharded(args, config, app_config)
     engine = _load(args)
     if args.max_context is not None:
         engine.config = engine.config.replace(max_context=args.max_context)
@@ -31,6 +41,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"warming up ({engine.warmup():.1f}s)", file=sys.stderr, flush=True)
     print(f"serving {args.model_name or engine.model_name} at http://{config.host}:{config.port}/v1",
           file=sys.stderr, flush=True)
-    serve(engine, config, AppConfig(model_name=args.model_name, api_key=args.api_key,
-                                    default_max_tokens=args.max_tokens))
+    serve(engine, config, app_config)
+    return 0
+
+
+def _serve_sharded(args: argparse.Namespace, config, app_config) -> int:
+    """Under torchrun: every rank loads the model, rank 0 serves, the others follow its generations."""
+    from reattention_core.distributed import ShardedEngine, init_from_env
+    from reattention_core.engine import ReAttentionEngine
+    from reattention_core.serving.server import serve
+
+    device = init_from_env()
+    engine = ReAttentionEngine.from_pretrained(args.model, gguf_file=args.gguf_file, device=device, cache=False)
+    if args.mode:
+        engine.config = engine.config.replace(mode=args.mode)
+    if args.max_context is not None:
+        engine.config = engine.config.replace(max_context=args.max_context)
+    sharded = ShardedEngine(engine)
+    if not sharded.is_leader:
+        sharded.follow()
+        return 0
+    print(f"serving {args.model_name or engine.model_name} at http://{config.host}:{config.port}/v1, "
+          f"KV store sharded over {sharded.world} ranks", file=sys.stderr, flush=True)
+    try:
+        serve(engine, config, app_config, backend=sharded)
+    finally:
+        sharded.shutdown()  # release the followers
     return 0

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from reattention_core.engine import ReAttentionEngine
 from reattention_core.errors import InvalidInputError
 from reattention_core.serving.app import AppConfig, create_app
+from reattention_core.serving.worker import Backend
 
 LOOPBACK = "127.0.0.1"
 
@@ -53,17 +54,28 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def _uvicorn_server(engine: ReAttentionEngine, serve: ServeConfig, app_config: AppConfig | None):
+def _uvicorn_server(
+    engine: ReAttentionEngine, serve: ServeConfig, app_config: AppConfig | None, backend: Backend | None = None
+):
     import uvicorn
 
     serve.check_exposure()
-    app = create_app(engine, app_config)
+    app = create_app(engine, app_config, backend=backend)
     return uvicorn.Server(uvicorn.Config(app, host=serve.host, port=serve.port, log_level=serve.log_level))
 
 
-def serve(engine: ReAttentionEngine, serve: ServeConfig | None = None, app_config: AppConfig | None = None) -> None:
-    """Serve ``engine`` until interrupted (Ctrl-C stops after the running generation's next piece)."""
-    _uvicorn_server(engine, serve or ServeConfig(), app_config).run()
+def serve(
+    engine: ReAttentionEngine,
+    serve: ServeConfig | None = None,
+    app_config: AppConfig | None = None,
+    *,
+    backend: Backend | None = None,
+) -> None:
+    """Serve ``engine`` until interrupted (Ctrl-C stops after the running generation's next piece).
+
+    ``backend``: see `GenerationWorker` (the `ShardedEngine` on rank 0 of a sharded deployment).
+    """
+    _uvicorn_server(engine, serve or ServeConfig(), app_config, backend).run()
 
 
 class BackgroundServer:
@@ -76,13 +88,18 @@ class BackgroundServer:
     """
 
     def __init__(
-        self, engine: ReAttentionEngine, serve: ServeConfig | None = None, app_config: AppConfig | None = None
+        self,
+        engine: ReAttentionEngine,
+        serve: ServeConfig | None = None,
+        app_config: AppConfig | None = None,
+        *,
+        backend: Backend | None = None,
     ) -> None:
         serve = serve or ServeConfig(port=0, log_level="warning")
         if serve.port == 0:
             serve = ServeConfig(host=serve.host, port=_free_port(serve.host), log_level=serve.log_level)
         self.config = serve
-        self._server = _uvicorn_server(engine, serve, app_config)
+        self._server = _uvicorn_server(engine, serve, app_config, backend)
         self._thread = threading.Thread(target=self._server.run, name="reattention-serve", daemon=True)
 
     @property

@@ -13,12 +13,13 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from reattention_core.decoding import SamplingParams
 from reattention_core.engine import GenerationResult, ReAttentionEngine
+from reattention_core.errors import DistributedError
 
 log = logging.getLogger("reattention")
 
@@ -61,16 +62,52 @@ class QueueFull(Exception):
     """More jobs are waiting than the worker accepts."""
 
 
+class Backend(Protocol):
+    """What runs the generations: the engine itself, or a `ShardedEngine` on rank 0."""
+
+    keepalive_s: float | None  # call `keepalive` after this many idle seconds (None: never)
+
+    def run(self, ids: list[int], params: SamplingParams) -> Iterator[str]:
+        """A generator of text deltas; its ``StopIteration`` value is the `GenerationResult`."""
+
+    def keepalive(self) -> None:
+        """Tell whoever waits on this backend that it is still there (e.g. ranks blocked in a collective)."""
+
+
+class EngineBackend:
+    """The single-process backend.
+
+    It uses private engine API on purpose: `ReAttentionEngine.stream` drops the final
+    `GenerationResult` (usage, finish reason, cached tokens), which the OpenAI protocol needs.
+    """
+
+    keepalive_s = None
+
+    def __init__(self, engine: ReAttentionEngine) -> None:
+        self.engine = engine
+
+    def run(self, ids: list[int], params: SamplingParams) -> Iterator[str]:
+        return self.engine._run(ids, params, False)
+
+    def keepalive(self) -> None:
+        return None
+
+
 class GenerationWorker:
     """Serialises generations through one engine in one daemon thread.
 
     Args:
         engine: the engine every job runs on.
         max_pending: jobs that may wait behind the running one; `submit` raises `QueueFull` beyond.
+        backend: what runs each job (default: `EngineBackend(engine)`; a sharded deployment
+            passes its `ShardedEngine`, whose `keepalive` the worker calls while idle so the
+            ranks waiting for the next job do not hit the process group's timeout).
     """
 
-    def __init__(self, engine: ReAttentionEngine, max_pending: int = 16) -> None:
+    def __init__(self, engine: ReAttentionEngine, max_pending: int = 16, backend: Backend | None = None) -> None:
         self.engine = engine
+        self.backend: Backend = backend or EngineBackend(engine)
+        self.broken: DistributedError | None = None  # set once a sharded generation lost a rank
         self._jobs: queue.Queue[Job | None] = queue.Queue(maxsize=max_pending)
         self._busy = threading.Event()
         self.completed = 0  # generations that ran to their end
@@ -111,7 +148,11 @@ class GenerationWorker:
 
     def _loop(self) -> None:
         while True:
-            job = self._jobs.get()
+            try:
+                job = self._jobs.get(timeout=self.backend.keepalive_s)
+            except queue.Empty:
+                self._keepalive()
+                continue
             if job is None:
                 return
             if job.cancel.is_set():
@@ -123,10 +164,13 @@ class GenerationWorker:
                 self._busy.clear()
 
     def _run(self, job: Job) -> None:
-        # Private engine API on purpose: `engine.stream` drops the final `GenerationResult`
-        # (usage, finish reason, cached tokens), which the OpenAI protocol needs.
-        gen = self.engine._run(job.ids, job.params, False)
         event: Event | None = None
+        try:
+            gen = self.backend.run(job.ids, job.params)
+        except Exception as exc:  # noqa: BLE001 - reported to the request, the worker keeps serving
+            self._note(exc)
+            job.emit(Failed(exc))
+            return
         try:
             while not job.cancel.is_set():
                 try:
@@ -145,6 +189,20 @@ class GenerationWorker:
         else:
             self.completed += isinstance(event, Done)
             job.emit(event)
+
+
+    def _keepalive(self) -> None:
+        if self.broken is not None:
+            return
+        try:
+            self.backend.keepalive()
+        except Exception as exc:
+            log.exception("keepalive failed")
+            self._note(exc)
+
+    def _note(self, exc: Exception) -> None:
+        if isinstance(exc, DistributedError):
+            self.broken = exc  # the store is incomplete from now on: refuse everything
 
 
 def params_for(engine: ReAttentionEngine, kwargs: dict[str, Any]) -> tuple[list[int], SamplingParams]:
