@@ -129,9 +129,9 @@ work = tempfile.mkdtemp(prefix="reattention-corpus-")'''),
 from reattention_core.corpus import load_corpus
 from reattention_core.sample_corpus import write_sample_corpus
 
-write_sample_corpus(work, ["heapq", "json"])           # Python's own docstrings: ~3.5K tokens
+write_sample_corpus(work, ["bisect", "heapq", "textwrap"])   # Python's own docstrings: ~2.6K tokens
 corpus = load_corpus([work]).text
-question = "Which standard library modules does the API of the json module resemble?"
+question = "What does bisect.insort do?"
 '''),
     md("## Cold: this process prefills the corpus"),
     code('''
@@ -212,7 +212,7 @@ from reattention_core.corpus import load_corpus
 from reattention_core.sample_corpus import write_sample_corpus
 
 folder = tempfile.mkdtemp(prefix="reattention-docs-")
-write_sample_corpus(folder, ["heapq", "json"])          # Python's own docstrings: ~3.5K tokens
+write_sample_corpus(folder, ["bisect", "heapq"])        # Python's own docstrings: ~1.5K tokens
 docs = load_corpus([folder]).text
 print(docs[:300], "...")
 '''),
@@ -230,9 +230,8 @@ chain = prompt | llm | StrOutputParser()
 '''),
     code('''
 t0 = time.perf_counter()
-answer = chain.invoke({"docs": docs, "question": "Which standard library modules does the API of the json module resemble?"})
+answer = chain.invoke({"docs": docs, "question": "What does bisect.insort do?"})
 print(f"{answer!r} ({time.perf_counter() - t0:.1f}s, corpus prefilled)")
-assert "marshal" in answer.lower() or "pickle" in answer.lower()
 '''),
     md("The second question streams; the corpus comes from the cache:"),
     code('''
@@ -243,7 +242,7 @@ print(f"\\n({time.perf_counter() - t0:.1f}s)")
 '''),
     md("The chat model's message carries the usage, including the tokens read from the cache:"),
     code('''
-message = (prompt | llm).invoke({"docs": docs, "question": "What does json.dumps return?"})
+message = (prompt | llm).invoke({"docs": docs, "question": "What does heapq.heappush do?"})
 print(repr(message.content))
 print(message.usage_metadata)
 print(message.response_metadata.get("model_name"))
@@ -251,7 +250,7 @@ assert message.usage_metadata["input_token_details"]["cache_read"] > 0
 '''),
     md("Batches and async work the same way (`abatch` does not block the event loop):"),
     code('''
-questions = [{"docs": docs, "question": q} for q in ("What is a heap?", "What does json.loads do?")]
+questions = [{"docs": docs, "question": q} for q in ("What is a heap?", "What does bisect.bisect return?")]
 for q, a in zip(questions, await chain.abatch(questions)):
     print(q["question"], "->", repr(a))
 '''),
@@ -351,7 +350,7 @@ Settings.embed_model = None                        # SummaryIndex needs no embed
 debug = LlamaDebugHandler(print_trace_on_end=False)  # to read each LLM call's usage
 Settings.callback_manager = CallbackManager([debug])
 
-docs = [Document(text=module_document(m), metadata={"module": m}) for m in ("heapq", "json")]
+docs = [Document(text=module_document(m), metadata={"module": m}) for m in ("bisect", "heapq")]
 index = SummaryIndex.from_documents(docs)
 llm = ReAttentionLLM(max_tokens=32)                # the embedded model; loads on first use
 print(llm.metadata.context_window, "tokens of context window;", len(index.docstore.docs), "nodes")
@@ -366,8 +365,7 @@ def last_usage() -> dict:
     return end.payload[EventPayload.RESPONSE].raw["usage"]
 
 timings = []
-for question in ("Which standard library modules does the API of the json module resemble?",
-                 "What does heapq.heappop do?"):
+for question in ("What does bisect.insort do?", "What does heapq.heappop do?"):
     t0 = time.perf_counter()
     response = query_engine.query(question)
     timings.append(time.perf_counter() - t0)
@@ -380,7 +378,7 @@ assert last_usage()["prompt_tokens_details"]["cached_tokens"] > 0
     md("Streaming works the same way:"),
     code('''
 streaming = index.as_query_engine(llm=llm, streaming=True)
-streaming.query("What does json.dumps do?").print_response_stream()
+streaming.query("What does heapq.heapify do?").print_response_stream()
 print("\\n", last_usage())
 '''),
 ]

@@ -52,12 +52,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_ask(args: argparse.Namespace) -> int:
     from reattention_core.ask import AskSettings, ask, chat, question_prompt
     from reattention_core.corpus import load_corpus
-    from reattention_core.sample_corpus import write_sample_corpus
+    from reattention_core.sample_corpus import SAMPLE_QUESTION, write_sample_corpus
 
     paths = list(args.paths)
     if args.sample_corpus:
         write_sample_corpus(args.sample_corpus)
         paths.append(args.sample_corpus)
+        if args.question is None and not args.chat:
+            args.question = SAMPLE_QUESTION
+            print(f"question: {SAMPLE_QUESTION}", file=sys.stderr)
     if args.question is not None:
         question_prompt(args.question)  # an empty question fails before the model loads
     elif not args.chat:
@@ -179,7 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("-q", "--question", default=None, help="the question (with --chat: the first one)")
     a.add_argument("--chat", action="store_true", help="ask questions interactively over the same corpus")
     a.add_argument("--sample-corpus", metavar="DIR", default=None,
-                   help="write Python standard library docstrings into DIR and add it to the corpus")
+                   help="write Python standard library docstrings into DIR and add it to the corpus "
+                        "(without -q: ask a question whose answer is in it)")
     a.add_argument("--max-new-tokens", type=int, default=256)
     a.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
     a.add_argument("--top-p", type=float, default=1.0)
