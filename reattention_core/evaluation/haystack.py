@@ -173,10 +173,10 @@ class Haystack:
         out, pos = [], 0
         for at, _, text in cuts:
             out.append(self._text(pos, at))
-            out.append(" " + text.strip() + " ")
+            out.append(" " + text.strip())
             pos = at
         out.append(self._text(pos, tokens))
-        return "".join(out).strip()
+        return "".join(out).lstrip()
 
 
 def fit_prompt(
@@ -203,5 +203,11 @@ def fit_prompt(
         if n == target:
             break
         budget = max(0, budget + (target - n))
+    # The correction can oscillate when a needle hops to the next sentence boundary: look around.
+    for budget in (best[1] + d for d in (-2, -1, 1, 2)) if best and best[0] else ():
+        prompt = render(max(0, budget))
+        n = count(prompt)
+        if abs(n - target) < best[0]:
+            best = (abs(n - target), max(0, budget), prompt, n)
     assert best is not None
     return best[1], best[2], best[3]

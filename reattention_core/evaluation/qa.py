@@ -125,12 +125,13 @@ def run_qa(
                 engine.config = base.replace(mode="reattention")
                 if size not in chains:
                     retriever = rag.make_retriever(corpus.records, grid.top_k)
-                    chains[size] = (retriever, rag.rag_chain(retriever, rag.chat_model(engine, grid.new_tokens)))
-                retriever, chain = chains[size]
+                    model = rag.chat_model(engine, grid.new_tokens)
+                    chains[size] = (retriever, rag.rag_chain(retriever, model), f"langchain:{type(model).__name__}")
+                retriever, chain, pipeline = chains[size]
                 got = [d.metadata["id"] for d in retriever.invoke(question)]
                 answer = chain.invoke(question)
                 extra = {"retrieved": got, "support_in_context": sum(s in got for s in q.support) / len(q.support),
-                         "pipeline": type(chain).__name__}
+                         "pipeline": pipeline}
                 prompt_tokens = cached = None
             else:
                 if mode == "full-truncated":

@@ -51,8 +51,6 @@ def make_retriever(passages: Sequence[str], k: int = 4) -> Any:
         _index: Any = PrivateAttr(default=None)
 
         def model_post_init(self, context: Any) -> None:
-            if not self.documents:
-                raise InvalidInputError("BM25Retriever needs at least one document")
             self._index = BM25Okapi([bm25_tokens(d.page_content) for d in self.documents])
 
         def _get_relevant_documents(
@@ -64,6 +62,8 @@ def make_retriever(passages: Sequence[str], k: int = 4) -> Any:
 
     if k < 1:
         raise InvalidInputError(f"k must be >= 1, got {k}")
+    if not passages:
+        raise InvalidInputError("BM25 needs at least one passage to retrieve from")
     docs = [Document(page_content=p, metadata={"id": i}) for i, p in enumerate(passages)]
     return BM25Retriever(documents=docs, k=k)
 
@@ -79,7 +79,7 @@ def chat_model(engine: Any, max_new_tokens: int) -> Any:
     except ImportError:
         ChatReAttention = None  # noqa: N806
     if ChatReAttention is not None:
-        return ChatReAttention(engine=engine, max_new_tokens=max_new_tokens, temperature=0.0)
+        return ChatReAttention(engine=engine, max_tokens=max_new_tokens, temperature=0.0)
     from langchain_core.messages import convert_to_openai_messages
     from langchain_core.runnables import RunnableLambda
 

@@ -22,6 +22,11 @@ def _order(values: Iterable[str]) -> list[str]:
     return [m for m in _MODE_ORDER if m in vals] + sorted(vals - set(_MODE_ORDER))
 
 
+def usable(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows of this harness (rows of older result formats, without a score, are left out)."""
+    return [r for r in rows if "score" in r and "length" in r and "task" in r and "mode" in r]
+
+
 def accuracy(rows: Sequence[dict[str, Any]]) -> float:
     return sum(float(r["score"]) for r in rows) / len(rows) if rows else math.nan
 
@@ -42,6 +47,7 @@ def _fmt_len(n: int) -> str:
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     """One line per (task, mode) or (task, question kind, mode), one column per length:
     ``accuracy (n)``."""
+    rows = usable(rows)
     if not rows:
         return "(no rows)"
     lengths = sorted({r["length"] for r in rows})
@@ -77,7 +83,7 @@ def _pyplot():
 
 def heatmap(rows: Sequence[dict[str, Any]], path: str | Path, title: str | None = None) -> Path:
     """Accuracy over length (rows) x depth (columns), one panel per task x mode; a PNG at ``path``."""
-    rows = [r for r in rows if r.get("task") != "qa"]
+    rows = [r for r in usable(rows) if r["task"] != "qa"]
     if not rows:
         raise InvalidInputError("no needle rows to plot")
     plt = _pyplot()
@@ -87,8 +93,7 @@ def heatmap(rows: Sequence[dict[str, Any]], path: str | Path, title: str | None 
     modes = _order(r["mode"] for r in rows)
     fig, axes = plt.subplots(len(tasks), len(modes), figsize=(3.4 * len(modes) + 1, 2.8 * len(tasks) + 0.4),
                              squeeze=False)
-    cmap = plt.get_cmap("RdYlGn").copy()
-    cmap.set_bad("#dddddd")
+    cmap = plt.get_cmap("RdYlGn").with_extremes(bad="#dddddd")  # grey: cell not run
     image = None
     for i, task in enumerate(tasks):
         trows = [r for r in rows if r["task"] == task]
@@ -125,7 +130,7 @@ def heatmap(rows: Sequence[dict[str, Any]], path: str | Path, title: str | None 
 
 def qa_plot(rows: Sequence[dict[str, Any]], path: str | Path, title: str | None = None) -> Path:
     """Corpus QA: accuracy against corpus size, one line per mode, one panel per question kind."""
-    rows = [r for r in rows if r.get("task") == "qa"]
+    rows = [r for r in usable(rows) if r["task"] == "qa"]
     if not rows:
         raise InvalidInputError("no corpus-QA rows to plot")
     plt = _pyplot()

@@ -1,0 +1,323 @@
+"""The evaluation harness: samples, scoring, the resumable grid runner, corpus QA, reports, CLI.
+
+Machinery runs on a tiny random-init Llama with the byte tokenizer (seconds); the embedded model
+checks token-exact prompt lengths and answers one real 2K pass key under ReAttention.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from collections import Counter
+
+import pytest
+
+from reattention_core import ReAttentionConfig, ReAttentionEngine
+from reattention_core.errors import InvalidInputError
+from reattention_core.evaluation import (
+    QAGrid,
+    NeedleGrid,
+    ResultsFile,
+    even_depths,
+    found,
+    make_sample,
+    read_rows,
+    run_grid,
+    run_qa,
+    score,
+)
+from reattention_core.evaluation.cli import parse_depths, parse_tokens
+from reattention_core.evaluation.facts import corpus_of_size, make_corpus
+from reattention_core.evaluation.haystack import Haystack, split_pieces
+from reattention_core.evaluation.qa import truncate_records
+from reattention_core.evaluation.report import heatmap, markdown_table, qa_plot
+from reattention_core.evaluation.tasks import TASKS, sample_seed
+from tests.helpers import ByteTokenizer, tiny_model
+
+# -- scoring -------------------------------------------------------------------------------------
+
+
+def test_score_matches_whole_numbers_and_words_only():
+    assert score(" 12345.", ["12345"]) == 1.0
+    assert score("The key is 123456", ["12345"]) == 0.0  # no match inside a longer number
+    assert score("a12345", ["12345"]) == 0.0
+    assert score("key=12345!", ["12345"]) == 1.0
+    assert score("they live in VELMORA bay", ["Velmora  Bay"]) == 1.0  # case and whitespace
+    assert score("velmorabay", ["Velmora Bay"]) == 0.0
+    assert score("", ["12345"]) == 0.0
+
+
+def test_score_is_recall_over_distinct_expected():
+    assert score("1111111 and 3333333", ["1111111", "2222222", "3333333", "4444444"]) == 0.5
+    assert score("1111111", ["1111111", "1111111"]) == 1.0  # duplicates count once
+    assert found("b then a", ["a", "b", "c"]) == ["a", "b"]
+    for bad in ([], "12345", [""], ["  "]):
+        with pytest.raises(InvalidInputError):
+            score("x", bad)
+
+
+# -- haystacks and samples -----------------------------------------------------------------------
+
+
+def test_split_pieces_restores_the_text():
+    text = "First one. Second!  Third?\n\nFourth: end"
+    pieces = split_pieces(text)
+    assert "".join(pieces) == text and len(pieces) == 5
+
+
+def test_haystack_puts_needles_in_depth_order_and_repeats_the_source():
+    tok = ByteTokenizer()
+    h = Haystack(tok, "filler")
+    n = 3 * h.tokens_per_pass + 123  # longer than the source: it repeats
+    text = h.build(n, [(0.9, "NEEDLE-LATE"), (0.1, "NEEDLE-EARLY")])
+    assert abs(len(tok(text)["input_ids"]) - n) < 40
+    early, late = text.index("NEEDLE-EARLY"), text.index("NEEDLE-LATE")
+    assert 0.05 < early / len(text) < 0.15 and 0.85 < late / len(text) < 0.95
+    with pytest.raises(InvalidInputError):
+        h.build(100, [(1.5, "x")])
+    with pytest.raises(InvalidInputError):
+        Haystack(tok, "poetry")
+
+
+def test_docs_haystack_is_natural_text_in_a_fixed_order():
+    tok = ByteTokenizer()
+    a, b = Haystack(tok, "docs"), Haystack(tok, "docs")
+    assert a.fingerprint == b.fingerprint and a.tokens_per_pass > 100_000
+    assert a.build(2000) == b.build(2000)
+    assert "The grass is green" not in a.build(5000)
+
+
+def test_samples_are_seeded_by_coordinates_only():
+    tok = ByteTokenizer()
+    h = Haystack(tok, "filler")
+    s1 = make_sample("passkey", tok, h, 600, 0.5, 0, base_seed=7)
+    assert s1 == make_sample("passkey", tok, h, 600, 0.5, 0, base_seed=7)
+    others = {make_sample("passkey", tok, h, 600, 0.5, i, base_seed=7).expected for i in range(1, 6)}
+    assert s1.expected not in others or len(others) > 1
+    assert sample_seed(7, "passkey", 600, 0.5, 0) != sample_seed(7, "passkey", 600, 0.5, 1)
+    assert sample_seed(7, "passkey", 600, 0.5, 0) != sample_seed(8, "passkey", 600, 0.5, 0)
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_every_task_builds_an_answerable_prompt_of_the_requested_length(task):
+    tok = ByteTokenizer()
+    h = Haystack(tok, "filler")
+    s = make_sample(task, tok, h, 1500, 0.3, 2, base_seed=1)
+    # Needle tasks cut the haystack anywhere: exact. The word list grows by whole entries: close.
+    assert abs(s.prompt_tokens - 1500) <= (15 if task == "cwe" else 0)
+    assert s.prompt_tokens == len(tok(s.prompt)["input_ids"])
+    assert s.prompt.endswith(s.answer_prefix)
+    content = s.messages[0]["content"]
+    assert s.messages[0]["role"] == "user" and content in s.prompt
+    assert all(e in content for e in s.expected)
+    assert s.score(" ".join(s.expected)) == 1.0 and s.score("no idea") == 0.0
+    if task == "cwe":
+        assert s.depth is None
+        words = re.findall(r"^\d+\. (\w+)$", content, flags=re.M)
+        top = {w for w, _ in Counter(words).most_common(len(s.expected))}
+        assert top == set(s.expected)
+    if task == "vartrack":  # the chain starts with the value and links every expected name in order
+        chain = re.findall(r"VAR (\w+) = (?:VAR )?(\w+)\.", content)
+        assert [a for a, _ in chain] == list(s.expected)
+        assert all(b == chain[i - 1][0] for i, (_, b) in enumerate(chain) if i)
+    if task in ("multikey", "multivalue"):
+        assert content.count("special magic number") >= 4
+
+
+def test_embedded_tokenizer_gives_exact_prompt_lengths(embedded_engine):
+    tok = embedded_engine.tokenizer
+    h = Haystack(tok, "docs")
+    for length, depth in ((1000, 0.0), (3000, 0.5), (5000, 1.0)):
+        s = make_sample("passkey", tok, h, length, depth, 0)
+        assert s.prompt_tokens == length == len(embedded_engine.encode(s.prompt))
+        assert f"The pass key is {s.expected[0]}" in s.prompt
+
+
+# -- the grid runner -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tiny_engine():
+    model = tiny_model("llama")
+    return ReAttentionEngine(
+        model, ByteTokenizer(), ReAttentionConfig(sink_size=4, block_size=8, top_k=2, max_blocks=4,
+                                                 local_window=64, prefill_chunk_size=64),
+        model_name="tiny-llama", cache=False,
+    )
+
+
+def _grid(**kw):
+    base = dict(tasks=("passkey",), lengths=(256,), depths=(0.2, 0.8), modes=("reattention", "full"),
+                haystack="filler", max_new_tokens=3)
+    base.update(kw)
+    return NeedleGrid(**base)
+
+
+def test_grid_validates_its_inputs():
+    for bad in (dict(tasks=("nope",)), dict(modes=("sparse",)), dict(lengths=(10,)), dict(depths=(1.2,)),
+                dict(samples=0), dict(haystack="x"), dict(lengths=()), dict(mode_max_length={"bogus": 5})):
+        with pytest.raises(InvalidInputError):
+            _grid(**bad)
+    assert even_depths(1) == (0.5,) and even_depths(3) == (0.05, 0.5, 0.95)
+    cells = _grid(tasks=("passkey", "cwe"), lengths=(200, 300), mode_max_length={"full": 200}).cells()
+    assert not any(c.mode == "full" and c.length == 300 for c in cells)
+    assert any(c.mode == "full" and c.length == 200 for c in cells)
+    assert {c.depth for c in cells if c.task == "cwe"} == {None}
+
+
+def test_run_grid_writes_rows_resumes_and_restores_the_config(tiny_engine, tmp_path):
+    out = tmp_path / "r.jsonl"
+    grid = _grid(lengths=(256, 320))
+    before = tiny_engine.config
+    report = run_grid(tiny_engine, grid, ResultsFile(out), limit=3, progress=False)
+    assert report.ran == 3 and not report.interrupted and tiny_engine.config == before
+    rows = read_rows(out)
+    assert len(rows) == 3
+    r = rows[0]
+    assert r["env"]["model"] == "tiny-llama" and r["env"]["commit"] and r["env"]["torch"]
+    assert r["config"]["mode"] == r["mode"] and r["prompt_tokens"] == 256 and 0.0 <= r["score"] <= 1.0
+    # The same sample goes to every mode.
+    first_two = rows[:2]
+    assert first_two[0]["sample_seed"] == first_two[1]["sample_seed"]
+    assert {x["mode"] for x in first_two} == {"reattention", "full"}
+
+    with out.open("a") as f:  # a torn line from a crash mid-write
+        f.write('{"task": "passkey", "len')
+    report = run_grid(tiny_engine, grid, ResultsFile(out), progress=False)
+    assert report.skipped == 3 and report.ran == len(grid.cells()) - 3
+    rows = read_rows(out)
+    assert len(rows) == len(grid.cells())
+    assert len({(x["length"], x["depth"], x["mode"]) for x in rows}) == len(rows)
+    assert run_grid(tiny_engine, grid, ResultsFile(out), progress=False).ran == 0
+
+
+def test_ctrl_c_keeps_whole_rows_and_the_rerun_finishes(tiny_engine, tmp_path, monkeypatch):
+    out = tmp_path / "r.jsonl"
+    real = tiny_engine.generate
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tiny_engine, "generate", flaky)
+    before = tiny_engine.config
+    report = run_grid(tiny_engine, _grid(), ResultsFile(out), progress=False)
+    assert report.interrupted and report.ran == 2 and tiny_engine.config == before
+    lines = out.read_text().splitlines()
+    assert len(lines) == 2 and all(json.loads(x) for x in lines)
+    report = run_grid(tiny_engine, _grid(), ResultsFile(out), progress=False)
+    assert report.ran == len(_grid().cells()) - 2 and not report.interrupted
+
+
+def test_report_table_and_heatmap_png(tiny_engine, tmp_path):
+    out = tmp_path / "r.jsonl"
+    run_grid(tiny_engine, _grid(modes=("reattention", "streaming"), depths=(0.5,), lengths=(256, 320)), ResultsFile(out),
+             progress=False)
+    rows = read_rows(out)
+    table = markdown_table(rows)
+    assert "| passkey | reattention |" in table and "| passkey | streaming |" in table
+    png = heatmap(rows, tmp_path / "fig" / "heat.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+
+
+# -- corpus QA -----------------------------------------------------------------------------------
+
+
+def test_fact_corpus_questions_are_answerable_from_their_records():
+    corpus = make_corpus(30, 8, seed=3)
+    assert corpus == make_corpus(30, 8, seed=3)
+    kinds = Counter(q.kind for q in corpus.questions)
+    assert kinds == {"single": 4, "multi": 4}
+    for q in corpus.questions:
+        support = " ".join(corpus.records[i] for i in q.support)
+        assert q.answer in support
+        if q.kind == "multi":
+            assert len(set(q.support)) == 2 or corpus.records[q.support[0]].count(".") > 1
+    with pytest.raises(InvalidInputError):
+        make_corpus(2, 1, seed=0)
+    with pytest.raises(InvalidInputError):
+        make_corpus(10, 11, seed=0)
+
+
+def test_corpus_of_size_and_truncation_follow_token_counts():
+    count = lambda text: len(text.encode())  # noqa: E731 - byte tokens
+    corpus, n = corpus_of_size(6000, 6, seed=0, count=count)
+    assert abs(n - 6000) < 600 and n == count(corpus.text)
+    kept, text = truncate_records(corpus.records, 2000, count)
+    assert count(text) <= 2000 < count("\n\n".join(corpus.records[: kept + 1]))
+    assert truncate_records(corpus.records, 5, count) == (0, "")
+
+
+def test_bm25_retriever_is_a_langchain_retriever_that_finds_the_person():
+    from langchain_core.retrievers import BaseRetriever
+
+    from reattention_core.evaluation.rag import make_retriever
+
+    corpus = make_corpus(40, 6, seed=1)
+    retriever = make_retriever(corpus.records, k=3)
+    assert isinstance(retriever, BaseRetriever)
+    for q in corpus.questions:
+        if q.kind == "single":
+            docs = retriever.invoke(q.text)
+            assert len(docs) == 3 and q.support[0] in [d.metadata["id"] for d in docs]
+    with pytest.raises(InvalidInputError):
+        make_retriever([], k=2)
+
+
+def test_run_qa_answers_every_mode_and_reuses_the_corpus(tiny_engine, tmp_path):
+    tiny_engine_cached = ReAttentionEngine(tiny_engine.model, tiny_engine.tokenizer, tiny_engine.config,
+                                           model_name="tiny-llama")
+    out = tmp_path / "qa.jsonl"
+    grid = QAGrid(sizes=(1500,), questions=2, top_k=2, max_new_tokens=3)
+    report = run_qa(tiny_engine_cached, grid, ResultsFile(out), progress=False)
+    rows = read_rows(out)
+    assert report.ran == 6 and len(rows) == 6
+    assert {r["mode"] for r in rows} == {"reattention", "rag", "full-truncated"}
+    by_mode = {m: [r for r in rows if r["mode"] == m] for m in ("reattention", "rag", "full-truncated")}
+    assert by_mode["reattention"][1]["cached_tokens"] > 0  # the second question reuses the corpus
+    assert all(len(r["retrieved"]) == 2 for r in by_mode["rag"])
+    # The tiny model's window (1024) holds only part of a 1500-token corpus.
+    assert all(0 < r["records_in_context"] < r["records"] for r in by_mode["full-truncated"])
+    assert {r["question"] for r in by_mode["rag"]} == {r["question"] for r in by_mode["reattention"]}
+    assert run_qa(tiny_engine_cached, grid, ResultsFile(out), progress=False).skipped == 6
+    png = qa_plot(rows, tmp_path / "qa.png")
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(InvalidInputError):
+        QAGrid(sizes=(1500,), modes=("bm25",))
+
+
+# -- command line --------------------------------------------------------------------------------
+
+
+def test_cli_parsing_and_report(tmp_path, tiny_engine, capsys):
+    import argparse
+
+    from reattention_core.cli import main
+
+    assert parse_tokens("4K") == 4096 and parse_tokens("1M") == 1 << 20 and parse_tokens("1500") == 1500
+    assert parse_tokens("0.5K") == 512
+    for bad in ("4G", "abc", "1.3"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_tokens(bad)
+    assert parse_depths(["5"]) == even_depths(5) and parse_depths(["0", "1"]) == (0.0, 1.0)
+    with pytest.raises(InvalidInputError):
+        parse_depths(["0.5", "2"])
+    out = tmp_path / "r.jsonl"
+    run_grid(tiny_engine, _grid(), ResultsFile(out), progress=False)
+    assert main(["eval", "report", str(out), "--plot", str(tmp_path / "h.png")]) == 0
+    assert "| passkey | full |" in capsys.readouterr().out and (tmp_path / "h.png").exists()
+
+
+# -- one real cell -------------------------------------------------------------------------------
+
+
+def test_embedded_model_finds_a_2k_pass_key_under_reattention(embedded_engine, tmp_path):
+    grid = NeedleGrid(tasks=("passkey",), lengths=(2048,), depths=(0.25,), modes=("reattention",), haystack="filler")
+    report = run_grid(embedded_engine, grid, ResultsFile(tmp_path / "r.jsonl"), progress=False)
+    (row,) = report.rows
+    assert row["prompt_tokens"] == 2048 > embedded_engine.config.scope_size
+    assert row["hit"], row["answer"]
