@@ -9,6 +9,7 @@ the same prefix cache), and the model is loaded once per process.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from typing import Any
 import torch
 
 from reattention_core.config import ReAttentionConfig
-from reattention_core.embedded import EMBEDDED_NAME
+from reattention_core.embedded import EMBEDDED_NAME, EMBEDDED_PRESET
 from reattention_core.engine import ReAttentionEngine, default_device, default_dtype
 from reattention_core.errors import ConfigError, InvalidInputError
 from reattention_core.prefix_cache import CacheConfig
@@ -33,7 +34,10 @@ class EngineSettings:
     Attributes:
         model: Hugging Face model id or local directory; ``None``: the embedded SmolLM2-135M-Instruct.
         gguf_file: GGUF file name inside ``model`` (GGUF checkpoints only).
-        config: ReAttention settings; ``None``: the model's preset or the paper's sizing.
+        config: a complete ReAttention config; ``None``: the model's default (its preset, else the
+            paper's sizing for its pre-training window), with ``config_overrides`` applied.
+        config_overrides: ``(field, value)`` pairs applied to the model's default config (what a
+            dict given as ``config`` becomes), e.g. ``(("max_context", 200_000),)``.
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...
         dtype: one of ``float32``, ``bfloat16``, ``float16``.
         cache_dir: prefix-cache directory, resolved when the settings are created.
@@ -42,6 +46,7 @@ class EngineSettings:
     model: str | None
     gguf_file: str | None
     config: ReAttentionConfig | None
+    config_overrides: tuple[tuple[str, Any], ...]
     device: str
     dtype: str
     cache_dir: str
@@ -59,17 +64,22 @@ class EngineSettings:
     ) -> EngineSettings:
         """Validate and normalise, so equal settings spelled differently share one engine.
 
+        ``config`` is a complete `ReAttentionConfig`, or a dict of fields to change in the model's
+        default config (``{"max_context": 200_000}`` keeps the embedded model's measured preset).
+
         Raises:
-            ConfigError: an unknown config key, dtype or device.
+            ConfigError: an unknown config key or bad value, dtype or device.
         """
         if model is not None and not isinstance(model, (str, Path)):
             raise InvalidInputError(f"model must be a model id, a local path or None, got {type(model).__name__}")
         if gguf_file is not None and model is None:
             raise ConfigError("gguf_file needs model= (the directory or repository that holds it)")
+        full, overrides = _config(config, embedded=model is None)
         return cls(
             model=str(model) if model is not None else None,
             gguf_file=gguf_file,
-            config=_config(config),
+            config=full,
+            config_overrides=overrides,
             device=_device(device),
             dtype=_dtype(dtype, device),
             # Resolved now: two adapters created under different $REATTENTION_CACHE_DIR values
@@ -78,20 +88,34 @@ class EngineSettings:
         )
 
     @property
+    def max_context(self) -> int | None:
+        """The configured cap on prompt + completion tokens (``None``: memory is the only bound)."""
+        overrides = dict(self.config_overrides)
+        if "max_context" in overrides:
+            return overrides["max_context"]
+        return self.config.max_context if self.config is not None else None
+
+    @property
     def model_name(self) -> str:
         """The display name responses report (the embedded model's name for ``model=None``)."""
         return self.model if self.model is not None else EMBEDDED_NAME
 
     def build(self) -> ReAttentionEngine:
         """Load the model (seconds to minutes); `shared_engine` calls this once per settings."""
-        return ReAttentionEngine.from_pretrained(
+        cache = CacheConfig(dir=self.cache_dir)
+        engine = ReAttentionEngine.from_pretrained(
             self.model,
             gguf_file=self.gguf_file,
             config=self.config,
             device=self.device,
             dtype=_DTYPES[self.dtype],
-            cache=CacheConfig(dir=self.cache_dir),
+            cache=cache,
         )
+        if not self.config_overrides:
+            return engine
+        # The default config is known only once the model is loaded (preset or pre-training window).
+        config = engine.config.replace(**dict(self.config_overrides))
+        return ReAttentionEngine(engine.model, engine.tokenizer, config, model_name=engine.model_name, cache=cache)
 
 
 class _Slot:
@@ -141,12 +165,23 @@ def register_engine(settings: EngineSettings, engine: ReAttentionEngine) -> ReAt
         return slot.engine
 
 
-def _config(config: ReAttentionConfig | Mapping[str, Any] | None) -> ReAttentionConfig | None:
+def _config(
+    config: ReAttentionConfig | Mapping[str, Any] | None, *, embedded: bool
+) -> tuple[ReAttentionConfig | None, tuple[tuple[str, Any], ...]]:
+    """(complete config or None, overrides of the model's default config)."""
     if config is None or isinstance(config, ReAttentionConfig):
-        return config
-    if isinstance(config, Mapping):
-        return ReAttentionConfig.from_dict(dict(config))
-    raise ConfigError(f"config must be a ReAttentionConfig, a dict of its fields or None, got {type(config).__name__}")
+        return config, ()
+    if not isinstance(config, Mapping):
+        raise ConfigError(
+            f"config must be a ReAttentionConfig, a dict of its fields or None, got {type(config).__name__}"
+        )
+    known = {f.name for f in dataclasses.fields(ReAttentionConfig)}
+    unknown = set(config) - known
+    if unknown:
+        raise ConfigError(f"unknown ReAttentionConfig keys {sorted(unknown)}; valid keys: {sorted(known)}")
+    if embedded:  # the default is known without loading anything: check the values now
+        ReAttentionConfig.preset(EMBEDDED_PRESET).replace(**config)
+    return None, tuple(sorted(config.items()))
 
 
 def _device(device: str | torch.device | None) -> str:

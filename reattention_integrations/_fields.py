@@ -27,7 +27,10 @@ class AdapterFields(BaseModel):
     gguf_file: str | None = Field(default=None, description="GGUF file inside `model`, for GGUF checkpoints.")
     config: Any = Field(
         default=None,
-        description="ReAttentionConfig, or a dict of its fields; None: the model's preset or the paper's sizing.",
+        description=(
+            "A ReAttentionConfig, or a dict of fields to change in the model's default config "
+            "(its preset, else the paper's sizing), e.g. {'max_context': 200000}."
+        ),
     )
     max_tokens: int = Field(default=256, ge=1, description="Most tokens to generate per call.")
     temperature: float = Field(default=0.0, ge=0.0, description="0: greedy decoding.")

@@ -23,6 +23,8 @@ from reattention_core.engine import GenerationResult, Prompt, ReAttentionEngine
 from reattention_core.errors import InvalidInputError
 
 T = TypeVar("T")
+# Starts a generation when called (in the thread that will drive it): text pieces, then the result.
+EventSource = Callable[[], Iterator["str | GenerationResult"]]
 
 # Call-level options an adapter accepts (e.g. ``llm.invoke(q, max_tokens=8, context=corpus)``).
 CALL_OPTIONS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "context", "progress")
@@ -40,14 +42,14 @@ class Sampling:
     stop: tuple[str, ...] = ()
 
     def engine_kwargs(self) -> dict[str, Any]:
-        return dict(
-            max_new_tokens=self.max_tokens,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=self.top_k,
-            seed=self.seed,
-            stop=list(self.stop) or None,
-        )
+        return {
+            "max_new_tokens": self.max_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "seed": self.seed,
+            "stop": list(self.stop) or None,
+        }
 
 
 def merge_stop(*sources: str | Iterable[str] | None) -> tuple[str, ...]:

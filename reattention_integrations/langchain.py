@@ -33,7 +33,14 @@ try:
     from langchain_core.language_models.base import LangSmithParams
     from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
     from langchain_core.messages.ai import InputTokenDetails, UsageMetadata
-    from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult, Generation, GenerationChunk, LLMResult
+    from langchain_core.outputs import (
+        ChatGeneration,
+        ChatGenerationChunk,
+        ChatResult,
+        Generation,
+        GenerationChunk,
+        LLMResult,
+    )
 except ImportError as exc:  # pragma: no cover - exercised in a subprocess by the tests
     raise ImportError(
         'reattention_integrations.langchain needs langchain-core: pip install "reattention[langchain]"'
@@ -42,7 +49,13 @@ from pydantic import ConfigDict, Field, SecretStr
 
 from reattention_core.engine import GenerationResult, Prompt
 from reattention_integrations._fields import AdapterFields
-from reattention_integrations._generation import Sampling, call_in_thread, generation_events, iterate_in_thread
+from reattention_integrations._generation import (
+    EventSource,
+    Sampling,
+    call_in_thread,
+    generation_events,
+    iterate_in_thread,
+)
 from reattention_integrations.errors import UnsupportedMessageError
 
 PROVIDER = "reattention"
@@ -120,9 +133,6 @@ class _LangChainFields(AdapterFields):
     max_retries: int | None = Field(default=None, description="Accepted for compatibility; unused (local model).")
     api_key: SecretStr | None = Field(default=None, description="Accepted for compatibility; unused (local model).")
 
-    # Typos in settings are errors, not silently ignored fields.
-    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True, protected_namespaces=())
-
     def _prepare(self, stop: list[str] | None, kwargs: dict[str, Any]) -> tuple[Sampling, dict[str, Any]]:
         """(sampling, ``context``/``progress`` keyword arguments) for one call."""
         options = self._call_options(kwargs, ignore=_LANGCHAIN_KWARGS)
@@ -157,6 +167,10 @@ class ChatReAttention(_LangChainFields, BaseChatModel):
 
     Not supported (typed `UnsupportedMessageError`): tool calling, tool messages, non-text content.
     """
+
+    # On the concrete class: pydantic lets the framework base's extra="ignore" win over a mixin's.
+    # Typos in settings are errors, not silently ignored fields.
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True, protected_namespaces=())
 
     @property
     def _llm_type(self) -> str:
@@ -223,7 +237,7 @@ class ChatReAttention(_LangChainFields, BaseChatModel):
                 await run_manager.on_llm_new_token(item, chunk=chunk)
             yield chunk
 
-    def _events(self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]):  # noqa: ANN202
+    def _events(self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]) -> EventSource:
         """Validate now; return a factory that loads the engine and starts generating (in its thread)."""
         chat = to_chat_messages(messages)
         sampling, run = self._prepare(stop, kwargs)
@@ -261,6 +275,8 @@ class ReAttentionLLM(_LangChainFields, BaseLLM):
     """
 
     chat_template: bool = Field(default=True, description="Wrap each prompt as a user message in the chat template.")
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True, protected_namespaces=())
 
     @property
     def _llm_type(self) -> str:
@@ -334,7 +350,7 @@ class ReAttentionLLM(_LangChainFields, BaseLLM):
                 await run_manager.on_llm_new_token(item, chunk=chunk)
             yield chunk
 
-    def _events(self, prompt: str, stop: list[str] | None, kwargs: dict[str, Any]):  # noqa: ANN202
+    def _events(self, prompt: str, stop: list[str] | None, kwargs: dict[str, Any]) -> EventSource:
         sampling, run = self._prepare(stop, kwargs)
         return lambda: generation_events(self.get_engine(), self._prompt(prompt), sampling=sampling, **run)
 

@@ -47,7 +47,13 @@ from pydantic import ConfigDict
 
 from reattention_core.engine import GenerationResult, Prompt
 from reattention_integrations._fields import AdapterFields
-from reattention_integrations._generation import Sampling, call_in_thread, generation_events, iterate_in_thread
+from reattention_integrations._generation import (
+    EventSource,
+    Sampling,
+    call_in_thread,
+    generation_events,
+    iterate_in_thread,
+)
 from reattention_integrations.errors import UnsupportedMessageError
 
 # What `metadata.context_window` reports when the config sets no `max_context`. ReAttention has no
@@ -146,7 +152,7 @@ class ReAttentionLLM(AdapterFields, CustomLLM):
             limit = self.engine.config.max_context
         else:
             assert self._settings is not None
-            limit = self._settings.config.max_context if self._settings.config is not None else None
+            limit = self._settings.max_context
         return limit if limit is not None else MEMORY_BOUND_CONTEXT_WINDOW
 
     # -- completion ------------------------------------------------------------------------------
@@ -219,7 +225,7 @@ class ReAttentionLLM(AdapterFields, CustomLLM):
         sampling, run = self._options(kwargs)
         return await call_in_thread(lambda: self.get_engine().generate(prompt(), **sampling.engine_kwargs(), **run))
 
-    def _events(self, prompt: Any, kwargs: dict[str, Any]):  # noqa: ANN202
+    def _events(self, prompt: Any, kwargs: dict[str, Any]) -> EventSource:
         """Validate the options now; the returned factory loads the engine and starts generating."""
         sampling, run = self._options(kwargs)
         return lambda: generation_events(self.get_engine(), prompt(), sampling=sampling, **run)
