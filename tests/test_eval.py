@@ -93,8 +93,8 @@ def test_samples_are_seeded_by_coordinates_only():
     h = Haystack(tok, "filler")
     s1 = make_sample("passkey", tok, h, 600, 0.5, 0, base_seed=7)
     assert s1 == make_sample("passkey", tok, h, 600, 0.5, 0, base_seed=7)
-    others = {make_sample("passkey", tok, h, 600, 0.5, i, base_seed=7).expected for i in range(1, 6)}
-    assert s1.expected not in others or len(others) > 1
+    keys = {make_sample("passkey", tok, h, 600, 0.5, i, base_seed=7).expected for i in range(6)}
+    assert len(keys) == 6  # each sample index hides a different key
     assert sample_seed(7, "passkey", 600, 0.5, 0) != sample_seed(7, "passkey", 600, 0.5, 1)
     assert sample_seed(7, "passkey", 600, 0.5, 0) != sample_seed(8, "passkey", 600, 0.5, 0)
 
@@ -235,8 +235,9 @@ def test_fact_corpus_questions_are_answerable_from_their_records():
     for q in corpus.questions:
         support = " ".join(corpus.records[i] for i in q.support)
         assert q.answer in support
-        if q.kind == "multi":
-            assert len(set(q.support)) == 2 or corpus.records[q.support[0]].count(".") > 1
+        if q.kind == "multi":  # hop 1: the person's employer; hop 2: the employer's city or product
+            assert len(q.support) == 2 and " works for " in corpus.records[q.support[0]]
+            assert q.answer in corpus.records[q.support[1]]
     with pytest.raises(InvalidInputError):
         make_corpus(2, 1, seed=0)
     with pytest.raises(InvalidInputError):

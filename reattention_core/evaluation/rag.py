@@ -3,7 +3,7 @@
 ``retriever | format | prompt | model | parser``: `BM25Retriever` (a LangChain `BaseRetriever`
 over ``rank_bm25.BM25Okapi``) returns the top passages, they become the context of the same
 prompt layout the in-context modes use (``context + "\\n\\n" + question`` in one user message),
-and the same engine answers.
+and the same engine answers through `ChatReAttention`.
 """
 
 from __future__ import annotations
@@ -69,25 +69,10 @@ def make_retriever(passages: Sequence[str], k: int = 4) -> Any:
 
 
 def chat_model(engine: Any, max_new_tokens: int) -> Any:
-    """A LangChain runnable that answers chat messages with ``engine`` (greedy).
+    """`reattention_integrations.langchain.ChatReAttention` over ``engine`` (greedy)."""
+    from reattention_integrations.langchain import ChatReAttention
 
-    Uses `reattention_integrations.langchain.ChatReAttention` when it is installed, else a
-    `RunnableLambda` over ``engine.generate`` (same prompt, same tokens).
-    """
-    try:
-        from reattention_integrations.langchain import ChatReAttention
-    except ImportError:
-        ChatReAttention = None  # noqa: N806
-    if ChatReAttention is not None:
-        return ChatReAttention(engine=engine, max_tokens=max_new_tokens, temperature=0.0)
-    from langchain_core.messages import convert_to_openai_messages
-    from langchain_core.runnables import RunnableLambda
-
-    def answer(prompt_value: Any) -> str:
-        messages = convert_to_openai_messages(prompt_value.to_messages())
-        return engine.generate(messages, max_new_tokens=max_new_tokens).text
-
-    return RunnableLambda(answer)
+    return ChatReAttention(engine=engine, max_tokens=max_new_tokens, temperature=0.0)
 
 
 def rag_chain(retriever: Any, model: Any) -> Any:
