@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import signal
 import sys
 from pathlib import Path
 
@@ -55,6 +56,15 @@ def parse_mode_caps(values: list[str] | None) -> dict[str, int]:
     return caps
 
 
+def _stop_on_term() -> None:
+    """SIGTERM (a job's time limit, ``kill``) stops the run like Ctrl-C: between rows, with the summary."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def _engine(args: argparse.Namespace, *, cache):
     from reattention_core.engine import ReAttentionEngine
 
@@ -97,6 +107,7 @@ def cmd_needles(args: argparse.Namespace) -> int:
     # Every needle prompt is unique: caching its pages would only fill memory and disk.
     engine = _engine(args, cache=False)
     results = ResultsFile(args.out)
+    _stop_on_term()
     report = run_grid(engine, grid, results, limit=args.limit, progress=not args.no_progress)
     return _finish(results.path, args.plot, report, "needles")
 
@@ -115,6 +126,7 @@ def cmd_qa(args: argparse.Namespace) -> int:
     # The corpus is reused across questions through the in-memory prefix cache; nothing on disk.
     engine = _engine(args, cache=CacheConfig(disk=False))
     results = ResultsFile(args.out)
+    _stop_on_term()
     report = run_qa(engine, grid, results, limit=args.limit, progress=not args.no_progress)
     return _finish(results.path, args.plot, report, "qa")
 
