@@ -15,7 +15,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TextIO
 
-from reattention_core.errors import InvalidInputError
+from reattention_core.engine import PrefillResult
+from reattention_core.errors import CacheError, InvalidInputError
 
 # Wrapped around every question (after the corpus, so changing it never invalidates a cached
 # corpus). The bare question: on the sample corpus the embedded 135M model answered more questions
@@ -85,14 +86,15 @@ def ask(
     err = err if err is not None else sys.stderr
     prompt = question_prompt(question)
     t0 = time.perf_counter()
-    warm = engine.prefill(context=corpus, progress=progress)
+    try:
+        warm = engine.prefill(context=corpus, progress=progress)
+        note = f"{warm.cached_tokens:,} from the cache, {warm.prefilled_tokens:,} prefilled and cached"
+    except CacheError:  # an engine built with cache=False: the answer below prefills the whole prompt
+        warm = PrefillResult(prompt_tokens=len(engine.encode(prompt, context=corpus)), cached_tokens=0,
+                             stored_tokens=0, prefilled_tokens=0)
+        note = "the prefix cache is off for this engine"
     prefill_s = time.perf_counter() - t0
-    print(
-        f"corpus: {warm.prompt_tokens:,} tokens, {warm.cached_tokens:,} from the cache, "
-        f"{warm.prefilled_tokens:,} prefilled and cached ({prefill_s:.1f}s)",
-        file=err,
-        flush=True,
-    )
+    print(f"corpus: {warm.prompt_tokens:,} tokens, {note} ({prefill_s:.1f}s)", file=err, flush=True)
     t1 = time.perf_counter()
     pieces = []
     for piece in _stream(engine, prompt, corpus, settings):

@@ -136,8 +136,9 @@ def shared_engine(embedded_engine, monkeypatch):
 
 
 def test_ask_answers_from_the_corpus_and_reuses_it(tmp_path, capsys, shared_engine):
-    write_sample_corpus(tmp_path / "docs", ["bisect", "textwrap"])  # the answer is ~1.2K tokens back
-    argv = ("ask", str(tmp_path / "docs"), "-q", SAMPLE_QUESTION, "--max-new-tokens", "24")
+    # The README's main job: the default sample corpus (~7.8K tokens; the answer is ~7K tokens back).
+    write_sample_corpus(tmp_path / "docs")
+    argv = ("ask", str(tmp_path / "docs"), "-q", SAMPLE_QUESTION, "--max-new-tokens", "32")
     code, first, err1 = run(capsys, *argv)
     assert code == 0
     assert all(word in first.lower() for word in SAMPLE_ANSWER_WORDS), first
@@ -158,3 +159,24 @@ def test_chat_answers_each_question_over_the_cached_corpus(tmp_path, capsys, mon
     answers = [line for line in out.split("question> ") if line.strip()]
     assert len(answers) == 2 and all("turquoise" in a.lower() for a in answers), out
     assert err.count("corpus:") == 2 and "never asked" not in out
+
+
+def test_ask_reports_cache_reuse_and_works_with_the_cache_off(tmp_path):
+    from reattention_core.ask import AskSettings, ask
+
+    config = ReAttentionConfig(sink_size=4, block_size=4, top_k=2, max_blocks=4, local_window=32, prefill_chunk_size=16)
+    corpus = "### a.md\n" + "some words about things. " * 12  # ~300 byte tokens: 4 pages of 64
+    settings = AskSettings(max_new_tokens=4)
+    for cache, expect in ((CacheConfig(page_size=64, dir=tmp_path), "from the cache"), (False, "cache is off")):
+        engine = ReAttentionEngine(tiny_model("llama"), ByteTokenizer(), config, cache=cache)
+        reports = []
+        for _ in range(2):
+            out, err = io.StringIO(), io.StringIO()
+            reports.append(ask(engine, corpus, "what?", settings, out=out, err=err, progress=False))
+            assert expect in err.getvalue() and out.getvalue() == reports[-1].answer + "\n"
+        assert reports[0].answer == reports[1].answer  # greedy, and a cached corpus changes nothing
+        if cache:
+            assert reports[0].cached_tokens == 0 and reports[0].prefilled_tokens >= 256
+            assert reports[1].cached_tokens == reports[0].prefilled_tokens and reports[1].prefilled_tokens == 0
+        else:
+            assert reports[1].cached_tokens == 0
