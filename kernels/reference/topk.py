@@ -18,6 +18,20 @@ import torch
 # Keys are scored in slices of this many tokens so the [rows, keys] score tile stays bounded.
 _KEY_SLICE = 16384
 _IDX_BITS = 32
+# CPU GEMMs round the last, partial column tile differently from full tiles (a different
+# micro-kernel), so two bitwise-identical keys could score 1 ulp apart and break the
+# index-ascending tie rule. Padding the key count to a multiple of this keeps every real column
+# in full tiles (a multiple of every tile width we know of; tests/kernels/test_topk.py checks it).
+_COLUMN_PAD = 64
+
+
+def _scores(qg: torch.Tensor, kh: torch.Tensor) -> torch.Tensor:
+    """fp32 ``qg [R, D] @ kh [C, D]^T`` -> ``[R, C]``, identical for identical keys wherever they sit."""
+    c = kh.shape[0]
+    pad = (-c) % _COLUMN_PAD
+    if pad:
+        kh = torch.cat([kh, kh.new_zeros(pad, kh.shape[1])])
+    return (qg @ kh.T)[:, :c]
 
 
 def _ordered_topk(scores: torch.Tensor, base: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,7 +93,7 @@ def score_topk_ref(q: torch.Tensor, k: torch.Tensor, top_k: int) -> torch.Tensor
             best_v = best_i = None
             for start in range(0, tk, _KEY_SLICE):
                 kh = k[bi, start : start + _KEY_SLICE, hi, :].float()
-                vals, idx = _ordered_topk(qg @ kh.T, start, kk)
+                vals, idx = _ordered_topk(_scores(qg, kh), start, kk)
                 if best_v is None:
                     best_v, best_i = vals, idx
                 else:

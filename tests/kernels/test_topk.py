@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from reattention_kernels import score_topk
 from reattention_kernels.reference import score_topk_ref
 
@@ -95,6 +94,18 @@ def test_score_topk_identical_keys(device):
     k = torch.randn(1, 1, 2, 64, device=device).expand(1, 100, 2, 64)
     out = score_topk(q, k, 6, backend="triton")
     assert (out == torch.arange(6, device=device)).all()
+
+
+@pytest.mark.parametrize("tk", [5, 37, 100, 513, 1025])
+@pytest.mark.parametrize("rows", [1, 3, 9])
+def test_reference_scores_identical_keys_identically(tk, rows):
+    """CPU GEMMs round a partial last column tile differently; the reference must not (tie rule)."""
+    torch.manual_seed(tk + rows)
+    k = torch.randn(1, tk, 3, 64)
+    k[:, :, 1] = torch.randn(64)  # every key of head 1 is the same vector (a repeated token)
+    q = torch.randn(1, rows, 6, 64)
+    out = score_topk_ref(q, k, 4)[:, :, 2:4]  # query heads 2 and 3 read KV head 1
+    assert (out == torch.arange(4)).all()
 
 
 def test_score_topk_empty(device):
