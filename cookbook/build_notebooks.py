@@ -94,12 +94,13 @@ except ConfigError as exc:
 ## A document in context, asked twice
 
 `context=` puts the document first and the question after it, so the second question starts with
-the same tokens and its prefill resumes after the cached pages (memory, then disk).
+the same tokens and its prefill resumes after the cached pages (memory, then disk). The cache
+keeps whole pages of 1024 tokens, so a document shorter than one page is never reused.
 """),
     code('''
 from reattention_core.sample_corpus import module_document
 
-doc = module_document("heapq")                      # the heapq module's docstrings, ~1K tokens
+doc = module_document("heapq") + module_document("bisect")  # two modules' docstrings, ~1.5K tokens
 for question in ("What does heapq.heappush do?", "What does heapq.heappop do?"):
     t0 = time.perf_counter()
     r = engine.generate(question, context=doc, max_new_tokens=24)
