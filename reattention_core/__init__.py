@@ -8,7 +8,7 @@ Quick start::
 """
 
 from reattention_core.config import PRESETS, ReAttentionConfig
-from reattention_core.engine import GenerationResult, PrefillResult, ReAttentionEngine
+from reattention_core.engine import PrefillResult, ReAttentionEngine
 from reattention_core.errors import (
     CacheError,
     ConfigError,
@@ -18,6 +18,7 @@ from reattention_core.errors import (
     ReAttentionError,
     UnsupportedModelError,
 )
+from reattention_core.generation import GenerationResult, Request, TextStream
 from reattention_core.hf import ReAttentionCache, enable_reattention
 from reattention_core.prefix_cache import CacheConfig, CacheInfo
 from reattention_core.store import KVStore
@@ -40,6 +41,8 @@ __all__ = [
     "ReAttentionConfig",
     "ReAttentionEngine",
     "ReAttentionError",
+    "Request",
+    "TextStream",
     "UnsupportedModelError",
     "enable_reattention",
 ]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Generator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ from reattention_core.errors import (
     UnsupportedModelError,
 )
 from reattention_core.fingerprint import EngineFingerprint
+from reattention_core.generation import GenerationResult, Request, TextStream
 from reattention_core.hf import ReAttentionCache, enable_reattention
 from reattention_core.hf.architectures import check_model, check_model_type, pretraining_window
 from reattention_core.prefill import run_prefill
@@ -41,28 +42,6 @@ CHAT_ROLES = ("system", "user", "assistant")
 # Between the context and the question when `context=` is given.
 CONTEXT_SEPARATOR = "\n\n"
 _QUESTION_SENTINEL = "\ue000\ue001question\ue001\ue000"
-
-
-@dataclass(frozen=True)
-class GenerationResult:
-    """What `ReAttentionEngine.generate` returns.
-
-    Attributes:
-        text: the completion (stop string excluded).
-        prompt_tokens: tokens in the prompt as the model saw it (chat template included).
-        completion_tokens: tokens generated.
-        finish_reason: ``"stop"`` (a stop string or the end-of-sequence token) or ``"length"``.
-        token_ids: the generated token ids.
-        cached_tokens: prompt tokens whose keys and values came from the prefix cache (memory or
-            disk) instead of being prefilled.
-    """
-
-    text: str
-    prompt_tokens: int
-    completion_tokens: int
-    finish_reason: str
-    token_ids: tuple[int, ...] = ()
-    cached_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -288,13 +267,11 @@ class ReAttentionEngine:
         reuses it across questions. ``result.cached_tokens`` says how many prompt tokens came
         from the cache.
         """
-        params = self._params(max_new_tokens, temperature, top_p, top_k, seed, stop)
-        it = self._run(self._prepare(prompt, params, context), params, progress)
-        while True:
-            try:
-                next(it)
-            except StopIteration as done:
-                return done.value
+        request = self.prepare(
+            prompt, context=context, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+            top_k=top_k, seed=seed, stop=stop,
+        )
+        return self.start(request, progress=progress).collect()
 
     def stream(
         self,
@@ -308,14 +285,36 @@ class ReAttentionEngine:
         seed: int | None = None,
         stop: str | Sequence[str] | None = None,
         progress: bool | None = None,
-    ) -> Iterator[str]:
-        """Yield the completion as text pieces while it is generated (same arguments as `generate`)."""
-        params = self._params(max_new_tokens, temperature, top_p, top_k, seed, stop)
-        ids = self._prepare(prompt, params, context)  # validate now, not at the first next()
-        return _drain_text(self._run(ids, params, progress))
+    ) -> TextStream:
+        """The completion as text pieces while it is generated (same arguments as `generate`).
 
-    def _params(self, max_new_tokens, temperature, top_p, top_k, seed, stop) -> SamplingParams:  # noqa: ANN001
-        return SamplingParams(
+        The prompt is checked now, not at the first piece. The returned `TextStream` holds the
+        `GenerationResult` (usage, finish reason, cached tokens) in ``.result`` once it has ended.
+        """
+        request = self.prepare(
+            prompt, context=context, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+            top_k=top_k, seed=seed, stop=stop,
+        )
+        return self.start(request, progress=progress)
+
+    def prepare(
+        self,
+        prompt: Prompt,
+        *,
+        context: str | None = None,
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+    ) -> Request:
+        """Tokenise and check a prompt and its sampling arguments (the first half of `stream`).
+
+        Raises `InvalidInputError` for bad prompts or arguments and `ContextLimitError` when the
+        prompt plus ``max_new_tokens`` exceeds ``config.max_context``. Run the result with `start`.
+        """
+        params = SamplingParams(
             max_new_tokens=max_new_tokens,
             temperature=temperature,
             top_p=top_p,
@@ -323,8 +322,6 @@ class ReAttentionEngine:
             seed=seed,
             stop=SamplingParams.normalize_stop(stop),
         )
-
-    def _prepare(self, prompt: Prompt, params: SamplingParams, context: str | None = None) -> list[int]:
         ids = self.encode(prompt, context=context)
         limit = self.config.max_context
         if limit is not None and len(ids) + params.max_new_tokens > limit:
@@ -333,11 +330,21 @@ class ReAttentionEngine:
                 f"configured max_context of {limit}; shorten the prompt, lower max_new_tokens or raise max_context "
                 "(nothing is truncated silently)"
             )
-        return ids
+        return Request(ids=tuple(ids), params=params)
+
+    def start(self, request: Request, *, progress: bool | None = None) -> TextStream:
+        """Run a `Request` from `prepare`; returns its `TextStream` (nothing runs until it is iterated).
+
+        Generations on one engine run one at a time (a lock is held while a stream is open), so
+        close or finish a stream before starting the next from the same thread.
+        """
+        if not isinstance(request, Request):
+            raise InvalidInputError(f"start() takes a Request from engine.prepare(...), got {type(request).__name__}")
+        return TextStream(self._run(list(request.ids), request.params, progress))
 
     def _run(
         self, ids: list[int], params: SamplingParams, progress: bool | None
-    ) -> Iterator[str]:  # returns a GenerationResult through StopIteration.value
+    ) -> Generator[str, None, GenerationResult]:
         sampler = Sampler(params)
         text = TextAssembler(self.tokenizer, params.stop)
         finish = "length"
@@ -510,10 +517,6 @@ class ReAttentionEngine:
             elif isinstance(source, (list, tuple)):
                 ids.update(int(i) for i in source)
         return frozenset(ids)
-
-
-def _drain_text(run: Iterator[str]) -> Iterator[str]:
-    yield from run
 
 
 def _fresh_store(model: torch.nn.Module, reserve: int) -> KVStore:

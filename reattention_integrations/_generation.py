@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 from reattention_core.engine import GenerationResult, Prompt, ReAttentionEngine
 from reattention_core.errors import InvalidInputError
+from reattention_core.generation import TextStream
 
 T = TypeVar("T")
 # Starts a generation when called (in the thread that will drive it): text pieces, then the result.
@@ -102,16 +103,15 @@ def generation_events(
     The prompt is encoded and checked now (bad input raises here, before any iteration). Drive
     the iterator to the end or close it, from one thread.
     """
-    # `engine.stream` yields only text and `generate` only the result; the streaming adapters need
-    # both (usage on the last chunk), which only the engine's own run loop gives.
-    params = engine._params(**sampling.engine_kwargs())
-    ids = engine._prepare(prompt, params, context)
-    return _then_result(engine._run(ids, params, progress))
+    request = engine.prepare(prompt, context=context, **sampling.engine_kwargs())
+    return _then_result(engine.start(request, progress=progress))
 
 
-def _then_result(run: Iterator[str]) -> Iterator[str | GenerationResult]:
-    result = yield from run  # closing this generator closes `run`, in the same thread
-    yield result
+def _then_result(stream: TextStream) -> Iterator[str | GenerationResult]:
+    with stream:  # closing this generator closes the stream, in the same thread
+        yield from stream
+    assert stream.result is not None
+    yield stream.result
 
 
 async def iterate_in_thread(factory: Callable[[], Iterable[T]]) -> AsyncIterator[T]:

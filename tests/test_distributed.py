@@ -118,8 +118,8 @@ def _leader_edge_cases(sharded, rank: int, results: dict) -> None:
     if rank == 0:
         with pytest.raises(InvalidInputError):
             sharded.generate("   ", max_new_tokens=3)
-        params = sharded.engine._params(max_new_tokens=50, temperature=0.0, top_p=1.0, top_k=0, seed=None, stop=None)
-        stream = sharded.run(sharded.engine.encode(PROMPTS[0]), params)
+        request = sharded.engine.prepare(PROMPTS[0], max_new_tokens=50)
+        stream = sharded.run(list(request.ids), request.params)
         results["closed_early"] = next(stream)
         stream.close()
         sharded.shutdown()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import threading
 
 import pytest
 import torch
@@ -15,8 +16,8 @@ from reattention_core import (
     ReAttentionConfig,
     ReAttentionEngine,
     UnsupportedModelError,
+    embedded,
 )
-from reattention_core import embedded
 from tests.helpers import tiny_model
 
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
@@ -142,8 +143,38 @@ def test_stream_does_not_leak_inference_mode_to_the_caller(byte_tokenizer):
     assert seen and not any(seen)
 
 
+def test_stream_holds_the_result_and_prepare_start_split_the_work(byte_tokenizer):
+    engine = ReAttentionEngine(tiny_model("llama"), byte_tokenizer,
+                               ReAttentionConfig(sink_size=2, block_size=4, top_k=2, max_blocks=3, local_window=16, prefill_chunk_size=8),
+                               cache=False)
+    expected = engine.generate("abc " * 10, max_new_tokens=6)
+    stream = engine.stream("abc " * 10, max_new_tokens=6)
+    assert stream.result is None  # nothing has run yet
+    assert "".join(stream) == expected.text
+    assert stream.result == expected
+    request = engine.prepare("abc " * 10, max_new_tokens=6)
+    assert request.prompt_tokens == expected.prompt_tokens and request.params.max_new_tokens == 6
+    assert engine.start(request).collect() == expected  # a request can be started again
+    with pytest.raises(InvalidInputError, match="max_new_tokens"):
+        engine.prepare("abc", max_new_tokens=0)  # checked before anything runs
+    with pytest.raises(InvalidInputError, match="Request"):
+        engine.start("abc")
+
+
+def test_a_stream_closed_early_releases_the_engine(byte_tokenizer):
+    engine = ReAttentionEngine(tiny_model("llama"), byte_tokenizer,
+                               ReAttentionConfig(sink_size=2, block_size=4, top_k=2, max_blocks=3, local_window=16, prefill_chunk_size=8),
+                               cache=False)
+    with engine.stream("abc " * 10, max_new_tokens=8, temperature=1.0, seed=3) as stream:
+        next(stream)
+    assert stream.result is None  # closed before the end: no result
+    done = threading.Event()
+    threading.Thread(target=lambda: (engine.generate("abc", max_new_tokens=2), done.set())).start()
+    assert done.wait(60), "the engine lock was not released by close()"
+
+
 def test_warmup_runs_selection_for_every_query_shape_and_leaves_no_state(byte_tokenizer, monkeypatch):
-    import reattention_core.attention as attention
+    from reattention_core import attention
 
     cfg = ReAttentionConfig(sink_size=2, block_size=4, top_k=2, max_blocks=3, local_window=16, prefill_chunk_size=8)
     # pages of 8 tokens: anything that went through the prefix cache would leave pages behind

@@ -100,8 +100,8 @@ class ShardedEngine:
             self.follow(once=True)
             return None
         try:
-            params = self.engine._params(**_sampling_args(sampling))
-            ids = self.engine._prepare(prompt, params, context)
+            request = self.engine.prepare(prompt, context=context, **_sampling_args(sampling))
+            ids, params = list(request.ids), request.params
         except ReAttentionError:
             self._broadcast_job((_SKIP,))
             raise
@@ -115,7 +115,7 @@ class ShardedEngine:
     # -- leader ------------------------------------------------------------------------------------
 
     def run(self, ids: list[int], params: SamplingParams, *, progress: bool | None = None) -> Iterator[str]:
-        """Rank 0: broadcast a validated job, then generate it (a generator like the engine's ``_run``).
+        """Rank 0: broadcast a validated job, then generate it (a generator like `ReAttentionEngine.start`'s stream).
 
         Text deltas are yielded; the `GenerationResult` is the ``StopIteration`` value. Closing
         the generator early (a client went away) tells the other ranks to stop too.

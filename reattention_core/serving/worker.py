@@ -20,6 +20,7 @@ from typing import Any, Protocol
 from reattention_core.decoding import SamplingParams
 from reattention_core.engine import GenerationResult, ReAttentionEngine
 from reattention_core.errors import DistributedError
+from reattention_core.generation import Request
 
 log = logging.getLogger("reattention")
 
@@ -75,11 +76,7 @@ class Backend(Protocol):
 
 
 class EngineBackend:
-    """The single-process backend.
-
-    It uses private engine API on purpose: `ReAttentionEngine.stream` drops the final
-    `GenerationResult` (usage, finish reason, cached tokens), which the OpenAI protocol needs.
-    """
+    """The single-process backend: `ReAttentionEngine.start`, whose stream ends with the result."""
 
     keepalive_s = None
 
@@ -87,7 +84,7 @@ class EngineBackend:
         self.engine = engine
 
     def run(self, ids: list[int], params: SamplingParams) -> Iterator[str]:
-        return self.engine._run(ids, params, False)
+        return self.engine.start(Request(ids=tuple(ids), params=params), progress=False)
 
     def keepalive(self) -> None:
         return None
@@ -209,5 +206,5 @@ def params_for(engine: ReAttentionEngine, kwargs: dict[str, Any]) -> tuple[list[
     """Validate a request's generation arguments and tokenise its prompt (raises `InvalidInputError`)."""
     prompt = kwargs.pop("prompt")
     context = kwargs.pop("context", None)
-    params = engine._params(**kwargs)
-    return engine._prepare(prompt, params, context), params
+    request = engine.prepare(prompt, context=context, **kwargs)
+    return list(request.ids), request.params
