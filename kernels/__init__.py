@@ -13,9 +13,8 @@ kernel-hub package, which transformers probes for.
 from __future__ import annotations
 
 import torch
-
 from reattention_kernels.dispatch import resolve_backend
-from reattention_kernels.reference import score_topk_ref, scope_attention_ref
+from reattention_kernels.reference import scope_attention_ref, score_topk_ref
 
 
 def _pow2(d: int, least: int) -> bool:
@@ -70,4 +69,4 @@ def scope_attention(
     return scope_attention_ref(q, k, v, sel_idx, n_sel, **kwargs)
 
 
-__all__ = ["score_topk", "scope_attention", "score_topk_ref", "scope_attention_ref", "resolve_backend"]
+__all__ = ["resolve_backend", "scope_attention", "scope_attention_ref", "score_topk", "score_topk_ref"]

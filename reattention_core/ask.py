@@ -72,7 +72,7 @@ def question_prompt(question: str) -> str:
 
 
 def ask(
-    engine,  # noqa: ANN001 - a ReAttentionEngine (not imported: keeps `reattention --help` fast)
+    engine,
     corpus: str,
     question: str,
     settings: AskSettings = AskSettings(),
@@ -113,7 +113,7 @@ def ask(
     )
 
 
-def _stream(engine, prompt: str, corpus: str, settings: AskSettings) -> Iterator[str]:  # noqa: ANN001
+def _stream(engine, prompt: str, corpus: str, settings: AskSettings) -> Iterator[str]:
     gen = engine.stream(
         prompt,
         context=corpus,
@@ -130,7 +130,7 @@ def _stream(engine, prompt: str, corpus: str, settings: AskSettings) -> Iterator
 
 
 def chat(
-    engine,  # noqa: ANN001
+    engine,
     corpus: str,
     settings: AskSettings = AskSettings(),
     *,
@@ -169,4 +169,4 @@ def chat(
             print("(answer interrupted)", file=err, flush=True)
 
 
-__all__ = ["AskReport", "AskSettings", "QUESTION_TEMPLATE", "ask", "chat", "question_prompt"]
+__all__ = ["QUESTION_TEMPLATE", "AskReport", "AskSettings", "ask", "chat", "question_prompt"]

@@ -63,13 +63,12 @@ class CacheNamespace:
 
 def _page_meta(path: Path) -> dict[str, str]:
     """The safetensors metadata of a page file (``{}`` if the header cannot be read)."""
-    with contextlib.suppress(OSError, ValueError, struct.error):
-        with open(path, "rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            if n <= 100 << 20:
-                meta = json.loads(fh.read(n)).get("__metadata__")
-                if isinstance(meta, dict):
-                    return meta
+    with contextlib.suppress(OSError, ValueError, struct.error), open(path, "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        if n <= 100 << 20:
+            meta = json.loads(fh.read(n)).get("__metadata__")
+            if isinstance(meta, dict):
+                return meta
     return {}
 
 
@@ -177,4 +176,4 @@ def remove_cache(directory: str | Path | None = None, model: str | None = None) 
     return chosen
 
 
-__all__ = ["CacheNamespace", "UNKNOWN_MODEL", "list_cache", "matches", "remove_cache", "scan_namespace"]
+__all__ = ["UNKNOWN_MODEL", "CacheNamespace", "list_cache", "matches", "remove_cache", "scan_namespace"]

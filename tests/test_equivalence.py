@@ -102,9 +102,8 @@ def test_enable_reattention_is_reversible(tiny):
 
 def test_reversible_after_an_exception(tiny):
     impl = tiny.config._attn_implementation
-    with pytest.raises(RuntimeError, match="boom"):
-        with enable_reattention(tiny, WIDE_LOCAL):
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), enable_reattention(tiny, WIDE_LOCAL):
+        raise RuntimeError("boom")
     assert tiny.config._attn_implementation == impl
     assert not rotary_module(tiny)._forward_hooks
 

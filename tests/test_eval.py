@@ -7,7 +7,6 @@ checks token-exact prompt lengths and answers one real 2K pass key under ReAtten
 from __future__ import annotations
 
 import json
-import random
 import re
 from collections import Counter
 
@@ -16,8 +15,8 @@ import pytest
 from reattention_core import ReAttentionConfig, ReAttentionEngine
 from reattention_core.errors import InvalidInputError
 from reattention_core.evaluation import (
-    QAGrid,
     NeedleGrid,
+    QAGrid,
     ResultsFile,
     even_depths,
     found,
@@ -114,7 +113,7 @@ def test_every_task_builds_an_answerable_prompt_of_the_requested_length(task):
     assert s.score(" ".join(s.expected)) == 1.0 and s.score("no idea") == 0.0
     if task == "cwe":
         assert s.depth is None
-        words = re.findall(r"^\d+\. (\w+)$", content, flags=re.M)
+        words = re.findall(r"^\d+\. (\w+)$", content, flags=re.MULTILINE)
         top = {w for w, _ in Counter(words).most_common(len(s.expected))}
         assert top == set(s.expected)
     if task == "vartrack":  # the chain starts with the value and links every expected name in order
@@ -245,7 +244,7 @@ def test_fact_corpus_questions_are_answerable_from_their_records():
 
 
 def test_corpus_of_size_and_truncation_follow_token_counts():
-    count = lambda text: len(text.encode())  # noqa: E731 - byte tokens
+    count = lambda text: len(text.encode())
     corpus, n = corpus_of_size(6000, 6, seed=0, count=count)
     assert abs(n - 6000) < 600 and n == count(corpus.text)
     kept, text = truncate_records(corpus.records, 2000, count)

@@ -15,7 +15,7 @@ from typing import Any
 from reattention_core.errors import InvalidInputError
 
 _WORD = re.compile(r"[a-z0-9]+")
-_STOP = frozenset("a an and the of in is to for does do what which who that with by on at was".split())
+_STOP = frozenset(["a", "an", "and", "the", "of", "in", "is", "to", "for", "does", "do", "what", "which", "who", "that", "with", "by", "on", "at", "was"])
 
 
 def bm25_tokens(text: str) -> list[str]:
