@@ -13,6 +13,7 @@ kernel-hub package, which transformers probes for.
 from __future__ import annotations
 
 import torch
+
 from reattention_kernels.dispatch import resolve_backend
 from reattention_kernels.reference import scope_attention_ref, score_topk_ref
 

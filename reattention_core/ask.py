@@ -72,7 +72,7 @@ def question_prompt(question: str) -> str:
 
 
 def ask(
-    engine,
+    engine,  # a ReAttentionEngine; not imported here so that `reattention --help` stays fast
     corpus: str,
     question: str,
     settings: AskSettings = AskSettings(),

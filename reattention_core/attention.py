@@ -9,11 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from reattention_kernels import scope_attention
 
 from reattention_core.config import ReAttentionConfig
 from reattention_core.rope import RopeSpec
 from reattention_core.selection import select_blocks
+from reattention_kernels import scope_attention
 
 
 @dataclass(frozen=True)

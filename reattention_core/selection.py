@@ -15,6 +15,7 @@ Output is a padded index tensor plus a per-row count, the form the attention ker
 from __future__ import annotations
 
 import torch
+
 from reattention_kernels import score_topk
 
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reattention_kernels.reference import score_topk_ref
-from reattention_kernels.reference.attention import scope_indices
 
 from reattention_core.attention import plan_scope
 from reattention_core.config import ReAttentionConfig
 from reattention_core.selection import expand_blocks, select_blocks, vote_and_clip
+from reattention_kernels.reference import score_topk_ref
+from reattention_kernels.reference.attention import scope_indices
 
 
 def brute_topk(q, k, top_k):

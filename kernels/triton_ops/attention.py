@@ -24,6 +24,7 @@ import functools
 import torch
 import triton
 import triton.language as tl
+
 from reattention_kernels.dispatch import interpreting
 
 _LOG2E = 1.4426950408889634

@@ -20,6 +20,7 @@ import functools
 import torch
 import triton
 import triton.language as tl
+
 from reattention_kernels.dispatch import interpreting
 
 # Splits cover a multiple of this many keys (a multiple of every BN).

@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from reattention_kernels import score_topk
-from reattention_kernels.reference import apply_rope_ref, rope_cos_sin
 
 from reattention_core.attention import ScopePlan, plan_scope
 from reattention_core.config import ReAttentionConfig
 from reattention_core.rope import RopeSpec
 from reattention_core.selection import expand_blocks, vote_and_clip
+from reattention_kernels import score_topk
+from reattention_kernels.reference import apply_rope_ref, rope_cos_sin
 
 
 def world_size(group: dist.ProcessGroup | None = None) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from reattention_kernels import scope_attention
 from reattention_kernels.reference import scope_attention_ref
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from reattention_kernels import score_topk
 from reattention_kernels.reference import score_topk_ref
 
