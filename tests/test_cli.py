@@ -180,3 +180,46 @@ def test_ask_reports_cache_reuse_and_works_with_the_cache_off(tmp_path):
             assert reports[1].cached_tokens == reports[0].prefilled_tokens and reports[1].prefilled_tokens == 0
         else:
             assert reports[1].cached_tokens == 0
+
+
+_WITHOUT_EXTRAS = """
+import sys
+for name in ("fastapi", "uvicorn", "starlette", "matplotlib", "rank_bm25", "langchain_core", "llama_index"):
+    sys.modules[name] = None  # makes `import name` raise ImportError, as on a machine without the extras
+from reattention_core import cli
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["eval", "passkey", "--help"], ["cache", "ls", "--dir", "{tmp}"]])
+def test_commands_work_without_the_optional_extras(tmp_path, argv):
+    # The GPU machine has none of the extras; `reattention eval` must still run there.
+    import subprocess
+    import sys
+
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    done = subprocess.run([sys.executable, "-c", _WITHOUT_EXTRAS, *argv], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+
+
+def test_serve_without_its_extra_exits_2_with_the_install_command(tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _WITHOUT_EXTRAS, "serve", "--model", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "pip install 'reattention[serve]'" in done.stderr
+
+
+def test_eval_plot_without_matplotlib_is_refused_before_the_run(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "rows.jsonl"
+    argv = ["eval", "passkey", "--model", str(tmp_path / "no-model"), "--lengths", "2K", "--out", str(out),
+            "--plot", str(tmp_path / "f.png")]
+    done = subprocess.run([sys.executable, "-c", _WITHOUT_EXTRAS, *argv], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "--plot needs matplotlib" in done.stderr and "eval report" in done.stderr
+    assert not out.exists()  # refused before loading anything or writing a row

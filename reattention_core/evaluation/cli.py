@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import re
 import signal
 import sys
@@ -72,6 +73,15 @@ def _engine(args: argparse.Namespace, *, cache):
     return ReAttentionEngine.from_pretrained(args.model, gguf_file=args.gguf_file, cache=cache)
 
 
+def _check_plot(plot: Path | None) -> None:
+    """Refuse ``--plot`` without matplotlib before the run, not after hours of it."""
+    if plot is not None and importlib.util.find_spec("matplotlib") is None:
+        raise InvalidInputError(
+            "--plot needs matplotlib (pip install 'reattention[eval]'); or drop --plot and make the figure "
+            "later on another machine with `reattention eval report RESULTS --plot out.png`"
+        )
+
+
 def _finish(rows_path: Path, plot: Path | None, report, kind: str) -> int:
     from reattention_core.evaluation import report as rep
     from reattention_core.evaluation.results import read_rows
@@ -90,6 +100,7 @@ def cmd_needles(args: argparse.Namespace) -> int:
     from reattention_core.evaluation.results import ResultsFile
     from reattention_core.evaluation.runner import NeedleGrid, run_grid
 
+    _check_plot(args.plot)
     tasks = ("passkey",) if args.eval_command == "passkey" else tuple(args.tasks)
     # The shared --mode picks one mode; --modes several.
     modes = args.modes or ([args.mode] if args.mode else list(MODES))
@@ -117,6 +128,7 @@ def cmd_qa(args: argparse.Namespace) -> int:
     from reattention_core.evaluation.results import ResultsFile
     from reattention_core.prefix_cache import CacheConfig
 
+    _check_plot(args.plot)
     if args.mode:
         raise InvalidInputError("eval qa compares its own modes: use --modes reattention rag full-truncated")
     grid = QAGrid(

@@ -9,8 +9,11 @@ the other ranks follow its generations::
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
+
+from reattention_core.errors import InvalidInputError
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -25,7 +28,16 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.set_defaults(func=cmd_serve)
 
 
+def _require_extra() -> None:
+    missing = [name for name in ("fastapi", "uvicorn") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise InvalidInputError(
+            f"reattention serve needs {' and '.join(missing)}: pip install 'reattention[serve]'"
+        )
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
+    _require_extra()
     from reattention_core.cli import _load
     from reattention_core.serving.app import AppConfig
     from reattention_core.serving.server import ServeConfig, serve
