@@ -76,7 +76,7 @@ def test_sample_corpus_holds_the_answer_and_is_stable(tmp_path):
     files = write_sample_corpus(tmp_path / "s", ["bisect", "heapq"])
     assert [f.name for f in files] == ["bisect.md", "heapq.md"]
     text = files[0].read_text()
-    assert text.startswith("# The bisect module") and "## bisect.insort\nInsert item x in list a" in text
+    assert text.startswith("# The bisect module") and "## bisect.bisect_left\nReturn the index where to insert item x" in text
     assert all(word in text.lower() for word in SAMPLE_ANSWER_WORDS)
     assert module_document("bisect") == text  # deterministic: a second run reuses the cache
     with pytest.raises(CorpusError, match="cannot import"):
