@@ -9,8 +9,8 @@ Layout of the cache directory (`default_cache_dir`)::
 ``namespace`` is the first 32 hex digits of the engine fingerprint's root (model weights,
 tokenizer, ReAttention config, dtype, device type, kernel backend, page size, format version; see
 `reattention_core.fingerprint`), and ``key`` the page's hash-chain key, which already depends on
-that root. A page file holds tensors ``k.<layer>`` and ``v.<layer>`` (``[page_size, H, D]``,
-pre-RoPE keys and values) and, in its safetensors metadata, the format version, the fingerprint
+that root. A page file holds tensors ``k.<layer>`` and ``v.<layer>`` (``[T, H, D]``,
+pre-RoPE keys and values; ``T`` is ``page_size``, or less for the tail page that ends a corpus) and, in its safetensors metadata, the format version, the fingerprint
 root, its key, its parent's key, its index in the chain and one CRC-32 per tensor.
 
 Guarantees:
@@ -121,6 +121,7 @@ class PageRef:
     key: str
     parent: str
     index: int
+    tokens: int | None = None  # tokens it must hold; None: a whole page (``page_size``)
 
 
 @dataclass(frozen=True)
@@ -180,11 +181,16 @@ class DiskCache:
     def namespace_dir(self, fp: EngineFingerprint) -> Path:
         return self.dir / fp.namespace
 
-    def refs(self, fp: EngineFingerprint, keys: Sequence[str], start: int = 0) -> list[PageRef]:
-        """`PageRef` of pages ``start ..`` of a chain with ``keys``."""
+    def refs(
+        self, fp: EngineFingerprint, keys: Sequence[str], start: int = 0, *, ends: Sequence[int] | None = None
+    ) -> list[PageRef]:
+        """`PageRef` of pages ``start ..`` of a chain with ``keys`` (page ``i`` ends at token ``ends[i]``)."""
         ns = self.namespace_dir(fp)
         return [
-            PageRef(ns / page_file_name(i, keys[i]), keys[i], keys[i - 1] if i else fp.root, i)
+            PageRef(
+                ns / page_file_name(i, keys[i]), keys[i], keys[i - 1] if i else fp.root, i,
+                None if ends is None else ends[i] - (ends[i - 1] if i else 0),
+            )
             for i in range(start, len(keys))
         ]
 
@@ -479,15 +485,20 @@ class DiskCache:
         mine = [p for p in pages if p[3].parent == ns]
         parents: set[str] = set()
         keys: set[str] = set()
+        tokens = 0
         for _m, _i, _s, path in mine:
             keys.add(path.stem.split("-", 1)[-1])
+            page_tokens = page_size  # tail pages are shorter: their header says by how much
             with contextlib.suppress(OSError, ValueError, KeyError, struct.error):
-                parents.add(_read_header(path)["__metadata__"]["parent"])
+                meta = _read_header(path)["__metadata__"]
+                parents.add(meta["parent"])
+                page_tokens = int(meta["tokens"])
+            tokens += page_tokens
         return DiskStats(
             dir=str(self.dir),
             entries=len(keys - parents),
             pages=len(mine),
-            tokens=len(mine) * page_size,
+            tokens=tokens,
             bytes=sum(p[2] for p in mine),
             total_bytes=total,
             max_bytes=self.max_bytes,
@@ -561,6 +572,7 @@ def _read_page(
     except (OSError, ValueError, struct.error) as exc:
         raise PageError(f"unreadable or truncated ({exc})", path) from exc
     meta = header.pop("__metadata__", None) or {}
+    tokens = page_size if ref.tokens is None else ref.tokens
     expected = {f"{kind}.{i}" for kind in "kv" for i in range(num_layers)}
     if set(header) != expected:
         raise PageError(f"holds tensors {sorted(header)[:4]}..., expected k.0..k.{num_layers - 1}, v.*", path)
@@ -570,7 +582,7 @@ def _read_page(
         "key": ref.key,
         "parent": ref.parent,
         "index": str(ref.index),
-        "tokens": str(page_size),
+        "tokens": str(tokens),
     }
     for name, want in checks.items():
         if meta.get(name) != want:
@@ -590,7 +602,7 @@ def _read_page(
             raise PageError(f"malformed entry for {name}", path) from exc
         if t_dtype != dtype:
             raise PageError(f"{name} has dtype {info['dtype']}, expected {dtype}", path)
-        if len(t_shape) != 3 or t_shape[0] != page_size or (shape is not None and t_shape != shape):
+        if len(t_shape) != 3 or t_shape[0] != tokens or (shape is not None and t_shape != shape):
             raise PageError(f"{name} has shape {t_shape}", path)
         shape = t_shape
         nbytes = t_shape[0] * t_shape[1] * t_shape[2] * dtype.itemsize

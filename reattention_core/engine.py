@@ -202,7 +202,7 @@ class ReAttentionEngine:
                 questions: they come before the context.
         """
         if context is not None:
-            return self._encode_with_context(prompt, context)
+            return self._encode_with_context(prompt, context)[0]
         if isinstance(prompt, str):
             if not prompt.strip():
                 raise InvalidInputError("the prompt is empty; pass some text or a list of chat messages")
@@ -224,7 +224,14 @@ class ReAttentionEngine:
             f"prompt must be a string or a list of {{'role', 'content'}} messages, got {type(prompt).__name__}"
         )
 
-    def _encode_with_context(self, prompt: Prompt, context: str) -> list[int]:
+    def _encode_with_context(self, prompt: Prompt, context: str) -> tuple[list[int], int | None]:
+        """Token ids of a ``context=`` prompt and where its corpus ends (its first question token).
+
+        The boundary counts the prompt's tokens that lie wholly before the question's text (the
+        tokens around it can differ from those of the corpus tokenised alone: BPE splits a run of
+        whitespace by what follows it). ``None`` when it cannot be told; the prompt is then
+        cached by whole pages only.
+        """
         if not isinstance(context, str):
             raise InvalidInputError(f"context must be a string, got {type(context).__name__}")
         if not getattr(self.tokenizer, "chat_template", None):
@@ -232,21 +239,56 @@ class ReAttentionEngine:
                 raise InvalidInputError(
                     f"the tokenizer of {self.model_name} has no chat template; pass the question as a string"
                 )
-            return self.encode(context + CONTEXT_SEPARATOR + prompt)
-        return self.encode(_with_context(prompt, context))
+            head = context + CONTEXT_SEPARATOR
+            return self._tokenize_split(head + prompt, len(head), add_special_tokens=True)
+        messages = _with_context(prompt, context)
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        marked = self.tokenizer.apply_chat_template(
+            _with_context(prompt, context, marker=_QUESTION_SENTINEL), tokenize=False, add_generation_prompt=True
+        )
+        cut = marked.find(_QUESTION_SENTINEL)
+        if cut < 0 or marked[:cut] + marked[cut + len(_QUESTION_SENTINEL) :] != text:  # pragma: no cover
+            return self.encode(messages), None  # a template that rewrites the content
+        return self._tokenize_split(text, cut, add_special_tokens=False)
+
+    def _tokenize_split(self, text: str, cut: int, *, add_special_tokens: bool) -> tuple[list[int], int | None]:
+        """Token ids of ``text`` and how many of them end at or before character ``cut``."""
+        try:
+            enc = self.tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+            offsets = enc["offset_mapping"]
+        except (TypeError, KeyError, ValueError, NotImplementedError):  # a tokenizer without offsets
+            ids = list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+            tail = self.tokenizer(text[cut:], add_special_tokens=False)["input_ids"]
+            return ids, _suffix_boundary(ids, tail)
+        ids = list(enc["input_ids"])
+        n = 0
+        while n < len(offsets) and offsets[n][1] <= cut:
+            n += 1
+        return ids, (n if 0 < n < len(ids) else None)
 
     def _context_prefix_ids(self, context: str) -> list[int]:
-        """Token ids of everything a ``context=`` prompt renders before its question."""
+        """Token ids of everything a ``context=`` prompt renders before its question.
+
+        They are the tokens a real question's prompt has there (the corpus is tokenised with a
+        placeholder question after it), so `prefill(context=...)` warms exactly those.
+        """
         if not isinstance(context, str) or not context.strip():
             raise InvalidInputError("context must be a non-empty string")
         if not getattr(self.tokenizer, "chat_template", None):
-            return list(self.tokenizer(context + CONTEXT_SEPARATOR)["input_ids"])
-        messages = _with_context(_QUESTION_SENTINEL, context)
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        cut = text.find(_QUESTION_SENTINEL)
-        if cut < 0:  # pragma: no cover - a template that rewrites the content
-            raise CacheError("the chat template does not keep the message text verbatim; prefill the full prompt instead")
-        return list(self.tokenizer(text[:cut], add_special_tokens=False)["input_ids"])
+            head = context + CONTEXT_SEPARATOR
+            text, cut, special = head + _QUESTION_SENTINEL, len(head), True
+        else:
+            messages = _with_context(_QUESTION_SENTINEL, context)
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            cut, special = text.find(_QUESTION_SENTINEL), False
+            if cut < 0:  # pragma: no cover - a template that rewrites the content
+                raise CacheError(
+                    "the chat template does not keep the message text verbatim; prefill the full prompt instead"
+                )
+        ids, boundary = self._tokenize_split(text, cut, add_special_tokens=special)
+        if boundary is None:
+            return list(self.tokenizer(text[:cut], add_special_tokens=special)["input_ids"])
+        return ids[:boundary]
 
     def generate(
         self,
@@ -322,7 +364,10 @@ class ReAttentionEngine:
             seed=seed,
             stop=SamplingParams.normalize_stop(stop),
         )
-        ids = self.encode(prompt, context=context)
+        if context is not None:
+            ids, boundary = self._encode_with_context(prompt, context)
+        else:
+            ids, boundary = self.encode(prompt), None
         limit = self.config.max_context
         if limit is not None and len(ids) + params.max_new_tokens > limit:
             raise ContextLimitError(
@@ -330,7 +375,7 @@ class ReAttentionEngine:
                 f"configured max_context of {limit}; shorten the prompt, lower max_new_tokens or raise max_context "
                 "(nothing is truncated silently)"
             )
-        return Request(ids=tuple(ids), params=params)
+        return Request(ids=tuple(ids), params=params, context_tokens=boundary)
 
     def start(self, request: Request, *, progress: bool | None = None) -> TextStream:
         """Run a `Request` from `prepare`; returns its `TextStream` (nothing runs until it is iterated).
@@ -340,10 +385,10 @@ class ReAttentionEngine:
         """
         if not isinstance(request, Request):
             raise InvalidInputError(f"start() takes a Request from engine.prepare(...), got {type(request).__name__}")
-        return TextStream(self._run(list(request.ids), request.params, progress))
+        return TextStream(self._run(list(request.ids), request.params, progress, request.context_tokens))
 
     def _run(
-        self, ids: list[int], params: SamplingParams, progress: bool | None
+        self, ids: list[int], params: SamplingParams, progress: bool | None, boundary: int | None = None
     ) -> Generator[str, None, GenerationResult]:
         sampler = Sampler(params)
         text = TextAssembler(self.tokenizer, params.stop)
@@ -351,7 +396,7 @@ class ReAttentionEngine:
         # inference_mode wraps each forward, never a `yield`: grad mode is thread-local and must
         # not leak into the caller's code while a stream is suspended.
         with self._lock, enable_reattention(self.model, self.config, backend=self.backend):
-            run = self._begin(ids, reserve=len(ids) + params.max_new_tokens)
+            run = self._begin(ids, reserve=len(ids) + params.max_new_tokens, boundary=boundary)
             cached = run.cached_tokens if run is not None else 0
             try:
                 store = run.store if run is not None else _fresh_store(self.model, len(ids) + params.max_new_tokens)
@@ -360,6 +405,7 @@ class ReAttentionEngine:
                 logits = run_prefill(
                     self.model, input_ids, cache, self.config.prefill_chunk_size, start=cached, progress=progress,
                     on_chunk=run.on_chunk if run is not None else None,
+                    breaks=() if boundary is None else (boundary,),
                 )
                 for step in range(params.max_new_tokens):
                     token = sampler(logits[0])
@@ -395,7 +441,9 @@ class ReAttentionEngine:
         assert self._prefix is not None
         return self._prefix.fingerprint(self.model, self.tokenizer, self.config, self.backend, self.model_name)
 
-    def _begin(self, ids: list[int], *, reserve: int, num_pages: int | None = None) -> PrefixRun | None:
+    def _begin(
+        self, ids: list[int], *, reserve: int, num_pages: int | None = None, boundary: int | None = None
+    ) -> PrefixRun | None:
         """Restore the longest cached prefix of ``ids`` (``None`` with the cache off). Holds the lock."""
         if self._prefix is None:
             return None
@@ -409,6 +457,7 @@ class ReAttentionEngine:
             dtype=param.dtype,
             reserve=reserve,
             num_pages=num_pages,
+            boundary=boundary,
         )
 
     def prefill(
@@ -418,8 +467,10 @@ class ReAttentionEngine:
 
         Pass either the text (or messages) every later prompt will start with, or
         ``context=corpus`` to warm exactly what ``generate(question, context=corpus)`` renders
-        before the question (the recommended pairing). A message list is rendered without
-        opening the assistant turn. Whole pages are cached (see `CacheConfig.page_size`).
+        before the question (the recommended pairing): the corpus is then cached to its last
+        token, and each question prefills only its own tokens. A message list is rendered
+        without opening the assistant turn; a plain prefix is cached by whole pages (see
+        `CacheConfig.page_size`).
 
         Ctrl-C stops it cleanly: the pages completed so far stay cached (in memory and on disk,
         each written whole), nothing else changes; calling `prefill` again resumes.
@@ -438,14 +489,19 @@ class ReAttentionEngine:
         else:
             ids = self._encode_messages(prompt, add_generation_prompt=False)
         page = self.cache_config.page_size_for(self.config)
-        pages = len(ids) // page
+        # A corpus (context=) is cached to its last token, tail page included, so that each later
+        # question prefills only itself; a plain prefix is cached by whole pages.
+        stored = len(ids) if context is not None else len(ids) // page * page
         with self._lock, enable_reattention(self.model, self.config, backend=self.backend):
-            run = self._begin(ids, reserve=pages * page, num_pages=pages)
+            if context is not None:
+                run = self._begin(ids, reserve=stored, boundary=stored)
+            else:
+                run = self._begin(ids, reserve=stored, num_pages=stored // page)
             assert run is not None
             try:
-                if pages * page > run.cached_tokens:
+                if stored > run.cached_tokens:
                     cache = ReAttentionCache(run.store)
-                    input_ids = torch.tensor([ids[: pages * page]], device=self.device)
+                    input_ids = torch.tensor([ids[:stored]], device=self.device)
                     run_prefill(
                         self.model, input_ids, cache, self.config.prefill_chunk_size, start=run.cached_tokens,
                         last_alone=False, progress=progress, desc="prefill (cache)", on_chunk=run.on_chunk,
@@ -455,8 +511,8 @@ class ReAttentionEngine:
         return PrefillResult(
             prompt_tokens=len(ids),
             cached_tokens=run.cached_tokens,
-            stored_tokens=pages * page,
-            prefilled_tokens=pages * page - run.cached_tokens,
+            stored_tokens=stored,
+            prefilled_tokens=stored - run.cached_tokens,
         )
 
     def warmup(self, decode_steps: int = 2) -> float:
@@ -525,14 +581,25 @@ def _fresh_store(model: torch.nn.Module, reserve: int) -> KVStore:
     return store
 
 
-def _with_context(prompt: Prompt, context: str) -> list[dict[str, str]]:
-    """Messages with ``context`` at the start of the first user message (system messages stay first)."""
+def _with_context(prompt: Prompt, context: str, *, marker: str = "") -> list[dict[str, str]]:
+    """Messages with ``context`` at the start of the first user message (system messages stay first).
+
+    ``marker`` goes between the corpus and the question (to find the boundary in the rendering).
+    """
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else _check_messages(prompt)
     for i, m in enumerate(messages):
         if m["role"] == "user":
-            messages[i] = {"role": "user", "content": context + CONTEXT_SEPARATOR + m["content"]}
+            messages[i] = {"role": "user", "content": context + CONTEXT_SEPARATOR + marker + m["content"]}
             return messages
     raise InvalidInputError("context= needs a user message to attach to; add {'role': 'user', 'content': question}")
+
+
+def _suffix_boundary(ids: Sequence[int], suffix: Sequence[int]) -> int | None:
+    """``len(ids) - len(suffix)`` if ``suffix`` ends ``ids`` and leaves a non-empty head, else ``None``."""
+    n = len(suffix)
+    if 0 < n < len(ids) and list(ids[-n:]) == list(suffix):
+        return len(ids) - n
+    return None
 
 
 def _generation_eos(model: torch.nn.Module) -> Any:

@@ -49,6 +49,10 @@ class Request:
 
     ids: tuple[int, ...]
     params: SamplingParams
+    # Prompts built with ``context=``: tokens before the question. Prefill breaks its chunks
+    # there and the prefix cache keeps the corpus up to that token, so the next question over
+    # the same corpus prefills only itself. ``None`` for other prompts.
+    context_tokens: int | None = None
 
     @property
     def prompt_tokens(self) -> int:

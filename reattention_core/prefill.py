@@ -12,7 +12,7 @@ the last token inside the final chunk and found with it alone.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -21,20 +21,26 @@ from tqdm.auto import tqdm
 _PROGRESS_MIN_CHUNKS = 8
 
 
-def plan_prefill(num_tokens: int, chunk_size: int, *, last_alone: bool = True) -> list[tuple[int, int]]:
+def plan_prefill(
+    num_tokens: int, chunk_size: int, *, last_alone: bool = True, breaks: Sequence[int] = ()
+) -> list[tuple[int, int]]:
     """``[start, end)`` token ranges of the prefill chunks of a ``num_tokens`` prompt.
 
     Chunks of ``chunk_size`` cover all but the last token, which gets a range of its own
     (``last_alone=False``: plain chunks to the end, for warming a cache without answering).
+    ``breaks``: offsets where a chunk must end and the grid restarts (a corpus boundary: the
+    tokens before it then never share a chunk, hence a selection, with the question after it).
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if num_tokens < 1:
         return []
-    if not last_alone:
-        return [(s, min(s + chunk_size, num_tokens)) for s in range(0, num_tokens, chunk_size)]
-    head = num_tokens - 1
-    return [(s, min(s + chunk_size, head)) for s in range(0, head, chunk_size)] + [(head, num_tokens)]
+    head = num_tokens if not last_alone else num_tokens - 1
+    edges = sorted({0, head, *(b for b in breaks if 0 < b < head)})
+    plan = [
+        (s, min(s + chunk_size, stop)) for lo, stop in zip(edges, edges[1:]) for s in range(lo, stop, chunk_size)
+    ]
+    return plan + ([(head, num_tokens)] if last_alone else [])
 
 
 @torch.inference_mode()
@@ -49,6 +55,7 @@ def run_prefill(
     progress: bool | None = None,
     desc: str = "prefill",
     on_chunk: Callable[[int], None] | None = None,
+    breaks: Sequence[int] = (),
 ) -> torch.Tensor | None:
     """Run ``input_ids [1, N]`` through ``model`` chunk by chunk, appending to ``cache``.
 
@@ -60,13 +67,15 @@ def run_prefill(
         last_alone: run the last token alone (see the module doc); ``False`` for cache warm-up.
         progress: show a tqdm bar (``None``: only for prompts of 8 chunks or more).
         on_chunk: called with the end offset after each chunk has been appended to ``cache``.
+        breaks: chunk-grid restarts (see `plan_prefill`); a cache warmed up to a break and a
+            later prompt resuming there must use the same breaks.
 
     Returns:
         torch.Tensor: fp32 logits ``[1, V]`` of the last prompt token (``None`` only when
         ``last_alone=False`` and nothing was left to run).
     """
     n = input_ids.shape[1]
-    plan = plan_prefill(n, chunk_size, last_alone=last_alone)
+    plan = plan_prefill(n, chunk_size, last_alone=last_alone, breaks=breaks)
     if start:
         starts = {s for s, _ in plan}
         if start not in starts and not (start == n and not last_alone):

@@ -11,6 +11,14 @@ so a page's key names its whole prefix and everything that shaped its keys and v
 prompt that starts with the same tokens finds the same keys, in memory (`MemoryCache`) and then on
 disk (`reattention_core.disk_cache.DiskCache`), and prefill resumes after the last page found.
 
+**Corpus boundary.** A prompt built with ``context=`` also knows where its corpus ends (``b``,
+the tokens rendered before the question). Its chain then stops at ``b``: the whole pages before
+``b`` and one shorter **tail page** ``[floor(b / page_size) * page_size, b)``, keyed
+``sha256(key[i-1] || "tail" || token ids)`` (never equal to a whole page's key). Prefill breaks
+its chunk schedule at ``b`` (see `reattention_core.prefill.plan_prefill`), so the corpus's keys
+and values never depend on the question, and a later question over the same corpus prefills only
+its own tokens.
+
 **Exactness.** Under ReAttention a token's keys and values depend on the prefill chunk schedule (one
 selection per chunk), and the last prompt token always runs alone (`reattention_core.prefill`).
 Only pages that end at or before ``N - 1`` (``N`` the prompt length) are cached, so every cached
@@ -59,6 +67,8 @@ log = logging.getLogger("reattention")
 DEFAULT_PAGE_TOKENS = 1024
 # Spare capacity reserved beyond a cached prefix, so a question and its answer fit without a copy.
 _SLACK_PAGES = 2
+# Domain tag of tail pages (shorter than a page, ending at a corpus boundary) in the hash chain.
+_TAIL_TAG = b"reattention-tail-page"
 
 
 def default_page_size(prefill_chunk_size: int) -> int:
@@ -179,15 +189,31 @@ def cacheable_pages(num_tokens: int, page_size: int) -> int:
     return max(0, (num_tokens - 1) // page_size)
 
 
-def page_keys(root: str, ids: Sequence[int], page_size: int, num_pages: int) -> list[str]:
-    """Hash-chain keys of the first ``num_pages`` pages of ``ids`` (see the module doc)."""
-    arr = np.asarray(ids[: num_pages * page_size], dtype="<i8")
+def page_keys(root: str, ids: Sequence[int], page_size: int, num_pages: int, *, tail_end: int | None = None) -> list[str]:
+    """Hash-chain keys of the first ``num_pages`` pages of ``ids`` (see the module doc).
+
+    ``tail_end``: also the key of the tail page ``[num_pages * page_size, tail_end)`` (a corpus
+    boundary inside the next page); nothing is added when that range is empty.
+    """
+    arr = np.asarray(ids[: max(num_pages * page_size, tail_end or 0)], dtype="<i8")
     prev = bytes.fromhex(root)
     keys = []
     for i in range(num_pages):
         prev = hashlib.sha256(prev + arr[i * page_size : (i + 1) * page_size].tobytes()).digest()
         keys.append(prev.hex())
+    if tail_end is not None and tail_end > num_pages * page_size:
+        if tail_end >= (num_pages + 1) * page_size:
+            raise ValueError(f"tail_end={tail_end} is not inside page {num_pages} of {page_size} tokens")
+        keys.append(hashlib.sha256(prev + _TAIL_TAG + arr[num_pages * page_size : tail_end].tobytes()).hexdigest())
     return keys
+
+
+def chain_ends(num_keys: int, page_size: int, tail_end: int | None = None) -> list[int]:
+    """End offset (in tokens) of each page of a chain of ``num_keys`` keys from `page_keys`."""
+    ends = [(i + 1) * page_size for i in range(num_keys)]
+    if ends and tail_end is not None and tail_end < ends[-1]:
+        ends[-1] = tail_end
+    return ends
 
 
 def _common_prefix(a: Sequence[str], b: Sequence[str]) -> int:
@@ -200,10 +226,14 @@ def _common_prefix(a: Sequence[str], b: Sequence[str]) -> int:
 
 
 class _Segment:
-    __slots__ = ("keys", "last_used", "store")
+    __slots__ = ("ends", "keys", "last_used", "store")
 
-    def __init__(self, store: KVStore, keys: list[str]) -> None:
-        self.store, self.keys, self.last_used = store, keys, time.monotonic()
+    def __init__(self, store: KVStore, keys: list[str], ends: list[int]) -> None:
+        self.store, self.keys, self.ends, self.last_used = store, keys, ends, time.monotonic()
+
+    @property
+    def tokens(self) -> int:
+        return self.ends[-1] if self.ends else 0
 
 
 class MemoryCache:
@@ -216,11 +246,11 @@ class MemoryCache:
         self.epoch = 0  # bumped by `clear`; a run that started before a clear does not re-insert
 
     def acquire(
-        self, keys: Sequence[str], page_size: int, num_layers: int, reserve: int
+        self, keys: Sequence[str], ends: Sequence[int], num_layers: int, reserve: int
     ) -> tuple[KVStore, int]:
-        """A store holding the longest cached prefix of ``keys`` (in pages) and that prefix's length.
+        """A store holding the longest cached prefix of ``keys`` and that prefix's length in pages.
 
-        The store is the caller's until `release`.
+        ``ends[i]``: the token offset where page ``i`` ends. The store is the caller's until `release`.
         """
         with self._lock:
             best, n = None, 0
@@ -233,7 +263,7 @@ class MemoryCache:
                 store.reserve(reserve)
                 return store, 0
             best.last_used = time.monotonic()
-            tokens = n * page_size
+            tokens = ends[n - 1]
             if len(best.keys) - n <= n:  # borrow; truncate back (drops at most as much as it keeps)
                 self._segments.remove(best)
                 best.store.truncate(tokens)
@@ -247,21 +277,21 @@ class MemoryCache:
                 store.append(layer, k[:, :tokens], v[:, :tokens])
             return store, n
 
-    def release(self, store: KVStore, keys: list[str], page_size: int, epoch: int) -> None:
-        """Keep ``store`` (truncated to ``keys``' pages) as a segment, then evict beyond the cap."""
-        store.truncate(len(keys) * page_size)
+    def release(self, store: KVStore, keys: list[str], ends: list[int], epoch: int) -> None:
+        """Keep ``store`` (truncated to ``keys``' pages, which end at ``ends``) as a segment; evict beyond the cap."""
+        store.truncate(ends[-1] if keys else 0)
         with self._lock:
             if epoch != self.epoch or not keys:
                 return
             self._segments = [s for s in self._segments if s.keys != keys]
-            self._segments.append(_Segment(store, keys))
+            self._segments.append(_Segment(store, keys, ends))
             total = sum(s.store.nbytes() for s in self._segments)
             while self._segments and total > self.max_bytes:
                 lru = min(self._segments, key=lambda s: s.last_used)
                 self._segments.remove(lru)
                 total -= lru.store.nbytes()
                 log.info("prefix cache: dropped a %d-token prefix from memory (cap %d bytes)",
-                         len(lru.keys) * page_size, self.max_bytes)
+                         lru.tokens, self.max_bytes)
 
     def stats(self, page_size: int) -> MemoryStats:
         with self._lock:
@@ -269,7 +299,7 @@ class MemoryCache:
             return MemoryStats(
                 entries=len(self._segments),
                 pages=pages,
-                tokens=pages * page_size,
+                tokens=sum(s.tokens for s in self._segments),
                 bytes=sum(s.store.nbytes() for s in self._segments),
                 max_bytes=self.max_bytes,
             )
@@ -321,12 +351,15 @@ class PrefixCache:
         dtype: torch.dtype,
         reserve: int,
         num_pages: int | None = None,
+        boundary: int | None = None,
     ) -> PrefixRun:
         """Start a run over ``ids``: restore its longest cached prefix into a store.
 
         ``num_pages``: pages of ``ids`` to cache (default: those ending before the last token).
+        ``boundary``: the corpus ends there (``context=`` prompts): cache the pages before it and
+        its tail page instead; prefill must break its chunk schedule at ``boundary``.
         """
-        run = PrefixRun(self, ids, fp, page_size, num_layers, device, dtype, num_pages)
+        run = PrefixRun(self, ids, fp, page_size, num_layers, device, dtype, num_pages, boundary)
         try:
             run.restore(reserve)
         except BaseException:  # Ctrl-C while pages load: keep the complete ones, nothing half-done
@@ -362,11 +395,18 @@ class PrefixRun:
         device: torch.device,
         dtype: torch.dtype,
         num_pages: int | None,
+        boundary: int | None = None,
     ) -> None:
         self.cache, self.fp, self.page_size = cache, fp, page_size
         self.num_layers, self.device, self.dtype = num_layers, device, dtype
-        n = cacheable_pages(len(ids), page_size) if num_pages is None else num_pages
-        self.keys = page_keys(fp.root, ids, page_size, n)
+        if boundary is not None:
+            if not 0 < boundary <= len(ids):
+                raise ValueError(f"boundary={boundary} is outside the {len(ids)}-token prompt")
+            self.keys = page_keys(fp.root, ids, page_size, boundary // page_size, tail_end=boundary)
+        else:
+            n = cacheable_pages(len(ids), page_size) if num_pages is None else num_pages
+            self.keys = page_keys(fp.root, ids, page_size, n)
+        self.ends = chain_ends(len(self.keys), page_size, boundary)
         self.pinned = set(self.keys)
         self.store = KVStore(num_layers)
         self.cached_tokens = self.from_memory = self.from_disk = 0
@@ -380,12 +420,13 @@ class PrefixRun:
     def restore(self, reserve: int) -> None:
         ps = self.page_size
         slack = reserve + _SLACK_PAGES * ps if self.keys else reserve
-        self.store, n_mem = self.cache.memory.acquire(self.keys, ps, self.num_layers, slack)
-        self._valid = n_mem * ps
+        self.store, n_mem = self.cache.memory.acquire(self.keys, self.ends, self.num_layers, slack)
+        self._valid = self.ends[n_mem - 1] if n_mem else 0
         self.from_memory = self._valid
+        self._saved = n_mem
         disk = self.cache.disk
         if disk is not None and n_mem < len(self.keys):
-            refs = disk.refs(self.fp, self.keys, n_mem)
+            refs = disk.refs(self.fp, self.keys, n_mem, ends=self.ends)
             pages = disk.load(
                 self.fp, refs, page_size=ps, num_layers=self.num_layers, dtype=self.dtype, pin=self.device.type == "cuda"
             )
@@ -394,11 +435,11 @@ class PrefixRun:
                     self.store.extend(
                         layer, keys[layer].unsqueeze(0), values[layer].unsqueeze(0), device=self.device, dtype=self.dtype
                     )
-                self._valid += ps
-                self.from_disk += ps
+                self.from_disk += self.ends[self._saved] - self._valid
+                self._valid = self.ends[self._saved]
+                self._saved += 1
         self.store.truncate(self._valid)
         self.cached_tokens = self._valid
-        self._saved = self._valid // ps
         if self.cached_tokens:
             log.info(
                 "prefix cache: restored %d tokens (%d from memory, %d from disk)",
@@ -408,8 +449,7 @@ class PrefixRun:
     def on_chunk(self, end: int) -> None:
         """Prefill appended tokens up to ``end``: write the pages that are now complete."""
         self._valid = end
-        ps = self.page_size
-        while self._saved < len(self.keys) and (self._saved + 1) * ps <= end:
+        while self._saved < len(self.keys) and self.ends[self._saved] <= end:
             self._save_page(self._saved)
             self._saved += 1
 
@@ -417,8 +457,8 @@ class PrefixRun:
         disk = self.cache.disk
         if disk is None or not self._disk_ok:
             return
-        ref = disk.refs(self.fp, self.keys[: index + 1], index)[0]
-        a, b = index * self.page_size, (index + 1) * self.page_size
+        ref = disk.refs(self.fp, self.keys[: index + 1], index, ends=self.ends)[0]
+        a, b = index * self.page_size, self.ends[index]
         ks, vs = [], []
         for layer in range(self.num_layers):
             k, v = self.store.view(layer)
@@ -442,10 +482,10 @@ class PrefixRun:
         if self._done:
             return
         self._done = True
-        pages = min(len(self.keys), self._valid // self.page_size)
-        self.cache.memory.release(self.store, self.keys[:pages], self.page_size, self._epoch)
+        pages = sum(1 for end in self.ends if end <= self._valid)
+        self.cache.memory.release(self.store, self.keys[:pages], self.ends[:pages], self._epoch)
         disk = self.cache.disk
         if disk is not None and pages:
-            disk.touch(disk.refs(self.fp, self.keys[:pages]))
+            disk.touch(disk.refs(self.fp, self.keys[:pages], ends=self.ends))
             if self._wrote:  # other processes may have written too: check the cap once per run
                 disk.evict(self.pinned)

@@ -89,7 +89,7 @@ def verify_all(cache_dir: Path) -> None:
     """Every page file on disk passes the loader's full verification."""
     for path in pages(cache_dir):
         meta = dc._read_header(path)["__metadata__"]
-        ref = dc.PageRef(path, meta["key"], meta["parent"], int(meta["index"]))
+        ref = dc.PageRef(path, meta["key"], meta["parent"], int(meta["index"]), int(meta["tokens"]))
         dc._read_page(ref, meta["fingerprint"], PAGE, 2, torch.float32)
 
 
@@ -350,3 +350,27 @@ def test_clear_cache_removes_this_fingerprint_only(tmp_path):
     assert a.generate(PROMPT, max_new_tokens=1).cached_tokens == 0
     b.clear_cache(all_models=True)
     assert not pages(tmp_path)
+
+
+def test_a_corpus_tail_page_is_reused_from_disk_and_verified(tmp_path, caplog):
+    model = tiny_model("llama")
+    corpus = text(5 * PAGE + 20, seed=3)
+    cold = ReAttentionEngine(model, ByteTokenizer(), CFG, cache=False)
+    first = make_engine(tmp_path, model=model)
+    b = len(first._context_prefix_ids(corpus))
+    assert b // PAGE == 5 and b % PAGE
+    assert first.generate("what now?", context=corpus, max_new_tokens=4).cached_tokens == 0
+    files = pages(tmp_path)
+    assert len(files) == 6 and files[-1].name.startswith("p000005-")
+    assert dc._read_header(files[-1])["__metadata__"]["tokens"] == str(b - 5 * PAGE)
+    verify_all(tmp_path)
+    fresh = make_engine(tmp_path, model=model)  # nothing in memory: all of it from disk
+    assert fresh.cache_info().disk.tokens == b
+    res = fresh.generate("and then?", context=corpus, max_new_tokens=4)
+    assert res.cached_tokens == b
+    assert res.token_ids == cold.generate("and then?", context=corpus, max_new_tokens=4).token_ids
+    _corrupt(files[-1], "truncated")
+    caplog.set_level(logging.WARNING, logger="reattention")
+    again = make_engine(tmp_path, model=model).generate("and then?", context=corpus, max_new_tokens=4)
+    assert again.cached_tokens == 5 * PAGE and again.token_ids == res.token_ids
+    assert f"dropping {files[-1]}" in caplog.text

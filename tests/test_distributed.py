@@ -40,6 +40,7 @@ def _random_text(seed: int, n: int = 72) -> str:
 # column position (1 ulp), so its "ties" are not broken by position; the sharded path breaks
 # exact ties by position, as the spec says. Identical keys are covered at the layer level.
 PROMPTS = [_random_text(0), _random_text(1)]
+CORPUS, QUESTION = _random_text(2, 75), "which?"  # the corpus ends inside a prefill chunk
 ARCHS = ("llama", "qwen3")
 MAX_NEW = 8
 
@@ -103,6 +104,10 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
                 res = sharded.generate(prompt, max_new_tokens=MAX_NEW, progress=False)
                 if rank == 0:
                     results["generations"][f"{arch}/{j}"] = list(res.token_ids)
+            # a context= prompt: prefill breaks its chunks at the corpus end on every rank
+            res = sharded.generate(QUESTION, context=CORPUS, max_new_tokens=MAX_NEW, progress=False)
+            if rank == 0:
+                results["generations"][f"{arch}/context"] = list(res.token_ids)
             if arch == ARCHS[0]:
                 _leader_edge_cases(sharded, rank, results)
         if rank == 0:
@@ -151,6 +156,9 @@ def single_process() -> dict[str, list[int]]:
             engine = ReAttentionEngine(tiny_model(arch), ByteTokenizer(), CFG, cache=False)
             for j, prompt in enumerate(PROMPTS):
                 tokens[f"{arch}/{j}"] = list(engine.generate(prompt, max_new_tokens=MAX_NEW, progress=False).token_ids)
+            request = engine.prepare(QUESTION, context=CORPUS, max_new_tokens=MAX_NEW)
+            assert request.context_tokens is not None and request.context_tokens % CFG.prefill_chunk_size
+            tokens[f"{arch}/context"] = list(engine.start(request, progress=False).collect().token_ids)
         return tokens
     finally:
         torch.set_num_threads(threads)

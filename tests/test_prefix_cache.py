@@ -19,7 +19,7 @@ from reattention_core import (
     ReAttentionEngine,
     enable_reattention,
 )
-from reattention_core.prefill import run_prefill
+from reattention_core.prefill import plan_prefill, run_prefill
 from reattention_core.prefix_cache import cacheable_pages, default_page_size, page_keys
 from tests.helpers import ByteTokenizer, random_ids, tiny_model
 
@@ -123,13 +123,15 @@ def test_questions_never_modify_the_cached_corpus(monkeypatch):
     engine.generate("first question?", context=corpus, max_new_tokens=12)
     seg = engine._prefix.memory._segments[0]
     snapshot = [tuple(t.clone() for t in seg.store.view(layer)) for layer in range(2)]
+    b = len(engine._context_prefix_ids(corpus))  # the corpus is cached to its last token
     for q in ("a much longer second question " * 6, "third?"):
         res = engine.generate(q, context=corpus, max_new_tokens=12, temperature=1.0, seed=5)
-        assert res.cached_tokens == 384
+        assert res.cached_tokens == b
     seg = engine._prefix.memory._segments[0]
     for layer in range(2):
         k, v = seg.store.view(layer)
-        assert torch.equal(k[:, :384], snapshot[layer][0][:, :384]) and torch.equal(v[:, :384], snapshot[layer][1][:, :384])
+        assert k.shape[1] == b
+        assert torch.equal(k, snapshot[layer][0]) and torch.equal(v, snapshot[layer][1])
     spy.logits.clear()
     warm = engine.generate("first question?", context=corpus, max_new_tokens=12)
     cold = make_engine(model=model, cache=False).generate("first question?", context=corpus, max_new_tokens=12)
@@ -171,7 +173,7 @@ def test_prefill_warms_the_context_and_reports_cached_tokens():
     corpus = text(500, seed=4)
     first = engine.prefill(context=corpus, progress=False)
     assert first.prompt_tokens == len(engine._context_prefix_ids(corpus))
-    assert first.stored_tokens == first.prompt_tokens // PAGE * PAGE and first.prefilled_tokens == first.stored_tokens
+    assert first.stored_tokens == first.prompt_tokens and first.prefilled_tokens == first.stored_tokens
     again = engine.prefill(context=corpus, progress=False)
     assert again.cached_tokens == again.stored_tokens and again.prefilled_tokens == 0
     res = engine.generate("What comes after alpha?", context=corpus, max_new_tokens=5)
@@ -218,7 +220,7 @@ def test_embedded_model_chat_context_is_a_stable_prefix(embedded_engine):
     prefix = embedded_engine._context_prefix_ids(corpus)
     for q in ("Who counted ships?", "What did the keeper count, and when?"):
         ids = embedded_engine.encode(q, context=corpus)
-        assert ids[: len(prefix) - 1] == prefix[:-1]
+        assert ids[: len(prefix)] == prefix  # the corpus tokens exactly as a question's prompt has them
 
 
 def test_embedded_model_warm_answer_is_identical_to_cold(embedded_engine, monkeypatch, tmp_path):
@@ -240,3 +242,50 @@ def test_embedded_model_warm_answer_is_identical_to_cold(embedded_engine, monkey
     assert torch.equal(spy.logits[0], spy.logits[1])
     fresh = ReAttentionEngine(e.model, e.tokenizer, e.config, model_name=e.model_name, cache=cache)
     assert fresh.generate(q, context=corpus, max_new_tokens=8).token_ids == cold.token_ids  # from disk
+
+
+def test_plan_prefill_breaks_the_chunk_grid_at_a_corpus_boundary():
+    assert plan_prefill(10, 4, breaks=[6]) == [(0, 4), (4, 6), (6, 9), (9, 10)]
+    assert plan_prefill(10, 4, breaks=[9]) == plan_prefill(10, 4) == [(0, 4), (4, 8), (8, 9), (9, 10)]
+    assert plan_prefill(8, 4, last_alone=False, breaks=[8]) == [(0, 4), (4, 8)]
+    for n, b in [(100, 37), (100, 64), (100, 99), (100, 1)]:
+        plan = plan_prefill(n, 16, breaks=[b])
+        assert b in {s for s, _ in plan} and plan[0][0] == 0 and plan[-1] == (n - 1, n)
+        assert all(0 < e - s <= 16 for s, e in plan)
+        assert all(plan[i][1] == plan[i + 1][0] for i in range(len(plan) - 1))
+        # before the boundary the grid is the plain one: a corpus warmed alone is chunked the same
+        assert [c for c in plan if c[1] <= b] == plan_prefill(b, 16, last_alone=False)
+
+
+def test_tail_page_key_differs_from_a_whole_page_and_follows_its_tokens():
+    root, ids = "00" * 32, list(range(3, 203))
+    keys = page_keys(root, ids, 64, 2, tail_end=150)
+    assert len(keys) == 3 and keys[:2] == page_keys(root, ids, 64, 2)
+    assert keys[2] not in page_keys(root, ids, 64, 3)
+    assert page_keys(root, ids[:149] + [7] + ids[150:], 64, 2, tail_end=150)[2] != keys[2]
+    assert page_keys(root, ids, 64, 2, tail_end=149)[2] != keys[2]
+    assert page_keys(root, ids, 64, 2, tail_end=128) == keys[:2]  # a boundary on a page end: no tail page
+    with pytest.raises(ValueError, match="not inside page 2"):
+        page_keys(root, ids, 64, 2, tail_end=192)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_each_question_over_a_cached_corpus_prefills_only_itself(arch, monkeypatch):
+    spy = LogitsSpy(monkeypatch)
+    model = tiny_model(arch)
+    corpus = text(450, seed=12)
+    engine = make_engine(model=model)
+    b = len(engine._context_prefix_ids(corpus))
+    assert b % PAGE and b % CFG.prefill_chunk_size  # the corpus ends inside a page and inside a chunk
+    assert engine.generate("Which word comes first?", context=corpus, max_new_tokens=6).cached_tokens == 0
+    cold_engine = make_engine(model=model, cache=False)
+    for q in ("Which word comes first?", "and which one comes last, after all the others?"):
+        warm = engine.generate(q, context=corpus, max_new_tokens=6)
+        assert warm.cached_tokens == b and warm.prompt_tokens - b == len(q) + len("\n<assistant>")
+        cold = cold_engine.generate(q, context=corpus, max_new_tokens=6)
+        assert warm.token_ids == cold.token_ids and torch.equal(spy.logits[-2], spy.logits[-1])
+    info = engine.cache_info().memory
+    assert (info.entries, info.pages, info.tokens) == (1, b // PAGE + 1, b)
+    # a plain prompt with the same text shares the whole pages only (its chunks run past the boundary)
+    plain = engine.generate(engine.tokenizer.decode(list(engine.encode("x?", context=corpus))), max_new_tokens=2)
+    assert plain.cached_tokens == b // PAGE * PAGE

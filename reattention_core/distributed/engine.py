@@ -105,7 +105,7 @@ class ShardedEngine:
         except ReAttentionError:
             self._broadcast_job((_SKIP,))
             raise
-        run = self.run(ids, params, progress=progress)
+        run = self.run(ids, params, progress=progress, boundary=request.context_tokens)
         while True:
             try:
                 next(run)
@@ -114,17 +114,21 @@ class ShardedEngine:
 
     # -- leader ------------------------------------------------------------------------------------
 
-    def run(self, ids: list[int], params: SamplingParams, *, progress: bool | None = None) -> Iterator[str]:
+    def run(
+        self, ids: list[int], params: SamplingParams, *, progress: bool | None = None, boundary: int | None = None
+    ) -> Iterator[str]:
         """Rank 0: broadcast a validated job, then generate it (a generator like `ReAttentionEngine.start`'s stream).
 
         Text deltas are yielded; the `GenerationResult` is the ``StopIteration`` value. Closing
         the generator early (a client went away) tells the other ranks to stop too.
+        ``boundary``: a ``context=`` prompt's corpus end (`Request.context_tokens`), where prefill
+        breaks its chunks as the single-device engine does, so both give the same tokens.
         """
         if not self.is_leader:
             raise DistributedError("only rank 0 leads generations; the other ranks call follow()")
         self._check()
-        self._broadcast_job((_RUN, ids, params))
-        return self._lead(ids, params, progress)
+        self._broadcast_job((_RUN, ids, params, boundary))
+        return self._lead(ids, params, progress, boundary)
 
     def keepalive(self) -> None:
         """Rank 0, while idle: show the waiting ranks that it is alive (a failure raises `DistributedError`)."""
@@ -137,10 +141,12 @@ class ShardedEngine:
         if self.is_leader and self._failure is None:
             self._broadcast_job((_SHUTDOWN,))
 
-    def _lead(self, ids: list[int], params: SamplingParams, progress: bool | None) -> Iterator[str]:
+    def _lead(
+        self, ids: list[int], params: SamplingParams, progress: bool | None, boundary: int | None
+    ) -> Iterator[str]:
         sampler, text = Sampler(params), TextAssembler(self.engine.tokenizer, params.stop)
         finish = "length"
-        with self._session(ids, params, progress) as (cache, logits):
+        with self._session(ids, params, progress, boundary) as (cache, logits):
             told = False
             try:
                 for step in range(params.max_new_tokens):
@@ -179,8 +185,8 @@ class ShardedEngine:
             if job[0] == _IDLE:
                 continue
             if job[0] == _RUN:
-                _, ids, params = job
-                with self._session(ids, params, False) as (cache, _):
+                _, ids, params, boundary = job
+                with self._session(ids, params, False, boundary) as (cache, _):
                     while True:
                         token, more = self._recv()
                         if not more:
@@ -193,7 +199,7 @@ class ShardedEngine:
 
     @contextmanager
     def _session(
-        self, ids: list[int], params: SamplingParams, progress: bool | None
+        self, ids: list[int], params: SamplingParams, progress: bool | None, boundary: int | None = None
     ) -> Iterator[tuple[ReAttentionCache, torch.Tensor]]:
         """Hold the engine, shard a fresh store, prefill ``ids``; yields ``(cache, logits)``."""
         eng = self.engine
@@ -204,7 +210,7 @@ class ShardedEngine:
             cache = ReAttentionCache(store)  # type: ignore[arg-type] - a ShardedKVStore has the KVStore methods it calls
             input_ids = torch.tensor([ids], device=eng.device)
             logits = self._guarded(run_prefill, eng.model, input_ids, cache, eng.config.prefill_chunk_size,
-                                   progress=progress)
+                                   progress=progress, breaks=() if boundary is None else (boundary,))
             yield cache, logits
 
     def _guarded(self, fn, *args: Any, **kwargs: Any) -> Any:
