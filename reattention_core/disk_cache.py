@@ -9,9 +9,10 @@ Layout of the cache directory (`default_cache_dir`)::
 ``namespace`` is the first 32 hex digits of the engine fingerprint's root (model weights,
 tokenizer, ReAttention config, dtype, device type, kernel backend, page size, format version; see
 `reattention_core.fingerprint`), and ``key`` the page's hash-chain key, which already depends on
-that root. A page file holds tensors ``k.<layer>`` and ``v.<layer>`` (``[T, H, D]``,
-pre-RoPE keys and values; ``T`` is ``page_size``, or less for the tail page that ends a corpus) and, in its safetensors metadata, the format version, the fingerprint
-root, its key, its parent's key, its index in the chain and one CRC-32 per tensor.
+that root. A page file holds tensors ``k.<layer>`` and ``v.<layer>`` (``[T, H, D]``, pre-RoPE
+keys and values; ``T`` is ``page_size``, or less for the tail page that ends a corpus) and, in
+its safetensors metadata, the format version, the fingerprint root, its key, its parent's key,
+its index in the chain, its token count and one CRC-32 per tensor.
 
 Guarantees:
 
@@ -121,7 +122,7 @@ class PageRef:
     key: str
     parent: str
     index: int
-    tokens: int | None = None  # tokens it must hold; None: a whole page (``page_size``)
+    tokens: int  # tokens it holds: the page size, or fewer for a corpus's tail page
 
 
 @dataclass(frozen=True)
@@ -181,15 +182,13 @@ class DiskCache:
     def namespace_dir(self, fp: EngineFingerprint) -> Path:
         return self.dir / fp.namespace
 
-    def refs(
-        self, fp: EngineFingerprint, keys: Sequence[str], start: int = 0, *, ends: Sequence[int] | None = None
-    ) -> list[PageRef]:
+    def refs(self, fp: EngineFingerprint, keys: Sequence[str], ends: Sequence[int], start: int = 0) -> list[PageRef]:
         """`PageRef` of pages ``start ..`` of a chain with ``keys`` (page ``i`` ends at token ``ends[i]``)."""
         ns = self.namespace_dir(fp)
         return [
             PageRef(
                 ns / page_file_name(i, keys[i]), keys[i], keys[i - 1] if i else fp.root, i,
-                None if ends is None else ends[i] - (ends[i - 1] if i else 0),
+                ends[i] - (ends[i - 1] if i else 0),
             )
             for i in range(start, len(keys))
         ]
@@ -368,14 +367,13 @@ class DiskCache:
         fp: EngineFingerprint,
         refs: Sequence[PageRef],
         *,
-        page_size: int,
         num_layers: int,
         dtype: torch.dtype,
         pin: bool = False,
     ) -> Iterator[tuple[list[torch.Tensor], list[torch.Tensor]]]:
         """Yield the verified ``(keys, values)`` of consecutive pages of ``refs`` until one is missing or bad.
 
-        Tensors are ``[page_size, H, D]`` CPU views of the memory-mapped file (``pin=True``: copies
+        Tensors are ``[ref.tokens, H, D]`` CPU views of the memory-mapped file (``pin=True``: copies
         in pinned memory, made on the worker threads, for fast copies to a GPU): copy them out
         before the next iteration. A bad page is logged, deleted and ends the iteration.
         """
@@ -391,7 +389,7 @@ class DiskCache:
         pool = self._executor()
         window: deque[Future] = deque()
         todo = iter(refs[:count])
-        args = (fp.root, page_size, num_layers, dtype, pin)
+        args = (fp.root, num_layers, dtype, pin)
         try:
             for ref in todo:
                 window.append(pool.submit(_read_page, ref, *args))
@@ -557,7 +555,7 @@ def _map_page(path: str) -> tuple[dict[str, Any], torch.Tensor]:
 
 
 def _read_page(
-    ref: PageRef, root: str, page_size: int, num_layers: int, dtype: torch.dtype, pin: bool = False
+    ref: PageRef, root: str, num_layers: int, dtype: torch.dtype, pin: bool = False
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Map, check and checksum one page (runs on the loader's thread pool).
 
@@ -572,7 +570,6 @@ def _read_page(
     except (OSError, ValueError, struct.error) as exc:
         raise PageError(f"unreadable or truncated ({exc})", path) from exc
     meta = header.pop("__metadata__", None) or {}
-    tokens = page_size if ref.tokens is None else ref.tokens
     expected = {f"{kind}.{i}" for kind in "kv" for i in range(num_layers)}
     if set(header) != expected:
         raise PageError(f"holds tensors {sorted(header)[:4]}..., expected k.0..k.{num_layers - 1}, v.*", path)
@@ -582,7 +579,7 @@ def _read_page(
         "key": ref.key,
         "parent": ref.parent,
         "index": str(ref.index),
-        "tokens": str(tokens),
+        "tokens": str(ref.tokens),
     }
     for name, want in checks.items():
         if meta.get(name) != want:
@@ -602,7 +599,7 @@ def _read_page(
             raise PageError(f"malformed entry for {name}", path) from exc
         if t_dtype != dtype:
             raise PageError(f"{name} has dtype {info['dtype']}, expected {dtype}", path)
-        if len(t_shape) != 3 or t_shape[0] != tokens or (shape is not None and t_shape != shape):
+        if len(t_shape) != 3 or t_shape[0] != ref.tokens or (shape is not None and t_shape != shape):
             raise PageError(f"{name} has shape {t_shape}", path)
         shape = t_shape
         nbytes = t_shape[0] * t_shape[1] * t_shape[2] * dtype.itemsize

@@ -189,7 +189,9 @@ def cacheable_pages(num_tokens: int, page_size: int) -> int:
     return max(0, (num_tokens - 1) // page_size)
 
 
-def page_keys(root: str, ids: Sequence[int], page_size: int, num_pages: int, *, tail_end: int | None = None) -> list[str]:
+def page_keys(
+    root: str, ids: Sequence[int], page_size: int, num_pages: int, *, tail_end: int | None = None
+) -> list[str]:
     """Hash-chain keys of the first ``num_pages`` pages of ``ids`` (see the module doc).
 
     ``tail_end``: also the key of the tail page ``[num_pages * page_size, tail_end)`` (a corpus
@@ -293,7 +295,7 @@ class MemoryCache:
                 log.info("prefix cache: dropped a %d-token prefix from memory (cap %d bytes)",
                          lru.tokens, self.max_bytes)
 
-    def stats(self, page_size: int) -> MemoryStats:
+    def stats(self) -> MemoryStats:
         with self._lock:
             pages = sum(len(s.keys) for s in self._segments)
             return MemoryStats(
@@ -369,7 +371,7 @@ class PrefixCache:
 
     def info(self, fp: EngineFingerprint, page_size: int) -> CacheInfo:
         disk = self.disk.stats(fp, page_size) if self.disk is not None else None
-        return CacheInfo(page_size=page_size, memory=self.memory.stats(page_size), disk=disk)
+        return CacheInfo(page_size=page_size, memory=self.memory.stats(), disk=disk)
 
     def clear(self, fp: EngineFingerprint | None, *, disk: bool = True, all_fingerprints: bool = False) -> None:
         self.memory.clear()
@@ -426,9 +428,9 @@ class PrefixRun:
         self._saved = n_mem
         disk = self.cache.disk
         if disk is not None and n_mem < len(self.keys):
-            refs = disk.refs(self.fp, self.keys, n_mem, ends=self.ends)
+            refs = disk.refs(self.fp, self.keys, self.ends, n_mem)
             pages = disk.load(
-                self.fp, refs, page_size=ps, num_layers=self.num_layers, dtype=self.dtype, pin=self.device.type == "cuda"
+                self.fp, refs, num_layers=self.num_layers, dtype=self.dtype, pin=self.device.type == "cuda"
             )
             for keys, values in pages:
                 for layer in range(self.num_layers):
@@ -457,7 +459,7 @@ class PrefixRun:
         disk = self.cache.disk
         if disk is None or not self._disk_ok:
             return
-        ref = disk.refs(self.fp, self.keys[: index + 1], index, ends=self.ends)[0]
+        ref = disk.refs(self.fp, self.keys[: index + 1], self.ends, index)[0]
         a, b = index * self.page_size, self.ends[index]
         ks, vs = [], []
         for layer in range(self.num_layers):
@@ -486,6 +488,6 @@ class PrefixRun:
         self.cache.memory.release(self.store, self.keys[:pages], self.ends[:pages], self._epoch)
         disk = self.cache.disk
         if disk is not None and pages:
-            disk.touch(disk.refs(self.fp, self.keys[:pages], ends=self.ends))
+            disk.touch(disk.refs(self.fp, self.keys[:pages], self.ends))
             if self._wrote:  # other processes may have written too: check the cap once per run
                 disk.evict(self.pinned)

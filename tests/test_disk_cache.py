@@ -90,7 +90,7 @@ def verify_all(cache_dir: Path) -> None:
     for path in pages(cache_dir):
         meta = dc._read_header(path)["__metadata__"]
         ref = dc.PageRef(path, meta["key"], meta["parent"], int(meta["index"]), int(meta["tokens"]))
-        dc._read_page(ref, meta["fingerprint"], PAGE, 2, torch.float32)
+        dc._read_page(ref, meta["fingerprint"], 2, torch.float32)
 
 
 PROMPT = text(5 * PAGE + 20, seed=1)  # 5 cacheable pages
