@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -194,18 +196,12 @@ sys.exit(cli.main(sys.argv[1:]))
 @pytest.mark.parametrize("argv", [["--help"], ["eval", "passkey", "--help"], ["cache", "ls", "--dir", "{tmp}"]])
 def test_commands_work_without_the_optional_extras(tmp_path, argv):
     # The GPU machine has none of the extras; `reattention eval` must still run there.
-    import subprocess
-    import sys
-
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
     done = subprocess.run([sys.executable, "-c", _WITHOUT_EXTRAS, *argv], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
 
 
 def test_serve_without_its_extra_exits_2_with_the_install_command(tmp_path):
-    import subprocess
-    import sys
-
     done = subprocess.run([sys.executable, "-c", _WITHOUT_EXTRAS, "serve", "--model", str(tmp_path)],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr
@@ -213,9 +209,6 @@ def test_serve_without_its_extra_exits_2_with_the_install_command(tmp_path):
 
 
 def test_eval_plot_without_matplotlib_is_refused_before_the_run(tmp_path):
-    import subprocess
-    import sys
-
     out = tmp_path / "rows.jsonl"
     argv = ["eval", "passkey", "--model", str(tmp_path / "no-model"), "--lengths", "2K", "--out", str(out),
             "--plot", str(tmp_path / "f.png")]
