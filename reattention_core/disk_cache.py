@@ -19,7 +19,8 @@ Guarantees:
 * **Atomic writes**: a page is written to a temporary file in the same folder, fsync'ed and
   renamed over its final name (then the folder is fsync'ed), so a crash, Ctrl-C or a full disk
   never leaves a half page under a page name; stale temporary files are swept by eviction.
-* **Verified reads**: files are memory-mapped (private mappings); the header must parse,
+* **Verified reads**: files are memory-mapped (private mappings; for a GPU store they are read
+  straight into pinned staging buffers instead, one ``readinto`` per file); the header must parse,
   cover the file exactly, name the expected fingerprint, key, parent and index, and every tensor
   must have the expected dtype, shape and CRC-32 (zlib; about 3 GB/s per core here, computed on a
   thread pool while the previous page is being copied into the store). A page that fails any check
@@ -73,6 +74,9 @@ PAGE_SUFFIX = ".safetensors"
 TMP_PREFIX = ".tmp-"
 # Temporary files older than this are leftovers of a killed process.
 STALE_TMP_S = 3600.0
+# Largest safetensors header accepted, and the bytes read at first hoping to cover it.
+_MAX_HEADER = 100 << 20
+_HEADER_GUESS = 64 << 10
 
 
 def default_cache_dir() -> Path:
@@ -169,7 +173,7 @@ class DiskCache:
     def __init__(self, directory: str | Path, max_bytes: int, *, workers: int | None = None) -> None:
         self.dir = Path(directory).expanduser()
         self.max_bytes = int(max_bytes)
-        self.workers = workers or max(1, min(8, os.cpu_count() or 1))
+        self.workers = workers or max(1, min(16, os.cpu_count() or 1))
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
         self._manifest_ok: set[str] = set()
@@ -187,7 +191,10 @@ class DiskCache:
         ns = self.namespace_dir(fp)
         return [
             PageRef(
-                ns / page_file_name(i, keys[i]), keys[i], keys[i - 1] if i else fp.root, i,
+                ns / page_file_name(i, keys[i]),
+                keys[i],
+                keys[i - 1] if i else fp.root,
+                i,
                 ends[i] - (ends[i - 1] if i else 0),
             )
             for i in range(start, len(keys))
@@ -278,7 +285,11 @@ class DiskCache:
         log.info(
             "prefix cache miss: %d cached fingerprint(s) in %s do not match this engine; never loading them. "
             "The closest (%s, model %r) differs in %s",
-            len(others), self.dir, name[:12], data.get("model_name", "?"), detail,
+            len(others),
+            self.dir,
+            name[:12],
+            data.get("model_name", "?"),
+            detail,
         )
 
     # -- writing ---------------------------------------------------------------------------
@@ -343,7 +354,9 @@ class DiskCache:
                 log.warning(
                     "prefix cache: could not write %s%s: %s; pages are kept in memory only. Free space, "
                     "lower the cap or set another cache directory (REATTENTION_CACHE_DIR)",
-                    ref.path, hint, exc,
+                    ref.path,
+                    hint,
+                    exc,
                 )
             return "error"
         finally:
@@ -526,6 +539,27 @@ class DiskCache:
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 
 
+def _parse_header(raw: bytes, size: int, path: str) -> tuple[dict[str, Any], int]:
+    """The safetensors header of a ``size``-byte page file from its first bytes ``raw``.
+
+    Returns the parsed header and the offset of the data section.
+    """
+    if size < 8 or len(raw) < 8:
+        raise PageError(f"truncated ({size} bytes)", path)
+    (n,) = struct.unpack("<Q", raw[:8])
+    if n > min(size - 8, _MAX_HEADER):
+        raise PageError(f"header length {n} does not fit a {size}-byte file", path)
+    if len(raw) < 8 + n:
+        raise PageError(f"truncated header ({len(raw) - 8} of {n} bytes)", path)
+    try:
+        header = json.loads(raw[8 : 8 + n])
+    except ValueError as exc:
+        raise PageError(f"unreadable header ({exc})", path) from exc
+    if not isinstance(header, dict):
+        raise PageError("unreadable header (not an object)", path)
+    return header, 8 + n
+
+
 def _map_page(path: str) -> tuple[dict[str, Any], torch.Tensor]:
     """Memory-map a page file: its parsed safetensors header and its data section as uint8.
 
@@ -540,31 +574,63 @@ def _map_page(path: str) -> tuple[dict[str, Any], torch.Tensor]:
             raise PageError(f"truncated ({size} bytes)", path)
         mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
     (n,) = struct.unpack("<Q", mm[:8])
-    if n > min(size - 8, 100 << 20):
-        raise PageError(f"header length {n} does not fit a {size}-byte file", path)
-    try:
-        header = json.loads(mm[8 : 8 + n])
-    except ValueError as exc:
-        raise PageError(f"unreadable header ({exc})", path) from exc
-    if not isinstance(header, dict):
-        raise PageError("unreadable header (not an object)", path)
-    data = torch.frombuffer(mm, dtype=torch.uint8, offset=8 + n)
+    header, offset = _parse_header(mm[: 8 + min(n, _MAX_HEADER)], size, path)
+    data = torch.frombuffer(mm, dtype=torch.uint8, offset=offset)
     with contextlib.suppress(AttributeError, OSError):  # hint: the whole file is about to be read
         mm.madvise(mmap.MADV_WILLNEED)
+    return header, data
+
+
+def _staging_buffer(nbytes: int) -> torch.Tensor | None:
+    """A pinned uint8 host buffer of ``nbytes`` (from PyTorch's caching host allocator), or ``None``."""
+    try:
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    except RuntimeError:  # no CUDA, or no pinned memory to be had
+        return None
+
+
+def _read_page_pinned(path: str) -> tuple[dict[str, Any], torch.Tensor] | None:
+    """Read a page file's data section straight into a pinned host buffer (for a GPU store).
+
+    One ``readinto`` per file instead of mapping it and copying the mapping into pinned memory:
+    that halves the host memory traffic and avoids a page fault per 4 KiB (about 2x faster on
+    the machines measured). Returns ``None`` when no pinned memory can be had (the caller maps
+    the file instead).
+    """
+    with open(path, "rb", buffering=0) as fh:
+        size = os.fstat(fh.fileno()).st_size
+        head = fh.read(min(size, 8 + _HEADER_GUESS))
+        if len(head) >= 8:
+            (n,) = struct.unpack("<Q", head[:8])
+            if len(head) < 8 + n <= min(size, 8 + _MAX_HEADER):  # a large header: read the rest of it
+                head += fh.read(8 + n - len(head))
+        header, offset = _parse_header(head, size, path)
+        data = _staging_buffer(size - offset)
+        if data is None:
+            return None
+        view = memoryview(data.numpy())
+        view[: len(head) - offset] = head[offset:]
+        done = len(head) - offset
+        while done < len(view):  # regular files rarely return short reads, but they may
+            got = fh.readinto(view[done:])
+            if not got:
+                raise PageError(f"truncated while reading ({offset + done} of {size} bytes)", path)
+            done += got
     return header, data
 
 
 def _read_page(
     ref: PageRef, root: str, num_layers: int, dtype: torch.dtype, pin: bool = False
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Map, check and checksum one page (runs on the loader's thread pool).
+    """Open, check and checksum one page (runs on the loader's thread pool).
 
     Returns views of the memory-mapped file, or (``pin=True``) of one pinned host buffer that the
-    data section was copied into in a single pass, ready for asynchronous copies to a GPU.
+    data section was read into, ready for asynchronous copies to a GPU.
     """
     path = str(ref.path)
     try:
-        header, data = _map_page(path)
+        opened = _read_page_pinned(path) if pin else None
+        header, data = opened if opened is not None else _map_page(path)
     except FileNotFoundError as exc:
         raise PageMissing(path) from exc
     except (OSError, ValueError, struct.error) as exc:
@@ -609,11 +675,6 @@ def _read_page(
         end = max(end, stop)
     if end != data.numel():
         raise PageError(f"the data section has {data.numel()} bytes, the header describes {end}", path)
-    if pin:  # one copy out of the page cache, on this worker thread; the GPU copy is then asynchronous
-        try:
-            data = torch.empty_like(data, pin_memory=True).copy_(data)
-        except RuntimeError:  # no pinned memory to be had: hand out views of the mapping
-            pass
     tensors = {}
     for name, (begin, stop) in extents.items():
         t = data[begin:stop]

@@ -50,11 +50,25 @@ print(json.dumps(out))
 def child(
     cache_dir: Path, prompts: list[str], cap: int | None = None, barrier: tuple[Path, int] | None = None
 ) -> subprocess.Popen:
-    args = json.dumps({"config": CFG.to_dict(), "page": PAGE, "dir": str(cache_dir), "cap": cap, "prompts": prompts,
-                       "barrier": [str(barrier[0]), barrier[1]] if barrier else None})
+    args = json.dumps(
+        {
+            "config": CFG.to_dict(),
+            "page": PAGE,
+            "dir": str(cache_dir),
+            "cap": cap,
+            "prompts": prompts,
+            "barrier": [str(barrier[0]), barrier[1]] if barrier else None,
+        }
+    )
     env = dict(os.environ, PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
-    return subprocess.Popen([sys.executable, "-c", CHILD, args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", CHILD, args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def child_result(proc: subprocess.Popen) -> list[dict]:
@@ -137,7 +151,10 @@ def test_fingerprint_mismatch_is_a_miss_with_the_reason(tmp_path, caplog):
     other_model = make_engine(tmp_path, model=tiny_model("llama", seed=1))
     assert other_model.generate(PROMPT, max_new_tokens=2).cached_tokens == 0
     assert "differs in model" in caplog.text
-    assert make_engine(tmp_path, config=CFG.replace(max_context=10_000)).generate(PROMPT, max_new_tokens=2).cached_tokens == 5 * PAGE
+    assert (
+        make_engine(tmp_path, config=CFG.replace(max_context=10_000)).generate(PROMPT, max_new_tokens=2).cached_tokens
+        == 5 * PAGE
+    )
 
 
 def test_fingerprints_follow_weights_and_tokenizer():
@@ -168,7 +185,9 @@ def _corrupt(path: Path, how: str) -> None:
     path.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("how", ["truncated", "bit flip in data", "bit flip in header", "half written", "another page's file"])
+@pytest.mark.parametrize(
+    "how", ["truncated", "bit flip in data", "bit flip in header", "half written", "another page's file"]
+)
 def test_a_damaged_page_is_dropped_and_recomputed(tmp_path, cold_ids, caplog, how):
     model = tiny_model("llama")
     make_engine(tmp_path, model=model).generate(PROMPT, max_new_tokens=4)
@@ -182,6 +201,27 @@ def test_a_damaged_page_is_dropped_and_recomputed(tmp_path, cold_ids, caplog, ho
     verify_all(tmp_path)  # rewritten whole
     again = make_engine(tmp_path, model=model).generate(PROMPT, max_new_tokens=4)
     assert again.cached_tokens == 5 * PAGE and again.token_ids == cold_ids and not caplog.text
+
+
+@pytest.mark.parametrize("how", [None, "truncated", "bit flip in data", "bit flip in header", "half written"])
+def test_the_staging_reader_checks_pages_like_the_mapping_reader(tmp_path, monkeypatch, how):
+    """GPU stores read pages with ``readinto`` into pinned buffers; plain buffers stand in for them here."""
+    make_engine(tmp_path).generate(PROMPT, max_new_tokens=1)
+    path = next(tmp_path.glob("*/p000001-*"))
+    meta = dc._read_header(path)["__metadata__"]
+    ref = dc.PageRef(path, meta["key"], meta["parent"], int(meta["index"]), int(meta["tokens"]))
+    staged: list[int] = []
+    monkeypatch.setattr(dc, "_staging_buffer", lambda n: staged.append(n) or torch.empty(n, dtype=torch.uint8))
+    monkeypatch.setattr(dc, "_HEADER_GUESS", 64)  # also take the path where the header needs a second read
+    if how is None:
+        mapped = dc._read_page(ref, meta["fingerprint"], 2, torch.float32)
+        read = dc._read_page(ref, meta["fingerprint"], 2, torch.float32, pin=True)
+        assert staged and all(torch.equal(a, b) for a, b in zip(mapped[0] + mapped[1], read[0] + read[1], strict=True))
+        return
+    _corrupt(path, how)
+    for pin in (False, True):
+        with pytest.raises(dc.PageError):
+            dc._read_page(ref, meta["fingerprint"], 2, torch.float32, pin=pin)
 
 
 def test_eviction_keeps_the_cache_under_its_cap_and_cuts_chains_from_the_end(tmp_path, caplog):
@@ -225,7 +265,10 @@ def test_concurrent_writers_respect_a_shared_cap(tmp_path):
     cap = int(pages(tmp_path / "probe")[0].stat().st_size * 9.5)
     (tmp_path / "barrier").mkdir()
     go = (tmp_path / "barrier", 2)
-    procs = [child(tmp_path / "c", [PROMPT, b], cap=cap, barrier=go), child(tmp_path / "c", [c, PROMPT], cap=cap, barrier=go)]
+    procs = [
+        child(tmp_path / "c", [PROMPT, b], cap=cap, barrier=go),
+        child(tmp_path / "c", [c, PROMPT], cap=cap, barrier=go),
+    ]
     for p in procs:
         child_result(p)
     assert sum(p.stat().st_size for p in pages(tmp_path / "c")) <= cap
