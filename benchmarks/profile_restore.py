@@ -47,8 +47,9 @@ def _write(cache, fp, refs, layers, heads, dim, dtype) -> float:
     base = torch.randn(refs[0].tokens, heads, dim, generator=g).to(dtype)
     t0 = time.perf_counter()
     for i, ref in enumerate(refs):
-        tensors = [base + (i + j) for j in range(layers)]  # distinct bytes per page and layer
-        assert cache.save(fp, ref, tensors, tensors) == "written"
+        keys = [base + (i + j) for j in range(layers)]  # distinct bytes per page and layer
+        values = [base - (i + j) for j in range(layers)]
+        assert cache.save(fp, ref, keys, values) == "written"
     return time.perf_counter() - t0
 
 
