@@ -9,10 +9,12 @@ Layout of the cache directory (`default_cache_dir`)::
 ``namespace`` is the first 32 hex digits of the engine fingerprint's root (model weights,
 tokenizer, ReAttention config, dtype, device type, kernel backend, page size, format version; see
 `reattention_core.fingerprint`), and ``key`` the page's hash-chain key, which already depends on
-that root. A page file holds tensors ``k.<layer>`` and ``v.<layer>`` (``[T, H, D]``, pre-RoPE
-keys and values; ``T`` is ``page_size``, or less for the tail page that ends a corpus) and, in
-its safetensors metadata, the format version, the fingerprint root, its key, its parent's key,
-its index in the chain, its token count and one CRC-32 per tensor.
+that root. A page file is a safetensors file holding tensors ``k.<layer>`` and ``v.<layer>``
+(``[T, H, D]``, pre-RoPE keys and values; ``T`` is ``page_size``, or less for the tail page that
+ends a corpus) laid out ``k.0 .. k.{L-1}, v.0 .. v.{L-1}`` back to back, so its data section is
+the bytes of one ``[2, L, T, H, D]`` tensor; its metadata holds the format version, the
+fingerprint root, its key, its parent's key, its index in the chain, its token count and the
+CRC-32 of the data section.
 
 Guarantees:
 
@@ -21,10 +23,11 @@ Guarantees:
   never leaves a half page under a page name; stale temporary files are swept by eviction.
 * **Verified reads**: files are memory-mapped (private mappings; for a GPU store they are read
   straight into pinned staging buffers instead, one ``readinto`` per file); the header must parse,
-  cover the file exactly, name the expected fingerprint, key, parent and index, and every tensor
-  must have the expected dtype, shape and CRC-32 (zlib; about 3 GB/s per core here, computed on a
-  thread pool while the previous page is being copied into the store). A page that fails any check
-  is logged (warning, with the reason), deleted and recomputed.
+  cover the file exactly, name the expected fingerprint, key, parent and index, describe every
+  tensor with the expected dtype, shape and place, and the data section must have the recorded
+  CRC-32 (zlib; about 2 GB/s per core, computed on a thread pool while earlier pages are being
+  copied into the store; one call per page, so the threads hardly contend for the GIL). A page
+  that fails any check is logged (warning, with the reason), deleted and recomputed.
 * **Shared by processes**: page files appear atomically and are never modified, so readers need no
   lock; manifest writes, eviction and clearing take an exclusive ``fcntl.flock`` on ``<dir>/.lock``.
   Two processes writing the same page write identical bytes; the last rename wins.
@@ -138,10 +141,6 @@ class DiskStats:
     bytes: int
     total_bytes: int  # all fingerprints in the directory (what the cap applies to)
     max_bytes: int
-
-
-def _crc(t: torch.Tensor) -> int:
-    return zlib.crc32(t.contiguous().view(torch.uint8).numpy())
 
 
 def _fsync_dir(path: Path) -> None:
@@ -312,8 +311,6 @@ class DiskCache:
             fit under ``max_bytes`` even after evicting every page not in ``pinned``); or
             ``"error"`` (the write failed, e.g. a full disk; logged once, nothing left behind).
         """
-        from safetensors.torch import save_file
-
         if ref.path.is_file():
             return "exists"
         size = sum(t.numel() * t.element_size() for t in (*keys, *values)) + 8192
@@ -323,26 +320,15 @@ class DiskCache:
         tmp = None
         try:
             ns = self.ensure_manifest(fp)
-            tensors: dict[str, torch.Tensor] = {}
-            for i, (k, v) in enumerate(zip(keys, values, strict=True)):
-                tensors[f"k.{i}"] = k.detach().to("cpu").contiguous()
-                tensors[f"v.{i}"] = v.detach().to("cpu").contiguous()
             meta = {
                 "format": str(FORMAT_VERSION),
                 "fingerprint": fp.root,
                 "key": ref.key,
                 "parent": ref.parent,
                 "index": str(ref.index),
-                "tokens": str(next(iter(tensors.values())).shape[0]),
-                "crc32": json.dumps({n: _crc(t) for n, t in tensors.items()}, sort_keys=True),
             }
             tmp = ns / f"{TMP_PREFIX}{ref.key[:16]}-{os.getpid()}-{secrets.token_hex(4)}{PAGE_SUFFIX}"
-            save_file(tensors, str(tmp), metadata=meta)
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            _write_page_file(tmp, keys, values, meta)
             written = tmp.stat().st_size
             os.replace(tmp, ref.path)
             tmp = None
@@ -651,39 +637,87 @@ def _read_page(
         if meta.get(name) != want:
             raise PageError(f"metadata {name}={meta.get(name)!r}, expected {want!r}", path)
     try:
-        crcs = json.loads(meta["crc32"])
+        crc = int(meta["crc32"])
     except (KeyError, ValueError) as exc:
-        raise PageError("no readable checksums", path) from exc
-    # Layout checks before touching the data: dtype, shape, extents inside and covering the file.
-    extents, shape, end = {}, None, 0
-    for name in sorted(expected):
+        raise PageError("no readable checksum", path) from exc
+    # Layout checks before touching the data: dtype, shape, and the extents of `_page_layout`.
+    shape = (ref.tokens, *_page_shape(header, path)[1:])
+    layout = _page_layout(num_layers, shape, dtype)
+    for name, (begin, stop) in layout.items():
         info = header[name]
         try:
             t_dtype, t_shape = _SAFETENSORS_DTYPES.get(info["dtype"]), tuple(int(x) for x in info["shape"])
-            begin, stop = (int(x) for x in info["data_offsets"])
+            extent = tuple(int(x) for x in info["data_offsets"])
         except (KeyError, TypeError, ValueError) as exc:
             raise PageError(f"malformed entry for {name}", path) from exc
         if t_dtype != dtype:
             raise PageError(f"{name} has dtype {info['dtype']}, expected {dtype}", path)
-        if len(t_shape) != 3 or t_shape[0] != ref.tokens or (shape is not None and t_shape != shape):
-            raise PageError(f"{name} has shape {t_shape}", path)
-        shape = t_shape
-        nbytes = t_shape[0] * t_shape[1] * t_shape[2] * dtype.itemsize
-        if not 0 <= begin <= stop <= data.numel() or stop - begin != nbytes:
-            raise PageError(f"{name} lies outside the file (truncated?)", path)
-        extents[name] = (begin, stop)
-        end = max(end, stop)
-    if end != data.numel():
-        raise PageError(f"the data section has {data.numel()} bytes, the header describes {end}", path)
-    tensors = {}
-    for name, (begin, stop) in extents.items():
-        t = data[begin:stop]
-        if zlib.crc32(t.numpy()) != crcs.get(name):
-            raise PageError(f"checksum mismatch in {name} (corrupted file)", path)
-        tensors[name] = t.view(dtype).view(shape)
-    keys = [tensors[f"k.{i}"] for i in range(num_layers)]
-    values = [tensors[f"v.{i}"] for i in range(num_layers)]
-    return keys, values
+        if t_shape != shape:
+            raise PageError(f"{name} has shape {t_shape}, expected {shape}", path)
+        if extent != (begin, stop):
+            raise PageError(f"{name} lies at bytes {extent}, expected {(begin, stop)}", path)
+    if stop != data.numel():
+        raise PageError(f"the data section has {data.numel()} bytes, the header describes {stop}", path)
+    # One checksum over the whole data section: one call that releases the GIL, where one per
+    # tensor made the loader threads queue for the GIL (about 5x slower restores at 16 threads).
+    if zlib.crc32(data.numpy()) != crc:
+        raise PageError("checksum mismatch (corrupted file)", path)
+    both = data.view(dtype).view(2, num_layers, *shape)
+    return list(both[0].unbind(0)), list(both[1].unbind(0))
+
+
+_DTYPE_NAMES = {dtype: name for name, dtype in _SAFETENSORS_DTYPES.items()}
+
+
+def _page_layout(num_layers: int, shape: tuple[int, ...], dtype: torch.dtype) -> dict[str, tuple[int, int]]:
+    """Byte extents of a page's tensors in its data section: ``k.0 .. k.{L-1}``, then ``v.0 ..``.
+
+    A fixed, contiguous layout (a valid safetensors file, whatever order its header lists),
+    so the data section is the bytes of one ``[2, L, T, H, D]`` tensor.
+    """
+    nbytes = dtype.itemsize
+    for n in shape:
+        nbytes *= n
+    names = [f"{kind}.{i}" for kind in "kv" for i in range(num_layers)]
+    return {name: (j * nbytes, (j + 1) * nbytes) for j, name in enumerate(names)}
+
+
+def _page_shape(header: dict[str, Any], path: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(x) for x in header["k.0"]["shape"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise PageError("malformed entry for k.0", path) from exc
+    if len(shape) != 3:
+        raise PageError(f"k.0 has shape {shape}", path)
+    return shape
+
+
+def _write_page_file(
+    path: Path, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], meta: dict[str, str]
+) -> None:
+    """Write one page file (safetensors, `_page_layout`) with its token count and data CRC-32 in ``meta``.
+
+    The tensors (``[T, H, D]`` each, any device) are stacked where they live and copied to the
+    host in one transfer; the file is written and fsync'ed (the caller renames it into place).
+    """
+    both = torch.stack([t.detach() for t in (*keys, *values)]).to("cpu").contiguous()
+    dtype, shape = both.dtype, tuple(both.shape[1:])
+    if dtype not in _DTYPE_NAMES:
+        raise ValueError(f"pages of dtype {dtype} are not supported (use float32, float16 or bfloat16)")
+    data = both.view(torch.uint8).reshape(-1).numpy()
+    header: dict[str, Any] = {
+        name: {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": list(extent)}
+        for name, extent in _page_layout(len(keys), shape, dtype).items()
+    }
+    header["__metadata__"] = {**meta, "tokens": str(shape[0]), "crc32": str(zlib.crc32(data))}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-(8 + len(raw)) % 8)  # the data section starts 8-byte aligned, as safetensors does
+    with open(path, "xb") as fh:
+        fh.write(struct.pack("<Q", len(raw)))
+        fh.write(raw)
+        fh.write(memoryview(data))
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def _describe(diff: list[str], fp: EngineFingerprint, data: dict[str, Any]) -> str:

@@ -30,7 +30,7 @@ from reattention_core.config import ReAttentionConfig
 
 # Version of the on-disk page format and of the hash chain. Bump it whenever either changes: pages
 # of another version then live under another fingerprint and age out through LRU eviction.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: fixed page layout, one CRC-32 over the data section
 
 # Values sampled per tensor by `model_fingerprint`.
 MODEL_SAMPLES = 256

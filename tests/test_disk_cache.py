@@ -10,10 +10,10 @@ import os
 import random
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import pytest
-import safetensors.torch
 import torch
 
 from reattention_core import CacheConfig, KVStore, ReAttentionConfig, ReAttentionEngine
@@ -126,7 +126,9 @@ def test_pages_are_checksummed_safetensors_files(tmp_path):
     with safe_open(str(files[0]), framework="pt") as f:
         meta = f.metadata()
         assert f.get_tensor("k.0").shape == (PAGE, 2, 16)
-    assert set(json.loads(meta["crc32"])) == {"k.0", "k.1", "v.0", "v.1"}
+        both = torch.stack([f.get_tensor(f"{kind}.{i}") for kind in "kv" for i in range(2)])
+    assert int(meta["crc32"]) == zlib.crc32(both.numpy().tobytes())  # the data section, k.0 k.1 v.0 v.1
+    assert files[0].read_bytes().endswith(both.numpy().tobytes())
     manifest = json.loads((files[0].parent / "manifest.json").read_text())
     assert manifest["fingerprint"] == meta["fingerprint"] and manifest["components"]["dtype"] == "float32"
     info = engine.cache_info().disk
@@ -182,6 +184,12 @@ def _corrupt(path: Path, how: str) -> None:
         data = data[: len(data) // 2]
     elif how == "another page's file":
         data = bytearray(next(path.parent.glob("p000002-*")).read_bytes())
+    elif how == "layers swapped in the header":  # same bytes, same CRC: only the layout check can tell
+        meta = json.loads(bytes(data[8 : 8 + header]))
+        meta["k.0"]["data_offsets"], meta["k.1"]["data_offsets"] = meta["k.1"]["data_offsets"], meta["k.0"]["data_offsets"]
+        raw = json.dumps(meta, separators=(",", ":")).encode().ljust(header)
+        assert len(raw) == header
+        data[8 : 8 + header] = raw
     path.write_bytes(bytes(data))
 
 
@@ -203,7 +211,9 @@ def test_a_damaged_page_is_dropped_and_recomputed(tmp_path, cold_ids, caplog, ho
     assert again.cached_tokens == 5 * PAGE and again.token_ids == cold_ids and not caplog.text
 
 
-@pytest.mark.parametrize("how", [None, "truncated", "bit flip in data", "bit flip in header", "half written"])
+@pytest.mark.parametrize(
+    "how", [None, "truncated", "bit flip in data", "bit flip in header", "half written", "layers swapped in the header"]
+)
 def test_the_staging_reader_checks_pages_like_the_mapping_reader(tmp_path, monkeypatch, how):
     """GPU stores read pages with ``readinto`` into pinned buffers; plain buffers stand in for them here."""
     make_engine(tmp_path).generate(PROMPT, max_new_tokens=1)
@@ -330,17 +340,17 @@ def test_ctrl_c_while_pages_load_keeps_the_engine_consistent(tmp_path, cold_ids,
 
 @pytest.mark.parametrize("failure", ["disk full", "ctrl-c"])
 def test_a_failed_page_write_leaves_nothing_behind(tmp_path, cold_ids, monkeypatch, caplog, failure):
-    real = safetensors.torch.save_file
+    real = dc._write_page_file
 
-    def broken(tensors, filename, metadata=None):
-        real(tensors, filename, metadata=metadata)
-        data = Path(filename).read_bytes()
-        Path(filename).write_bytes(data[: len(data) // 2])
+    def broken(path, keys, values, meta):
+        real(path, keys, values, meta)
+        data = Path(path).read_bytes()
+        Path(path).write_bytes(data[: len(data) // 2])
         if failure == "disk full":
             raise OSError(errno.ENOSPC, "No space left on device")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(safetensors.torch, "save_file", broken)
+    monkeypatch.setattr(dc, "_write_page_file", broken)
     caplog.set_level(logging.WARNING, logger="reattention")
     model = tiny_model("llama")
     engine = make_engine(tmp_path, model=model)
@@ -351,7 +361,7 @@ def test_a_failed_page_write_leaves_nothing_behind(tmp_path, cold_ids, monkeypat
         with pytest.raises(KeyboardInterrupt):
             engine.generate(PROMPT, max_new_tokens=4)
     assert not pages(tmp_path) and not temp_files(tmp_path)
-    monkeypatch.setattr(safetensors.torch, "save_file", real)
+    monkeypatch.setattr(dc, "_write_page_file", real)
     assert engine.generate(PROMPT, max_new_tokens=4).token_ids == cold_ids
     assert make_engine(tmp_path, model=model).generate(PROMPT, max_new_tokens=4).token_ids == cold_ids
 
