@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from reattention_core import tokenization
 from reattention_core.config import ReAttentionConfig
 from reattention_core.decoding import Sampler, SamplingParams, TextAssembler
 from reattention_core.embedded import EMBEDDED_NAME, embedded_model_file, preset_for
@@ -206,7 +207,7 @@ class ReAttentionEngine:
         if isinstance(prompt, str):
             if not prompt.strip():
                 raise InvalidInputError("the prompt is empty; pass some text or a list of chat messages")
-            return list(self.tokenizer(prompt)["input_ids"])
+            return tokenization.encode(self.tokenizer, prompt, add_special_tokens=True)[0]
         return self._encode_messages(prompt, add_generation_prompt=True)
 
     def _encode_messages(self, prompt: Prompt, *, add_generation_prompt: bool) -> list[int]:
@@ -219,7 +220,7 @@ class ReAttentionEngine:
             text = self.tokenizer.apply_chat_template(
                 messages, tokenize=False, add_generation_prompt=add_generation_prompt
             )
-            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+            return tokenization.encode(self.tokenizer, text, add_special_tokens=False)[0]
         raise InvalidInputError(
             f"prompt must be a string or a list of {{'role', 'content'}} messages, got {type(prompt).__name__}"
         )
@@ -253,18 +254,7 @@ class ReAttentionEngine:
 
     def _tokenize_split(self, text: str, cut: int, *, add_special_tokens: bool) -> tuple[list[int], int | None]:
         """Token ids of ``text`` and how many of them end at or before character ``cut``."""
-        try:
-            enc = self.tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
-            offsets = enc["offset_mapping"]
-        except (TypeError, KeyError, ValueError, NotImplementedError):  # a tokenizer without offsets
-            ids = list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
-            tail = self.tokenizer(text[cut:], add_special_tokens=False)["input_ids"]
-            return ids, _suffix_boundary(ids, tail)
-        ids = list(enc["input_ids"])
-        n = 0
-        while n < len(offsets) and offsets[n][1] <= cut:
-            n += 1
-        return ids, (n if 0 < n < len(ids) else None)
+        return tokenization.encode(self.tokenizer, text, add_special_tokens=add_special_tokens, cut=cut)
 
     def _context_prefix_ids(self, context: str) -> list[int]:
         """Token ids of everything a ``context=`` prompt renders before its question.
@@ -592,14 +582,6 @@ def _with_context(prompt: Prompt, context: str, *, marker: str = "") -> list[dic
             messages[i] = {"role": "user", "content": context + CONTEXT_SEPARATOR + marker + m["content"]}
             return messages
     raise InvalidInputError("context= needs a user message to attach to; add {'role': 'user', 'content': question}")
-
-
-def _suffix_boundary(ids: Sequence[int], suffix: Sequence[int]) -> int | None:
-    """``len(ids) - len(suffix)`` if ``suffix`` ends ``ids`` and leaves a non-empty head, else ``None``."""
-    n = len(suffix)
-    if 0 < n < len(ids) and list(ids[-n:]) == list(suffix):
-        return len(ids) - n
-    return None
 
 
 def _generation_eos(model: torch.nn.Module) -> Any:
