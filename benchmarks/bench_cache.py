@@ -94,14 +94,14 @@ def corpus_text(tokenizer, tokens: int) -> str:
 
 
 def environment() -> dict:
-    commit = subprocess.run(
+    # $REATTENTION_COMMIT first: an exported copy (the GPU machine) may sit inside an unrelated checkout
+    commit = os.environ.get("REATTENTION_COMMIT") or subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
     ).stdout.strip()
     if torch.cuda.is_available():
         device = torch.cuda.get_device_name()
     else:
         device = f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-    commit = commit or os.environ.get("REATTENTION_COMMIT", "")  # copies without .git (the GPU machine)
     return {"device": device, "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version(), "commit": commit or "unknown"}
 

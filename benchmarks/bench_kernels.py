@@ -60,6 +60,8 @@ def run_gate(env: dict[str, str]) -> None:
 
 
 def git_rev() -> str:
+    if os.environ.get("REATTENTION_COMMIT"):  # an exported copy (the GPU machine) may sit inside another checkout
+        return os.environ["REATTENTION_COMMIT"]
     try:
         rev = subprocess.check_output(
             ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True, stderr=subprocess.DEVNULL
