@@ -3,6 +3,7 @@
 Public ops, each dispatched (see `dispatch`) to a Triton kernel or its PyTorch reference:
 
 * `score_topk` - exact per-row, per-head top-k of raw ``q . k`` over the middle of the store.
+* `select_from_hits` - votes, clip to ``max_blocks`` and widening to blocks, from the top-k hits.
 * `scope_attention` - attention over ``[sink | selected | local]`` read by index from the pre-RoPE
   store, RoPE applied at fresh contiguous positions, bottom-right causal.
 
@@ -15,7 +16,11 @@ from __future__ import annotations
 import torch
 
 from reattention_kernels.dispatch import resolve_backend
-from reattention_kernels.reference import scope_attention_ref, score_topk_ref
+from reattention_kernels.reference import scope_attention_ref, score_topk_ref, select_from_hits_ref
+
+
+# Largest [max_blocks, block_size] register tile of the fused selection kernel (powers of two).
+_SELECT_MAX_TILE = 16384
 
 
 def _pow2(d: int, least: int) -> bool:
@@ -34,6 +39,30 @@ def score_topk(q: torch.Tensor, k: torch.Tensor, top_k: int, *, backend: str | N
 
         return score_topk_triton(q, k, top_k)
     return score_topk_ref(q, k, top_k)
+
+
+def select_from_hits(
+    hits: torch.Tensor,
+    middle_len: int,
+    max_blocks: int,
+    block_size: int,
+    offset: int = 0,
+    *,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Selected positions from top-k hits; see `reference.select.select_from_hits_ref` for the spec.
+
+    ``auto`` falls back to the reference when ``max_blocks x block_size`` (rounded up to powers of
+    two) is over the kernel's register tile.
+    """
+    kk = min(max_blocks, hits.shape[-1])
+    tile = (1 << max(kk - 1, 0).bit_length()) * (1 << max(block_size - 1, 0).bit_length())
+    supported = tile <= _SELECT_MAX_TILE
+    if resolve_backend(hits, backend, supported=supported) == "triton":
+        from reattention_kernels.triton_ops.select import select_from_hits_triton
+
+        return select_from_hits_triton(hits, middle_len, max_blocks, block_size, offset)
+    return select_from_hits_ref(hits, middle_len, max_blocks, block_size, offset)
 
 
 def scope_attention(
@@ -70,4 +99,12 @@ def scope_attention(
     return scope_attention_ref(q, k, v, sel_idx, n_sel, **kwargs)
 
 
-__all__ = ["resolve_backend", "scope_attention", "scope_attention_ref", "score_topk", "score_topk_ref"]
+__all__ = [
+    "resolve_backend",
+    "scope_attention",
+    "scope_attention_ref",
+    "score_topk",
+    "score_topk_ref",
+    "select_from_hits",
+    "select_from_hits_ref",
+]

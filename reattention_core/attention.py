@@ -80,9 +80,9 @@ def reattention_attention(
             top_k=cfg.top_k,
             max_blocks=cfg.max_blocks,
             block_size=cfg.block_size,
+            offset=plan.sink_len,
             backend=backend,
         )
-        sel = sel + plan.sink_len
     else:
         sel = torch.zeros((b, 0), dtype=torch.int64, device=q.device)
         n_sel = torch.zeros((b,), dtype=torch.int64, device=q.device)

@@ -1,7 +1,8 @@
 """Block selection: turn per-head top-k hits into the sorted token indices of the selected blocks.
 
-All steps are batched tensor ops with no host synchronisation, so on a GPU the whole selection
-stays on the device:
+No step synchronises with the host, so on a GPU the whole selection stays on the device
+(`reattention_kernels.score_topk`, then `reattention_kernels.select_from_hits`: a fused Triton
+kernel on CUDA, the torch reference elsewhere):
 
 1. **votes** - every hit ``(row, query head, slot)`` of a layer votes for its key position;
 2. **clip** - the ``max_blocks`` positions with most votes are kept (ties: lower position first);
@@ -16,64 +17,10 @@ from __future__ import annotations
 
 import torch
 
-from reattention_kernels import score_topk
+from reattention_kernels import score_topk, select_from_hits
+from reattention_kernels.reference.select import expand_blocks, vote_and_clip
 
-
-def vote_and_clip(hits: torch.Tensor, middle_len: int, max_blocks: int) -> torch.Tensor:
-    """Most-voted distinct hit positions.
-
-    Args:
-        hits (torch.Tensor): int64 ``[B, N]`` positions in ``[0, middle_len)``; ``-1`` = no hit.
-        middle_len (int): length of the middle.
-        max_blocks (int): positions to keep.
-
-    Returns:
-        torch.Tensor: int64 ``[B, min(max_blocks, N)]`` kept positions, ascending, padded at the
-        end with ``middle_len`` (an out-of-range marker).
-    """
-    b, n = hits.shape
-    if n == 0:
-        return hits.new_empty((b, 0))
-    ordered = hits.sort(dim=-1).values
-    lo = torch.searchsorted(ordered, ordered, right=False)
-    hi = torch.searchsorted(ordered, ordered, right=True)
-    votes = hi - lo
-    first = (torch.arange(n, device=hits.device) == lo) & (ordered >= 0)
-    # unique key: more votes first, then the lower position
-    key = torch.where(first, votes * (middle_len + 1) + (middle_len - ordered), torch.full_like(ordered, -1))
-    top = key.topk(min(max_blocks, n), dim=-1)
-    kept = ordered.gather(1, top.indices)
-    kept = torch.where(top.values >= 0, kept, torch.full_like(kept, middle_len))
-    return kept.sort(dim=-1).values
-
-
-def expand_blocks(kept: torch.Tensor, block_size: int, middle_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Widen kept positions to blocks, merge overlaps, keep original order.
-
-    Args:
-        kept (torch.Tensor): int64 ``[B, K]`` ascending positions, padded with ``middle_len``.
-        block_size (int): block width.
-        middle_len (int): length of the middle; blocks are clipped to ``[0, middle_len)``.
-
-    Returns:
-        ``(sel, n_sel)``: int64 ``[B, K * block_size]`` ascending middle positions (entries at and
-        beyond ``n_sel[b]`` are padding) and int64 ``[B]`` counts.
-    """
-    b, kk = kept.shape
-    width = kk * block_size
-    if kk == 0:
-        return kept.new_zeros((b, 0)), kept.new_zeros((b,))
-    half = block_size // 2
-    offsets = torch.arange(block_size, device=kept.device)
-    cand = (kept - half)[:, :, None] + offsets  # [B, K, block]
-    ends = kept - half + block_size - 1
-    prev_end = torch.cat([ends.new_full((b, 1), -1), ends[:, :-1]], dim=1).cummax(dim=1).values
-    valid = (cand >= 0) & (cand < middle_len) & (cand > prev_end[:, :, None]) & (kept < middle_len)[:, :, None]
-    cand, valid = cand.reshape(b, width), valid.reshape(b, width)
-    n_sel = valid.sum(dim=-1)
-    dest = torch.where(valid, valid.cumsum(dim=-1) - 1, torch.full_like(cand, width))
-    sel = cand.new_zeros((b, width + 1)).scatter_(1, dest, cand)[:, :width]
-    return sel, n_sel
+__all__ = ["expand_blocks", "select_blocks", "vote_and_clip"]
 
 
 def select_blocks(
@@ -83,6 +30,7 @@ def select_blocks(
     top_k: int,
     max_blocks: int,
     block_size: int,
+    offset: int = 0,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Position-agnostic selection over the middle of one layer's pre-RoPE key store.
@@ -91,11 +39,12 @@ def select_blocks(
         q (torch.Tensor): pre-RoPE queries ``[B, TQ, HQ, D]`` (all rows of the chunk vote).
         k_middle (torch.Tensor): pre-RoPE middle keys ``[B, M, H, D]``.
         top_k, max_blocks, block_size: see `ReAttentionConfig`.
+        offset: added to the positions (the sink length gives positions in the store).
 
     Returns:
-        ``(sel, n_sel)`` as in `expand_blocks`, positions relative to the middle's start.
+        ``(sel, n_sel)`` as in `expand_blocks`, positions relative to the middle's start plus
+        ``offset`` (padding entries equal ``offset``).
     """
     middle_len = k_middle.shape[1]
     hits = score_topk(q, k_middle, top_k, backend=backend)  # [B, TQ, HQ, top_k]
-    kept = vote_and_clip(hits.reshape(hits.shape[0], -1), middle_len, max_blocks)
-    return expand_blocks(kept, block_size, middle_len)
+    return select_from_hits(hits.reshape(hits.shape[0], -1), middle_len, max_blocks, block_size, offset, backend=backend)

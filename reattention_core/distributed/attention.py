@@ -9,7 +9,7 @@ on the whole store (up to float summation order):
    all-gathers them with their fp32 scores; every rank merges the candidates under the order
    *score descending, then position ascending* (the single-device tie rule). The global top-k is
    always among the per-rank top-k, so the merged hits are the single-device hits;
-2. **select** - the hits vote and widen to blocks (`selection.vote_and_clip`, `expand_blocks`),
+2. **select** - the hits vote and widen to blocks (`reattention_kernels.select_from_hits`),
    identically on every rank, so all ranks agree on the scope ``[sink | selected | local]`` and
    on its contiguous positions ``0 .. L-1``;
 3. **attend** - each rank attends over the scope tokens it holds, with RoPE at their scope
@@ -29,8 +29,7 @@ import torch.distributed as dist
 from reattention_core.attention import ScopePlan, plan_scope
 from reattention_core.config import ReAttentionConfig
 from reattention_core.rope import RopeSpec
-from reattention_core.selection import expand_blocks, vote_and_clip
-from reattention_kernels import score_topk
+from reattention_kernels import score_topk, select_from_hits
 from reattention_kernels.reference import apply_rope_ref, rope_cos_sin
 
 
@@ -112,9 +111,9 @@ def sharded_select(
     packed = torch.stack([scores.double(), positions.double()], dim=-1)  # one collective for both
     gathered = all_gather_stack(packed, group)
     hits = merge_candidates(gathered[..., 0].float(), gathered[..., 1].long(), cfg.top_k)
-    kept = vote_and_clip(hits.reshape(b, -1), plan.middle_len, cfg.max_blocks)
-    sel, n_sel = expand_blocks(kept, cfg.block_size, plan.middle_len)
-    return sel + plan.sink_len, n_sel
+    return select_from_hits(
+        hits.reshape(b, -1), plan.middle_len, cfg.max_blocks, cfg.block_size, plan.sink_len, backend=backend
+    )
 
 
 def partial_scope_attention(
