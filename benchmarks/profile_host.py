@@ -84,6 +84,9 @@ def main() -> None:
         "select_blocks (score_topk + votes + blocks)": lambda: select_blocks(
             q, middle, top_k=4, max_blocks=32, block_size=32
         ),
+        "select_blocks, fused selection kernel (backend=triton)": lambda: select_blocks(
+            q, middle, top_k=4, max_blocks=32, block_size=32, backend="triton"
+        ),
         "scope_attention": lambda: scope_attention(
             q, k, v, sel, n_sel, sink_len=sink, local_start=t - local, inv_freq=inv_freq,
             attention_scaling=1.0, scale=d**-0.5,
@@ -106,7 +109,7 @@ def main() -> None:
     for name, fn in calls.items():
         row["host_us"][name] = round(_host_us(fn, args.calls), 1)
         print(f"{name}: {row['host_us'][name]} us", flush=True)
-    for name in ("select_blocks (score_topk + votes + blocks)", "scope_attention"):
+    for name in ("select_blocks (score_topk + votes + blocks)", "select_blocks, fused selection kernel (backend=triton)", "scope_attention"):
         text = _profile(calls[name], 200, args.top)
         row.setdefault("profiles", {})[name] = text
         print(f"\n=== {name} (200 calls) ===\n{text}", flush=True)

@@ -21,6 +21,10 @@ from reattention_kernels.reference import scope_attention_ref, score_topk_ref, s
 
 # Largest [max_blocks, block_size] register tile of the fused selection kernel (powers of two).
 _SELECT_MAX_TILE = 16384
+# The fused selection kernel is tested against the reference in Triton's interpreter but has not run
+# on a GPU yet (the session that wrote it had no device time left): "auto" keeps the reference until
+# it has; REATTENTION_KERNELS=triton (or backend="triton") uses it.
+_SELECT_TRITON_BY_DEFAULT = False
 
 
 def _pow2(d: int, least: int) -> bool:
@@ -52,12 +56,13 @@ def select_from_hits(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Selected positions from top-k hits; see `reference.select.select_from_hits_ref` for the spec.
 
-    ``auto`` falls back to the reference when ``max_blocks x block_size`` (rounded up to powers of
-    two) is over the kernel's register tile.
+    ``auto`` uses the reference for now (see ``_SELECT_TRITON_BY_DEFAULT``), and always when
+    ``max_blocks x block_size`` (rounded up to powers of two) is over the kernel's register tile;
+    an explicit ``"triton"`` request uses the fused kernel.
     """
     kk = min(max_blocks, hits.shape[-1])
     tile = (1 << max(kk - 1, 0).bit_length()) * (1 << max(block_size - 1, 0).bit_length())
-    supported = tile <= _SELECT_MAX_TILE
+    supported = tile <= _SELECT_MAX_TILE and _SELECT_TRITON_BY_DEFAULT
     if resolve_backend(hits, backend, supported=supported) == "triton":
         from reattention_kernels.triton_ops.select import select_from_hits_triton
 

@@ -39,3 +39,15 @@ def test_fused_selection_equals_the_reference(device, b, n, middle, max_blocks, 
         assert sel.dtype == n_sel.dtype == torch.int64 and sel.shape == ref_sel.shape
         assert torch.equal(n_sel, ref_n) and torch.equal(sel, ref_sel), f"seed {seed}"
 
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n, middle", [(36, 1 << 20), (9216, 1 << 20), (32768, 131072)])
+def test_fused_selection_at_real_shapes(n, middle):
+    """A decode step and a 256-token prefill chunk of the SmolLM2 preset over a 1M-token middle, and a
+    Llama-8B-shaped chunk (32 query heads): the GPU's atomics, not the interpreter's."""
+    for seed in range(3):
+        hits = random_hits(1, n, middle, distinct=n // 3, empty=0.01, seed=seed, device="cuda")
+        got = select_from_hits(hits, middle, 32, 32, 32, backend="triton")
+        want = select_from_hits_ref(hits, middle, 32, 32, 32)
+        assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
