@@ -98,6 +98,23 @@ def test_samples_are_seeded_by_coordinates_only():
     assert sample_seed(7, "passkey", 600, 0.5, 0) != sample_seed(8, "passkey", 600, 0.5, 0)
 
 
+def test_jitter_moves_the_needle_and_keeps_the_key():
+    tok = ByteTokenizer()
+    h = Haystack(tok, "filler")
+    plain = [make_sample("passkey", tok, h, 2000, 0.5, i, base_seed=7) for i in range(6)]
+    moved = [make_sample("passkey", tok, h, 2000, 0.5, i, base_seed=7, jitter=0.1) for i in range(6)]
+    assert moved[0] == make_sample("passkey", tok, h, 2000, 0.5, 0, base_seed=7, jitter=0.1)  # still seeded
+    assert [s.expected for s in moved] == [s.expected for s in plain]  # same keys ...
+    assert all(s.needle_depth == 0.5 for s in plain)
+    depths = [s.needle_depth for s in moved]
+    assert len(set(depths)) == 6 and all(0.4 <= d <= 0.6 for d in depths)  # ... at six other places
+    places = {s.prompt.index(s.expected[0]) for s in moved}
+    assert len(places) >= 4 and plain[0].prompt.index(plain[0].expected[0]) not in places
+    assert make_sample("cwe", tok, h, 600, 0.5, 0, jitter=0.1).needle_depth is None  # no needle to move
+    with pytest.raises(InvalidInputError, match="jitter"):
+        make_sample("passkey", tok, h, 600, 0.5, 0, jitter=0.7)
+
+
 @pytest.mark.parametrize("task", TASKS)
 def test_every_task_builds_an_answerable_prompt_of_the_requested_length(task):
     tok = ByteTokenizer()
@@ -189,6 +206,25 @@ def test_run_grid_writes_rows_resumes_and_restores_the_config(tiny_engine, tmp_p
     assert len(rows) == len(grid.cells())
     assert len({(x["length"], x["depth"], x["mode"]) for x in rows}) == len(rows)
     assert run_grid(tiny_engine, grid, ResultsFile(out), progress=False).ran == 0
+
+
+def test_jittered_cells_are_other_cells_and_old_rows_count_as_unjittered(tiny_engine, tmp_path):
+    out = tmp_path / "r.jsonl"
+    plain = _grid(lengths=(256,), depths=(0.5,), modes=("reattention",))
+    assert run_grid(tiny_engine, plain, ResultsFile(out), progress=False).ran == 1
+    rows = read_rows(out)
+    assert rows[0]["jitter"] == 0.0 and rows[0]["needle_depth"] == rows[0]["depth"]
+    # a row written before the jitter existed has no such field: it is the same cell
+    legacy = {k: v for k, v in rows[0].items() if k != "jitter"}
+    out.write_text(json.dumps(legacy) + "\n")
+    assert run_grid(tiny_engine, plain, ResultsFile(out), progress=False).ran == 0
+    moved = _grid(lengths=(256,), depths=(0.5,), modes=("reattention",), jitter=0.05)
+    assert run_grid(tiny_engine, moved, ResultsFile(out), progress=False).ran == 1  # not the same cell
+    row = read_rows(out)[-1]
+    assert row["jitter"] == 0.05 and row["needle_depth"] != row["depth"] and abs(row["needle_depth"] - row["depth"]) <= 0.05
+    assert run_grid(tiny_engine, moved, ResultsFile(out), progress=False).ran == 0
+    with pytest.raises(InvalidInputError, match="jitter"):
+        _grid(jitter=-0.1)
 
 
 def test_ctrl_c_keeps_whole_rows_and_the_rerun_finishes(tiny_engine, tmp_path, monkeypatch):

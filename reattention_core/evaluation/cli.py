@@ -110,6 +110,7 @@ def cmd_needles(args: argparse.Namespace) -> int:
         depths=parse_depths(args.depths),
         modes=tuple(modes),
         samples=args.samples,
+        jitter=args.jitter,
         haystack=args.haystack,
         seed=args.seed,
         max_new_tokens=args.max_new_tokens,
@@ -183,6 +184,9 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     needle_opts.add_argument("--modes", nargs="+", choices=MODES, default=None,
                              help="attention modes, run on the same samples (default: all three)")
     needle_opts.add_argument("--samples", type=int, default=1, help="needles (seeded) per length x depth")
+    needle_opts.add_argument("--jitter", type=float, default=0.0, metavar="FRACTION",
+                             help="move each sample's needle by a seeded offset within +-FRACTION of the length "
+                             "around its depth (independent placements; default 0: only the key differs)")
     needle_opts.add_argument("--haystack", choices=("docs", "filler"), default="docs",
                              help="docs: Python standard-library docstrings; filler: a repeated sentence group")
     needle_opts.add_argument("--max-length", nargs="+", metavar="MODE=TOKENS",

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 # The coordinates that identify a cell; two rows with the same key are the same measurement.
-KEY_FIELDS: tuple[str, ...] = ("task", "haystack", "length", "depth", "index", "mode", "seed", "model")
+KEY_FIELDS: tuple[str, ...] = ("task", "haystack", "length", "depth", "index", "mode", "seed", "model", "jitter")
 
 
 def cell_key(row: dict[str, Any]) -> tuple:
@@ -23,6 +23,8 @@ def cell_key(row: dict[str, Any]) -> tuple:
         value = row.get(name)
         if name == "model" and value is None:
             value = (row.get("env") or {}).get("model")
+        if name == "jitter":  # rows written before the jitter existed had none
+            value = float(value or 0.0)
         out.append(round(value, 6) if isinstance(value, float) else value)
     return tuple(out)
 

@@ -52,6 +52,9 @@ class NeedleGrid:
         depths: needle depths in [0, 1] (ignored by depth-less tasks such as ``cwe``).
         modes: attention modes (`reattention_core.config.MODES`).
         samples: samples (different needles, fixed seeds) per length x depth.
+        jitter: move each sample's needle by a seeded offset in ``[-jitter, jitter]`` around its
+            depth (see `make_sample`), so the samples of a cell are different placements; part of
+            a cell's identity (rows without it count as ``0``).
         haystack: ``"docs"`` (standard-library docstrings) or ``"filler"``.
         seed: base seed; samples are derived from it and their coordinates only.
         max_new_tokens: per-task override of `DEFAULT_MAX_NEW_TOKENS`.
@@ -63,6 +66,7 @@ class NeedleGrid:
     depths: tuple[float, ...] = (0.5,)
     modes: tuple[str, ...] = MODES
     samples: int = 1
+    jitter: float = 0.0
     haystack: str = "docs"
     seed: int = 0
     max_new_tokens: int | None = None
@@ -87,6 +91,8 @@ class NeedleGrid:
             raise InvalidInputError(f"depths must be in [0, 1], got {self.depths}")
         if self.samples < 1:
             raise InvalidInputError(f"samples must be >= 1, got {self.samples}")
+        if not 0.0 <= self.jitter <= 0.5:
+            raise InvalidInputError(f"jitter must be in [0, 0.5] (a fraction of the length), got {self.jitter}")
         if self.haystack not in HAYSTACK_KINDS:
             raise InvalidInputError(f"haystack must be one of {HAYSTACK_KINDS}, got {self.haystack!r}")
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
@@ -120,7 +126,7 @@ class RunReport:
 def row_identity(grid: NeedleGrid, cell: Cell, model: str) -> dict[str, Any]:
     return {
         "task": cell.task, "haystack": grid.haystack, "length": cell.length, "depth": cell.depth,
-        "index": cell.index, "mode": cell.mode, "seed": grid.seed, "model": model,
+        "index": cell.index, "mode": cell.mode, "seed": grid.seed, "model": model, "jitter": grid.jitter,
     }
 
 
@@ -159,7 +165,10 @@ def run_grid(
             if sample is None or (sample.task, sample.length, sample.depth, sample.index) != (
                 cell.task, cell.length, cell.depth, cell.index
             ):
-                sample = make_sample(cell.task, engine.tokenizer, haystack, cell.length, cell.depth, cell.index, grid.seed)
+                sample = make_sample(
+                    cell.task, engine.tokenizer, haystack, cell.length, cell.depth, cell.index, grid.seed,
+                    jitter=grid.jitter,
+                )  # fmt: skip
             engine.config = base.replace(mode=cell.mode)
             bar.set_description(f"{cell.task} {cell.length} {cell.mode}")
             t0 = time.perf_counter()
@@ -170,6 +179,7 @@ def run_grid(
             row = {
                 **row_identity(grid, cell, engine.model_name),
                 "sample_seed": sample.seed,
+                "needle_depth": sample.needle_depth,
                 "haystack_fingerprint": haystack.fingerprint if haystack else None,
                 "prompt_tokens": res.prompt_tokens,
                 "expected": list(sample.expected),

@@ -64,6 +64,7 @@ class Sample:
         messages: the chat messages it was rendered from (without the answer prefix).
         prompt_tokens: tokens of ``prompt`` as the engine encodes it.
         expected: the strings a correct answer contains; `score` is the fraction found.
+        needle_depth: where the (first) needle was put: ``depth``, moved by the jitter if any.
     """
 
     task: str
@@ -76,6 +77,7 @@ class Sample:
     expected: tuple[str, ...]
     prompt: str
     prompt_tokens: int
+    needle_depth: float | None = None
 
     def score(self, answer: str) -> float:
         return score(answer, self.expected)
@@ -231,18 +233,38 @@ def render(tokenizer: Any, messages: Sequence[dict[str, str]], answer_prefix: st
 
 
 def make_sample(
-    task: str, tokenizer: Any, haystack: Haystack, length: int, depth: float | None, index: int, base_seed: int = 0
+    task: str,
+    tokenizer: Any,
+    haystack: Haystack,
+    length: int,
+    depth: float | None,
+    index: int,
+    base_seed: int = 0,
+    *,
+    jitter: float = 0.0,
 ) -> Sample:
     """The sample at these coordinates, with a prompt of ``length`` tokens (exact where possible).
 
     The prompt is ``instruction + haystack (with needles) + question`` in one user message; the
     haystack budget is corrected until the rendered prompt has ``length`` tokens (to within a
     few tokens when no cut gives the exact count).
+
+    ``jitter``: move the (first) needle by a seeded offset drawn uniformly from ``[-jitter,
+    jitter]`` around ``depth`` (clipped to [0, 1]), so the samples of one cell sit at different
+    places of the haystack rather than only holding different keys. The needle's text (the key)
+    is the same as without jitter.
     """
     if task in DEPTHLESS:
         depth = None
+    if not 0.0 <= jitter <= 0.5:
+        raise InvalidInputError(f"jitter must be in [0, 0.5], got {jitter}")
     seed = sample_seed(base_seed, task, length, depth, index)
-    spec = task_spec(task, random.Random(seed), depth, tokenizer)
+    needle_depth = depth
+    if depth is not None and jitter > 0:
+        # its own stream, so the key and the other needles stay those of the unjittered sample
+        moved = depth + random.Random(seed ^ 0x6A177E4).uniform(-jitter, jitter)
+        needle_depth = min(1.0, max(0.0, moved))
+    spec = task_spec(task, random.Random(seed), needle_depth, tokenizer)
 
     def messages_for(budget: int) -> list[dict[str, str]]:
         text = spec.body(budget) if spec.body is not None else haystack.build(budget, spec.needles)
@@ -266,4 +288,5 @@ def make_sample(
         expected=spec.expected,
         prompt=prompt,
         prompt_tokens=n,
+        needle_depth=needle_depth,
     )
