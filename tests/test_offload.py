@@ -1,0 +1,79 @@
+"""Selection over an offloaded middle: per-block key bounds, candidate blocks, exact refinement."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from reattention_core.offload import KeyBounds, candidate_topk
+from reattention_kernels.reference import score_topk_ref
+
+
+def keys_and_queries(kind: str, b: int, m: int, h: int, g: int, tq: int, d: int, seed: int):
+    torch.manual_seed(seed)
+    k = torch.randn(b, m, h, d)
+    q = torch.randn(b, tq, h * g, d)
+    if kind == "int":  # small integers: exact ties everywhere
+        k, q = k.mul(1.2).round().clamp(-2, 2), q.mul(1.2).round().clamp(-2, 2)
+    elif kind == "dup":  # repeated keys (repeated tokens in layer 0)
+        src, dst = torch.randint(0, m, (m // 3,)), torch.randint(0, m, (m // 3,))
+        k[:, dst] = k[:, src]
+    elif kind == "needle":  # one block much closer to the queries than the rest
+        k[:, m // 2] = q[:, 0, ::g].mul(3)
+    return k, q
+
+
+def test_bounds_bound_every_score_and_grow_in_any_chunking():
+    k, q = keys_and_queries("randn", 2, 203, 3, 3, 5, 16, seed=0)
+    whole = KeyBounds.of(k, 16)
+    parts = KeyBounds(16, "cpu")
+    for a, z in ((0, 7), (7, 40), (40, 41), (41, 203)):
+        parts.append(k[:, a:z])
+    assert parts.tokens == whole.tokens == 203 and parts.num_blocks == 13
+    assert torch.equal(parts.kmin, whole.kmin) and torch.equal(parts.kmax, whole.kmax)
+    ub, margin = whole.upper_bounds(q)
+    scores = torch.einsum("bthd,bmhd->bthm", q.view(2, 5, 3, 3, 16).flatten(2, 3), k.repeat_interleave(3, 2))
+    for n in range(13):
+        assert (scores[..., n * 16 : (n + 1) * 16].amax(-1) <= ub[..., n] + margin[..., n]).all()
+
+
+@pytest.mark.parametrize("kind", ["randn", "int", "dup", "needle"])
+@pytest.mark.parametrize("budget", [1, 3, 100])
+def test_refined_candidates_give_exactly_the_full_top_k(kind, budget):
+    for seed in range(3):
+        k, q = keys_and_queries(kind, 2, 397, 3, 3, 4, 16, seed)
+        bounds = KeyBounds.of(k, 32)
+        res = candidate_topk(q, k, bounds, 4, budget=budget)
+        assert torch.equal(res.hits, score_topk_ref(q, k, 4)), (kind, budget, seed)
+        assert budget <= res.fetched <= bounds.num_blocks or res.fetched == bounds.num_blocks
+
+
+def test_a_needle_is_found_reading_few_blocks():
+    """The bounds are loose for random keys (a block's bound is a sum of per-dimension extremes), so
+    they only rule blocks out when the k-th hit stands far above the crowd, as a needle does."""
+    k, q = keys_and_queries("needle", 1, 4096, 1, 1, 1, 64, seed=1)
+    bounds = KeyBounds.of(k, 64)
+    res = candidate_topk(q, k, bounds, 1, budget=2)
+    assert torch.equal(res.hits, score_topk_ref(q, k, 1)) and int(res.hits) == 2048
+    assert res.fetched == 2 and res.rounds == 1  # no other block could hold a better key
+
+
+def test_unrefined_candidates_equal_the_resident_result_when_they_cover_every_block():
+    k, q = keys_and_queries("dup", 1, 300, 2, 2, 3, 16, seed=2)
+    bounds = KeyBounds.of(k, 16)
+    full = candidate_topk(q, k, bounds, 5, budget=bounds.num_blocks, refine=False)
+    assert full.rounds == 1 and full.fetched == bounds.num_blocks
+    assert torch.equal(full.hits, score_topk_ref(q, k, 5))
+    few = candidate_topk(q, k, bounds, 5, budget=2, refine=False)
+    assert few.rounds == 1 and few.fetched == 2  # an approximation: only what the budget reads
+
+
+def test_bad_inputs_are_refused():
+    k, q = keys_and_queries("randn", 1, 50, 1, 1, 1, 8, seed=3)
+    bounds = KeyBounds.of(k[:, :40], 8)
+    with pytest.raises(ValueError, match="cover 40 tokens"):
+        candidate_topk(q, k, bounds, 2, budget=1)
+    with pytest.raises(ValueError, match="budget"):
+        candidate_topk(q, k[:, :40], bounds, 2, budget=0)
+    with pytest.raises(ValueError, match="block"):
+        KeyBounds(0, "cpu")
