@@ -10,6 +10,7 @@ with the real `DiskCache.save`, then times, each on all pages:
   restore      load + `KVStore.extend` of every layer into a CUDA store (what a warm start does),
                with the main thread's time split into waiting for pages and launching copies
   restore-page the same with one host-to-device copy per page, then device-side copies per layer
+  restore-foreach  one host-to-device copy per page, then one `torch._foreach_copy_` into 2L buffers
   crc1         one thread's CRC-32 throughput (one page, ten times, scaled to all pages)
   restore-cold the same after ``posix_fadvise(DONTNEED)`` dropped the files from the page cache
 
@@ -72,9 +73,11 @@ def _raw_read(paths, workers, crc) -> float:
     return dt, total
 
 
-def _restore(cache, fp, refs, layers, dtype, device, whole_page=False) -> dict:
+def _restore(cache, fp, refs, layers, dtype, device, whole_page=False, foreach=False) -> dict:
     store = KVStore(layers)
     staging = None
+    bufs: list[torch.Tensor] = []  # foreach: 2L plain [total, H, D] buffers standing in for the store
+    start = 0
     store.reserve(sum(r.tokens for r in refs))
     torch.cuda.synchronize()
     wait = launch = 0.0
@@ -89,6 +92,20 @@ def _restore(cache, fp, refs, layers, dtype, device, whole_page=False) -> dict:
         if page is None:
             break
         keys, values = page
+        if foreach:  # one host-to-device copy of the page, then one multi-tensor device copy
+            both = torch.empty(0, dtype=keys[0].dtype).set_(keys[0].untyped_storage())
+            both = both[: 2 * layers * keys[0].numel()].view(2 * layers, *keys[0].shape)
+            if staging is None:
+                staging = torch.empty_like(both, device=device)
+                total = sum(r.tokens for r in refs)
+                bufs = [torch.empty((total, *keys[0].shape[1:]), dtype=dtype, device=device) for _ in range(2 * layers)]
+            staging.copy_(both, non_blocking=True)
+            end = start + keys[0].shape[0]
+            torch._foreach_copy_([buf[start:end] for buf in bufs], list(staging.unbind(0)))
+            start = end
+            launch += time.perf_counter() - b
+            n += 1
+            continue
         if whole_page:  # one host-to-device copy of the page, then device-to-device copies per layer
             st = keys[0].untyped_storage()
             nbytes = sum(t.numel() * t.element_size() for t in (*keys, *values))
@@ -176,10 +193,13 @@ def main() -> None:
             for _ in range(10):
                 zlib.crc32(got[1].numpy())
             result = {"s": (time.perf_counter() - t0) * len(paths) / 10}  # scaled to all pages
-        elif phase in ("restore", "restore-cold", "restore-page"):
+        elif phase in ("restore", "restore-cold", "restore-page", "restore-foreach"):
             if phase == "restore-cold":
                 _drop(paths)
-            result = _restore(cache, fp, refs, args.layers, dtype, device, whole_page=phase == "restore-page")
+            result = _restore(
+                cache, fp, refs, args.layers, dtype, device,
+                whole_page=phase == "restore-page", foreach=phase == "restore-foreach",
+            )  # fmt: skip
         else:
             raise SystemExit(f"unknown phase {phase}")
         result = {"phase": phase, **{k: round(v, 3) for k, v in result.items()}, "GB_per_s": round(gb / result["s"], 2)}
