@@ -20,6 +20,7 @@ from reattention_core.errors import (
 )
 from reattention_core.generation import GenerationResult, Request, TextStream
 from reattention_core.hf import ReAttentionCache, enable_reattention
+from reattention_core.offload import OffloadConfig
 from reattention_core.prefix_cache import CacheConfig, CacheInfo
 from reattention_core.store import KVStore
 
@@ -36,6 +37,7 @@ __all__ = [
     "InvalidInputError",
     "KVStore",
     "ModelNotFoundError",
+    "OffloadConfig",
     "PrefillResult",
     "ReAttentionCache",
     "ReAttentionConfig",

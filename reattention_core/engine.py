@@ -34,6 +34,7 @@ from reattention_core.fingerprint import EngineFingerprint
 from reattention_core.generation import GenerationResult, Request, TextStream
 from reattention_core.hf import ReAttentionCache, enable_reattention
 from reattention_core.hf.architectures import check_model, check_model_type, pretraining_window
+from reattention_core.offload import OffloadConfig, OffloadedStore
 from reattention_core.prefill import run_prefill
 from reattention_core.prefix_cache import CacheConfig, CacheInfo, PrefixCache, PrefixRun
 from reattention_core.store import KVStore
@@ -84,6 +85,10 @@ class ReAttentionEngine:
         backend: kernel backend override: ``"triton"``, ``"reference"`` or ``None`` (auto).
         cache: prefix cache settings (`CacheConfig`); ``None``/``True``: on, in memory and on disk
             in the default directory; ``False``: off.
+        offload: keep every layer's keys and values in host memory and copy only each step's
+            scope to the device (`OffloadConfig`; see `reattention_core.offload`), for contexts
+            whose KV store does not fit on the GPU. With ``refine=True`` (default) the output is
+            identical to the resident engine's. Needs ``cache=False`` for now.
 
     Prompt layout: the cache reuses a prompt's longest *token prefix* shared with an earlier
     prompt, so put the long, stable material first and the question last. ``context=`` on
@@ -103,6 +108,7 @@ class ReAttentionEngine:
         model_name: str | None = None,
         backend: str | None = None,
         cache: CacheConfig | bool | None = None,
+        offload: OffloadConfig | None = None,
     ) -> None:
         check_model(model)
         self.model = model.eval()
@@ -126,6 +132,15 @@ class ReAttentionEngine:
         elif not isinstance(cache, CacheConfig):
             raise InvalidInputError(f"cache must be a CacheConfig or a bool, got {type(cache).__name__}")
         cache.page_size_for(config)  # validate now
+        if offload is not None:
+            if not isinstance(offload, OffloadConfig):
+                raise InvalidInputError(f"offload must be an OffloadConfig, got {type(offload).__name__}")
+            if cache.enabled:
+                raise InvalidInputError(
+                    "offload keeps the KV store in host memory, which the prefix cache does not support yet; "
+                    "pass cache=False with offload=OffloadConfig(...)"
+                )
+        self.offload = offload
         self.cache_config = cache
         self._prefix = PrefixCache(cache, self.device) if cache.enabled else None
 
@@ -140,6 +155,7 @@ class ReAttentionEngine:
         dtype: torch.dtype | None = None,
         backend: str | None = None,
         cache: CacheConfig | bool | None = None,
+        offload: OffloadConfig | None = None,
     ) -> ReAttentionEngine:
         """Load a model and its tokenizer.
 
@@ -151,6 +167,7 @@ class ReAttentionEngine:
             device: ``"cuda"`` when available, else ``"cpu"``.
             dtype: bf16 on GPU, fp32 on CPU by default.
             cache: prefix cache settings (see the class docstring).
+            offload: host-memory KV store (see the class docstring).
         """
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -180,7 +197,7 @@ class ReAttentionEngine:
             preset = preset_for(name)
             if preset:
                 config = ReAttentionConfig.preset(preset)
-        return cls(model, tokenizer, config, model_name=name, backend=backend, cache=cache)
+        return cls(model, tokenizer, config, model_name=name, backend=backend, cache=cache, offload=offload)
 
     @property
     def device(self) -> torch.device:
@@ -389,7 +406,7 @@ class ReAttentionEngine:
             run = self._begin(ids, reserve=len(ids) + params.max_new_tokens, boundary=boundary)
             cached = run.cached_tokens if run is not None else 0
             try:
-                store = run.store if run is not None else _fresh_store(self.model, len(ids) + params.max_new_tokens)
+                store = run.store if run is not None else self._fresh_store(len(ids) + params.max_new_tokens)
                 cache = ReAttentionCache(store)
                 input_ids = torch.tensor([ids], device=self.device)
                 logits = run_prefill(
@@ -521,7 +538,7 @@ class ReAttentionEngine:
         ids = torch.arange(n, device=self.device).remainder(vocab - 1).add(1).unsqueeze(0)
         t0 = time.perf_counter()
         with self._lock, enable_reattention(self.model, cfg, backend=self.backend):
-            cache = ReAttentionCache(_fresh_store(self.model, n + decode_steps))
+            cache = ReAttentionCache(self._fresh_store(n + decode_steps))
             logits = run_prefill(self.model, ids, cache, chunk, progress=False)
             for _ in range(decode_steps):
                 logits = self._decode_step(int(logits[0].argmax()), cache)
@@ -555,6 +572,12 @@ class ReAttentionEngine:
         out = self.model(input_ids=torch.tensor([[token]], device=self.device), past_key_values=cache, use_cache=True)
         return out.logits[:, -1].float()
 
+    def _fresh_store(self, reserve: int) -> KVStore:
+        layers = self.model.config.num_hidden_layers
+        store = KVStore(layers) if self.offload is None else OffloadedStore(layers, self.offload, self.device)
+        store.reserve(reserve)
+        return store
+
     def _collect_eos_ids(self) -> frozenset[int]:
         ids: set[int] = set()
         for source in (getattr(self.tokenizer, "eos_token_id", None), _generation_eos(self.model)):
@@ -563,12 +586,6 @@ class ReAttentionEngine:
             elif isinstance(source, (list, tuple)):
                 ids.update(int(i) for i in source)
         return frozenset(ids)
-
-
-def _fresh_store(model: torch.nn.Module, reserve: int) -> KVStore:
-    store = KVStore(model.config.num_hidden_layers)
-    store.reserve(reserve)
-    return store
 
 
 def _with_context(prompt: Prompt, context: str, *, marker: str = "") -> list[dict[str, str]]:

@@ -19,20 +19,59 @@ gets that result while reading only a few blocks:
   stops after the first fetch (an approximation whose accuracy cost the evaluation harness
   measures).
 
+The engine uses it through `OffloadedStore` (``ReAttentionEngine(..., offload=OffloadConfig())``):
+every layer's keys and values stay in (pinned) host memory, the bounds on the compute device; per
+layer step `offloaded_attention` selects over the middle with `candidate_topk`, then copies only the
+scope (sink, selected blocks, local window) to the device and runs the same scope attention as the
+resident path on it, so with ``refine=True`` the engine computes exactly what it computes without
+offload.
+
 Shapes: queries ``[B, TQ, HQ, D]``, keys ``[B, M, H, D]``, ``HQ = G * H``; bounds ``[B, NB, H, D]``
 with ``NB = ceil(M / S)``.
 """
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
 
-from reattention_kernels import score_topk
+from reattention_core.attention import plan_scope
+from reattention_core.config import ReAttentionConfig
+from reattention_core.errors import InvalidInputError
+from reattention_core.rope import RopeSpec
+from reattention_core.store import KVStore
+from reattention_kernels import scope_attention, score_topk, select_from_hits
 
 # fp32 rounding of a D-term dot product is far below this share of sum_d |q_d| * max|k_d|.
 _MARGIN = 1e-4
+
+
+@dataclass(frozen=True)
+class OffloadConfig:
+    """How the engine keeps its KV store in host memory (see the module doc).
+
+    Args:
+        block: tokens per bounded block (the unit read from host memory for scoring).
+        budget: blocks read first per layer step (the highest bounds).
+        refine: read more blocks until the selection is exact (identical to the resident engine);
+            ``False`` keeps only the budget (faster, approximate).
+        pin: pinned host buffers (fast, asynchronous copies); ``None``: when CUDA is available.
+    """
+
+    block: int = 64
+    budget: int = 64
+    refine: bool = True
+    pin: bool | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("block", "budget"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidInputError(f"OffloadConfig.{name} must be an int >= 1, got {value!r}")
+        if not isinstance(self.refine, bool):
+            raise InvalidInputError(f"OffloadConfig.refine must be a bool, got {self.refine!r}")
 
 
 class KeyBounds:
@@ -92,6 +131,16 @@ class KeyBounds:
         self.kmax[:, span] = torch.maximum(self.kmax[:, span], hi)
         self.tokens += t
 
+    def truncate(self, tokens: int, keys: torch.Tensor) -> None:
+        """Forget tokens from ``tokens`` on; ``keys`` ``[B, >= tokens, H, D]`` rebuild the last partial block."""
+        if tokens >= self.tokens:
+            return
+        whole = tokens // self.block
+        if self.kmin is not None and self.kmax is not None:
+            self.kmin, self.kmax = self.kmin[:, :whole].clone(), self.kmax[:, :whole].clone()
+        self.tokens = whole * self.block
+        self.append(keys[:, self.tokens : tokens])
+
     @property
     def num_blocks(self) -> int:
         return 0 if self.kmin is None else self.kmin.shape[1]
@@ -129,54 +178,166 @@ def candidate_topk(
     *,
     budget: int,
     refine: bool = True,
+    lo: int = 0,
+    hi: int | None = None,
     backend: str | None = None,
 ) -> CandidateResult:
-    """Top-k keys of ``q`` over ``keys`` (host or device) reading only candidate blocks.
+    """Top-k keys of ``q`` over ``keys[:, lo:hi]`` (host or device) reading only candidate blocks.
 
     Args:
         q: pre-RoPE queries ``[B, TQ, HQ, D]`` on the compute device.
-        keys: pre-RoPE middle keys ``[B, M, H, D]`` (e.g. pinned host memory); ``bounds`` must
-            cover exactly these ``M`` tokens.
+        keys: pre-RoPE keys ``[B, T, H, D]`` (e.g. pinned host memory), of which ``bounds``
+            covers at least the first ``hi``; the blocks are those of ``bounds`` (from token 0),
+            so the range's first and last blocks may reach outside it (their bounds still hold).
         budget: blocks fetched first (the highest bounds over all rows and heads).
         refine: fetch more blocks until the result equals the full top-k (see the module doc).
+        lo, hi: the token range scored (the middle of the store); ``hi`` defaults to ``T``.
 
     Returns:
-        `CandidateResult` whose ``hits`` equal ``score_topk(q, keys, top_k)`` when ``refine``.
+        `CandidateResult` whose ``hits`` (relative to ``lo``) equal
+        ``score_topk(q, keys[:, lo:hi], top_k)`` when ``refine``.
     """
-    m = keys.shape[1]
-    if bounds.tokens != m:
-        raise ValueError(f"the bounds cover {bounds.tokens} tokens, the keys {m}")
+    hi = keys.shape[1] if hi is None else hi
+    if bounds.tokens < hi:
+        raise ValueError(f"the bounds cover {bounds.tokens} tokens, the range ends at {hi}")
     if budget < 1:
         raise ValueError(f"budget must be >= 1, got {budget}")
+    if not 0 <= lo < hi:
+        raise ValueError(f"empty or negative token range [{lo}, {hi})")
     b, tq, hq, _ = q.shape
-    s, nb = bounds.block, bounds.num_blocks
+    s = bounds.block
+    first_block, last_block = lo // s, (hi - 1) // s
     ub, margin = bounds.upper_bounds(q)
+    ub, margin = ub[..., first_block : last_block + 1], margin[..., first_block : last_block + 1]
+    nb = last_block - first_block + 1
     fetched = torch.zeros(nb, dtype=torch.bool, device=ub.device)
-    first = ub.amax(dim=(0, 1, 2)).topk(min(budget, nb)).indices
-    fetched[first] = True
+    fetched[ub.amax(dim=(0, 1, 2)).topk(min(budget, nb)).indices] = True
     rounds = 0
     while True:
         rounds += 1
-        blocks = fetched.nonzero().squeeze(1).to(keys.device)  # ascending: ties keep index order
+        blocks = fetched.nonzero().squeeze(1).to(keys.device) + first_block  # ascending: ties keep index order
         idx = (blocks[:, None] * s + torch.arange(s, device=keys.device)).reshape(-1)
-        idx = idx[idx < m]
+        idx = idx[(idx >= lo) & (idx < hi)]
         sub = keys.index_select(1, idx).to(q.device)
         local = score_topk(q, sub, top_k, backend=backend)
-        idx = idx.to(q.device)
+        idx = idx.to(q.device) - lo
         hits = torch.where(local >= 0, idx[local.clamp(min=0)], local)
         if not refine or bool(fetched.all()):
             break
         # the k-th hit's score per row and head; -inf where fewer than top_k keys were fetched
-        h = sub.shape[2]
-        g = hq // h
+        g = hq // sub.shape[2]
         last = local[..., -1]
         head = torch.arange(hq, device=q.device) // g
         k_last = sub[torch.arange(b, device=q.device)[:, None, None], last.clamp(min=0), head[None, None, :]]
         kth = (q.float() * k_last.float()).sum(-1)
         kth = torch.where(last >= 0, kth, torch.full_like(kth, float("-inf")))
-        open_ = (ub + margin >= kth[..., None]) & ~fetched
-        more = open_.any(dim=(0, 1, 2))
+        more = ((ub + margin >= kth[..., None]) & ~fetched).any(dim=(0, 1, 2))
         if not bool(more.any()):
             break
         fetched |= more
     return CandidateResult(hits=hits, fetched=int(fetched.sum()), rounds=rounds)
+
+
+class OffloadedStore(KVStore):
+    """A `KVStore` whose buffers live in host memory, with per-layer `KeyBounds` on ``device``.
+
+    Attributes:
+        fetched_blocks, bounded_blocks: blocks read by selections so far and blocks they could
+            have read (the share read is what offload saves in transfers).
+    """
+
+    def __init__(self, num_layers: int, config: OffloadConfig, device: torch.device | str) -> None:
+        pin = config.pin if config.pin is not None else torch.cuda.is_available()
+        super().__init__(num_layers, device="cpu", pin=pin)
+        self.config = config
+        self.compute_device = torch.device(device)
+        self.bounds = [KeyBounds(config.block, self.compute_device) for _ in range(num_layers)]
+        self.fetched_blocks = 0
+        self.bounded_blocks = 0
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.bounds[layer].append(k)
+        return super().append(layer, k, v)
+
+    def extend(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor, *, device: torch.device, dtype: torch.dtype
+    ) -> None:
+        self.bounds[layer].append(k)
+        super().extend(layer, k, v, device=device, dtype=dtype)
+
+    def truncate(self, tokens: int) -> None:
+        super().truncate(tokens)
+        for layer, bounds in enumerate(self.bounds):
+            if bounds.tokens > self.length(layer):
+                bounds.truncate(self.length(layer), self.view(layer)[0])
+
+
+# One layer's cache update hands its offloaded store to the attention call that follows it in the
+# same forward pass (no yield in between), so interleaved generations on one thread never mix.
+_handoff = threading.local()
+
+
+def hand_over(store: OffloadedStore, layer: int) -> None:
+    _handoff.pending = (store, layer)
+
+
+def take() -> tuple[OffloadedStore, int] | None:
+    pending = getattr(_handoff, "pending", None)
+    _handoff.pending = None
+    return pending
+
+
+def offloaded_attention(
+    q: torch.Tensor,
+    store: OffloadedStore,
+    layer: int,
+    cfg: ReAttentionConfig,
+    rope: RopeSpec,
+    scale: float,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """`reattention_core.attention.reattention_attention` over a store in host memory.
+
+    Args:
+        q (torch.Tensor): pre-RoPE queries ``[B, TQ, HQ, D]`` (the last ``TQ`` stored tokens).
+
+    Returns:
+        torch.Tensor: ``[B, TQ, HQ, D]``, equal to the resident result when ``refine`` is on.
+    """
+    keys, values = store.view(layer)
+    b, tq = q.shape[0], q.shape[1]
+    total = keys.shape[1]
+    plan = plan_scope(cfg, total, tq)
+    dev = q.device
+    host = keys.device
+    if plan.select:
+        res = candidate_topk(
+            q, keys, store.bounds[layer], cfg.top_k, budget=store.config.budget, refine=store.config.refine,
+            lo=plan.sink_len, hi=plan.local_start, backend=backend,
+        )  # fmt: skip
+        s = store.config.block
+        store.fetched_blocks += res.fetched
+        store.bounded_blocks += (plan.local_start - 1) // s - plan.sink_len // s + 1
+        sel, n_sel = select_from_hits(
+            res.hits.reshape(b, -1), plan.middle_len, cfg.max_blocks, cfg.block_size, plan.sink_len, backend=backend
+        )
+    else:
+        sel = torch.zeros((b, 0), dtype=torch.int64, device=dev)
+        n_sel = torch.zeros((b,), dtype=torch.int64, device=dev)
+    ns = sel.shape[1]
+    parts = [
+        torch.arange(plan.sink_len, device=host).expand(b, -1),
+        sel.to(host),
+        torch.arange(plan.local_start, total, device=host).expand(b, -1),
+    ]
+    idx = torch.cat(parts, dim=1)  # [B, sink + NS + local]: the scope, in order, padding included
+    k_scope = torch.stack([keys[i].index_select(0, idx[i]) for i in range(b)]).to(dev, non_blocking=True)
+    v_scope = torch.stack([values[i].index_select(0, idx[i]) for i in range(b)]).to(dev, non_blocking=True)
+    sel_scope = torch.arange(plan.sink_len, plan.sink_len + ns, device=dev).expand(b, -1)
+    out, _ = scope_attention(
+        q, k_scope, v_scope, sel_scope, n_sel,
+        sink_len=plan.sink_len, local_start=plan.sink_len + ns,
+        inv_freq=rope.inv_freq, attention_scaling=rope.attention_scaling, scale=scale, backend=backend,
+    )  # fmt: skip
+    return out

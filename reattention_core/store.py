@@ -21,10 +21,14 @@ class KVStore:
 
     Args:
         num_layers: number of attention layers.
+        device: where the buffers live; ``None`` (default): where the first appended tokens are.
+        pin: allocate the buffers in pinned host memory (``device`` must be the CPU).
     """
 
-    def __init__(self, num_layers: int) -> None:
+    def __init__(self, num_layers: int, *, device: torch.device | str | None = None, pin: bool = False) -> None:
         self.num_layers = num_layers
+        self.device = None if device is None else torch.device(device)
+        self.pin = pin
         self._keys: list[torch.Tensor | None] = [None] * num_layers
         self._values: list[torch.Tensor | None] = [None] * num_layers
         self._lengths = [0] * num_layers
@@ -71,8 +75,13 @@ class KVStore:
         tq = k.shape[1]
         if self._keys[layer] is None:
             cap = max(_MIN_CAPACITY, self._reserved, tq)
-            self._keys[layer] = torch.empty((k.shape[0], cap, k.shape[2], k.shape[3]), dtype=dtype, device=device)
-            self._values[layer] = torch.empty((v.shape[0], cap, v.shape[2], v.shape[3]), dtype=dtype, device=device)
+            device = self.device or device
+            self._keys[layer] = torch.empty(
+                (k.shape[0], cap, k.shape[2], k.shape[3]), dtype=dtype, device=device, pin_memory=self.pin
+            )
+            self._values[layer] = torch.empty(
+                (v.shape[0], cap, v.shape[2], v.shape[3]), dtype=dtype, device=device, pin_memory=self.pin
+            )
         start = self._lengths[layer]
         end = start + tq
         if end > self.capacity(layer):
@@ -118,8 +127,8 @@ class KVStore:
         old_k, old_v = self._keys[layer], self._values[layer]
         assert old_k is not None and old_v is not None
         n = self._lengths[layer]
-        new_k = old_k.new_empty((old_k.shape[0], new_capacity, *old_k.shape[2:]))
-        new_v = old_v.new_empty((old_v.shape[0], new_capacity, *old_v.shape[2:]))
+        new_k = old_k.new_empty((old_k.shape[0], new_capacity, *old_k.shape[2:]), pin_memory=self.pin)
+        new_v = old_v.new_empty((old_v.shape[0], new_capacity, *old_v.shape[2:]), pin_memory=self.pin)
         new_k[:, :n] = old_k[:, :n]
         new_v[:, :n] = old_v[:, :n]
         self._keys[layer], self._values[layer] = new_k, new_v

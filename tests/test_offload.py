@@ -77,3 +77,83 @@ def test_bad_inputs_are_refused():
         candidate_topk(q, k[:, :40], bounds, 2, budget=0)
     with pytest.raises(ValueError, match="block"):
         KeyBounds(0, "cpu")
+
+
+# -- the engine with an offloaded store ------------------------------------------------------------
+
+from reattention_core import OffloadConfig, ReAttentionConfig, ReAttentionEngine  # noqa: E402
+from reattention_core.errors import InvalidInputError  # noqa: E402
+from tests.helpers import ByteTokenizer, random_ids, tiny_model  # noqa: E402
+
+CFG = ReAttentionConfig(sink_size=4, block_size=4, top_k=2, max_blocks=6, local_window=32, prefill_chunk_size=16)
+
+
+def _logits(engine: ReAttentionEngine, ids: list[int]) -> tuple[torch.Tensor, object]:
+    from reattention_core.hf import ReAttentionCache, enable_reattention
+    from reattention_core.prefill import run_prefill
+
+    store = engine._fresh_store(len(ids) + 1)
+    with enable_reattention(engine.model, engine.config, backend=engine.backend):
+        cache = ReAttentionCache(store)
+        return run_prefill(engine.model, torch.tensor([ids]), cache, engine.config.prefill_chunk_size), store
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("mode", ["reattention", "streaming", "full"])
+def test_an_offloaded_engine_computes_exactly_what_the_resident_one_does(arch, mode):
+    model = tiny_model(arch)
+    cfg = CFG.replace(mode=mode)
+    resident = ReAttentionEngine(model, ByteTokenizer(), cfg, cache=False)
+    offloaded = ReAttentionEngine(
+        model, ByteTokenizer(), cfg, cache=False, offload=OffloadConfig(block=8, budget=2, refine=True, pin=False)
+    )
+    ids = random_ids(300, seed=3)[0].tolist()
+    (got, store), (want, _) = _logits(offloaded, ids), _logits(resident, ids)
+    assert torch.equal(got, want)  # prefill, bit for bit
+    assert store.bounds[0].tokens == 300 and (store.fetched_blocks > 0) == (mode == "reattention")
+    prompt = "the quick brown fox jumps over the lazy dog. " * 8
+    assert offloaded.generate(prompt, max_new_tokens=8).token_ids == resident.generate(prompt, max_new_tokens=8).token_ids
+
+
+def test_the_offload_budget_reads_fewer_blocks_and_refinement_reads_more():
+    model = tiny_model("llama")
+    ids = random_ids(400, seed=4)[0].tolist()
+    stores = {}
+    for refine in (False, True):
+        engine = ReAttentionEngine(
+            model, ByteTokenizer(), CFG, cache=False, offload=OffloadConfig(block=8, budget=3, refine=refine, pin=False)
+        )
+        store = engine._fresh_store(len(ids) + 1)
+        stores[refine] = store
+        from reattention_core.hf import ReAttentionCache, enable_reattention
+        from reattention_core.prefill import run_prefill
+
+        with enable_reattention(engine.model, engine.config):
+            run_prefill(engine.model, torch.tensor([ids]), ReAttentionCache(store), 16)
+    budgeted, exact = stores[False], stores[True]
+    assert 0 < budgeted.fetched_blocks < budgeted.bounded_blocks  # only the budget was read
+    assert budgeted.fetched_blocks <= exact.fetched_blocks <= exact.bounded_blocks
+    assert all(b.tokens == len(ids) for b in budgeted.bounds)  # every layer's bounds cover the store
+
+
+def test_bounds_and_the_store_truncate_back_consistently():
+    from reattention_core.offload import OffloadedStore
+
+    k, _ = keys_and_queries("randn", 1, 100, 2, 1, 1, 8, seed=5)
+    store = OffloadedStore(1, OffloadConfig(block=16, pin=False), "cpu")
+    store.append(0, k, k)
+    store.truncate(37)
+    again = KeyBounds.of(k[:, :37], 16)
+    assert store.length(0) == store.bounds[0].tokens == 37
+    assert torch.equal(store.bounds[0].kmin, again.kmin) and torch.equal(store.bounds[0].kmax, again.kmax)
+    store.append(0, k[:, 37:50], k[:, 37:50])
+    assert torch.equal(store.bounds[0].kmax, KeyBounds.of(k[:, :50], 16).kmax)
+
+
+def test_offload_is_refused_with_the_prefix_cache_and_validates_its_config():
+    with pytest.raises(InvalidInputError, match="cache=False"):
+        ReAttentionEngine(tiny_model("llama"), ByteTokenizer(), CFG, offload=OffloadConfig())
+    with pytest.raises(InvalidInputError, match="budget"):
+        OffloadConfig(budget=0)
+    with pytest.raises(InvalidInputError, match="offload must be"):
+        ReAttentionEngine(tiny_model("llama"), ByteTokenizer(), CFG, cache=False, offload={"block": 8})

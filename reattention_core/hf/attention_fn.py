@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from reattention_core import offload
 from reattention_core.attention import reattention_attention
 from reattention_core.config import ReAttentionConfig
 from reattention_core.rope import RopeSpec
@@ -46,6 +47,13 @@ def reattention_attention_forward(
         )
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
+    handed = offload.take()
+    if handed is not None:  # the store is in host memory: select and gather the scope from there
+        store, layer = handed
+        out = offload.offloaded_attention(
+            query.transpose(1, 2), store, layer, runtime.config, runtime.rope, scaling, backend=runtime.backend
+        )
+        return out, None
     out = reattention_attention(
         query.transpose(1, 2),
         key.transpose(1, 2),

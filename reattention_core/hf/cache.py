@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from reattention_core import offload
 from reattention_core.hf import _compat
 from reattention_core.store import KVStore
 
@@ -38,6 +39,8 @@ class ReAttentionLayer(_CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         keys, values = self.store.append(self.layer_idx, key_states.transpose(1, 2), value_states.transpose(1, 2))
         self.keys, self.values = keys.transpose(1, 2), values.transpose(1, 2)
+        if isinstance(self.store, offload.OffloadedStore):  # host tensors: the attention call reads the store
+            offload.hand_over(self.store, self.layer_idx)
         return self.keys, self.values
 
     def get_seq_length(self, *args: object) -> int:
