@@ -5,8 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from reattention_core.offload import KeyBounds, candidate_topk
+from reattention_core import OffloadConfig, ReAttentionConfig, ReAttentionEngine
+from reattention_core.errors import InvalidInputError
+from reattention_core.hf import ReAttentionCache, enable_reattention
+from reattention_core.offload import KeyBounds, OffloadedStore, candidate_topk
+from reattention_core.prefill import run_prefill
 from reattention_kernels.reference import score_topk_ref
+from tests.helpers import ByteTokenizer, random_ids, tiny_model
 
 
 def keys_and_queries(kind: str, b: int, m: int, h: int, g: int, tq: int, d: int, seed: int):
@@ -81,17 +86,10 @@ def test_bad_inputs_are_refused():
 
 # -- the engine with an offloaded store ------------------------------------------------------------
 
-from reattention_core import OffloadConfig, ReAttentionConfig, ReAttentionEngine  # noqa: E402
-from reattention_core.errors import InvalidInputError  # noqa: E402
-from tests.helpers import ByteTokenizer, random_ids, tiny_model  # noqa: E402
-
 CFG = ReAttentionConfig(sink_size=4, block_size=4, top_k=2, max_blocks=6, local_window=32, prefill_chunk_size=16)
 
 
 def _logits(engine: ReAttentionEngine, ids: list[int]) -> tuple[torch.Tensor, object]:
-    from reattention_core.hf import ReAttentionCache, enable_reattention
-    from reattention_core.prefill import run_prefill
-
     store = engine._fresh_store(len(ids) + 1)
     with enable_reattention(engine.model, engine.config, backend=engine.backend):
         cache = ReAttentionCache(store)
@@ -125,9 +123,6 @@ def test_the_offload_budget_reads_fewer_blocks_and_refinement_reads_more():
         )
         store = engine._fresh_store(len(ids) + 1)
         stores[refine] = store
-        from reattention_core.hf import ReAttentionCache, enable_reattention
-        from reattention_core.prefill import run_prefill
-
         with enable_reattention(engine.model, engine.config):
             run_prefill(engine.model, torch.tensor([ids]), ReAttentionCache(store), 16)
     budgeted, exact = stores[False], stores[True]
@@ -137,8 +132,6 @@ def test_the_offload_budget_reads_fewer_blocks_and_refinement_reads_more():
 
 
 def test_bounds_and_the_store_truncate_back_consistently():
-    from reattention_core.offload import OffloadedStore
-
     k, _ = keys_and_queries("randn", 1, 100, 2, 1, 1, 8, seed=5)
     store = OffloadedStore(1, OffloadConfig(block=16, pin=False), "cpu")
     store.append(0, k, k)
