@@ -88,7 +88,8 @@ class ReAttentionEngine:
         offload: keep every layer's keys and values in host memory and copy only each step's
             scope to the device (`OffloadConfig`; see `reattention_core.offload`), for contexts
             whose KV store does not fit on the GPU. With ``refine=True`` (default) the output is
-            identical to the resident engine's. Needs ``cache=False`` for now.
+            identical to the resident engine's, and so are its cache pages (shared with resident
+            engines); ``refine=False`` caches under its own fingerprint.
 
     Prompt layout: the cache reuses a prompt's longest *token prefix* shared with an earlier
     prompt, so put the long, stable material first and the question last. ``context=`` on
@@ -132,17 +133,17 @@ class ReAttentionEngine:
         elif not isinstance(cache, CacheConfig):
             raise InvalidInputError(f"cache must be a CacheConfig or a bool, got {type(cache).__name__}")
         cache.page_size_for(config)  # validate now
-        if offload is not None:
-            if not isinstance(offload, OffloadConfig):
-                raise InvalidInputError(f"offload must be an OffloadConfig, got {type(offload).__name__}")
-            if cache.enabled:
-                raise InvalidInputError(
-                    "offload keeps the KV store in host memory, which the prefix cache does not support yet; "
-                    "pass cache=False with offload=OffloadConfig(...)"
-                )
+        if offload is not None and not isinstance(offload, OffloadConfig):
+            raise InvalidInputError(f"offload must be an OffloadConfig, got {type(offload).__name__}")
         self.offload = offload
         self.cache_config = cache
-        self._prefix = PrefixCache(cache, self.device) if cache.enabled else None
+        if not cache.enabled:
+            self._prefix = None
+        elif offload is None:
+            self._prefix = PrefixCache(cache, self.device)
+        else:  # stores in host memory; a budgeted (approximate) selection caches under its own fingerprint
+            selection = None if offload.refine else f"offload(block={offload.block},budget={offload.budget})"
+            self._prefix = PrefixCache(cache, torch.device("cpu"), self._new_store, selection)
 
     @classmethod
     def from_pretrained(
@@ -572,9 +573,13 @@ class ReAttentionEngine:
         out = self.model(input_ids=torch.tensor([[token]], device=self.device), past_key_values=cache, use_cache=True)
         return out.logits[:, -1].float()
 
+    def _new_store(self, num_layers: int) -> KVStore:
+        if self.offload is None:
+            return KVStore(num_layers)
+        return OffloadedStore(num_layers, self.offload, self.device)
+
     def _fresh_store(self, reserve: int) -> KVStore:
-        layers = self.model.config.num_hidden_layers
-        store = KVStore(layers) if self.offload is None else OffloadedStore(layers, self.offload, self.device)
+        store = self._new_store(self.model.config.num_hidden_layers)
         store.reserve(reserve)
         return store
 

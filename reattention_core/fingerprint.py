@@ -168,6 +168,7 @@ def engine_fingerprint(
     backend: str,
     page_size: int,
     model_name: str = "",
+    selection: str | None = None,
 ) -> EngineFingerprint:
     components = {
         "format": str(FORMAT_VERSION),
@@ -179,5 +180,7 @@ def engine_fingerprint(
         "backend": backend,
         "page_size": str(page_size),
     }
+    if selection is not None:  # an approximate selection (budgeted offload) computes other keys and values
+        components["selection"] = selection
     details = {"config": config.replace(max_context=None).to_dict()}
     return EngineFingerprint(components=components, model_name=model_name, details=details)

@@ -19,7 +19,8 @@ gets that result while reading only a few blocks:
   stops after the first fetch (an approximation whose accuracy cost the evaluation harness
   measures).
 
-The engine uses it through `OffloadedStore` (``ReAttentionEngine(..., offload=OffloadConfig())``):
+The engine uses it through `OffloadedStore` (``ReAttentionEngine(..., offload=OffloadConfig())``,
+also for the stores of its prefix cache):
 every layer's keys and values stay in (pinned) host memory, the bounds on the compute device; per
 layer step `offloaded_attention` selects over the middle with `candidate_topk`, then copies only the
 scope (sink, selected blocks, local window) to the device and runs the same scope attention as the

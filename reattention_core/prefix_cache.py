@@ -41,7 +41,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -241,7 +241,8 @@ class _Segment:
 class MemoryCache:
     """Stores of recently prefilled prompts, each with the keys of the pages it holds."""
 
-    def __init__(self, max_bytes: int) -> None:
+    def __init__(self, max_bytes: int, new_store: Callable[[int], KVStore] = KVStore) -> None:
+        self.new_store = new_store  # num_layers -> an empty store (host memory under offload)
         self.max_bytes = max_bytes
         self._segments: list[_Segment] = []
         self._lock = threading.Lock()
@@ -261,7 +262,7 @@ class MemoryCache:
                 if m > n:
                     best, n = seg, m
             if best is None:
-                store = KVStore(num_layers)
+                store = self.new_store(num_layers)
                 store.reserve(reserve)
                 return store, 0
             best.last_used = time.monotonic()
@@ -272,7 +273,7 @@ class MemoryCache:
                 if best.store.capacity() < reserve:
                     best.store.reserve(reserve)
                 return best.store, n
-            store = KVStore(num_layers)  # copy-on-write: the segment keeps its other pages
+            store = self.new_store(num_layers)  # copy-on-write: the segment keeps its other pages
             store.reserve(reserve)
             for layer in range(num_layers):
                 k, v = best.store.view(layer)
@@ -315,9 +316,19 @@ class MemoryCache:
 class PrefixCache:
     """An engine's prefix cache: memory segments, the optional disk store and the fingerprints."""
 
-    def __init__(self, config: CacheConfig, device: torch.device) -> None:
+    def __init__(
+        self,
+        config: CacheConfig,
+        device: torch.device,
+        new_store: Callable[[int], KVStore] = KVStore,
+        selection: str | None = None,
+    ) -> None:
+        """``new_store``: ``num_layers -> empty store``; ``device``: where those stores live (their
+        memory sizes the default cap); ``selection``: a fingerprint component for approximate
+        selection (``None``: exact)."""
         self.config = config
-        self.memory = MemoryCache(config.memory_bytes or default_memory_bytes(device))
+        self.memory = MemoryCache(config.memory_bytes or default_memory_bytes(device), new_store)
+        self.selection = selection
         self.disk = DiskCache(config.resolved_dir(), config.resolved_disk_bytes()) if config.disk else None
         self._hashes: dict[tuple, str] = {}
 
@@ -340,6 +351,7 @@ class PrefixCache:
             backend=resolved_backend(param.device, backend),
             page_size=self.config.page_size_for(config),
             model_name=model_name,
+            selection=self.selection,
         )
 
     def begin(
@@ -410,7 +422,7 @@ class PrefixRun:
             self.keys = page_keys(fp.root, ids, page_size, n)
         self.ends = chain_ends(len(self.keys), page_size, boundary)
         self.pinned = set(self.keys)
-        self.store = KVStore(num_layers)
+        self.store = cache.memory.new_store(num_layers)
         self.cached_tokens = self.from_memory = self.from_disk = 0
         self._valid = 0  # tokens known complete in every layer of the store
         self._saved = 0  # pages known to be on disk (or not to be written)

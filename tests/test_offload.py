@@ -143,10 +143,35 @@ def test_bounds_and_the_store_truncate_back_consistently():
     assert torch.equal(store.bounds[0].kmax, KeyBounds.of(k[:, :50], 16).kmax)
 
 
-def test_offload_is_refused_with_the_prefix_cache_and_validates_its_config():
-    with pytest.raises(InvalidInputError, match="cache=False"):
-        ReAttentionEngine(tiny_model("llama"), ByteTokenizer(), CFG, offload=OffloadConfig())
+def test_offload_validates_its_config():
     with pytest.raises(InvalidInputError, match="budget"):
         OffloadConfig(budget=0)
     with pytest.raises(InvalidInputError, match="offload must be"):
         ReAttentionEngine(tiny_model("llama"), ByteTokenizer(), CFG, cache=False, offload={"block": 8})
+
+
+def test_an_offloaded_engine_shares_exact_cache_pages_with_resident_engines(tmp_path):
+    """Pages are what the resident engine computes (refine=True), so offloaded and resident engines
+    reuse each other's pages, in memory and on disk; a budgeted selection caches apart."""
+    from reattention_core import CacheConfig
+
+    model = tiny_model("llama")
+    corpus = "the quick brown fox jumps over the lazy dog. " * 12
+
+    def engine(**offload):
+        cfg = CacheConfig(dir=tmp_path, page_size=64)
+        off = OffloadConfig(block=8, budget=2, pin=False, **offload) if offload else None
+        return ReAttentionEngine(model, ByteTokenizer(), CFG, cache=cfg, offload=off)
+
+    cold = ReAttentionEngine(model, ByteTokenizer(), CFG, cache=False).generate("Who?", context=corpus, max_new_tokens=6)
+    resident = engine()
+    first = resident.generate("Who?", context=corpus, max_new_tokens=6)
+    assert first.token_ids == cold.token_ids and first.cached_tokens == 0
+    offloaded = engine(refine=True)  # a fresh engine: the pages come from disk, into host memory
+    res = offloaded.generate("Who?", context=corpus, max_new_tokens=6)
+    assert res.cached_tokens > 0 and res.token_ids == cold.token_ids
+    again = offloaded.generate("What?", context=corpus, max_new_tokens=6)  # and now from its memory
+    assert again.cached_tokens == res.cached_tokens
+    assert again.token_ids == resident.generate("What?", context=corpus, max_new_tokens=6).token_ids
+    budgeted = engine(refine=False).generate("Who?", context=corpus, max_new_tokens=6)
+    assert budgeted.cached_tokens == 0  # its own fingerprint: nothing to reuse yet
