@@ -227,6 +227,28 @@ def test_jittered_cells_are_other_cells_and_old_rows_count_as_unjittered(tiny_en
         _grid(jitter=-0.1)
 
 
+def test_budgeted_offload_rows_are_marked_and_never_mix_with_exact_ones(tiny_engine, tmp_path):
+    from reattention_core import OffloadConfig
+
+    out = tmp_path / "r.jsonl"
+    grid = _grid(lengths=(256,), depths=(0.5,), modes=("reattention",))
+    assert run_grid(tiny_engine, grid, ResultsFile(out), progress=False).ran == 1
+    budgeted = ReAttentionEngine(
+        tiny_engine.model, tiny_engine.tokenizer, tiny_engine.config, model_name=tiny_engine.model_name, cache=False,
+        offload=OffloadConfig(block=16, budget=2, refine=False, pin=False),
+    )
+    assert run_grid(budgeted, grid, ResultsFile(out), progress=False).ran == 1  # its own cell
+    rows = read_rows(out)
+    assert [r["offload"] for r in rows] == [None, "block=16,budget=2"]
+    table = markdown_table(rows)
+    assert "| reattention |" in table and "| reattention offload(block=16,budget=2) |" in table
+    exact = ReAttentionEngine(
+        tiny_engine.model, tiny_engine.tokenizer, tiny_engine.config, model_name=tiny_engine.model_name, cache=False,
+        offload=OffloadConfig(block=16, budget=2, refine=True, pin=False),
+    )
+    assert run_grid(exact, grid, ResultsFile(out), progress=False).ran == 0  # exact offload = the resident cell
+
+
 def test_ctrl_c_keeps_whole_rows_and_the_rerun_finishes(tiny_engine, tmp_path, monkeypatch):
     out = tmp_path / "r.jsonl"
     real = tiny_engine.generate

@@ -21,7 +21,7 @@ from typing import Any
 from reattention_core.errors import InvalidInputError
 from reattention_core.evaluation.env import environment
 from reattention_core.evaluation.facts import FactCorpus, corpus_of_size
-from reattention_core.evaluation.results import ResultsFile, cell_key
+from reattention_core.evaluation.results import ResultsFile, cell_key, offload_tag
 from reattention_core.evaluation.runner import RunReport
 from reattention_core.evaluation.scoring import found
 
@@ -93,7 +93,7 @@ def run_qa(
 
     def ident(size: int, mode: str, index: int) -> dict[str, Any]:
         return {"task": "qa", "haystack": "facts", "length": size, "depth": None, "index": index, "mode": mode,
-                "seed": grid.seed, "model": engine.model_name}
+                "seed": grid.seed, "model": engine.model_name, "offload": offload_tag(engine)}
 
     todo = [(s, m, i) for s in grid.sizes for m in grid.modes for i in range(grid.questions)]
     pending = []

@@ -23,8 +23,15 @@ def _order(values: Iterable[str]) -> list[str]:
 
 
 def usable(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Rows of this harness (rows of older result formats, without a score, are left out)."""
-    return [r for r in rows if "score" in r and "length" in r and "task" in r and "mode" in r]
+    """Rows of this harness (rows of older result formats, without a score, are left out).
+
+    Rows of a budgeted offload get their own mode label, so they are never averaged with exact ones.
+    """
+    out = []
+    for r in rows:
+        if "score" in r and "length" in r and "task" in r and "mode" in r:
+            out.append({**r, "mode": f"{r['mode']} offload({r['offload']})"} if r.get("offload") else r)
+    return out
 
 
 def accuracy(rows: Sequence[dict[str, Any]]) -> float:

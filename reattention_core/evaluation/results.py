@@ -13,7 +13,17 @@ from pathlib import Path
 from typing import Any
 
 # The coordinates that identify a cell; two rows with the same key are the same measurement.
-KEY_FIELDS: tuple[str, ...] = ("task", "haystack", "length", "depth", "index", "mode", "seed", "model", "jitter")
+KEY_FIELDS: tuple[str, ...] = (
+    "task", "haystack", "length", "depth", "index", "mode", "seed", "model", "jitter", "offload",
+)  # fmt: skip
+
+
+def offload_tag(engine: Any) -> str | None:
+    """What a row records of an approximate (budgeted) offload, ``None`` for exact selection."""
+    off = getattr(engine, "offload", None)
+    if off is None or off.refine:
+        return None
+    return f"block={off.block},budget={off.budget}"
 
 
 def cell_key(row: dict[str, Any]) -> tuple:
@@ -25,6 +35,8 @@ def cell_key(row: dict[str, Any]) -> tuple:
             value = (row.get("env") or {}).get("model")
         if name == "jitter":  # rows written before the jitter existed had none
             value = float(value or 0.0)
+        if name == "offload":  # exact rows (resident or exact offload) have none
+            value = value or None
         out.append(round(value, 6) if isinstance(value, float) else value)
     return tuple(out)
 

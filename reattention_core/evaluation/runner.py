@@ -16,7 +16,7 @@ from reattention_core.config import MODES
 from reattention_core.errors import InvalidInputError
 from reattention_core.evaluation.env import environment
 from reattention_core.evaluation.haystack import HAYSTACK_KINDS, Haystack
-from reattention_core.evaluation.results import ResultsFile, cell_key
+from reattention_core.evaluation.results import ResultsFile, cell_key, offload_tag
 from reattention_core.evaluation.scoring import found
 from reattention_core.evaluation.tasks import DEPTHLESS, TASKS, Sample, make_sample
 
@@ -123,10 +123,11 @@ class RunReport:
     rows: list[dict[str, Any]] = field(default_factory=list)
 
 
-def row_identity(grid: NeedleGrid, cell: Cell, model: str) -> dict[str, Any]:
+def row_identity(grid: NeedleGrid, cell: Cell, model: str, offload: str | None = None) -> dict[str, Any]:
     return {
         "task": cell.task, "haystack": grid.haystack, "length": cell.length, "depth": cell.depth,
         "index": cell.index, "mode": cell.mode, "seed": grid.seed, "model": model, "jitter": grid.jitter,
+        "offload": offload,
     }
 
 
@@ -148,8 +149,9 @@ def run_grid(
     env = environment(engine)
     report = RunReport()
     pending = []
+    tag = offload_tag(engine)
     for cell in grid.cells():
-        if cell_key(row_identity(grid, cell, engine.model_name)) in results:
+        if cell_key(row_identity(grid, cell, engine.model_name, tag)) in results:
             report.skipped += 1
         else:
             pending.append(cell)
@@ -177,7 +179,7 @@ def run_grid(
             hits = found(res.text, sample.expected)
             score = len(hits) / len(sample.expected)
             row = {
-                **row_identity(grid, cell, engine.model_name),
+                **row_identity(grid, cell, engine.model_name, tag),
                 "sample_seed": sample.seed,
                 "needle_depth": sample.needle_depth,
                 "haystack_fingerprint": haystack.fingerprint if haystack else None,
