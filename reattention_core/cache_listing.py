@@ -21,6 +21,7 @@ from reattention_core.disk_cache import (
     PAGE_SUFFIX,
     TMP_PREFIX,
     DiskCache,
+    _read_header,
     default_cache_dir,
     default_max_bytes,
 )
@@ -63,12 +64,11 @@ class CacheNamespace:
 
 def _page_meta(path: Path) -> dict[str, str]:
     """The safetensors metadata of a page file (``{}`` if the header cannot be read)."""
-    with contextlib.suppress(OSError, ValueError, struct.error), open(path, "rb") as fh:
-        (n,) = struct.unpack("<Q", fh.read(8))
-        if n <= 100 << 20:
-            meta = json.loads(fh.read(n)).get("__metadata__")
-            if isinstance(meta, dict):
-                return meta
+    with contextlib.suppress(OSError, ValueError, struct.error):
+        header = _read_header(path)
+        meta = header.get("__metadata__") if isinstance(header, dict) else None
+        if isinstance(meta, dict):
+            return meta
     return {}
 
 

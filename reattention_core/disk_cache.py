@@ -155,7 +155,7 @@ def _fsync_dir(path: Path) -> None:
 def _read_header(path: Path) -> dict[str, Any]:
     with open(path, "rb") as fh:
         (n,) = struct.unpack("<Q", fh.read(8))
-        if n > 100 << 20:
+        if n > _MAX_HEADER:
             raise ValueError("header too large")
         return json.loads(fh.read(n))
 
