@@ -146,20 +146,28 @@ class KeyBounds:
     def num_blocks(self) -> int:
         return 0 if self.kmin is None else self.kmin.shape[1]
 
-    def upper_bounds(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-block score bounds and rounding margins for queries ``[B, TQ, HQ, D]``: ``[B, TQ, HQ, NB]`` each."""
+    def _grouped(self, q: torch.Tensor) -> torch.Tensor:
+        """fp32 queries ``[B, TQ, H, G, D]`` on the bounds' device (query heads grouped by KV head)."""
         if self.kmin is None or self.kmax is None:
             raise ValueError("no keys yet")
         b, tq, hq, d = q.shape
         h = self.kmin.shape[2]
-        g = hq // h
-        qf = q.to(self.device, torch.float32).view(b, tq, h, g, d)
-        pos, neg = qf.clamp(min=0), qf.clamp(max=0)
+        return q.to(self.device, torch.float32).view(b, tq, h, hq // h, d)
+
+    def upper_bounds(self, q: torch.Tensor) -> torch.Tensor:
+        """Per-block score bounds for queries ``[B, TQ, HQ, D]``: ``[B, TQ, HQ, NB]``."""
+        qf = self._grouped(q)
         # [B, TQ, H, G, NB]: sum_d max(q_d kmax_d, q_d kmin_d) = q+ . kmax + q- . kmin
-        ub = torch.einsum("bthgd,bnhd->bthgn", pos, self.kmax) + torch.einsum("bthgd,bnhd->bthgn", neg, self.kmin)
+        ub = torch.einsum("bthgd,bnhd->bthgn", qf.clamp(min=0), self.kmax) + torch.einsum(
+            "bthgd,bnhd->bthgn", qf.clamp(max=0), self.kmin
+        )
+        return ub.flatten(2, 3)
+
+    def rounding_margins(self, q: torch.Tensor) -> torch.Tensor:
+        """How far fp32 rounding may move a block's scores past `upper_bounds`: ``[B, TQ, HQ, NB]``."""
+        qf = self._grouped(q)
         mag = torch.maximum(self.kmax.abs(), self.kmin.abs())
-        margin = _MARGIN * torch.einsum("bthgd,bnhd->bthgn", qf.abs(), mag) + 1e-30
-        return ub.reshape(b, tq, hq, -1), margin.reshape(b, tq, hq, -1)
+        return (_MARGIN * torch.einsum("bthgd,bnhd->bthgn", qf.abs(), mag) + 1e-30).flatten(2, 3)
 
 
 @dataclass(frozen=True)
@@ -205,11 +213,13 @@ def candidate_topk(
         raise ValueError(f"budget must be >= 1, got {budget}")
     if not 0 <= lo < hi:
         raise ValueError(f"empty or negative token range [{lo}, {hi})")
-    b, tq, hq, _ = q.shape
+    b, _, hq, _ = q.shape
     s = bounds.block
     first_block, last_block = lo // s, (hi - 1) // s
-    ub, margin = bounds.upper_bounds(q)
-    ub, margin = ub[..., first_block : last_block + 1], margin[..., first_block : last_block + 1]
+    span = slice(first_block, last_block + 1)
+    ub = bounds.upper_bounds(q)[..., span]
+    # what a block may score at most, rounding included (only refinement needs it)
+    reach = ub + bounds.rounding_margins(q)[..., span] if refine else None
     nb = last_block - first_block + 1
     fetched = torch.zeros(nb, dtype=torch.bool, device=ub.device)
     fetched[ub.amax(dim=(0, 1, 2)).topk(min(budget, nb)).indices] = True
@@ -223,7 +233,7 @@ def candidate_topk(
         local = score_topk(q, sub, top_k, backend=backend)
         idx = idx.to(q.device) - lo
         hits = torch.where(local >= 0, idx[local.clamp(min=0)], local)
-        if not refine or bool(fetched.all()):
+        if reach is None or bool(fetched.all()):
             break
         # the k-th hit's score per row and head; -inf where fewer than top_k keys were fetched
         g = hq // sub.shape[2]
@@ -232,7 +242,7 @@ def candidate_topk(
         k_last = sub[torch.arange(b, device=q.device)[:, None, None], last.clamp(min=0), head[None, None, :]]
         kth = (q.float() * k_last.float()).sum(-1)
         kth = torch.where(last >= 0, kth, torch.full_like(kth, float("-inf")))
-        more = ((ub + margin >= kth[..., None]) & ~fetched).any(dim=(0, 1, 2))
+        more = ((reach >= kth[..., None]) & ~fetched).any(dim=(0, 1, 2))
         if not bool(more.any()):
             break
         fetched |= more

@@ -36,7 +36,7 @@ def test_bounds_bound_every_score_and_grow_in_any_chunking():
         parts.append(k[:, a:z])
     assert parts.tokens == whole.tokens == 203 and parts.num_blocks == 13
     assert torch.equal(parts.kmin, whole.kmin) and torch.equal(parts.kmax, whole.kmax)
-    ub, margin = whole.upper_bounds(q)
+    ub, margin = whole.upper_bounds(q), whole.rounding_margins(q)
     scores = torch.einsum("bthd,bmhd->bthm", q.view(2, 5, 3, 3, 16).flatten(2, 3), k.repeat_interleave(3, 2))
     for n in range(13):
         assert (scores[..., n * 16 : (n + 1) * 16].amax(-1) <= ub[..., n] + margin[..., n]).all()
