@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 import transformers
 
-from reattention_core import KVStore, ReAttentionCache, ReAttentionConfig, ReAttentionEngine, enable_reattention
+from reattention_core import ReAttentionCache, ReAttentionConfig, ReAttentionEngine, enable_reattention
+from reattention_core.offload import OffloadConfig, OffloadedStore
 from reattention_core.prefill import run_prefill
 
 
@@ -57,8 +58,8 @@ def run_engine(
 ) -> dict:
     model = engine.model
     with torch.inference_mode(), enable_reattention(model, cfg, backend=engine.backend):
-        store = KVStore(model.config.num_hidden_layers)
-        store.reserve(ids.shape[1] + decode + 1)
+        # the engine's own store: on the device, or in host memory under --offload-budget
+        store = engine._fresh_store(ids.shape[1] + decode + 1)
         cache = ReAttentionCache(store)
         sync()
         t0 = time.perf_counter()
@@ -66,7 +67,10 @@ def run_engine(
         sync()
         prefill = time.perf_counter() - t0
         step_ms = time_decode(model, cache, logits, decode)
-    return {"prefill_s": prefill, "decode_ms_per_token": step_ms, "kv_bytes": store.nbytes()}
+    row = {"prefill_s": prefill, "decode_ms_per_token": step_ms, "kv_bytes": store.nbytes()}
+    if isinstance(store, OffloadedStore):  # the share of bounded blocks that selections had to read
+        row["offload_read_share"] = store.fetched_blocks / max(1, store.bounded_blocks)
+    return row
 
 
 def time_decode(model: torch.nn.Module, cache: object, logits: torch.Tensor, steps: int) -> float:
@@ -126,6 +130,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prefill-chunk", type=int, default=None, help="override the config's prefill chunk")
     ap.add_argument("--backend", default=None, choices=["triton", "reference"])
     ap.add_argument("--progress", action="store_true", help="show a prefill progress bar (stderr)")
+    ap.add_argument("--offload-budget", type=int, default=None, metavar="BLOCKS",
+                    help="keep the KV store in pinned host memory, reading this many bounded blocks per layer step")
+    ap.add_argument("--offload-block", type=int, default=64, metavar="TOKENS", help="tokens per bounded block")
+    ap.add_argument("--offload-approximate", action="store_true",
+                    help="read only the budget (no refinement to the exact top-k)")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
 
@@ -135,6 +144,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         engine = ReAttentionEngine.from_pretrained(None if args.model == "embedded" else args.model, gguf_file=args.gguf_file)
     engine.backend = args.backend
+    if args.offload_budget is not None:
+        engine.offload = OffloadConfig(
+            block=args.offload_block, budget=args.offload_budget, refine=not args.offload_approximate
+        )
     base = engine.config
     if args.prefill_chunk:
         base = base.replace(prefill_chunk_size=args.prefill_chunk)
@@ -154,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
             row = {"model": engine.model_name, "tokens": tokens, "mode": mode, **env}
+            if engine.offload is not None:
+                row["offload"] = {"block": engine.offload.block, "budget": engine.offload.budget,
+                                  "refine": engine.offload.refine}
             try:
                 if mode == "hf":
                     row.update(run_hf(engine, ids, args.decode))
