@@ -284,21 +284,69 @@ def test_report_table_and_heatmap_png(tiny_engine, tmp_path):
 # -- corpus QA -----------------------------------------------------------------------------------
 
 
-def test_fact_corpus_questions_are_answerable_from_their_records():
+def test_fact_corpus_questions_need_their_records_and_prefixes_point_at_the_answer():
     corpus = make_corpus(30, 8, seed=3)
     assert corpus == make_corpus(30, 8, seed=3)
     kinds = Counter(q.kind for q in corpus.questions)
     assert kinds == {"single": 4, "multi": 4}
+    numbers = re.compile(r"\d+")
     for q in corpus.questions:
-        support = " ".join(corpus.records[i] for i in q.support)
-        assert q.answer in support
-        if q.kind == "multi":  # hop 1: the person's employer; hop 2: the employer's city or product
-            assert len(q.support) == 2 and " works for " in corpus.records[q.support[0]]
-            assert q.answer in corpus.records[q.support[1]]
+        support = [corpus.records[i] for i in q.support]
+        # The answer is in the supporting records, written right after the words of the prefix
+        # (the prefix's last step, for a two-step question); a door code is in no other record.
+        last_prefix = q.answer_prefix if q.follow_up is None else q.follow_up.format(office=q.hop_answer)
+        last_fact = last_prefix.split(". ")[-1]
+        assert f"{last_fact} {q.answer}," in support[-1]
+        if last_fact.endswith("door code"):
+            assert [r for r in corpus.records if q.answer in numbers.findall(r)] == [support[-1]]
+        if q.kind == "single":
+            assert len(q.support) == 1 and q.follow_up is None
+            continue
+        # Two hops: the person's record names the office; the office's record holds the code, and
+        # shares no word with the question beyond the template's own words.
+        person, office = support
+        assert len(q.support) == 2 and f"{q.answer_prefix} {q.hop_answer}," in person
+        assert q.hop_answer not in numbers.findall(q.text) and q.answer not in person
+        name = q.answer_prefix.removesuffix(", office")
+        assert name in q.text and name not in office and office.startswith(f"Record {q.support[1] + 1}: Office ")
     with pytest.raises(InvalidInputError):
         make_corpus(2, 1, seed=0)
     with pytest.raises(InvalidInputError):
         make_corpus(10, 11, seed=0)
+
+
+def test_answer_question_runs_two_steps_on_what_the_first_named():
+    from reattention_core.evaluation.facts import hop_value
+    from reattention_core.evaluation.qa import answer_question
+
+    corpus = make_corpus(30, 4, seed=0)
+    single, multi = corpus.questions[0], corpus.questions[-1]
+    assert (single.kind, multi.kind) == ("single", "multi")
+    seen = []
+
+    def ask(prefix):
+        seen.append(prefix)
+        return " 1234, lives in Soko." if len(seen) == 1 else " 98765, is on floor 3."
+
+    text, extra = answer_question(ask, multi)
+    assert seen == [multi.answer_prefix, multi.follow_up.format(office="1234")]
+    assert seen[1].endswith("Office 1234, door code") and text == " 98765, is on floor 3."
+    assert extra["hop"] == "1234" and extra["hop_correct"] == (multi.hop_answer == "1234")
+    seen.clear()
+    text, extra = answer_question(ask, single)
+    assert seen == [single.answer_prefix] and "hop" not in extra
+    assert hop_value(" Vide Works.") == "Vide" and hop_value("") == "" and hop_value("office 12a") == "12"
+
+
+def test_render_prompt_ends_with_the_answer_prefix_after_the_assistant_turn(embedded_engine):
+    from reattention_core.evaluation.qa import render_prompt
+
+    tok = embedded_engine.tokenizer
+    prompt = render_prompt(tok, "Record 1: A B, office 1234, lives in C.", "Which office does A B work in?",
+                           "A B, office")
+    opened = tok.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False, add_generation_prompt=True)
+    assert prompt.endswith(opened[opened.index("x") + 1 :] + "A B, office")
+    assert "Record 1: A B, office 1234, lives in C.\n\nWhich office does A B work in?" in prompt
 
 
 def test_corpus_of_size_and_truncation_follow_token_counts():
@@ -319,9 +367,9 @@ def test_bm25_retriever_is_a_langchain_retriever_that_finds_the_person():
     retriever = make_retriever(corpus.records, k=3)
     assert isinstance(retriever, BaseRetriever)
     for q in corpus.questions:
-        if q.kind == "single":
-            docs = retriever.invoke(q.text)
-            assert len(docs) == 3 and q.support[0] in [d.metadata["id"] for d in docs]
+        got = [d.metadata["id"] for d in retriever.invoke(q.text)]
+        # Single-fact and first-hop records are named in the question; the second hop's is not.
+        assert len(got) == 3 and q.support[0] in got
     with pytest.raises(InvalidInputError):
         make_retriever([], k=2)
 
@@ -341,6 +389,10 @@ def test_run_qa_answers_every_mode_and_reuses_the_corpus(tiny_engine, tmp_path):
     # The tiny model's window (1024) holds only part of a 1500-token corpus.
     assert all(0 < r["records_in_context"] < r["records"] for r in by_mode["full-truncated"])
     assert {r["question"] for r in by_mode["rag"]} == {r["question"] for r in by_mode["reattention"]}
+    assert all(r["haystack"] == "facts-v2" for r in rows)
+    for r in rows:  # every mode continues the same answer prefix; the two-step rows its second step
+        assert r["answer_prefix"].endswith(", office" if r["question"].startswith("Which") else ", door code")
+        assert ("first_step" in r) == (r["kind"] == "multi")
     assert run_qa(tiny_engine_cached, grid, ResultsFile(out), progress=False).skipped == 6
     png = qa_plot(rows, tmp_path / "qa.png")
     assert png.read_bytes()[:4] == b"\x89PNG"

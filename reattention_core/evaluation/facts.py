@@ -1,45 +1,68 @@
-"""A generated corpus of facts about fictional people and companies, with questions over it.
+"""A generated corpus of facts about fictional people and offices, with questions over it.
 
-Names are synthetic, so the model cannot answer from memory. Each person works for a company and
-lives in a city; each company is headquartered in a city, makes a product and was founded in a
-year. Facts are shuffled into short numbered records, so the facts a question needs sit in
-different records:
+Names and numbers are synthetic, so the model cannot answer from memory. Each person works in an
+office (a 4-digit number) and lives in a city; each office has a door code (5 digits) and a floor.
+One record per person or office, in shuffled order, each fact written right after its subject's
+name, so that an answer prefix repeating the record's words points at the answer:
 
-* single-fact: "Which company does P work for?", "In which city does P live?"
-* multi-fact (two hops): "In which city is the company that P works for headquartered?",
-  "What does the company that P works for make?"
+    Record 12: Tedoli Gatepe, office 4821, lives in Sazimu.
+    Record 31: Office 4821, door code 61250, is on floor 4.
+
+Questions (each about a different person), each with the answer prefix the model continues
+after the chat template's assistant turn start:
+
+* single-fact, alternating: "Which office does P work in?" (prefix "P, office") and "What is the
+  door code of office N?" (prefix "Office N, door code"; N is P's office);
+* multi-fact (two hops): "What is the door code of the office that P works in?". The office's
+  record is not findable from the question's words (it names the person, not the office), so
+  retrieval by the question finds the person's record only. Answered in two steps over the same
+  context: first the prefix "P, office" (the model names the office), then
+  ``follow_up.format(office=<the number it named>)``, "P, office N. Office N, door code".
+
+Why this design (measured on the embedded SmolLM2-135M-Instruct, see docs/results.md): the model
+answered fluently with a made-up name to "Which company does P work for?" even with the answering
+record among four in its prompt, but it copies a number that follows the words it is prompted
+with, as in the pass-key task.
 """
 
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from reattention_core.errors import InvalidInputError
 from reattention_core.evaluation.tasks import unique_words
 
-PRODUCTS = (
-    "bicycles", "umbrellas", "telescopes", "violins", "lanterns", "kayaks", "typewriters", "hammocks", "compasses",
-    "teapots", "skateboards", "microscopes", "harmonicas", "snowshoes", "sundials", "kites", "accordions", "barometers",
-)
-_SUFFIXES = ("Industries", "Labs", "Works", "Systems", "Holdings", "Partners")
-FACTS_PER_RECORD = 4
+# Identifies this task design in result rows (the ``haystack`` of a QA row), so that rows of the
+# earlier design ("facts": people and companies, four mixed facts per record, no answer prefix)
+# never count as cells of this one.
+DESIGN = "facts-v2"
+_NUMBER = re.compile(r"\d+")
 
 
 @dataclass(frozen=True)
 class Question:
-    """A question, its accepted answer, and the records holding the facts it needs."""
+    """A question, its accepted answer, the records holding the facts it needs, and its prefixes.
+
+    ``answer_prefix``: the text the answer starts with (put after the assistant turn start).
+    ``follow_up``: for a two-step question, the prefix of its second step, with ``{office}`` for
+    what the first step named (`hop_value`); ``hop_answer``: the correct first-step value.
+    """
 
     text: str
     answer: str
     kind: str  # "single" or "multi"
     support: tuple[int, ...]
+    answer_prefix: str
+    follow_up: str | None = None
+    hop_answer: str | None = None
 
 
 @dataclass(frozen=True)
 class FactCorpus:
-    """Records (``"Record 12: fact. fact. ..."``) and the questions drawn over them."""
+    """Records (``"Record 12: ..."``) and the questions drawn over them."""
 
     records: tuple[str, ...]
     questions: tuple[Question, ...]
@@ -49,12 +72,25 @@ class FactCorpus:
         return "\n\n".join(self.records)
 
 
+def hop_value(text: str) -> str:
+    """What a first step named: its first number, else its first word (``""`` if none)."""
+    m = _NUMBER.search(text or "")
+    if m:
+        return m.group(0)
+    words = re.findall(r"[^\s,.;:]+", text or "")
+    return words[0] if words else ""
+
+
 def _name(rng: random.Random, used: set[str]) -> str:
     return " ".join(w.capitalize() for w in unique_words(rng, 2, syllables=rng.choice((2, 3)), exclude=tuple(used)))
 
 
+def _distinct(rng: random.Random, n: int, digits: int) -> list[int]:
+    return rng.sample(range(10 ** (digits - 1), 10**digits), n)
+
+
 def make_corpus(n_people: int, n_questions: int, seed: int) -> FactCorpus:
-    """A corpus about ``n_people`` people (a third as many companies and cities) and its questions.
+    """A corpus about ``n_people`` people (a third as many offices) and its questions.
 
     Half of the questions (rounded up) are single-fact, the rest multi-fact; each is about a
     different person, drawn with ``seed``.
@@ -64,57 +100,45 @@ def make_corpus(n_people: int, n_questions: int, seed: int) -> FactCorpus:
     if n_questions < 1 or n_questions > n_people:
         raise InvalidInputError(f"questions must be between 1 and the number of people ({n_people}), got {n_questions}")
     rng = random.Random(seed)
-    used: set[str] = set()
-    n_org = max(2, n_people // 3)
-    cities = [w.capitalize() for w in unique_words(rng, n_org + 1, syllables=3)]
-    used.update(c.lower() for c in cities)
-    companies = []
-    for _ in range(n_org):
-        (w,) = unique_words(rng, 1, syllables=2, exclude=tuple(used))
-        used.add(w)
-        companies.append(f"{w.capitalize()} {rng.choice(_SUFFIXES)}")
+    n_office = max(2, n_people // 3)
+    digits = 4 if n_office <= 4000 else 5  # office numbers; door codes have one digit more
+    cities = [w.capitalize() for w in unique_words(rng, max(3, n_office // 2), syllables=3)]
+    used = {c.lower() for c in cities}
     people = []
     for _ in range(n_people):
         name = _name(rng, used)
         used.update(name.lower().split())
         people.append(name)
-    hq = {c: rng.choice(cities) for c in companies}
-    product = {c: rng.choice(PRODUCTS) for c in companies}
-    employer = {p: rng.choice(companies) for p in people}
+    offices = _distinct(rng, n_office, digits)
+    code = dict(zip(offices, _distinct(rng, n_office, digits + 1)))
+    office = {p: rng.choice(offices) for p in people}
     home = {p: rng.choice(cities) for p in people}
 
-    facts: list[tuple[str, str]] = []  # (fact id, sentence)
-    for c in companies:
-        facts.append((f"hq:{c}", f"{c} is headquartered in the city of {hq[c]}."))
-        facts.append((f"product:{c}", f"{c} makes {product[c]}."))
-        facts.append((f"founded:{c}", f"{c} was founded in {rng.randint(1890, 2015)}."))
-    for p in people:
-        facts.append((f"employer:{p}", f"{p} works for {employer[p]}."))
-        facts.append((f"home:{p}", f"{p} lives in {home[p]}."))
-    rng.shuffle(facts)
+    entities: list[str | int] = [*people, *offices]
+    rng.shuffle(entities)
     records, where = [], {}
-    for start in range(0, len(facts), FACTS_PER_RECORD):
-        chunk = facts[start : start + FACTS_PER_RECORD]
-        i = len(records)
-        records.append(f"Record {i + 1}: " + " ".join(s for _, s in chunk))
-        where.update({fid: i for fid, _ in chunk})
+    for i, x in enumerate(entities):
+        if isinstance(x, str):
+            fact = f"{x}, office {office[x]}, lives in {home[x]}."
+        else:
+            fact = f"Office {x}, door code {code[x]}, is on floor {rng.randint(1, 9)}."
+        records.append(f"Record {i + 1}: {fact}")
+        where[x] = i
 
     chosen = rng.sample(people, n_questions)
     n_single = (n_questions + 1) // 2
     questions = []
     for j, p in enumerate(chosen):
-        c = employer[p]
-        if j < n_single:
-            if j % 2 == 0:
-                q = Question(f"Which company does {p} work for?", c, "single", (where[f"employer:{p}"],))
-            else:
-                q = Question(f"In which city does {p} live?", home[p], "single", (where[f"home:{p}"],))
-        elif j % 2 == 0 and hq[c] != home[p]:  # otherwise the one-hop answer would also score
-            q = Question(f"In which city is the company that {p} works for headquartered?", hq[c], "multi",
-                         (where[f"employer:{p}"], where[f"hq:{c}"]))
+        o = office[p]
+        if j < n_single and j % 2 == 0:
+            q = Question(f"Which office does {p} work in?", str(o), "single", (where[p],), f"{p}, office")
+        elif j < n_single:
+            q = Question(f"What is the door code of office {o}?", str(code[o]), "single", (where[o],),
+                         f"Office {o}, door code")
         else:
-            q = Question(f"What does the company that {p} works for make?", product[c], "multi",
-                         (where[f"employer:{p}"], where[f"product:{c}"]))
+            q = Question(f"What is the door code of the office that {p} works in?", str(code[o]), "multi",
+                         (where[p], where[o]), f"{p}, office",
+                         follow_up=f"{p}, office {{office}}. Office {{office}}, door code", hop_answer=str(o))
         questions.append(q)
     return FactCorpus(tuple(records), tuple(questions))
 
@@ -127,7 +151,7 @@ def corpus_of_size(
     Returns:
         (corpus, its token count).
     """
-    n = max(3, n_questions, tokens // 40)
+    n = max(3, n_questions, tokens // 25)
     best: tuple[int, FactCorpus, int] | None = None
     for _ in range(4):
         corpus = make_corpus(n, n_questions, seed)

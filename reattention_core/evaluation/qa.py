@@ -1,14 +1,20 @@
 """Corpus QA: the whole corpus in context (ReAttention) vs BM25-RAG vs full attention truncated.
 
 For each corpus size the same generated corpus (`facts.make_corpus`) and the same questions go
-to every mode; the prompt layout is the same everywhere (context, blank line, question, in one
-user message), only the context differs:
+to every mode, in the same prompt (`render_prompt`): context, blank line, question in one user
+message, the chat template's assistant turn opened, then the question's answer prefix ("P,
+office"), which the model continues. Only the context differs:
 
-* ``reattention``: the whole corpus, ``engine.generate(question, context=corpus)``; the prefix
-  cache keeps the corpus, so only the first question of a size pays its prefill.
-* ``rag``: the ``top_k`` BM25 records, through a LangChain chain (`rag.rag_chain`).
+* ``reattention``: the whole corpus; the prefix cache keeps its whole pages, so a later question
+  of the same size prefills only the last partial page and its own tokens.
+* ``rag``: the ``top_k`` BM25 records retrieved by the question, through a LangChain chain
+  (`rag.rag_chain`).
 * ``full-truncated``: full attention over the records that fit the model's pre-training window
   (whole records from the start, leaving room for the question and answer).
+
+A two-step (multi-fact) question runs twice over the same context: the first step's answer
+prefix makes the model name the office, the second step's prefix repeats what it named and asks
+for the door code (`facts.Question.follow_up`). The row scores the second step's text.
 """
 
 from __future__ import annotations
@@ -20,15 +26,17 @@ from typing import Any
 
 from reattention_core.errors import InvalidInputError
 from reattention_core.evaluation.env import environment
-from reattention_core.evaluation.facts import FactCorpus, corpus_of_size
+from reattention_core.engine import CONTEXT_SEPARATOR
+from reattention_core.evaluation.facts import DESIGN, FactCorpus, Question, corpus_of_size, hop_value
 from reattention_core.evaluation.results import ResultsFile, cell_key, offload_tag
 from reattention_core.evaluation.runner import RunReport
 from reattention_core.evaluation.scoring import found
+from reattention_core.evaluation.tasks import render
 
 QA_MODES: tuple[str, ...] = ("reattention", "rag", "full-truncated")
-QUESTION_SUFFIX = " Answer in a few words."
-# Room kept in the window for the chat template, the question and the answer when truncating.
-_TRUNCATION_MARGIN = 160
+# Room kept in the window for the chat template, the question, the answer prefixes and the answer
+# when truncating.
+_TRUNCATION_MARGIN = 200
 
 
 @dataclass(frozen=True)
@@ -74,6 +82,28 @@ def truncate_records(records: tuple[str, ...], budget: int, count: Callable[[str
     return lo, "\n\n".join(records[:lo])
 
 
+def render_prompt(tokenizer: Any, context: str, question: str, answer_prefix: str) -> str:
+    """The prompt text of every mode: ``context + "\\n\\n" + question`` as one user message, the
+    assistant turn opened, then ``answer_prefix`` (plain text without a chat template)."""
+    return render(tokenizer, [{"role": "user", "content": context + CONTEXT_SEPARATOR + question}], answer_prefix)
+
+
+def answer_question(ask: Callable[[str], str], q: Question) -> tuple[str, dict[str, Any]]:
+    """Answer ``q`` with ``ask(answer_prefix) -> continuation`` over one fixed context.
+
+    Returns:
+        (the text scored, extra row fields: for a two-step question the first step's text,
+        what it named and whether that was the right office).
+    """
+    first = ask(q.answer_prefix)
+    if q.follow_up is None:
+        return first, {"answer_prefix": q.answer_prefix}
+    hop = hop_value(first)
+    prefix = q.follow_up.format(office=hop)
+    return ask(prefix), {"answer_prefix": prefix, "first_step": first, "hop": hop,
+                         "hop_expected": q.hop_answer, "hop_correct": hop == q.hop_answer}
+
+
 def run_qa(
     engine: Any, grid: QAGrid, results: ResultsFile, *, limit: int | None = None, progress: bool = True
 ) -> RunReport:
@@ -92,7 +122,7 @@ def run_qa(
         return len(engine.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def ident(size: int, mode: str, index: int) -> dict[str, Any]:
-        return {"task": "qa", "haystack": "facts", "length": size, "depth": None, "index": index, "mode": mode,
+        return {"task": "qa", "haystack": DESIGN, "length": size, "depth": None, "index": index, "mode": mode,
                 "seed": grid.seed, "model": engine.model_name, "offload": offload_tag(engine)}
 
     todo = [(s, m, i) for s in grid.sizes for m in grid.modes for i in range(grid.questions)]
@@ -115,7 +145,7 @@ def run_qa(
                 corpora[size] = corpus_of_size(size, grid.questions, grid.seed, count)
             corpus, corpus_tokens = corpora[size]
             q = corpus.questions[index]
-            question = q.text + QUESTION_SUFFIX
+            question = q.text
             bar.set_description(f"qa {size} {mode}")
             extra: dict[str, Any] = {}
             t0 = time.perf_counter()
@@ -125,13 +155,15 @@ def run_qa(
                 engine.config = base.replace(mode="reattention")
                 if size not in chains:
                     retriever = rag.make_retriever(corpus.records, grid.top_k)
-                    model = rag.chat_model(engine, grid.new_tokens)
-                    chains[size] = (retriever, rag.rag_chain(retriever, model), f"langchain:{type(model).__name__}")
+                    model = rag.text_model(engine, grid.new_tokens)
+                    chain = rag.rag_chain(retriever, model, lambda c, qq, a: render_prompt(engine.tokenizer, c, qq, a))
+                    chains[size] = (retriever, chain, f"langchain:{type(model).__name__}")
                 retriever, chain, pipeline = chains[size]
                 got = [d.metadata["id"] for d in retriever.invoke(question)]
-                answer = chain.invoke(question)
+                answer, steps = answer_question(
+                    lambda prefix: chain.invoke({"question": question, "answer_prefix": prefix}), q)
                 extra = {"retrieved": got, "support_in_context": sum(s in got for s in q.support) / len(q.support),
-                         "pipeline": pipeline}
+                         "pipeline": pipeline, **steps}
                 prompt_tokens = cached = None
             else:
                 if mode == "full-truncated":
@@ -146,8 +178,18 @@ def run_qa(
                     extra = {"support_in_context": 1.0}
                 if not context:
                     raise InvalidInputError("the window is too small to hold a single record")
-                res = engine.generate(question, context=context, max_new_tokens=grid.new_tokens, progress=False)
-                answer, prompt_tokens, cached = res.text, res.prompt_tokens, res.cached_tokens
+                results_of: list[Any] = []
+
+                def ask(prefix: str) -> str:
+                    prompt = render_prompt(engine.tokenizer, context, question, prefix)
+                    res = engine.generate(prompt, max_new_tokens=grid.new_tokens, progress=False)
+                    results_of.append(res)
+                    return res.text
+
+                answer, steps = answer_question(ask, q)
+                extra.update(steps)
+                # those of the scored (last) step
+                prompt_tokens, cached = results_of[-1].prompt_tokens, results_of[-1].cached_tokens
             seconds = time.perf_counter() - t0
             hits = found(answer, (q.answer,))
             row = {

@@ -1,15 +1,16 @@
 """Retrieval-augmented generation for the corpus-QA baseline: BM25 inside a LangChain chain.
 
 ``retriever | format | prompt | model | parser``: `BM25Retriever` (a LangChain `BaseRetriever`
-over ``rank_bm25.BM25Okapi``) returns the top passages, they become the context of the same
-prompt layout the in-context modes use (``context + "\\n\\n" + question`` in one user message),
-and the same engine answers through `ChatReAttention`.
+over ``rank_bm25.BM25Okapi``) returns the top passages for the question, they become the context
+of the same prompt the in-context modes build (``context + "\\n\\n" + question`` in one user
+message, the chat template's assistant turn opened, then the answer prefix), and the same engine
+continues it through `ReAttentionLLM` (text in, text out).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from reattention_core.errors import InvalidInputError
@@ -68,21 +69,34 @@ def make_retriever(passages: Sequence[str], k: int = 4) -> Any:
     return BM25Retriever(documents=docs, k=k)
 
 
-def chat_model(engine: Any, max_new_tokens: int) -> Any:
-    """`reattention_integrations.langchain.ChatReAttention` over ``engine`` (greedy)."""
-    from reattention_integrations.langchain import ChatReAttention
+def text_model(engine: Any, max_new_tokens: int) -> Any:
+    """`reattention_integrations.langchain.ReAttentionLLM` over ``engine``: greedy, the prompt sent as is.
 
-    return ChatReAttention(engine=engine, max_tokens=max_new_tokens, temperature=0.0)
+    The chain renders the chat template itself (`rag_chain`), so that the prompt can end with an
+    answer prefix after the assistant turn start, as the in-context modes' prompts do.
+    """
+    from reattention_integrations.langchain import ReAttentionLLM
+
+    return ReAttentionLLM(engine=engine, max_tokens=max_new_tokens, temperature=0.0, chat_template=False)
 
 
-def rag_chain(retriever: Any, model: Any) -> Any:
-    """``{"context": retriever | join, "question": passthrough} | prompt | model | StrOutputParser()``."""
+def rag_chain(retriever: Any, model: Any, render: Callable[[str, str, str], str]) -> Any:
+    """``{"context": question | retriever | join, ...} | render | model | StrOutputParser()``.
+
+    Input: ``{"question": ..., "answer_prefix": ...}``. The records are retrieved by the question
+    alone; ``render(context, question, answer_prefix)`` makes the prompt text (the same function
+    the in-context modes use, so the modes differ only in their context).
+    """
+    from operator import itemgetter
+
     from langchain_core.output_parsers import StrOutputParser
-    from langchain_core.prompts import ChatPromptTemplate
-    from langchain_core.runnables import RunnableLambda, RunnablePassthrough
+    from langchain_core.runnables import RunnableLambda
 
-    from reattention_core.engine import CONTEXT_SEPARATOR
-
-    prompt = ChatPromptTemplate.from_messages([("user", "{context}" + CONTEXT_SEPARATOR + "{question}")])
     join = RunnableLambda(lambda docs: "\n\n".join(d.page_content for d in docs))
-    return {"context": retriever | join, "question": RunnablePassthrough()} | prompt | model | StrOutputParser()
+    inputs = {
+        "context": itemgetter("question") | retriever | join,
+        "question": itemgetter("question"),
+        "answer_prefix": itemgetter("answer_prefix"),
+    }
+    prompt = RunnableLambda(lambda d: render(d["context"], d["question"], d["answer_prefix"]))
+    return inputs | prompt | model | StrOutputParser()
