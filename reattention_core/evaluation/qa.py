@@ -24,9 +24,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from reattention_core.engine import CONTEXT_SEPARATOR
 from reattention_core.errors import InvalidInputError
 from reattention_core.evaluation.env import environment
-from reattention_core.engine import CONTEXT_SEPARATOR
 from reattention_core.evaluation.facts import DESIGN, FactCorpus, Question, corpus_of_size, hop_value
 from reattention_core.evaluation.results import ResultsFile, cell_key, offload_tag
 from reattention_core.evaluation.runner import RunReport
@@ -161,7 +161,8 @@ def run_qa(
                 retriever, chain, pipeline = chains[size]
                 got = [d.metadata["id"] for d in retriever.invoke(question)]
                 answer, steps = answer_question(
-                    lambda prefix: chain.invoke({"question": question, "answer_prefix": prefix}), q)
+                    lambda prefix, chain=chain, question=question: chain.invoke(
+                        {"question": question, "answer_prefix": prefix}), q)
                 extra = {"retrieved": got, "support_in_context": sum(s in got for s in q.support) / len(q.support),
                          "pipeline": pipeline, **steps}
                 prompt_tokens = cached = None
@@ -180,7 +181,8 @@ def run_qa(
                     raise InvalidInputError("the window is too small to hold a single record")
                 results_of: list[Any] = []
 
-                def ask(prefix: str) -> str:
+                def ask(prefix: str, context: str = context, question: str = question,
+                        results_of: list[Any] = results_of) -> str:
                     prompt = render_prompt(engine.tokenizer, context, question, prefix)
                     res = engine.generate(prompt, max_new_tokens=grid.new_tokens, progress=False)
                     results_of.append(res)
