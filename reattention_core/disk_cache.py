@@ -700,7 +700,10 @@ def _write_page_file(
     The tensors (``[T, H, D]`` each, any device) are stacked where they live and copied to the
     host in one transfer; the file is written and fsync'ed (the caller renames it into place).
     """
-    both = torch.stack([t.detach() for t in (*keys, *values)]).to("cpu").contiguous()
+    tensors = [t.detach() for t in (*keys, *values)]
+    if len({t.device for t in tensors}) > 1:  # e.g. keys on the GPU, values in host memory (offload)
+        tensors = [t.to("cpu") for t in tensors]
+    both = torch.stack(tensors).to("cpu").contiguous()
     dtype, shape = both.dtype, tuple(both.shape[1:])
     if dtype not in _DTYPE_NAMES:
         raise ValueError(f"pages of dtype {dtype} are not supported (use float32, float16 or bfloat16)")

@@ -142,7 +142,7 @@ class ReAttentionEngine:
         elif offload is None:
             self._prefix = PrefixCache(cache, self.device)
         else:  # stores in host memory; a budgeted (approximate) selection caches under its own fingerprint
-            selection = None if offload.refine else f"offload(block={offload.block},budget={offload.budget})"
+            selection = None if offload.exact else f"offload(block={offload.block},budget={offload.budget})"
             self._prefix = PrefixCache(cache, torch.device("cpu"), self._new_store, selection)
 
     @classmethod

@@ -19,6 +19,13 @@ gets that result while reading only a few blocks:
   stops after the first fetch (an approximation whose accuracy cost the evaluation harness
   measures).
 
+``OffloadConfig(keys="device")`` is the other way: the keys stay on the device (selection is the
+resident one, exact and fast) and only the values live in host memory, half the device memory.
+
+In both, `offloaded_attention` copies the sink and the local window of the scope to the device on a
+side stream while the selection runs (they are known in advance), and the selected blocks once the
+selection is known (their indices have to reach the host first).
+
 The engine uses it through `OffloadedStore` (``ReAttentionEngine(..., offload=OffloadConfig())``,
 also for the stores of its prefix cache):
 every layer's keys and values stay in (pinned) host memory, the bounds on the compute device; per
@@ -38,10 +45,11 @@ from dataclasses import dataclass
 
 import torch
 
-from reattention_core.attention import plan_scope
+from reattention_core.attention import ScopePlan, plan_scope
 from reattention_core.config import ReAttentionConfig
 from reattention_core.errors import InvalidInputError
 from reattention_core.rope import RopeSpec
+from reattention_core.selection import select_blocks
 from reattention_core.store import KVStore
 from reattention_kernels import scope_attention, score_topk, select_from_hits
 
@@ -54,6 +62,12 @@ class OffloadConfig:
     """How the engine keeps its KV store in host memory (see the module doc).
 
     Args:
+        keys: ``"host"`` (default): keys and values in host memory, selection through per-block
+            key bounds on the device (``block``, ``budget``, ``refine``); the device holds only
+            the bounds. ``"device"``: the keys stay on the device and only the values go to host
+            memory; selection is the resident one (exact, no bounds, at the speed of the device),
+            and each step copies only the scope's values. Half the device memory of a resident
+            store, and no accuracy cost.
         block: tokens per bounded block (the unit read from host memory for scoring).
         budget: blocks read first per layer step (the highest bounds).
         refine: read more blocks until the selection is exact (identical to the resident engine);
@@ -61,12 +75,20 @@ class OffloadConfig:
         pin: pinned host buffers (fast, asynchronous copies); ``None``: when CUDA is available.
     """
 
+    keys: str = "host"
     block: int = 64
     budget: int = 64
     refine: bool = True
     pin: bool | None = None
 
+    @property
+    def exact(self) -> bool:
+        """Whether selection equals the resident engine's (so cache pages can be shared)."""
+        return self.keys == "device" or self.refine
+
     def __post_init__(self) -> None:
+        if self.keys not in ("host", "device"):
+            raise InvalidInputError(f'OffloadConfig.keys must be "host" or "device", got {self.keys!r}')
         for name in ("block", "budget"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -250,11 +272,14 @@ def candidate_topk(
 
 
 class OffloadedStore(KVStore):
-    """A `KVStore` whose buffers live in host memory, with per-layer `KeyBounds` on ``device``.
+    """A `KVStore` whose values (and, with ``keys="host"``, keys) live in host memory.
+
+    With ``keys="host"`` each layer also keeps `KeyBounds` on ``device``; with ``keys="device"``
+    the key buffers are allocated on ``device`` instead and no bounds are kept.
 
     Attributes:
         fetched_blocks, bounded_blocks: blocks read by selections so far and blocks they could
-            have read (the share read is what offload saves in transfers).
+            have read (the share read is what offload saves in transfers; ``keys="host"`` only).
     """
 
     def __init__(self, num_layers: int, config: OffloadConfig, device: torch.device | str) -> None:
@@ -262,18 +287,28 @@ class OffloadedStore(KVStore):
         super().__init__(num_layers, device="cpu", pin=pin)
         self.config = config
         self.compute_device = torch.device(device)
-        self.bounds = [KeyBounds(config.block, self.compute_device) for _ in range(num_layers)]
+        self.keys_on_device = config.keys == "device"
+        self.bounds = [] if self.keys_on_device else [KeyBounds(config.block, self.compute_device) for _ in range(num_layers)]
         self.fetched_blocks = 0
         self.bounded_blocks = 0
 
+    def _new_buffer(
+        self, which: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+    ) -> torch.Tensor:
+        if which == "keys" and self.keys_on_device:
+            return torch.empty(shape, dtype=dtype, device=self.compute_device)
+        return super()._new_buffer(which, shape, dtype, device)
+
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self.bounds[layer].append(k)
+        if self.bounds:
+            self.bounds[layer].append(k)
         return super().append(layer, k, v)
 
     def extend(
         self, layer: int, k: torch.Tensor, v: torch.Tensor, *, device: torch.device, dtype: torch.dtype
     ) -> None:
-        self.bounds[layer].append(k)
+        if self.bounds:
+            self.bounds[layer].append(k)
         super().extend(layer, k, v, device=device, dtype=dtype)
 
     def truncate(self, tokens: int) -> None:
@@ -321,8 +356,14 @@ def offloaded_attention(
     total = keys.shape[1]
     plan = plan_scope(cfg, total, tq)
     dev = q.device
-    host = keys.device
-    if plan.select:
+    k_scope, k_pending = _start_scope(keys, plan, cfg, dev)
+    v_scope, v_pending = _start_scope(values, plan, cfg, dev)
+    if plan.select and store.keys_on_device:  # the resident selection, on the resident keys
+        sel, n_sel = select_blocks(
+            q, keys[:, plan.sink_len : plan.local_start], top_k=cfg.top_k, max_blocks=cfg.max_blocks,
+            block_size=cfg.block_size, offset=plan.sink_len, backend=backend,
+        )  # fmt: skip
+    elif plan.select:
         res = candidate_topk(
             q, keys, store.bounds[layer], cfg.top_k, budget=store.config.budget, refine=store.config.refine,
             lo=plan.sink_len, hi=plan.local_start, backend=backend,
@@ -337,14 +378,13 @@ def offloaded_attention(
         sel = torch.zeros((b, 0), dtype=torch.int64, device=dev)
         n_sel = torch.zeros((b,), dtype=torch.int64, device=dev)
     ns = sel.shape[1]
-    parts = [
-        torch.arange(plan.sink_len, device=host).expand(b, -1),
-        sel.to(host),
-        torch.arange(plan.local_start, total, device=host).expand(b, -1),
-    ]
-    idx = torch.cat(parts, dim=1)  # [B, sink + NS + local]: the scope, in order, padding included
-    k_scope = torch.stack([keys[i].index_select(0, idx[i]) for i in range(b)]).to(dev, non_blocking=True)
-    v_scope = torch.stack([values[i].index_select(0, idx[i]) for i in range(b)]).to(dev, non_blocking=True)
+    _finish_scope(keys, k_scope, k_pending, plan, sel)
+    _finish_scope(values, v_scope, v_pending, plan, sel)
+    if k_pending is not None:
+        torch.cuda.current_stream(dev).wait_stream(k_pending)
+    if v_pending is not None:
+        torch.cuda.current_stream(dev).wait_stream(v_pending)
+    k_scope, v_scope = k_scope[:, : plan.sink_len + ns + total - plan.local_start], v_scope[:, : plan.sink_len + ns + total - plan.local_start]
     sel_scope = torch.arange(plan.sink_len, plan.sink_len + ns, device=dev).expand(b, -1)
     out, _ = scope_attention(
         q, k_scope, v_scope, sel_scope, n_sel,
@@ -352,3 +392,78 @@ def offloaded_attention(
         inv_freq=rope.inv_freq, attention_scaling=rope.attention_scaling, scale=scale, backend=backend,
     )  # fmt: skip
     return out
+
+
+def _scope_capacity(plan: ScopePlan, cfg: ReAttentionConfig) -> int:
+    """Tokens of the largest scope of ``plan``: sink, the most positions a selection returns, local window."""
+    ns = cfg.max_blocks * cfg.block_size if plan.select else 0  # padding included (`select_from_hits`)
+    return plan.sink_len + ns + plan.total - plan.local_start
+
+
+def _start_scope(
+    buf: torch.Tensor, plan: ScopePlan, cfg: ReAttentionConfig, dev: torch.device
+) -> tuple[torch.Tensor, torch.cuda.Stream | None]:
+    """A device buffer for ``buf``'s scope ``[B, capacity, H, D]``, with sink and local window copied in.
+
+    Those two parts are known before the selection runs, so for a host buffer in pinned memory
+    they are copied on a side stream while the device computes the selection (the caller makes
+    its stream wait for the returned one before reading the scope).
+    """
+    b, _, h, d = buf.shape
+    cap = _scope_capacity(plan, cfg)
+    out = torch.empty((b, cap, h, d), dtype=buf.dtype, device=dev)
+    local = plan.total - plan.local_start
+    stream = None
+    if dev.type == "cuda" and not buf.is_cuda and buf.is_pinned():
+        stream = _copy_stream(dev)
+        stream.wait_stream(torch.cuda.current_stream(dev))  # ``out`` was allocated on the compute stream
+    with torch.cuda.stream(stream) if stream is not None else _nullcontext():
+        out[:, : plan.sink_len].copy_(buf[:, : plan.sink_len], non_blocking=True)
+        out[:, cap - local :].copy_(buf[:, plan.local_start :], non_blocking=True)
+    return out, stream
+
+
+def _finish_scope(
+    buf: torch.Tensor, out: torch.Tensor, stream: torch.cuda.Stream | None, plan: ScopePlan, sel: torch.Tensor
+) -> None:
+    """Copy the selected positions ``sel`` ``[B, NS]`` of ``buf`` into ``out`` after the sink.
+
+    The local window, copied to the end of ``out`` by `_start_scope`, moves up to follow them
+    (``out`` then holds ``[sink | selected | local]`` in its first ``sink + NS + local`` rows).
+    """
+    b, ns = sel.shape
+    cap = out.shape[1]
+    local = plan.total - plan.local_start
+    start = plan.sink_len + ns
+    if ns:
+        idx = sel.to(buf.device)  # a host buffer needs host indices (this waits for the selection)
+        if buf.is_cuda:
+            rows = torch.stack([buf[i].index_select(0, idx[i]) for i in range(b)])
+            out[:, plan.sink_len : start].copy_(rows)
+        else:
+            staging = torch.empty((b, ns, *buf.shape[2:]), dtype=buf.dtype, pin_memory=buf.is_pinned())
+            for i in range(b):
+                torch.index_select(buf[i], 0, idx[i], out=staging[i])
+            with torch.cuda.stream(stream) if stream is not None else _nullcontext():
+                out[:, plan.sink_len : start].copy_(staging, non_blocking=stream is not None)
+    if start + local != cap and local:
+        with torch.cuda.stream(stream) if stream is not None else _nullcontext():
+            # ranges may overlap when fewer than the largest selection came back: clone first
+            out[:, start : start + local].copy_(out[:, cap - local :].clone())
+
+
+_copy_streams: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _copy_stream(dev: torch.device) -> torch.cuda.Stream:
+    if dev not in _copy_streams:
+        _copy_streams[dev] = torch.cuda.Stream(dev)
+    return _copy_streams[dev]
+
+
+class _nullcontext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None

@@ -76,12 +76,8 @@ class KVStore:
         if self._keys[layer] is None:
             cap = max(_MIN_CAPACITY, self._reserved, tq)
             device = self.device or device
-            self._keys[layer] = torch.empty(
-                (k.shape[0], cap, k.shape[2], k.shape[3]), dtype=dtype, device=device, pin_memory=self.pin
-            )
-            self._values[layer] = torch.empty(
-                (v.shape[0], cap, v.shape[2], v.shape[3]), dtype=dtype, device=device, pin_memory=self.pin
-            )
+            self._keys[layer] = self._new_buffer("keys", (k.shape[0], cap, k.shape[2], k.shape[3]), dtype, device)
+            self._values[layer] = self._new_buffer("values", (v.shape[0], cap, v.shape[2], v.shape[3]), dtype, device)
         start = self._lengths[layer]
         end = start + tq
         if end > self.capacity(layer):
@@ -91,9 +87,8 @@ class KVStore:
         # Pages restored from disk arrive in pinned host memory: copy them asynchronously, so the
         # next page's host work overlaps this transfer. PyTorch's pinned-memory allocator records
         # the copy, so the source block is not reused before the transfer has finished.
-        asynchronous = keys.is_cuda and not k.is_cuda and k.is_pinned() and v.is_pinned()
-        keys[:, start:end].copy_(k, non_blocking=asynchronous)
-        values[:, start:end].copy_(v, non_blocking=asynchronous)
+        keys[:, start:end].copy_(k, non_blocking=keys.is_cuda and not k.is_cuda and k.is_pinned())
+        values[:, start:end].copy_(v, non_blocking=values.is_cuda and not v.is_cuda and v.is_pinned())
         self._lengths[layer] = end
         return end
 
@@ -123,12 +118,18 @@ class KVStore:
                 total += buf.numel() * buf.element_size()
         return total
 
+    def _new_buffer(
+        self, which: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+    ) -> torch.Tensor:
+        """An empty ``"keys"`` or ``"values"`` buffer; subclasses may place the two apart."""
+        return torch.empty(shape, dtype=dtype, device=device, pin_memory=self.pin and device.type == "cpu")
+
     def _grow(self, layer: int, new_capacity: int) -> None:
         old_k, old_v = self._keys[layer], self._values[layer]
         assert old_k is not None and old_v is not None
         n = self._lengths[layer]
-        new_k = old_k.new_empty((old_k.shape[0], new_capacity, *old_k.shape[2:]), pin_memory=self.pin)
-        new_v = old_v.new_empty((old_v.shape[0], new_capacity, *old_v.shape[2:]), pin_memory=self.pin)
+        new_k = self._new_buffer("keys", (old_k.shape[0], new_capacity, *old_k.shape[2:]), old_k.dtype, old_k.device)
+        new_v = self._new_buffer("values", (old_v.shape[0], new_capacity, *old_v.shape[2:]), old_v.dtype, old_v.device)
         new_k[:, :n] = old_k[:, :n]
         new_v[:, :n] = old_v[:, :n]
         self._keys[layer], self._values[layer] = new_k, new_v

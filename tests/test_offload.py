@@ -96,19 +96,24 @@ def _logits(engine: ReAttentionEngine, ids: list[int]) -> tuple[torch.Tensor, ob
         return run_prefill(engine.model, torch.tensor([ids]), cache, engine.config.prefill_chunk_size), store
 
 
+@pytest.mark.parametrize("keys", ["host", "device"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 @pytest.mark.parametrize("mode", ["reattention", "streaming", "full"])
-def test_an_offloaded_engine_computes_exactly_what_the_resident_one_does(arch, mode):
+def test_an_offloaded_engine_computes_exactly_what_the_resident_one_does(arch, mode, keys):
     model = tiny_model(arch)
     cfg = CFG.replace(mode=mode)
     resident = ReAttentionEngine(model, ByteTokenizer(), cfg, cache=False)
     offloaded = ReAttentionEngine(
-        model, ByteTokenizer(), cfg, cache=False, offload=OffloadConfig(block=8, budget=2, refine=True, pin=False)
-    )
+        model, ByteTokenizer(), cfg, cache=False,
+        offload=OffloadConfig(keys=keys, block=8, budget=2, refine=True, pin=False),
+    )  # fmt: skip
     ids = random_ids(300, seed=3)[0].tolist()
     (got, store), (want, _) = _logits(offloaded, ids), _logits(resident, ids)
     assert torch.equal(got, want)  # prefill, bit for bit
-    assert store.bounds[0].tokens == 300 and (store.fetched_blocks > 0) == (mode == "reattention")
+    if keys == "host":
+        assert store.bounds[0].tokens == 300 and (store.fetched_blocks > 0) == (mode == "reattention")
+    else:  # no bounds: the keys are where the selection runs
+        assert store.bounds == [] and store.fetched_blocks == 0
     prompt = "the quick brown fox jumps over the lazy dog. " * 8
     assert offloaded.generate(prompt, max_new_tokens=8).token_ids == resident.generate(prompt, max_new_tokens=8).token_ids
 
@@ -146,6 +151,9 @@ def test_bounds_and_the_store_truncate_back_consistently():
 def test_offload_validates_its_config():
     with pytest.raises(InvalidInputError, match="budget"):
         OffloadConfig(budget=0)
+    with pytest.raises(InvalidInputError, match='keys must be "host" or "device"'):
+        OffloadConfig(keys="gpu")
+    assert OffloadConfig(keys="device", refine=False).exact and not OffloadConfig(refine=False).exact
     with pytest.raises(InvalidInputError, match="offload must be"):
         ReAttentionEngine(tiny_model("llama"), ByteTokenizer(), CFG, cache=False, offload={"block": 8})
 
@@ -173,5 +181,61 @@ def test_an_offloaded_engine_shares_exact_cache_pages_with_resident_engines(tmp_
     again = offloaded.generate("What?", context=corpus, max_new_tokens=6)  # and now from its memory
     assert again.cached_tokens == res.cached_tokens
     assert again.token_ids == resident.generate("What?", context=corpus, max_new_tokens=6).token_ids
+    split = engine(keys="device").generate("Who?", context=corpus, max_new_tokens=6)  # keys resident, values host
+    assert split.cached_tokens == res.cached_tokens and split.token_ids == cold.token_ids
     budgeted = engine(refine=False).generate("Who?", context=corpus, max_new_tokens=6)
     assert budgeted.cached_tokens == 0  # its own fingerprint: nothing to reuse yet
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("keys", ["host", "device"])
+def test_offload_on_a_gpu_places_the_store_and_equals_the_resident_engine(keys):
+    """On CUDA: pinned host buffers (keys too with keys="host"), the side-stream scope copies, and
+    the Triton kernels give the resident engine's logits bit for bit, prefill and decode."""
+    model = tiny_model("llama").to("cuda", torch.bfloat16)
+    resident = ReAttentionEngine(model, ByteTokenizer(), CFG, cache=False)
+    offloaded = ReAttentionEngine(
+        model, ByteTokenizer(), CFG, cache=False, offload=OffloadConfig(keys=keys, block=8, budget=2, refine=True)
+    )
+    ids = random_ids(700, seed=6)[0].tolist()
+    (got, store), (want, _) = _logits(offloaded, ids), _logits(resident, ids)
+    assert torch.equal(got, want)
+    k, v = store.view(0)
+    assert k.is_cuda == (keys == "device") and not v.is_cuda and v.is_pinned()
+    prompt = "the quick brown fox jumps over the lazy dog. " * 20
+    assert offloaded.generate(prompt, max_new_tokens=12).token_ids == resident.generate(prompt, max_new_tokens=12).token_ids
+
+
+@pytest.mark.gpu
+def test_pages_written_from_a_split_store_serve_a_resident_engine(tmp_path):
+    """keys="device" writes pages from keys on the GPU and values in host memory; a resident engine
+    in a fresh process-like state (new engine, same cache dir) reuses them and answers the same."""
+    from reattention_core import CacheConfig
+
+    model = tiny_model("llama").to("cuda", torch.bfloat16)
+    corpus = "the quick brown fox jumps over the lazy dog. " * 12
+    cfg = CacheConfig(dir=tmp_path, page_size=64)
+    split = ReAttentionEngine(model, ByteTokenizer(), CFG, cache=cfg, offload=OffloadConfig(keys="device"))
+    first = split.generate("Who?", context=corpus, max_new_tokens=6)
+    resident = ReAttentionEngine(model, ByteTokenizer(), CFG, cache=cfg)
+    again = resident.generate("Who?", context=corpus, max_new_tokens=6)
+    assert again.cached_tokens > 0 and again.token_ids == first.token_ids
+
+
+def test_evaluation_rows_record_the_store_and_exact_offload_reuses_resident_cells(tmp_path):
+    from reattention_core.evaluation import NeedleGrid, ResultsFile, run_grid
+    from reattention_core.evaluation.results import read_rows
+
+    model = tiny_model("llama")
+    grid = NeedleGrid(tasks=("passkey",), lengths=(256,), depths=(0.5,), modes=("reattention",), haystack="filler",
+                      max_new_tokens=3)
+
+    def engine(offload):
+        return ReAttentionEngine(model, ByteTokenizer(), CFG, model_name="tiny", cache=False, offload=offload)
+
+    out = tmp_path / "r.jsonl"
+    assert run_grid(engine(OffloadConfig(keys="device", pin=False)), grid, ResultsFile(out), progress=False).ran == 1
+    assert run_grid(engine(None), grid, ResultsFile(out), progress=False).ran == 0  # exact: the same cell
+    assert run_grid(engine(OffloadConfig(budget=1, refine=False, pin=False)), grid, ResultsFile(out), progress=False).ran == 1
+    stores = [r["env"]["store"] for r in read_rows(out)]
+    assert stores == ["offload(keys=device)", "offload(keys=host,block=64,budget=1,refine=False)"]
