@@ -54,9 +54,20 @@ def environment(engine: Any) -> dict[str, Any]:
         "model": engine.model_name,
         "window": engine.window,
         "kernels": backend,
+        "store": _store(engine),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "commit": git_commit(),
         "platform": sys.platform,
     }
+
+
+def _store(engine: Any) -> str:
+    """Where the KV store lived: ``resident`` or the offload settings."""
+    off = getattr(engine, "offload", None)
+    if off is None:
+        return "resident"
+    if off.keys == "device":
+        return "offload(keys=device)"
+    return f"offload(keys=host,block={off.block},budget={off.budget},refine={off.refine})"

@@ -21,7 +21,7 @@ KEY_FIELDS: tuple[str, ...] = (
 def offload_tag(engine: Any) -> str | None:
     """What a row records of an approximate (budgeted) offload, ``None`` for exact selection."""
     off = getattr(engine, "offload", None)
-    if off is None or off.refine:
+    if off is None or off.exact:
         return None
     return f"block={off.block},budget={off.budget}"
 
