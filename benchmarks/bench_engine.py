@@ -8,6 +8,10 @@ Modes:
     python benchmarks/bench_engine.py --tokens 4096 16384 --modes reattention full hf \
         --out benchmarks/results/engine-cpu.jsonl
 
+Stores (``--stores``, each timed in turn): ``resident`` (the KV store on the GPU), ``values`` (keys
+on the GPU, values in pinned host memory: `OffloadConfig(keys="device")`), ``host`` (both in host
+memory, per-block key bounds on the GPU; ``--offload-budget/--offload-block/--offload-approximate``).
+
 Models: the embedded SmolLM2-135M (default), ``--model llama8b-random`` (Llama-3.1-8B shapes,
 random bf16 weights, GPU only), or a model directory. Prompts are random token ids: speed does
 not depend on the text. Every row records device, versions and commit.
@@ -31,6 +35,9 @@ import transformers
 from reattention_core import ReAttentionCache, ReAttentionConfig, ReAttentionEngine, enable_reattention
 from reattention_core.offload import OffloadConfig, OffloadedStore
 from reattention_core.prefill import run_prefill
+
+
+STORES = ("resident", "values", "host")
 
 
 def llama8b_random(device: str) -> ReAttentionEngine:
@@ -67,8 +74,9 @@ def run_engine(
         sync()
         prefill = time.perf_counter() - t0
         step_ms = time_decode(model, cache, logits, decode)
-    row = {"prefill_s": prefill, "decode_ms_per_token": step_ms, "kv_bytes": store.nbytes()}
-    if isinstance(store, OffloadedStore):  # the share of bounded blocks that selections had to read
+    row = {"prefill_s": prefill, "decode_ms_per_token": step_ms, "kv_bytes": store.nbytes(),
+           "kv_host_bytes": store.nbytes("cpu") if engine.device.type == "cuda" else None}
+    if isinstance(store, OffloadedStore) and store.bounds:  # the share of bounded blocks that selections read
         row["offload_read_share"] = store.fetched_blocks / max(1, store.bounded_blocks)
     return row
 
@@ -130,11 +138,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prefill-chunk", type=int, default=None, help="override the config's prefill chunk")
     ap.add_argument("--backend", default=None, choices=["triton", "reference"])
     ap.add_argument("--progress", action="store_true", help="show a prefill progress bar (stderr)")
-    ap.add_argument("--offload-budget", type=int, default=None, metavar="BLOCKS",
-                    help="keep the KV store in pinned host memory, reading this many bounded blocks per layer step")
-    ap.add_argument("--offload-block", type=int, default=64, metavar="TOKENS", help="tokens per bounded block")
+    ap.add_argument("--stores", nargs="+", default=["resident"], choices=list(STORES),
+                    help="where the KV store lives: resident (GPU), values (keys on the GPU, values in pinned host "
+                    "memory), host (both in host memory, bounded blocks on the GPU); each is timed in turn")
+    ap.add_argument("--offload-budget", type=int, default=64, metavar="BLOCKS",
+                    help="host store: bounded blocks read first per layer step")
+    ap.add_argument("--offload-block", type=int, default=64, metavar="TOKENS", help="host store: tokens per block")
     ap.add_argument("--offload-approximate", action="store_true",
-                    help="read only the budget (no refinement to the exact top-k)")
+                    help="host store: read only the budget (no refinement to the exact top-k)")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
 
@@ -144,10 +155,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         engine = ReAttentionEngine.from_pretrained(None if args.model == "embedded" else args.model, gguf_file=args.gguf_file)
     engine.backend = args.backend
-    if args.offload_budget is not None:
-        engine.offload = OffloadConfig(
-            block=args.offload_block, budget=args.offload_budget, refine=not args.offload_approximate
-        )
+    stores = {
+        "resident": None,
+        "values": OffloadConfig(keys="device"),
+        "host": OffloadConfig(block=args.offload_block, budget=args.offload_budget, refine=not args.offload_approximate),
+    }
     base = engine.config
     if args.prefill_chunk:
         base = base.replace(prefill_chunk_size=args.prefill_chunk)
@@ -157,17 +169,21 @@ def main(argv: list[str] | None = None) -> int:
     # Compile every Triton kernel variant before anything is timed (a short run in each mode).
     warm_ids = torch.randint(100, vocab - 100, (1, 2 * base.local_window + 64)).to(engine.device)
     for mode in args.modes:
-        if mode != "hf":
+        for store in args.stores if mode != "hf" else ():
+            engine.offload = stores[store]
             run_engine(engine, base.replace(mode=mode), warm_ids, 2)
+    runs = [(m, st) for m in args.modes for st in (args.stores if m != "hf" else ["resident"])]
     for tokens in args.tokens:
         ids = torch.randint(100, vocab - 100, (1, tokens), generator=torch.Generator().manual_seed(tokens)).to(engine.device)
-        for mode in args.modes:
+        for mode, store in runs:
+            engine.offload = stores[store]
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
             row = {"model": engine.model_name, "tokens": tokens, "mode": mode, **env}
-            if engine.offload is not None:
+            row["store"] = store
+            if store == "host":
                 row["offload"] = {"block": engine.offload.block, "budget": engine.offload.budget,
                                   "refine": engine.offload.refine}
             try:

@@ -110,11 +110,11 @@ class KVStore:
         """Tokens held by every layer (layers differ only while a forward pass is under way)."""
         return min(self._lengths) if self._lengths else 0
 
-    def nbytes(self) -> int:
-        """Bytes allocated by all buffers (capacity, not length)."""
+    def nbytes(self, device_type: str | None = None) -> int:
+        """Bytes allocated by all buffers (capacity, not length); only those on ``device_type`` if given."""
         total = 0
         for buf in (*self._keys, *self._values):
-            if buf is not None:
+            if buf is not None and (device_type is None or buf.device.type == device_type):
                 total += buf.numel() * buf.element_size()
         return total
 

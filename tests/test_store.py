@@ -48,3 +48,12 @@ def test_truncate_forgets_the_tail():
     store.truncate(4)
     keys, _ = store.append(0, *_kv(2, start=100))
     assert keys[0, :, 0, 0].tolist() == [0, 1, 2, 3, 100, 101]
+
+
+def test_nbytes_counts_all_buffers_or_those_on_one_device_type():
+    store = KVStore(2)
+    k = torch.zeros(1, 10, 2, 4)
+    store.append(0, k, k)
+    store.append(1, k, k)
+    assert store.nbytes() == 4 * store.capacity() * 2 * 4 * 4 == store.nbytes("cpu")
+    assert store.nbytes("cuda") == 0
