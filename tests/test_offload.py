@@ -93,7 +93,8 @@ def _logits(engine: ReAttentionEngine, ids: list[int]) -> tuple[torch.Tensor, ob
     store = engine._fresh_store(len(ids) + 1)
     with enable_reattention(engine.model, engine.config, backend=engine.backend):
         cache = ReAttentionCache(store)
-        return run_prefill(engine.model, torch.tensor([ids]), cache, engine.config.prefill_chunk_size), store
+        ids_t = torch.tensor([ids], device=engine.device)
+        return run_prefill(engine.model, ids_t, cache, engine.config.prefill_chunk_size), store
 
 
 @pytest.mark.parametrize("keys", ["host", "device"])
