@@ -20,7 +20,7 @@ import time
 from datetime import datetime
 
 from reattention_core.config import MODES
-from reattention_core.errors import ReAttentionError
+from reattention_core.errors import InvalidInputError, ReAttentionError
 
 # Modules that add subcommands (``register(subparsers, common_parent_parser)``). Keep imports
 # inside the commands so that ``reattention --help`` stays fast.
@@ -29,11 +29,33 @@ _COMMAND_MODULES: tuple[str, ...] = ("reattention_core.serving.cli", "reattentio
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 
 
+def offload_config(args: argparse.Namespace):
+    """The `OffloadConfig` that ``--offload`` / ``--offload-budget`` ask for, or ``None``.
+
+    ``values``: keys on the device, values in host memory (exact). ``host``: both in host memory;
+    exact by default, or reading only ``--offload-budget`` bounded blocks (of ``--offload-block``
+    tokens) per layer step, an approximation. ``--offload-budget`` alone implies ``host``.
+    """
+    from reattention_core.offload import OffloadConfig
+
+    where = getattr(args, "offload", None)
+    budget = getattr(args, "offload_budget", None)
+    block = getattr(args, "offload_block", None) or 64
+    if budget is not None and where == "values":
+        raise InvalidInputError("--offload-budget applies to --offload host only (the values store is exact)")
+    if where == "values":
+        return OffloadConfig(keys="device")
+    if where == "host" or budget is not None:
+        return OffloadConfig(block=block) if budget is None else OffloadConfig(block=block, budget=budget, refine=False)
+    return None
+
+
 def _load(args: argparse.Namespace):
     from reattention_core.engine import ReAttentionEngine
 
+    offload = offload_config(args)  # a bad flag fails before the model loads
     print(f"loading {args.model or 'the embedded SmolLM2-135M-Instruct'} ...", file=sys.stderr, flush=True)
-    engine = ReAttentionEngine.from_pretrained(args.model, gguf_file=args.gguf_file)
+    engine = ReAttentionEngine.from_pretrained(args.model, gguf_file=args.gguf_file, offload=offload)
     if args.mode:
         engine.config = engine.config.replace(mode=args.mode)
     return engine
@@ -166,6 +188,14 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--model", default=None, help="model id or directory (default: embedded SmolLM2-135M)")
     common.add_argument("--gguf-file", default=None, help="GGUF file inside --model")
     common.add_argument("--mode", choices=MODES, default=None, help="attention mode (default: reattention)")
+    common.add_argument("--offload", choices=("values", "host"), default=None,
+                        help="keep the KV store off the GPU: values (keys stay, values in host memory; exact) or "
+                        "host (keys and values in host memory, key bounds on the GPU)")
+    common.add_argument("--offload-budget", type=int, default=None, metavar="BLOCKS",
+                        help="host store reading only this many bounded blocks per layer step (approximate; "
+                        "implies --offload host)")
+    common.add_argument("--offload-block", type=int, default=64, metavar="TOKENS",
+                        help="tokens per bounded block of the host store (default 64)")
     sub = ap.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", parents=[common], help="complete a prompt (streamed)")

@@ -216,3 +216,27 @@ def test_eval_plot_without_matplotlib_is_refused_before_the_run(tmp_path):
     assert done.returncode == 2, done.stderr
     assert "--plot needs matplotlib" in done.stderr and "eval report" in done.stderr
     assert not out.exists()  # refused before loading anything or writing a row
+
+
+@pytest.mark.parametrize(
+    "argv, want",
+    [
+        ([], None),
+        (["--offload", "values"], dict(keys="device", refine=True)),
+        (["--offload", "host"], dict(keys="host", refine=True, block=64)),
+        (["--offload-budget", "8"], dict(keys="host", refine=False, budget=8, block=64)),
+        (["--offload", "host", "--offload-budget", "8", "--offload-block", "32"], dict(keys="host", budget=8, block=32)),
+    ],
+)
+def test_offload_flags_build_the_store_they_name(argv, want):
+    args = cli.build_parser().parse_args(["generate", "hi", *argv])
+    got = cli.offload_config(args)
+    if want is None:
+        assert got is None
+    else:
+        assert {k: getattr(got, k) for k in want} == want
+
+
+def test_an_offload_budget_on_the_values_store_is_refused_before_loading(capsys):
+    code, _, err = run(capsys, "generate", "hi", "--offload", "values", "--offload-budget", "8")
+    assert code == 2 and "--offload-budget applies to --offload host only" in err and "loading" not in err

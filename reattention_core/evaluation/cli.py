@@ -67,16 +67,10 @@ def _stop_on_term() -> None:
 
 
 def _engine(args: argparse.Namespace, *, cache):
+    from reattention_core.cli import offload_config
     from reattention_core.engine import ReAttentionEngine
-    from reattention_core.offload import OffloadConfig
 
-    offload = None
-    if getattr(args, "offload_budget", None) is not None and getattr(args, "offload_values", False):
-        raise SystemExit("--offload-budget and --offload-values are two different stores: choose one")
-    if getattr(args, "offload_budget", None) is not None:
-        offload = OffloadConfig(block=args.offload_block, budget=args.offload_budget, refine=False)
-    elif getattr(args, "offload_values", False):
-        offload = OffloadConfig(keys="device")
+    offload = offload_config(args)  # ``--offload values|host``, ``--offload-budget N`` (approximate, marked apart)
     print(f"loading {args.model or 'the embedded SmolLM2-135M-Instruct'} ...", file=sys.stderr, flush=True)
     return ReAttentionEngine.from_pretrained(args.model, gguf_file=args.gguf_file, cache=cache, offload=offload)
 
@@ -183,14 +177,6 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     run_opts.add_argument("--seed", type=int, default=0, help="base seed of the samples")
     run_opts.add_argument("--max-new-tokens", type=int, default=None, help="override the per-task default")
     run_opts.add_argument("--no-progress", action="store_true", help="no progress bar")
-    run_opts.add_argument("--offload-budget", type=int, default=None, metavar="BLOCKS",
-                          help="keep the KV store in host memory and select from only this many bounded blocks per "
-                          "layer step (an approximation; rows are marked, so they never mix with exact ones)")
-    run_opts.add_argument("--offload-block", type=int, default=64, metavar="TOKENS",
-                          help="tokens per bounded block with --offload-budget (default 64)")
-    run_opts.add_argument("--offload-values", action="store_true",
-                          help="keep the values in host memory and the keys on the device (exact: the same cells "
-                          "as a resident run; rows record the store in env)")
 
     needle_opts = argparse.ArgumentParser(add_help=False)
     needle_opts.add_argument("--lengths", type=parse_tokens, nargs="+", default=[2048, 4096, 8192],

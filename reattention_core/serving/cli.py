@@ -63,6 +63,10 @@ def _serve_sharded(args: argparse.Namespace, config, app_config) -> int:
     from reattention_core.engine import ReAttentionEngine
     from reattention_core.serving.server import serve
 
+    from reattention_core.cli import offload_config
+
+    if offload_config(args) is not None:
+        raise InvalidInputError("--offload works with one process; a sharded store (torchrun) keeps its shards on the GPUs")
     device = init_from_env()
     engine = ReAttentionEngine.from_pretrained(args.model, gguf_file=args.gguf_file, device=device, cache=False)
     if args.mode:
