@@ -384,11 +384,12 @@ def offloaded_attention(
         torch.cuda.current_stream(dev).wait_stream(k_pending)
     if v_pending is not None:
         torch.cuda.current_stream(dev).wait_stream(v_pending)
-    k_scope, v_scope = k_scope[:, : plan.sink_len + ns + total - plan.local_start], v_scope[:, : plan.sink_len + ns + total - plan.local_start]
+    # [sink | selected (NS rows, n_sel of them valid) | unused | local window]: positions follow
+    # the count of valid entries, not the row, so the unused rows are never read
     sel_scope = torch.arange(plan.sink_len, plan.sink_len + ns, device=dev).expand(b, -1)
     out, _ = scope_attention(
         q, k_scope, v_scope, sel_scope, n_sel,
-        sink_len=plan.sink_len, local_start=plan.sink_len + ns,
+        sink_len=plan.sink_len, local_start=k_scope.shape[1] - (total - plan.local_start),
         inv_freq=rope.inv_freq, attention_scaling=rope.attention_scaling, scale=scale, backend=backend,
     )  # fmt: skip
     return out
@@ -426,30 +427,23 @@ def _start_scope(
 def _finish_scope(
     buf: torch.Tensor, out: torch.Tensor, stream: torch.cuda.Stream | None, plan: ScopePlan, sel: torch.Tensor
 ) -> None:
-    """Copy the selected positions ``sel`` ``[B, NS]`` of ``buf`` into ``out`` after the sink.
+    """Copy the selected positions ``sel`` ``[B, NS]`` of ``buf`` into ``out`` right after the sink.
 
-    The local window, copied to the end of ``out`` by `_start_scope`, moves up to follow them
-    (``out`` then holds ``[sink | selected | local]`` in its first ``sink + NS + local`` rows).
+    (`_start_scope` put the local window in the last rows of ``out``.)
     """
     b, ns = sel.shape
-    cap = out.shape[1]
-    local = plan.total - plan.local_start
-    start = plan.sink_len + ns
-    if ns:
-        idx = sel.to(buf.device)  # a host buffer needs host indices (this waits for the selection)
-        if buf.is_cuda:
-            rows = torch.stack([buf[i].index_select(0, idx[i]) for i in range(b)])
-            out[:, plan.sink_len : start].copy_(rows)
-        else:
-            staging = torch.empty((b, ns, *buf.shape[2:]), dtype=buf.dtype, pin_memory=buf.is_pinned())
-            for i in range(b):
-                torch.index_select(buf[i], 0, idx[i], out=staging[i])
-            with torch.cuda.stream(stream) if stream is not None else _nullcontext():
-                out[:, plan.sink_len : start].copy_(staging, non_blocking=stream is not None)
-    if start + local != cap and local:
-        with torch.cuda.stream(stream) if stream is not None else _nullcontext():
-            # ranges may overlap when fewer than the largest selection came back: clone first
-            out[:, start : start + local].copy_(out[:, cap - local :].clone())
+    if not ns:
+        return
+    idx = sel.to(buf.device)  # a host buffer needs host indices (this waits for the selection)
+    rows = slice(plan.sink_len, plan.sink_len + ns)
+    if buf.is_cuda:
+        out[:, rows].copy_(torch.stack([buf[i].index_select(0, idx[i]) for i in range(b)]))
+        return
+    staging = torch.empty((b, ns, *buf.shape[2:]), dtype=buf.dtype, pin_memory=buf.is_pinned())
+    for i in range(b):
+        torch.index_select(buf[i], 0, idx[i], out=staging[i])
+    with torch.cuda.stream(stream) if stream is not None else _nullcontext():
+        out[:, rows].copy_(staging, non_blocking=stream is not None)
 
 
 _copy_streams: dict[torch.device, torch.cuda.Stream] = {}
