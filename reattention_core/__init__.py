@@ -16,6 +16,7 @@ from reattention_core.errors import (
     InvalidInputError,
     ModelNotFoundError,
     ReAttentionError,
+    StoreMemoryError,
     UnsupportedModelError,
 )
 from reattention_core.generation import GenerationResult, Request, TextStream
@@ -43,6 +44,7 @@ __all__ = [
     "ReAttentionConfig",
     "ReAttentionEngine",
     "ReAttentionError",
+    "StoreMemoryError",
     "Request",
     "TextStream",
     "UnsupportedModelError",

@@ -27,6 +27,10 @@ class ContextLimitError(InvalidInputError):
     """The prompt plus the requested output exceeds the configured maximum context."""
 
 
+class StoreMemoryError(ReAttentionError, MemoryError):
+    """The KV store cannot grow: the device (or pinned host) memory it needs is not there."""
+
+
 class CacheError(ReAttentionError):
     """The prefix cache cannot do what was asked (it is off, or a prompt cannot be cached)."""
 

@@ -13,7 +13,31 @@ from __future__ import annotations
 
 import torch
 
+from reattention_core.errors import StoreMemoryError
+
 _MIN_CAPACITY = 256
+
+
+def _out_of_memory(exc: RuntimeError) -> bool:
+    text = str(exc).lower()
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text
+
+
+def _memory_advice(
+    which: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, pin: bool, exc: RuntimeError
+) -> str:
+    gib = torch.Size(shape).numel() * dtype.itemsize / 2**30
+    where = "pinned host memory" if pin else str(device)
+    head = (f"the KV store could not allocate {gib:.2f} GiB in {where} for one layer's {which} "
+            f"({shape[1]:,} tokens): {str(exc).splitlines()[0]}. ")
+    if device.type == "cuda":
+        return head + ("Keep the store off the GPU: offload=OffloadConfig(keys=\"device\") keeps only the keys there "
+                       "(half the memory, exact), OffloadConfig() keeps keys and values in host memory "
+                       "(CLI: --offload values | host); or shorten the context.")
+    if pin:
+        return head + ("Pinned memory is scarcer than host memory: OffloadConfig(pin=False) uses ordinary host "
+                       "memory (slower copies to the GPU); or shorten the context.")
+    return head + "Host memory is full: shorten the context, or run on a machine with more memory."
 
 
 class KVStore:
@@ -122,7 +146,13 @@ class KVStore:
         self, which: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
     ) -> torch.Tensor:
         """An empty ``"keys"`` or ``"values"`` buffer; subclasses may place the two apart."""
-        return torch.empty(shape, dtype=dtype, device=device, pin_memory=self.pin and device.type == "cpu")
+        pin = self.pin and device.type == "cpu"
+        try:
+            return torch.empty(shape, dtype=dtype, device=device, pin_memory=pin)
+        except RuntimeError as exc:  # torch.OutOfMemoryError is one; so are failed host and pinned allocations
+            if not _out_of_memory(exc):
+                raise
+            raise StoreMemoryError(_memory_advice(which, shape, dtype, device, pin, exc)) from exc
 
     def _grow(self, layer: int, new_capacity: int) -> None:
         old_k, old_v = self._keys[layer], self._values[layer]

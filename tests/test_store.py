@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from reattention_core import KVStore
@@ -57,3 +58,26 @@ def test_nbytes_counts_all_buffers_or_those_on_one_device_type():
     store.append(1, k, k)
     assert store.nbytes() == 4 * store.capacity() * 2 * 4 * 4 == store.nbytes("cpu")
     assert store.nbytes("cuda") == 0
+
+
+def test_a_store_that_cannot_grow_raises_a_typed_error_with_advice():
+    from reattention_core import StoreMemoryError
+
+    store = KVStore(1)
+    k = torch.zeros(1, 4, 2, 4)
+    store.append(0, k, k)
+    with pytest.raises(StoreMemoryError, match=r"could not allocate .* GiB in cpu for one layer's keys") as info:
+        store.reserve(2**50)  # petabytes: the allocator refuses at once
+    assert isinstance(info.value, MemoryError) and "shorten the context" in str(info.value)
+    assert store.length(0) == 4 and torch.equal(store.view(0)[0], k)  # what it held is intact
+
+
+def test_memory_advice_names_the_way_out_for_each_place():
+    from reattention_core.store import _memory_advice
+
+    exc = RuntimeError("CUDA out of memory. Tried to allocate 3.00 GiB\nmore lines")
+    gpu = _memory_advice("keys", (1, 2**20, 3, 64), torch.bfloat16, torch.device("cuda", 0), False, exc)
+    assert "0.38 GiB in cuda:0" in gpu and "1,048,576 tokens" in gpu and 'OffloadConfig(keys="device")' in gpu
+    assert "more lines" not in gpu
+    pinned = _memory_advice("values", (1, 2**20, 3, 64), torch.bfloat16, torch.device("cpu"), True, exc)
+    assert "pinned host memory" in pinned and "OffloadConfig(pin=False)" in pinned
