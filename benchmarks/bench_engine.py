@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from reattention_core import ReAttentionCache, ReAttentionConfig, ReAttentionEngine, enable_reattention
+from reattention_core import ReAttentionCache, ReAttentionConfig, ReAttentionEngine, StoreMemoryError, enable_reattention
 from reattention_core.offload import OffloadConfig, OffloadedStore
 from reattention_core.prefill import run_prefill
 
@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
                     row["config"] = cfg.to_dict()
                     row.update(run_engine(engine, cfg, ids, args.decode, args.progress))
                 row["prefill_tok_per_s"] = tokens / row["prefill_s"]
-            except torch.cuda.OutOfMemoryError as exc:  # full attention is expected to run out first
+            except (torch.cuda.OutOfMemoryError, StoreMemoryError) as exc:  # full attention runs out first
                 row["error"] = f"out of memory: {str(exc).splitlines()[0]}"
             if torch.cuda.is_available():
                 row["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30

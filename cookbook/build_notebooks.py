@@ -385,6 +385,66 @@ print("\\n", last_usage())
 ]
 
 
+NOTEBOOKS["06_offloaded_store.ipynb"] = [
+    md("""
+# Contexts larger than GPU memory: offloaded KV stores
+
+ReAttention keeps every token's keys and values (selection may pick any of them), so the store grows
+with the corpus: about 23 KB per token for the embedded SmolLM2-135M, 23 GB at a million tokens. When
+that does not fit on the GPU, the engine can keep the store in host memory:
+
+* `OffloadConfig(keys="device")`: keys stay on the GPU (selection is unchanged: exact and fast), values
+  go to pinned host memory; each step copies only its scope's values. Half the GPU memory.
+* `OffloadConfig()`: keys and values in host memory, per-block key bounds on the GPU pick which blocks
+  to read; `refine=True` (default) reads until the selection is exact, `budget=N, refine=False` reads
+  only the N best-bounded blocks (an approximation).
+
+Here, on a CPU, "host" and "device" are the same memory, so this notebook shows the API and that the
+exact stores give the resident engine's tokens; the GPU measurements (memory and speed at 128K tokens)
+are in `benchmarks/README.md`.
+"""),
+    code(SETUP),
+    code('''
+from reattention_core import OffloadConfig, ReAttentionEngine
+
+engine = ReAttentionEngine.from_pretrained(cache=False)
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+text = FILLER * 30 + "The pass key is 48213. Remember it. 48213 is the pass key. " + FILLER * 30
+chat = [{"role": "user", "content": "There is a pass key hidden in this text.\\n\\n" + text + "\\n\\nWhat is the pass key?"}]
+prompt = engine.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) + "The pass key is"
+print(len(engine.tokenizer(prompt)["input_ids"]), "prompt tokens; scope", engine.config.scope_size, "tokens")
+'''),
+    md("One model, four engines over it; each answers the same prompt:"),
+    code('''
+stores = {
+    "resident": None,
+    "values in host memory": OffloadConfig(keys="device"),
+    "all in host memory, exact": OffloadConfig(block=64),
+    "all in host memory, 2 blocks read": OffloadConfig(block=64, budget=2, refine=False),
+}
+answers = {}
+for name, offload in stores.items():
+    e = ReAttentionEngine(engine.model, engine.tokenizer, engine.config, cache=False, offload=offload)
+    t0 = time.perf_counter()
+    r = e.generate(prompt, max_new_tokens=8)
+    answers[name] = r
+    print(f"{name:>34}: {r.text.strip()!r:16} {time.perf_counter() - t0:5.1f}s")
+'''),
+    code('''
+exact = [answers[n].token_ids for n in ("resident", "values in host memory", "all in host memory, exact")]
+assert exact[0] == exact[1] == exact[2]       # the exact stores compute what the resident one does
+assert "48213" in answers["resident"].text
+'''),
+    md("""
+The budgeted store reads 2 of the middle's blocks per layer step: it may still find the key (the
+bounds rank its block high) or miss it; `reattention eval passkey --offload-budget N` measures how
+often, on the same needles as exact runs. On the command line every command that loads a model takes
+`--offload values`, `--offload host` and `--offload-budget N`, e.g.
+`reattention ask docs/ -q "..." --offload values`.
+"""),
+]
+
+# ---------------------------------------------------------------------------------------------
 def main() -> None:
     for name, cells in NOTEBOOKS.items():
         nb = new_notebook(cells=cells)
