@@ -20,6 +20,7 @@ kernel merges the partial outputs by their log-sum-exp (flash-decoding).
 from __future__ import annotations
 
 import functools
+from collections import OrderedDict
 
 import torch
 import triton
@@ -251,6 +252,33 @@ def rope_table(inv_freq: torch.Tensor, length: int, attention_scaling: float, dt
     return cos_t, sin_t
 
 
+# Every layer of a step attends over a scope of the same length with the same RoPE settings, so the
+# table is computed once and sliced (row p does not depend on the table's length): one launch and two
+# allocations fewer per layer step. Entries hold their inv_freq tensor, so its id is not reused.
+_TABLES: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = OrderedDict()
+_TABLE_ENTRIES = 8
+_TABLE_MAX_POSITIONS = 1 << 16  # longer scopes (full attention over a long context) are computed each time
+
+
+def cached_rope_table(
+    inv_freq: torch.Tensor, length: int, attention_scaling: float, dtype: torch.dtype, device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`rope_table`, reusing a longer table made earlier for the same ``inv_freq`` tensor and settings."""
+    if length > _TABLE_MAX_POSITIONS:
+        return rope_table(inv_freq, length, attention_scaling, dtype, device)
+    key = (id(inv_freq), inv_freq._version, float(attention_scaling), dtype, torch.device(device))
+    hit = _TABLES.get(key)
+    if hit is None or hit[0] is not inv_freq or hit[1].shape[0] < max(length, 1):
+        size = min(_TABLE_MAX_POSITIONS, max(256, triton.next_power_of_2(max(length, 1))))
+        hit = (inv_freq, *rope_table(inv_freq, size, attention_scaling, dtype, device))
+        _TABLES[key] = hit
+        while len(_TABLES) > _TABLE_ENTRIES:
+            _TABLES.popitem(last=False)
+    _TABLES.move_to_end(key)
+    n = max(length, 1)
+    return hit[1][:n], hit[2][:n]
+
+
 def scope_attention_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -291,7 +319,7 @@ def scope_attention_fwd(
     if n_sel.dtype not in (torch.int32, torch.int64):
         n_sel = n_sel.to(torch.int64)
     l_max = sink_len + ns + t - local_start
-    cos_t, sin_t = rope_table(inv_freq, l_max, attention_scaling, q.dtype, dev)
+    cos_t, sin_t = cached_rope_table(inv_freq, l_max, attention_scaling, q.dtype, dev)
 
     rows = tq * g
     bm, bn, warps, stages = config or _config(rows, q.dtype, d)
@@ -377,4 +405,4 @@ def scope_attention_triton(
     )  # fmt: skip
 
 
-__all__ = ["rope_table", "scope_attention_fwd", "scope_attention_triton"]
+__all__ = ["cached_rope_table", "rope_table", "scope_attention_fwd", "scope_attention_triton"]

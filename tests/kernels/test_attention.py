@@ -125,3 +125,22 @@ def test_scope_attention_gpu_no_sync():
         scope_attention(q, k, v, sel, n, backend="triton", **kwargs)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_cached_rope_tables_equal_fresh_ones_and_follow_their_inputs(device):
+    from reattention_kernels.triton_ops import attention as ops
+
+    ops._TABLES.clear()
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, 64, 2, device=device).float() / 64))
+    long_cos, long_sin = ops.cached_rope_table(inv_freq, 300, 1.0, torch.float32, device)
+    short_cos, short_sin = ops.cached_rope_table(inv_freq, 37, 1.0, torch.float32, device)  # a slice of the first
+    fresh_cos, fresh_sin = ops.rope_table(inv_freq, 37, 1.0, torch.float32, device)
+    assert torch.equal(short_cos, fresh_cos) and torch.equal(short_sin, fresh_sin)
+    assert short_cos.data_ptr() == long_cos.data_ptr() and len(ops._TABLES) == 1
+    scaled, _ = ops.cached_rope_table(inv_freq, 37, 0.5, torch.float32, device)  # other settings: another table
+    assert torch.allclose(scaled, fresh_cos * 0.5) and len(ops._TABLES) == 2
+    inv_freq.mul_(2)  # changed in place: the old table must not be served
+    moved, _ = ops.cached_rope_table(inv_freq, 37, 1.0, torch.float32, device)
+    assert torch.equal(moved, ops.rope_table(inv_freq, 37, 1.0, torch.float32, device)[0])
+    big, _ = ops.cached_rope_table(inv_freq, ops._TABLE_MAX_POSITIONS + 1, 1.0, torch.float32, device)
+    assert big.shape[0] == ops._TABLE_MAX_POSITIONS + 1 and len(ops._TABLES) == 3  # computed, not kept
