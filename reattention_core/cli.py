@@ -41,12 +41,17 @@ def offload_config(args: argparse.Namespace):
     where = getattr(args, "offload", None)
     budget = getattr(args, "offload_budget", None)
     block = getattr(args, "offload_block", None) or 64
+    spill = getattr(args, "spill_dir", None)
     if budget is not None and where == "values":
         raise InvalidInputError("--offload-budget applies to --offload host only (the values store is exact)")
     if where == "values":
-        return OffloadConfig(keys="device")
+        return OffloadConfig(keys="device", spill_dir=spill)
     if where == "host" or budget is not None:
-        return OffloadConfig(block=block) if budget is None else OffloadConfig(block=block, budget=budget, refine=False)
+        if budget is None:
+            return OffloadConfig(block=block, spill_dir=spill)
+        return OffloadConfig(block=block, budget=budget, refine=False, spill_dir=spill)
+    if spill is not None:
+        raise InvalidInputError("--spill-dir holds an offloaded store: add --offload values or --offload host")
     return None
 
 
@@ -196,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "implies --offload host)")
     common.add_argument("--offload-block", type=int, default=64, metavar="TOKENS",
                         help="tokens per bounded block of the host store (default 64)")
+    common.add_argument("--spill-dir", default=None, metavar="DIR",
+                        help="with --offload: keep the host side in memory-mapped files in DIR (beyond RAM)")
     sub = ap.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", parents=[common], help="complete a prompt (streamed)")

@@ -40,6 +40,9 @@ with ``NB = ceil(M / S)``.
 
 from __future__ import annotations
 
+import errno
+import os
+import tempfile
 import threading
 from dataclasses import dataclass
 
@@ -47,7 +50,7 @@ import torch
 
 from reattention_core.attention import ScopePlan, plan_scope
 from reattention_core.config import ReAttentionConfig
-from reattention_core.errors import InvalidInputError
+from reattention_core.errors import InvalidInputError, StoreMemoryError
 from reattention_core.rope import RopeSpec
 from reattention_core.selection import select_blocks
 from reattention_core.store import KVStore
@@ -73,6 +76,11 @@ class OffloadConfig:
         refine: read more blocks until the selection is exact (identical to the resident engine);
             ``False`` keeps only the budget (faster, approximate).
         pin: pinned host buffers (fast, asynchronous copies); ``None``: when CUDA is available.
+        spill_dir: keep the host-side buffers in memory-mapped files in this folder instead of
+            host memory, so the store may outgrow RAM (the OS pages them in and out; copies to the
+            device are not asynchronous). The files are unlinked as soon as they are mapped, so
+            nothing is left behind, and their disk space is reserved up front (a full disk is a
+            `StoreMemoryError`, never a crash mid-generation).
     """
 
     keys: str = "host"
@@ -80,6 +88,7 @@ class OffloadConfig:
     budget: int = 64
     refine: bool = True
     pin: bool | None = None
+    spill_dir: str | None = None
 
     @property
     def exact(self) -> bool:
@@ -95,6 +104,15 @@ class OffloadConfig:
                 raise InvalidInputError(f"OffloadConfig.{name} must be an int >= 1, got {value!r}")
         if not isinstance(self.refine, bool):
             raise InvalidInputError(f"OffloadConfig.refine must be a bool, got {self.refine!r}")
+        if self.spill_dir is not None:
+            if not isinstance(self.spill_dir, (str, os.PathLike)):
+                raise InvalidInputError(f"OffloadConfig.spill_dir must be a folder path, got {self.spill_dir!r}")
+            if not os.path.isdir(self.spill_dir):
+                raise InvalidInputError(
+                    f"OffloadConfig.spill_dir {str(self.spill_dir)!r} is not an existing folder: create it first "
+                    "(on a fast local disk with room for the KV store)"
+                )
+            object.__setattr__(self, "spill_dir", os.fspath(self.spill_dir))
 
 
 class KeyBounds:
@@ -297,6 +315,8 @@ class OffloadedStore(KVStore):
     ) -> torch.Tensor:
         if which == "keys" and self.keys_on_device:
             return torch.empty(shape, dtype=dtype, device=self.compute_device)
+        if self.config.spill_dir is not None:
+            return _mapped_buffer(self.config.spill_dir, which, shape, dtype)
         return super()._new_buffer(which, shape, dtype, device)
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -316,6 +336,31 @@ class OffloadedStore(KVStore):
         for layer, bounds in enumerate(self.bounds):
             if bounds.tokens > self.length(layer):
                 bounds.truncate(self.length(layer), self.view(layer)[0])
+
+
+def _mapped_buffer(folder: str, which: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An empty host tensor backed by a new, already unlinked file in ``folder`` (disk space reserved)."""
+    numel = torch.Size(shape).numel()
+    nbytes = numel * dtype.itemsize
+    fd, path = tempfile.mkstemp(prefix=f"reattention-{which}-", suffix=".kv", dir=folder)
+    try:
+        try:
+            if nbytes:
+                os.posix_fallocate(fd, 0, nbytes)  # a full disk fails here, not as SIGBUS on a later write
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):  # no fallocate on this filesystem
+                os.ftruncate(fd, nbytes)
+            else:
+                raise StoreMemoryError(
+                    f"the KV store could not reserve {nbytes / 2**30:.2f} GiB in {folder} for one layer's {which} "
+                    f"({shape[1]:,} tokens): {exc.strerror or exc}. Free disk space there, choose another "
+                    "spill_dir, or shorten the context."
+                ) from exc
+        flat = torch.from_file(path, shared=True, size=numel, dtype=dtype)
+    finally:
+        os.close(fd)
+        os.unlink(path)  # the mapping keeps the data; nothing is left behind on exit or crash
+    return flat.view(shape)
 
 
 # One layer's cache update hands its offloaded store to the attention call that follows it in the

@@ -226,6 +226,7 @@ def test_eval_plot_without_matplotlib_is_refused_before_the_run(tmp_path):
         (["--offload", "host"], dict(keys="host", refine=True, block=64)),
         (["--offload-budget", "8"], dict(keys="host", refine=False, budget=8, block=64)),
         (["--offload", "host", "--offload-budget", "8", "--offload-block", "32"], dict(keys="host", budget=8, block=32)),
+        (["--offload", "values", "--spill-dir", "."], dict(keys="device", spill_dir=".")),
     ],
 )
 def test_offload_flags_build_the_store_they_name(argv, want):
@@ -240,3 +241,8 @@ def test_offload_flags_build_the_store_they_name(argv, want):
 def test_an_offload_budget_on_the_values_store_is_refused_before_loading(capsys):
     code, _, err = run(capsys, "generate", "hi", "--offload", "values", "--offload-budget", "8")
     assert code == 2 and "--offload-budget applies to --offload host only" in err and "loading" not in err
+
+
+def test_a_spill_dir_without_an_offloaded_store_is_refused(capsys):
+    code, _, err = run(capsys, "generate", "hi", "--spill-dir", ".")
+    assert code == 2 and "add --offload values or --offload host" in err

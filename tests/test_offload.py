@@ -240,3 +240,44 @@ def test_evaluation_rows_record_the_store_and_exact_offload_reuses_resident_cell
     assert run_grid(engine(OffloadConfig(budget=1, refine=False, pin=False)), grid, ResultsFile(out), progress=False).ran == 1
     stores = [r["env"]["store"] for r in read_rows(out)]
     assert stores == ["offload(keys=device)", "offload(keys=host,block=64,budget=1,refine=False)"]
+
+
+@pytest.mark.parametrize("keys", ["host", "device"])
+def test_a_store_spilled_to_mapped_files_computes_the_same_and_leaves_no_files(tmp_path, keys):
+    model = tiny_model("llama")
+    resident = ReAttentionEngine(model, ByteTokenizer(), CFG, cache=False)
+    spilled = ReAttentionEngine(
+        model, ByteTokenizer(), CFG, cache=False,
+        offload=OffloadConfig(keys=keys, block=8, budget=2, pin=False, spill_dir=tmp_path),
+    )  # fmt: skip
+    ids = random_ids(300, seed=8)[0].tolist()
+    store = spilled._fresh_store(16)  # small: it must grow (into new mapped files) while prefilling
+    with enable_reattention(model, CFG):
+        got = run_prefill(model, torch.tensor([ids]), ReAttentionCache(store), CFG.prefill_chunk_size)
+    want, _ = _logits(resident, ids)
+    assert torch.equal(got, want) and store.grow_events > 0
+    assert list(tmp_path.iterdir()) == []  # mapped, then unlinked at once
+    k, v = store.view(0)
+    assert torch.equal(v, _logits(resident, ids)[1].view(0)[1])  # the values really are in the mapped buffers
+    prompt = "the quick brown fox jumps over the lazy dog. " * 8
+    assert spilled.generate(prompt, max_new_tokens=8).token_ids == resident.generate(prompt, max_new_tokens=8).token_ids
+
+
+def test_a_spill_folder_must_exist_and_a_full_disk_is_a_typed_error(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from reattention_core import StoreMemoryError
+    from reattention_core.offload import _mapped_buffer
+
+    with pytest.raises(InvalidInputError, match="is not an existing folder"):
+        OffloadConfig(spill_dir=tmp_path / "missing")
+    assert OffloadConfig(spill_dir=tmp_path).spill_dir == str(tmp_path)
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(StoreMemoryError, match=r"could not reserve .* GiB in .* No space left on device"):
+        _mapped_buffer(str(tmp_path), "values", (1, 1024, 2, 8), torch.float32)
+    assert list(tmp_path.iterdir()) == []  # the half-made file is gone too
