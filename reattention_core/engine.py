@@ -85,11 +85,12 @@ class ReAttentionEngine:
         backend: kernel backend override: ``"triton"``, ``"reference"`` or ``None`` (auto).
         cache: prefix cache settings (`CacheConfig`); ``None``/``True``: on, in memory and on disk
             in the default directory; ``False``: off.
-        offload: keep every layer's keys and values in host memory and copy only each step's
-            scope to the device (`OffloadConfig`; see `reattention_core.offload`), for contexts
-            whose KV store does not fit on the GPU. With ``refine=True`` (default) the output is
-            identical to the resident engine's, and so are its cache pages (shared with resident
-            engines); ``refine=False`` caches under its own fingerprint.
+        offload: keep the KV store (``OffloadConfig(keys="device")``: only the values) in host
+            memory, or in memory-mapped files (``spill_dir``), and copy only each step's scope to the
+            device (`OffloadConfig`; see `reattention_core.offload`), for contexts whose KV store
+            does not fit on the GPU. Exact settings (``keys="device"``, or ``refine=True``, the
+            default) give output identical to the resident engine's, and so are its cache pages
+            (shared with resident engines); ``refine=False`` caches under its own fingerprint.
 
     Prompt layout: the cache reuses a prompt's longest *token prefix* shared with an earlier
     prompt, so put the long, stable material first and the question last. ``context=`` on
