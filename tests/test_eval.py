@@ -431,3 +431,18 @@ def test_embedded_model_finds_a_2k_pass_key_under_reattention(embedded_engine, t
     (row,) = report.rows
     assert row["prompt_tokens"] == 2048 > embedded_engine.config.scope_size
     assert row["hit"], row["answer"]
+
+
+def test_two_runs_on_one_results_file_do_not_both_write_it(tiny_engine, tmp_path):
+    """A second run while the first holds the file is refused (no cell computed and written twice);
+    once the first is done, the same command resumes and finds nothing left to do."""
+    out = tmp_path / "r.jsonl"
+    grid = _grid(lengths=(256,), depths=(0.5,), modes=("reattention",))
+    first = ResultsFile(out)
+    with first.exclusive():
+        with pytest.raises(InvalidInputError, match="another run is writing to"):
+            run_grid(tiny_engine, grid, ResultsFile(out), progress=False)
+        first.append({"task": "x", "length": 1})  # the holder still writes
+    assert run_grid(tiny_engine, grid, ResultsFile(out), progress=False).ran == 1
+    assert run_grid(tiny_engine, grid, ResultsFile(out), progress=False).ran == 0
+    assert len(read_rows(out)) == 2

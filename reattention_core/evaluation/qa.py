@@ -107,7 +107,13 @@ def answer_question(ask: Callable[[str], str], q: Question) -> tuple[str, dict[s
 def run_qa(
     engine: Any, grid: QAGrid, results: ResultsFile, *, limit: int | None = None, progress: bool = True
 ) -> RunReport:
-    """Answer every (size, mode, question) not yet in ``results``, appending one row each."""
+    """Answer every (size, mode, question) not yet in ``results``, appending one row each (the file
+    is held for the run: a second run on it is refused)."""
+    with results.exclusive():
+        return _run_qa(engine, grid, results, limit=limit, progress=progress)
+
+
+def _run_qa(engine: Any, grid: QAGrid, results: ResultsFile, *, limit: int | None, progress: bool) -> RunReport:
     from tqdm.auto import tqdm
 
     if "rag" in grid.modes:

@@ -2,15 +2,24 @@
 
 A row is written with a single ``write`` of one line and flushed, so an interrupted run (Ctrl-C,
 a killed job) leaves whole rows only, plus at worst one torn last line, which `read_rows` skips.
+A run holds its file (`ResultsFile.exclusive`), so two runs never compute and write the same cells.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
+
+from reattention_core.errors import InvalidInputError
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
 
 # The coordinates that identify a cell; two rows with the same key are the same measurement.
 KEY_FIELDS: tuple[str, ...] = (
@@ -82,6 +91,29 @@ class ResultsFile:
 
     def rows(self) -> list[dict[str, Any]]:
         return read_rows(self.path)
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Hold the file for one run: a second run on the same file (another process, or another
+        run in this one) is refused, instead of both computing the same cells and writing them
+        twice. The set of finished cells is re-read once the file is held."""
+        if fcntl is None:  # pragma: no cover - no advisory locks on this platform
+            yield
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a", encoding="utf-8") as fh:
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise InvalidInputError(
+                    f"another run is writing to {self.path}: wait for it to finish (then rerun to resume) "
+                    "or give this run another --out"
+                ) from None
+            try:
+                self.done = {cell_key(r) for r in read_rows(self.path)}
+                yield
+            finally:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
 def _ends_with_newline(path: Path) -> bool:

@@ -142,8 +142,22 @@ def run_grid(
 ) -> RunReport:
     """Run the cells of ``grid`` not yet in ``results`` (at most ``limit`` of them), appending rows.
 
-    The engine's config is switched per cell (``mode`` only) and restored afterwards.
+    The engine's config is switched per cell (``mode`` only) and restored afterwards. The results
+    file is held for the run (`ResultsFile.exclusive`): a second run on it is refused.
     """
+    with results.exclusive():
+        return _run_grid(engine, grid, results, limit=limit, progress=progress, on_row=on_row)
+
+
+def _run_grid(
+    engine: Any,
+    grid: NeedleGrid,
+    results: ResultsFile,
+    *,
+    limit: int | None,
+    progress: bool,
+    on_row: Callable[[dict[str, Any]], None] | None,
+) -> RunReport:
     from tqdm.auto import tqdm
 
     env = environment(engine)
