@@ -10,6 +10,7 @@ tokens (the same corpus, another question) prefills only what follows.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Generator, Mapping, Sequence
@@ -36,7 +37,7 @@ from reattention_core.hf import ReAttentionCache, enable_reattention
 from reattention_core.hf.architectures import check_model, check_model_type, pretraining_window
 from reattention_core.offload import OffloadConfig, OffloadedStore
 from reattention_core.prefill import run_prefill
-from reattention_core.prefix_cache import CacheConfig, CacheInfo, PrefixCache, PrefixRun
+from reattention_core.prefix_cache import CacheConfig, CacheInfo, PrefixCache, PrefixRun, default_memory_bytes
 from reattention_core.store import KVStore
 
 Prompt = str | Sequence[Mapping[str, Any]]
@@ -144,6 +145,11 @@ class ReAttentionEngine:
             self._prefix = PrefixCache(cache, self.device)
         else:  # stores in host memory; a budgeted (approximate) selection caches under its own fingerprint
             selection = None if offload.exact else f"offload(block={offload.block},budget={offload.budget})"
+            if offload.keys == "device" and cache.memory_bytes is None:
+                # half of each kept store is keys on the device: cap the total so that neither the
+                # device's nor the host's share passes a third of that memory (the resident default)
+                both = min(default_memory_bytes(self.device), default_memory_bytes(torch.device("cpu")))
+                cache = dataclasses.replace(cache, memory_bytes=2 * both)
             self._prefix = PrefixCache(cache, torch.device("cpu"), self._new_store, selection)
 
     @classmethod

@@ -281,3 +281,17 @@ def test_a_spill_folder_must_exist_and_a_full_disk_is_a_typed_error(tmp_path, mo
     with pytest.raises(StoreMemoryError, match=r"could not reserve .* GiB in .* No space left on device"):
         _mapped_buffer(str(tmp_path), "values", (1, 1024, 2, 8), torch.float32)
     assert list(tmp_path.iterdir()) == []  # the half-made file is gone too
+
+
+def test_the_memory_cache_cap_counts_the_keys_a_split_store_keeps_on_the_device(tmp_path):
+    from reattention_core import CacheConfig
+    from reattention_core.prefix_cache import default_memory_bytes
+
+    model = tiny_model("llama")
+    split = ReAttentionEngine(model, ByteTokenizer(), CFG, cache=CacheConfig(disk=False), offload=OffloadConfig(keys="device"))
+    both = min(default_memory_bytes(split.device), default_memory_bytes(torch.device("cpu")))
+    assert split._prefix.memory.max_bytes == 2 * both  # each half (keys, values) within a third of its memory
+    mine = ReAttentionEngine(
+        model, ByteTokenizer(), CFG, cache=CacheConfig(disk=False, memory_bytes=1 << 20), offload=OffloadConfig(keys="device")
+    )
+    assert mine._prefix.memory.max_bytes == 1 << 20  # a cap the user set is kept
