@@ -40,6 +40,7 @@ with ``NB = ceil(M / S)``.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import tempfile
@@ -463,7 +464,7 @@ def _start_scope(
     if dev.type == "cuda" and not buf.is_cuda and buf.is_pinned():
         stream = _copy_stream(dev)
         stream.wait_stream(torch.cuda.current_stream(dev))  # ``out`` was allocated on the compute stream
-    with torch.cuda.stream(stream) if stream is not None else _nullcontext():
+    with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
         out[:, : plan.sink_len].copy_(buf[:, : plan.sink_len], non_blocking=True)
         out[:, cap - local :].copy_(buf[:, plan.local_start :], non_blocking=True)
     return out, stream
@@ -487,7 +488,7 @@ def _finish_scope(
     staging = torch.empty((b, ns, *buf.shape[2:]), dtype=buf.dtype, pin_memory=buf.is_pinned())
     for i in range(b):
         torch.index_select(buf[i], 0, idx[i], out=staging[i])
-    with torch.cuda.stream(stream) if stream is not None else _nullcontext():
+    with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
         out[:, rows].copy_(staging, non_blocking=stream is not None)
 
 
@@ -498,11 +499,3 @@ def _copy_stream(dev: torch.device) -> torch.cuda.Stream:
     if dev not in _copy_streams:
         _copy_streams[dev] = torch.cuda.Stream(dev)
     return _copy_streams[dev]
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
