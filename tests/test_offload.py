@@ -97,17 +97,22 @@ def _logits(engine: ReAttentionEngine, ids: list[int]) -> tuple[torch.Tensor, ob
         return run_prefill(engine.model, ids_t, cache, engine.config.prefill_chunk_size), store
 
 
+def _engines(model, cfg, **offload) -> tuple[ReAttentionEngine, ReAttentionEngine]:
+    """A resident engine and an offloaded one (exact, unpinned unless ``offload`` says otherwise) on ``model``."""
+    off = OffloadConfig(**{"block": 8, "budget": 2, "refine": True, "pin": False, **offload})
+    return (
+        ReAttentionEngine(model, ByteTokenizer(), cfg, cache=False),
+        ReAttentionEngine(model, ByteTokenizer(), cfg, cache=False, offload=off),
+    )
+
+
 @pytest.mark.parametrize("keys", ["host", "device"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 @pytest.mark.parametrize("mode", ["reattention", "streaming", "full"])
 def test_an_offloaded_engine_computes_exactly_what_the_resident_one_does(arch, mode, keys):
     model = tiny_model(arch)
     cfg = CFG.replace(mode=mode)
-    resident = ReAttentionEngine(model, ByteTokenizer(), cfg, cache=False)
-    offloaded = ReAttentionEngine(
-        model, ByteTokenizer(), cfg, cache=False,
-        offload=OffloadConfig(keys=keys, block=8, budget=2, refine=True, pin=False),
-    )  # fmt: skip
+    resident, offloaded = _engines(model, cfg, keys=keys)
     ids = random_ids(300, seed=3)[0].tolist()
     (got, store), (want, _) = _logits(offloaded, ids), _logits(resident, ids)
     assert torch.equal(got, want)  # prefill, bit for bit
@@ -245,11 +250,7 @@ def test_evaluation_rows_record_the_store_and_exact_offload_reuses_resident_cell
 @pytest.mark.parametrize("keys", ["host", "device"])
 def test_a_store_spilled_to_mapped_files_computes_the_same_and_leaves_no_files(tmp_path, keys):
     model = tiny_model("llama")
-    resident = ReAttentionEngine(model, ByteTokenizer(), CFG, cache=False)
-    spilled = ReAttentionEngine(
-        model, ByteTokenizer(), CFG, cache=False,
-        offload=OffloadConfig(keys=keys, block=8, budget=2, pin=False, spill_dir=tmp_path),
-    )  # fmt: skip
+    resident, spilled = _engines(model, CFG, keys=keys, spill_dir=tmp_path)
     ids = random_ids(300, seed=8)[0].tolist()
     store = spilled._fresh_store(16)  # small: it must grow (into new mapped files) while prefilling
     with enable_reattention(model, CFG):
