@@ -48,6 +48,25 @@ def plan_scope(cfg: ReAttentionConfig, total: int, num_queries: int) -> ScopePla
     )
 
 
+def no_selection(batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sel, n_sel)`` of a scope without selected blocks: ``[B, 0]`` and ``[B]`` zeros."""
+    return (torch.zeros((batch, 0), dtype=torch.int64, device=device),
+            torch.zeros((batch,), dtype=torch.int64, device=device))
+
+
+def select_for_plan(
+    q: torch.Tensor, k: torch.Tensor, plan: ScopePlan, cfg: ReAttentionConfig, *, backend: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Store positions ``(sel [B, NS], n_sel [B])`` selected for ``plan`` from the key store ``k``
+    ``[B, T, H, D]`` (on the queries' device); none when the plan selects nothing."""
+    if not plan.select:
+        return no_selection(q.shape[0], q.device)
+    return select_blocks(
+        q, k[:, plan.sink_len : plan.local_start], top_k=cfg.top_k, max_blocks=cfg.max_blocks,
+        block_size=cfg.block_size, offset=plan.sink_len, backend=backend,
+    )  # fmt: skip
+
+
 def reattention_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -71,21 +90,8 @@ def reattention_attention(
     Returns:
         torch.Tensor: ``[B, TQ, HQ, D]`` attention output.
     """
-    b, tq = q.shape[0], q.shape[1]
-    plan = plan_scope(cfg, k.shape[1], tq)
-    if plan.select:
-        sel, n_sel = select_blocks(
-            q,
-            k[:, plan.sink_len : plan.local_start],
-            top_k=cfg.top_k,
-            max_blocks=cfg.max_blocks,
-            block_size=cfg.block_size,
-            offset=plan.sink_len,
-            backend=backend,
-        )
-    else:
-        sel = torch.zeros((b, 0), dtype=torch.int64, device=q.device)
-        n_sel = torch.zeros((b,), dtype=torch.int64, device=q.device)
+    plan = plan_scope(cfg, k.shape[1], q.shape[1])
+    sel, n_sel = select_for_plan(q, k, plan, cfg, backend=backend)
     out, _ = scope_attention(
         q,
         k,

@@ -49,11 +49,10 @@ from dataclasses import dataclass
 
 import torch
 
-from reattention_core.attention import ScopePlan, plan_scope
+from reattention_core.attention import ScopePlan, plan_scope, select_for_plan
 from reattention_core.config import ReAttentionConfig
 from reattention_core.errors import InvalidInputError, StoreMemoryError
 from reattention_core.rope import RopeSpec
-from reattention_core.selection import select_blocks
 from reattention_core.store import KVStore
 from reattention_kernels import scope_attention, score_topk, select_from_hits
 
@@ -389,13 +388,14 @@ def offloaded_attention(
     *,
     backend: str | None = None,
 ) -> torch.Tensor:
-    """`reattention_core.attention.reattention_attention` over a store in host memory.
+    """`reattention_core.attention.reattention_attention` over an offloaded store.
 
     Args:
         q (torch.Tensor): pre-RoPE queries ``[B, TQ, HQ, D]`` (the last ``TQ`` stored tokens).
 
     Returns:
-        torch.Tensor: ``[B, TQ, HQ, D]``, equal to the resident result when ``refine`` is on.
+        torch.Tensor: ``[B, TQ, HQ, D]``, equal to the resident result when the config is exact
+        (`OffloadConfig.exact`).
     """
     keys, values = store.view(layer)
     b, tq = q.shape[0], q.shape[1]
@@ -404,12 +404,7 @@ def offloaded_attention(
     dev = q.device
     k_scope, k_pending = _start_scope(keys, plan, cfg, dev)
     v_scope, v_pending = _start_scope(values, plan, cfg, dev)
-    if plan.select and store.keys_on_device:  # the resident selection, on the resident keys
-        sel, n_sel = select_blocks(
-            q, keys[:, plan.sink_len : plan.local_start], top_k=cfg.top_k, max_blocks=cfg.max_blocks,
-            block_size=cfg.block_size, offset=plan.sink_len, backend=backend,
-        )  # fmt: skip
-    elif plan.select:
+    if plan.select and not store.keys_on_device:  # keys in host memory: through the block bounds
         res = candidate_topk(
             q, keys, store.bounds[layer], cfg.top_k, budget=store.config.budget, refine=store.config.refine,
             lo=plan.sink_len, hi=plan.local_start, backend=backend,
@@ -420,9 +415,8 @@ def offloaded_attention(
         sel, n_sel = select_from_hits(
             res.hits.reshape(b, -1), plan.middle_len, cfg.max_blocks, cfg.block_size, plan.sink_len, backend=backend
         )
-    else:
-        sel = torch.zeros((b, 0), dtype=torch.int64, device=dev)
-        n_sel = torch.zeros((b,), dtype=torch.int64, device=dev)
+    else:  # keys on the device: the resident selection
+        sel, n_sel = select_for_plan(q, keys, plan, cfg, backend=backend)
     ns = sel.shape[1]
     _finish_scope(keys, k_scope, k_pending, plan, sel)
     _finish_scope(values, v_scope, v_pending, plan, sel)

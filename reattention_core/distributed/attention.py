@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from reattention_core.attention import ScopePlan, plan_scope
+from reattention_core.attention import ScopePlan, no_selection, plan_scope
 from reattention_core.config import ReAttentionConfig
 from reattention_core.rope import RopeSpec
 from reattention_kernels import score_topk, select_from_hits
@@ -210,13 +210,11 @@ def sharded_reattention_attention(
     Returns:
         ``[B, TQ, HQ, D]`` in ``q.dtype``, the same on every rank.
     """
-    b, tq = q.shape[0], q.shape[1]
-    plan = plan_scope(cfg, total, tq)
+    plan = plan_scope(cfg, total, q.shape[1])
     if plan.select:
         sel, n_sel = sharded_select(q, k, shard_start, plan, cfg, group=group, backend=backend)
     else:
-        sel = torch.zeros((b, 0), dtype=torch.int64, device=q.device)
-        n_sel = torch.zeros((b,), dtype=torch.int64, device=q.device)
+        sel, n_sel = no_selection(q.shape[0], q.device)
     o, lse = partial_scope_attention(q, k, v, shard_start, plan, sel, n_sel, rope, scale)
     packed = all_gather_stack(torch.cat([o, lse[..., None]], dim=-1), group)
     return merge_partials(packed[..., :-1], packed[..., -1]).to(q.dtype)
