@@ -1,7 +1,7 @@
 """Exact selection over an offloaded middle: per-block key bounds on the device, keys fetched on demand.
 
 When the key store does not fit on the GPU, the middle's keys live in host memory (pinned, or
-memory-mapped pages of the persistent cache). The selection still needs, per query row and query
+memory-mapped spill files: ``OffloadConfig(spill_dir=...)``). The selection still needs, per query row and query
 head, the exact top-k of ``q . k`` over all of them (`reattention_kernels.score_topk`). This module
 gets that result while reading only a few blocks:
 
@@ -28,11 +28,11 @@ selection is known (their indices have to reach the host first).
 
 The engine uses it through `OffloadedStore` (``ReAttentionEngine(..., offload=OffloadConfig())``,
 also for the stores of its prefix cache):
-every layer's keys and values stay in (pinned) host memory, the bounds on the compute device; per
-layer step `offloaded_attention` selects over the middle with `candidate_topk`, then copies only the
-scope (sink, selected blocks, local window) to the device and runs the same scope attention as the
-resident path on it, so with ``refine=True`` the engine computes exactly what it computes without
-offload.
+every layer's values (and with ``keys="host"`` its keys) stay in host memory, the bounds (or the
+keys) on the compute device; per layer step `offloaded_attention` selects over the middle (with
+`candidate_topk`, or the resident selection), then copies only the scope (sink, selected blocks,
+local window) to the device and runs the same scope attention as the resident path on it, so with
+an exact config (`OffloadConfig.exact`) the engine computes exactly what it computes without offload.
 
 Shapes: queries ``[B, TQ, HQ, D]``, keys ``[B, M, H, D]``, ``HQ = G * H``; bounds ``[B, NB, H, D]``
 with ``NB = ceil(M / S)``.
@@ -313,23 +313,16 @@ class OffloadedStore(KVStore):
     def _new_buffer(
         self, which: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
     ) -> torch.Tensor:
-        if which == "keys" and self.keys_on_device:
-            return torch.empty(shape, dtype=dtype, device=self.compute_device)
+        if which == "keys" and self.keys_on_device:  # through the base class: a full device is a StoreMemoryError
+            return super()._new_buffer(which, shape, dtype, self.compute_device)
         if self.config.spill_dir is not None:
             return _mapped_buffer(self.config.spill_dir, which, shape, dtype)
         return super()._new_buffer(which, shape, dtype, device)
 
-    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.bounds:
+    def _write(self, layer: int, k: torch.Tensor, v: torch.Tensor, device: torch.device, dtype: torch.dtype) -> int:
+        if self.bounds:  # every append and extend comes through here
             self.bounds[layer].append(k)
-        return super().append(layer, k, v)
-
-    def extend(
-        self, layer: int, k: torch.Tensor, v: torch.Tensor, *, device: torch.device, dtype: torch.dtype
-    ) -> None:
-        if self.bounds:
-            self.bounds[layer].append(k)
-        super().extend(layer, k, v, device=device, dtype=dtype)
+        return super()._write(layer, k, v, device, dtype)
 
     def truncate(self, tokens: int) -> None:
         super().truncate(tokens)
