@@ -411,8 +411,13 @@ def offloaded_attention(
     else:  # keys on the device: the resident selection
         sel, n_sel = select_for_plan(q, keys, plan, cfg, backend=backend)
     ns = sel.shape[1]
-    _finish_scope(keys, k_scope, k_pending, plan, sel)
-    _finish_scope(values, v_scope, v_pending, plan, sel)
+    # host buffers need host indices: one copy (which waits for the selection) serves keys and values
+    on = {sel.device: sel}
+    for buf in (keys, values):
+        if buf.device not in on:
+            on[buf.device] = sel.to(buf.device)
+    _finish_scope(keys, k_scope, k_pending, plan, on[keys.device])
+    _finish_scope(values, v_scope, v_pending, plan, on[values.device])
     if k_pending is not None:
         torch.cuda.current_stream(dev).wait_stream(k_pending)
     if v_pending is not None:
@@ -458,19 +463,17 @@ def _start_scope(
 
 
 def _finish_scope(
-    buf: torch.Tensor, out: torch.Tensor, stream: torch.cuda.Stream | None, plan: ScopePlan, sel: torch.Tensor
+    buf: torch.Tensor, out: torch.Tensor, stream: torch.cuda.Stream | None, plan: ScopePlan, idx: torch.Tensor
 ) -> None:
-    """Copy the selected positions ``sel`` ``[B, NS]`` of ``buf`` into ``out`` right after the sink.
-
-    (`_start_scope` put the local window in the last rows of ``out``.)
-    """
-    b, ns = sel.shape
+    """Copy the selected positions ``idx`` ``[B, NS]`` (on ``buf``'s device) of ``buf`` into ``out``
+    right after the sink (`_start_scope` put the local window in the last rows of ``out``)."""
+    b, ns = idx.shape
     if not ns:
         return
-    idx = sel.to(buf.device)  # a host buffer needs host indices (this waits for the selection)
     rows = slice(plan.sink_len, plan.sink_len + ns)
-    if buf.is_cuda:
-        out[:, rows].copy_(torch.stack([buf[i].index_select(0, idx[i]) for i in range(b)]))
+    if buf.device == out.device:  # gathered straight into the scope
+        for i in range(b):
+            torch.index_select(buf[i], 0, idx[i], out=out[i, rows])
         return
     staging = torch.empty((b, ns, *buf.shape[2:]), dtype=buf.dtype, pin_memory=buf.is_pinned())
     for i in range(b):
