@@ -65,7 +65,7 @@ def run_engine(
 ) -> dict:
     model = engine.model
     with torch.inference_mode(), enable_reattention(model, cfg, backend=engine.backend):
-        # the engine's own store: on the device, or in host memory under --offload-budget
+        # the engine's own store: on the device, or offloaded (--stores values | host)
         store = engine._fresh_store(ids.shape[1] + decode + 1)
         cache = ReAttentionCache(store)
         sync()
