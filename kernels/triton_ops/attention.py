@@ -266,7 +266,10 @@ def cached_rope_table(
     """`rope_table`, reusing a longer table made earlier for the same ``inv_freq`` tensor and settings."""
     if length > _TABLE_MAX_POSITIONS:
         return rope_table(inv_freq, length, attention_scaling, dtype, device)
-    key = (id(inv_freq), inv_freq._version, float(attention_scaling), dtype, torch.device(device))
+    # Inference tensors (the engine's RopeSpec is made under torch.inference_mode on GPUs) keep no
+    # version counter; nothing in the package writes to them, so their identity is the key.
+    version = None if inv_freq.is_inference() else inv_freq._version
+    key = (id(inv_freq), version, float(attention_scaling), dtype, torch.device(device))
     hit = _TABLES.get(key)
     if hit is None or hit[0] is not inv_freq or hit[1].shape[0] < max(length, 1):
         size = min(_TABLE_MAX_POSITIONS, max(256, triton.next_power_of_2(max(length, 1))))

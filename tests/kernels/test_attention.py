@@ -144,3 +144,17 @@ def test_cached_rope_tables_equal_fresh_ones_and_follow_their_inputs(device):
     assert torch.equal(moved, ops.rope_table(inv_freq, 37, 1.0, torch.float32, device)[0])
     big, _ = ops.cached_rope_table(inv_freq, ops._TABLE_MAX_POSITIONS + 1, 1.0, torch.float32, device)
     assert big.shape[0] == ops._TABLE_MAX_POSITIONS + 1 and len(ops._TABLES) == 3  # computed, not kept
+
+
+def test_cached_rope_tables_accept_inference_tensors(device):
+    # The engine builds its RopeSpec under torch.inference_mode: such tensors have no version counter.
+    from reattention_kernels.triton_ops import attention as ops
+
+    ops._TABLES.clear()
+    with torch.inference_mode():
+        inv_freq = 1.0 / (10000.0 ** (torch.arange(0, 64, 2, device=device).float() / 64))
+        cos, sin = ops.cached_rope_table(inv_freq, 40, 1.0, torch.float32, device)
+        again, _ = ops.cached_rope_table(inv_freq, 20, 1.0, torch.float32, device)
+    fresh_cos, fresh_sin = ops.rope_table(inv_freq, 40, 1.0, torch.float32, device)
+    assert torch.equal(cos, fresh_cos) and torch.equal(sin, fresh_sin)
+    assert again.data_ptr() == cos.data_ptr() and len(ops._TABLES) == 1
