@@ -9,6 +9,8 @@ attention, sampling), so that the next change (CUDA graphs, leaner glue) goes wh
 It prefills ``--tokens`` random ids (not profiled), times ``--steps`` greedy decode steps (wall
 ms per step, after one untimed step), then profiles as many again and groups the profile's own
 time by where the code lives: this package, its kernels, transformers, torch, triton, other.
+On CUDA it also traces as many steps with `torch.profiler` and reports the GPU's busy time per step
+(the sum of kernel and copy times) beside the wall time: their gap is what the host costs.
 """
 
 from __future__ import annotations
@@ -57,6 +59,29 @@ def decode_steps(model: torch.nn.Module, cache: ReAttentionCache, token: torch.T
     return token
 
 
+def gpu_busy(model: torch.nn.Module, cache: ReAttentionCache, token: torch.Tensor, steps: int) -> dict:
+    """GPU time per decode step from a `torch.profiler` trace: busy ms (kernels and copies) and the
+    kernels that take most of it."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as trace:
+        t0 = time.perf_counter()
+        decode_steps(model, cache, token, steps)
+        sync()
+        wall = time.perf_counter() - t0
+    per_kernel: dict[str, float] = defaultdict(float)
+    for ev in trace.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            per_kernel[ev.name] += ev.time_range.elapsed_us()
+    busy_us = sum(per_kernel.values())
+    top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:15]
+    return {
+        "busy_ms_per_step": round(busy_us / steps / 1000, 3),
+        "traced_wall_ms_per_step": round(wall / steps * 1000, 3),
+        "top_kernels_ms_per_step": {name[:90]: round(us / steps / 1000, 4) for name, us in top},
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="model directory (default: the embedded SmolLM2-135M)")
@@ -89,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         sync()
         prof.disable()
 
+        gpu = gpu_busy(model, cache, token, args.steps) if engine.device.type == "cuda" else None
+
     stats = pstats.Stats(prof)
     by_group: dict[str, float] = defaultdict(float)
     for (filename, _, _), (_, _, tottime, _, _) in stats.stats.items():  # type: ignore[attr-defined]
@@ -106,12 +133,17 @@ def main(argv: list[str] | None = None) -> int:
         "profiled_ms_per_step": round(total / args.steps * 1000, 3),
         "own_time_share": {k: round(v / total, 4) for k, v in sorted(by_group.items(), key=lambda kv: -kv[1])},
         "top_functions": buf.getvalue(),
+        "gpu": gpu,
     }
     print(f"decode {row['decode_ms_per_step']} ms/step ({args.tokens} tokens of context); under the profiler "
           f"{row['profiled_ms_per_step']} ms/step, own time by package:")
     for name, share in row["own_time_share"].items():
         print(f"  {name:<20} {share:6.1%}")
     print(row["top_functions"])
+    if gpu is not None:
+        print(f"GPU busy {gpu['busy_ms_per_step']} ms/step of {gpu['traced_wall_ms_per_step']} ms wall; top kernels:")
+        for name, ms in gpu["top_kernels_ms_per_step"].items():
+            print(f"  {ms:8.3f} ms  {name}")
     if args.out:
         args.out.write_text(json.dumps(row, indent=1))
     return 0
