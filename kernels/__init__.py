@@ -7,6 +7,13 @@ Public ops, each dispatched (see `dispatch`) to a Triton kernel or its PyTorch r
 * `scope_attention` - attention over ``[sink | selected | local]`` read by index from the pre-RoPE
   store, RoPE applied at fresh contiguous positions, bottom-right causal.
 
+**Shifted lengths (for CUDA graphs).** Each op also takes ``shift``: an int64 ``[1]`` tensor on the
+device holding how many tokens the store has gained since the host computed the lengths it passes
+(``length``, ``middle_len``, ``local_start``). The Triton kernels add it on the device, so one
+recorded launch (a CUDA graph of a decode step) stays right at every later store length; the
+tensors are then the store's whole buffers, and the grids cover them. The references read the
+shift on the host (they never run inside a graph) and compute the same result.
+
 The folder is deliberately not importable as ``kernels``: that name belongs to Hugging Face's
 kernel-hub package, which transformers probes for.
 """
@@ -31,17 +38,38 @@ def _pow2(d: int, least: int) -> bool:
     return d >= least and d & (d - 1) == 0
 
 
-def score_topk(q: torch.Tensor, k: torch.Tensor, top_k: int, *, backend: str | None = None) -> torch.Tensor:
+def _host_shift(shift: torch.Tensor | None) -> int:
+    return 0 if shift is None else int(shift.reshape(-1)[0])
+
+
+def _check_shift(shift: torch.Tensor | None, length: int | None, what: str) -> None:
+    if shift is not None and (length is None or shift.dtype != torch.int64 or shift.numel() != 1):
+        raise ValueError(f"a shifted {what} needs `length` (or middle_len) and an int64 shift tensor of one element")
+
+
+def score_topk(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    top_k: int,
+    *,
+    length: int | None = None,
+    shift: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
     """Per-row, per-query-head top-k key indices; see `reference.topk.score_topk_ref` for the spec.
 
+    Only the first ``length`` (+ ``shift``) keys of ``k`` are scored (default: all of them).
     ``auto`` falls back to the reference for shapes the kernel does not cover (head dim not a
     power of two >= 16, top_k > 8); an explicit ``"triton"`` request raises instead.
     """
+    _check_shift(shift, length, "score_topk")
     supported = _pow2(q.shape[-1], 16) and 1 <= top_k <= 8
     if resolve_backend(q, backend, supported=supported) == "triton":
         from reattention_kernels.triton_ops.topk import score_topk_triton
 
-        return score_topk_triton(q, k, top_k)
+        return score_topk_triton(q, k, top_k, length=length, shift=shift)
+    if length is not None or shift is not None:
+        k = k[:, : (k.shape[1] if length is None else length) + _host_shift(shift)]
     return score_topk_ref(q, k, top_k)
 
 
@@ -52,22 +80,29 @@ def select_from_hits(
     block_size: int,
     offset: int = 0,
     *,
+    shift: torch.Tensor | None = None,
+    max_middle_len: int | None = None,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Selected positions from top-k hits; see `reference.select.select_from_hits_ref` for the spec.
+
+    With ``shift``, the middle is ``middle_len + shift`` long, at most ``max_middle_len``.
 
     ``auto`` uses the fused kernel on CUDA, and the reference elsewhere or when
     ``max_blocks x block_size`` (rounded up to powers of two) is over the kernel's register tile;
     an explicit ``"triton"`` request uses the fused kernel.
     """
+    _check_shift(shift, middle_len, "select_from_hits")
     kk = min(max_blocks, hits.shape[-1])
     tile = (1 << max(kk - 1, 0).bit_length()) * (1 << max(block_size - 1, 0).bit_length())
     supported = tile <= _SELECT_MAX_TILE and _SELECT_TRITON_BY_DEFAULT
     if resolve_backend(hits, backend, supported=supported) == "triton":
         from reattention_kernels.triton_ops.select import select_from_hits_triton
 
-        return select_from_hits_triton(hits, middle_len, max_blocks, block_size, offset)
-    return select_from_hits_ref(hits, middle_len, max_blocks, block_size, offset)
+        return select_from_hits_triton(
+            hits, middle_len, max_blocks, block_size, offset, shift=shift, max_middle_len=max_middle_len
+        )
+    return select_from_hits_ref(hits, middle_len + _host_shift(shift), max_blocks, block_size, offset)
 
 
 def scope_attention(
@@ -83,12 +118,18 @@ def scope_attention(
     attention_scaling: float,
     scale: float,
     return_lse: bool = False,
+    length: int | None = None,
+    shift: torch.Tensor | None = None,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Sparse-scope attention; see `reference.attention.scope_attention_ref` for the spec.
 
+    ``k`` and ``v`` hold ``length`` (+ ``shift``) stored tokens (default: all their rows); the
+    local window starts at ``local_start`` (+ ``shift``).
+
     ``auto`` falls back to the reference when the head dim is not a power of two >= 32.
     """
+    _check_shift(shift, length, "scope_attention")
     kwargs = dict(
         sink_len=sink_len,
         local_start=local_start,
@@ -100,7 +141,12 @@ def scope_attention(
     if resolve_backend(q, backend, supported=_pow2(q.shape[-1], 32)) == "triton":
         from reattention_kernels.triton_ops.attention import scope_attention_triton
 
-        return scope_attention_triton(q, k, v, sel_idx, n_sel, **kwargs)
+        return scope_attention_triton(q, k, v, sel_idx, n_sel, length=length, shift=shift, **kwargs)
+    if length is not None or shift is not None:
+        s = _host_shift(shift)
+        end = (k.shape[1] if length is None else length) + s
+        k, v = k[:, :end], v[:, :end]
+        kwargs["local_start"] = local_start + s
     return scope_attention_ref(q, k, v, sel_idx, n_sel, **kwargs)
 
 

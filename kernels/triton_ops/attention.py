@@ -59,6 +59,7 @@ def scope_attention_fwd_kernel(
     lse,
     ws_o,
     ws_lse,
+    shift,
     stride_qb,
     stride_qt,
     stride_qh,
@@ -89,6 +90,7 @@ def scope_attention_fwd_kernel(
     SPLIT: tl.constexpr,
     RETURN_LSE: tl.constexpr,
     IEEE: tl.constexpr,
+    SHIFT: tl.constexpr,
 ):
     HALF: tl.constexpr = D // 2
     i_m, i_s, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -97,6 +99,8 @@ def scope_attention_fwd_kernel(
 
     b_ns = tl.load(n_sel + i_b).to(tl.int32)
     L = sink_len + b_ns + T - local_start
+    if SHIFT:  # the store grew since the launch was recorded: the local window moved, the scope did not
+        local_start = local_start + tl.load(shift).to(tl.int32)
     o_r = i_m * BM + tl.arange(0, BM)
     m_r = o_r < R
     o_t = o_r // G
@@ -295,12 +299,17 @@ def scope_attention_fwd(
     attention_scaling: float,
     scale: float,
     return_lse: bool = False,
+    length: int | None = None,
+    shift: torch.Tensor | None = None,
     splits: int | None = None,
     config: tuple[int, int, int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`scope_attention_triton` with optional forced scope splits and (BM, BN, num_warps, num_stages)."""
     b, tq, hq, d = q.shape
-    t, h = k.shape[1], k.shape[2]
+    h = k.shape[2]
+    t = k.shape[1] if length is None else length
+    if not 0 <= t <= k.shape[1]:
+        raise ValueError(f"length {t} is outside the {k.shape[1]} stored tokens given")
     if t - local_start < tq:
         raise ValueError(f"local window [{local_start}, {t}) is shorter than the {tq} queries")
     if hq % h != 0:
@@ -340,6 +349,7 @@ def scope_attention_fwd(
     splits = triton.cdiv(l_max, pos_per_split)
     ieee = q.dtype == torch.float32
     lse_arg = lse if lse is not None else o
+    shift_arg = n_sel if shift is None else shift
     common = (
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), sel_idx.stride(0), sel_idx.stride(1),
@@ -348,16 +358,17 @@ def scope_attention_fwd(
     scale_log2 = float(scale) * _LOG2E
     if splits == 1:
         scope_attention_fwd_kernel[(n_m, 1, b * h)](
-            q, k, v, sel_idx, n_sel, cos_t, sin_t, o, lse_arg, o, o, *common, 1, pos_per_split, scale_log2,
-            H=h, G=g, D=d, BM=bm, BN=bn, SPLIT=False, RETURN_LSE=return_lse, IEEE=ieee,
+            q, k, v, sel_idx, n_sel, cos_t, sin_t, o, lse_arg, o, o, shift_arg, *common, 1, pos_per_split, scale_log2,
+            H=h, G=g, D=d, BM=bm, BN=bn, SPLIT=False, RETURN_LSE=return_lse, IEEE=ieee, SHIFT=shift is not None,
             num_warps=warps, num_stages=stages,
         )  # fmt: skip
         return o, lse
     ws_o = torch.empty((b * h, rows, splits, d), dtype=torch.float32, device=dev)
     ws_lse = torch.empty((b * h, rows, splits), dtype=torch.float32, device=dev)
     scope_attention_fwd_kernel[(n_m, splits, b * h)](
-        q, k, v, sel_idx, n_sel, cos_t, sin_t, o, lse_arg, ws_o, ws_lse, *common, splits, pos_per_split, scale_log2,
-        H=h, G=g, D=d, BM=bm, BN=bn, SPLIT=True, RETURN_LSE=return_lse, IEEE=ieee,
+        q, k, v, sel_idx, n_sel, cos_t, sin_t, o, lse_arg, ws_o, ws_lse, shift_arg, *common, splits, pos_per_split,
+        scale_log2, H=h, G=g, D=d, BM=bm, BN=bn, SPLIT=True, RETURN_LSE=return_lse, IEEE=ieee,
+        SHIFT=shift is not None,
         num_warps=warps, num_stages=stages,
     )  # fmt: skip
     scope_attention_fwd_kernel_merge[(rows, b * h)](
@@ -380,6 +391,8 @@ def scope_attention_triton(
     attention_scaling: float,
     scale: float,
     return_lse: bool = False,
+    length: int | None = None,
+    shift: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attention of pre-RoPE queries over their scope ``[sink | selected | local]``, fused.
 
@@ -398,13 +411,17 @@ def scope_attention_triton(
         scale (float): softmax scale, usually ``D ** -0.5``.
         return_lse (bool): also return the natural log-sum-exp of the scaled scores.
             Default: ``False``.
+        length (int | None): stored tokens ``T`` (default ``k.shape[1]``; ``k`` and ``v`` may be
+            longer buffers).
+        shift (torch.Tensor | None): int64 ``[1]`` on the device, added there to ``length`` and
+            ``local_start`` (see `reattention_kernels.scope_attention`).
 
     Returns:
         ``(o, lse)``: ``o [B, TQ, HQ, D]`` in ``q.dtype``; ``lse [B, TQ, HQ]`` fp32 or ``None``.
     """
     return scope_attention_fwd(
         q, k, v, sel_idx, n_sel, sink_len=sink_len, local_start=local_start, inv_freq=inv_freq,
-        attention_scaling=attention_scaling, scale=scale, return_lse=return_lse,
+        attention_scaling=attention_scaling, scale=scale, return_lse=return_lse, length=length, shift=shift,
     )  # fmt: skip
 
 

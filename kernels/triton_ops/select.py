@@ -29,12 +29,14 @@ _BLOCK = 1024
 
 
 @triton.jit
-def _count_votes(hits, counts, stride_hb, N, M, BLOCK: tl.constexpr):
+def _count_votes(hits, counts, shift, stride_hb, N, M, MC, BLOCK: tl.constexpr, SHIFT: tl.constexpr):
     i_n, i_b = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    if SHIFT:
+        M = M + tl.load(shift)
     o = i_n * BLOCK + tl.arange(0, BLOCK)
     h = tl.load(hits + i_b * stride_hb + o, mask=o < N, other=-1)
     ok = (o < N) & (h >= 0) & (h < M)
-    tl.atomic_add(counts + i_b * M + h, tl.full([BLOCK], 1, tl.int32), mask=ok)
+    tl.atomic_add(counts + i_b * MC + h, tl.full([BLOCK], 1, tl.int32), mask=ok)
 
 
 @triton.jit
@@ -44,10 +46,12 @@ def _select(
     keys,
     sel,
     n_sel,
+    shift,
     stride_hb,
     stride_sb,
     N,
     M,
+    MC,
     K,
     W,
     offset,
@@ -55,17 +59,21 @@ def _select(
     KP: tl.constexpr,
     BS: tl.constexpr,
     BSP: tl.constexpr,
+    SHIFT: tl.constexpr,
 ):
     i_b = tl.program_id(0).to(tl.int64)
+    if SHIFT:
+        M = M + tl.load(shift)
     o = tl.arange(0, BLOCK)
-    m1 = M + 1
+    # keys are encoded against MC (the histogram's row length, >= M): the same order for any M
+    m1 = MC + 1
     # keys: one per distinct position (the hit that takes the count), -1 for the others
     for t in range(0, N, BLOCK):
         m = (t + o) < N
         h = tl.load(hits + i_b * stride_hb + t + o, mask=m, other=-1)
         ok = m & (h >= 0) & (h < M)
-        c = tl.atomic_xchg(counts + i_b * M + h, tl.zeros([BLOCK], tl.int32), mask=ok)
-        key = tl.where(ok & (c > 0), c.to(tl.int64) * m1 + (M - h), -1)
+        c = tl.atomic_xchg(counts + i_b * MC + h, tl.zeros([BLOCK], tl.int32), mask=ok)
+        key = tl.where(ok & (c > 0), c.to(tl.int64) * m1 + (MC - h), -1)
         tl.store(keys + i_b * N + t + o, key, mask=m)
     tl.debug_barrier()
     # clip: the K largest keys, one round each (keys are unique, so "largest below the last")
@@ -77,7 +85,7 @@ def _select(
         for t in range(0, N, BLOCK):
             kt = tl.load(keys + i_b * N + t + o, mask=(t + o) < N, other=-1)
             best = tl.maximum(best, tl.max(tl.where(kt < prev, kt, -1), 0))
-        pos = tl.where(best >= 0, M - best % m1, M)
+        pos = tl.where(best >= 0, MC - best % m1, M)
         kept = tl.where(o_k == r, pos, kept)
         prev = best
     kept = tl.sort(kept)
@@ -103,13 +111,22 @@ def _select(
 
 
 def select_from_hits_triton(
-    hits: torch.Tensor, middle_len: int, max_blocks: int, block_size: int, offset: int = 0
+    hits: torch.Tensor,
+    middle_len: int,
+    max_blocks: int,
+    block_size: int,
+    offset: int = 0,
+    *,
+    shift: torch.Tensor | None = None,
+    max_middle_len: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused `select_from_hits_ref`: same inputs, bit-identical outputs.
 
     Args:
         hits (torch.Tensor): int64 ``[B, N]`` positions in ``[0, middle_len)``; ``-1`` = no hit.
         middle_len, max_blocks, block_size, offset: as in the reference.
+        shift (torch.Tensor | None): int64 ``[1]`` on the device, added there to ``middle_len``.
+        max_middle_len (int | None): bound of ``middle_len + shift`` (required with ``shift``).
 
     Returns:
         ``(sel, n_sel)``: int64 ``[B, min(max_blocks, N) * block_size]`` and int64 ``[B]``.
@@ -125,15 +142,24 @@ def select_from_hits_triton(
     kp, bsp = triton.next_power_of_2(kk), triton.next_power_of_2(block_size)
     if kp * bsp > MAX_TILE:
         raise ValueError(f"max_blocks x block_size tile {kp}x{bsp} is over {MAX_TILE}; use the reference")
+    if shift is None:
+        mc = middle_len
+    elif max_middle_len is None or max_middle_len < middle_len:
+        raise ValueError("a shifted selection needs max_middle_len >= middle_len")
+    else:
+        mc = max_middle_len
     hits = hits.to(torch.int64).contiguous()
-    counts = torch.zeros((b, max(middle_len, 1)), dtype=torch.int32, device=dev)
+    counts = torch.zeros((b, max(mc, 1)), dtype=torch.int32, device=dev)
+    shift_arg = hits if shift is None else shift  # any tensor: the kernels read it only with SHIFT
     keys = torch.empty((b, n), dtype=torch.int64, device=dev)
     sel = torch.empty((b, width), dtype=torch.int64, device=dev)
     n_sel = torch.empty((b,), dtype=torch.int64, device=dev)
     block = 128 if interpreting() else _BLOCK
-    _count_votes[(triton.cdiv(n, block), b)](hits, counts, hits.stride(0), n, middle_len, BLOCK=block)
+    _count_votes[(triton.cdiv(n, block), b)](
+        hits, counts, shift_arg, hits.stride(0), n, middle_len, mc, BLOCK=block, SHIFT=shift is not None
+    )
     _select[(b,)](
-        hits, counts, keys, sel, n_sel, hits.stride(0), sel.stride(0), n, middle_len, kk, width, offset,
-        BLOCK=block, KP=kp, BS=block_size, BSP=bsp, num_warps=4,
+        hits, counts, keys, sel, n_sel, shift_arg, hits.stride(0), sel.stride(0), n, middle_len, mc, kk, width,
+        offset, BLOCK=block, KP=kp, BS=block_size, BSP=bsp, SHIFT=shift is not None, num_warps=4,
     )  # fmt: skip
     return sel, n_sel

@@ -135,6 +135,7 @@ def score_topk_fwd_kernel_scan(
     o,
     ws_v,
     ws_i,
+    shift,
     stride_qb,
     stride_qt,
     stride_qh,
@@ -157,8 +158,11 @@ def score_topk_fwd_kernel_scan(
     BN: tl.constexpr,
     SPLIT: tl.constexpr,
     IEEE: tl.constexpr,
+    SHIFT: tl.constexpr,
 ):
     i_m, i_s, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    if SHIFT:  # the key count moved on the device since the launch was recorded (CUDA-graph replay)
+        TK = TK + tl.load(shift).to(tl.int32)
     i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
     o_r = i_m * BM + tl.arange(0, BM)
     m_r = o_r < R
@@ -177,7 +181,8 @@ def score_topk_fwd_kernel_scan(
 
     k_base = k + i_b * stride_kb + i_h * stride_kh
     n_lo = i_s * keys_per_split
-    n_hi = tl.minimum(n_lo + keys_per_split, TK)
+    # with a shift, splits past the key count have nothing to score (not a negative range)
+    n_hi = tl.maximum(tl.minimum(n_lo + keys_per_split, TK), n_lo)
     n_full = n_lo + (n_hi - n_lo) // BN * BN
     for n0 in range(n_lo, n_full, BN):
         p_k = k_base + (n0 + o_c).to(tl.int64)[:, None] * stride_kt + o_d[None, :]
@@ -269,12 +274,19 @@ def score_topk_fwd(
     k: torch.Tensor,
     top_k: int,
     *,
+    length: int | None = None,
+    shift: torch.Tensor | None = None,
     splits: int | None = None,
     config: tuple[int, int, int, int] | None = None,
 ) -> torch.Tensor:
     """`score_topk_triton` with optional forced key splits and (BM, BN, num_warps, num_stages), for tuning."""
     b, tq, hq, d = q.shape
-    tk, h = k.shape[1], k.shape[2]
+    h = k.shape[2]
+    # the grid covers every row of k; the kernel scores the first `length` (+ shift) of them
+    tk_grid = k.shape[1]
+    tk = tk_grid if length is None else length
+    if not 0 <= tk <= tk_grid:
+        raise ValueError(f"length {tk} is outside the {tk_grid} keys given")
     if k.shape[0] != b or k.shape[3] != d:
         raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} disagree on batch or head dim")
     if hq % h != 0:
@@ -284,7 +296,7 @@ def score_topk_fwd(
     if d < 16 or d & (d - 1):
         raise ValueError(f"head dim must be a power of two >= 16, got {d}")
     g = hq // h
-    if tk == 0 or b == 0 or tq == 0:
+    if (tk == 0 and shift is None) or tk_grid == 0 or b == 0 or tq == 0:
         return torch.full((b, tq, hq, top_k), -1, dtype=torch.int64, device=q.device)
     # every slot is written by the kernels
     out = torch.empty((b, tq, hq, top_k), dtype=torch.int64, device=q.device)
@@ -302,9 +314,10 @@ def score_topk_fwd(
     if splits is None:
         splits = triton.cdiv(_target_programs(q.device), base)
     align = 32 if interpreting() else _SPLIT_ALIGN
-    splits = max(1, min(splits, _MAX_SPLITS, triton.cdiv(tk, align)))
-    keys_per_split = triton.cdiv(triton.cdiv(tk, splits), align) * align
-    splits = triton.cdiv(tk, keys_per_split)
+    splits = max(1, min(splits, _MAX_SPLITS, triton.cdiv(tk_grid, align)))
+    keys_per_split = triton.cdiv(triton.cdiv(tk_grid, splits), align) * align
+    splits = triton.cdiv(tk_grid, keys_per_split)
+    shift_arg = out if shift is None else shift
 
     kp = triton.next_power_of_2(top_k)
     ieee = q.dtype == torch.float32
@@ -313,15 +326,17 @@ def score_topk_fwd(
     if splits == 1:
         grid = (n_m, 1, b * h)
         score_topk_fwd_kernel_scan[grid](
-            q, k, out, out, out, *args, *o_args, tk, rows, 1, keys_per_split,
-            H=h, G=g, D=d, TOPK=top_k, KP=kp, BM=bm, BN=bn, SPLIT=False, IEEE=ieee, num_warps=warps, num_stages=stages,
+            q, k, out, out, out, shift_arg, *args, *o_args, tk, rows, 1, keys_per_split,
+            H=h, G=g, D=d, TOPK=top_k, KP=kp, BM=bm, BN=bn, SPLIT=False, IEEE=ieee, SHIFT=shift is not None,
+            num_warps=warps, num_stages=stages,
         )  # fmt: skip
         return out
     ws_v = torch.empty((b * h, rows, splits, top_k), dtype=torch.float32, device=q.device)
     ws_i = torch.empty((b * h, rows, splits, top_k), dtype=torch.int32, device=q.device)
     score_topk_fwd_kernel_scan[(n_m, splits, b * h)](
-        q, k, out, ws_v, ws_i, *args, *o_args, tk, rows, splits, keys_per_split,
-        H=h, G=g, D=d, TOPK=top_k, KP=kp, BM=bm, BN=bn, SPLIT=True, IEEE=ieee, num_warps=warps, num_stages=stages,
+        q, k, out, ws_v, ws_i, shift_arg, *args, *o_args, tk, rows, splits, keys_per_split,
+        H=h, G=g, D=d, TOPK=top_k, KP=kp, BM=bm, BN=bn, SPLIT=True, IEEE=ieee, SHIFT=shift is not None,
+        num_warps=warps, num_stages=stages,
     )  # fmt: skip
     bc = min(32 if interpreting() else 256, triton.next_power_of_2(splits * top_k))
     br = min(16, triton.next_power_of_2(rows))
@@ -331,7 +346,9 @@ def score_topk_fwd(
     return out
 
 
-def score_topk_triton(q: torch.Tensor, k: torch.Tensor, top_k: int) -> torch.Tensor:
+def score_topk_triton(
+    q: torch.Tensor, k: torch.Tensor, top_k: int, *, length: int | None = None, shift: torch.Tensor | None = None
+) -> torch.Tensor:
     """Exact per-row, per-head top-k of raw ``q . k`` over all keys, fused (no score matrix).
 
     Args:
@@ -339,9 +356,12 @@ def score_topk_triton(q: torch.Tensor, k: torch.Tensor, top_k: int) -> torch.Ten
         k (torch.Tensor): pre-RoPE keys of shape ``[B, TK, H, D]``; any strides with a contiguous
             last dim (e.g. the middle slice of the key store), ``HQ % H == 0``.
         top_k (int): keys kept per (row, query head), 1 to 8.
+        length (int | None): score only the first ``length`` keys (default: all ``TK``).
+        shift (torch.Tensor | None): int64 ``[1]`` on the device, added there to ``length`` (see
+            `reattention_kernels.score_topk`); the grid covers all ``TK`` rows of ``k``.
 
     Returns:
         torch.Tensor: int64 ``[B, TQ, HQ, top_k]`` indices into ``TK``, best first (fp32 score
-        descending, index ascending on ties), ``-1`` in slots beyond ``TK``.
+        descending, index ascending on ties), ``-1`` in slots beyond the scored keys.
     """
-    return score_topk_fwd(q, k, top_k)
+    return score_topk_fwd(q, k, top_k, length=length, shift=shift)
