@@ -61,24 +61,45 @@ def sync() -> None:
 
 
 def run_engine(
-    engine: ReAttentionEngine, cfg: ReAttentionConfig, ids: torch.Tensor, decode: int, progress: bool = False
+    engine: ReAttentionEngine,
+    cfg: ReAttentionConfig,
+    ids: torch.Tensor,
+    decode: int,
+    progress: bool = False,
+    graphs: bool = True,
 ) -> dict:
     model = engine.model
     with torch.inference_mode(), enable_reattention(model, cfg, backend=engine.backend):
         # the engine's own store: on the device, or offloaded (--stores values | host)
-        store = engine._fresh_store(ids.shape[1] + decode + 1)
+        max_length = ids.shape[1] + decode + 1
+        store = engine._fresh_store(max_length)
         cache = ReAttentionCache(store)
         sync()
         t0 = time.perf_counter()
         logits = run_prefill(model, ids, cache, cfg.prefill_chunk_size, progress=progress)
         sync()
         prefill = time.perf_counter() - t0
-        step_ms = time_decode(model, cache, logits, decode)
-    row = {"prefill_s": prefill, "decode_ms_per_token": step_ms, "kv_bytes": store.nbytes(),
+        graph = engine._decode_graph(cache, max_length, decode + 1, cfg) if graphs else None
+        step_ms = time_engine_decode(engine, cache, logits, decode, graph)
+    row = {"prefill_s": prefill, "decode_ms_per_token": step_ms, "cuda_graph": graph is not None and graph.replays > 0,
+           "kv_bytes": store.nbytes(),
            "kv_host_bytes": store.nbytes("cpu") if engine.device.type == "cuda" else None}
     if isinstance(store, OffloadedStore) and store.bounds:  # the share of bounded blocks that selections read
         row["offload_read_share"] = store.fetched_blocks / max(1, store.bounded_blocks)
     return row
+
+
+def time_engine_decode(engine: ReAttentionEngine, cache: object, logits: torch.Tensor, steps: int, graph) -> float:
+    """Milliseconds per greedy decode step of the engine's own step (a CUDA graph when ``graph``),
+    after one untimed step (which records the graph)."""
+    token = int(logits.reshape(-1, logits.shape[-1])[-1].argmax())
+    logits = engine._decode_step(token, cache, graph)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        logits = engine._decode_step(int(logits[0].argmax()), cache, graph)
+    sync()
+    return (time.perf_counter() - t0) / max(1, steps) * 1000
 
 
 def time_decode(model: torch.nn.Module, cache: object, logits: torch.Tensor, steps: int) -> float:
@@ -146,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--offload-block", type=int, default=64, metavar="TOKENS", help="host store: tokens per block")
     ap.add_argument("--offload-approximate", action="store_true",
                     help="host store: read only the budget (no refinement to the exact top-k)")
+    ap.add_argument("--graphs", nargs="+", default=["on"], choices=["on", "off"],
+                    help="decode through a CUDA graph (on, where it applies) or eager steps (off); each is timed")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
 
@@ -172,10 +195,11 @@ def main(argv: list[str] | None = None) -> int:
         for store in args.stores if mode != "hf" else ():
             engine.offload = stores[store]
             run_engine(engine, base.replace(mode=mode), warm_ids, 2)
-    runs = [(m, st) for m in args.modes for st in (args.stores if m != "hf" else ["resident"])]
+    runs = [(m, st, gr) for m in args.modes for st in (args.stores if m != "hf" else ["resident"])
+            for gr in (args.graphs if m != "hf" else ["off"])]
     for tokens in args.tokens:
         ids = torch.randint(100, vocab - 100, (1, tokens), generator=torch.Generator().manual_seed(tokens)).to(engine.device)
-        for mode, store in runs:
+        for mode, store, graphs in runs:
             engine.offload = stores[store]
             gc.collect()
             if torch.cuda.is_available():
@@ -192,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     cfg = base.replace(mode=mode)
                     row["config"] = cfg.to_dict()
-                    row.update(run_engine(engine, cfg, ids, args.decode, args.progress))
+                    row.update(run_engine(engine, cfg, ids, args.decode, args.progress, graphs == "on"))
                 row["prefill_tok_per_s"] = tokens / row["prefill_s"]
             except (torch.cuda.OutOfMemoryError, StoreMemoryError) as exc:  # full attention runs out first
                 row["error"] = f"out of memory: {str(exc).splitlines()[0]}"

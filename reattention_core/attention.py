@@ -48,6 +48,12 @@ def plan_scope(cfg: ReAttentionConfig, total: int, num_queries: int) -> ScopePla
     )
 
 
+def shiftable(plan: ScopePlan) -> bool:
+    """Whether ``plan``'s scope keeps its length as the store grows (sink + middle + local window):
+    the condition for recording a step once and replaying it with a shift."""
+    return plan.local_start > 0
+
+
 def no_selection(batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """``(sel, n_sel)`` of a scope without selected blocks: ``[B, 0]`` and ``[B]`` zeros."""
     return (torch.zeros((batch, 0), dtype=torch.int64, device=device),
@@ -55,12 +61,28 @@ def no_selection(batch: int, device: torch.device) -> tuple[torch.Tensor, torch.
 
 
 def select_for_plan(
-    q: torch.Tensor, k: torch.Tensor, plan: ScopePlan, cfg: ReAttentionConfig, *, backend: str | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    plan: ScopePlan,
+    cfg: ReAttentionConfig,
+    *,
+    backend: str | None = None,
+    shift: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Store positions ``(sel [B, NS], n_sel [B])`` selected for ``plan`` from the key store ``k``
-    ``[B, T, H, D]`` (on the queries' device); none when the plan selects nothing."""
+    ``[B, T, H, D]`` (on the queries' device); none when the plan selects nothing.
+
+    With ``shift`` (see `reattention_attention`), ``k`` is the layer's whole key buffer and the
+    middle ends ``shift[0]`` rows after ``plan.local_start``.
+    """
     if not plan.select:
         return no_selection(q.shape[0], q.device)
+    if shift is not None:
+        local = plan.total - plan.local_start
+        return select_blocks(
+            q, k[:, plan.sink_len : k.shape[1] - local], top_k=cfg.top_k, max_blocks=cfg.max_blocks,
+            block_size=cfg.block_size, offset=plan.sink_len, backend=backend, length=plan.middle_len, shift=shift,
+        )  # fmt: skip
     return select_blocks(
         q, k[:, plan.sink_len : plan.local_start], top_k=cfg.top_k, max_blocks=cfg.max_blocks,
         block_size=cfg.block_size, offset=plan.sink_len, backend=backend,
@@ -76,8 +98,15 @@ def reattention_attention(
     scale: float,
     *,
     backend: str | None = None,
+    total: int | None = None,
+    shift: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """ReAttention for one layer.
+
+    A CUDA graph of a decode step records this call once and replays it as the store grows: it
+    passes the layer's whole buffers as ``k`` and ``v``, the stored tokens at recording time as
+    ``total`` and, in ``shift``, an int64 ``[1]`` device tensor holding how many tokens have been
+    stored since. Only scopes with a sink and a local window can move that way (`shiftable`).
 
     Args:
         q (torch.Tensor): pre-RoPE queries ``[B, TQ, HQ, D]`` of the last ``TQ`` stored tokens.
@@ -90,8 +119,15 @@ def reattention_attention(
     Returns:
         torch.Tensor: ``[B, TQ, HQ, D]`` attention output.
     """
-    plan = plan_scope(cfg, k.shape[1], q.shape[1])
-    sel, n_sel = select_for_plan(q, k, plan, cfg, backend=backend)
+    if shift is None:
+        plan = plan_scope(cfg, k.shape[1], q.shape[1])
+        sel, n_sel = select_for_plan(q, k, plan, cfg, backend=backend)
+    else:
+        assert total is not None, "a shifted step needs the stored tokens at recording time"
+        plan = plan_scope(cfg, total, q.shape[1])
+        if not shiftable(plan):
+            raise ValueError("a scope without sink and local window (full attention) cannot be shifted")
+        sel, n_sel = select_for_plan(q, k, plan, cfg, backend=backend, shift=shift)
     out, _ = scope_attention(
         q,
         k,
@@ -104,5 +140,7 @@ def reattention_attention(
         attention_scaling=rope.attention_scaling,
         scale=scale,
         backend=backend,
+        length=None if shift is None else plan.total,
+        shift=shift,
     )
     return out

@@ -22,6 +22,7 @@ import torch
 
 from reattention_core import tokenization
 from reattention_core.config import ReAttentionConfig
+from reattention_core.cuda_graph import DecodeGraph, graphs_enabled
 from reattention_core.decoding import Sampler, SamplingParams, TextAssembler
 from reattention_core.embedded import EMBEDDED_NAME, embedded_model_file, preset_for
 from reattention_core.errors import (
@@ -39,11 +40,14 @@ from reattention_core.offload import OffloadConfig, OffloadedStore
 from reattention_core.prefill import run_prefill
 from reattention_core.prefix_cache import CacheConfig, CacheInfo, PrefixCache, PrefixRun, default_memory_bytes
 from reattention_core.store import KVStore
+from reattention_kernels import resolve_backend
 
 Prompt = str | Sequence[Mapping[str, Any]]
 CHAT_ROLES = ("system", "user", "assistant")
 # Between the context and the question when `context=` is given.
 CONTEXT_SEPARATOR = "\n\n"
+# A decode graph costs about three eager steps (warm-up, recording, first replay); fewer steps run eagerly.
+_GRAPH_MIN_STEPS = 4
 _QUESTION_SENTINEL = "\ue000\ue001question\ue001\ue000"
 
 
@@ -422,6 +426,7 @@ class ReAttentionEngine:
                     on_chunk=run.on_chunk if run is not None else None,
                     breaks=() if boundary is None else (boundary,),
                 )
+                graph = self._decode_graph(cache, len(ids) + params.max_new_tokens, params.max_new_tokens - 1)
                 for step in range(params.max_new_tokens):
                     token = sampler(logits[0])
                     if token in self._eos_ids:
@@ -434,7 +439,7 @@ class ReAttentionEngine:
                         finish = "stop"
                         break
                     if step + 1 < params.max_new_tokens:
-                        logits = self._decode_step(token, cache)
+                        logits = self._decode_step(token, cache, graph)
             finally:
                 if run is not None:
                     run.finish()  # truncates the store back to its pages: the cached corpus is unchanged
@@ -575,10 +580,27 @@ class ReAttentionEngine:
         self._prefix.clear(self._fingerprint(), disk=disk, all_fingerprints=all_models)
 
     @torch.inference_mode()
-    def _decode_step(self, token: int, cache: ReAttentionCache) -> torch.Tensor:
-        """fp32 logits ``[1, V]`` after feeding one token."""
+    def _decode_step(self, token: int, cache: ReAttentionCache, graph: DecodeGraph | None = None) -> torch.Tensor:
+        """fp32 logits ``[1, V]`` after feeding one token (through ``graph`` when given)."""
+        if graph is not None:
+            return graph.step(token)
         out = self.model(input_ids=torch.tensor([[token]], device=self.device), past_key_values=cache, use_cache=True)
         return out.logits[:, -1].float()
+
+    def _decode_graph(
+        self, cache: ReAttentionCache, max_length: int, steps: int, config: ReAttentionConfig | None = None
+    ) -> DecodeGraph | None:
+        """A `DecodeGraph` for this generation's decode steps, or ``None`` where graphs do not apply:
+        off by ``REATTENTION_CUDA_GRAPHS=0``, not on CUDA, the reference kernels, an offloaded store,
+        ``mode="full"``, or too few steps to repay the recording (about three eager steps)."""
+        config = config or self.config
+        if steps < _GRAPH_MIN_STEPS or config.mode == "full" or self.device.type != "cuda":
+            return None
+        if type(cache.store) is not KVStore or not graphs_enabled():
+            return None
+        if resolve_backend(torch.empty(0, device=self.device), self.backend) != "triton":
+            return None
+        return DecodeGraph(self.model, cache, config, max_length)
 
     def _new_store(self, num_layers: int) -> KVStore:
         if self.offload is None:

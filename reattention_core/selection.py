@@ -32,6 +32,8 @@ def select_blocks(
     block_size: int,
     offset: int = 0,
     backend: str | None = None,
+    length: int | None = None,
+    shift: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Position-agnostic selection over the middle of one layer's pre-RoPE key store.
 
@@ -40,11 +42,22 @@ def select_blocks(
         k_middle (torch.Tensor): pre-RoPE middle keys ``[B, M, H, D]``.
         top_k, max_blocks, block_size: see `ReAttentionConfig`.
         offset: added to the positions (the sink length gives positions in the store).
+        length, shift: for a CUDA-graph step: the middle is the first ``length + shift[0]`` rows
+            of ``k_middle`` (``shift`` an int64 ``[1]`` device tensor; see `reattention_kernels`).
 
     Returns:
         ``(sel, n_sel)`` as in `expand_blocks`, positions relative to the middle's start plus
         ``offset`` (padding entries equal ``offset``).
     """
-    middle_len = k_middle.shape[1]
-    hits = score_topk(q, k_middle, top_k, backend=backend)  # [B, TQ, HQ, top_k]
-    return select_from_hits(hits.reshape(hits.shape[0], -1), middle_len, max_blocks, block_size, offset, backend=backend)
+    if shift is None:
+        middle_len = k_middle.shape[1]
+        hits = score_topk(q, k_middle, top_k, backend=backend)  # [B, TQ, HQ, top_k]
+        return select_from_hits(
+            hits.reshape(hits.shape[0], -1), middle_len, max_blocks, block_size, offset, backend=backend
+        )
+    assert length is not None, "a shifted selection needs the middle's length"
+    hits = score_topk(q, k_middle, top_k, length=length, shift=shift, backend=backend)
+    return select_from_hits(
+        hits.reshape(hits.shape[0], -1), length, max_blocks, block_size, offset,
+        shift=shift, max_middle_len=k_middle.shape[1], backend=backend,
+    )  # fmt: skip

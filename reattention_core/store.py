@@ -116,6 +116,34 @@ class KVStore:
         self._lengths[layer] = end
         return end
 
+    def append_shifted(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor, shift: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`append` inside a recorded CUDA-graph step: write at ``length + shift[0]`` (device index).
+
+        The host length advances as if the write happened at ``length``; the graph runner
+        (`reattention_core.cuda_graph`) keeps the host lengths right at replay time (`advance`).
+
+        Returns:
+            ``(keys, values)``: the layer's whole buffers ``[B, capacity, H, D]`` (the attention reads
+            the stored rows through shifted lengths).
+        """
+        keys, values = self._keys[layer], self._values[layer]
+        start, tq = self._lengths[layer], k.shape[1]
+        if keys is None or values is None or start + tq > keys.shape[1]:
+            raise RuntimeError("a shifted append needs a layer whose buffers already hold the room (reserve first)")
+        pos = torch.arange(start, start + tq, device=keys.device) + shift
+        keys.index_copy_(1, pos, k.to(keys.dtype))
+        values.index_copy_(1, pos, v.to(values.dtype))
+        self._lengths[layer] = start + tq
+        return keys, values
+
+    def advance(self, tokens: int) -> None:
+        """Count ``tokens`` more tokens in every layer: a replayed CUDA-graph step wrote them."""
+        if any(n + tokens > self.capacity(i) for i, n in enumerate(self._lengths)):
+            raise RuntimeError(f"advancing by {tokens} tokens would pass the store's capacity")
+        self._lengths = [n + tokens for n in self._lengths]
+
     def view(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(keys, values)`` views ``[B, T, H, D]`` of what ``layer`` holds."""
         keys, values = self._keys[layer], self._values[layer]

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from reattention_core import offload
+from reattention_core import cuda_graph, offload
 from reattention_core.attention import reattention_attention
 from reattention_core.config import ReAttentionConfig
 from reattention_core.rope import RopeSpec
@@ -54,6 +54,7 @@ def reattention_attention_forward(
             query.transpose(1, 2), store, layer, runtime.config, runtime.rope, scaling, backend=runtime.backend
         )
         return out, None
+    step = cuda_graph.current()
     out = reattention_attention(
         query.transpose(1, 2),
         key.transpose(1, 2),
@@ -62,5 +63,7 @@ def reattention_attention_forward(
         runtime.rope,
         scaling,
         backend=runtime.backend,
+        total=None if step is None else step.total,
+        shift=None if step is None else step.shift,
     )
     return out, None

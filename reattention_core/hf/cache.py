@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from reattention_core import offload
+from reattention_core import cuda_graph, offload
 from reattention_core.hf import _compat
 from reattention_core.store import KVStore
 
@@ -37,6 +37,14 @@ class ReAttentionLayer(_CacheLayerMixin):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        step = cuda_graph.current()
+        if step is not None:  # a recorded (or shifted eager) decode step: write at a device index
+            keys, values = self.store.append_shifted(
+                self.layer_idx, key_states.transpose(1, 2), value_states.transpose(1, 2), step.shift
+            )
+            step.total = self.store.length(self.layer_idx)
+            self.keys, self.values = keys.transpose(1, 2), values.transpose(1, 2)
+            return self.keys, self.values
         keys, values = self.store.append(self.layer_idx, key_states.transpose(1, 2), value_states.transpose(1, 2))
         self.keys, self.values = keys.transpose(1, 2), values.transpose(1, 2)
         if isinstance(self.store, offload.OffloadedStore):  # host tensors: the attention call reads the store

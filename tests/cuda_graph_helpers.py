@@ -1,0 +1,49 @@
+"""Decode a tiny model three ways (eager steps, emulated replays, a recorded CUDA graph) for the
+decode-graph tests in `tests/test_cuda_graph.py` and `tests/kernels/test_cuda_graph_kernels.py`."""
+
+from __future__ import annotations
+
+import torch
+
+from reattention_core import ReAttentionCache, ReAttentionConfig, enable_reattention
+from reattention_core.cuda_graph import DecodeGraph
+from reattention_core.prefill import run_prefill
+from reattention_core.store import KVStore
+
+CFG = ReAttentionConfig(sink_size=4, block_size=4, top_k=2, max_blocks=3, local_window=12, prefill_chunk_size=8)
+
+
+def decode(model, ids: torch.Tensor, steps: int, how: str, *, backend: str, cfg: ReAttentionConfig = CFG):
+    """Greedy decode ``steps`` tokens after ``ids [1, N]``.
+
+    Returns:
+        ``(tokens, logits [steps, V], store, replays)``: ``how`` is ``"eager"``, ``"emulated"``
+        (`DecodeGraph(record=False)`) or ``"graph"`` (recorded; CUDA only).
+    """
+    device = next(model.parameters()).device
+    ids = ids.to(device)
+    max_length = ids.shape[1] + steps
+    with torch.inference_mode(), enable_reattention(model, cfg, backend=backend):
+        store = KVStore(model.config.num_hidden_layers)
+        store.reserve(max_length)
+        cache = ReAttentionCache(store)
+        logits = run_prefill(model, ids, cache, cfg.prefill_chunk_size)
+        graph = None if how == "eager" else DecodeGraph(model, cache, cfg, max_length, record=how == "graph")
+        tokens, rows = [], []
+        for _ in range(steps):
+            token = int(logits[0].argmax())
+            tokens.append(token)
+            if graph is None:
+                out = model(input_ids=torch.tensor([[token]], device=device), past_key_values=cache, use_cache=True)
+                logits = out.logits[:, -1].float()
+            else:
+                logits = graph.step(token)
+            rows.append(logits[0].clone())
+    return tokens, torch.stack(rows), store, 0 if graph is None else graph.replays
+
+
+def assert_same_store(a: KVStore, b: KVStore, **tol) -> None:
+    assert a.min_length() == b.min_length() and a.length(0) == b.length(0)
+    for layer in range(a.num_layers):
+        for x, y in zip(a.view(layer), b.view(layer)):
+            torch.testing.assert_close(x, y, **tol)
