@@ -66,12 +66,15 @@ def run_engine(
     ids: torch.Tensor,
     decode: int,
     progress: bool = False,
-    graphs: bool = True,
-) -> dict:
+    graphs: tuple[bool, ...] = (True,),
+) -> tuple[dict, list[dict]]:
+    """Prefill ``ids`` once, then time ``decode`` steps per entry of ``graphs`` (CUDA graph on or off)
+    on the same store. Returns the shared row and one ``{decode_ms_per_token, cuda_graph}`` per entry."""
     model = engine.model
+    decodes = []
     with torch.inference_mode(), enable_reattention(model, cfg, backend=engine.backend):
         # the engine's own store: on the device, or offloaded (--stores values | host)
-        max_length = ids.shape[1] + decode + 1
+        max_length = ids.shape[1] + len(graphs) * (decode + 1) + 1
         store = engine._fresh_store(max_length)
         cache = ReAttentionCache(store)
         sync()
@@ -79,19 +82,25 @@ def run_engine(
         logits = run_prefill(model, ids, cache, cfg.prefill_chunk_size, progress=progress)
         sync()
         prefill = time.perf_counter() - t0
-        graph = engine._decode_graph(cache, max_length, decode + 1, cfg) if graphs else None
-        step_ms = time_engine_decode(engine, cache, logits, decode, graph)
-    row = {"prefill_s": prefill, "decode_ms_per_token": step_ms, "cuda_graph": graph is not None and graph.replays > 0,
-           "kv_bytes": store.nbytes(),
+        for use in graphs:
+            graph = engine._decode_graph(cache, max_length, decode + 1, cfg) if use else None
+            logits, step_ms = time_engine_decode(engine, cache, logits, decode, graph)
+            decodes.append({"decode_ms_per_token": step_ms, "cuda_graph": graph is not None and graph.replays > 0})
+            del graph  # its memory pool goes before the next setting is timed
+    row = {"prefill_s": prefill, "kv_bytes": store.nbytes(),
            "kv_host_bytes": store.nbytes("cpu") if engine.device.type == "cuda" else None}
     if isinstance(store, OffloadedStore) and store.bounds:  # the share of bounded blocks that selections read
         row["offload_read_share"] = store.fetched_blocks / max(1, store.bounded_blocks)
-    return row
+    if cfg.mode != "full" and engine.device.type == "cuda":
+        row.update(key_read_floor(store, cfg, ids.shape[1]))
+    return row, decodes
 
 
-def time_engine_decode(engine: ReAttentionEngine, cache: object, logits: torch.Tensor, steps: int, graph) -> float:
+def time_engine_decode(
+    engine: ReAttentionEngine, cache: object, logits: torch.Tensor, steps: int, graph
+) -> tuple[torch.Tensor, float]:
     """Milliseconds per greedy decode step of the engine's own step (a CUDA graph when ``graph``),
-    after one untimed step (which records the graph)."""
+    after one untimed step (which records the graph). Returns the last logits (a copy) too."""
     token = int(logits.reshape(-1, logits.shape[-1])[-1].argmax())
     logits = engine._decode_step(token, cache, graph)
     sync()
@@ -99,7 +108,38 @@ def time_engine_decode(engine: ReAttentionEngine, cache: object, logits: torch.T
     for _ in range(steps):
         logits = engine._decode_step(int(logits[0].argmax()), cache, graph)
     sync()
-    return (time.perf_counter() - t0) / max(1, steps) * 1000
+    return logits.clone(), (time.perf_counter() - t0) / max(1, steps) * 1000
+
+
+_COPY_GBPS: float | None = None
+
+
+def hbm_copy_bandwidth() -> float:
+    """GB/s of a 2 GiB device-to-device copy (bytes read + written), best of 10, measured once."""
+    global _COPY_GBPS
+    if _COPY_GBPS is None:
+        src = torch.empty(2**30, dtype=torch.int16, device="cuda")
+        dst = torch.empty_like(src)
+        best = float("inf")
+        for _ in range(10):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            dst.copy_(src)
+            end.record()
+            end.synchronize()
+            best = min(best, start.elapsed_time(end) / 1000)
+        _COPY_GBPS = 2 * src.numel() * src.element_size() / best / 1e9
+        del src, dst
+    return _COPY_GBPS
+
+
+def key_read_floor(store: object, cfg: ReAttentionConfig, tokens: int) -> dict:
+    """The decode goal's floor: time to read every layer's middle keys once at the copy bandwidth."""
+    keys = store.view(0)[0]  # [B, T, H, D]
+    middle = max(0, tokens - cfg.sink_size - cfg.local_window)
+    nbytes = store.num_layers * keys.shape[0] * middle * keys.shape[2] * keys.shape[3] * keys.element_size()
+    gbps = hbm_copy_bandwidth()
+    return {"middle_key_bytes": nbytes, "hbm_copy_gbps": round(gbps, 1), "key_read_floor_ms": nbytes / gbps / 1e6}
 
 
 def time_decode(model: torch.nn.Module, cache: object, logits: torch.Tensor, steps: int) -> float:
@@ -194,12 +234,11 @@ def main(argv: list[str] | None = None) -> int:
     for mode in args.modes:
         for store in args.stores if mode != "hf" else ():
             engine.offload = stores[store]
-            run_engine(engine, base.replace(mode=mode), warm_ids, 2)
-    runs = [(m, st, gr) for m in args.modes for st in (args.stores if m != "hf" else ["resident"])
-            for gr in (args.graphs if m != "hf" else ["off"])]
+            run_engine(engine, base.replace(mode=mode), warm_ids, 2, graphs=tuple(g == "on" for g in args.graphs))
+    runs = [(m, st) for m in args.modes for st in (args.stores if m != "hf" else ["resident"])]
     for tokens in args.tokens:
         ids = torch.randint(100, vocab - 100, (1, tokens), generator=torch.Generator().manual_seed(tokens)).to(engine.device)
-        for mode, store, graphs in runs:
+        for mode, store in runs:
             engine.offload = stores[store]
             gc.collect()
             if torch.cuda.is_available():
@@ -210,22 +249,32 @@ def main(argv: list[str] | None = None) -> int:
             if store == "host":
                 row["offload"] = {"block": engine.offload.block, "budget": engine.offload.budget,
                                   "refine": engine.offload.refine}
+            decodes = [{}]
             try:
                 if mode == "hf":
                     row.update(run_hf(engine, ids, args.decode))
                 else:
                     cfg = base.replace(mode=mode)
                     row["config"] = cfg.to_dict()
-                    row.update(run_engine(engine, cfg, ids, args.decode, args.progress, graphs == "on"))
+                    shared, decodes = run_engine(
+                        engine, cfg, ids, args.decode, args.progress, tuple(g == "on" for g in args.graphs)
+                    )
+                    row.update(shared)
                 row["prefill_tok_per_s"] = tokens / row["prefill_s"]
             except (torch.cuda.OutOfMemoryError, StoreMemoryError) as exc:  # full attention runs out first
                 row["error"] = f"out of memory: {str(exc).splitlines()[0]}"
+                decodes = [{}]
             if torch.cuda.is_available():
                 row["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
-            with args.out.open("a") as f:
-                f.write(json.dumps(row) + "\n")
-            shown = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items() if k not in env and k != "config"}
-            print(json.dumps(shown), flush=True)
+            for decoded in decodes:  # one row per decode setting; prefill and memory are shared
+                out = {**row, **decoded}
+                if "key_read_floor_ms" in out and "decode_ms_per_token" in out:
+                    out["decode_over_floor"] = out["decode_ms_per_token"] / out["key_read_floor_ms"]
+                with args.out.open("a") as f:
+                    f.write(json.dumps(out) + "\n")
+                shown = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in out.items()
+                         if k not in env and k != "config"}
+                print(json.dumps(shown), flush=True)
     return 0
 
 
