@@ -358,6 +358,30 @@ def test_corpus_of_size_and_truncation_follow_token_counts():
     assert truncate_records(corpus.records, 5, count) == (0, "")
 
 
+def test_in_context_prompts_hold_every_supporting_record_once_and_whole():
+    # The in-context modes' failures on facts-v2 (docs/results.md, "Why the model fails in context")
+    # are not a prompt bug: each question's records are in its prompt, verbatim, once, before the
+    # question, and truncation keeps exactly the records it reports.
+    from reattention_core.evaluation.qa import render_prompt
+
+    count = lambda text: len(text.encode())
+
+    class Plain:  # no chat template: render_prompt joins context, question and prefix
+        chat_template = None
+
+    corpus, _ = corpus_of_size(8000, 8, seed=0, count=count)
+    assert corpus == corpus_of_size(8000, 8, seed=0, count=count)[0]  # deterministic per seed
+    kept, truncated = truncate_records(corpus.records, 4000, count)
+    assert 0 < kept < len(corpus.records)
+    for q in corpus.questions:
+        prompt = render_prompt(Plain(), corpus.text, q.text, q.answer_prefix)
+        assert prompt.endswith(f"\n\n{q.text}\n\n{q.answer_prefix}")
+        for i in q.support:
+            assert prompt.count(corpus.records[i] + "\n\n") == 1
+            assert prompt.index(corpus.records[i]) < prompt.index(q.text)
+            assert (corpus.records[i] in truncated.split("\n\n")) == (i < kept)
+
+
 def test_bm25_retriever_is_a_langchain_retriever_that_finds_the_person():
     from langchain_core.retrievers import BaseRetriever
 
