@@ -66,34 +66,35 @@ def run_engine(
     ids: torch.Tensor,
     decode: int,
     progress: bool = False,
-    graphs: tuple[bool, ...] = (True,),
-) -> tuple[dict, list[dict]]:
-    """Prefill ``ids`` once, then time ``decode`` steps per entry of ``graphs`` (CUDA graph on or off)
-    on the same store. Returns the shared row and one ``{decode_ms_per_token, cuda_graph}`` per entry."""
+    graphs: bool = True,
+) -> dict:
+    """Prefill ``ids``, then time ``decode`` greedy steps, through the engine's CUDA graphs (where
+    they apply) or without them."""
     model = engine.model
-    decodes = []
     with torch.inference_mode(), enable_reattention(model, cfg, backend=engine.backend):
         # the engine's own store: on the device, or offloaded (--stores values | host)
-        max_length = ids.shape[1] + len(graphs) * (decode + 1) + 1
+        max_length = ids.shape[1] + decode + 1
         store = engine._fresh_store(max_length)
         cache = ReAttentionCache(store)
+        chunks = engine._prefill_graph(cache, ids.shape[1], max_length, cfg) if graphs else None
         sync()
         t0 = time.perf_counter()
-        logits = run_prefill(model, ids, cache, cfg.prefill_chunk_size, progress=progress)
+        logits = run_prefill(model, ids, cache, cfg.prefill_chunk_size, progress=progress, graph=chunks)
         sync()
         prefill = time.perf_counter() - t0
-        for use in graphs:
-            graph = engine._decode_graph(cache, max_length, decode + 1, cfg) if use else None
-            logits, step_ms = time_engine_decode(engine, cache, logits, decode, graph)
-            decodes.append({"decode_ms_per_token": step_ms, "cuda_graph": graph is not None and graph.replays > 0})
-            del graph  # its memory pool goes before the next setting is timed
-    row = {"prefill_s": prefill, "kv_bytes": store.nbytes(),
-           "kv_host_bytes": store.nbytes("cpu") if engine.device.type == "cuda" else None}
+        prefill_graph = chunks is not None and chunks.replays > 0
+        del chunks  # its memory pool goes before decoding
+        graph = engine._decode_graph(cache, max_length, decode + 1, cfg) if graphs else None
+        logits, step_ms = time_engine_decode(engine, cache, logits, decode, graph)
+    row = {"prefill_s": prefill, "decode_ms_per_token": step_ms, "prefill_graph": prefill_graph,
+           "cuda_graph": graph is not None and graph.replays > 0,
+           "kv_bytes": store.nbytes(), "kv_host_bytes": store.nbytes("cpu") if engine.device.type == "cuda" else None}
     if isinstance(store, OffloadedStore) and store.bounds:  # the share of bounded blocks that selections read
         row["offload_read_share"] = store.fetched_blocks / max(1, store.bounded_blocks)
     if cfg.mode != "full" and engine.device.type == "cuda":
         row.update(key_read_floor(store, cfg, ids.shape[1]))
-    return row, decodes
+        row["decode_over_floor"] = step_ms / row["key_read_floor_ms"]
+    return row
 
 
 def time_engine_decode(
@@ -230,15 +231,20 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     vocab = engine.model.config.vocab_size
     # Compile every Triton kernel variant before anything is timed (a short run in each mode).
-    warm_ids = torch.randint(100, vocab - 100, (1, 2 * base.local_window + 64)).to(engine.device)
+    # Long enough that prefill and decode go through their CUDA graphs too (their shifted kernels compile).
+    chunk = base.prefill_chunk_size
+    warm = base.sink_size + max(base.local_window, chunk) + 6 * chunk + 64
+    warm_ids = torch.randint(100, vocab - 100, (1, warm)).to(engine.device)
     for mode in args.modes:
         for store in args.stores if mode != "hf" else ():
             engine.offload = stores[store]
-            run_engine(engine, base.replace(mode=mode), warm_ids, 2, graphs=tuple(g == "on" for g in args.graphs))
-    runs = [(m, st) for m in args.modes for st in (args.stores if m != "hf" else ["resident"])]
+            for graphs in args.graphs:
+                run_engine(engine, base.replace(mode=mode), warm_ids, 5, graphs=graphs == "on")
+    runs = [(m, st, gr) for m in args.modes for st in (args.stores if m != "hf" else ["resident"])
+            for gr in (args.graphs if m != "hf" else ["off"])]
     for tokens in args.tokens:
         ids = torch.randint(100, vocab - 100, (1, tokens), generator=torch.Generator().manual_seed(tokens)).to(engine.device)
-        for mode, store in runs:
+        for mode, store, graphs in runs:
             engine.offload = stores[store]
             gc.collect()
             if torch.cuda.is_available():
@@ -249,32 +255,22 @@ def main(argv: list[str] | None = None) -> int:
             if store == "host":
                 row["offload"] = {"block": engine.offload.block, "budget": engine.offload.budget,
                                   "refine": engine.offload.refine}
-            decodes = [{}]
             try:
                 if mode == "hf":
                     row.update(run_hf(engine, ids, args.decode))
                 else:
                     cfg = base.replace(mode=mode)
                     row["config"] = cfg.to_dict()
-                    shared, decodes = run_engine(
-                        engine, cfg, ids, args.decode, args.progress, tuple(g == "on" for g in args.graphs)
-                    )
-                    row.update(shared)
+                    row.update(run_engine(engine, cfg, ids, args.decode, args.progress, graphs == "on"))
                 row["prefill_tok_per_s"] = tokens / row["prefill_s"]
             except (torch.cuda.OutOfMemoryError, StoreMemoryError) as exc:  # full attention runs out first
                 row["error"] = f"out of memory: {str(exc).splitlines()[0]}"
-                decodes = [{}]
             if torch.cuda.is_available():
                 row["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
-            for decoded in decodes:  # one row per decode setting; prefill and memory are shared
-                out = {**row, **decoded}
-                if "key_read_floor_ms" in out and "decode_ms_per_token" in out:
-                    out["decode_over_floor"] = out["decode_ms_per_token"] / out["key_read_floor_ms"]
-                with args.out.open("a") as f:
-                    f.write(json.dumps(out) + "\n")
-                shown = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in out.items()
-                         if k not in env and k != "config"}
-                print(json.dumps(shown), flush=True)
+            with args.out.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            shown = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items() if k not in env and k != "config"}
+            print(json.dumps(shown), flush=True)
     return 0
 
 

@@ -22,7 +22,7 @@ import torch
 
 from reattention_core import tokenization
 from reattention_core.config import ReAttentionConfig
-from reattention_core.cuda_graph import DecodeGraph, graphs_enabled
+from reattention_core.cuda_graph import StepGraph, graphs_enabled
 from reattention_core.decoding import Sampler, SamplingParams, TextAssembler
 from reattention_core.embedded import EMBEDDED_NAME, embedded_model_file, preset_for
 from reattention_core.errors import (
@@ -46,7 +46,7 @@ Prompt = str | Sequence[Mapping[str, Any]]
 CHAT_ROLES = ("system", "user", "assistant")
 # Between the context and the question when `context=` is given.
 CONTEXT_SEPARATOR = "\n\n"
-# A decode graph costs about three eager steps (warm-up, recording, first replay); fewer steps run eagerly.
+# A step graph costs about three eager steps (warm-up, recording, first replay); fewer steps run eagerly.
 _GRAPH_MIN_STEPS = 4
 _QUESTION_SENTINEL = "\ue000\ue001question\ue001\ue000"
 
@@ -425,6 +425,7 @@ class ReAttentionEngine:
                     self.model, input_ids, cache, self.config.prefill_chunk_size, start=cached, progress=progress,
                     on_chunk=run.on_chunk if run is not None else None,
                     breaks=() if boundary is None else (boundary,),
+                    graph=self._prefill_graph(cache, len(ids) - cached, len(ids) + params.max_new_tokens),
                 )
                 graph = self._decode_graph(cache, len(ids) + params.max_new_tokens, params.max_new_tokens - 1)
                 for step in range(params.max_new_tokens):
@@ -525,6 +526,7 @@ class ReAttentionEngine:
                     run_prefill(
                         self.model, input_ids, cache, self.config.prefill_chunk_size, start=run.cached_tokens,
                         last_alone=False, progress=progress, desc="prefill (cache)", on_chunk=run.on_chunk,
+                        graph=self._prefill_graph(cache, stored - run.cached_tokens, stored),
                     )
             finally:
                 run.finish()
@@ -542,19 +544,29 @@ class ReAttentionEngine:
         (a second or so per kernel variant). A server calls this at start-up so the first real
         question does not pay it. The prompt is long enough to exercise a full prefill chunk with
         selection, a partial one, the last token alone and ``decode_steps`` decode steps; it
-        bypasses the prefix cache.
+        bypasses the prefix cache. Where CUDA graphs apply, the prompt and the decode are long enough
+        to record a prefill graph and a decode graph as well.
         """
         cfg = self.config
         chunk = cfg.prefill_chunk_size
         n = cfg.sink_size + cfg.local_window + chunk + chunk // 2 + 2
+        probe = ReAttentionCache(self._new_store(1))
+        if self._step_graph(probe, n, 1, cfg) is not None:
+            # CUDA graphs apply: run enough prefill chunks and decode steps to record both kinds,
+            # so their shifted kernel variants are compiled here too
+            n = cfg.sink_size + max(cfg.local_window, chunk) + (_GRAPH_MIN_STEPS + 1) * chunk + chunk // 2 + 2
+            decode_steps = max(decode_steps, _GRAPH_MIN_STEPS + 1)
         vocab = int(self.model.config.vocab_size)
         ids = torch.arange(n, device=self.device).remainder(vocab - 1).add(1).unsqueeze(0)
         t0 = time.perf_counter()
         with self._lock, enable_reattention(self.model, cfg, backend=self.backend):
             cache = ReAttentionCache(self._fresh_store(n + decode_steps))
-            logits = run_prefill(self.model, ids, cache, chunk, progress=False)
+            logits = run_prefill(
+                self.model, ids, cache, chunk, progress=False, graph=self._prefill_graph(cache, n, n + decode_steps)
+            )
+            graph = self._decode_graph(cache, n + decode_steps, decode_steps)
             for _ in range(decode_steps):
-                logits = self._decode_step(int(logits[0].argmax()), cache)
+                logits = self._decode_step(int(logits[0].argmax()), cache, graph)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - t0
@@ -580,27 +592,45 @@ class ReAttentionEngine:
         self._prefix.clear(self._fingerprint(), disk=disk, all_fingerprints=all_models)
 
     @torch.inference_mode()
-    def _decode_step(self, token: int, cache: ReAttentionCache, graph: DecodeGraph | None = None) -> torch.Tensor:
+    def _decode_step(self, token: int, cache: ReAttentionCache, graph: StepGraph | None = None) -> torch.Tensor:
         """fp32 logits ``[1, V]`` after feeding one token (through ``graph`` when given)."""
         if graph is not None:
-            return graph.step(token)
+            return graph.step_token(token)
         out = self.model(input_ids=torch.tensor([[token]], device=self.device), past_key_values=cache, use_cache=True)
         return out.logits[:, -1].float()
 
     def _decode_graph(
         self, cache: ReAttentionCache, max_length: int, steps: int, config: ReAttentionConfig | None = None
-    ) -> DecodeGraph | None:
-        """A `DecodeGraph` for this generation's decode steps, or ``None`` where graphs do not apply:
-        off by ``REATTENTION_CUDA_GRAPHS=0``, not on CUDA, the reference kernels, an offloaded store,
-        ``mode="full"``, or too few steps to repay the recording (about three eager steps)."""
+    ) -> StepGraph | None:
+        """A one-token `StepGraph` for ``steps`` decode steps (see `_step_graph`)."""
+        if steps < _GRAPH_MIN_STEPS:
+            return None
+        return self._step_graph(cache, max_length, 1, config)
+
+    def _prefill_graph(
+        self, cache: ReAttentionCache, num_tokens: int, max_length: int, config: ReAttentionConfig | None = None
+    ) -> StepGraph | None:
+        """A `StepGraph` for the full-size chunks of a ``num_tokens`` prefill (see `_step_graph`)."""
         config = config or self.config
-        if steps < _GRAPH_MIN_STEPS or config.mode == "full" or self.device.type != "cuda":
+        chunk = config.prefill_chunk_size
+        shiftable_from = config.sink_size + max(config.local_window, chunk)
+        if (num_tokens - shiftable_from) // chunk < _GRAPH_MIN_STEPS:
+            return None
+        return self._step_graph(cache, max_length, chunk, config)
+
+    def _step_graph(
+        self, cache: ReAttentionCache, max_length: int, tokens: int, config: ReAttentionConfig | None
+    ) -> StepGraph | None:
+        """A `StepGraph`, or ``None`` where graphs do not apply: off by ``REATTENTION_CUDA_GRAPHS=0``,
+        not on CUDA, the reference kernels, an offloaded store or ``mode="full"``."""
+        config = config or self.config
+        if config.mode == "full" or self.device.type != "cuda":
             return None
         if type(cache.store) is not KVStore or not graphs_enabled():
             return None
         if resolve_backend(torch.empty(0, device=self.device), self.backend) != "triton":
             return None
-        return DecodeGraph(self.model, cache, config, max_length)
+        return StepGraph(self.model, cache, config, max_length, tokens=tokens)
 
     def _new_store(self, num_layers: int) -> KVStore:
         if self.offload is None:

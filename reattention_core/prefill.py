@@ -56,6 +56,7 @@ def run_prefill(
     desc: str = "prefill",
     on_chunk: Callable[[int], None] | None = None,
     breaks: Sequence[int] = (),
+    graph: object | None = None,
 ) -> torch.Tensor | None:
     """Run ``input_ids [1, N]`` through ``model`` chunk by chunk, appending to ``cache``.
 
@@ -69,6 +70,8 @@ def run_prefill(
         on_chunk: called with the end offset after each chunk has been appended to ``cache``.
         breaks: chunk-grid restarts (see `plan_prefill`); a cache warmed up to a break and a
             later prompt resuming there must use the same breaks.
+        graph: a `reattention_core.cuda_graph.StepGraph` over ``cache`` with steps of
+            ``chunk_size`` tokens: full-size chunks are replayed from it (the others run eagerly).
 
     Returns:
         torch.Tensor: fp32 logits ``[1, V]`` of the last prompt token (``None`` only when
@@ -90,8 +93,11 @@ def run_prefill(
     logits = None
     with tqdm(total=n, initial=start, desc=desc, unit="tok", disable=not show, leave=False) as bar:
         for s, e in chunks:
-            out = model(input_ids=input_ids[:, s:e], past_key_values=cache, use_cache=True, logits_to_keep=1)
-            logits = out.logits[:, -1]
+            if graph is not None:
+                logits = graph.step(input_ids[:, s:e])  # type: ignore[attr-defined]
+            else:
+                out = model(input_ids=input_ids[:, s:e], past_key_values=cache, use_cache=True, logits_to_keep=1)
+                logits = out.logits[:, -1]
             if on_chunk is not None:
                 on_chunk(e)
             bar.update(e - s)

@@ -1,12 +1,12 @@
-"""Decode a tiny model three ways (eager steps, emulated replays, a recorded CUDA graph) for the
-decode-graph tests in `tests/test_cuda_graph.py` and `tests/kernels/test_cuda_graph_kernels.py`."""
+"""Prefill and decode a tiny model three ways (eager steps, emulated replays, recorded CUDA graphs)
+for the step-graph tests in `tests/test_cuda_graph.py` and `tests/kernels/test_cuda_graph_kernels.py`."""
 
 from __future__ import annotations
 
 import torch
 
 from reattention_core import ReAttentionCache, ReAttentionConfig, enable_reattention
-from reattention_core.cuda_graph import DecodeGraph
+from reattention_core.cuda_graph import StepGraph
 from reattention_core.prefill import run_prefill
 from reattention_core.store import KVStore
 
@@ -14,21 +14,25 @@ CFG = ReAttentionConfig(sink_size=4, block_size=4, top_k=2, max_blocks=3, local_
 
 
 def decode(model, ids: torch.Tensor, steps: int, how: str, *, backend: str, cfg: ReAttentionConfig = CFG):
-    """Greedy decode ``steps`` tokens after ``ids [1, N]``.
+    """Prefill ``ids [1, N]``, then greedy-decode ``steps`` tokens.
 
     Returns:
-        ``(tokens, logits [steps, V], store, replays)``: ``how`` is ``"eager"``, ``"emulated"``
-        (`DecodeGraph(record=False)`) or ``"graph"`` (recorded; CUDA only).
+        ``(tokens, logits [steps, V], store, decode replays, prefill replays)``: ``how`` is
+        ``"eager"``, ``"emulated"`` (`StepGraph(record=False)`) or ``"graph"`` (recorded; CUDA only).
     """
     device = next(model.parameters()).device
     ids = ids.to(device)
     max_length = ids.shape[1] + steps
+    record = how == "graph"
     with torch.inference_mode(), enable_reattention(model, cfg, backend=backend):
         store = KVStore(model.config.num_hidden_layers)
         store.reserve(max_length)
         cache = ReAttentionCache(store)
-        logits = run_prefill(model, ids, cache, cfg.prefill_chunk_size)
-        graph = None if how == "eager" else DecodeGraph(model, cache, cfg, max_length, record=how == "graph")
+        chunks = None
+        if how != "eager":
+            chunks = StepGraph(model, cache, cfg, max_length, tokens=cfg.prefill_chunk_size, record=record)
+        logits = run_prefill(model, ids, cache, cfg.prefill_chunk_size, graph=chunks)
+        graph = None if how == "eager" else StepGraph(model, cache, cfg, max_length, record=record)
         tokens, rows = [], []
         for _ in range(steps):
             token = int(logits[0].argmax())
@@ -37,9 +41,9 @@ def decode(model, ids: torch.Tensor, steps: int, how: str, *, backend: str, cfg:
                 out = model(input_ids=torch.tensor([[token]], device=device), past_key_values=cache, use_cache=True)
                 logits = out.logits[:, -1].float()
             else:
-                logits = graph.step(token)
+                logits = graph.step_token(token)
             rows.append(logits[0].clone())
-    return tokens, torch.stack(rows), store, 0 if graph is None else graph.replays
+    return tokens, torch.stack(rows), store, 0 if graph is None else graph.replays, 0 if chunks is None else chunks.replays
 
 
 def assert_same_store(a: KVStore, b: KVStore, **tol) -> None:

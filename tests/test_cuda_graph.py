@@ -1,6 +1,7 @@
-"""Decode graphs: the shifted step (what a CUDA-graph replay runs) equals ordinary decode steps.
+"""Step graphs: the shifted step (what a CUDA-graph replay runs) equals ordinary prefill chunks and
+decode steps.
 
-On CPU the replays are emulated eagerly with the reference kernels (`DecodeGraph(record=False)`):
+On CPU the replays are emulated eagerly with the reference kernels (`StepGraph(record=False)`):
 the host passes the lengths of the first shiftable step and ``shift`` carries the growth, exactly
 the arguments a replay sees. The Triton kernels and real recordings are tested in
 `tests/kernels/test_cuda_graph_kernels.py`.
@@ -12,12 +13,12 @@ import pytest
 import torch
 
 from reattention_core import ReAttentionEngine
-from reattention_core.cuda_graph import DecodeGraph, current, graphs_enabled, shifted
+from reattention_core.cuda_graph import StepGraph, current, graphs_enabled, shifted
 from tests.cuda_graph_helpers import CFG, assert_same_store, decode
 from tests.helpers import ByteTokenizer, random_ids, tiny_model
 
-# (prompt tokens, decode steps): well past sink + local window; and starting below it, so the
-# first steps run eagerly and the shifted ones start midway
+# (prompt tokens, decode steps): prefill chunks past sink + local window are replayed, then decode
+# steps; a short prompt whose first decode steps run eagerly and the shifted ones start midway
 CASES = [(70, 12), (9, 20)]
 
 
@@ -32,6 +33,10 @@ def test_emulated_replays_equal_eager_decode(tiny_arch, n, steps):
     assert_same_store(emulated[2], eager[2], atol=0, rtol=0)
     shiftable_steps = sum(1 for i in range(steps) if n + i + 1 > CFG.sink_size + CFG.local_window)
     assert emulated[3] == shiftable_steps > 0  # the shifted path ran, and only where it applies
+    # full-size prefill chunks (the last token runs alone) whose end is past sink + local window
+    chunk = CFG.prefill_chunk_size
+    full_chunks = [s for s in range(0, n - 1, chunk) if s + chunk <= n - 1]
+    assert emulated[4] == sum(1 for s in full_chunks if s + chunk > CFG.sink_size + CFG.local_window)
 
 
 def test_shifted_context_is_scoped():
@@ -59,9 +64,9 @@ def test_recording_needs_cuda_and_a_resident_store():
     from reattention_core.store import KVStore
 
     with pytest.raises(ValueError, match="CUDA"):
-        DecodeGraph(model, ReAttentionCache(KVStore(2)), CFG, 64)
+        StepGraph(model, ReAttentionCache(KVStore(2)), CFG, 64)
     with pytest.raises(TypeError, match="resident KVStore"):
-        DecodeGraph(model, ReAttentionCache(OffloadedStore(2, OffloadConfig(), torch.device("cpu"))), CFG, 64)
+        StepGraph(model, ReAttentionCache(OffloadedStore(2, OffloadConfig(), torch.device("cpu"))), CFG, 64)
 
 
 def test_engine_uses_no_graph_off_cuda():
@@ -70,3 +75,14 @@ def test_engine_uses_no_graph_off_cuda():
     from reattention_core.store import KVStore
 
     assert engine._decode_graph(ReAttentionCache(KVStore(2)), 100, 50) is None
+    assert engine._prefill_graph(ReAttentionCache(KVStore(2)), 1000, 1100) is None
+
+
+def test_a_graph_runs_steps_of_its_own_size_only():
+    model = tiny_model("llama")
+    from reattention_core import ReAttentionCache
+    from reattention_core.store import KVStore
+
+    graph = StepGraph(model, ReAttentionCache(KVStore(2)), CFG, 64, tokens=8, record=False)
+    with pytest.raises(ValueError, match="8 tokens"):
+        graph.step_token(5)
