@@ -85,7 +85,7 @@ def run_engine(
         prefill_graph = chunks is not None and chunks.replays > 0
         del chunks  # its memory pool goes before decoding
         graph = engine._decode_graph(cache, max_length, decode + 1, cfg) if graphs else None
-        logits, step_ms = time_engine_decode(engine, cache, logits, decode, graph)
+        step_ms = time_engine_decode(engine, cache, logits, decode, graph)
     row = {"prefill_s": prefill, "decode_ms_per_token": step_ms, "prefill_graph": prefill_graph,
            "cuda_graph": graph is not None and graph.replays > 0,
            "kv_bytes": store.nbytes(), "kv_host_bytes": store.nbytes("cpu") if engine.device.type == "cuda" else None}
@@ -97,11 +97,9 @@ def run_engine(
     return row
 
 
-def time_engine_decode(
-    engine: ReAttentionEngine, cache: object, logits: torch.Tensor, steps: int, graph
-) -> tuple[torch.Tensor, float]:
+def time_engine_decode(engine: ReAttentionEngine, cache: object, logits: torch.Tensor, steps: int, graph) -> float:
     """Milliseconds per greedy decode step of the engine's own step (a CUDA graph when ``graph``),
-    after one untimed step (which records the graph). Returns the last logits (a copy) too."""
+    after one untimed step (which records the graph)."""
     token = int(logits.reshape(-1, logits.shape[-1])[-1].argmax())
     logits = engine._decode_step(token, cache, graph)
     sync()
@@ -109,7 +107,7 @@ def time_engine_decode(
     for _ in range(steps):
         logits = engine._decode_step(int(logits[0].argmax()), cache, graph)
     sync()
-    return logits.clone(), (time.perf_counter() - t0) / max(1, steps) * 1000
+    return (time.perf_counter() - t0) / max(1, steps) * 1000
 
 
 _COPY_GBPS: float | None = None

@@ -77,15 +77,11 @@ def select_for_plan(
     """
     if not plan.select:
         return no_selection(q.shape[0], q.device)
-    if shift is not None:
-        local = plan.total - plan.local_start
-        return select_blocks(
-            q, k[:, plan.sink_len : k.shape[1] - local], top_k=cfg.top_k, max_blocks=cfg.max_blocks,
-            block_size=cfg.block_size, offset=plan.sink_len, backend=backend, length=plan.middle_len, shift=shift,
-        )  # fmt: skip
+    # shifted: the middle may grow up to the buffer's end less the local window
+    end = plan.local_start if shift is None else k.shape[1] - (plan.total - plan.local_start)
     return select_blocks(
-        q, k[:, plan.sink_len : plan.local_start], top_k=cfg.top_k, max_blocks=cfg.max_blocks,
-        block_size=cfg.block_size, offset=plan.sink_len, backend=backend,
+        q, k[:, plan.sink_len : end], top_k=cfg.top_k, max_blocks=cfg.max_blocks, block_size=cfg.block_size,
+        offset=plan.sink_len, backend=backend, length=None if shift is None else plan.middle_len, shift=shift,
     )  # fmt: skip
 
 

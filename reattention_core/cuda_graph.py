@@ -133,14 +133,11 @@ class StepGraph:
         if self.tokens != 1:
             raise ValueError(f"this graph runs steps of {self.tokens} tokens, not one")
         self.ids.fill_(token)  # a kernel with the id as its argument: no host-to-device copy
-        return self._run(self.ids)
+        return self.step(self.ids)
 
     def step(self, ids: torch.Tensor) -> torch.Tensor:
         """Feed ``ids [1, T]`` (on the model's device); returns fp32 logits ``[1, V]`` of the last
         one (a buffer the next step overwrites)."""
-        return self._run(ids)
-
-    def _run(self, ids: torch.Tensor) -> torch.Tensor:
         n, tq = self.store.min_length(), ids.shape[1]
         if tq != self.tokens or n + tq > self.max_length or not shiftable(plan_scope(self.config, n + tq, tq)):
             return self._forward(ids)

@@ -550,8 +550,7 @@ class ReAttentionEngine:
         cfg = self.config
         chunk = cfg.prefill_chunk_size
         n = cfg.sink_size + cfg.local_window + chunk + chunk // 2 + 2
-        probe = ReAttentionCache(self._new_store(1))
-        if self._step_graph(probe, n, 1, cfg) is not None:
+        if self._graphs_apply(self._new_store(1), cfg):
             # CUDA graphs apply: run enough prefill chunks and decode steps to record both kinds,
             # so their shifted kernel variants are compiled here too
             n = cfg.sink_size + max(cfg.local_window, chunk) + (_GRAPH_MIN_STEPS + 1) * chunk + chunk // 2 + 2
@@ -621,16 +620,20 @@ class ReAttentionEngine:
     def _step_graph(
         self, cache: ReAttentionCache, max_length: int, tokens: int, config: ReAttentionConfig | None
     ) -> StepGraph | None:
-        """A `StepGraph`, or ``None`` where graphs do not apply: off by ``REATTENTION_CUDA_GRAPHS=0``,
-        not on CUDA, the reference kernels, an offloaded store or ``mode="full"``."""
+        """A `StepGraph`, or ``None`` where graphs do not apply (`_graphs_apply`)."""
         config = config or self.config
-        if config.mode == "full" or self.device.type != "cuda":
-            return None
-        if type(cache.store) is not KVStore or not graphs_enabled():
-            return None
-        if resolve_backend(torch.empty(0, device=self.device), self.backend) != "triton":
+        if not self._graphs_apply(cache.store, config):
             return None
         return StepGraph(self.model, cache, config, max_length, tokens=tokens)
+
+    def _graphs_apply(self, store: KVStore, config: ReAttentionConfig) -> bool:
+        """False when graphs are off (``REATTENTION_CUDA_GRAPHS=0``), off CUDA, on the reference
+        kernels, for an offloaded store or with ``mode="full"``."""
+        if config.mode == "full" or self.device.type != "cuda":
+            return False
+        if type(store) is not KVStore or not graphs_enabled():
+            return False
+        return resolve_backend(torch.empty(0, device=self.device), self.backend) == "triton"
 
     def _new_store(self, num_layers: int) -> KVStore:
         if self.offload is None:

@@ -49,15 +49,9 @@ def select_blocks(
         ``(sel, n_sel)`` as in `expand_blocks`, positions relative to the middle's start plus
         ``offset`` (padding entries equal ``offset``).
     """
-    if shift is None:
-        middle_len = k_middle.shape[1]
-        hits = score_topk(q, k_middle, top_k, backend=backend)  # [B, TQ, HQ, top_k]
-        return select_from_hits(
-            hits.reshape(hits.shape[0], -1), middle_len, max_blocks, block_size, offset, backend=backend
-        )
-    assert length is not None, "a shifted selection needs the middle's length"
-    hits = score_topk(q, k_middle, top_k, length=length, shift=shift, backend=backend)
+    middle_len = k_middle.shape[1] if length is None else length
+    hits = score_topk(q, k_middle, top_k, length=length, shift=shift, backend=backend)  # [B, TQ, HQ, top_k]
     return select_from_hits(
-        hits.reshape(hits.shape[0], -1), length, max_blocks, block_size, offset,
+        hits.reshape(hits.shape[0], -1), middle_len, max_blocks, block_size, offset,
         shift=shift, max_middle_len=k_middle.shape[1], backend=backend,
     )  # fmt: skip

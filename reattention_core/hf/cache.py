@@ -37,15 +37,13 @@ class ReAttentionLayer(_CacheLayerMixin):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        k, v = key_states.transpose(1, 2), value_states.transpose(1, 2)
         step = cuda_graph.current()
-        if step is not None:  # a recorded (or shifted eager) decode step: write at a device index
-            keys, values = self.store.append_shifted(
-                self.layer_idx, key_states.transpose(1, 2), value_states.transpose(1, 2), step.shift
-            )
+        if step is not None:  # a recorded (or emulated) graph step: write at a device index
+            keys, values = self.store.append_shifted(self.layer_idx, k, v, step.shift)
             step.total = self.store.length(self.layer_idx)
-            self.keys, self.values = keys.transpose(1, 2), values.transpose(1, 2)
-            return self.keys, self.values
-        keys, values = self.store.append(self.layer_idx, key_states.transpose(1, 2), value_states.transpose(1, 2))
+        else:
+            keys, values = self.store.append(self.layer_idx, k, v)
         self.keys, self.values = keys.transpose(1, 2), values.transpose(1, 2)
         if isinstance(self.store, offload.OffloadedStore):  # host tensors: the attention call reads the store
             offload.hand_over(self.store, self.layer_idx)
