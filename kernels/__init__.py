@@ -10,7 +10,7 @@ Public ops, each dispatched (see `dispatch`) to a Triton kernel or its PyTorch r
 **Shifted lengths (for CUDA graphs).** Each op also takes ``shift``: an int64 ``[1]`` tensor on the
 device holding how many tokens the store has gained since the host computed the lengths it passes
 (``length``, ``middle_len``, ``local_start``). The Triton kernels add it on the device, so one
-recorded launch (a CUDA graph of a decode step) stays right at every later store length; the
+recorded launch (a CUDA graph of a decode step or prefill chunk) stays right at every later store length; the
 tensors are then the store's whole buffers, and the grids cover them. The references read the
 shift on the host (they never run inside a graph) and compute the same result.
 

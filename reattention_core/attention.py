@@ -99,7 +99,7 @@ def reattention_attention(
 ) -> torch.Tensor:
     """ReAttention for one layer.
 
-    A CUDA graph of a decode step records this call once and replays it as the store grows: it
+    A CUDA graph of a step (a decode step or a prefill chunk) records this call once and replays it as the store grows: it
     passes the layer's whole buffers as ``k`` and ``v``, the stored tokens at recording time as
     ``total`` and, in ``shift``, an int64 ``[1]`` device tensor holding how many tokens have been
     stored since. Only scopes with a sink and a local window can move that way (`shiftable`).

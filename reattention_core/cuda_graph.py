@@ -5,7 +5,7 @@ selection, scope attention, MLP) through Python, and the host, not the GPU, sets
 H100 at 128K tokens the GPU was busy 4.4 ms of a 46 ms step (`benchmarks/profile_step.py`). A
 CUDA graph replays all those launches from one call.
 
-A graph replays fixed launches with fixed arguments, but every step stores one more token. Two
+A graph replays fixed launches with fixed arguments, but every step stores one more token. Three
 things make one recording serve all steps:
 
 * the store's buffers do not move: the engine reserves prompt + ``max_new_tokens`` up front;
