@@ -11,7 +11,9 @@
    shorter than the launches); ``host_us`` is the host time of one eager call.
    a. scoring, decode: 1 query, TK = 128K and 1M, SmolLM2-135M (9/3/64) and Llama-3.1-8B (32/8/128)
       head shapes, bf16, top-8; GB/s = bytes of keys read / graph time;
-   b. scoring, prefill: TQ = 512/1024/2048, TK = 32K/128K; TFLOP/s = 2 TQ HQ TK D / graph time;
+   b. scoring, prefill: TQ = 512/1024/2048, TK = 32K/128K, top-8, and the embedded model's preset
+      (TQ 256, top-4) at 128K and 1M; TFLOP/s = 2 TQ HQ TK D / graph time; the default two phases
+      and one pass (``phases``) on the same inputs;
    c. scope attention, decode and prefill (TQ 512) over ~1.3K and ~8K scopes, against torch SDPA
       on an already-gathered, already-rotated copy of the same scope, and against the unfused
       torch pipeline (gather + RoPE + SDPA).
@@ -208,9 +210,10 @@ def main() -> None:
             for tk in (131072, 1048576):
                 k, q = middle(tk, h, d), randn(1, 1, hq, d)
                 for cfg in ((16, 128, 4, 3), (16, 128, 2, 3), (16, 64, 2, 3), (16, 128, 1, 3), (16, 64, 1, 3)):
-                    t = graph(partial(score_topk_fwd, q, k, 8, config=cfg))
-                    bw = {"GBps": round(tk * h * d * 2 / t["graph_ms"] / 1e6, 1)} if "graph_ms" in t else {}
-                    emit(kind="sweep_topk_decode", model=model, TK=tk, config=cfg, splits="auto", **t, **bw)
+                    for splits in (None, 512, 1024):
+                        t = graph(partial(score_topk_fwd, q, k, 8, config=cfg, splits=splits))
+                        bw = {"GBps": round(tk * h * d * 2 / t["graph_ms"] / 1e6, 1)} if "graph_ms" in t else {}
+                        emit(kind="sweep_topk_decode", model=model, TK=tk, config=cfg, splits=splits or "auto", **t, **bw)
 
     # (a) scoring, decode
     for model, (hq, h, d) in MODELS.items():
@@ -223,18 +226,21 @@ def main() -> None:
                 GBps=round(gbs, 1), pct_copy=round(100 * gbs / copy_gbs, 1), pct_nominal=round(100 * gbs / nominal, 1),
             )  # fmt: skip
 
-    # (b) scoring, prefill
-    for model, (hq, h, d) in MODELS.items():
-        for tk in (32768, 131072):
-            k = middle(tk, h, d)
-            for tq in (512, 1024, 2048):
-                q = randn(1, tq, hq, d)
-                t = timer.all(partial(score_topk_fwd, q, k, 8), host=False)
-                tflops = 2 * tq * hq * tk * d / t["graph_ms"] / 1e9
-                emit(
-                    kind="score_topk_prefill", model=model, TQ=tq, TK=tk, HQ=hq, H=h, D=d, top_k=8, **t,
-                    TFLOPs=round(tflops, 1), pct_matmul=round(100 * tflops / mm_tflops, 1),
-                )  # fmt: skip
+    # (b) scoring, prefill: the default two phases against one pass, on the same inputs
+    shapes = [(m, tk, tq, 8) for m in MODELS for tk in (32768, 131072) for tq in (512, 1024, 2048)]
+    # the embedded model's preset: prefill chunks of 256, top-4, to a 1M-token middle
+    shapes += [("SmolLM2-135M", tk, 256, 4) for tk in (131072, 1048576)]
+    for model, tk, tq, top_k in shapes:
+        hq, h, d = MODELS[model]
+        k, q = middle(tk, h, d), randn(1, tq, hq, d)
+        for phases in (2, 1):
+            t = timer.all(partial(score_topk_fwd, q, k, top_k, two_phase=phases == 2), host=False)
+            tflops = 2 * tq * hq * tk * d / t["graph_ms"] / 1e9
+            emit(
+                kind="score_topk_prefill", model=model, TQ=tq, TK=tk, HQ=hq, H=h, D=d, top_k=top_k, phases=phases,
+                **t, TFLOPs=round(tflops, 1), pct_matmul=round(100 * tflops / mm_tflops, 1),
+            )  # fmt: skip
+        del k, q
 
     # (c) scope attention vs SDPA on a gathered, rotated scope, and vs the unfused torch pipeline
     from torch.nn.attention.bias import causal_lower_right
@@ -292,7 +298,7 @@ def markdown(meta: dict, rows: list[dict]) -> str:
     lines = [
         f"# Kernel benchmark: {meta['device']}",
         "",
-        f"torch {meta['torch']}, triton {meta['triton']}, git {meta['git']}, {meta['sms']} SMs; bf16, top-8.",
+        f"torch {meta['torch']}, triton {meta['triton']}, git {meta['git']}, {meta['sms']} SMs; bf16, top-8 unless a column says otherwise.",
         "",
         (
             "`graph ms`: median GPU time of a CUDA-graph replay, L2 flushed before each (kernel time); "
@@ -321,13 +327,14 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         "",
         "## Scoring, prefill (TFLOP/s = 2 TQ HQ TK D / time)",
         "",
-        "| model | TQ | TK | graph ms | eager ms | TFLOP/s | % of bf16 matmul |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| model | TQ | TK | top-k | phases | graph ms | eager ms | TFLOP/s | % of bf16 matmul |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         if r["kind"] == "score_topk_prefill":
             lines.append(
-                f"| {r['model']} | {r['TQ']} | {r['TK']} | {r['graph_ms']} | {r['eager_ms']} | {r['TFLOPs']} "
+                f"| {r['model']} | {r['TQ']} | {r['TK']} | {r['top_k']} | {r['phases']} | {r['graph_ms']} "
+                f"| {r['eager_ms']} | {r['TFLOPs']} "
                 f"| {r['pct_matmul']} |"
             )
     lines += [

@@ -11,6 +11,19 @@ Keys are visited in ascending index order, so a candidate that ties the threshol
 that is the reference's order (score descending, index ascending) without a tie-break pass.
 Decode (few rows) splits the key range over many programs (split-K); a second kernel merges the
 partial sets.
+
+Prefill (many rows) runs in two phases in the same program, because in one pass most tiles of a
+64-row program improve some row, and each extraction step costs about five ALU operations per
+score against one for a row maximum:
+
+1. score every tile, store each row's tile maximum (``[BM]`` floats per tile, a small workspace)
+   and keep each row's ``TOPK`` best tile maxima; the worst of them, ``theta``, is a lower bound
+   of the row's k-th best score (``TOPK`` distinct tiles each hold a score >= ``theta``);
+2. rescore only the tiles whose maximum reaches ``theta`` for some row of the program, with the
+   set pre-filled by ``TOPK`` placeholders worth ``theta``: candidates below ``theta`` are never
+   extracted, and a real candidate equal to ``theta`` displaces a placeholder (placeholders carry
+   the largest index, so they are the worst among equals). Every placeholder is displaced, since
+   the ``TOPK`` tiles behind ``theta`` are rescored, so the result equals the one-pass kernel's.
 """
 
 from __future__ import annotations
@@ -26,6 +39,8 @@ from reattention_kernels.dispatch import interpreting
 # Splits cover a multiple of this many keys (a multiple of every BN).
 _SPLIT_ALIGN = 256
 _MAX_SPLITS = 256
+# index of a two-phase placeholder: above every key index, so the worst among equal values
+_PLACEHOLDER = tl.constexpr(2**30)
 
 
 @triton.jit
@@ -38,6 +53,15 @@ def _pick_best(b_v, b_i, o_j, KP: tl.constexpr):
     m_hit = b_key == b_kmin[:, None]
     b_idx = tl.where(b_best == float("-inf"), -1, tl.sum(tl.where(m_hit, b_i, 0), 1))
     return b_idx, m_hit
+
+
+@triton.jit
+def _improves(b_m, b_v, b_i, b_kth, EQ: tl.constexpr):
+    """Rows whose best candidate ``b_m [BM]`` enters the set (see `_admit`)."""
+    if EQ:
+        m_ph = (b_v == b_kth[:, None]) & (b_i == _PLACEHOLDER)
+        return (b_m > b_kth) | ((b_m == b_kth) & (tl.max(m_ph.to(tl.int32), 1) > 0))
+    return b_m > b_kth
 
 
 @triton.jit
@@ -54,11 +78,15 @@ def _admit(
     KP: tl.constexpr,
     BN: tl.constexpr,
     GATHER: tl.constexpr,
+    EQ: tl.constexpr,
 ):
     """Admit the candidates ``b_s [BM, BN]`` (visited in ascending index order among equal values)
-    into the running sets ``b_v, b_i [BM, KP]``; their indices are ``b_ci`` or ``n0 + column``."""
+    into the running sets ``b_v, b_i [BM, KP]``; their indices are ``b_ci`` or ``n0 + column``.
+
+    With ``EQ`` the sets may hold placeholders (index ``_PLACEHOLDER``): a candidate equal to the
+    threshold is admitted while the worst slot is one."""
     b_m = tl.max(b_s, 1)
-    b_up = b_m > b_kth
+    b_up = _improves(b_m, b_v, b_i, b_kth, EQ)
     # a row gains at most TOPK keys per tile; an unrolled chain of guarded steps (rather than a
     # while loop) keeps the tile loop pipelinable
     for _ in tl.static_range(TOPK):
@@ -77,7 +105,7 @@ def _admit(
             b_kth = tl.min(b_v, 1)
             b_s = tl.where(m_a, float("-inf"), b_s)
             b_m = tl.max(b_s, 1)
-            b_up = b_m > b_kth
+            b_up = _improves(b_m, b_v, b_i, b_kth, EQ)
     return b_v, b_i, b_kth
 
 
@@ -97,8 +125,16 @@ def _scan_tile(
     BN: tl.constexpr,
     MASK: tl.constexpr,
     IEEE: tl.constexpr,
+    EQ: tl.constexpr,
 ):
     """Score the keys ``[n0, n0 + BN)`` (pointers ``p_k [BN, D]``) and admit them."""
+    b_s = _scores(b_q, p_k, n0, n_hi, o_c, MASK, IEEE)
+    return _admit(b_s, b_s, n0, b_v, b_i, b_kth, o_c, o_j, TOPK, KP, BN, False, EQ)
+
+
+@triton.jit
+def _scores(b_q, p_k, n0, n_hi, o_c, MASK: tl.constexpr, IEEE: tl.constexpr):
+    """Scores ``[BM, BN]`` of the queries ``b_q`` against the keys ``[n0, n0 + BN)``; -inf past ``n_hi``."""
     if MASK:
         m_n = (n0 + o_c) < n_hi
         b_k = tl.load(p_k, mask=m_n[:, None], other=0.0)
@@ -111,7 +147,15 @@ def _scan_tile(
     # [BM, BN]
     if MASK:
         b_s = tl.where(m_n[None, :], b_s, float("-inf"))
-    return _admit(b_s, b_s, n0, b_v, b_i, b_kth, o_c, o_j, TOPK, KP, BN, False)
+    return b_s
+
+
+@triton.jit
+def _keep_best(b_m, b_tv, b_tk, o_j, KP: tl.constexpr):
+    """Enter each row's value ``b_m [BM]`` into its set of best values ``b_tv [BM, KP]`` (worst ``b_tk``)."""
+    j_w = tl.min(tl.where(b_tv == b_tk[:, None], o_j[None, :], KP), 1)
+    b_tv = tl.where((o_j[None, :] == j_w[:, None]) & (b_m > b_tk)[:, None], b_m[:, None], b_tv)
+    return b_tv, tl.min(b_tv, 1)
 
 
 @triton.jit
@@ -135,6 +179,7 @@ def score_topk_fwd_kernel_scan(
     o,
     ws_v,
     ws_i,
+    ws_m,
     shift,
     stride_qb,
     stride_qt,
@@ -159,6 +204,8 @@ def score_topk_fwd_kernel_scan(
     SPLIT: tl.constexpr,
     IEEE: tl.constexpr,
     SHIFT: tl.constexpr,
+    TWO_PHASE: tl.constexpr,
+    TB: tl.constexpr,
 ):
     i_m, i_s, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if SHIFT:  # the key count moved on the device since the launch was recorded (CUDA-graph replay)
@@ -184,12 +231,53 @@ def score_topk_fwd_kernel_scan(
     # with a shift, splits past the key count have nothing to score (not a negative range)
     n_hi = tl.maximum(tl.minimum(n_lo + keys_per_split, TK), n_lo)
     n_full = n_lo + (n_hi - n_lo) // BN * BN
-    for n0 in range(n_lo, n_full, BN):
-        p_k = k_base + (n0 + o_c).to(tl.int64)[:, None] * stride_kt + o_d[None, :]
-        b_v, b_i, b_kth = _scan_tile(b_q, p_k, n0, n_hi, b_v, b_i, b_kth, o_c, o_j, TOPK, KP, BN, False, IEEE)
-    if n_full < n_hi:
-        p_k = k_base + (n_full + o_c).to(tl.int64)[:, None] * stride_kt + o_d[None, :]
-        b_v, b_i, b_kth = _scan_tile(b_q, p_k, n_full, n_hi, b_v, b_i, b_kth, o_c, o_j, TOPK, KP, BN, True, IEEE)
+    if TWO_PHASE:
+        # phase 1: each row's tile maxima -> this program's slice of ws_m [tile, BM]; theta = the
+        # row's TOPK-th best tile maximum (-inf while fewer than TOPK tiles hold a key)
+        o_rr = tl.arange(0, BM)
+        p_w = ws_m + ((i_bh * tl.num_programs(0) + i_m) * NSPLIT + i_s).to(tl.int64) * (keys_per_split // BN) * BM
+        b_tv = tl.where(o_j[None, :] < TOPK, float("-inf"), float("inf")) + tl.zeros([BM, KP], dtype=tl.float32)
+        b_th = tl.full([BM], float("-inf"), dtype=tl.float32)
+        for n0 in range(n_lo, n_full, BN):
+            p_k = k_base + (n0 + o_c).to(tl.int64)[:, None] * stride_kt + o_d[None, :]
+            b_m = tl.max(_scores(b_q, p_k, n0, n_hi, o_c, False, IEEE), 1)
+            tl.store(p_w + (n0 - n_lo) // BN * BM + o_rr, b_m)
+            b_tv, b_th = _keep_best(b_m, b_tv, b_th, o_j, KP)
+        if n_full < n_hi:
+            p_k = k_base + (n_full + o_c).to(tl.int64)[:, None] * stride_kt + o_d[None, :]
+            b_m = tl.max(_scores(b_q, p_k, n_full, n_hi, o_c, True, IEEE), 1)
+            tl.store(p_w + (n_full - n_lo) // BN * BM + o_rr, b_m)
+            b_tv, b_th = _keep_best(b_m, b_tv, b_th, o_j, KP)
+        # the maxima were stored by other threads of this program
+        tl.debug_barrier()
+        # phase 2: the set starts as TOPK placeholders worth theta (none while theta is -inf)
+        b_v = tl.where(o_j[None, :] < TOPK, b_th[:, None], float("inf"))
+        b_i = tl.where(b_th > float("-inf"), _PLACEHOLDER, -1)[:, None] + tl.zeros([BM, KP], dtype=tl.int32)
+        b_kth = b_th
+        n_t = (n_hi - n_lo + BN - 1) // BN
+        o_tb = tl.arange(0, TB)
+        for t0 in range(0, n_t, TB):
+            m_t = ((t0 + o_tb) < n_t)[None, :] & m_r[:, None]
+            b_mm = tl.load(p_w + (t0 + o_tb)[None, :] * BM + o_rr[:, None], mask=m_t, other=float("-inf"))
+            # [TB]: tiles where some row's maximum reaches its theta
+            b_f = tl.max(((b_mm >= b_th[:, None]) & m_t).to(tl.int32), 0)
+            for _ in range(0, tl.sum(b_f, 0)):
+                t = tl.min(tl.where(b_f > 0, o_tb, TB), 0)
+                b_f = tl.where(o_tb == t, 0, b_f)
+                n0 = n_lo + (t0 + t) * BN
+                p_k = k_base + (n0 + o_c).to(tl.int64)[:, None] * stride_kt + o_d[None, :]
+                b_v, b_i, b_kth = _scan_tile(b_q, p_k, n0, n_hi, b_v, b_i, b_kth, o_c, o_j, TOPK, KP, BN, True, IEEE, True)
+    else:
+        for n0 in range(n_lo, n_full, BN):
+            p_k = k_base + (n0 + o_c).to(tl.int64)[:, None] * stride_kt + o_d[None, :]
+            b_v, b_i, b_kth = _scan_tile(
+                b_q, p_k, n0, n_hi, b_v, b_i, b_kth, o_c, o_j, TOPK, KP, BN, False, IEEE, False
+            )
+        if n_full < n_hi:
+            p_k = k_base + (n_full + o_c).to(tl.int64)[:, None] * stride_kt + o_d[None, :]
+            b_v, b_i, b_kth = _scan_tile(
+                b_q, p_k, n_full, n_hi, b_v, b_i, b_kth, o_c, o_j, TOPK, KP, BN, True, IEEE, False
+            )
 
     b_v = tl.where(o_j[None, :] < TOPK, b_v, float("-inf"))
     if SPLIT:
@@ -236,7 +324,7 @@ def score_topk_fwd_kernel_merge(
         # [BR, BC]
         b_s = tl.load(ws_v + p_w, mask=m_w, other=float("-inf"))
         b_ci = tl.load(ws_i + p_w, mask=m_w, other=-1)
-        b_v, b_i, b_kth = _admit(b_s, b_ci, c0, b_v, b_i, b_kth, o_c, o_j, TOPK, KP, BC, True)
+        b_v, b_i, b_kth = _admit(b_s, b_ci, c0, b_v, b_i, b_kth, o_c, o_j, TOPK, KP, BC, True, False)
     o_t = (o_r // G).to(tl.int64)
     o_hq = i_h * G + (o_r % G)
     b_v = tl.where(o_j[None, :] < TOPK, b_v, float("-inf"))
@@ -278,8 +366,10 @@ def score_topk_fwd(
     shift: torch.Tensor | None = None,
     splits: int | None = None,
     config: tuple[int, int, int, int] | None = None,
+    two_phase: bool | None = None,
 ) -> torch.Tensor:
-    """`score_topk_triton` with optional forced key splits and (BM, BN, num_warps, num_stages), for tuning."""
+    """`score_topk_triton` with optional forced key splits, (BM, BN, num_warps, num_stages) and
+    phases (default: two for more than one query row per group, i.e. prefill), for tuning and tests."""
     b, tq, hq, d = q.shape
     h = k.shape[2]
     # the grid covers every row of k; the kernel scores the first `length` (+ shift) of them
@@ -312,32 +402,40 @@ def score_topk_fwd(
     n_m = triton.cdiv(rows, bm)
     base = b * h * n_m
     if splits is None:
-        splits = triton.cdiv(_target_programs(q.device), base)
+        splits = min(triton.cdiv(_target_programs(q.device), base), _MAX_SPLITS)
     align = 32 if interpreting() else _SPLIT_ALIGN
-    splits = max(1, min(splits, _MAX_SPLITS, triton.cdiv(tk_grid, align)))
+    splits = max(1, min(splits, triton.cdiv(tk_grid, align)))
     keys_per_split = triton.cdiv(triton.cdiv(tk_grid, splits), align) * align
     splits = triton.cdiv(tk_grid, keys_per_split)
     shift_arg = out if shift is None else shift
+    if two_phase is None:
+        two_phase = tq > 1
+    # phase 1's tile maxima: [B * H, n_m, splits, tiles per split, BM] fp32
+    ws_m = (
+        torch.empty((b * h * n_m * splits * (keys_per_split // bn) * bm,), dtype=torch.float32, device=q.device)
+        if two_phase
+        else out
+    )
+    tb = 4 if interpreting() else 64
 
     kp = triton.next_power_of_2(top_k)
     ieee = q.dtype == torch.float32
     args = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2))
     o_args = (out.stride(0), out.stride(1), out.stride(2))
+    consts = dict(
+        H=h, G=g, D=d, TOPK=top_k, KP=kp, BM=bm, BN=bn, IEEE=ieee, SHIFT=shift is not None, TWO_PHASE=two_phase,
+        TB=tb, num_warps=warps, num_stages=stages,
+    )  # fmt: skip
     if splits == 1:
-        grid = (n_m, 1, b * h)
-        score_topk_fwd_kernel_scan[grid](
-            q, k, out, out, out, shift_arg, *args, *o_args, tk, rows, 1, keys_per_split,
-            H=h, G=g, D=d, TOPK=top_k, KP=kp, BM=bm, BN=bn, SPLIT=False, IEEE=ieee, SHIFT=shift is not None,
-            num_warps=warps, num_stages=stages,
-        )  # fmt: skip
+        score_topk_fwd_kernel_scan[(n_m, 1, b * h)](
+            q, k, out, out, out, ws_m, shift_arg, *args, *o_args, tk, rows, 1, keys_per_split, SPLIT=False, **consts
+        )
         return out
     ws_v = torch.empty((b * h, rows, splits, top_k), dtype=torch.float32, device=q.device)
     ws_i = torch.empty((b * h, rows, splits, top_k), dtype=torch.int32, device=q.device)
     score_topk_fwd_kernel_scan[(n_m, splits, b * h)](
-        q, k, out, ws_v, ws_i, shift_arg, *args, *o_args, tk, rows, splits, keys_per_split,
-        H=h, G=g, D=d, TOPK=top_k, KP=kp, BM=bm, BN=bn, SPLIT=True, IEEE=ieee, SHIFT=shift is not None,
-        num_warps=warps, num_stages=stages,
-    )  # fmt: skip
+        q, k, out, ws_v, ws_i, ws_m, shift_arg, *args, *o_args, tk, rows, splits, keys_per_split, SPLIT=True, **consts
+    )
     bc = min(32 if interpreting() else 256, triton.next_power_of_2(splits * top_k))
     br = min(16, triton.next_power_of_2(rows))
     score_topk_fwd_kernel_merge[(triton.cdiv(rows, br), b * h)](

@@ -89,6 +89,33 @@ def test_score_topk_splits(tq, splits, device):
     torch.testing.assert_close(score_topk_fwd(q, k, 8, splits=splits), score_topk_ref(q, k, 8), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("two_phase", [False, True])
+@pytest.mark.parametrize(
+    ("b", "tq", "tk", "hq", "h", "d", "dtype", "top_k", "kind", "splits"),
+    [
+        (1, 1, 300, 9, 3, 64, "fp32", 8, "int", None),
+        (2, 3, 37, 6, 2, 128, "fp32", 5, "int", None),  # fewer tiles than top_k: theta stays -inf
+        (1, 7, 299, 12, 3, 64, "fp16", 4, "int", 1),  # ties everywhere: theta is often a top-k score
+        (1, 9, 301, 8, 2, 64, "fp32", 3, "dup", 3),
+        (2, 5, 300, 4, 4, 64, "fp16", 8, "dup", 2),
+        (1, 6, 640, 3, 1, 64, "fp32", 1, "int", 1),  # more than one group of tile maxima (TB)
+        (1, 6, 640, 6, 2, 64, "fp32", 4, "randn", 1),
+    ],
+)
+def test_score_topk_phases(b, tq, tk, hq, h, d, dtype, top_k, kind, splits, two_phase, device):
+    """One pass and two phases (tile maxima, then rescoring the tiles that reach theta) both equal
+    the reference, decode and prefill shapes alike."""
+    from reattention_kernels.triton_ops.topk import score_topk_fwd
+
+    torch.manual_seed(tk + tq)
+    q = make_queries(b, tq, hq, d, DTYPES[dtype], device, kind)
+    k = make_keys(b, tk, h, d, DTYPES[dtype], device, kind)
+    out = score_topk_fwd(q, k, top_k, splits=splits, two_phase=two_phase)
+    ref = score_topk_ref(q, k, top_k)
+    mismatch = (out != ref).any(-1)
+    assert not mismatch.any(), f"{int(mismatch.sum())} rows differ; first: {out[mismatch][0]} vs {ref[mismatch][0]}"
+
+
 def test_score_topk_identical_keys(device):
     """All keys equal: every score ties, so the answer is the first top_k indices."""
     q = torch.randn(1, 2, 4, 64, device=device)
@@ -122,6 +149,7 @@ GPU_CASES = [
     (1, 64, 131072, 9, 3, 64, "bf16", 8, "int"),
     (2, 33, 131072, 32, 8, 128, "bf16", 8, "randn"),
     (1, 1, 1000003, 32, 8, 128, "fp16", 8, "dup"),
+    (1, 256, 1048576, 9, 3, 64, "bf16", 4, "randn"),  # the embedded model's prefill chunk at 1M
 ]
 
 
@@ -132,6 +160,20 @@ GPU_CASES = [
 )
 def test_score_topk_gpu(b, tq, tk, hq, h, d, dtype, top_k, kind):
     check(b, tq, tk, hq, h, d, dtype, top_k, kind, "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("two_phase", [False, True])
+@pytest.mark.parametrize("kind", ["int", "dup"])
+def test_score_topk_gpu_phases(kind, two_phase):
+    """Both prefill paths at a realistic shape, ties included (int keys tie everywhere)."""
+    from reattention_kernels.triton_ops.topk import score_topk_fwd
+
+    torch.manual_seed(1)
+    q = make_queries(1, 128, 9, 64, torch.bfloat16, "cuda", kind)
+    k = make_keys(1, 65537, 3, 64, torch.bfloat16, "cuda", kind)
+    out = score_topk_fwd(q, k, 4, two_phase=two_phase)
+    assert (out == score_topk_ref(q, k, 4)).all()
 
 
 @pytest.mark.gpu
