@@ -180,6 +180,7 @@ def score_topk_fwd_kernel_scan(
     ws_v,
     ws_i,
     ws_m,
+    ws_t,
     shift,
     stride_qb,
     stride_qt,
@@ -255,18 +256,22 @@ def score_topk_fwd_kernel_scan(
         b_i = tl.where(b_th > float("-inf"), _PLACEHOLDER, -1)[:, None] + tl.zeros([BM, KP], dtype=tl.int32)
         b_kth = b_th
         n_t = (n_hi - n_lo + BN - 1) // BN
+        # the tiles where some row's maximum reaches its theta, listed in ascending order, so that
+        # the rescoring loop below reads its next tile's index ahead (a pipelined, indirect load)
+        p_l = ws_t + ((i_bh * tl.num_programs(0) + i_m) * NSPLIT + i_s).to(tl.int64) * (keys_per_split // BN)
         o_tb = tl.arange(0, TB)
+        n_f = tl.full([], 0, dtype=tl.int32)
         for t0 in range(0, n_t, TB):
             m_t = ((t0 + o_tb) < n_t)[None, :] & m_r[:, None]
             b_mm = tl.load(p_w + (t0 + o_tb)[None, :] * BM + o_rr[:, None], mask=m_t, other=float("-inf"))
-            # [TB]: tiles where some row's maximum reaches its theta
             b_f = tl.max(((b_mm >= b_th[:, None]) & m_t).to(tl.int32), 0)
-            for _ in range(0, tl.sum(b_f, 0)):
-                t = tl.min(tl.where(b_f > 0, o_tb, TB), 0)
-                b_f = tl.where(o_tb == t, 0, b_f)
-                n0 = n_lo + (t0 + t) * BN
-                p_k = k_base + (n0 + o_c).to(tl.int64)[:, None] * stride_kt + o_d[None, :]
-                b_v, b_i, b_kth = _scan_tile(b_q, p_k, n0, n_hi, b_v, b_i, b_kth, o_c, o_j, TOPK, KP, BN, True, IEEE, True)
+            tl.store(p_l + n_f + tl.cumsum(b_f, 0) - b_f, t0 + o_tb, mask=b_f > 0)
+            n_f += tl.sum(b_f, 0)
+        tl.debug_barrier()
+        for i_f in range(0, n_f):
+            n0 = n_lo + tl.load(p_l + i_f) * BN
+            p_k = k_base + (n0 + o_c).to(tl.int64)[:, None] * stride_kt + o_d[None, :]
+            b_v, b_i, b_kth = _scan_tile(b_q, p_k, n0, n_hi, b_v, b_i, b_kth, o_c, o_j, TOPK, KP, BN, True, IEEE, True)
     else:
         for n0 in range(n_lo, n_full, BN):
             p_k = k_base + (n0 + o_c).to(tl.int64)[:, None] * stride_kt + o_d[None, :]
@@ -410,12 +415,10 @@ def score_topk_fwd(
     shift_arg = out if shift is None else shift
     if two_phase is None:
         two_phase = tq > 1
-    # phase 1's tile maxima: [B * H, n_m, splits, tiles per split, BM] fp32
-    ws_m = (
-        torch.empty((b * h * n_m * splits * (keys_per_split // bn) * bm,), dtype=torch.float32, device=q.device)
-        if two_phase
-        else out
-    )
+    # phase 1's tile maxima [B * H, n_m, splits, tiles per split, BM] fp32 and phase 2's tile list
+    n_tiles = b * h * n_m * splits * (keys_per_split // bn)
+    ws_m = torch.empty((n_tiles * bm,), dtype=torch.float32, device=q.device) if two_phase else out
+    ws_t = torch.empty((n_tiles,), dtype=torch.int32, device=q.device) if two_phase else out
     tb = 4 if interpreting() else 64
 
     kp = triton.next_power_of_2(top_k)
@@ -428,13 +431,13 @@ def score_topk_fwd(
     )  # fmt: skip
     if splits == 1:
         score_topk_fwd_kernel_scan[(n_m, 1, b * h)](
-            q, k, out, out, out, ws_m, shift_arg, *args, *o_args, tk, rows, 1, keys_per_split, SPLIT=False, **consts
+            q, k, out, out, out, ws_m, ws_t, shift_arg, *args, *o_args, tk, rows, 1, keys_per_split, SPLIT=False, **consts
         )
         return out
     ws_v = torch.empty((b * h, rows, splits, top_k), dtype=torch.float32, device=q.device)
     ws_i = torch.empty((b * h, rows, splits, top_k), dtype=torch.int32, device=q.device)
     score_topk_fwd_kernel_scan[(n_m, splits, b * h)](
-        q, k, out, ws_v, ws_i, ws_m, shift_arg, *args, *o_args, tk, rows, splits, keys_per_split, SPLIT=True, **consts
+        q, k, out, ws_v, ws_i, ws_m, ws_t, shift_arg, *args, *o_args, tk, rows, splits, keys_per_split, SPLIT=True, **consts
     )
     bc = min(32 if interpreting() else 256, triton.next_power_of_2(splits * top_k))
     br = min(16, triton.next_power_of_2(rows))
