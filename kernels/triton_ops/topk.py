@@ -41,6 +41,10 @@ _SPLIT_ALIGN = 256
 _MAX_SPLITS = 256
 # index of a two-phase placeholder: above every key index, so the worst among equal values
 _PLACEHOLDER = tl.constexpr(2**30)
+# Two phases pay off once a program scores this many keys (H100, bench_kernels.py); rows rescored
+# together in phase 2 (fewer rows share fewer tiles).
+_TWO_PHASE_MIN_KEYS = 0
+_SUB_ROWS = 16
 
 
 @triton.jit
@@ -181,6 +185,7 @@ def score_topk_fwd_kernel_scan(
     ws_i,
     ws_m,
     ws_t,
+    ws_th,
     shift,
     stride_qb,
     stride_qt,
@@ -207,6 +212,7 @@ def score_topk_fwd_kernel_scan(
     SHIFT: tl.constexpr,
     TWO_PHASE: tl.constexpr,
     TB: tl.constexpr,
+    SB: tl.constexpr,
 ):
     i_m, i_s, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if SHIFT:  # the key count moved on the device since the launch was recorded (CUDA-graph replay)
@@ -234,9 +240,10 @@ def score_topk_fwd_kernel_scan(
     n_full = n_lo + (n_hi - n_lo) // BN * BN
     if TWO_PHASE:
         # phase 1: each row's tile maxima -> this program's slice of ws_m [tile, BM]; theta = the
-        # row's TOPK-th best tile maximum (-inf while fewer than TOPK tiles hold a key)
+        # row's TOPK-th best tile maximum (-inf while fewer than TOPK tiles hold a key) -> ws_th
+        i_p = ((i_bh * tl.num_programs(0) + i_m) * NSPLIT + i_s).to(tl.int64)
         o_rr = tl.arange(0, BM)
-        p_w = ws_m + ((i_bh * tl.num_programs(0) + i_m) * NSPLIT + i_s).to(tl.int64) * (keys_per_split // BN) * BM
+        p_w = ws_m + i_p * (keys_per_split // BN) * BM
         b_tv = tl.where(o_j[None, :] < TOPK, float("-inf"), float("inf")) + tl.zeros([BM, KP], dtype=tl.float32)
         b_th = tl.full([BM], float("-inf"), dtype=tl.float32)
         for n0 in range(n_lo, n_full, BN):
@@ -249,29 +256,47 @@ def score_topk_fwd_kernel_scan(
             b_m = tl.max(_scores(b_q, p_k, n_full, n_hi, o_c, True, IEEE), 1)
             tl.store(p_w + (n_full - n_lo) // BN * BM + o_rr, b_m)
             b_tv, b_th = _keep_best(b_m, b_tv, b_th, o_j, KP)
-        # the maxima were stored by other threads of this program
+        tl.store(ws_th + i_p * BM + o_rr, b_th)
+        # phase 2 reads what other threads of this program stored
         tl.debug_barrier()
-        # phase 2: the set starts as TOPK placeholders worth theta (none while theta is -inf)
-        b_v = tl.where(o_j[None, :] < TOPK, b_th[:, None], float("inf"))
-        b_i = tl.where(b_th > float("-inf"), _PLACEHOLDER, -1)[:, None] + tl.zeros([BM, KP], dtype=tl.int32)
-        b_kth = b_th
+        # phase 2, SB rows at a time: fewer rows share a tile list, so fewer tiles are rescored
+        p_l = ws_t + i_p * (keys_per_split // BN)
         n_t = (n_hi - n_lo + BN - 1) // BN
-        # the tiles where some row's maximum reaches its theta, listed in ascending order, so that
-        # the rescoring loop below reads its next tile's index ahead (a pipelined, indirect load)
-        p_l = ws_t + ((i_bh * tl.num_programs(0) + i_m) * NSPLIT + i_s).to(tl.int64) * (keys_per_split // BN)
         o_tb = tl.arange(0, TB)
-        n_f = tl.full([], 0, dtype=tl.int32)
-        for t0 in range(0, n_t, TB):
-            m_t = ((t0 + o_tb) < n_t)[None, :] & m_r[:, None]
-            b_mm = tl.load(p_w + (t0 + o_tb)[None, :] * BM + o_rr[:, None], mask=m_t, other=float("-inf"))
-            b_f = tl.max(((b_mm >= b_th[:, None]) & m_t).to(tl.int32), 0)
-            tl.store(p_l + n_f + tl.cumsum(b_f, 0) - b_f, t0 + o_tb, mask=b_f > 0)
-            n_f += tl.sum(b_f, 0)
-        tl.debug_barrier()
-        for i_f in range(0, n_f):
-            n0 = n_lo + tl.load(p_l + i_f) * BN
-            p_k = k_base + (n0 + o_c).to(tl.int64)[:, None] * stride_kt + o_d[None, :]
-            b_v, b_i, b_kth = _scan_tile(b_q, p_k, n0, n_hi, b_v, b_i, b_kth, o_c, o_j, TOPK, KP, BN, True, IEEE, True)
+        for sb in range(0, BM, SB):
+            o_rl = sb + tl.arange(0, SB)
+            o_rs = i_m * BM + o_rl
+            m_rs = o_rs < R
+            b_qs = tl.load(
+                q + i_b * stride_qb + (o_rs // G).to(tl.int64)[:, None] * stride_qt
+                + (i_h * G + o_rs % G)[:, None] * stride_qh + o_d[None, :],
+                mask=m_rs[:, None], other=0.0,
+            )  # fmt: skip
+            b_ths = tl.load(ws_th + i_p * BM + o_rl)
+            # the tiles where some row's maximum reaches its theta, in ascending order, listed
+            # first so that the rescoring loop reads its next tile's index ahead (pipelined)
+            n_f = tl.full([], 0, dtype=tl.int32)
+            for t0 in range(0, n_t, TB):
+                m_t = ((t0 + o_tb) < n_t)[None, :] & m_rs[:, None]
+                b_mm = tl.load(p_w + (t0 + o_tb)[None, :] * BM + o_rl[:, None], mask=m_t, other=float("-inf"))
+                b_f = tl.max(((b_mm >= b_ths[:, None]) & m_t).to(tl.int32), 0)
+                tl.store(p_l + n_f + tl.cumsum(b_f, 0) - b_f, t0 + o_tb, mask=b_f > 0)
+                n_f += tl.sum(b_f, 0)
+            tl.debug_barrier()
+            # the set starts as TOPK placeholders worth theta (none while theta is -inf)
+            b_v = tl.where(o_j[None, :] < TOPK, b_ths[:, None], float("inf"))
+            b_i = tl.where(b_ths > float("-inf"), _PLACEHOLDER, -1)[:, None] + tl.zeros([SB, KP], dtype=tl.int32)
+            b_kth = b_ths
+            for i_f in range(0, n_f):
+                n0 = n_lo + tl.load(p_l + i_f) * BN
+                p_k = k_base + (n0 + o_c).to(tl.int64)[:, None] * stride_kt + o_d[None, :]
+                b_v, b_i, b_kth = _scan_tile(
+                    b_qs, p_k, n0, n_hi, b_v, b_i, b_kth, o_c, o_j, TOPK, KP, BN, True, IEEE, True
+                )
+            # the next block of rows rewrites the tile list
+            tl.debug_barrier()
+            _emit(b_v, b_i, o_rs, m_rs, o_j, o, ws_v, ws_i, i_b, i_h, i_bh, i_s, stride_ob, stride_ot, stride_oh,
+                  R, NSPLIT, G, TOPK, KP, SPLIT)  # fmt: skip
     else:
         for n0 in range(n_lo, n_full, BN):
             p_k = k_base + (n0 + o_c).to(tl.int64)[:, None] * stride_kt + o_d[None, :]
@@ -283,13 +308,24 @@ def score_topk_fwd_kernel_scan(
             b_v, b_i, b_kth = _scan_tile(
                 b_q, p_k, n_full, n_hi, b_v, b_i, b_kth, o_c, o_j, TOPK, KP, BN, True, IEEE, False
             )
+        _emit(b_v, b_i, o_r, m_r, o_j, o, ws_v, ws_i, i_b, i_h, i_bh, i_s, stride_ob, stride_ot, stride_oh,
+              R, NSPLIT, G, TOPK, KP, SPLIT)  # fmt: skip
 
+
+@triton.jit
+def _emit(
+    b_v, b_i, o_r, m_r, o_j, o, ws_v, ws_i, i_b, i_h, i_bh, i_s, stride_ob, stride_ot, stride_oh, R, NSPLIT,
+    G: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr, SPLIT: tl.constexpr,
+):  # fmt: skip
+    """Store the sets of rows ``o_r``: a split's partial sets to ``ws``, or the final indices to ``o``."""
     b_v = tl.where(o_j[None, :] < TOPK, b_v, float("-inf"))
     if SPLIT:
         # partial set, best first -> ws[bh, r, split, :]
         o_w = (i_bh * R + o_r).to(tl.int64) * NSPLIT + i_s
         _store_sorted(b_v, b_i, o_j, ws_i + o_w * TOPK, ws_v + o_w * TOPK, m_r, TOPK, KP, True)
     else:
+        o_t = (o_r // G).to(tl.int64)
+        o_hq = i_h * G + (o_r % G)
         _store_sorted(b_v, b_i, o_j, o + i_b * stride_ob + o_t * stride_ot + o_hq * stride_oh, o, m_r, TOPK, KP, False)
 
 
@@ -348,14 +384,15 @@ def _target_programs(device: torch.device) -> int:
     return 2 * _num_sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def _config(rows: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+def _config(rows: int, dtype: torch.dtype, two_phase: bool = False) -> tuple[int, int, int, int]:
     """(BM, BN, num_warps, num_stages): rows of the GQA group per program, keys per tile.
 
     Measured on an H100 (benchmarks/bench_kernels.py --sweep): 64 x 128 tiles with 4 warps beat
     128-row tiles, whose extraction steps are taken whenever any of their rows improves.
     """
     if interpreting():
-        return 16, 32, 4, 1
+        # two phases: two blocks of rescored rows per program
+        return (32 if two_phase else 16), 32, 4, 1
     bm = min(64, max(16, triton.next_power_of_2(rows)))
     if dtype == torch.float32:
         return bm, 32, 4, 2
@@ -372,9 +409,13 @@ def score_topk_fwd(
     splits: int | None = None,
     config: tuple[int, int, int, int] | None = None,
     two_phase: bool | None = None,
+    sub_rows: int | None = None,
 ) -> torch.Tensor:
-    """`score_topk_triton` with optional forced key splits, (BM, BN, num_warps, num_stages) and
-    phases (default: two for more than one query row per group, i.e. prefill), for tuning and tests."""
+    """`score_topk_triton` with optional forced key splits, (BM, BN, num_warps, num_stages), phases
+    and rows per rescoring block of phase 2, for tuning and tests.
+
+    By default prefill (more than one query token) takes two phases once a program's key range is
+    long enough (``_TWO_PHASE_MIN_KEYS``), decode one pass."""
     b, tq, hq, d = q.shape
     h = k.shape[2]
     # the grid covers every row of k; the kernel scores the first `length` (+ shift) of them
@@ -403,7 +444,10 @@ def score_topk_fwd(
         k = k.to(q.dtype)
 
     rows = tq * g
-    bm, bn, warps, stages = config or _config(rows, q.dtype)
+    auto = two_phase is None
+    two_phase = tq > 1 if auto else two_phase
+    bm, bn, warps, stages = config or _config(rows, q.dtype, two_phase)
+    sb = min(sub_rows or _SUB_ROWS, bm)
     n_m = triton.cdiv(rows, bm)
     base = b * h * n_m
     if splits is None:
@@ -413,12 +457,14 @@ def score_topk_fwd(
     keys_per_split = triton.cdiv(triton.cdiv(tk_grid, splits), align) * align
     splits = triton.cdiv(tk_grid, keys_per_split)
     shift_arg = out if shift is None else shift
-    if two_phase is None:
-        two_phase = tq > 1
+    if auto and not interpreting() and keys_per_split < _TWO_PHASE_MIN_KEYS:
+        two_phase = False
     # phase 1's tile maxima [B * H, n_m, splits, tiles per split, BM] fp32 and phase 2's tile list
     n_tiles = b * h * n_m * splits * (keys_per_split // bn)
     ws_m = torch.empty((n_tiles * bm,), dtype=torch.float32, device=q.device) if two_phase else out
     ws_t = torch.empty((n_tiles,), dtype=torch.int32, device=q.device) if two_phase else out
+    # and each row's theta [B * H, n_m, splits, BM]
+    ws_th = torch.empty((n_tiles // (keys_per_split // bn) * bm,), dtype=torch.float32, device=q.device) if two_phase else out
     tb = 4 if interpreting() else 64
 
     kp = triton.next_power_of_2(top_k)
@@ -427,17 +473,17 @@ def score_topk_fwd(
     o_args = (out.stride(0), out.stride(1), out.stride(2))
     consts = dict(
         H=h, G=g, D=d, TOPK=top_k, KP=kp, BM=bm, BN=bn, IEEE=ieee, SHIFT=shift is not None, TWO_PHASE=two_phase,
-        TB=tb, num_warps=warps, num_stages=stages,
+        TB=tb, SB=sb, num_warps=warps, num_stages=stages,
     )  # fmt: skip
     if splits == 1:
         score_topk_fwd_kernel_scan[(n_m, 1, b * h)](
-            q, k, out, out, out, ws_m, ws_t, shift_arg, *args, *o_args, tk, rows, 1, keys_per_split, SPLIT=False, **consts
+            q, k, out, out, out, ws_m, ws_t, ws_th, shift_arg, *args, *o_args, tk, rows, 1, keys_per_split, SPLIT=False, **consts
         )
         return out
     ws_v = torch.empty((b * h, rows, splits, top_k), dtype=torch.float32, device=q.device)
     ws_i = torch.empty((b * h, rows, splits, top_k), dtype=torch.int32, device=q.device)
     score_topk_fwd_kernel_scan[(n_m, splits, b * h)](
-        q, k, out, ws_v, ws_i, ws_m, ws_t, shift_arg, *args, *o_args, tk, rows, splits, keys_per_split, SPLIT=True, **consts
+        q, k, out, ws_v, ws_i, ws_m, ws_t, ws_th, shift_arg, *args, *o_args, tk, rows, splits, keys_per_split, SPLIT=True, **consts
     )
     bc = min(32 if interpreting() else 256, triton.next_power_of_2(splits * top_k))
     br = min(16, triton.next_power_of_2(rows))
