@@ -43,7 +43,7 @@ _MAX_SPLITS = 256
 _PLACEHOLDER = tl.constexpr(2**30)
 # Two phases pay off once a program scores this many keys (H100, bench_kernels.py); rows rescored
 # together in phase 2 (fewer rows share fewer tiles).
-_TWO_PHASE_MIN_KEYS = 0
+_TWO_PHASE_MIN_KEYS = 65536
 _SUB_ROWS = 16
 
 
@@ -228,10 +228,6 @@ def score_topk_fwd_kernel_scan(
 
     p_q = q + i_b * stride_qb + o_t[:, None] * stride_qt + o_hq[:, None] * stride_qh + o_d[None, :]
     b_q = tl.load(p_q, mask=m_r[:, None], other=0.0)
-    # [BM, KP]; padding slots (j >= TOPK) hold +inf so they are never the worst entry
-    b_v = tl.where(o_j[None, :] < TOPK, float("-inf"), float("inf")) + tl.zeros([BM, KP], dtype=tl.float32)
-    b_i = tl.full([BM, KP], -1, dtype=tl.int32)
-    b_kth = tl.full([BM], float("-inf"), dtype=tl.float32)
 
     k_base = k + i_b * stride_kb + i_h * stride_kh
     n_lo = i_s * keys_per_split
@@ -298,6 +294,10 @@ def score_topk_fwd_kernel_scan(
             _emit(b_v, b_i, o_rs, m_rs, o_j, o, ws_v, ws_i, i_b, i_h, i_bh, i_s, stride_ob, stride_ot, stride_oh,
                   R, NSPLIT, G, TOPK, KP, SPLIT)  # fmt: skip
     else:
+        # [BM, KP]; padding slots (j >= TOPK) hold +inf so they are never the worst entry
+        b_v = tl.where(o_j[None, :] < TOPK, float("-inf"), float("inf")) + tl.zeros([BM, KP], dtype=tl.float32)
+        b_i = tl.full([BM, KP], -1, dtype=tl.int32)
+        b_kth = tl.full([BM], float("-inf"), dtype=tl.float32)
         for n0 in range(n_lo, n_full, BN):
             p_k = k_base + (n0 + o_c).to(tl.int64)[:, None] * stride_kt + o_d[None, :]
             b_v, b_i, b_kth = _scan_tile(
