@@ -12,17 +12,18 @@ that is the reference's order (score descending, index ascending) without a tie-
 Decode (few rows) splits the key range over many programs (split-K); a second kernel merges the
 partial sets.
 
-Prefill (many rows) runs in two phases in the same program, because in one pass most tiles of a
-64-row program improve some row, and each extraction step costs about five ALU operations per
-score against one for a row maximum:
+Prefill (many rows) over long key ranges (``_TWO_PHASE_MIN_KEYS`` per program) runs in two phases
+in the same program, because in one pass most tiles of a 64-row program improve some row, and each
+extraction step costs about five ALU operations per score against one for a row maximum:
 
 1. score every tile, store each row's tile maximum (``[BM]`` floats per tile, a small workspace)
    and keep each row's ``TOPK`` best tile maxima; the worst of them, ``theta``, is a lower bound
    of the row's k-th best score (``TOPK`` distinct tiles each hold a score >= ``theta``);
-2. rescore only the tiles whose maximum reaches ``theta`` for some row of the program, with the
-   set pre-filled by ``TOPK`` placeholders worth ``theta``: candidates below ``theta`` are never
-   extracted, and a real candidate equal to ``theta`` displaces a placeholder (placeholders carry
-   the largest index, so they are the worst among equals). Every placeholder is displaced, since
+2. for each block of ``SB`` rows, list the tiles whose maximum reaches ``theta`` for some row of
+   the block, and rescore only those, with the set pre-filled by ``TOPK`` placeholders worth
+   ``theta``: candidates below ``theta`` are never extracted, and a real candidate equal to
+   ``theta`` displaces a placeholder (placeholders carry the largest index, so they are the worst
+   among equals). Every placeholder is displaced, since
    the ``TOPK`` tiles behind ``theta`` are rescored, so the result equals the one-pass kernel's.
 """
 
