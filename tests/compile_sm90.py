@@ -1,0 +1,63 @@
+"""Compile the scoring kernels for an H100 (sm_90) without a GPU; run as a script by the test.
+
+The interpreter (``TRITON_INTERPRET=1``) runs kernels as numpy and skips the compiler's checks, so a
+kernel can pass every CPU test and still fail to compile (for instance a loop-carried value whose
+shape changes). Triton's NVIDIA backend compiles to a cubin on any machine, so this catches that.
+Prints one line per variant and exits non-zero on the first failure.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from reattention_kernels.triton_ops import topk
+
+TARGET = GPUTarget("cuda", 90, 32)
+PTRS = ("q", "k", "o", "ws_v", "ws_i", "ws_m", "ws_t", "ws_th", "shift")
+
+
+def scan(dtype: str, d: int, top_k: int, split: bool, two_phase: bool) -> ASTSource:
+    fp = {"bf16": "*bf16", "fp32": "*fp32"}[dtype]
+    sig = {name: "*fp32" for name in PTRS}
+    sig.update(q=fp, k=fp, o="*i64", ws_i="*i32", ws_t="*i32", shift="*i64")
+    ints = ("stride_qb", "stride_qt", "stride_qh", "stride_kb", "stride_kt", "stride_kh")
+    ints += ("stride_ob", "stride_ot", "stride_oh", "TK", "R", "NSPLIT", "keys_per_split")
+    sig.update({name: "i32" for name in ints})
+    bm, bn, _, _ = topk._config(64, _torch_dtype(dtype), two_phase)
+    consts = dict(
+        H=3, G=3, D=d, TOPK=top_k, KP=triton.next_power_of_2(top_k), BM=bm, BN=bn, SPLIT=split,
+        IEEE=dtype == "fp32", SHIFT=True, TWO_PHASE=two_phase, TB=64, SB=topk._SUB_ROWS,
+    )  # fmt: skip
+    sig.update({name: "constexpr" for name in consts})
+    return ASTSource(fn=topk.score_topk_fwd_kernel_scan, signature=sig, constexprs=consts)
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
+
+
+def main() -> int:
+    variants = [
+        ("bf16", 64, 4, True, True),
+        ("bf16", 64, 4, False, True),
+        ("bf16", 128, 8, True, False),
+        ("fp32", 64, 4, True, True),
+    ]
+    for v in variants:
+        try:
+            triton.compile(scan(*v), target=TARGET, options={"num_warps": 4, "num_stages": 3})
+        except Exception as exc:  # noqa: BLE001  (reported with the variant, then fail)
+            print(f"FAILED {v}: {type(exc).__name__}: {exc}", flush=True)
+            return 1
+        print(f"compiled {v}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
