@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -27,19 +28,13 @@ def scan(dtype: str, d: int, top_k: int, split: bool, two_phase: bool) -> ASTSou
     ints = ("stride_qb", "stride_qt", "stride_qh", "stride_kb", "stride_kt", "stride_kh")
     ints += ("stride_ob", "stride_ot", "stride_oh", "TK", "R", "NSPLIT", "keys_per_split")
     sig.update({name: "i32" for name in ints})
-    bm, bn, _, _ = topk._config(64, _torch_dtype(dtype), two_phase)
-    consts = dict(
-        H=3, G=3, D=d, TOPK=top_k, KP=triton.next_power_of_2(top_k), BM=bm, BN=bn, SPLIT=split,
-        IEEE=dtype == "fp32", SHIFT=True, TWO_PHASE=two_phase, TB=64, SB=topk._SUB_ROWS,
-    )  # fmt: skip
+    bm, bn, _, _ = topk._config(64, {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype], two_phase)
+    consts = {
+        "H": 3, "G": 3, "D": d, "TOPK": top_k, "KP": triton.next_power_of_2(top_k), "BM": bm, "BN": bn,
+        "SPLIT": split, "IEEE": dtype == "fp32", "SHIFT": True, "TWO_PHASE": two_phase, "TB": 64, "SB": topk._SUB_ROWS,
+    }  # fmt: skip
     sig.update({name: "constexpr" for name in consts})
     return ASTSource(fn=topk.score_topk_fwd_kernel_scan, signature=sig, constexprs=consts)
-
-
-def _torch_dtype(name: str):
-    import torch
-
-    return {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
 
 
 def main() -> int:

@@ -27,6 +27,8 @@ def test_scoring_kernel_compiles_for_sm90():
     except ImportError:
         pytest.skip("triton without its NVIDIA backend")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, str(SCRIPT)], env=env, capture_output=True, text=True, timeout=900)
+    run = subprocess.run(
+        [sys.executable, str(SCRIPT)], env=env, capture_output=True, text=True, timeout=900, check=False
+    )
     assert run.returncode == 0, run.stdout + run.stderr[-3000:]
     assert run.stdout.count("compiled") == 4, run.stdout

@@ -23,8 +23,8 @@ extraction step costs about five ALU operations per score against one for a row 
    the block, and rescore only those, with the set pre-filled by ``TOPK`` placeholders worth
    ``theta``: candidates below ``theta`` are never extracted, and a real candidate equal to
    ``theta`` displaces a placeholder (placeholders carry the largest index, so they are the worst
-   among equals). Every placeholder is displaced, since
-   the ``TOPK`` tiles behind ``theta`` are rescored, so the result equals the one-pass kernel's.
+   among equals). Every placeholder is displaced, since the ``TOPK`` tiles behind ``theta`` are
+   rescored, so the result equals the one-pass kernel's.
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ _SPLIT_ALIGN = 256
 _MAX_SPLITS = 256
 # index of a two-phase placeholder: above every key index, so the worst among equal values
 _PLACEHOLDER = tl.constexpr(2**30)
-# Two phases pay off once a program scores this many keys (H100, bench_kernels.py); rows rescored
-# together in phase 2 (fewer rows share fewer tiles).
+# Two phases pay off once a program scores this many keys (H100, benchmarks/bench_topk_phases.py);
+# rows rescored together in phase 2 (fewer rows share fewer tiles).
 _TWO_PHASE_MIN_KEYS = 65536
 _SUB_ROWS = 16
 
@@ -156,6 +156,21 @@ def _scores(b_q, p_k, n0, n_hi, o_c, MASK: tl.constexpr, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _row_heads(o_r, i_h, G: tl.constexpr):
+    """Token (int64) and query head of rows ``o_r`` of KV head ``i_h``'s group: row ``r = t * G + g``."""
+    return (o_r // G).to(tl.int64), i_h * G + (o_r % G)
+
+
+@triton.jit
+def _tile_maxima(b_q, p_k, n0, n_lo, n_hi, o_c, p_w, o_rr, b_tv, b_th, o_j, KP: tl.constexpr,
+                 BN: tl.constexpr, BM: tl.constexpr, MASK: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
+    """Phase 1 on one tile: store each row's maximum at ``p_w[tile, BM]`` and keep the best maxima."""
+    b_m = tl.max(_scores(b_q, p_k, n0, n_hi, o_c, MASK, IEEE), 1)
+    tl.store(p_w + (n0 - n_lo) // BN * BM + o_rr, b_m)
+    return _keep_best(b_m, b_tv, b_th, o_j, KP)
+
+
+@triton.jit
 def _keep_best(b_m, b_tv, b_tk, o_j, KP: tl.constexpr):
     """Enter each row's value ``b_m [BM]`` into its set of best values ``b_tv [BM, KP]`` (worst ``b_tk``)."""
     j_w = tl.min(tl.where(b_tv == b_tk[:, None], o_j[None, :], KP), 1)
@@ -221,8 +236,7 @@ def score_topk_fwd_kernel_scan(
     i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
     o_r = i_m * BM + tl.arange(0, BM)
     m_r = o_r < R
-    o_t = (o_r // G).to(tl.int64)
-    o_hq = i_h * G + (o_r % G)
+    o_t, o_hq = _row_heads(o_r, i_h, G)
     o_d = tl.arange(0, D)
     o_c = tl.arange(0, BN)
     o_j = tl.arange(0, KP)
@@ -245,14 +259,14 @@ def score_topk_fwd_kernel_scan(
         b_th = tl.full([BM], float("-inf"), dtype=tl.float32)
         for n0 in range(n_lo, n_full, BN):
             p_k = k_base + (n0 + o_c).to(tl.int64)[:, None] * stride_kt + o_d[None, :]
-            b_m = tl.max(_scores(b_q, p_k, n0, n_hi, o_c, False, IEEE), 1)
-            tl.store(p_w + (n0 - n_lo) // BN * BM + o_rr, b_m)
-            b_tv, b_th = _keep_best(b_m, b_tv, b_th, o_j, KP)
+            b_tv, b_th = _tile_maxima(
+                b_q, p_k, n0, n_lo, n_hi, o_c, p_w, o_rr, b_tv, b_th, o_j, KP, BN, BM, False, IEEE
+            )
         if n_full < n_hi:
             p_k = k_base + (n_full + o_c).to(tl.int64)[:, None] * stride_kt + o_d[None, :]
-            b_m = tl.max(_scores(b_q, p_k, n_full, n_hi, o_c, True, IEEE), 1)
-            tl.store(p_w + (n_full - n_lo) // BN * BM + o_rr, b_m)
-            b_tv, b_th = _keep_best(b_m, b_tv, b_th, o_j, KP)
+            b_tv, b_th = _tile_maxima(
+                b_q, p_k, n_full, n_lo, n_hi, o_c, p_w, o_rr, b_tv, b_th, o_j, KP, BN, BM, True, IEEE
+            )
         tl.store(ws_th + i_p * BM + o_rr, b_th)
         # phase 2 reads what other threads of this program stored
         tl.debug_barrier()
@@ -264,11 +278,9 @@ def score_topk_fwd_kernel_scan(
             o_rl = sb + tl.arange(0, SB)
             o_rs = i_m * BM + o_rl
             m_rs = o_rs < R
-            b_qs = tl.load(
-                q + i_b * stride_qb + (o_rs // G).to(tl.int64)[:, None] * stride_qt
-                + (i_h * G + o_rs % G)[:, None] * stride_qh + o_d[None, :],
-                mask=m_rs[:, None], other=0.0,
-            )  # fmt: skip
+            o_ts, o_hs = _row_heads(o_rs, i_h, G)
+            p_qs = q + i_b * stride_qb + o_ts[:, None] * stride_qt + o_hs[:, None] * stride_qh + o_d[None, :]
+            b_qs = tl.load(p_qs, mask=m_rs[:, None], other=0.0)
             b_ths = tl.load(ws_th + i_p * BM + o_rl)
             # the tiles where some row's maximum reaches its theta, in ascending order, listed
             # first so that the rescoring loop reads its next tile's index ahead (pipelined)
@@ -284,7 +296,7 @@ def score_topk_fwd_kernel_scan(
             b_v = tl.where(o_j[None, :] < TOPK, b_ths[:, None], float("inf"))
             b_i = tl.where(b_ths > float("-inf"), _PLACEHOLDER, -1)[:, None] + tl.zeros([SB, KP], dtype=tl.int32)
             b_kth = b_ths
-            for i_f in range(0, n_f):
+            for i_f in range(n_f):
                 n0 = n_lo + tl.load(p_l + i_f) * BN
                 p_k = k_base + (n0 + o_c).to(tl.int64)[:, None] * stride_kt + o_d[None, :]
                 b_v, b_i, b_kth = _scan_tile(
@@ -325,8 +337,7 @@ def _emit(
         o_w = (i_bh * R + o_r).to(tl.int64) * NSPLIT + i_s
         _store_sorted(b_v, b_i, o_j, ws_i + o_w * TOPK, ws_v + o_w * TOPK, m_r, TOPK, KP, True)
     else:
-        o_t = (o_r // G).to(tl.int64)
-        o_hq = i_h * G + (o_r % G)
+        o_t, o_hq = _row_heads(o_r, i_h, G)
         _store_sorted(b_v, b_i, o_j, o + i_b * stride_ob + o_t * stride_ot + o_hq * stride_oh, o, m_r, TOPK, KP, False)
 
 
@@ -367,8 +378,7 @@ def score_topk_fwd_kernel_merge(
         b_s = tl.load(ws_v + p_w, mask=m_w, other=float("-inf"))
         b_ci = tl.load(ws_i + p_w, mask=m_w, other=-1)
         b_v, b_i, b_kth = _admit(b_s, b_ci, c0, b_v, b_i, b_kth, o_c, o_j, TOPK, KP, BC, True, False)
-    o_t = (o_r // G).to(tl.int64)
-    o_hq = i_h * G + (o_r % G)
+    o_t, o_hq = _row_heads(o_r, i_h, G)
     b_v = tl.where(o_j[None, :] < TOPK, b_v, float("-inf"))
     _store_sorted(b_v, b_i, o_j, o + i_b * stride_ob + o_t * stride_ot + o_hq * stride_oh, o, m_r, TOPK, KP, False)
 
@@ -460,32 +470,37 @@ def score_topk_fwd(
     shift_arg = out if shift is None else shift
     if auto and not interpreting() and keys_per_split < _TWO_PHASE_MIN_KEYS:
         two_phase = False
-    # phase 1's tile maxima [B * H, n_m, splits, tiles per split, BM] fp32 and phase 2's tile list
-    n_tiles = b * h * n_m * splits * (keys_per_split // bn)
-    ws_m = torch.empty((n_tiles * bm,), dtype=torch.float32, device=q.device) if two_phase else out
-    ws_t = torch.empty((n_tiles,), dtype=torch.int32, device=q.device) if two_phase else out
-    # and each row's theta [B * H, n_m, splits, BM]
-    ws_th = torch.empty((n_tiles // (keys_per_split // bn) * bm,), dtype=torch.float32, device=q.device) if two_phase else out
+    # per program [B * H, n_m, splits]: phase 1's tile maxima [tiles, BM] fp32, each row's theta [BM]
+    # and phase 2's tile list [tiles] int32
+    n_prog, n_tiles = b * h * n_m * splits, keys_per_split // bn
+    if two_phase:
+        ws_m = torch.empty((n_prog * n_tiles * bm,), dtype=torch.float32, device=q.device)
+        ws_th = torch.empty((n_prog * bm,), dtype=torch.float32, device=q.device)
+        ws_t = torch.empty((n_prog * n_tiles,), dtype=torch.int32, device=q.device)
+    else:
+        ws_m = ws_th = ws_t = out
     tb = 4 if interpreting() else 64
 
     kp = triton.next_power_of_2(top_k)
     ieee = q.dtype == torch.float32
     args = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2))
     o_args = (out.stride(0), out.stride(1), out.stride(2))
-    consts = dict(
-        H=h, G=g, D=d, TOPK=top_k, KP=kp, BM=bm, BN=bn, IEEE=ieee, SHIFT=shift is not None, TWO_PHASE=two_phase,
-        TB=tb, SB=sb, num_warps=warps, num_stages=stages,
-    )  # fmt: skip
+    consts = {
+        "H": h, "G": g, "D": d, "TOPK": top_k, "KP": kp, "BM": bm, "BN": bn, "IEEE": ieee, "SHIFT": shift is not None,
+        "TWO_PHASE": two_phase, "TB": tb, "SB": sb, "num_warps": warps, "num_stages": stages,
+    }  # fmt: skip
     if splits == 1:
         score_topk_fwd_kernel_scan[(n_m, 1, b * h)](
-            q, k, out, out, out, ws_m, ws_t, ws_th, shift_arg, *args, *o_args, tk, rows, 1, keys_per_split, SPLIT=False, **consts
-        )
+            q, k, out, out, out, ws_m, ws_t, ws_th, shift_arg, *args, *o_args, tk, rows, 1, keys_per_split,
+            SPLIT=False, **consts,
+        )  # fmt: skip
         return out
     ws_v = torch.empty((b * h, rows, splits, top_k), dtype=torch.float32, device=q.device)
     ws_i = torch.empty((b * h, rows, splits, top_k), dtype=torch.int32, device=q.device)
     score_topk_fwd_kernel_scan[(n_m, splits, b * h)](
-        q, k, out, ws_v, ws_i, ws_m, ws_t, ws_th, shift_arg, *args, *o_args, tk, rows, splits, keys_per_split, SPLIT=True, **consts
-    )
+        q, k, out, ws_v, ws_i, ws_m, ws_t, ws_th, shift_arg, *args, *o_args, tk, rows, splits, keys_per_split,
+        SPLIT=True, **consts,
+    )  # fmt: skip
     bc = min(32 if interpreting() else 256, triton.next_power_of_2(splits * top_k))
     br = min(16, triton.next_power_of_2(rows))
     score_topk_fwd_kernel_merge[(triton.cdiv(rows, br), b * h)](
