@@ -470,3 +470,37 @@ def test_two_runs_on_one_results_file_do_not_both_write_it(tiny_engine, tmp_path
     assert run_grid(tiny_engine, grid, ResultsFile(out), progress=False).ran == 1
     assert run_grid(tiny_engine, grid, ResultsFile(out), progress=False).ran == 0
     assert len(read_rows(out)) == 2
+
+
+def test_needles_run_deepest_first_and_reuse_the_haystack_before_each_needle(tmp_path):
+    """With the prefix cache on, each prompt prefills only from about its needle on (the runner puts
+    the deepest needle first, so every prompt starts like the one before), and every answer is the
+    one a cold run gives."""
+    from reattention_core.prefix_cache import CacheConfig
+
+    config = ReAttentionConfig(sink_size=4, block_size=8, top_k=2, max_blocks=4, local_window=64, prefill_chunk_size=64)
+    grid = _grid(lengths=(1024,), depths=(0.3, 0.8), samples=3, jitter=0.05, modes=("reattention", "streaming"))
+
+    def run(cache, name):
+        engine = ReAttentionEngine(tiny_model("llama"), ByteTokenizer(), config, model_name="tiny-llama", cache=cache)
+        out = tmp_path / name
+        assert run_grid(engine, grid, ResultsFile(out), progress=False).ran == len(grid.cells())
+        return read_rows(out)
+
+    cold = run(False, "cold.jsonl")
+    warm = run(CacheConfig(disk=False, page_size=128), "warm.jsonl")
+    # The same cells with the same answers (that warm equals cold bit for bit is test_prefix_cache's).
+    key = lambda r: (r["depth"], r["index"], r["mode"])
+    assert {key(r): r["answer"] for r in warm} == {key(r): r["answer"] for r in cold}
+    assert all(r["cached_tokens"] == 0 for r in cold)
+
+    # deepest needle first, a sample's modes back to back
+    depths = [r["needle_depth"] for r in warm]
+    assert depths == sorted(depths, reverse=True) and len(set(depths)) == 6
+    assert [r["mode"] for r in warm] == ["reattention", "streaming"] * 6
+    haystack, tokenizer = Haystack(ByteTokenizer(), "filler"), ByteTokenizer()
+    for i, row in enumerate(warm):
+        sample = make_sample("passkey", tokenizer, haystack, 1024, row["depth"], row["index"], jitter=0.05)
+        needle_at = len(tokenizer(sample.prompt[: sample.prompt.index(sample.expected[0]) - 16])["input_ids"])
+        # the first prompt of each mode is cold; every later one reuses the whole pages before its needle
+        assert row["cached_tokens"] == (0 if i < 2 else needle_at // 128 * 128), (needle_at, row)

@@ -118,8 +118,12 @@ def cmd_needles(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         mode_max_length=parse_mode_caps(args.max_length),
     )
-    # Every needle prompt is unique: caching its pages would only fill memory and disk.
-    engine = _engine(args, cache=False)
+    # Needle prompts share their haystack up to the needle, and the runner orders them so that each
+    # starts like the one before: the in-memory prefix cache then prefills only from the needle on.
+    # Exact (warm equals cold bit for bit); nothing on disk, where these pages would only pile up.
+    from reattention_core.prefix_cache import CacheConfig
+
+    engine = _engine(args, cache=False if args.no_prefix_cache else CacheConfig(disk=False))
     results = ResultsFile(args.out)
     _stop_on_term()
     report = run_grid(engine, grid, results, limit=args.limit, progress=not args.no_progress)
@@ -193,6 +197,9 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
                              help="docs: Python standard-library docstrings; filler: a repeated sentence group")
     needle_opts.add_argument("--max-length", nargs="+", metavar="MODE=TOKENS",
                              help="longest length a mode runs, e.g. full=32K streaming=32K")
+    needle_opts.add_argument("--no-prefix-cache", action="store_true",
+                             help="prefill every prompt cold (default: reuse the haystack before each needle from "
+                             "the in-memory prefix cache; exact, so the answers are the same, only faster)")
 
     p = evsub.add_parser("passkey", parents=[common, run_opts, needle_opts], help="5-digit pass key in a haystack")
     p.set_defaults(func=cmd_needles)

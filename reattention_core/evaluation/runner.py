@@ -1,8 +1,15 @@
 """The needle grid: length x depth x sample x mode, one JSON line per finished cell.
 
-Cells run in the order length, task, depth, sample, mode, so one prompt is built once and then
-answered in every mode back to back (the same tokens for every mode). A rerun with the same
-results file skips the cells already there; Ctrl-C stops between rows and leaves the file whole.
+Cells run by length, then task, then needle position from the deepest to the shallowest, then
+mode: one prompt is built once and answered in every mode back to back (the same tokens for every
+mode), and each prompt's text up to its needle is the text of the prompt before it (the haystack is
+the same up to the needle). So an engine with its prefix cache on (what ``reattention eval``
+uses) prefills only from about the needle on, and a grid costs about ``sum(1 - depth)`` cold
+prompts instead of one per cell. The cache is exact (a warm run reproduces the cold run bit for
+bit, `reattention_core.prefix_cache`); rows record ``cached_tokens``.
+
+A rerun with the same results file skips the cells already there; Ctrl-C stops between rows and
+leaves the file whole.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ from reattention_core.evaluation.env import environment
 from reattention_core.evaluation.haystack import HAYSTACK_KINDS, Haystack
 from reattention_core.evaluation.results import ResultsFile, cell_key, offload_tag
 from reattention_core.evaluation.scoring import found
-from reattention_core.evaluation.tasks import DEPTHLESS, TASKS, Sample, make_sample
+from reattention_core.evaluation.tasks import DEPTHLESS, TASKS, Sample, make_sample, placed_depth
 
 # Enough new tokens for each task's full answer, and not many more (decode dominates short prompts).
 DEFAULT_MAX_NEW_TOKENS: dict[str, int] = {"passkey": 12, "multikey": 16, "multivalue": 48, "vartrack": 32, "cwe": 64}
@@ -113,6 +120,24 @@ class NeedleGrid:
         return self.max_new_tokens or DEFAULT_MAX_NEW_TOKENS[task]
 
 
+def deepest_first(cells: Sequence[Cell], grid: NeedleGrid) -> list[Cell]:
+    """``cells`` (in `NeedleGrid.cells` order) with each (length, task) group's samples ordered by
+    where their needle sits, deepest first; a sample's modes stay together in grid order.
+
+    Each prompt then shares its text up to its own needle with the prompt before it, which is what
+    the prefix cache reuses. The sort is stable, so unjittered samples of one depth keep their order.
+    """
+    groups: dict[tuple[int, str], list[Cell]] = {}
+    for cell in cells:
+        groups.setdefault((cell.length, cell.task), []).append(cell)
+
+    def position(cell: Cell) -> float:
+        d = placed_depth(cell.task, cell.length, cell.depth, cell.index, grid.seed, jitter=grid.jitter)
+        return -1.0 if d is None else d
+
+    return [cell for group in groups.values() for cell in sorted(group, key=position, reverse=True)]
+
+
 @dataclass
 class RunReport:
     """What a run did: cells run now, cells skipped as already done, whether Ctrl-C stopped it."""
@@ -169,6 +194,7 @@ def _run_grid(
             report.skipped += 1
         else:
             pending.append(cell)
+    pending = deepest_first(pending, grid)
     if limit is not None:
         pending = pending[: max(0, limit)]
     haystack = Haystack(engine.tokenizer, grid.haystack) if pending else None
@@ -205,6 +231,7 @@ def _run_grid(
                 "hit": score == 1.0,
                 "seconds": round(seconds, 3),
                 "completion_tokens": res.completion_tokens,
+                "cached_tokens": res.cached_tokens,
                 "config": engine.config.to_dict(),
                 "env": env,
             }

@@ -232,6 +232,21 @@ def render(tokenizer: Any, messages: Sequence[dict[str, str]], answer_prefix: st
     return "\n\n".join(m["content"] for m in messages) + "\n\n" + answer_prefix
 
 
+def placed_depth(
+    task: str, length: int, depth: float | None, index: int, base_seed: int = 0, *, jitter: float = 0.0
+) -> float | None:
+    """Where `make_sample` puts the sample's (first) needle: ``depth``, moved by the seeded jitter
+    (``None`` for depth-less tasks). Cheap: the runner orders cells by it without building prompts."""
+    if task in DEPTHLESS or depth is None:
+        return None
+    if jitter <= 0:
+        return depth
+    seed = sample_seed(base_seed, task, length, depth, index)
+    # its own stream, so the key and the other needles stay those of the unjittered sample
+    moved = depth + random.Random(seed ^ 0x6A177E4).uniform(-jitter, jitter)
+    return min(1.0, max(0.0, moved))
+
+
 def make_sample(
     task: str,
     tokenizer: Any,
@@ -259,11 +274,7 @@ def make_sample(
     if not 0.0 <= jitter <= 0.5:
         raise InvalidInputError(f"jitter must be in [0, 0.5], got {jitter}")
     seed = sample_seed(base_seed, task, length, depth, index)
-    needle_depth = depth
-    if depth is not None and jitter > 0:
-        # its own stream, so the key and the other needles stay those of the unjittered sample
-        moved = depth + random.Random(seed ^ 0x6A177E4).uniform(-jitter, jitter)
-        needle_depth = min(1.0, max(0.0, moved))
+    needle_depth = placed_depth(task, length, depth, index, base_seed, jitter=jitter)
     spec = task_spec(task, random.Random(seed), needle_depth, tokenizer)
 
     def messages_for(budget: int) -> list[dict[str, str]]:

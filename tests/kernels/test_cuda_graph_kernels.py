@@ -60,3 +60,20 @@ def test_engine_generates_the_same_text_with_and_without_graphs(monkeypatch, cac
 def test_engine_warmup_records_graphs_on_cuda():
     engine = ReAttentionEngine(_model(), ByteTokenizer(), CFG, backend="triton", cache=False)
     assert engine.warmup() > 0
+
+
+@pytest.mark.gpu
+def test_prefix_cache_reuse_through_graphs_gives_the_cold_tokens():
+    """What `reattention eval` does: prompts that share their text up to a needle, the shared pages
+    reused from the in-memory cache and the rest prefilled through graphs, answer as cold runs do."""
+    from reattention_core.prefix_cache import CacheConfig
+
+    model = _model()
+    haystack = "the quick brown fox jumps over the lazy dog; " * 12
+    prompts = [haystack[:480] + "pass key 12345. " + haystack[480:], haystack[:200] + "pass key 67890. " + haystack[200:]]
+    cold = ReAttentionEngine(model, ByteTokenizer(), CFG, backend="triton", cache=False)
+    warm = ReAttentionEngine(model, ByteTokenizer(), CFG, backend="triton", cache=CacheConfig(disk=False, page_size=32))
+    for prompt, cached in zip(prompts, (0, 192)):
+        w, c = warm.generate(prompt, max_new_tokens=16), cold.generate(prompt, max_new_tokens=16)
+        assert w.cached_tokens == cached and c.cached_tokens == 0
+        assert w.token_ids == c.token_ids and len(c.token_ids) == 16
