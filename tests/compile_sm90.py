@@ -1,4 +1,4 @@
-"""Compile the scoring kernels for an H100 (sm_90) without a GPU; run as a script by the test.
+"""Compile the scoring and selection kernels for an H100 (sm_90) without a GPU; run as a script by the test.
 
 The interpreter (``TRITON_INTERPRET=1``) runs kernels as numpy and skips the compiler's checks, so a
 kernel can pass every CPU test and still fail to compile (for instance a loop-carried value whose
@@ -15,7 +15,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from reattention_kernels.triton_ops import topk
+from reattention_kernels.triton_ops import select, topk
 
 TARGET = GPUTarget("cuda", 90, 32)
 PTRS = ("q", "k", "o", "ws_v", "ws_i", "ws_m", "ws_t", "ws_th", "shift")
@@ -37,6 +37,22 @@ def scan(dtype: str, d: int, top_k: int, split: bool, two_phase: bool) -> ASTSou
     return ASTSource(fn=topk.score_topk_fwd_kernel_scan, signature=sig, constexprs=consts)
 
 
+def tile_top(from_hits: bool, block: int, kp: int) -> ASTSource:
+    sig = {"src": "*i64", "counts": "*i32", "dst": "*i64", "shift": "*i64"}
+    sig.update({name: "i32" for name in ("stride_sb", "N", "M", "MC")})
+    consts = {"FROM_HITS": from_hits, "BLOCK": block, "KP": kp, "SHIFT": True}
+    sig.update({name: "constexpr" for name in consts})
+    return ASTSource(fn=select._tile_top, signature=sig, constexprs=consts)
+
+
+def blocks(kp: int, bs: int) -> ASTSource:
+    sig = {"top": "*i64", "sel": "*i64", "n_sel": "*i64", "shift": "*i64"}
+    sig.update({name: "i32" for name in ("M", "MC", "K", "W", "offset")})
+    consts = {"BLOCK": 1024, "KP": kp, "BS": bs, "BSP": bs, "SHIFT": True}
+    sig.update({name: "constexpr" for name in consts})
+    return ASTSource(fn=select._blocks, signature=sig, constexprs=consts)
+
+
 def main() -> int:
     variants = [
         ("bf16", 64, 4, True, True),
@@ -44,9 +60,13 @@ def main() -> int:
         ("bf16", 128, 8, True, False),
         ("fp32", 64, 4, True, True),
     ]
-    for v in variants:
+    sources = [(v, scan(*v), 4) for v in variants]
+    sources += [(("tile_top", h, blk), tile_top(h, blk, 32), 4 if blk >= 512 else 1)
+                for h, blk in ((True, 1024), (False, 512), (True, 64))]
+    sources.append((("blocks", 32, 32), blocks(32, 32), 4))
+    for v, src, warps in sources:
         try:
-            triton.compile(scan(*v), target=TARGET, options={"num_warps": 4, "num_stages": 3})
+            triton.compile(src, target=TARGET, options={"num_warps": warps, "num_stages": 3})
         except Exception as exc:  # noqa: BLE001  (reported with the variant, then fail)
             print(f"FAILED {v}: {type(exc).__name__}: {exc}", flush=True)
             return 1

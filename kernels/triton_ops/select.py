@@ -1,18 +1,24 @@
-"""Fused block selection from top-k hits: votes, clip and blocks in two launches.
+"""Fused block selection from top-k hits: votes, clip and blocks in a few launches.
 
 The reference (`reattention_kernels.reference.select`) is about 25 small torch ops, two of them
 sorts: about 1 ms of host time per layer step on an H100 host, more than the scoring kernel
 itself (``benchmarks/profile_host.py``). Here:
 
-1. ``_count_votes`` (one program per 1024 hits) adds every valid hit into a zeroed histogram
+1. ``_count_votes`` (one program per tile of hits) adds every valid hit into a zeroed histogram
    ``[B, M]`` of int32 (atomics; M is the middle length, so 4 MB at 1M tokens).
-2. ``_select`` (one program per batch row) takes each hit's count with an atomic exchange against
-   0, so exactly one hit per distinct position reads it (and the histogram is left clean); its key
-   is ``votes * (M + 1) + (M - position)``: unique, larger for more votes and, on ties, for the
-   lower position (the reference's order). The ``K = min(max_blocks, N)`` largest keys are taken in
-   K rounds (each the largest key below the previous one), sorted back to ascending positions,
-   widened to blocks, merged with the blocks before them and compacted with prefix sums, exactly as
-   the reference does.
+2. ``_tile_top`` (one program per tile) takes each hit's count with an atomic exchange against 0,
+   so exactly one hit per distinct position reads it (and the histogram is left clean); its key is
+   ``votes * (M + 1) + (M - position)``: unique, larger for more votes and, on ties, for the lower
+   position (the reference's order). The program sorts its tile's keys and keeps the ``KP`` largest.
+   While more than one tile's worth of kept keys remains, the same kernel reduces them again
+   (a 256-token chunk of the embedded preset: 9216 hits, 9 tiles, then one).
+3. ``_blocks`` (one program per batch row) turns the ``K = min(max_blocks, N)`` largest keys into
+   positions, sorts them back to ascending order, widens them to blocks, merges each with the
+   blocks before it and compacts the result with prefix sums, exactly as the reference does.
+
+The clip used to be K rounds of "largest key below the last" over all N keys in one program:
+K x N/1024 dependent passes, 0.15 ms per layer step of a prefill chunk (23% of a chunk's GPU time
+at 128K tokens, ``benchmarks/profile_graphs.py``); the tiles now sort in parallel.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import triton.language as tl
 from reattention_kernels import _SELECT_MAX_TILE as MAX_TILE  # larger [K, block] tiles use the reference
 from reattention_kernels.dispatch import interpreting
 
-# Hits per program of the counting kernel and per tile of the selection kernel.
+# Most hits per program of the counting kernel and per tile of the top-key kernel.
 _BLOCK = 1024
 
 
@@ -40,54 +46,41 @@ def _count_votes(hits, counts, shift, stride_hb, N, M, MC, BLOCK: tl.constexpr, 
 
 
 @triton.jit
-def _select(
-    hits,
-    counts,
-    keys,
-    sel,
-    n_sel,
-    shift,
-    stride_hb,
-    stride_sb,
-    N,
-    M,
-    MC,
-    K,
-    W,
-    offset,
-    BLOCK: tl.constexpr,
-    KP: tl.constexpr,
-    BS: tl.constexpr,
-    BSP: tl.constexpr,
+def _tile_top(
+    src, counts, dst, shift, stride_sb, N, M, MC, FROM_HITS: tl.constexpr, BLOCK: tl.constexpr, KP: tl.constexpr,
     SHIFT: tl.constexpr,
+):
+    """The ``KP`` largest keys of tile ``t`` of row ``b``, descending, into ``dst[b, t * KP:]``
+    (``-1`` where the tile has fewer). ``FROM_HITS``: ``src`` holds hits, whose keys are made here."""
+    i_t, i_b = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    o = i_t * BLOCK + tl.arange(0, BLOCK)
+    m = o < N
+    if FROM_HITS:
+        if SHIFT:
+            M = M + tl.load(shift)
+        h = tl.load(src + i_b * stride_sb + o, mask=m, other=-1)
+        ok = m & (h >= 0) & (h < M)
+        c = tl.atomic_xchg(counts + i_b * MC + h, tl.zeros([BLOCK], tl.int32), mask=ok)
+        # keys are encoded against MC (the histogram's row length, >= M): the same order for any M
+        key = tl.where(ok & (c > 0), c.to(tl.int64) * (MC + 1) + (MC - h), -1)
+    else:
+        key = tl.load(src + i_b * stride_sb + o, mask=m, other=-1)
+    top = tl.sort(key, descending=True)
+    r = tl.arange(0, BLOCK)
+    tl.store(dst + i_b * (tl.num_programs(0) * KP) + i_t * KP + r, top, mask=r < KP)
+
+
+@triton.jit
+def _blocks(
+    top, sel, n_sel, shift, M, MC, K, W, offset, BLOCK: tl.constexpr, KP: tl.constexpr, BS: tl.constexpr,
+    BSP: tl.constexpr, SHIFT: tl.constexpr,
 ):
     i_b = tl.program_id(0).to(tl.int64)
     if SHIFT:
         M = M + tl.load(shift)
-    o = tl.arange(0, BLOCK)
-    # keys are encoded against MC (the histogram's row length, >= M): the same order for any M
-    m1 = MC + 1
-    # keys: one per distinct position (the hit that takes the count), -1 for the others
-    for t in range(0, N, BLOCK):
-        m = (t + o) < N
-        h = tl.load(hits + i_b * stride_hb + t + o, mask=m, other=-1)
-        ok = m & (h >= 0) & (h < M)
-        c = tl.atomic_xchg(counts + i_b * MC + h, tl.zeros([BLOCK], tl.int32), mask=ok)
-        key = tl.where(ok & (c > 0), c.to(tl.int64) * m1 + (MC - h), -1)
-        tl.store(keys + i_b * N + t + o, key, mask=m)
-    tl.debug_barrier()
-    # clip: the K largest keys, one round each (keys are unique, so "largest below the last")
     o_k = tl.arange(0, KP)
-    kept = tl.full([KP], 0, tl.int64) + M
-    prev = tl.full([], 2**62, tl.int64)
-    for r in range(K):
-        best = tl.full([], -1, tl.int64)
-        for t in range(0, N, BLOCK):
-            kt = tl.load(keys + i_b * N + t + o, mask=(t + o) < N, other=-1)
-            best = tl.maximum(best, tl.max(tl.where(kt < prev, kt, -1), 0))
-        pos = tl.where(best >= 0, MC - best % m1, M)
-        kept = tl.where(o_k == r, pos, kept)
-        prev = best
+    best = tl.load(top + i_b * KP + o_k)  # descending; -1 for no position
+    kept = tl.where((best >= 0) & (o_k < K), MC - best % (MC + 1), M)
     kept = tl.sort(kept)
     # blocks: [p - BS//2, p - BS//2 + BS - 1], clipped to the middle, merged with earlier blocks
     o_s = tl.arange(0, BSP)
@@ -101,13 +94,14 @@ def _select(
     vi = valid.to(tl.int32)
     row_n = tl.sum(vi, 1)
     dest = (tl.cumsum(row_n, 0) - row_n)[:, None] + tl.cumsum(vi, 1) - vi
-    tl.store(sel + i_b * stride_sb + dest, cand + offset, mask=valid)
+    tl.store(sel + i_b * W + dest, cand + offset, mask=valid)
     n = tl.sum(row_n, 0)
     tl.store(n_sel + i_b, n.to(tl.int64))
     # padding after the selected positions, as the reference has it
+    o = tl.arange(0, BLOCK)
     for t in range(0, W, BLOCK):
         m = ((t + o) < W) & ((t + o) >= n)
-        tl.store(sel + i_b * stride_sb + t + o, tl.zeros([BLOCK], tl.int64) + offset, mask=m)
+        tl.store(sel + i_b * W + t + o, tl.zeros([BLOCK], tl.int64) + offset, mask=m)
 
 
 def select_from_hits_triton(
@@ -151,15 +145,28 @@ def select_from_hits_triton(
     hits = hits.to(torch.int64).contiguous()
     counts = torch.zeros((b, max(mc, 1)), dtype=torch.int32, device=dev)
     shift_arg = hits if shift is None else shift  # any tensor: the kernels read it only with SHIFT
-    keys = torch.empty((b, n), dtype=torch.int64, device=dev)
     sel = torch.empty((b, width), dtype=torch.int64, device=dev)
     n_sel = torch.empty((b,), dtype=torch.int64, device=dev)
-    block = 128 if interpreting() else _BLOCK
+    most = 128 if interpreting() else _BLOCK
+    block = min(most, triton.next_power_of_2(n))
     _count_votes[(triton.cdiv(n, block), b)](
         hits, counts, shift_arg, hits.stride(0), n, middle_len, mc, BLOCK=block, SHIFT=shift is not None
     )
-    _select[(b,)](
-        hits, counts, keys, sel, n_sel, shift_arg, hits.stride(0), sel.stride(0), n, middle_len, mc, kk, width,
-        offset, BLOCK=block, KP=kp, BS=block_size, BSP=bsp, SHIFT=shift is not None, num_warps=4,
+    # tiles of hits -> each tile's KP best keys -> ... -> one row of the KP best keys
+    src, length, from_hits = hits, n, True
+    while True:
+        block = max(kp, min(most, triton.next_power_of_2(length)))
+        tiles = triton.cdiv(length, block)
+        top = torch.empty((b, tiles * kp), dtype=torch.int64, device=dev)
+        _tile_top[(tiles, b)](
+            src, counts, top, shift_arg, src.stride(0), length, middle_len, mc, FROM_HITS=from_hits, BLOCK=block,
+            KP=kp, SHIFT=shift is not None, num_warps=4 if block >= 512 else 1,
+        )  # fmt: skip
+        if tiles == 1:
+            break
+        src, length, from_hits = top, tiles * kp, False
+    _blocks[(b,)](
+        top, sel, n_sel, shift_arg, middle_len, mc, kk, width, offset, BLOCK=min(most, triton.next_power_of_2(width)),
+        KP=kp, BS=block_size, BSP=bsp, SHIFT=shift is not None, num_warps=4,
     )  # fmt: skip
     return sel, n_sel

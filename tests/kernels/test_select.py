@@ -27,6 +27,8 @@ CASES = [
     (1, 5, 3, 32, 6, 3, 0.0, 1),  # a middle shorter than a block; K = N < max_blocks
     (3, 64, 1, 2, 4, 1, 0.5, 2),  # a one-token middle
     (1, 10, 50, 6, 1, 10, 1.0, 7),  # no hit at all
+    (1, 2000, 3000, 32, 4, 500, 0.05, 3),  # three rounds of tile reduction (16 tiles, then 4, then 1)
+    (2, 1, 40, 32, 8, 1, 0.0, 0),  # a single hit
 ]
 
 
