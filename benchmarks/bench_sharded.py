@@ -31,6 +31,7 @@ from reattention_core.engine import ReAttentionEngine
 from reattention_core.evaluation.haystack import Haystack
 from reattention_core.evaluation.scoring import found
 from reattention_core.evaluation.tasks import make_sample
+from reattention_core.generation import TextStream
 
 
 class StepClock:
@@ -71,27 +72,32 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.reset_peak_memory_stats(device)
     row: dict = {}
     if rank == 0:
-        sample = make_sample("passkey", engine.tokenizer, Haystack(engine.tokenizer, "filler"), args.tokens,
-                             args.depth, args.index)
+        sample = make_sample(
+            "passkey", engine.tokenizer, Haystack(engine.tokenizer, "filler"), args.tokens, args.depth, args.index
+        )
         request = engine.prepare(sample.prompt, max_new_tokens=args.new_tokens)
         clock = StepClock(engine)
         sync()
         t0 = time.perf_counter()
-        stream = sharded.run(list(request.ids), request.params)
-        while True:
-            try:
-                next(stream)
-            except StopIteration as done:
-                res = done.value
-                break
+        res = TextStream(sharded.run(list(request.ids), request.params)).collect()
         decode_ms = (clock.last - clock.first) / max(1, clock.steps) * 1000 if clock.steps else None
         engine._decode_step = clock.inner  # type: ignore[method-assign]
         hits = found(res.text, sample.expected)
-        row = {"bench": "sharded", "model": engine.model_name, "world": world, "tokens": res.prompt_tokens,
-               "depth": args.depth, "index": args.index, "expected": list(sample.expected), "answer": res.text,
-               "hit": len(hits) == len(sample.expected), "token_ids": list(res.token_ids),
-               "prefill_s": round(clock.first - t0, 3) if clock.first else None,
-               "decode_ms_per_token": round(decode_ms, 3) if decode_ms else None, "decode_steps": clock.steps}
+        row = {
+            "bench": "sharded",
+            "model": engine.model_name,
+            "world": world,
+            "tokens": res.prompt_tokens,
+            "depth": args.depth,
+            "index": args.index,
+            "expected": list(sample.expected),
+            "answer": res.text,
+            "hit": len(hits) == len(sample.expected),
+            "token_ids": list(res.token_ids),
+            "prefill_s": round(clock.first - t0, 3) if clock.first else None,
+            "decode_ms_per_token": round(decode_ms, 3) if decode_ms else None,
+            "decode_steps": clock.steps,
+        }
     else:
         sharded.follow(once=True)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None

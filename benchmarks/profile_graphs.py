@@ -24,13 +24,14 @@ import argparse
 import json
 import sys
 import time
-from collections import defaultdict
+from functools import partial
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_engine import environment, key_read_floor, sync
+from profile_step import cuda_kernel_times
 
 from reattention_core import ReAttentionCache, ReAttentionEngine, enable_reattention
 from reattention_core.cuda_graph import StepGraph
@@ -69,13 +70,7 @@ def profiled(graph: StepGraph, make_ids, steps: int, top: int) -> dict:
         for _ in range(steps):
             graph.step(make_ids())
         sync()
-    per_kernel: dict[str, float] = defaultdict(float)
-    launches: dict[str, int] = defaultdict(int)
-    for ev in trace.events():
-        if ev.device_type == torch.autograd.DeviceType.CUDA:
-            name = ev.name.split("(")[0][:100]
-            per_kernel[name] += ev.time_range.elapsed_us()
-            launches[name] += 1
+    per_kernel, launches = cuda_kernel_times(trace, name=lambda raw: raw.split("(")[0][:100])
     busy = sum(per_kernel.values())
     ranked = sorted(per_kernel.items(), key=lambda kv: -kv[1])
     return {
@@ -113,6 +108,11 @@ def main(argv: list[str] | None = None) -> int:
     param = next(model.parameters())
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(0)
+
+    def random_ids(n: int) -> torch.Tensor:
+        """``[1, n]`` random token ids on the model's device (the same stream for context and steps)."""
+        return torch.randint(100, vocab - 100, (1, n), generator=gen).to(param.device)
+
     head = args.tokens - (args.chunks + 1) * chunk if args.chunks else args.tokens
     max_length = args.tokens + args.steps + 2
     row: dict = {
@@ -129,10 +129,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.synthetic:
             fill_synthetic(store, model, head, param.device, param.dtype)
         else:
-            ids = torch.randint(100, vocab - 100, (1, head), generator=gen).to(param.device)
             run_prefill(
                 model,
-                ids,
+                random_ids(head),
                 cache,
                 chunk,
                 last_alone=False,
@@ -143,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         row["context_s"] = round(time.perf_counter() - t0, 2)
         if args.chunks:
             graph = StepGraph(model, cache, cfg, max_length, tokens=chunk)
-            chunk_ids = lambda: torch.randint(100, vocab - 100, (1, chunk), generator=gen).to(param.device)
+            chunk_ids = partial(random_ids, chunk)
             graph.step(chunk_ids())  # records
             half = args.chunks // 2
             row["prefill"] = {
@@ -155,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             del graph
         if args.steps:
             graph = StepGraph(model, cache, cfg, max_length, tokens=1)
-            token = lambda: torch.randint(100, vocab - 100, (1, 1), generator=gen).to(param.device)
+            token = partial(random_ids, 1)
             graph.step(token())  # records
             half = args.steps // 2
             row["decode"] = {

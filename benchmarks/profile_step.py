@@ -59,6 +59,17 @@ def decode_steps(model: torch.nn.Module, cache: ReAttentionCache, token: torch.T
     return token
 
 
+def cuda_kernel_times(trace, name=lambda raw: raw) -> tuple[dict[str, float], dict[str, int]]:
+    """Device microseconds and launches per kernel of a `torch.profiler` trace, keyed by ``name(raw name)``."""
+    times: dict[str, float] = defaultdict(float)
+    launches: dict[str, int] = defaultdict(int)
+    for ev in trace.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            times[name(ev.name)] += ev.time_range.elapsed_us()
+            launches[name(ev.name)] += 1
+    return times, launches
+
+
 def gpu_busy(model: torch.nn.Module, cache: ReAttentionCache, token: torch.Tensor, steps: int) -> dict:
     """GPU time per decode step from a `torch.profiler` trace: busy ms (kernels and copies) and the
     kernels that take most of it."""
@@ -69,10 +80,7 @@ def gpu_busy(model: torch.nn.Module, cache: ReAttentionCache, token: torch.Tenso
         decode_steps(model, cache, token, steps)
         sync()
         wall = time.perf_counter() - t0
-    per_kernel: dict[str, float] = defaultdict(float)
-    for ev in trace.events():
-        if ev.device_type == torch.autograd.DeviceType.CUDA:
-            per_kernel[ev.name] += ev.time_range.elapsed_us()
+    per_kernel, _ = cuda_kernel_times(trace)
     busy_us = sum(per_kernel.values())
     top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:15]
     return {
