@@ -1,13 +1,14 @@
-"""Two-phase prefill scoring against one pass, by key-range length, block configuration and phase-2 row block.
+"""Two-phase prefill scoring against one pass, by key-range length, block configuration and sub-tile size.
 
     python3 benchmarks/bench_topk_phases.py > benchmarks/results/topk-phases-<gpu>-<commit>.jsonl
 
 One JSON line per (shape, data): ``one`` is the one-pass kernel's CUDA-graph time in ms (L2 flushed),
-``two-<BM>x<warps>-sb<SB>`` the two-phase kernel's with BM rows per program and SB rows per phase-2
-block. ``randn`` keys are i.i.d. (the worst case for phase 2: every row favours different tiles);
-``heavy`` scales every 4096th key by 4 (a few keys that many rows share, as real attention has).
-Every two-phase result is checked equal to the one-pass result before it is timed.
-This chose ``_TWO_PHASE_MIN_KEYS`` and ``_SUB_ROWS`` in ``kernels/triton_ops/topk.py``.
+``two-<BM>x<warps>-s<SUB>`` the two-phase kernels' (phase 1 with BM rows per program, sub-tiles of
+SUB keys; phase 2 rescoring them), and ``tflops`` the best two-phase time as ``2 * rows * keys * D``
+flops per second. ``randn`` keys are i.i.d.; ``heavy`` scales every 4096th key by 4 (a few keys that
+many rows share, as real attention has). Every two-phase result is checked equal to the one-pass
+result before it is timed. This chose ``_TWO_PHASE_MIN_KEYS`` and ``_SUB`` in
+``kernels/triton_ops/topk.py``.
 """
 
 from __future__ import annotations
@@ -50,9 +51,9 @@ for model, tq, tk, top_k in shapes:
         ref = score_topk_fwd(q, keys, top_k, two_phase=False)
         row = {"model": model, "tq": tq, "tk": tk, "data": data, "one": graph_ms(q, keys, top_k, two_phase=False)}
         for cfg in (None, (128, 128, 8, 3), (128, 128, 4, 3)):
-            for sb in (16, 32, 64):
-                name = f"two-{cfg[0] if cfg else 64}x{cfg[2] if cfg else 4}-sb{sb}"
-                kw = {"two_phase": True, "config": cfg, "sub_rows": sb}
+            for sub in (16, 32, 64):
+                name = f"two-{cfg[0] if cfg else 64}x{cfg[2] if cfg else 4}-s{sub}"
+                kw = {"two_phase": True, "config": cfg, "sub": sub}
                 try:
                     out = score_topk_fwd(q, keys, top_k, **kw)
                 except Exception as exc:  # noqa: BLE001  (a configuration that does not compile is reported)
@@ -61,5 +62,7 @@ for model, tq, tk, top_k in shapes:
                 if not (out == ref).all():
                     raise SystemExit(f"two phases differ from one pass: {model} {tq}x{tk} {data} {name}")
                 row[name] = graph_ms(q, keys, top_k, **kw)
+        best = min(v for n, v in row.items() if n.startswith("two-") and isinstance(v, float))
+        row["tflops"] = round(2 * tq * hq * tk * d / best / 1e9, 1)
         print(json.dumps(row), flush=True)
     del k, heavy, q

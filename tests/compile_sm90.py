@@ -18,23 +18,37 @@ from triton.compiler import ASTSource
 from reattention_kernels.triton_ops import select, topk
 
 TARGET = GPUTarget("cuda", 90, 32)
-PTRS = ("q", "k", "o", "ws_v", "ws_i", "ws_m", "ws_t", "ws_th", "shift")
+PTRS = ("q", "k", "o", "ws_v", "ws_i", "shift")
 
 
 def scan(dtype: str, d: int, top_k: int, split: bool, two_phase: bool) -> ASTSource:
     fp = {"bf16": "*bf16", "fp32": "*fp32"}[dtype]
     sig = {name: "*fp32" for name in PTRS}
-    sig.update(q=fp, k=fp, o="*i64", ws_i="*i32", ws_t="*i32", shift="*i64")
+    sig.update(q=fp, k=fp, o="*i64", ws_i="*i32", shift="*i64")
     ints = ("stride_qb", "stride_qt", "stride_qh", "stride_kb", "stride_kt", "stride_kh")
     ints += ("stride_ob", "stride_ot", "stride_oh", "TK", "R", "NSPLIT", "keys_per_split")
     sig.update({name: "i32" for name in ints})
     bm, bn, _, _ = topk._config(64, {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype], two_phase)
     consts = {
         "H": 3, "G": 3, "D": d, "TOPK": top_k, "KP": triton.next_power_of_2(top_k), "BM": bm, "BN": bn,
-        "SPLIT": split, "IEEE": dtype == "fp32", "SHIFT": True, "TWO_PHASE": two_phase, "TB": 64, "SB": topk._SUB_ROWS,
+        "SPLIT": split, "IEEE": dtype == "fp32", "SHIFT": True, "TWO_PHASE": two_phase, "SUB": min(bn, topk._SUB),
     }  # fmt: skip
     sig.update({name: "constexpr" for name in consts})
     return ASTSource(fn=topk.score_topk_fwd_kernel_scan, signature=sig, constexprs=consts)
+
+
+def rescore(dtype: str, d: int, top_k: int) -> ASTSource:
+    fp = {"bf16": "*bf16", "fp32": "*fp32"}[dtype]
+    sig = {"q": fp, "k": fp, "ws_v": "*fp32", "ws_i": "*i32", "o": "*i64", "shift": "*i64"}
+    ints = ("stride_qb", "stride_qt", "stride_qh", "stride_kb", "stride_kt", "stride_kh")
+    ints += ("stride_ob", "stride_ot", "stride_oh", "TK", "R", "NSPLIT")
+    sig.update({name: "i32" for name in ints})
+    consts = {
+        "H": 3, "G": 3, "D": d, "DC": 32, "TOPK": top_k, "KP": triton.next_power_of_2(top_k), "BR": 16, "BC": 64,
+        "SUB": topk._SUB, "SHIFT": True,
+    }  # fmt: skip
+    sig.update({name: "constexpr" for name in consts})
+    return ASTSource(fn=topk.score_topk_fwd_kernel_rescore, signature=sig, constexprs=consts)
 
 
 def tile_top(from_hits: bool, block: int, kp: int) -> ASTSource:
@@ -61,8 +75,11 @@ def main() -> int:
         ("fp32", 64, 4, True, True),
     ]
     sources = [(v, scan(*v), 4) for v in variants]
-    sources += [(("tile_top", h, blk), tile_top(h, blk, 32), 4 if blk >= 512 else 1)
-                for h, blk in ((True, 1024), (False, 512), (True, 64))]
+    sources += [(("rescore", *v), rescore(*v), 4) for v in (("bf16", 64, 4), ("bf16", 128, 8), ("fp32", 64, 4))]
+    sources += [
+        (("tile_top", h, blk), tile_top(h, blk, 32), 4 if blk >= 512 else 1)
+        for h, blk in ((True, 1024), (False, 512), (True, 64))
+    ]
     sources.append((("blocks", 32, 32), blocks(32, 32), 4))
     for v, src, warps in sources:
         try:

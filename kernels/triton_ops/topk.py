@@ -12,19 +12,23 @@ that is the reference's order (score descending, index ascending) without a tie-
 Decode (few rows) splits the key range over many programs (split-K); a second kernel merges the
 partial sets.
 
-Prefill (many rows) over long key ranges (``_TWO_PHASE_MIN_KEYS`` per program) runs in two phases
-in the same program, because in one pass most tiles of a 64-row program improve some row, and each
-extraction step costs about five ALU operations per score against one for a row maximum:
+Prefill (many rows) runs in two phases, because in one pass most tiles of a 64-row program improve
+some row, and each extraction step costs about five ALU operations per score against one for a row
+maximum:
 
-1. score every tile, store each row's tile maximum (``[BM]`` floats per tile, a small workspace)
-   and keep each row's ``TOPK`` best tile maxima; the worst of them, ``theta``, is a lower bound
-   of the row's k-th best score (``TOPK`` distinct tiles each hold a score >= ``theta``);
-2. for each block of ``SB`` rows, list the tiles whose maximum reaches ``theta`` for some row of
-   the block, and rescore only those, with the set pre-filled by ``TOPK`` placeholders worth
-   ``theta``: candidates below ``theta`` are never extracted, and a real candidate equal to
-   ``theta`` displaces a placeholder (placeholders carry the largest index, so they are the worst
-   among equals). Every placeholder is displaced, since the ``TOPK`` tiles behind ``theta`` are
-   rescored, so the result equals the one-pass kernel's.
+1. (scan kernel) score every tile with one ``tl.dot``; a row whose tile maximum beats the worst of
+   its kept values splits the tile into sub-tiles of ``SUB`` keys and keeps its ``TOPK`` best
+   sub-tile maxima with their sub-tile indices (ties: the lower sub-tile). A split writes these
+   sets, best first, to a small workspace.
+2. (rescore kernel) per row, the ``TOPK`` best sub-tiles over all splits (merged as the partial
+   sets of decode are), rescored exactly, in ascending order, into the final set. That is
+   ``TOPK * SUB`` keys per row instead of all of them.
+
+Why the result is exact: let ``theta`` be the ``TOPK``-th best sub-tile maximum of a row. ``TOPK``
+distinct sub-tiles hold a score ``>= theta``, so every key of the row's top-k scores ``>= theta``
+and lies in a sub-tile whose maximum is ``>= theta``: one of those kept, except where maxima tie at
+``theta``, and there the kept ones are the lowest sub-tiles, which hold the lowest-index keys of
+that score, the ones the tie rule prefers.
 """
 
 from __future__ import annotations
@@ -40,12 +44,11 @@ from reattention_kernels.dispatch import interpreting
 # Splits cover a multiple of this many keys (a multiple of every BN).
 _SPLIT_ALIGN = 256
 _MAX_SPLITS = 256
-# index of a two-phase placeholder: above every key index, so the worst among equal values
-_PLACEHOLDER = tl.constexpr(2**30)
-# Two phases pay off once a program scores this many keys (H100, benchmarks/bench_topk_phases.py);
-# rows rescored together in phase 2 (fewer rows share fewer tiles).
-_TWO_PHASE_MIN_KEYS = 65536
-_SUB_ROWS = 16
+# Two phases pay off once a program scores this many keys (H100, benchmarks/bench_topk_phases.py).
+_TWO_PHASE_MIN_KEYS = 0
+# keys per sub-tile of phase 1 (the unit phase 2 rescores), and an index above every sub-tile's
+_SUB = 32
+_NO_SUB = tl.constexpr(2**30)
 
 
 @triton.jit
@@ -58,15 +61,6 @@ def _pick_best(b_v, b_i, o_j, KP: tl.constexpr):
     m_hit = b_key == b_kmin[:, None]
     b_idx = tl.where(b_best == float("-inf"), -1, tl.sum(tl.where(m_hit, b_i, 0), 1))
     return b_idx, m_hit
-
-
-@triton.jit
-def _improves(b_m, b_v, b_i, b_kth, EQ: tl.constexpr):
-    """Rows whose best candidate ``b_m [BM]`` enters the set (see `_admit`)."""
-    if EQ:
-        m_ph = (b_v == b_kth[:, None]) & (b_i == _PLACEHOLDER)
-        return (b_m > b_kth) | ((b_m == b_kth) & (tl.max(m_ph.to(tl.int32), 1) > 0))
-    return b_m > b_kth
 
 
 @triton.jit
@@ -83,15 +77,11 @@ def _admit(
     KP: tl.constexpr,
     BN: tl.constexpr,
     GATHER: tl.constexpr,
-    EQ: tl.constexpr,
 ):
     """Admit the candidates ``b_s [BM, BN]`` (visited in ascending index order among equal values)
-    into the running sets ``b_v, b_i [BM, KP]``; their indices are ``b_ci`` or ``n0 + column``.
-
-    With ``EQ`` the sets may hold placeholders (index ``_PLACEHOLDER``): a candidate equal to the
-    threshold is admitted while the worst slot is one."""
+    into the running sets ``b_v, b_i [BM, KP]``; their indices are ``b_ci`` or ``n0 + column``."""
     b_m = tl.max(b_s, 1)
-    b_up = _improves(b_m, b_v, b_i, b_kth, EQ)
+    b_up = b_m > b_kth
     # a row gains at most TOPK keys per tile; an unrolled chain of guarded steps (rather than a
     # while loop) keeps the tile loop pipelinable
     for _ in tl.static_range(TOPK):
@@ -110,31 +100,8 @@ def _admit(
             b_kth = tl.min(b_v, 1)
             b_s = tl.where(m_a, float("-inf"), b_s)
             b_m = tl.max(b_s, 1)
-            b_up = _improves(b_m, b_v, b_i, b_kth, EQ)
+            b_up = b_m > b_kth
     return b_v, b_i, b_kth
-
-
-@triton.jit
-def _scan_tile(
-    b_q,
-    p_k,
-    n0,
-    n_hi,
-    b_v,
-    b_i,
-    b_kth,
-    o_c,
-    o_j,
-    TOPK: tl.constexpr,
-    KP: tl.constexpr,
-    BN: tl.constexpr,
-    MASK: tl.constexpr,
-    IEEE: tl.constexpr,
-    EQ: tl.constexpr,
-):
-    """Score the keys ``[n0, n0 + BN)`` (pointers ``p_k [BN, D]``) and admit them."""
-    b_s = _scores(b_q, p_k, n0, n_hi, o_c, MASK, IEEE)
-    return _admit(b_s, b_s, n0, b_v, b_i, b_kth, o_c, o_j, TOPK, KP, BN, False, EQ)
 
 
 @triton.jit
@@ -156,26 +123,44 @@ def _scores(b_q, p_k, n0, n_hi, o_c, MASK: tl.constexpr, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _scan_tile(b_q, p_k, n0, n_hi, b_v, b_i, b_kth, o_c, o_j, TOPK: tl.constexpr, KP: tl.constexpr,
+               BN: tl.constexpr, MASK: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
+    """One pass: score the keys ``[n0, n0 + BN)`` (pointers ``p_k [BN, D]``) and admit them."""
+    b_s = _scores(b_q, p_k, n0, n_hi, o_c, MASK, IEEE)
+    return _admit(b_s, b_s, n0, b_v, b_i, b_kth, o_c, o_j, TOPK, KP, BN, False)
+
+
+@triton.jit
+def _keep_best(b_x, i_x, b_v, b_i, b_kth, o_j, KP: tl.constexpr):
+    """Enter each row's value ``b_x [BM]`` (index ``i_x``, the same for all rows) into its set
+    ``b_v, b_i [BM, KP]`` where it beats the worst entry ``b_kth``, replacing the worst value with the
+    largest index: values come in ascending index order, so among equals the lowest indices stay."""
+    b_wkey = tl.where(b_v == b_kth[:, None], b_i.to(tl.int64) * KP + o_j[None, :], -(2**62))
+    m_w = (b_wkey == tl.max(b_wkey, 1)[:, None]) & (b_x > b_kth)[:, None]
+    b_v = tl.where(m_w, b_x[:, None], b_v)
+    b_i = tl.where(m_w, i_x, b_i)
+    return b_v, b_i, tl.min(b_v, 1)
+
+
+@triton.jit
+def _sub_tile_maxima(b_q, p_k, n0, n_hi, o_c, b_v, b_i, b_kth, o_j, KP: tl.constexpr, BM: tl.constexpr,
+                     BN: tl.constexpr, SUB: tl.constexpr, MASK: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
+    """Phase 1 on one tile: keep each row's best sub-tile maxima (indices: key index // ``SUB``)."""
+    b_s = _scores(b_q, p_k, n0, n_hi, o_c, MASK, IEEE)
+    # most tiles improve no row: one row maximum and one compare
+    if tl.max((tl.max(b_s, 1) > b_kth).to(tl.int32), 0) > 0:
+        b_sm = tl.max(tl.reshape(b_s, [BM, BN // SUB, SUB]), 2)
+        o_u = tl.arange(0, BN // SUB)
+        for u in tl.static_range(BN // SUB):
+            b_x = tl.max(tl.where(o_u[None, :] == u, b_sm, float("-inf")), 1)
+            b_v, b_i, b_kth = _keep_best(b_x, n0 // SUB + u, b_v, b_i, b_kth, o_j, KP)
+    return b_v, b_i, b_kth
+
+
+@triton.jit
 def _row_heads(o_r, i_h, G: tl.constexpr):
     """Token (int64) and query head of rows ``o_r`` of KV head ``i_h``'s group: row ``r = t * G + g``."""
     return (o_r // G).to(tl.int64), i_h * G + (o_r % G)
-
-
-@triton.jit
-def _tile_maxima(b_q, p_k, n0, n_lo, n_hi, o_c, p_w, o_rr, b_tv, b_th, o_j, KP: tl.constexpr,
-                 BN: tl.constexpr, BM: tl.constexpr, MASK: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
-    """Phase 1 on one tile: store each row's maximum at ``p_w[tile, BM]`` and keep the best maxima."""
-    b_m = tl.max(_scores(b_q, p_k, n0, n_hi, o_c, MASK, IEEE), 1)
-    tl.store(p_w + (n0 - n_lo) // BN * BM + o_rr, b_m)
-    return _keep_best(b_m, b_tv, b_th, o_j, KP)
-
-
-@triton.jit
-def _keep_best(b_m, b_tv, b_tk, o_j, KP: tl.constexpr):
-    """Enter each row's value ``b_m [BM]`` into its set of best values ``b_tv [BM, KP]`` (worst ``b_tk``)."""
-    j_w = tl.min(tl.where(b_tv == b_tk[:, None], o_j[None, :], KP), 1)
-    b_tv = tl.where((o_j[None, :] == j_w[:, None]) & (b_m > b_tk)[:, None], b_m[:, None], b_tv)
-    return b_tv, tl.min(b_tv, 1)
 
 
 @triton.jit
@@ -199,9 +184,6 @@ def score_topk_fwd_kernel_scan(
     o,
     ws_v,
     ws_i,
-    ws_m,
-    ws_t,
-    ws_th,
     shift,
     stride_qb,
     stride_qt,
@@ -227,8 +209,7 @@ def score_topk_fwd_kernel_scan(
     IEEE: tl.constexpr,
     SHIFT: tl.constexpr,
     TWO_PHASE: tl.constexpr,
-    TB: tl.constexpr,
-    SB: tl.constexpr,
+    SUB: tl.constexpr,
 ):
     i_m, i_s, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if SHIFT:  # the key count moved on the device since the launch was recorded (CUDA-graph replay)
@@ -249,96 +230,55 @@ def score_topk_fwd_kernel_scan(
     # with a shift, splits past the key count have nothing to score (not a negative range)
     n_hi = tl.maximum(tl.minimum(n_lo + keys_per_split, TK), n_lo)
     n_full = n_lo + (n_hi - n_lo) // BN * BN
+    # [BM, KP]; padding slots (j >= TOPK) hold +inf so they are never the worst entry
+    b_v = tl.where(o_j[None, :] < TOPK, float("-inf"), float("inf")) + tl.zeros([BM, KP], dtype=tl.float32)
+    b_i = tl.full([BM, KP], -1, dtype=tl.int32)
+    b_kth = tl.full([BM], float("-inf"), dtype=tl.float32)
     if TWO_PHASE:
-        # phase 1: each row's tile maxima -> this program's slice of ws_m [tile, BM]; theta = the
-        # row's TOPK-th best tile maximum (-inf while fewer than TOPK tiles hold a key) -> ws_th
-        i_p = ((i_bh * tl.num_programs(0) + i_m) * NSPLIT + i_s).to(tl.int64)
-        o_rr = tl.arange(0, BM)
-        p_w = ws_m + i_p * (keys_per_split // BN) * BM
-        b_tv = tl.where(o_j[None, :] < TOPK, float("-inf"), float("inf")) + tl.zeros([BM, KP], dtype=tl.float32)
-        b_th = tl.full([BM], float("-inf"), dtype=tl.float32)
+        # phase 1: each row's best sub-tile maxima of this split -> ws (phase 2 is its own kernel)
         for n0 in range(n_lo, n_full, BN):
             p_k = k_base + (n0 + o_c).to(tl.int64)[:, None] * stride_kt + o_d[None, :]
-            b_tv, b_th = _tile_maxima(
-                b_q, p_k, n0, n_lo, n_hi, o_c, p_w, o_rr, b_tv, b_th, o_j, KP, BN, BM, False, IEEE
+            b_v, b_i, b_kth = _sub_tile_maxima(
+                b_q, p_k, n0, n_hi, o_c, b_v, b_i, b_kth, o_j, KP, BM, BN, SUB, False, IEEE
             )
         if n_full < n_hi:
             p_k = k_base + (n_full + o_c).to(tl.int64)[:, None] * stride_kt + o_d[None, :]
-            b_tv, b_th = _tile_maxima(
-                b_q, p_k, n_full, n_lo, n_hi, o_c, p_w, o_rr, b_tv, b_th, o_j, KP, BN, BM, True, IEEE
+            b_v, b_i, b_kth = _sub_tile_maxima(
+                b_q, p_k, n_full, n_hi, o_c, b_v, b_i, b_kth, o_j, KP, BM, BN, SUB, True, IEEE
             )
-        tl.store(ws_th + i_p * BM + o_rr, b_th)
-        # phase 2 reads what other threads of this program stored
-        tl.debug_barrier()
-        # phase 2, SB rows at a time: fewer rows share a tile list, so fewer tiles are rescored
-        p_l = ws_t + i_p * (keys_per_split // BN)
-        n_t = (n_hi - n_lo + BN - 1) // BN
-        o_tb = tl.arange(0, TB)
-        for sb in range(0, BM, SB):
-            o_rl = sb + tl.arange(0, SB)
-            o_rs = i_m * BM + o_rl
-            m_rs = o_rs < R
-            o_ts, o_hs = _row_heads(o_rs, i_h, G)
-            p_qs = q + i_b * stride_qb + o_ts[:, None] * stride_qt + o_hs[:, None] * stride_qh + o_d[None, :]
-            b_qs = tl.load(p_qs, mask=m_rs[:, None], other=0.0)
-            b_ths = tl.load(ws_th + i_p * BM + o_rl)
-            # the tiles where some row's maximum reaches its theta, in ascending order, listed
-            # first so that the rescoring loop reads its next tile's index ahead (pipelined)
-            n_f = tl.full([], 0, dtype=tl.int32)
-            for t0 in range(0, n_t, TB):
-                m_t = ((t0 + o_tb) < n_t)[None, :] & m_rs[:, None]
-                b_mm = tl.load(p_w + (t0 + o_tb)[None, :] * BM + o_rl[:, None], mask=m_t, other=float("-inf"))
-                b_f = tl.max(((b_mm >= b_ths[:, None]) & m_t).to(tl.int32), 0)
-                tl.store(p_l + n_f + tl.cumsum(b_f, 0) - b_f, t0 + o_tb, mask=b_f > 0)
-                n_f += tl.sum(b_f, 0)
-            tl.debug_barrier()
-            # the set starts as TOPK placeholders worth theta (none while theta is -inf)
-            b_v = tl.where(o_j[None, :] < TOPK, b_ths[:, None], float("inf"))
-            b_i = tl.where(b_ths > float("-inf"), _PLACEHOLDER, -1)[:, None] + tl.zeros([SB, KP], dtype=tl.int32)
-            b_kth = b_ths
-            for i_f in range(n_f):
-                n0 = n_lo + tl.load(p_l + i_f) * BN
-                p_k = k_base + (n0 + o_c).to(tl.int64)[:, None] * stride_kt + o_d[None, :]
-                b_v, b_i, b_kth = _scan_tile(
-                    b_qs, p_k, n0, n_hi, b_v, b_i, b_kth, o_c, o_j, TOPK, KP, BN, True, IEEE, True
-                )
-            # the next block of rows rewrites the tile list
-            tl.debug_barrier()
-            _emit(b_v, b_i, o_rs, m_rs, o_j, o, ws_v, ws_i, i_b, i_h, i_bh, i_s, stride_ob, stride_ot, stride_oh,
-                  R, NSPLIT, G, TOPK, KP, SPLIT)  # fmt: skip
     else:
-        # [BM, KP]; padding slots (j >= TOPK) hold +inf so they are never the worst entry
-        b_v = tl.where(o_j[None, :] < TOPK, float("-inf"), float("inf")) + tl.zeros([BM, KP], dtype=tl.float32)
-        b_i = tl.full([BM, KP], -1, dtype=tl.int32)
-        b_kth = tl.full([BM], float("-inf"), dtype=tl.float32)
         for n0 in range(n_lo, n_full, BN):
             p_k = k_base + (n0 + o_c).to(tl.int64)[:, None] * stride_kt + o_d[None, :]
-            b_v, b_i, b_kth = _scan_tile(
-                b_q, p_k, n0, n_hi, b_v, b_i, b_kth, o_c, o_j, TOPK, KP, BN, False, IEEE, False
-            )
+            b_v, b_i, b_kth = _scan_tile(b_q, p_k, n0, n_hi, b_v, b_i, b_kth, o_c, o_j, TOPK, KP, BN, False, IEEE)
         if n_full < n_hi:
             p_k = k_base + (n_full + o_c).to(tl.int64)[:, None] * stride_kt + o_d[None, :]
-            b_v, b_i, b_kth = _scan_tile(
-                b_q, p_k, n_full, n_hi, b_v, b_i, b_kth, o_c, o_j, TOPK, KP, BN, True, IEEE, False
-            )
-        _emit(b_v, b_i, o_r, m_r, o_j, o, ws_v, ws_i, i_b, i_h, i_bh, i_s, stride_ob, stride_ot, stride_oh,
-              R, NSPLIT, G, TOPK, KP, SPLIT)  # fmt: skip
-
-
-@triton.jit
-def _emit(
-    b_v, b_i, o_r, m_r, o_j, o, ws_v, ws_i, i_b, i_h, i_bh, i_s, stride_ob, stride_ot, stride_oh, R, NSPLIT,
-    G: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr, SPLIT: tl.constexpr,
-):  # fmt: skip
-    """Store the sets of rows ``o_r``: a split's partial sets to ``ws``, or the final indices to ``o``."""
+            b_v, b_i, b_kth = _scan_tile(b_q, p_k, n_full, n_hi, b_v, b_i, b_kth, o_c, o_j, TOPK, KP, BN, True, IEEE)
     b_v = tl.where(o_j[None, :] < TOPK, b_v, float("-inf"))
     if SPLIT:
         # partial set, best first -> ws[bh, r, split, :]
         o_w = (i_bh * R + o_r).to(tl.int64) * NSPLIT + i_s
         _store_sorted(b_v, b_i, o_j, ws_i + o_w * TOPK, ws_v + o_w * TOPK, m_r, TOPK, KP, True)
     else:
-        o_t, o_hq = _row_heads(o_r, i_h, G)
         _store_sorted(b_v, b_i, o_j, o + i_b * stride_ob + o_t * stride_ot + o_hq * stride_oh, o, m_r, TOPK, KP, False)
+
+
+@triton.jit
+def _merge_splits(ws_v, ws_i, o_w, m_r, n_c, o_c, o_j, BR: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr,
+                  BC: tl.constexpr):  # fmt: skip
+    """The best ``TOPK`` of the ``n_c`` candidates of each row (``ws[o_w + c]``, stored split after
+    split, each split's best first): among equal values they come in ascending index order, as
+    the admission rule needs."""
+    b_v = tl.where(o_j[None, :] < TOPK, float("-inf"), float("inf")) + tl.zeros([BR, KP], dtype=tl.float32)
+    b_i = tl.full([BR, KP], -1, dtype=tl.int32)
+    b_kth = tl.full([BR], float("-inf"), dtype=tl.float32)
+    for c0 in range(0, n_c, BC):
+        m_w = m_r[:, None] & ((c0 + o_c) < n_c)[None, :]
+        p_w = o_w[:, None] + c0 + o_c[None, :]
+        # [BR, BC]
+        b_s = tl.load(ws_v + p_w, mask=m_w, other=float("-inf"))
+        b_ci = tl.load(ws_i + p_w, mask=m_w, other=-1)
+        b_v, b_i, b_kth = _admit(b_s, b_ci, c0, b_v, b_i, b_kth, o_c, o_j, TOPK, KP, BC, True)
+    return tl.where(o_j[None, :] < TOPK, b_v, float("-inf")), b_i
 
 
 @triton.jit(do_not_specialize=["R", "NSPLIT"])
@@ -362,23 +302,83 @@ def score_topk_fwd_kernel_merge(
     i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
     o_r = i_r * BR + tl.arange(0, BR)
     m_r = o_r < R
-    o_c = tl.arange(0, BC)
     o_j = tl.arange(0, KP)
+    n_c = NSPLIT * TOPK
+    b_v, b_i = _merge_splits(ws_v, ws_i, (i_bh * R + o_r).to(tl.int64) * n_c, m_r, n_c, tl.arange(0, BC), o_j,
+                             BR, TOPK, KP, BC)  # fmt: skip
+    o_t, o_hq = _row_heads(o_r, i_h, G)
+    _store_sorted(b_v, b_i, o_j, o + i_b * stride_ob + o_t * stride_ot + o_hq * stride_oh, o, m_r, TOPK, KP, False)
+
+
+@triton.jit(do_not_specialize=["TK", "R", "NSPLIT"])
+def score_topk_fwd_kernel_rescore(
+    q,
+    k,
+    ws_v,
+    ws_i,
+    o,
+    shift,
+    stride_qb,
+    stride_qt,
+    stride_qh,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_ob,
+    stride_ot,
+    stride_oh,
+    TK,
+    R,
+    NSPLIT,
+    H: tl.constexpr,
+    G: tl.constexpr,
+    D: tl.constexpr,
+    DC: tl.constexpr,
+    TOPK: tl.constexpr,
+    KP: tl.constexpr,
+    BR: tl.constexpr,
+    BC: tl.constexpr,
+    SUB: tl.constexpr,
+    SHIFT: tl.constexpr,
+):
+    """Phase 2: per row, rescore the keys of its ``TOPK`` best sub-tiles (over all splits) exactly."""
+    i_r, i_bh = tl.program_id(0), tl.program_id(1)
+    if SHIFT:
+        TK = TK + tl.load(shift).to(tl.int32)
+    i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
+    o_r = i_r * BR + tl.arange(0, BR)
+    m_r = o_r < R
+    o_j = tl.arange(0, KP)
+    o_u = tl.arange(0, SUB)
+    n_c = NSPLIT * TOPK
+    # [BR, KP] sub-tile indices, -1 where a row has fewer than TOPK sub-tiles
+    _, b_sub = _merge_splits(ws_v, ws_i, (i_bh * R + o_r).to(tl.int64) * n_c, m_r, n_c, tl.arange(0, BC), o_j,
+                             BR, TOPK, KP, BC)  # fmt: skip
+    b_sub = tl.where((o_j[None, :] < TOPK) & (b_sub >= 0), b_sub, _NO_SUB)
+    o_t, o_hq = _row_heads(o_r, i_h, G)
+    p_q = q + i_b * stride_qb + o_t[:, None] * stride_qt + o_hq[:, None] * stride_qh
+    k_base = k + i_b * stride_kb + i_h * stride_kh
     b_v = tl.where(o_j[None, :] < TOPK, float("-inf"), float("inf")) + tl.zeros([BR, KP], dtype=tl.float32)
     b_i = tl.full([BR, KP], -1, dtype=tl.int32)
     b_kth = tl.full([BR], float("-inf"), dtype=tl.float32)
-    # the partial sets of one row, split after split, each best first: among equal values the
-    # candidates come in ascending index order, as the admission rule needs
-    n_c = NSPLIT * TOPK
-    o_w = (i_bh * R + o_r).to(tl.int64) * n_c
-    for c0 in range(0, n_c, BC):
-        m_w = m_r[:, None] & ((c0 + o_c) < n_c)[None, :]
-        p_w = o_w[:, None] + c0 + o_c[None, :]
-        # [BR, BC]
-        b_s = tl.load(ws_v + p_w, mask=m_w, other=float("-inf"))
-        b_ci = tl.load(ws_i + p_w, mask=m_w, other=-1)
-        b_v, b_i, b_kth = _admit(b_s, b_ci, c0, b_v, b_i, b_kth, o_c, o_j, TOPK, KP, BC, True, False)
-    o_t, o_hq = _row_heads(o_r, i_h, G)
+    # sub-tiles in ascending order: candidates equal to the threshold must come in index order
+    # (runtime loops: unrolled, TOPK x D / DC copies of the admission chain take minutes to compile)
+    for _ in range(TOPK):
+        b_t = tl.min(b_sub, 1)
+        b_sub = tl.where(b_sub == b_t[:, None], _NO_SUB, b_sub)
+        m_t = b_t < _NO_SUB
+        # [BR, SUB] key indices
+        o_n = tl.where(m_t, b_t, 0)[:, None] * SUB + o_u[None, :]
+        m_n = m_r[:, None] & m_t[:, None] & (o_n < TK)
+        b_s = tl.zeros([BR, SUB], dtype=tl.float32)
+        for d0 in range(0, D, DC):
+            o_d = d0 + tl.arange(0, DC)
+            b_q = tl.load(p_q + o_d[None, :], mask=m_r[:, None], other=0.0).to(tl.float32)
+            p_k = k_base + o_n.to(tl.int64)[:, :, None] * stride_kt + o_d[None, None, :]
+            b_k = tl.load(p_k, mask=m_n[:, :, None], other=0.0).to(tl.float32)
+            b_s += tl.sum(b_q[:, None, :] * b_k, 2)
+        b_s = tl.where(m_n, b_s, float("-inf"))
+        b_v, b_i, b_kth = _admit(b_s, o_n, 0, b_v, b_i, b_kth, o_u, o_j, TOPK, KP, SUB, True)
     b_v = tl.where(o_j[None, :] < TOPK, b_v, float("-inf"))
     _store_sorted(b_v, b_i, o_j, o + i_b * stride_ob + o_t * stride_ot + o_hq * stride_oh, o, m_r, TOPK, KP, False)
 
@@ -402,7 +402,6 @@ def _config(rows: int, dtype: torch.dtype, two_phase: bool = False) -> tuple[int
     128-row tiles, whose extraction steps are taken whenever any of their rows improves.
     """
     if interpreting():
-        # two phases: two blocks of rescored rows per program
         return (32 if two_phase else 16), 32, 4, 1
     bm = min(64, max(16, triton.next_power_of_2(rows)))
     if dtype == torch.float32:
@@ -420,10 +419,10 @@ def score_topk_fwd(
     splits: int | None = None,
     config: tuple[int, int, int, int] | None = None,
     two_phase: bool | None = None,
-    sub_rows: int | None = None,
+    sub: int | None = None,
 ) -> torch.Tensor:
     """`score_topk_triton` with optional forced key splits, (BM, BN, num_warps, num_stages), phases
-    and rows per rescoring block of phase 2, for tuning and tests.
+    and keys per sub-tile of phase 1, for tuning and tests.
 
     By default prefill (more than one query token) takes two phases once a program's key range is
     long enough (``_TWO_PHASE_MIN_KEYS``), decode one pass."""
@@ -458,7 +457,9 @@ def score_topk_fwd(
     auto = two_phase is None
     two_phase = tq > 1 if auto else two_phase
     bm, bn, warps, stages = config or _config(rows, q.dtype, two_phase)
-    sb = min(sub_rows or _SUB_ROWS, bm)
+    sub = min(sub or (16 if interpreting() else _SUB), bn)
+    if bn % sub or sub & (sub - 1):
+        raise ValueError(f"sub-tiles of {sub} keys must be a power of two dividing the tile ({bn} keys)")
     n_m = triton.cdiv(rows, bm)
     base = b * h * n_m
     if splits is None:
@@ -470,16 +471,6 @@ def score_topk_fwd(
     shift_arg = out if shift is None else shift
     if auto and not interpreting() and keys_per_split < _TWO_PHASE_MIN_KEYS:
         two_phase = False
-    # per program [B * H, n_m, splits]: phase 1's tile maxima [tiles, BM] fp32, each row's theta [BM]
-    # and phase 2's tile list [tiles] int32
-    n_prog, n_tiles = b * h * n_m * splits, keys_per_split // bn
-    if two_phase:
-        ws_m = torch.empty((n_prog * n_tiles * bm,), dtype=torch.float32, device=q.device)
-        ws_th = torch.empty((n_prog * bm,), dtype=torch.float32, device=q.device)
-        ws_t = torch.empty((n_prog * n_tiles,), dtype=torch.int32, device=q.device)
-    else:
-        ws_m = ws_th = ws_t = out
-    tb = 4 if interpreting() else 64
 
     kp = triton.next_power_of_2(top_k)
     ieee = q.dtype == torch.float32
@@ -487,22 +478,28 @@ def score_topk_fwd(
     o_args = (out.stride(0), out.stride(1), out.stride(2))
     consts = {
         "H": h, "G": g, "D": d, "TOPK": top_k, "KP": kp, "BM": bm, "BN": bn, "IEEE": ieee, "SHIFT": shift is not None,
-        "TWO_PHASE": two_phase, "TB": tb, "SB": sb, "num_warps": warps, "num_stages": stages,
+        "TWO_PHASE": two_phase, "SUB": sub, "num_warps": warps, "num_stages": stages,
     }  # fmt: skip
-    if splits == 1:
+    if splits == 1 and not two_phase:
         score_topk_fwd_kernel_scan[(n_m, 1, b * h)](
-            q, k, out, out, out, ws_m, ws_t, ws_th, shift_arg, *args, *o_args, tk, rows, 1, keys_per_split,
-            SPLIT=False, **consts,
-        )  # fmt: skip
+            q, k, out, out, out, shift_arg, *args, *o_args, tk, rows, 1, keys_per_split, SPLIT=False, **consts
+        )
         return out
+    # each split's best (score, key) or, in two phases, (sub-tile maximum, sub-tile) per row
     ws_v = torch.empty((b * h, rows, splits, top_k), dtype=torch.float32, device=q.device)
     ws_i = torch.empty((b * h, rows, splits, top_k), dtype=torch.int32, device=q.device)
     score_topk_fwd_kernel_scan[(n_m, splits, b * h)](
-        q, k, out, ws_v, ws_i, ws_m, ws_t, ws_th, shift_arg, *args, *o_args, tk, rows, splits, keys_per_split,
-        SPLIT=True, **consts,
-    )  # fmt: skip
+        q, k, out, ws_v, ws_i, shift_arg, *args, *o_args, tk, rows, splits, keys_per_split, SPLIT=True, **consts
+    )
     bc = min(32 if interpreting() else 256, triton.next_power_of_2(splits * top_k))
     br = min(16, triton.next_power_of_2(rows))
+    if two_phase:
+        dc = min(d, 16 if interpreting() else 32)
+        score_topk_fwd_kernel_rescore[(triton.cdiv(rows, br), b * h)](
+            q, k, ws_v, ws_i, out, shift_arg, *args, *o_args, tk, rows, splits,
+            H=h, G=g, D=d, DC=dc, TOPK=top_k, KP=kp, BR=br, BC=bc, SUB=sub, SHIFT=shift is not None, num_warps=4,
+        )  # fmt: skip
+        return out
     score_topk_fwd_kernel_merge[(triton.cdiv(rows, br), b * h)](
         ws_v, ws_i, out, *o_args, rows, splits, H=h, G=g, TOPK=top_k, KP=kp, BR=br, BC=bc, num_warps=4
     )
