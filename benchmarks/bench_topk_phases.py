@@ -37,6 +37,12 @@ shapes = [("SmolLM2-135M", 256, tk, 4) for tk in (16384, 32768, 65536, 131072, 2
 shapes += [("SmolLM2-135M", 2048, 131072, 8), ("Llama-3.1-8B", 2048, 131072, 8), ("Llama-3.1-8B", 512, 32768, 8)]
 
 
+# (BM, BN, warps, stages) and keys per sub-tile; a sub-tile of a whole tile enters its maximum
+# without a branch
+SWEEP = [((64, 128, 4, 3), 32), ((64, 128, 4, 3), 64), ((64, 128, 4, 3), 128), ((64, 128, 4, 4), 128)]
+SWEEP += [((128, 128, 8, 3), 64), ((128, 128, 8, 3), 128), ((64, 64, 4, 3), 64), ((128, 64, 4, 3), 64)]
+
+
 def graph_ms(q, k, top_k: int, **kw) -> float:
     return round(timer.graph_ms(partial(score_topk_fwd, q, k, top_k, **kw)), 4)
 
@@ -50,18 +56,17 @@ for model, tq, tk, top_k in shapes:
     for data, keys in (("randn", k), ("heavy", heavy)):
         ref = score_topk_fwd(q, keys, top_k, two_phase=False)
         row = {"model": model, "tq": tq, "tk": tk, "data": data, "one": graph_ms(q, keys, top_k, two_phase=False)}
-        for cfg in (None, (128, 128, 8, 3), (128, 128, 4, 3)):
-            for sub in (16, 32, 64):
-                name = f"two-{cfg[0] if cfg else 64}x{cfg[2] if cfg else 4}-s{sub}"
-                kw = {"two_phase": True, "config": cfg, "sub": sub}
-                try:
-                    out = score_topk_fwd(q, keys, top_k, **kw)
-                except Exception as exc:  # noqa: BLE001  (a configuration that does not compile is reported)
-                    row[name] = f"{type(exc).__name__}: {str(exc)[:80]}"
-                    continue
-                if not (out == ref).all():
-                    raise SystemExit(f"two phases differ from one pass: {model} {tq}x{tk} {data} {name}")
-                row[name] = graph_ms(q, keys, top_k, **kw)
+        for cfg, sub in SWEEP:
+            name = f"two-{cfg[0]}x{cfg[1]}x{cfg[2]}w{cfg[3]}s-s{sub}"
+            kw = {"two_phase": True, "config": cfg, "sub": sub}
+            try:
+                out = score_topk_fwd(q, keys, top_k, **kw)
+            except Exception as exc:  # noqa: BLE001  (a configuration that does not compile is reported)
+                row[name] = f"{type(exc).__name__}: {str(exc)[:80]}"
+                continue
+            if not (out == ref).all():
+                raise SystemExit(f"two phases differ from one pass: {model} {tq}x{tk} {data} {name}")
+            row[name] = graph_ms(q, keys, top_k, **kw)
         best = min(v for n, v in row.items() if n.startswith("two-") and isinstance(v, float))
         row["tflops"] = round(2 * tq * hq * tk * d / best / 1e9, 1)
         print(json.dumps(row), flush=True)

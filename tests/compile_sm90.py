@@ -45,7 +45,7 @@ def rescore(dtype: str, d: int, top_k: int) -> ASTSource:
     sig.update({name: "i32" for name in ints})
     consts = {
         "H": 3, "G": 3, "D": d, "DC": 32, "TOPK": top_k, "KP": triton.next_power_of_2(top_k), "BR": 16, "BC": 64,
-        "SUB": topk._SUB, "SHIFT": True,
+        "SUB": topk._SUB, "SC": min(topk._SUB, 32), "SHIFT": True,
     }  # fmt: skip
     sig.update({name: "constexpr" for name in consts})
     return ASTSource(fn=topk.score_topk_fwd_kernel_rescore, signature=sig, constexprs=consts)

@@ -147,8 +147,12 @@ def _sub_tile_maxima(b_q, p_k, n0, n_hi, o_c, b_v, b_i, b_kth, o_j, KP: tl.const
                      BN: tl.constexpr, SUB: tl.constexpr, MASK: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
     """Phase 1 on one tile: keep each row's best sub-tile maxima (indices: key index // ``SUB``)."""
     b_s = _scores(b_q, p_k, n0, n_hi, o_c, MASK, IEEE)
-    # most tiles improve no row: one row maximum and one compare
-    if tl.max((tl.max(b_s, 1) > b_kth).to(tl.int32), 0) > 0:
+    if SUB == BN:
+        # one maximum per row and tile, entered without a branch: no block-wide vote per tile, so
+        # nothing stalls the pipelined tile loop
+        b_v, b_i, b_kth = _keep_best(tl.max(b_s, 1), n0 // SUB, b_v, b_i, b_kth, o_j, KP)
+    elif tl.max((tl.max(b_s, 1) > b_kth).to(tl.int32), 0) > 0:
+        # finer sub-tiles (less to rescore), only for tiles that improve some row
         b_sm = tl.max(tl.reshape(b_s, [BM, BN // SUB, SUB]), 2)
         o_u = tl.arange(0, BN // SUB)
         for u in tl.static_range(BN // SUB):
@@ -339,6 +343,7 @@ def score_topk_fwd_kernel_rescore(
     BR: tl.constexpr,
     BC: tl.constexpr,
     SUB: tl.constexpr,
+    SC: tl.constexpr,
     SHIFT: tl.constexpr,
 ):
     """Phase 2: per row, rescore the keys of its ``TOPK`` best sub-tiles (over all splits) exactly."""
@@ -349,7 +354,7 @@ def score_topk_fwd_kernel_rescore(
     o_r = i_r * BR + tl.arange(0, BR)
     m_r = o_r < R
     o_j = tl.arange(0, KP)
-    o_u = tl.arange(0, SUB)
+    o_u = tl.arange(0, SC)
     n_c = NSPLIT * TOPK
     # [BR, KP] sub-tile indices, -1 where a row has fewer than TOPK sub-tiles
     _, b_sub = _merge_splits(ws_v, ws_i, (i_bh * R + o_r).to(tl.int64) * n_c, m_r, n_c, tl.arange(0, BC), o_j,
@@ -367,18 +372,19 @@ def score_topk_fwd_kernel_rescore(
         b_t = tl.min(b_sub, 1)
         b_sub = tl.where(b_sub == b_t[:, None], _NO_SUB, b_sub)
         m_t = b_t < _NO_SUB
-        # [BR, SUB] key indices
-        o_n = tl.where(m_t, b_t, 0)[:, None] * SUB + o_u[None, :]
-        m_n = m_r[:, None] & m_t[:, None] & (o_n < TK)
-        b_s = tl.zeros([BR, SUB], dtype=tl.float32)
-        for d0 in range(0, D, DC):
-            o_d = d0 + tl.arange(0, DC)
-            b_q = tl.load(p_q + o_d[None, :], mask=m_r[:, None], other=0.0).to(tl.float32)
-            p_k = k_base + o_n.to(tl.int64)[:, :, None] * stride_kt + o_d[None, None, :]
-            b_k = tl.load(p_k, mask=m_n[:, :, None], other=0.0).to(tl.float32)
-            b_s += tl.sum(b_q[:, None, :] * b_k, 2)
-        b_s = tl.where(m_n, b_s, float("-inf"))
-        b_v, b_i, b_kth = _admit(b_s, o_n, 0, b_v, b_i, b_kth, o_u, o_j, TOPK, KP, SUB, True)
+        # the sub-tile's keys, SC at a time ([BR, SC] key indices)
+        for c0 in range(0, SUB, SC):
+            o_n = tl.where(m_t, b_t, 0)[:, None] * SUB + c0 + o_u[None, :]
+            m_n = m_r[:, None] & m_t[:, None] & (o_n < TK)
+            b_s = tl.zeros([BR, SC], dtype=tl.float32)
+            for d0 in range(0, D, DC):
+                o_d = d0 + tl.arange(0, DC)
+                b_q = tl.load(p_q + o_d[None, :], mask=m_r[:, None], other=0.0).to(tl.float32)
+                p_k = k_base + o_n.to(tl.int64)[:, :, None] * stride_kt + o_d[None, None, :]
+                b_k = tl.load(p_k, mask=m_n[:, :, None], other=0.0).to(tl.float32)
+                b_s += tl.sum(b_q[:, None, :] * b_k, 2)
+            b_s = tl.where(m_n, b_s, float("-inf"))
+            b_v, b_i, b_kth = _admit(b_s, o_n, 0, b_v, b_i, b_kth, o_u, o_j, TOPK, KP, SC, True)
     b_v = tl.where(o_j[None, :] < TOPK, b_v, float("-inf"))
     _store_sorted(b_v, b_i, o_j, o + i_b * stride_ob + o_t * stride_ot + o_hq * stride_oh, o, m_r, TOPK, KP, False)
 
@@ -497,7 +503,8 @@ def score_topk_fwd(
         dc = min(d, 16 if interpreting() else 32)
         score_topk_fwd_kernel_rescore[(triton.cdiv(rows, br), b * h)](
             q, k, ws_v, ws_i, out, shift_arg, *args, *o_args, tk, rows, splits,
-            H=h, G=g, D=d, DC=dc, TOPK=top_k, KP=kp, BR=br, BC=bc, SUB=sub, SHIFT=shift is not None, num_warps=4,
+            H=h, G=g, D=d, DC=dc, TOPK=top_k, KP=kp, BR=br, BC=bc, SUB=sub, SC=min(sub, 32), SHIFT=shift is not None,
+            num_warps=4,
         )  # fmt: skip
         return out
     score_topk_fwd_kernel_merge[(triton.cdiv(rows, br), b * h)](

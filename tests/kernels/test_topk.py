@@ -116,23 +116,25 @@ def test_score_topk_phases(b, tq, tk, hq, h, d, dtype, top_k, kind, splits, two_
     assert not mismatch.any(), f"{int(mismatch.sum())} rows differ; first: {out[mismatch][0]} vs {ref[mismatch][0]}"
 
 
+@pytest.mark.parametrize("sub", [16, 32])
 @pytest.mark.parametrize("splits", [1, 3])
 @pytest.mark.parametrize("top_k", [4, 8])
-def test_two_phases_rescore_a_sub_tile_that_holds_several_hits(device, splits, top_k):
-    """Phase 1 keeps one maximum per sub-tile; when one sub-tile holds all of a row's best keys,
-    phase 2 must still return every one of them (and rows that favour other keys theirs)."""
+def test_two_phases_rescore_a_sub_tile_that_holds_several_hits(device, splits, top_k, sub):
+    """Phase 1 keeps one maximum per sub-tile (of 16 keys, or of a whole 32-key tile, entered
+    without a branch); when one sub-tile holds all of a row's best keys, phase 2 must still return
+    every one of them (and rows that favour other keys theirs)."""
     from reattention_kernels.triton_ops.topk import score_topk_fwd
 
     torch.manual_seed(top_k + splits)
     q = make_queries(1, 6, 4, 64, torch.float32, device, "randn")
     k = make_keys(1, 300, 2, 64, torch.float32, device, "randn")
-    # query token 0's heads all point at keys 40..47 of their KV head (one sub-tile in every test
-    # configuration), with growing weight; the other tokens' rows score as they fall
+    # query token 0's heads all point at keys 40..47 of their KV head (inside one sub-tile of 16
+    # and one tile of 32), with growing weight; the other tokens' rows score as they fall
     for h in range(2):
         direction = q[0, 0, 2 * h : 2 * h + 2].float().sum(0)
         for j in range(8):
             k[0, 40 + j, h] = (direction * (3 + j)).to(k.dtype)
-    out = score_topk_fwd(q, k, top_k, splits=splits, two_phase=True)
+    out = score_topk_fwd(q, k, top_k, splits=splits, two_phase=True, config=(16, 32, 4, 1), sub=sub)
     ref = score_topk_ref(q, k, top_k)
     assert (ref[0, 0] >= 40).all() and (ref[0, 0] < 48).all()  # the setup did what it says
     mismatch = (out != ref).any(-1)
