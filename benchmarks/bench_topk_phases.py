@@ -3,11 +3,11 @@
     python3 benchmarks/bench_topk_phases.py > benchmarks/results/topk-phases-<gpu>-<commit>.jsonl
 
 One JSON line per (shape, data): ``one`` is the one-pass kernel's CUDA-graph time in ms (L2 flushed),
-``two-<BM>x<warps>-s<SUB>`` the two-phase kernels' (phase 1 with BM rows per program, sub-tiles of
-SUB keys; phase 2 rescoring them), and ``tflops`` the best two-phase time as ``2 * rows * keys * D``
+``two-<BM>x<BN>x<warps>w<stages>s`` the two-phase kernels' (phase 1 with tiles of BM rows and BN keys,
+phase 2 rescoring each row's best tiles), and ``tflops`` the best two-phase time as ``2 * rows * keys * D``
 flops per second. ``randn`` keys are i.i.d.; ``heavy`` scales every 4096th key by 4 (a few keys that
 many rows share, as real attention has). Every two-phase result is checked equal to the one-pass
-result before it is timed. This chose ``_TWO_PHASE_MIN_KEYS`` and ``_SUB`` in
+result before it is timed. This chose ``_TWO_PHASE_MIN_ROWS`` and the two-phase block shape in
 ``kernels/triton_ops/topk.py``.
 """
 
@@ -35,12 +35,13 @@ def randn(*s: int) -> torch.Tensor:
 
 shapes = [("SmolLM2-135M", 256, tk, 4) for tk in (16384, 32768, 65536, 131072, 262144, 524288, 1048576)]
 shapes += [("SmolLM2-135M", 2048, 131072, 8), ("Llama-3.1-8B", 2048, 131072, 8), ("Llama-3.1-8B", 512, 32768, 8)]
+# short chunks (a prompt's remainder): where one pass may still win
+shapes += [("SmolLM2-135M", tq, tk, 4) for tq in (2, 8, 32) for tk in (131072, 1048576)]
 
 
-# (BM, BN, warps, stages) and keys per sub-tile; a sub-tile of a whole tile enters its maximum
-# without a branch
-SWEEP = [((64, 128, 4, 3), 32), ((64, 128, 4, 3), 64), ((64, 128, 4, 3), 128), ((64, 128, 4, 4), 128)]
-SWEEP += [((128, 128, 8, 3), 64), ((128, 128, 8, 3), 128), ((64, 64, 4, 3), 64), ((128, 64, 4, 3), 64)]
+# phase 1's (BM, BN, warps, stages)
+SWEEP = [(128, 64, 4, 3), (128, 64, 4, 4), (128, 64, 8, 3), (256, 64, 8, 3), (64, 64, 4, 3)]
+SWEEP += [(128, 128, 8, 3), (128, 128, 8, 4), (256, 128, 8, 3)]
 
 
 def graph_ms(q, k, top_k: int, **kw) -> float:
@@ -56,9 +57,9 @@ for model, tq, tk, top_k in shapes:
     for data, keys in (("randn", k), ("heavy", heavy)):
         ref = score_topk_fwd(q, keys, top_k, two_phase=False)
         row = {"model": model, "tq": tq, "tk": tk, "data": data, "one": graph_ms(q, keys, top_k, two_phase=False)}
-        for cfg, sub in SWEEP:
-            name = f"two-{cfg[0]}x{cfg[1]}x{cfg[2]}w{cfg[3]}s-s{sub}"
-            kw = {"two_phase": True, "config": cfg, "sub": sub}
+        for cfg in SWEEP:
+            name = "two-{}x{}x{}w{}s".format(*cfg)
+            kw = {"two_phase": True, "config": cfg}
             try:
                 out = score_topk_fwd(q, keys, top_k, **kw)
             except Exception as exc:  # noqa: BLE001  (a configuration that does not compile is reported)

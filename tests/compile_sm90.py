@@ -31,7 +31,7 @@ def scan(dtype: str, d: int, top_k: int, split: bool, two_phase: bool) -> ASTSou
     bm, bn, _, _ = topk._config(64, {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype], two_phase)
     consts = {
         "H": 3, "G": 3, "D": d, "TOPK": top_k, "KP": triton.next_power_of_2(top_k), "BM": bm, "BN": bn,
-        "SPLIT": split, "IEEE": dtype == "fp32", "SHIFT": True, "TWO_PHASE": two_phase, "SUB": min(bn, topk._SUB),
+        "SPLIT": split, "IEEE": dtype == "fp32", "SHIFT": True, "TWO_PHASE": two_phase,
     }  # fmt: skip
     sig.update({name: "constexpr" for name in consts})
     return ASTSource(fn=topk.score_topk_fwd_kernel_scan, signature=sig, constexprs=consts)
@@ -45,7 +45,7 @@ def rescore(dtype: str, d: int, top_k: int) -> ASTSource:
     sig.update({name: "i32" for name in ints})
     consts = {
         "H": 3, "G": 3, "D": d, "DC": 32, "TOPK": top_k, "KP": triton.next_power_of_2(top_k), "BR": 16, "BC": 64,
-        "SUB": topk._SUB, "SC": min(topk._SUB, 32), "SHIFT": True,
+        "BN": 64, "SC": 32, "SHIFT": True,
     }  # fmt: skip
     sig.update({name: "constexpr" for name in consts})
     return ASTSource(fn=topk.score_topk_fwd_kernel_rescore, signature=sig, constexprs=consts)

@@ -16,19 +16,20 @@ Prefill (many rows) runs in two phases, because in one pass most tiles of a 64-r
 some row, and each extraction step costs about five ALU operations per score against one for a row
 maximum:
 
-1. (scan kernel) score every tile with one ``tl.dot``; a row whose tile maximum beats the worst of
-   its kept values splits the tile into sub-tiles of ``SUB`` keys and keeps its ``TOPK`` best
-   sub-tile maxima with their sub-tile indices (ties: the lower sub-tile). A split writes these
-   sets, best first, to a small workspace.
-2. (rescore kernel) per row, the ``TOPK`` best sub-tiles over all splits (merged as the partial
-   sets of decode are), rescored exactly, in ascending order, into the final set. That is
-   ``TOPK * SUB`` keys per row instead of all of them.
+1. (scan kernel) score every tile with one ``tl.dot`` and enter each row's tile maximum, with the
+   tile's index, into the row's set of its ``TOPK`` best tile maxima (ties: the lower tile). That is
+   one row maximum and a few operations on ``[BM, TOPK]`` per tile, with no branch: no block-wide
+   vote per tile stalls the pipelined tile loop. A split writes these sets, best first, to a small
+   workspace.
+2. (rescore kernel) per row, the ``TOPK`` best tiles over all splits (merged as the partial sets of
+   decode are), rescored exactly, in ascending order, into the final set: ``TOPK * BN`` keys per
+   row instead of all of them.
 
-Why the result is exact: let ``theta`` be the ``TOPK``-th best sub-tile maximum of a row. ``TOPK``
-distinct sub-tiles hold a score ``>= theta``, so every key of the row's top-k scores ``>= theta``
-and lies in a sub-tile whose maximum is ``>= theta``: one of those kept, except where maxima tie at
-``theta``, and there the kept ones are the lowest sub-tiles, which hold the lowest-index keys of
-that score, the ones the tie rule prefers.
+Why the result is exact: let ``theta`` be the ``TOPK``-th best tile maximum of a row. ``TOPK``
+distinct tiles hold a score ``>= theta``, so every key of the row's top-k scores ``>= theta`` and
+lies in a tile whose maximum is ``>= theta``: one of those kept, except where maxima tie at
+``theta``, and there the kept ones are the lowest tiles, which hold the lowest-index keys of that
+score, the ones the tie rule prefers.
 """
 
 from __future__ import annotations
@@ -44,11 +45,11 @@ from reattention_kernels.dispatch import interpreting
 # Splits cover a multiple of this many keys (a multiple of every BN).
 _SPLIT_ALIGN = 256
 _MAX_SPLITS = 256
-# Two phases pay off once a program scores this many keys (H100, benchmarks/bench_topk_phases.py).
-_TWO_PHASE_MIN_KEYS = 0
-# keys per sub-tile of phase 1 (the unit phase 2 rescores), and an index above every sub-tile's
-_SUB = 32
-_NO_SUB = tl.constexpr(2**30)
+# Prefill takes two phases from this many rows (query tokens x GQA group; H100,
+# benchmarks/bench_topk_phases.py); fewer rows rarely improve, so one pass costs them little.
+_TWO_PHASE_MIN_ROWS = 16
+# above every tile index
+_NO_TILE = tl.constexpr(2**30)
 
 
 @triton.jit
@@ -135,7 +136,8 @@ def _keep_best(b_x, i_x, b_v, b_i, b_kth, o_j, KP: tl.constexpr):
     """Enter each row's value ``b_x [BM]`` (index ``i_x``, the same for all rows) into its set
     ``b_v, b_i [BM, KP]`` where it beats the worst entry ``b_kth``, replacing the worst value with the
     largest index: values come in ascending index order, so among equals the lowest indices stay."""
-    b_wkey = tl.where(b_v == b_kth[:, None], b_i.to(tl.int64) * KP + o_j[None, :], -(2**62))
+    # int32 keys: tile indices are far below 2**31 / KP
+    b_wkey = tl.where(b_v == b_kth[:, None], b_i * KP + o_j[None, :], -(2**30))
     m_w = (b_wkey == tl.max(b_wkey, 1)[:, None]) & (b_x > b_kth)[:, None]
     b_v = tl.where(m_w, b_x[:, None], b_v)
     b_i = tl.where(m_w, i_x, b_i)
@@ -143,22 +145,11 @@ def _keep_best(b_x, i_x, b_v, b_i, b_kth, o_j, KP: tl.constexpr):
 
 
 @triton.jit
-def _sub_tile_maxima(b_q, p_k, n0, n_hi, o_c, b_v, b_i, b_kth, o_j, KP: tl.constexpr, BM: tl.constexpr,
-                     BN: tl.constexpr, SUB: tl.constexpr, MASK: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
-    """Phase 1 on one tile: keep each row's best sub-tile maxima (indices: key index // ``SUB``)."""
+def _tile_maxima(b_q, p_k, n0, n_hi, o_c, b_v, b_i, b_kth, o_j, KP: tl.constexpr, BN: tl.constexpr,
+                 MASK: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
+    """Phase 1 on one tile: enter each row's maximum into its set of best tile maxima."""
     b_s = _scores(b_q, p_k, n0, n_hi, o_c, MASK, IEEE)
-    if SUB == BN:
-        # one maximum per row and tile, entered without a branch: no block-wide vote per tile, so
-        # nothing stalls the pipelined tile loop
-        b_v, b_i, b_kth = _keep_best(tl.max(b_s, 1), n0 // SUB, b_v, b_i, b_kth, o_j, KP)
-    elif tl.max((tl.max(b_s, 1) > b_kth).to(tl.int32), 0) > 0:
-        # finer sub-tiles (less to rescore), only for tiles that improve some row
-        b_sm = tl.max(tl.reshape(b_s, [BM, BN // SUB, SUB]), 2)
-        o_u = tl.arange(0, BN // SUB)
-        for u in tl.static_range(BN // SUB):
-            b_x = tl.max(tl.where(o_u[None, :] == u, b_sm, float("-inf")), 1)
-            b_v, b_i, b_kth = _keep_best(b_x, n0 // SUB + u, b_v, b_i, b_kth, o_j, KP)
-    return b_v, b_i, b_kth
+    return _keep_best(tl.max(b_s, 1), n0 // BN, b_v, b_i, b_kth, o_j, KP)
 
 
 @triton.jit
@@ -213,7 +204,6 @@ def score_topk_fwd_kernel_scan(
     IEEE: tl.constexpr,
     SHIFT: tl.constexpr,
     TWO_PHASE: tl.constexpr,
-    SUB: tl.constexpr,
 ):
     i_m, i_s, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if SHIFT:  # the key count moved on the device since the launch was recorded (CUDA-graph replay)
@@ -239,17 +229,13 @@ def score_topk_fwd_kernel_scan(
     b_i = tl.full([BM, KP], -1, dtype=tl.int32)
     b_kth = tl.full([BM], float("-inf"), dtype=tl.float32)
     if TWO_PHASE:
-        # phase 1: each row's best sub-tile maxima of this split -> ws (phase 2 is its own kernel)
+        # phase 1: each row's best tile maxima of this split -> ws (phase 2 is its own kernel)
         for n0 in range(n_lo, n_full, BN):
             p_k = k_base + (n0 + o_c).to(tl.int64)[:, None] * stride_kt + o_d[None, :]
-            b_v, b_i, b_kth = _sub_tile_maxima(
-                b_q, p_k, n0, n_hi, o_c, b_v, b_i, b_kth, o_j, KP, BM, BN, SUB, False, IEEE
-            )
+            b_v, b_i, b_kth = _tile_maxima(b_q, p_k, n0, n_hi, o_c, b_v, b_i, b_kth, o_j, KP, BN, False, IEEE)
         if n_full < n_hi:
             p_k = k_base + (n_full + o_c).to(tl.int64)[:, None] * stride_kt + o_d[None, :]
-            b_v, b_i, b_kth = _sub_tile_maxima(
-                b_q, p_k, n_full, n_hi, o_c, b_v, b_i, b_kth, o_j, KP, BM, BN, SUB, True, IEEE
-            )
+            b_v, b_i, b_kth = _tile_maxima(b_q, p_k, n_full, n_hi, o_c, b_v, b_i, b_kth, o_j, KP, BN, True, IEEE)
     else:
         for n0 in range(n_lo, n_full, BN):
             p_k = k_base + (n0 + o_c).to(tl.int64)[:, None] * stride_kt + o_d[None, :]
@@ -342,11 +328,11 @@ def score_topk_fwd_kernel_rescore(
     KP: tl.constexpr,
     BR: tl.constexpr,
     BC: tl.constexpr,
-    SUB: tl.constexpr,
+    BN: tl.constexpr,
     SC: tl.constexpr,
     SHIFT: tl.constexpr,
 ):
-    """Phase 2: per row, rescore the keys of its ``TOPK`` best sub-tiles (over all splits) exactly."""
+    """Phase 2: per row, rescore the keys of its ``TOPK`` best tiles (over all splits) exactly."""
     i_r, i_bh = tl.program_id(0), tl.program_id(1)
     if SHIFT:
         TK = TK + tl.load(shift).to(tl.int32)
@@ -356,25 +342,25 @@ def score_topk_fwd_kernel_rescore(
     o_j = tl.arange(0, KP)
     o_u = tl.arange(0, SC)
     n_c = NSPLIT * TOPK
-    # [BR, KP] sub-tile indices, -1 where a row has fewer than TOPK sub-tiles
-    _, b_sub = _merge_splits(ws_v, ws_i, (i_bh * R + o_r).to(tl.int64) * n_c, m_r, n_c, tl.arange(0, BC), o_j,
+    # [BR, KP] tile indices, -1 where a row has fewer than TOPK tiles
+    _, b_tiles = _merge_splits(ws_v, ws_i, (i_bh * R + o_r).to(tl.int64) * n_c, m_r, n_c, tl.arange(0, BC), o_j,
                              BR, TOPK, KP, BC)  # fmt: skip
-    b_sub = tl.where((o_j[None, :] < TOPK) & (b_sub >= 0), b_sub, _NO_SUB)
+    b_tiles = tl.where((o_j[None, :] < TOPK) & (b_tiles >= 0), b_tiles, _NO_TILE)
     o_t, o_hq = _row_heads(o_r, i_h, G)
     p_q = q + i_b * stride_qb + o_t[:, None] * stride_qt + o_hq[:, None] * stride_qh
     k_base = k + i_b * stride_kb + i_h * stride_kh
     b_v = tl.where(o_j[None, :] < TOPK, float("-inf"), float("inf")) + tl.zeros([BR, KP], dtype=tl.float32)
     b_i = tl.full([BR, KP], -1, dtype=tl.int32)
     b_kth = tl.full([BR], float("-inf"), dtype=tl.float32)
-    # sub-tiles in ascending order: candidates equal to the threshold must come in index order
+    # tiles in ascending order: candidates equal to the threshold must come in index order
     # (runtime loops: unrolled, TOPK x D / DC copies of the admission chain take minutes to compile)
     for _ in range(TOPK):
-        b_t = tl.min(b_sub, 1)
-        b_sub = tl.where(b_sub == b_t[:, None], _NO_SUB, b_sub)
-        m_t = b_t < _NO_SUB
-        # the sub-tile's keys, SC at a time ([BR, SC] key indices)
-        for c0 in range(0, SUB, SC):
-            o_n = tl.where(m_t, b_t, 0)[:, None] * SUB + c0 + o_u[None, :]
+        b_t = tl.min(b_tiles, 1)
+        b_tiles = tl.where(b_tiles == b_t[:, None], _NO_TILE, b_tiles)
+        m_t = b_t < _NO_TILE
+        # the tile's keys, SC at a time ([BR, SC] key indices)
+        for c0 in range(0, BN, SC):
+            o_n = tl.where(m_t, b_t, 0)[:, None] * BN + c0 + o_u[None, :]
             m_n = m_r[:, None] & m_t[:, None] & (o_n < TK)
             b_s = tl.zeros([BR, SC], dtype=tl.float32)
             for d0 in range(0, D, DC):
@@ -404,15 +390,18 @@ def _target_programs(device: torch.device) -> int:
 def _config(rows: int, dtype: torch.dtype, two_phase: bool = False) -> tuple[int, int, int, int]:
     """(BM, BN, num_warps, num_stages): rows of the GQA group per program, keys per tile.
 
-    Measured on an H100 (benchmarks/bench_kernels.py --sweep): 64 x 128 tiles with 4 warps beat
-    128-row tiles, whose extraction steps are taken whenever any of their rows improves.
+    Measured on an H100: in one pass (benchmarks/bench_kernels.py --sweep) 64 x 128 tiles with 4
+    warps beat 128-row tiles, whose extraction steps are taken whenever any of their rows improves;
+    phase 1 of two phases has no such steps, and 128 x 64 tiles (half the key reads of 64 rows) were
+    fastest at most prefill shapes (benchmarks/bench_topk_phases.py).
     """
     if interpreting():
         return (32 if two_phase else 16), 32, 4, 1
-    bm = min(64, max(16, triton.next_power_of_2(rows)))
     if dtype == torch.float32:
-        return bm, 32, 4, 2
-    return bm, 128, 4, 3
+        return min(64, max(16, triton.next_power_of_2(rows))), 32, 4, 2
+    if two_phase:
+        return min(128, max(16, triton.next_power_of_2(rows))), 64, 4, 3
+    return min(64, max(16, triton.next_power_of_2(rows))), 128, 4, 3
 
 
 def score_topk_fwd(
@@ -425,13 +414,12 @@ def score_topk_fwd(
     splits: int | None = None,
     config: tuple[int, int, int, int] | None = None,
     two_phase: bool | None = None,
-    sub: int | None = None,
 ) -> torch.Tensor:
-    """`score_topk_triton` with optional forced key splits, (BM, BN, num_warps, num_stages), phases
-    and keys per sub-tile of phase 1, for tuning and tests.
+    """`score_topk_triton` with optional forced key splits, (BM, BN, num_warps, num_stages) and
+    phases, for tuning and tests.
 
-    By default prefill (more than one query token) takes two phases once a program's key range is
-    long enough (``_TWO_PHASE_MIN_KEYS``), decode one pass."""
+    By default prefill (more than one query token) takes two phases from ``_TWO_PHASE_MIN_ROWS``
+    rows, decode one pass."""
     b, tq, hq, d = q.shape
     h = k.shape[2]
     # the grid covers every row of k; the kernel scores the first `length` (+ shift) of them
@@ -461,11 +449,8 @@ def score_topk_fwd(
 
     rows = tq * g
     auto = two_phase is None
-    two_phase = tq > 1 if auto else two_phase
+    two_phase = tq > 1 and (interpreting() or rows >= _TWO_PHASE_MIN_ROWS) if auto else two_phase
     bm, bn, warps, stages = config or _config(rows, q.dtype, two_phase)
-    sub = min(sub or (16 if interpreting() else _SUB), bn)
-    if bn % sub or sub & (sub - 1):
-        raise ValueError(f"sub-tiles of {sub} keys must be a power of two dividing the tile ({bn} keys)")
     n_m = triton.cdiv(rows, bm)
     base = b * h * n_m
     if splits is None:
@@ -475,8 +460,6 @@ def score_topk_fwd(
     keys_per_split = triton.cdiv(triton.cdiv(tk_grid, splits), align) * align
     splits = triton.cdiv(tk_grid, keys_per_split)
     shift_arg = out if shift is None else shift
-    if auto and not interpreting() and keys_per_split < _TWO_PHASE_MIN_KEYS:
-        two_phase = False
 
     kp = triton.next_power_of_2(top_k)
     ieee = q.dtype == torch.float32
@@ -484,14 +467,14 @@ def score_topk_fwd(
     o_args = (out.stride(0), out.stride(1), out.stride(2))
     consts = {
         "H": h, "G": g, "D": d, "TOPK": top_k, "KP": kp, "BM": bm, "BN": bn, "IEEE": ieee, "SHIFT": shift is not None,
-        "TWO_PHASE": two_phase, "SUB": sub, "num_warps": warps, "num_stages": stages,
+        "TWO_PHASE": two_phase, "num_warps": warps, "num_stages": stages,
     }  # fmt: skip
     if splits == 1 and not two_phase:
         score_topk_fwd_kernel_scan[(n_m, 1, b * h)](
             q, k, out, out, out, shift_arg, *args, *o_args, tk, rows, 1, keys_per_split, SPLIT=False, **consts
         )
         return out
-    # each split's best (score, key) or, in two phases, (sub-tile maximum, sub-tile) per row
+    # each split's best (score, key) or, in two phases, (tile maximum, tile) per row
     ws_v = torch.empty((b * h, rows, splits, top_k), dtype=torch.float32, device=q.device)
     ws_i = torch.empty((b * h, rows, splits, top_k), dtype=torch.int32, device=q.device)
     score_topk_fwd_kernel_scan[(n_m, splits, b * h)](
@@ -503,7 +486,8 @@ def score_topk_fwd(
         dc = min(d, 16 if interpreting() else 32)
         score_topk_fwd_kernel_rescore[(triton.cdiv(rows, br), b * h)](
             q, k, ws_v, ws_i, out, shift_arg, *args, *o_args, tk, rows, splits,
-            H=h, G=g, D=d, DC=dc, TOPK=top_k, KP=kp, BR=br, BC=bc, SUB=sub, SC=min(sub, 32), SHIFT=shift is not None,
+            H=h, G=g, D=d, DC=dc, TOPK=top_k, KP=kp, BR=br, BC=bc, BN=bn, SC=min(bn, 16 if interpreting() else 32),
+            SHIFT=shift is not None,
             num_warps=4,
         )  # fmt: skip
         return out

@@ -94,8 +94,8 @@ def test_score_topk_splits(tq, splits, device):
     ("b", "tq", "tk", "hq", "h", "d", "dtype", "top_k", "kind", "splits"),
     [
         (1, 1, 300, 9, 3, 64, "fp32", 8, "int", None),
-        (2, 3, 37, 6, 2, 128, "fp32", 5, "int", None),  # fewer sub-tiles than top_k
-        (1, 7, 299, 12, 3, 64, "fp16", 4, "int", 1),  # ties everywhere: sub-tile maxima tie too
+        (2, 3, 37, 6, 2, 128, "fp32", 5, "int", None),  # fewer tiles than top_k
+        (1, 7, 299, 12, 3, 64, "fp16", 4, "int", 1),  # ties everywhere: tile maxima tie too
         (1, 9, 301, 8, 2, 64, "fp32", 3, "dup", 3),
         (2, 5, 300, 4, 4, 64, "fp16", 8, "dup", 2),
         (1, 6, 640, 3, 1, 64, "fp32", 1, "int", 1),
@@ -103,8 +103,8 @@ def test_score_topk_splits(tq, splits, device):
     ],
 )
 def test_score_topk_phases(b, tq, tk, hq, h, d, dtype, top_k, kind, splits, two_phase, device):
-    """One pass and two phases (each row's best sub-tile maxima, then rescoring those sub-tiles)
-    both equal the reference, decode and prefill shapes alike."""
+    """One pass and two phases (each row's best tile maxima, then rescoring those tiles) both equal
+    the reference, decode and prefill shapes alike."""
     from reattention_kernels.triton_ops.topk import score_topk_fwd
 
     torch.manual_seed(tk + tq)
@@ -116,25 +116,23 @@ def test_score_topk_phases(b, tq, tk, hq, h, d, dtype, top_k, kind, splits, two_
     assert not mismatch.any(), f"{int(mismatch.sum())} rows differ; first: {out[mismatch][0]} vs {ref[mismatch][0]}"
 
 
-@pytest.mark.parametrize("sub", [16, 32])
 @pytest.mark.parametrize("splits", [1, 3])
 @pytest.mark.parametrize("top_k", [4, 8])
-def test_two_phases_rescore_a_sub_tile_that_holds_several_hits(device, splits, top_k, sub):
-    """Phase 1 keeps one maximum per sub-tile (of 16 keys, or of a whole 32-key tile, entered
-    without a branch); when one sub-tile holds all of a row's best keys, phase 2 must still return
-    every one of them (and rows that favour other keys theirs)."""
+def test_two_phases_rescore_a_tile_that_holds_several_hits(device, splits, top_k):
+    """Phase 1 keeps one maximum per tile; when one tile holds all of a row's best keys, phase 2
+    must still return every one of them (and rows that favour other keys theirs)."""
     from reattention_kernels.triton_ops.topk import score_topk_fwd
 
     torch.manual_seed(top_k + splits)
     q = make_queries(1, 6, 4, 64, torch.float32, device, "randn")
     k = make_keys(1, 300, 2, 64, torch.float32, device, "randn")
-    # query token 0's heads all point at keys 40..47 of their KV head (inside one sub-tile of 16
-    # and one tile of 32), with growing weight; the other tokens' rows score as they fall
+    # query token 0's heads all point at keys 40..47 of their KV head (inside one tile of 32),
+    # with growing weight; the other tokens' rows score as they fall
     for h in range(2):
         direction = q[0, 0, 2 * h : 2 * h + 2].float().sum(0)
         for j in range(8):
             k[0, 40 + j, h] = (direction * (3 + j)).to(k.dtype)
-    out = score_topk_fwd(q, k, top_k, splits=splits, two_phase=True, config=(16, 32, 4, 1), sub=sub)
+    out = score_topk_fwd(q, k, top_k, splits=splits, two_phase=True, config=(16, 32, 4, 1))
     ref = score_topk_ref(q, k, top_k)
     assert (ref[0, 0] >= 40).all() and (ref[0, 0] < 48).all()  # the setup did what it says
     mismatch = (out != ref).any(-1)
