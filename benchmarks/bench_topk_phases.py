@@ -39,9 +39,10 @@ shapes += [("SmolLM2-135M", 2048, 131072, 8), ("Llama-3.1-8B", 2048, 131072, 8),
 shapes += [("SmolLM2-135M", tq, tk, 4) for tq in (2, 8, 32) for tk in (131072, 1048576)]
 
 
-# phase 1's (BM, BN, warps, stages)
-SWEEP = [(128, 64, 4, 3), (128, 64, 4, 4), (128, 64, 8, 3), (256, 64, 8, 3), (64, 64, 4, 3)]
-SWEEP += [(128, 128, 8, 3), (128, 128, 8, 4), (256, 128, 8, 3)]
+# phase 1's (BM, BN, warps, stages): the frontier of a wider sweep (results/topk-phases-h100-bc3cc63.jsonl)
+SWEEP = [(128, 64, 4, 3), (128, 64, 8, 3), (256, 64, 8, 3), (128, 128, 8, 3)]
+RESCORE = [(16, 32, 32, 4), (16, 64, 16, 4), (16, 64, 16, 8), (8, 64, 32, 4), (4, 64, 32, 4), (32, 32, 16, 8)]
+RESCORE += [(4, 32, 64, 4), (2, 64, 64, 4), (1, 64, 64, 4)]
 
 
 def graph_ms(q, k, top_k: int, **kw) -> float:
@@ -68,6 +69,17 @@ for model, tq, tk, top_k in shapes:
             if not (out == ref).all():
                 raise SystemExit(f"two phases differ from one pass: {model} {tq}x{tk} {data} {name}")
             row[name] = graph_ms(q, keys, top_k, **kw)
+        if tq >= 256:
+            # phase 2's (rows per program, keys per step, head dims per step, warps), phase 1 at the default
+            for rc in RESCORE:
+                name = "rescore-{}x{}x{}w{}".format(*rc)
+                try:
+                    if not (score_topk_fwd(q, keys, top_k, two_phase=True, rescore=rc) == ref).all():
+                        raise SystemExit(f"phase 2 {name} differs from one pass: {model} {tq}x{tk} {data}")
+                except Exception as exc:  # noqa: BLE001  (a configuration that does not compile is reported)
+                    row[name] = f"{type(exc).__name__}: {str(exc)[:80]}"
+                    continue
+                row[name] = graph_ms(q, keys, top_k, two_phase=True, rescore=rc)
         best = min(v for n, v in row.items() if n.startswith("two-") and isinstance(v, float))
         row["tflops"] = round(2 * tq * hq * tk * d / best / 1e9, 1)
         print(json.dumps(row), flush=True)

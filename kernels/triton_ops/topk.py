@@ -404,6 +404,14 @@ def _config(rows: int, dtype: torch.dtype, two_phase: bool = False) -> tuple[int
     return min(64, max(16, triton.next_power_of_2(rows))), 128, 4, 3
 
 
+def _rescore_config(rows: int, bn: int, d: int) -> tuple[int, int, int, int]:
+    """Phase 2's (rows per program, keys per step, head dims per step, num_warps)."""
+    if interpreting():
+        # several steps per tile and per head dim, so the tests cover the loops
+        return min(16, triton.next_power_of_2(rows)), min(bn, 16), min(d, 16), 4
+    return min(16, triton.next_power_of_2(rows)), min(bn, 32), min(d, 32), 4
+
+
 def score_topk_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -414,9 +422,11 @@ def score_topk_fwd(
     splits: int | None = None,
     config: tuple[int, int, int, int] | None = None,
     two_phase: bool | None = None,
+    rescore: tuple[int, int, int, int] | None = None,
 ) -> torch.Tensor:
-    """`score_topk_triton` with optional forced key splits, (BM, BN, num_warps, num_stages) and
-    phases, for tuning and tests.
+    """`score_topk_triton` with optional forced key splits, (BM, BN, num_warps, num_stages), phases
+    and phase 2's (rows per program, keys per step, head dims per step, num_warps), for tuning and
+    tests.
 
     By default prefill (more than one query token) takes two phases from ``_TWO_PHASE_MIN_ROWS``
     rows, decode one pass."""
@@ -483,12 +493,11 @@ def score_topk_fwd(
     bc = min(32 if interpreting() else 256, triton.next_power_of_2(splits * top_k))
     br = min(16, triton.next_power_of_2(rows))
     if two_phase:
-        dc = min(d, 16 if interpreting() else 32)
+        br, sc, dc, rwarps = rescore or _rescore_config(rows, bn, d)
         score_topk_fwd_kernel_rescore[(triton.cdiv(rows, br), b * h)](
             q, k, ws_v, ws_i, out, shift_arg, *args, *o_args, tk, rows, splits,
-            H=h, G=g, D=d, DC=dc, TOPK=top_k, KP=kp, BR=br, BC=bc, BN=bn, SC=min(bn, 16 if interpreting() else 32),
-            SHIFT=shift is not None,
-            num_warps=4,
+            H=h, G=g, D=d, DC=dc, TOPK=top_k, KP=kp, BR=br, BC=bc, BN=bn, SC=sc, SHIFT=shift is not None,
+            num_warps=rwarps,
         )  # fmt: skip
         return out
     score_topk_fwd_kernel_merge[(triton.cdiv(rows, br), b * h)](
