@@ -44,8 +44,8 @@ def rescore(dtype: str, d: int, top_k: int) -> ASTSource:
     ints += ("stride_ob", "stride_ot", "stride_oh", "TK", "R", "NSPLIT")
     sig.update({name: "i32" for name in ints})
     consts = {
-        "H": 3, "G": 3, "D": d, "DC": 32, "TOPK": top_k, "KP": triton.next_power_of_2(top_k), "BR": 16, "BC": 64,
-        "BN": 64, "SC": 32, "SHIFT": True,
+        "H": 3, "G": 3, "D": d, "DC": 16, "TOPK": top_k, "KP": triton.next_power_of_2(top_k), "BR": 16, "BC": 64,
+        "BN": 64, "SC": 64, "SHIFT": True,
     }  # fmt: skip
     sig.update({name: "constexpr" for name in consts})
     return ASTSource(fn=topk.score_topk_fwd_kernel_rescore, signature=sig, constexprs=consts)
@@ -74,7 +74,10 @@ def main() -> int:
         ("bf16", 128, 8, True, False),
         ("fp32", 64, 4, True, True),
     ]
-    sources = [(v, scan(*v), 4) for v in variants]
+    # warps as `topk._config` picks them
+    sources = [
+        (v, scan(*v), topk._config(64, torch.bfloat16 if v[0] == "bf16" else torch.float32, v[4])[2]) for v in variants
+    ]
     sources += [(("rescore", *v), rescore(*v), 4) for v in (("bf16", 64, 4), ("bf16", 128, 8), ("fp32", 64, 4))]
     sources += [
         (("tile_top", h, blk), tile_top(h, blk, 32), 4 if blk >= 512 else 1)

@@ -47,7 +47,7 @@ _SPLIT_ALIGN = 256
 _MAX_SPLITS = 256
 # Prefill takes two phases from this many rows (query tokens x GQA group; H100,
 # benchmarks/bench_topk_phases.py); fewer rows rarely improve, so one pass costs them little.
-_TWO_PHASE_MIN_ROWS = 16
+_TWO_PHASE_MIN_ROWS = 32
 # above every tile index
 _NO_TILE = tl.constexpr(2**30)
 
@@ -392,24 +392,25 @@ def _config(rows: int, dtype: torch.dtype, two_phase: bool = False) -> tuple[int
 
     Measured on an H100: in one pass (benchmarks/bench_kernels.py --sweep) 64 x 128 tiles with 4
     warps beat 128-row tiles, whose extraction steps are taken whenever any of their rows improves;
-    phase 1 of two phases has no such steps, and 128 x 64 tiles (half the key reads of 64 rows) were
-    fastest at most prefill shapes (benchmarks/bench_topk_phases.py).
+    phase 1 of two phases has no such steps, and 128 x 64 tiles (half the key reads of 64 rows) with
+    8 warps were fastest at most prefill shapes (benchmarks/bench_topk_phases.py).
     """
     if interpreting():
         return (32 if two_phase else 16), 32, 4, 1
     if dtype == torch.float32:
         return min(64, max(16, triton.next_power_of_2(rows))), 32, 4, 2
     if two_phase:
-        return min(128, max(16, triton.next_power_of_2(rows))), 64, 4, 3
+        return min(128, max(16, triton.next_power_of_2(rows))), 64, 8, 3
     return min(64, max(16, triton.next_power_of_2(rows))), 128, 4, 3
 
 
 def _rescore_config(rows: int, bn: int, d: int) -> tuple[int, int, int, int]:
-    """Phase 2's (rows per program, keys per step, head dims per step, num_warps)."""
+    """Phase 2's (rows per program, keys per step, head dims per step, num_warps): a whole tile per
+    step, 16 head dims at a time, was the best of those timed (benchmarks/bench_topk_phases.py)."""
     if interpreting():
         # several steps per tile and per head dim, so the tests cover the loops
         return min(16, triton.next_power_of_2(rows)), min(bn, 16), min(d, 16), 4
-    return min(16, triton.next_power_of_2(rows)), min(bn, 32), min(d, 32), 4
+    return min(16, triton.next_power_of_2(rows)), bn, min(d, 16), 4
 
 
 def score_topk_fwd(
