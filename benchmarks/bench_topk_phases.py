@@ -7,8 +7,8 @@ One JSON line per (shape, data): ``one`` is the one-pass kernel's CUDA-graph tim
 phase 2 rescoring each row's best tiles), and ``tflops`` the best two-phase time as ``2 * rows * keys * D``
 flops per second. ``randn`` keys are i.i.d.; ``heavy`` scales every 4096th key by 4 (a few keys that
 many rows share, as real attention has). Every two-phase result is checked equal to the one-pass
-result before it is timed. This chose ``_TWO_PHASE_MIN_ROWS`` and the two-phase block shape in
-``kernels/triton_ops/topk.py``.
+result (up to fp32 rounding: `same_up_to_rounding`) before it is timed. This chose
+``_TWO_PHASE_MIN_ROWS`` and the two-phase block shape in ``kernels/triton_ops/topk.py``.
 """
 
 from __future__ import annotations
@@ -45,6 +45,20 @@ RESCORE = [(16, 32, 32, 4), (16, 64, 16, 4), (16, 64, 16, 8), (8, 64, 32, 4), (4
 RESCORE += [(4, 32, 64, 4), (2, 64, 64, 4), (1, 64, 64, 4)]
 
 
+def same_up_to_rounding(q, keys, out, ref) -> bool:
+    """True where ``out`` and ``ref`` are equal, or differ only among keys whose fp64 scores tie to
+    1e-6 relative: one pass accumulates with tensor cores, phase 2 with a plain fp32 sum, and on
+    i.i.d. keys a few of ~65K rows hold two such keys (benchmarks/probe_topk_rounding.py)."""
+    bad = (out != ref).any(-1)
+    for b, t, hh in bad.nonzero().tolist():
+        qq, kk = q[b, t, hh].double(), keys[b, :, hh // (q.shape[2] // keys.shape[2])].double()
+        so = (kk[out[b, t, hh]] @ qq).sort(descending=True).values
+        sr = (kk[ref[b, t, hh]] @ qq).sort(descending=True).values
+        if (so - sr).abs().max() > 1e-6 * sr.abs().max():
+            return False
+    return True
+
+
 def graph_ms(q, k, top_k: int, **kw) -> float:
     return round(timer.graph_ms(partial(score_topk_fwd, q, k, top_k, **kw)), 4)
 
@@ -66,7 +80,7 @@ for model, tq, tk, top_k in shapes:
             except Exception as exc:  # noqa: BLE001  (a configuration that does not compile is reported)
                 row[name] = f"{type(exc).__name__}: {str(exc)[:80]}"
                 continue
-            if not (out == ref).all():
+            if not same_up_to_rounding(q, keys, out, ref):
                 raise SystemExit(f"two phases differ from one pass: {model} {tq}x{tk} {data} {name}")
             row[name] = graph_ms(q, keys, top_k, **kw)
         if tq >= 256:
@@ -74,7 +88,9 @@ for model, tq, tk, top_k in shapes:
             for rc in RESCORE:
                 name = "rescore-{}x{}x{}w{}".format(*rc)
                 try:
-                    if not (score_topk_fwd(q, keys, top_k, two_phase=True, rescore=rc) == ref).all():
+                    if not same_up_to_rounding(
+                        q, keys, score_topk_fwd(q, keys, top_k, two_phase=True, rescore=rc), ref
+                    ):
                         raise SystemExit(f"phase 2 {name} differs from one pass: {model} {tq}x{tk} {data}")
                 except Exception as exc:  # noqa: BLE001  (a configuration that does not compile is reported)
                     row[name] = f"{type(exc).__name__}: {str(exc)[:80]}"

@@ -393,14 +393,15 @@ def _config(rows: int, dtype: torch.dtype, two_phase: bool = False) -> tuple[int
     Measured on an H100: in one pass (benchmarks/bench_kernels.py --sweep) 64 x 128 tiles with 4
     warps beat 128-row tiles, whose extraction steps are taken whenever any of their rows improves;
     phase 1 of two phases has no such steps, and 128 x 64 tiles (half the key reads of 64 rows) with
-    8 warps were fastest at most prefill shapes (benchmarks/bench_topk_phases.py).
+    8 warps were fastest at most prefill shapes (benchmarks/bench_topk_phases.py); 256 rows were 5%
+    faster from 4096 rows per KV head and slower below (benchmarks/probe_topk_rounding.py).
     """
     if interpreting():
         return (32 if two_phase else 16), 32, 4, 1
     if dtype == torch.float32:
         return min(64, max(16, triton.next_power_of_2(rows))), 32, 4, 2
     if two_phase:
-        return min(128, max(16, triton.next_power_of_2(rows))), 64, 8, 3
+        return (256 if rows >= 4096 else min(128, max(16, triton.next_power_of_2(rows)))), 64, 8, 3
     return min(64, max(16, triton.next_power_of_2(rows))), 128, 4, 3
 
 
