@@ -173,6 +173,7 @@ GPU_CASES = [
     (2, 33, 131072, 32, 8, 128, "bf16", 8, "randn"),
     (1, 1, 1000003, 32, 8, 128, "fp16", 8, "dup"),
     (1, 256, 1048576, 9, 3, 64, "bf16", 4, "randn"),  # the embedded model's prefill chunk at 1M
+    (1, 1024, 65536, 32, 8, 128, "bf16", 8, "int"),  # 4096 rows per KV head: 256-row tiles, ties everywhere
 ]
 
 
