@@ -13,7 +13,7 @@ from collections import Counter
 import pytest
 
 from reattention_core import ReAttentionConfig, ReAttentionEngine
-from reattention_core.errors import InvalidInputError
+from reattention_core.errors import ConfigError, InvalidInputError
 from reattention_core.evaluation import (
     NeedleGrid,
     QAGrid,
@@ -26,7 +26,7 @@ from reattention_core.evaluation import (
     run_qa,
     score,
 )
-from reattention_core.evaluation.cli import parse_depths, parse_tokens
+from reattention_core.evaluation.cli import parse_depths, parse_overrides, parse_tokens
 from reattention_core.evaluation.facts import corpus_of_size, make_corpus
 from reattention_core.evaluation.haystack import Haystack, split_pieces
 from reattention_core.evaluation.qa import truncate_records
@@ -247,6 +247,40 @@ def test_budgeted_offload_rows_are_marked_and_never_mix_with_exact_ones(tiny_eng
         offload=OffloadConfig(block=16, budget=2, refine=True, pin=False),
     )
     assert run_grid(exact, grid, ResultsFile(out), progress=False).ran == 0  # exact offload = the resident cell
+
+
+def test_config_overrides_run_as_their_own_cells_and_leave_the_engine_as_it_was(tiny_engine, tmp_path):
+    out = tmp_path / "r.jsonl"
+    grid = _grid(lengths=(256,), depths=(0.5,), modes=("reattention",))
+    assert run_grid(tiny_engine, grid, ResultsFile(out), progress=False).ran == 1
+    tried = _grid(lengths=(256,), depths=(0.5,), modes=("reattention",), overrides=(("top_k", 1), ("max_blocks", 2)))
+    assert tried.overrides_tag == "max_blocks=2,top_k=1"
+    assert run_grid(tiny_engine, tried, ResultsFile(out), progress=False).ran == 1  # not the preset's cell
+    assert (tiny_engine.config.top_k, tiny_engine.config.max_blocks) == (2, 4)  # restored
+    rows = read_rows(out)
+    assert [r["overrides"] for r in rows] == [None, "max_blocks=2,top_k=1"]
+    assert (rows[1]["config"]["top_k"], rows[1]["config"]["max_blocks"]) == (1, 2)
+    assert (rows[0]["config"]["top_k"], rows[0]["config"]["max_blocks"]) == (2, 4)
+    table = markdown_table(rows)
+    assert "| reattention |" in table and "| reattention [max_blocks=2,top_k=1] |" in table
+    assert run_grid(tiny_engine, tried, ResultsFile(out), progress=False).ran == 0  # resumes
+    assert run_grid(tiny_engine, grid, ResultsFile(out), progress=False).ran == 0
+
+
+def test_bad_config_overrides_are_refused_before_any_cell(tiny_engine, tmp_path):
+    for bad in ((("mode", 1),), (("top_k", 2), ("top_k", 3)), (("top_k", 2.5),), (("top_k", True),)):
+        with pytest.raises(InvalidInputError, match="override"):
+            _grid(overrides=bad)
+    out = tmp_path / "r.jsonl"
+    # valid names, invalid config: a prefill chunk larger than the local window
+    with pytest.raises(ConfigError, match="prefill_chunk_size"):
+        run_grid(tiny_engine, _grid(overrides=(("prefill_chunk_size", 128),)), ResultsFile(out), progress=False)
+    assert read_rows(out) == []
+    assert parse_overrides(["top_k=8", "max_blocks=48"]) == (("max_blocks", 48), ("top_k", 8))
+    assert parse_overrides(None) == ()
+    for bad in (["topk=8"], ["top_k=eight"], ["top_k"], ["top_k=8", "top_k=9"], ["top_k=-1"]):
+        with pytest.raises(InvalidInputError, match="--set"):
+            parse_overrides(bad)
 
 
 def test_ctrl_c_keeps_whole_rows_and_the_rerun_finishes(tiny_engine, tmp_path, monkeypatch):

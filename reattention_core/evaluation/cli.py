@@ -57,6 +57,21 @@ def parse_mode_caps(values: list[str] | None) -> dict[str, int]:
     return caps
 
 
+def parse_overrides(values: list[str] | None) -> tuple[tuple[str, int], ...]:
+    """``["top_k=8", "max_blocks=48"]`` -> ``(("max_blocks", 48), ("top_k", 8))`` (`NeedleGrid.overrides`)."""
+    from reattention_core.evaluation.runner import OVERRIDABLE
+
+    out: dict[str, int] = {}
+    for v in values or []:
+        name, _, value = v.partition("=")
+        if name not in OVERRIDABLE or not value.strip().isdigit():
+            raise InvalidInputError(f"--set takes FIELD=INT with FIELD in {OVERRIDABLE}, got {v!r}")
+        if name in out:
+            raise InvalidInputError(f"--set names {name} twice")
+        out[name] = int(value)
+    return tuple(sorted(out.items()))
+
+
 def _stop_on_term() -> None:
     """SIGTERM (a job's time limit, ``kill``) stops the run like Ctrl-C: between rows, with the summary."""
 
@@ -117,6 +132,7 @@ def cmd_needles(args: argparse.Namespace) -> int:
         seed=args.seed,
         max_new_tokens=args.max_new_tokens,
         mode_max_length=parse_mode_caps(args.max_length),
+        overrides=parse_overrides(args.set),
     )
     # Needle prompts share their haystack up to the needle, and the runner orders them so that each
     # starts like the one before: the in-memory prefix cache then prefills only from the needle on.
@@ -197,6 +213,9 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
                              help="docs: Python standard-library docstrings; filler: a repeated sentence group")
     needle_opts.add_argument("--max-length", nargs="+", metavar="MODE=TOKENS",
                              help="longest length a mode runs, e.g. full=32K streaming=32K")
+    needle_opts.add_argument("--set", nargs="+", metavar="FIELD=INT",
+                             help="try another ReAttention config on the same samples, e.g. top_k=8 max_blocks=48 "
+                             "(rows are kept apart from the preset's and labelled with it in reports)")
     needle_opts.add_argument("--no-prefix-cache", action="store_true",
                              help="prefill every prompt cold (default: reuse the haystack before each needle from "
                              "the in-memory prefix cache; exact, so the answers are the same, only faster)")

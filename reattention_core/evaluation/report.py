@@ -25,12 +25,18 @@ def _order(values: Iterable[str]) -> list[str]:
 def usable(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     """Rows of this harness (rows of older result formats, without a score, are left out).
 
-    Rows of a budgeted offload get their own mode label, so they are never averaged with exact ones.
+    Rows of a budgeted offload, and rows of a config override (``--set``), get their own mode
+    label, so they are never averaged with exact rows or with the preset's.
     """
     out = []
     for r in rows:
         if "score" in r and "length" in r and "task" in r and "mode" in r:
-            out.append({**r, "mode": f"{r['mode']} offload({r['offload']})"} if r.get("offload") else r)
+            mode = r["mode"]
+            if r.get("offload"):
+                mode += f" offload({r['offload']})"
+            if r.get("overrides"):
+                mode += f" [{r['overrides']}]"
+            out.append({**r, "mode": mode} if mode != r["mode"] else r)
     return out
 
 
@@ -98,8 +104,9 @@ def heatmap(rows: Sequence[dict[str, Any]], path: str | Path, title: str | None 
 
     tasks = sorted({r["task"] for r in rows})
     modes = _order(r["mode"] for r in rows)
-    fig, axes = plt.subplots(len(tasks), len(modes), figsize=(3.4 * len(modes) + 1, 2.8 * len(tasks) + 0.4),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        len(tasks), len(modes), figsize=(3.4 * len(modes) + 1, 2.8 * len(tasks) + 0.4), squeeze=False
+    )
     cmap = plt.get_cmap("RdYlGn").with_extremes(bad="#dddddd")  # grey: cell not run
     image = None
     for i, task in enumerate(tasks):

@@ -27,6 +27,8 @@ from reattention_core.evaluation.results import ResultsFile, cell_key, offload_t
 from reattention_core.evaluation.scoring import found
 from reattention_core.evaluation.tasks import DEPTHLESS, TASKS, Sample, make_sample, placed_depth
 
+# ReAttention config fields a grid may override (`NeedleGrid.overrides`).
+OVERRIDABLE = ("sink_size", "block_size", "top_k", "max_blocks", "local_window", "prefill_chunk_size")
 # Enough new tokens for each task's full answer, and not many more (decode dominates short prompts).
 DEFAULT_MAX_NEW_TOKENS: dict[str, int] = {"passkey": 12, "multikey": 16, "multivalue": 48, "vartrack": 32, "cwe": 64}
 
@@ -66,6 +68,9 @@ class NeedleGrid:
         seed: base seed; samples are derived from it and their coordinates only.
         max_new_tokens: per-task override of `DEFAULT_MAX_NEW_TOKENS`.
         mode_max_length: longest length each mode runs (e.g. ``{"full": 32768}``), absent: no cap.
+        overrides: ``(field, value)`` pairs replacing fields of the engine's ReAttention config for
+            this grid (`OVERRIDABLE`), e.g. ``(("top_k", 8),)`` to try a config on the same samples;
+            part of a cell's identity, so such rows never count as (or average with) the preset's.
     """
 
     tasks: tuple[str, ...]
@@ -78,6 +83,7 @@ class NeedleGrid:
     seed: int = 0
     max_new_tokens: int | None = None
     mode_max_length: Mapping[str, int] = field(default_factory=dict)
+    overrides: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("tasks", "lengths", "depths", "modes"):
@@ -104,6 +110,17 @@ class NeedleGrid:
             raise InvalidInputError(f"haystack must be one of {HAYSTACK_KINDS}, got {self.haystack!r}")
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise InvalidInputError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        names = [name for name, _ in self.overrides]
+        bad = [name for name in names if name not in OVERRIDABLE]
+        if bad or len(set(names)) != len(names):
+            raise InvalidInputError(f"overrides must name each of {OVERRIDABLE} at most once, got {names}")
+        if any(isinstance(v, bool) or not isinstance(v, int) for _, v in self.overrides):
+            raise InvalidInputError(f"override values must be ints, got {dict(self.overrides)}")
+
+    @property
+    def overrides_tag(self) -> str | None:
+        """``"field=value,..."`` (sorted) for the rows of an overridden config, ``None`` for the preset."""
+        return ",".join(f"{k}={v}" for k, v in sorted(self.overrides)) or None
 
     def cells(self) -> list[Cell]:
         out = []
@@ -152,8 +169,8 @@ def row_identity(grid: NeedleGrid, cell: Cell, model: str, offload: str | None =
     return {
         "task": cell.task, "haystack": grid.haystack, "length": cell.length, "depth": cell.depth,
         "index": cell.index, "mode": cell.mode, "seed": grid.seed, "model": model, "jitter": grid.jitter,
-        "offload": offload,
-    }
+        "offload": offload, "overrides": grid.overrides_tag,
+    }  # fmt: skip
 
 
 def run_grid(
@@ -167,8 +184,9 @@ def run_grid(
 ) -> RunReport:
     """Run the cells of ``grid`` not yet in ``results`` (at most ``limit`` of them), appending rows.
 
-    The engine's config is switched per cell (``mode`` only) and restored afterwards. The results
-    file is held for the run (`ResultsFile.exclusive`): a second run on it is refused.
+    The engine's config is switched per cell (``mode``, and the grid's overrides) and restored
+    afterwards. The results file is held for the run (`ResultsFile.exclusive`): a second run on it
+    is refused.
     """
     with results.exclusive():
         return _run_grid(engine, grid, results, limit=limit, progress=progress, on_row=on_row)
@@ -185,6 +203,9 @@ def _run_grid(
 ) -> RunReport:
     from tqdm.auto import tqdm
 
+    # an invalid override (say a prefill chunk above the local window) fails here, before any cell
+    base = engine.config
+    tuned = base.replace(**dict(grid.overrides))
     env = environment(engine)
     report = RunReport()
     pending = []
@@ -198,20 +219,22 @@ def _run_grid(
     if limit is not None:
         pending = pending[: max(0, limit)]
     haystack = Haystack(engine.tokenizer, grid.haystack) if pending else None
-    base = engine.config
     tally: dict[str, list[float]] = {}
     sample: Sample | None = None
     bar = tqdm(pending, desc="eval", unit="cell", disable=not progress, dynamic_ncols=True)
     try:
         for cell in bar:
             if sample is None or (sample.task, sample.length, sample.depth, sample.index) != (
-                cell.task, cell.length, cell.depth, cell.index
+                cell.task,
+                cell.length,
+                cell.depth,
+                cell.index,
             ):
                 sample = make_sample(
                     cell.task, engine.tokenizer, haystack, cell.length, cell.depth, cell.index, grid.seed,
                     jitter=grid.jitter,
                 )  # fmt: skip
-            engine.config = base.replace(mode=cell.mode)
+            engine.config = tuned.replace(mode=cell.mode)
             bar.set_description(f"{cell.task} {cell.length} {cell.mode}")
             t0 = time.perf_counter()
             res = engine.generate(sample.prompt, max_new_tokens=grid.new_tokens(cell.task), progress=False)
