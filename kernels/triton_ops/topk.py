@@ -12,9 +12,9 @@ that is the reference's order (score descending, index ascending) without a tie-
 Decode (few rows) splits the key range over many programs (split-K); a second kernel merges the
 partial sets.
 
-Prefill (many rows) runs in two phases, because in one pass most tiles of a 64-row program improve
-some row, and each extraction step costs about five ALU operations per score against one for a row
-maximum:
+Prefill (``_TWO_PHASE_MIN_ROWS`` rows and more) runs in two phases, because in one pass most tiles
+of a 64-row program improve some row, and each extraction step costs about five ALU operations per
+score against one for a row maximum:
 
 1. (scan kernel) score every tile with one ``tl.dot`` and enter each row's tile maximum, with the
    tile's index, into the row's set of its ``TOPK`` best tile maxima (ties: the lower tile). That is
@@ -30,6 +30,10 @@ distinct tiles hold a score ``>= theta``, so every key of the row's top-k scores
 lies in a tile whose maximum is ``>= theta``: one of those kept, except where maxima tie at
 ``theta``, and there the kept ones are the lowest tiles, which hold the lowest-index keys of that
 score, the ones the tie rule prefers.
+
+Phase 2 sums its products in plain fp32 where one pass accumulates on tensor cores, so the two may
+order two keys whose scores differ in the last bits differently (1-2 rows of ~65K at Llama-8B
+shapes on random keys; fp64 agreed with two phases each time: benchmarks/probe_topk_rounding.py).
 """
 
 from __future__ import annotations
