@@ -69,6 +69,15 @@ def _pick_best(b_v, b_i, o_j, KP: tl.constexpr):
 
 
 @triton.jit
+def _empty_set(BM: tl.constexpr, KP: tl.constexpr, TOPK: tl.constexpr):
+    """Empty (value, index) sets ``[BM, KP]`` and their worst values ``[BM]``: padding slots
+    (``j >= TOPK``) hold +inf so they are never the worst entry."""
+    o_j = tl.arange(0, KP)
+    b_v = tl.where(o_j[None, :] < TOPK, float("-inf"), float("inf")) + tl.zeros([BM, KP], dtype=tl.float32)
+    return b_v, tl.full([BM, KP], -1, dtype=tl.int32), tl.full([BM], float("-inf"), dtype=tl.float32)
+
+
+@triton.jit
 def _admit(
     b_s,
     b_ci,
@@ -165,6 +174,7 @@ def _row_heads(o_r, i_h, G: tl.constexpr):
 @triton.jit
 def _store_sorted(b_v, b_i, o_j, p_o, p_wv, m_r, TOPK: tl.constexpr, KP: tl.constexpr, VALUES: tl.constexpr):
     """Write each row's set best first: indices (int64, -1 for empty slots) and, if asked, values."""
+    b_v = tl.where(o_j[None, :] < TOPK, b_v, float("-inf"))  # padding slots hold +inf
     for j in tl.static_range(TOPK):
         b_idx, m_hit = _pick_best(b_v, b_i, o_j, KP)
         if VALUES:
@@ -228,10 +238,7 @@ def score_topk_fwd_kernel_scan(
     # with a shift, splits past the key count have nothing to score (not a negative range)
     n_hi = tl.maximum(tl.minimum(n_lo + keys_per_split, TK), n_lo)
     n_full = n_lo + (n_hi - n_lo) // BN * BN
-    # [BM, KP]; padding slots (j >= TOPK) hold +inf so they are never the worst entry
-    b_v = tl.where(o_j[None, :] < TOPK, float("-inf"), float("inf")) + tl.zeros([BM, KP], dtype=tl.float32)
-    b_i = tl.full([BM, KP], -1, dtype=tl.int32)
-    b_kth = tl.full([BM], float("-inf"), dtype=tl.float32)
+    b_v, b_i, b_kth = _empty_set(BM, KP, TOPK)
     if TWO_PHASE:
         # phase 1: each row's best tile maxima of this split -> ws (phase 2 is its own kernel)
         for n0 in range(n_lo, n_full, BN):
@@ -247,7 +254,6 @@ def score_topk_fwd_kernel_scan(
         if n_full < n_hi:
             p_k = k_base + (n_full + o_c).to(tl.int64)[:, None] * stride_kt + o_d[None, :]
             b_v, b_i, b_kth = _scan_tile(b_q, p_k, n_full, n_hi, b_v, b_i, b_kth, o_c, o_j, TOPK, KP, BN, True, IEEE)
-    b_v = tl.where(o_j[None, :] < TOPK, b_v, float("-inf"))
     if SPLIT:
         # partial set, best first -> ws[bh, r, split, :]
         o_w = (i_bh * R + o_r).to(tl.int64) * NSPLIT + i_s
@@ -262,9 +268,7 @@ def _merge_splits(ws_v, ws_i, o_w, m_r, n_c, o_c, o_j, BR: tl.constexpr, TOPK: t
     """The best ``TOPK`` of the ``n_c`` candidates of each row (``ws[o_w + c]``, stored split after
     split, each split's best first): among equal values they come in ascending index order, as
     the admission rule needs."""
-    b_v = tl.where(o_j[None, :] < TOPK, float("-inf"), float("inf")) + tl.zeros([BR, KP], dtype=tl.float32)
-    b_i = tl.full([BR, KP], -1, dtype=tl.int32)
-    b_kth = tl.full([BR], float("-inf"), dtype=tl.float32)
+    b_v, b_i, b_kth = _empty_set(BR, KP, TOPK)
     for c0 in range(0, n_c, BC):
         m_w = m_r[:, None] & ((c0 + o_c) < n_c)[None, :]
         p_w = o_w[:, None] + c0 + o_c[None, :]
@@ -272,7 +276,7 @@ def _merge_splits(ws_v, ws_i, o_w, m_r, n_c, o_c, o_j, BR: tl.constexpr, TOPK: t
         b_s = tl.load(ws_v + p_w, mask=m_w, other=float("-inf"))
         b_ci = tl.load(ws_i + p_w, mask=m_w, other=-1)
         b_v, b_i, b_kth = _admit(b_s, b_ci, c0, b_v, b_i, b_kth, o_c, o_j, TOPK, KP, BC, True)
-    return tl.where(o_j[None, :] < TOPK, b_v, float("-inf")), b_i
+    return b_v, b_i
 
 
 @triton.jit(do_not_specialize=["R", "NSPLIT"])
@@ -353,9 +357,7 @@ def score_topk_fwd_kernel_rescore(
     o_t, o_hq = _row_heads(o_r, i_h, G)
     p_q = q + i_b * stride_qb + o_t[:, None] * stride_qt + o_hq[:, None] * stride_qh
     k_base = k + i_b * stride_kb + i_h * stride_kh
-    b_v = tl.where(o_j[None, :] < TOPK, float("-inf"), float("inf")) + tl.zeros([BR, KP], dtype=tl.float32)
-    b_i = tl.full([BR, KP], -1, dtype=tl.int32)
-    b_kth = tl.full([BR], float("-inf"), dtype=tl.float32)
+    b_v, b_i, b_kth = _empty_set(BR, KP, TOPK)
     # tiles in ascending order: candidates equal to the threshold must come in index order
     # (runtime loops: unrolled, TOPK x D / DC copies of the admission chain take minutes to compile)
     for _ in range(TOPK):
@@ -375,7 +377,6 @@ def score_topk_fwd_kernel_rescore(
                 b_s += tl.sum(b_q[:, None, :] * b_k, 2)
             b_s = tl.where(m_n, b_s, float("-inf"))
             b_v, b_i, b_kth = _admit(b_s, o_n, 0, b_v, b_i, b_kth, o_u, o_j, TOPK, KP, SC, True)
-    b_v = tl.where(o_j[None, :] < TOPK, b_v, float("-inf"))
     _store_sorted(b_v, b_i, o_j, o + i_b * stride_ob + o_t * stride_ot + o_hq * stride_oh, o, m_r, TOPK, KP, False)
 
 
@@ -409,13 +410,14 @@ def _config(rows: int, dtype: torch.dtype, two_phase: bool = False) -> tuple[int
     return min(64, max(16, triton.next_power_of_2(rows))), 128, 4, 3
 
 
-def _rescore_config(rows: int, bn: int, d: int) -> tuple[int, int, int, int]:
-    """Phase 2's (rows per program, keys per step, head dims per step, num_warps): a whole tile per
-    step, 16 head dims at a time, was the best of those timed (benchmarks/bench_topk_phases.py)."""
+def _rescore_config(br: int, bn: int, d: int) -> tuple[int, int, int, int]:
+    """Phase 2's (rows per program, keys per step, head dims per step, num_warps), with the merge
+    kernel's ``br`` rows: a whole tile per step, 16 head dims at a time, was the best of those
+    timed (benchmarks/bench_topk_phases.py)."""
     if interpreting():
         # several steps per tile and per head dim, so the tests cover the loops
-        return min(16, triton.next_power_of_2(rows)), min(bn, 16), min(d, 16), 4
-    return min(16, triton.next_power_of_2(rows)), bn, min(d, 16), 4
+        return br, min(bn, 16), min(d, 16), 4
+    return br, bn, min(d, 16), 4
 
 
 def score_topk_fwd(
@@ -499,7 +501,7 @@ def score_topk_fwd(
     bc = min(32 if interpreting() else 256, triton.next_power_of_2(splits * top_k))
     br = min(16, triton.next_power_of_2(rows))
     if two_phase:
-        br, sc, dc, rwarps = rescore or _rescore_config(rows, bn, d)
+        br, sc, dc, rwarps = rescore or _rescore_config(br, bn, d)
         score_topk_fwd_kernel_rescore[(triton.cdiv(rows, br), b * h)](
             q, k, ws_v, ws_i, out, shift_arg, *args, *o_args, tk, rows, splits,
             H=h, G=g, D=d, DC=dc, TOPK=top_k, KP=kp, BR=br, BC=bc, BN=bn, SC=sc, SHIFT=shift is not None,
