@@ -225,10 +225,7 @@ def _run_grid(
     try:
         for cell in bar:
             if sample is None or (sample.task, sample.length, sample.depth, sample.index) != (
-                cell.task,
-                cell.length,
-                cell.depth,
-                cell.index,
+                cell.task, cell.length, cell.depth, cell.index
             ):
                 sample = make_sample(
                     cell.task, engine.tokenizer, haystack, cell.length, cell.depth, cell.index, grid.seed,
