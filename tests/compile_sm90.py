@@ -43,9 +43,12 @@ def rescore(dtype: str, d: int, top_k: int) -> ASTSource:
     ints = ("stride_qb", "stride_qt", "stride_qh", "stride_kb", "stride_kt", "stride_kh")
     ints += ("stride_ob", "stride_ot", "stride_oh", "TK", "R", "NSPLIT")
     sig.update({name: "i32" for name in ints})
+    # block shapes as `topk._config` and `topk._rescore_config` pick them
+    bn = topk._config(64, {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype], True)[1]
+    br, sc, dc, _ = topk._rescore_config(16, bn, d)
     consts = {
-        "H": 3, "G": 3, "D": d, "DC": 16, "TOPK": top_k, "KP": triton.next_power_of_2(top_k), "BR": 16, "BC": 64,
-        "BN": 64, "SC": 64, "SHIFT": True,
+        "H": 3, "G": 3, "D": d, "DC": dc, "TOPK": top_k, "KP": triton.next_power_of_2(top_k), "BR": br, "BC": 64,
+        "BN": bn, "SC": sc, "SHIFT": True,
     }  # fmt: skip
     sig.update({name: "constexpr" for name in consts})
     return ASTSource(fn=topk.score_topk_fwd_kernel_rescore, signature=sig, constexprs=consts)
@@ -78,7 +81,10 @@ def main() -> int:
     sources = [
         (v, scan(*v), topk._config(64, torch.bfloat16 if v[0] == "bf16" else torch.float32, v[4])[2]) for v in variants
     ]
-    sources += [(("rescore", *v), rescore(*v), 4) for v in (("bf16", 64, 4), ("bf16", 128, 8), ("fp32", 64, 4))]
+    sources += [
+        (("rescore", *v), rescore(*v), topk._rescore_config(16, 64, v[1])[3])
+        for v in (("bf16", 64, 4), ("bf16", 128, 8), ("fp32", 64, 4))
+    ]
     sources += [
         (("tile_top", h, blk), tile_top(h, blk, 32), 4 if blk >= 512 else 1)
         for h, blk in ((True, 1024), (False, 512), (True, 64))
