@@ -72,30 +72,19 @@ for model, tq, tk, top_k in shapes:
     for data, keys in (("randn", k), ("heavy", heavy)):
         ref = score_topk_fwd(q, keys, top_k, two_phase=False)
         row = {"model": model, "tq": tq, "tk": tk, "data": data, "one": graph_ms(q, keys, top_k, two_phase=False)}
-        for cfg in SWEEP:
-            name = "two-{}x{}x{}w{}s".format(*cfg)
-            kw = {"two_phase": True, "config": cfg}
+        variants = [("two-{}x{}x{}w{}s".format(*cfg), {"config": cfg}) for cfg in SWEEP]
+        if tq >= 256:
+            # phase 2's (rows per program, keys per step, head dims per step, warps), phase 1 at the default
+            variants += [("rescore-{}x{}x{}w{}".format(*rc), {"rescore": rc}) for rc in RESCORE]
+        for name, kw in variants:
             try:
-                out = score_topk_fwd(q, keys, top_k, **kw)
+                out = score_topk_fwd(q, keys, top_k, two_phase=True, **kw)
             except Exception as exc:  # noqa: BLE001  (a configuration that does not compile is reported)
                 row[name] = f"{type(exc).__name__}: {str(exc)[:80]}"
                 continue
             if not same_up_to_rounding(q, keys, out, ref):
                 raise SystemExit(f"two phases differ from one pass: {model} {tq}x{tk} {data} {name}")
-            row[name] = graph_ms(q, keys, top_k, **kw)
-        if tq >= 256:
-            # phase 2's (rows per program, keys per step, head dims per step, warps), phase 1 at the default
-            for rc in RESCORE:
-                name = "rescore-{}x{}x{}w{}".format(*rc)
-                try:
-                    if not same_up_to_rounding(
-                        q, keys, score_topk_fwd(q, keys, top_k, two_phase=True, rescore=rc), ref
-                    ):
-                        raise SystemExit(f"phase 2 {name} differs from one pass: {model} {tq}x{tk} {data}")
-                except Exception as exc:  # noqa: BLE001  (a configuration that does not compile is reported)
-                    row[name] = f"{type(exc).__name__}: {str(exc)[:80]}"
-                    continue
-                row[name] = graph_ms(q, keys, top_k, two_phase=True, rescore=rc)
+            row[name] = graph_ms(q, keys, top_k, two_phase=True, **kw)
         best = min(v for n, v in row.items() if n.startswith("two-") and isinstance(v, float))
         row["tflops"] = round(2 * tq * hq * tk * d / best / 1e9, 1)
         print(json.dumps(row), flush=True)
