@@ -373,8 +373,11 @@ class DiskCache:
         """Yield the verified ``(keys, values)`` of consecutive pages of ``refs`` until one is missing or bad.
 
         Tensors are ``[ref.tokens, H, D]`` CPU views of the memory-mapped file (``pin=True``: copies
-        in pinned memory, made on the worker threads, for fast copies to a GPU): copy them out
-        before the next iteration. A bad page is logged, deleted and ends the iteration.
+        in pinned memory, made on the worker threads, for fast copies to a GPU). They own their memory:
+        a mapped view stays valid and unchanged after the file is evicted (a private mapping of
+        the deleted file), so a store may keep them instead of copying them out
+        (`reattention_core.offload.OffloadedStore.adopt`). A bad page is logged, deleted and
+        ends the iteration.
         """
         count = 0
         for ref in refs:

@@ -1,7 +1,8 @@
 """Exact selection over an offloaded middle: per-block key bounds on the device, keys fetched on demand.
 
 When the key store does not fit on the GPU, the middle's keys live in host memory (pinned, or
-memory-mapped spill files: ``OffloadConfig(spill_dir=...)``). The selection still needs, per query row and query
+memory-mapped spill files: ``OffloadConfig(spill_dir=...)``, or, for a prefix restored from the persistent
+cache, the cache's own page files, mapped: `OffloadedStore.adopt`). The selection still needs, per query row and query
 head, the exact top-k of ``q . k`` over all of them (`reattention_kernels.score_topk`). This module
 gets that result while reading only a few blocks:
 
@@ -53,6 +54,7 @@ from reattention_core.attention import ScopePlan, plan_scope, select_for_plan
 from reattention_core.config import ReAttentionConfig
 from reattention_core.errors import InvalidInputError, StoreMemoryError
 from reattention_core.rope import RopeSpec
+from reattention_core.segments import TokenSegments
 from reattention_core.store import KVStore
 from reattention_kernels import scope_attention, score_topk, select_from_hits
 
@@ -81,6 +83,11 @@ class OffloadConfig:
             device are not asynchronous). The files are unlinked as soon as they are mapped, so
             nothing is left behind, and their disk space is reserved up front (a full disk is a
             `StoreMemoryError`, never a crash mid-generation).
+        map_pages: with ``keys="host"``, a prefix restored from the persistent cache's page files
+            stays in those files (memory-mapped, read-only, see `OffloadedStore`) instead of being
+            copied into host buffers: restoring a corpus costs no host memory, and the store may
+            be larger than RAM. The same results either way; copies from mapped pages to the GPU
+            are not asynchronous.
     """
 
     keys: str = "host"
@@ -89,6 +96,7 @@ class OffloadConfig:
     refine: bool = True
     pin: bool | None = None
     spill_dir: str | None = None
+    map_pages: bool = True
 
     @property
     def exact(self) -> bool:
@@ -102,8 +110,9 @@ class OffloadConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InvalidInputError(f"OffloadConfig.{name} must be an int >= 1, got {value!r}")
-        if not isinstance(self.refine, bool):
-            raise InvalidInputError(f"OffloadConfig.refine must be a bool, got {self.refine!r}")
+        for name in ("refine", "map_pages"):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidInputError(f"OffloadConfig.{name} must be a bool, got {getattr(self, name)!r}")
         if self.spill_dir is not None:
             if not isinstance(self.spill_dir, (str, os.PathLike)):
                 raise InvalidInputError(f"OffloadConfig.spill_dir must be a folder path, got {self.spill_dir!r}")
@@ -295,6 +304,15 @@ class OffloadedStore(KVStore):
     With ``keys="host"`` each layer also keeps `KeyBounds` on ``device``; with ``keys="device"``
     the key buffers are allocated on ``device`` instead and no bounds are kept.
 
+    **Mapped pages** (``keys="host"``): a prefix restored from the persistent cache is not copied
+    into host buffers; `adopt` keeps the page files' memory-mapped tensors as the layer's first
+    tokens (``_base``), and only the tokens after them (question, answer) go to the buffers. A
+    restored corpus then costs no host memory of its own: the OS pages it in from the files as
+    selection reads it, and drops it again under memory pressure, so the store may be larger than
+    RAM. The mappings are private (copy-on-write) and never written, so the cache files cannot
+    change; a page file evicted from the cache while mapped stays readable until the store lets
+    go of it. `view` returns `TokenSegments` for such layers.
+
     Attributes:
         fetched_blocks, bounded_blocks: blocks read by selections so far and blocks they could
             have read (the share read is what offload saves in transfers; ``keys="host"`` only).
@@ -309,6 +327,65 @@ class OffloadedStore(KVStore):
         self.bounds = [] if self.keys_on_device else [KeyBounds(config.block, self.compute_device) for _ in range(num_layers)]
         self.fetched_blocks = 0
         self.bounded_blocks = 0
+        # per layer, the adopted page tensors [B, T_i, H, D] that come before the buffers
+        self._mapped: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(num_layers)]
+
+    @property
+    def maps_pages(self) -> bool:
+        """Whether `adopt` keeps restored pages mapped (``keys="host"`` and ``map_pages``)."""
+        return not self.keys_on_device and self.config.map_pages
+
+    def mapped_tokens(self, layer: int = 0) -> int:
+        """Tokens of ``layer`` held in adopted page mappings (not in host buffers)."""
+        return self._base[layer]
+
+    def adopt(self, layer: int, k: torch.Tensor, v: torch.Tensor, *, device: torch.device, dtype: torch.dtype) -> None:
+        """Append host tensors ``[B, T, H, D]`` that stay valid and unchanged (mapped cache pages) by reference.
+
+        Only while every token of ``layer`` is adopted (none written to its buffers yet) and only
+        for `maps_pages` stores; otherwise the tokens are copied, as `extend` does.
+        """
+        mappable = (
+            self.maps_pages and self._lengths[layer] == self._base[layer] and k.device.type == "cpu"
+            and k.dtype == v.dtype == dtype and v.device.type == "cpu"
+        )  # fmt: skip
+        if not mappable:
+            self.extend(layer, k, v, device=device, dtype=dtype)
+            return
+        self.bounds[layer].append(k)
+        self._mapped[layer].append((k, v))
+        t = k.shape[1]
+        self._base[layer] += t
+        self._lengths[layer] += t
+
+    def view(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(keys, values)`` ``[B, T, H, D]``: tensors, or `TokenSegments` where pages are adopted."""
+        if not self._mapped[layer]:
+            return super().view(layer)
+        ks = [k for k, _ in self._mapped[layer]]
+        vs = [v for _, v in self._mapped[layer]]
+        if self._lengths[layer] > self._base[layer]:
+            k_tail, v_tail = super().view(layer)
+            ks.append(k_tail)
+            vs.append(v_tail)
+        return TokenSegments(ks), TokenSegments(vs)  # type: ignore[return-value]
+
+    def share_prefix(self, source: KVStore, tokens: int) -> None:
+        """Start this empty store with ``source``'s first ``tokens`` tokens, sharing its adopted pages."""
+        for layer in range(self.num_layers):
+            if self._lengths[layer]:
+                raise RuntimeError("share_prefix needs an empty store")
+            keys, values = source.view(layer)
+            mapped = source._mapped[layer] if isinstance(source, OffloadedStore) and self.maps_pages else []
+            at = 0
+            for k, v in mapped:
+                if at >= tokens:
+                    break
+                n = min(k.shape[1], tokens - at)
+                self.adopt(layer, k[:, :n], v[:, :n], device=k.device, dtype=k.dtype)
+                at += n
+            if at < tokens:
+                self.append(layer, keys[:, at:tokens], values[:, at:tokens])
 
     def _new_buffer(
         self, which: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
@@ -325,9 +402,26 @@ class OffloadedStore(KVStore):
         return super()._write(layer, k, v, device, dtype)
 
     def truncate(self, tokens: int) -> None:
+        """Forget every token at index >= ``tokens`` (adopted pages past it are let go)."""
+        if tokens < 0:
+            raise ValueError(f"tokens must be >= 0, got {tokens}")
+        for layer, mapped in enumerate(self._mapped):
+            if tokens >= self._base[layer]:
+                continue
+            kept, at = [], 0  # drop the adopted pages past ``tokens``, cut the one it falls in
+            for k, v in mapped:
+                if at >= tokens:
+                    break
+                n = min(k.shape[1], tokens - at)
+                kept.append((k[:, :n], v[:, :n]))
+                at += n
+            self._mapped[layer] = kept
+            self._base[layer] = self._lengths[layer] = tokens
         super().truncate(tokens)
         for layer, bounds in enumerate(self.bounds):
-            if bounds.tokens > self.length(layer):
+            if not self.length(layer):
+                self.bounds[layer] = KeyBounds(bounds.block, bounds.device)
+            elif bounds.tokens > self.length(layer):
                 bounds.truncate(self.length(layer), self.view(layer)[0])
 
 
@@ -473,13 +567,21 @@ def _finish_scope(
     rows = slice(plan.sink_len, plan.sink_len + ns)
     if buf.device == out.device:  # gathered straight into the scope
         for i in range(b):
-            torch.index_select(buf[i], 0, idx[i], out=out[i, rows])
+            _gather_row(buf, i, idx[i], out[i : i + 1, rows])
         return
     staging = torch.empty((b, ns, *buf.shape[2:]), dtype=buf.dtype, pin_memory=buf.is_pinned())
     for i in range(b):
-        torch.index_select(buf[i], 0, idx[i], out=staging[i])
+        _gather_row(buf, i, idx[i], staging[i : i + 1])
     with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
         out[:, rows].copy_(staging, non_blocking=stream is not None)
+
+
+def _gather_row(buf: torch.Tensor | TokenSegments, i: int, idx: torch.Tensor, out: torch.Tensor) -> None:
+    """``out[0] = buf[i, idx]``: tokens ``idx`` ``[N]`` of batch row ``i`` into ``out`` ``[1, N, H, D]``."""
+    if isinstance(buf, TokenSegments):  # adopted cache pages: read only the parts that hold ``idx``
+        buf.row(i).index_select(1, idx, out=out)
+    else:
+        torch.index_select(buf[i], 0, idx, out=out[0])
 
 
 _copy_streams: dict[torch.device, torch.cuda.Stream] = {}

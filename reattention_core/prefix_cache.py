@@ -275,9 +275,7 @@ class MemoryCache:
                 return best.store, n
             store = self.new_store(num_layers)  # copy-on-write: the segment keeps its other pages
             store.reserve(reserve)
-            for layer in range(num_layers):
-                k, v = best.store.view(layer)
-                store.append(layer, k[:, :tokens], v[:, :tokens])
+            store.share_prefix(best.store, tokens)  # adopted cache pages are shared, the rest copied
             return store, n
 
     def release(self, store: KVStore, keys: list[str], ends: list[int], epoch: int) -> None:
@@ -441,14 +439,16 @@ class PrefixRun:
         disk = self.cache.disk
         if disk is not None and n_mem < len(self.keys):
             refs = disk.refs(self.fp, self.keys, self.ends, n_mem)
+            # a store that maps pages keeps the loader's mapped views (no pinned copies to make)
+            maps = getattr(self.store, "maps_pages", False)
             pages = disk.load(
-                self.fp, refs, num_layers=self.num_layers, dtype=self.dtype, pin=self.device.type == "cuda"
+                self.fp, refs, num_layers=self.num_layers, dtype=self.dtype, pin=self.device.type == "cuda" and not maps
             )
+            put = self.store.adopt if maps else self.store.extend  # type: ignore[attr-defined]
             for keys, values in pages:
                 for layer in range(self.num_layers):
-                    self.store.extend(
-                        layer, keys[layer].unsqueeze(0), values[layer].unsqueeze(0), device=self.device, dtype=self.dtype
-                    )
+                    k, v = keys[layer].unsqueeze(0), values[layer].unsqueeze(0)
+                    put(layer, k, v, device=self.device, dtype=self.dtype)
                 self.from_disk += self.ends[self._saved] - self._valid
                 self._valid = self.ends[self._saved]
                 self._saved += 1

@@ -7,6 +7,10 @@ the final length up front (the engine does: prompt + max_new_tokens) call `reser
 copy at all.
 
 Layout: ``[B, T, H, D]`` (batch, tokens, KV heads, head dim), keys stored *without* RoPE.
+
+A subclass may keep a layer's first tokens elsewhere (`reattention_core.offload.OffloadedStore`
+adopts memory-mapped cache pages): ``_base[layer]`` tokens come before the buffer's first row, and
+lengths and capacities count them.
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ class KVStore:
         self._keys: list[torch.Tensor | None] = [None] * num_layers
         self._values: list[torch.Tensor | None] = [None] * num_layers
         self._lengths = [0] * num_layers
+        self._base = [0] * num_layers  # tokens held outside the buffers, before their first row
         self._reserved = 0
         self.grow_events = 0  # number of reallocations, exposed for tests and benchmarks
 
@@ -64,15 +69,16 @@ class KVStore:
         return self._lengths[layer]
 
     def capacity(self, layer: int = 0) -> int:
+        """Tokens ``layer`` can hold before its buffers grow (``_base`` included)."""
         buf = self._keys[layer]
-        return 0 if buf is None else buf.shape[1]
+        return self._base[layer] + (0 if buf is None else buf.shape[1])
 
     def reserve(self, tokens: int) -> None:
         """Make room for ``tokens`` tokens per layer, so appends up to that length never copy."""
         self._reserved = max(self._reserved, tokens)
         for layer in range(self.num_layers):
             if self._keys[layer] is not None and self.capacity(layer) < tokens:
-                self._grow(layer, tokens)
+                self._grow(layer, tokens - self._base[layer])
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Append ``k, v`` (``[B, TQ, H, D]``) to ``layer`` and return views of all stored tokens.
@@ -80,10 +86,8 @@ class KVStore:
         Returns:
             ``(keys, values)``, each a ``[B, T, H, D]`` view (no copy) with ``T`` the new length.
         """
-        end = self._write(layer, k, v, k.device, k.dtype)
-        keys, values = self._keys[layer], self._values[layer]
-        assert keys is not None and values is not None
-        return keys[:, :end], values[:, :end]
+        self._write(layer, k, v, k.device, k.dtype)
+        return self.view(layer)
 
     def extend(
         self, layer: int, k: torch.Tensor, v: torch.Tensor, *, device: torch.device, dtype: torch.dtype
@@ -96,16 +100,17 @@ class KVStore:
         self._write(layer, k, v, device, dtype)
 
     def _write(self, layer: int, k: torch.Tensor, v: torch.Tensor, device: torch.device, dtype: torch.dtype) -> int:
-        tq = k.shape[1]
+        tq, base = k.shape[1], self._base[layer]
         if self._keys[layer] is None:
-            cap = max(_MIN_CAPACITY, self._reserved, tq)
+            cap = max(_MIN_CAPACITY, self._reserved - base, tq)
             device = self.device or device
             self._keys[layer] = self._new_buffer("keys", (k.shape[0], cap, k.shape[2], k.shape[3]), dtype, device)
             self._values[layer] = self._new_buffer("values", (v.shape[0], cap, v.shape[2], v.shape[3]), dtype, device)
-        start = self._lengths[layer]
+        start = self._lengths[layer] - base  # buffer rows
         end = start + tq
-        if end > self.capacity(layer):
-            self._grow(layer, max(end, 2 * self.capacity(layer)))
+        rows = self._keys[layer].shape[1]
+        if end > rows:
+            self._grow(layer, max(end, 2 * rows))
         keys, values = self._keys[layer], self._values[layer]
         assert keys is not None and values is not None
         # Pages restored from disk arrive in pinned host memory: copy them asynchronously, so the
@@ -113,8 +118,16 @@ class KVStore:
         # the copy, so the source block is not reused before the transfer has finished.
         keys[:, start:end].copy_(k, non_blocking=keys.is_cuda and not k.is_cuda and k.is_pinned())
         values[:, start:end].copy_(v, non_blocking=values.is_cuda and not v.is_cuda and v.is_pinned())
-        self._lengths[layer] = end
-        return end
+        self._lengths[layer] = base + end
+        return base + end
+
+    def share_prefix(self, source: KVStore, tokens: int) -> None:
+        """Start this empty store with a copy of ``source``'s first ``tokens`` tokens (every layer)."""
+        for layer in range(self.num_layers):
+            if self._lengths[layer]:
+                raise RuntimeError("share_prefix needs an empty store")
+            k, v = source.view(layer)
+            self.append(layer, k[:, :tokens], v[:, :tokens])
 
     def append_shifted(
         self, layer: int, k: torch.Tensor, v: torch.Tensor, shift: torch.Tensor
@@ -149,7 +162,7 @@ class KVStore:
         keys, values = self._keys[layer], self._values[layer]
         if keys is None or values is None:
             raise RuntimeError(f"layer {layer} holds no tokens yet")
-        n = self._lengths[layer]
+        n = self._lengths[layer] - self._base[layer]
         return keys[:, :n], values[:, :n]
 
     def truncate(self, tokens: int) -> None:
@@ -183,9 +196,10 @@ class KVStore:
             raise StoreMemoryError(_memory_advice(which, shape, dtype, device, pin, exc)) from exc
 
     def _grow(self, layer: int, new_capacity: int) -> None:
+        """Reallocate ``layer``'s buffers with ``new_capacity`` rows, keeping the stored ones."""
         old_k, old_v = self._keys[layer], self._values[layer]
         assert old_k is not None and old_v is not None
-        n = self._lengths[layer]
+        n = self._lengths[layer] - self._base[layer]
         new_k = self._new_buffer("keys", (old_k.shape[0], new_capacity, *old_k.shape[2:]), old_k.dtype, old_k.device)
         new_v = self._new_buffer("values", (old_v.shape[0], new_capacity, *old_v.shape[2:]), old_v.dtype, old_v.device)
         new_k[:, :n] = old_k[:, :n]

@@ -44,9 +44,11 @@ class ReAttentionLayer(_CacheLayerMixin):
             step.total = self.store.length(self.layer_idx)
         else:
             keys, values = self.store.append(self.layer_idx, k, v)
-        self.keys, self.values = keys.transpose(1, 2), values.transpose(1, 2)
         if isinstance(self.store, offload.OffloadedStore):  # host tensors: the attention call reads the store
             offload.hand_over(self.store, self.layer_idx)
+            if not isinstance(keys, torch.Tensor):  # adopted cache pages (`TokenSegments`): never joined
+                keys, values = k, v
+        self.keys, self.values = keys.transpose(1, 2), values.transpose(1, 2)
         return self.keys, self.values
 
     def get_seq_length(self, *args: object) -> int:
