@@ -21,6 +21,17 @@ whether the first token equals the cold run's.
     python3 benchmarks/bench_cache.py --model /root/model --gguf-file SmolLM2-135M-Instruct.Q4_1.gguf \\
         --tokens 131072 1048576 --out benchmarks/results/cache-h100.jsonl
 
+``--offload host`` (with ``--offload-budget B``: the approximate store) or ``--offload values`` runs every
+phase with that offloaded store; ``--map-pages on off`` then runs each disk phase once per setting of
+`OffloadConfig.map_pages` (a host store restored from disk keeps the page files mapped, or copies
+them into host buffers). The fresh process also reports its host memory after the question
+(``rss_anon_gib``: the process's own memory, pinned buffers included; ``rss_file_gib``: mapped file
+pages, which the OS may drop and read again), the store's host buffers and mapped tokens, and with
+``--decode N`` the decode ms/token of an N-token answer over the restored store::
+
+    python3 benchmarks/bench_cache.py $M --tokens 131072 --offload host --offload-budget 64 \
+        --map-pages on off --phases cold disk --decode 16 --out $OUT/cache-mapped.jsonl
+
 ``--phases`` runs a subset; speedups then use the latest cold row of the output file for the same
 model, device and size. At 1M tokens the phases do not fit one 10-minute command on the H100
 (cold prefill about 6 minutes, each fresh process about a minute to load the GGUF): split them,
@@ -53,7 +64,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from reattention_core import CacheConfig, ReAttentionConfig, ReAttentionEngine
+from reattention_core import CacheConfig, OffloadConfig, ReAttentionConfig, ReAttentionEngine
 from reattention_core.embedded import preset_for
 
 PHASES = ("cold", "memory", "disk", "disk-cold")
@@ -111,13 +122,44 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def load_engine(model: str, gguf_file: str | None, cache: CacheConfig) -> ReAttentionEngine:
+def offload_config(kind: str, budget: int | None, map_pages: bool = True) -> OffloadConfig | None:
+    """The store of ``--offload``: ``none`` (resident), ``values`` or ``host`` (budgeted if ``budget``)."""
+    if kind == "none":
+        return None
+    if kind == "values":
+        return OffloadConfig(keys="device")
+    if budget:
+        return OffloadConfig(block=64, budget=budget, refine=False, map_pages=map_pages)
+    return OffloadConfig(map_pages=map_pages)
+
+
+def load_engine(
+    model: str, gguf_file: str | None, cache: CacheConfig, offload: OffloadConfig | None = None
+) -> ReAttentionEngine:
     if model == "embedded":
-        return ReAttentionEngine.from_pretrained(cache=cache)
+        return ReAttentionEngine.from_pretrained(cache=cache, offload=offload)
     # A local copy of the embedded model gets its measured preset, as the embedded model does.
     preset = preset_for(f"{model} {gguf_file or ''}")
     config = ReAttentionConfig.preset(preset) if preset else None
-    return ReAttentionEngine.from_pretrained(model, gguf_file=gguf_file, config=config, cache=cache)
+    return ReAttentionEngine.from_pretrained(model, gguf_file=gguf_file, config=config, cache=cache, offload=offload)
+
+
+def host_memory() -> dict:
+    """This process's resident host memory by kind, in GiB (Linux ``/proc/self/status``)."""
+    out = {}
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            name, _, value = line.partition(":")
+            if name in ("RssAnon", "RssFile", "RssShmem", "VmHWM"):
+                out[f"{name[3:].lower() if name.startswith('Rss') else 'hwm'}"] = int(value.split()[0]) / 2**20
+    return {f"rss_{k}_gib" if k != "hwm" else "peak_rss_gib": v for k, v in out.items()}
+
+
+def store_memory(engine: ReAttentionEngine) -> dict:
+    """Host bytes of the cached stores' buffers and the tokens they hold in mapped pages."""
+    segments = engine._prefix.memory._segments if engine._prefix is not None else []
+    mapped = [getattr(s.store, "mapped_tokens", lambda: 0)() for s in segments]
+    return {"store_host_bytes": sum(s.store.nbytes("cpu") for s in segments), "mapped_tokens": max(mapped, default=0)}
 
 
 def cache_config(cache_dir: Path, kv_bytes: int) -> CacheConfig:
@@ -186,14 +228,24 @@ def drop_page_cache(cache_dir: Path) -> int:
 def child_main(spec: dict) -> int:
     """The fresh process of the ``disk`` phases: load, ask once, print one JSON line."""
     t0 = time.perf_counter()
-    engine = load_engine(spec["model"], spec["gguf_file"], cache_config(Path(spec["cache_dir"]), spec["kv_bytes"]))
+    offload = offload_config(spec["offload"], spec["offload_budget"], spec["map_pages"])
+    cache = cache_config(Path(spec["cache_dir"]), spec["kv_bytes"])
+    engine = load_engine(spec["model"], spec["gguf_file"], cache, offload)
     load_s = time.perf_counter() - t0
     # As a server does at start-up, pay the process's one-time costs (CUDA context, Triton kernel
     # compilation or loading for every query shape) before the question; it bypasses the cache.
     warmup_s = engine.warmup()
     corpus = Path(spec["corpus_file"]).read_text()
     row, _ = ask(engine, corpus, progress=False)
-    row.update(load_s=load_s, warmup_s=warmup_s)
+    row.update(load_s=load_s, warmup_s=warmup_s, **host_memory(), **store_memory(engine))
+    if spec["decode"]:  # again from memory: one token, then 1 + N tokens; the difference is N decode steps
+        _, one = ask(engine, corpus, progress=False)
+        sync()
+        t0 = time.perf_counter()
+        res = engine.generate(QUESTION, context=corpus, max_new_tokens=1 + spec["decode"])
+        sync()
+        steps = len(res.token_ids) - 1  # fewer if the answer ends early
+        row.update(decode_steps=steps, decode_ms=1e3 * (time.perf_counter() - t0 - one) / steps if steps else None)
     print("RESULT " + json.dumps(row), flush=True)
     return 0
 
@@ -219,6 +271,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache-dir", type=Path, default=None, help="default: a temporary folder, deleted at the end")
     ap.add_argument("--work-dir", type=Path, default=None, help="where the corpus files go (default: temporary)")
     ap.add_argument("--progress", action="store_true", help="show prefill progress bars")
+    ap.add_argument("--offload", choices=("none", "values", "host"), default="none", help="the engine's KV store")
+    ap.add_argument("--offload-budget", type=int, default=None, help="with --offload host: blocks read (approximate)")
+    ap.add_argument("--map-pages", nargs="+", choices=("on", "off"), default=["on"],
+                    help="with --offload host: run each disk phase with these map_pages settings")
+    ap.add_argument("--decode", type=int, default=0, help="disk phases: also time this many decode steps")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -233,27 +290,33 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     engine = load_engine(args.model, args.gguf_file, CacheConfig(enabled=False))
+    offload = offload_config(args.offload, args.offload_budget)
     print(f"model loaded in {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
     try:
         for tokens in args.tokens:
             cache_dir = cache_root / f"n{tokens}"
             kv = kv_bytes_estimate(engine, tokens + 4096)
-            cached_engine = ReAttentionEngine(engine.model, engine.tokenizer, engine.config,
+            cached_engine = ReAttentionEngine(engine.model, engine.tokenizer, engine.config, offload=offload,
                                               model_name=engine.model_name, cache=cache_config(cache_dir, kv))
             corpus_file = work / f"corpus-{tokens}.txt"
             if not corpus_file.is_file():
                 corpus_file.write_text(corpus_text(engine.tokenizer, tokens))
             corpus = corpus_file.read_text()
-            base = {"bench": "cache", "model": engine.model_name, "tokens": tokens, **env,
+            base = {"bench": "cache", "model": engine.model_name, "tokens": tokens, **env, "offload": args.offload,
+                    "offload_budget": args.offload_budget,
                     "config": engine.config.to_dict(), "page_size": cached_engine.cache_config.page_size_for(engine.config)}
             cold = previous_cold(args.out, {k: base[k] for k in ("model", "tokens", "device")})
             cold_ttft = cold["ttft_s"] if cold else None
             cold_token = cold["first_token"] if cold else None
-            for phase in args.phases:
+            maps = [m == "on" for m in args.map_pages] if args.offload == "host" else [True]
+            jobs = [(phase, m) for phase in args.phases for m in (maps if phase.startswith("disk") else [None])]
+            for phase, map_pages in jobs:
                 gc.collect()
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
                 row = {**base, "phase": phase}
+                if map_pages is not None and args.offload == "host":
+                    row["map_pages"] = map_pages
                 if phase == "cold":
                     if cache_dir.exists():
                         shutil.rmtree(cache_dir)
@@ -288,7 +351,8 @@ def main(argv: list[str] | None = None) -> int:
                         result_files = drop_page_cache(cache_dir)
                         row["page_cache_dropped_files"] = result_files
                     spec = {"model": args.model, "gguf_file": args.gguf_file, "cache_dir": str(cache_dir),
-                            "kv_bytes": kv, "corpus_file": str(corpus_file)}
+                            "kv_bytes": kv, "corpus_file": str(corpus_file), "offload": args.offload,
+                            "offload_budget": args.offload_budget, "map_pages": map_pages, "decode": args.decode}
                     proc = subprocess.run([sys.executable, __file__, "--out", str(args.out), "--child", json.dumps(spec)],
                                           capture_output=True, text=True, check=False)
                     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -302,8 +366,9 @@ def main(argv: list[str] | None = None) -> int:
                     row["same_first_token_as_cold"] = result["first_token"] == cold_token
                 with args.out.open("a") as fh:
                     fh.write(json.dumps(row) + "\n")
-                shown = {k: row[k] for k in ("tokens", "phase", "ttft_s", "cached_tokens", "prefilled_tokens",
-                                             "restore_s", "load_s", "warmup_s", "speedup_vs_cold", "same_first_token_as_cold")
+                shown = {k: row[k] for k in ("tokens", "phase", "map_pages", "ttft_s", "cached_tokens", "prefilled_tokens",
+                                             "restore_s", "load_s", "warmup_s", "speedup_vs_cold", "same_first_token_as_cold",
+                                             "rss_anon_gib", "rss_file_gib", "store_host_bytes", "mapped_tokens", "decode_ms")
                          if k in row}
                 print(json.dumps(shown), flush=True)
     finally:
