@@ -12,6 +12,10 @@ Stores (``--stores``, each timed in turn): ``resident`` (the KV store on the GPU
 on the GPU, values in pinned host memory: `OffloadConfig(keys="device")`), ``host`` (both in host
 memory, per-block key bounds on the GPU; ``--offload-budget/--offload-block/--offload-approximate``).
 
+``--fuse off on`` (an experiment, each timed in turn): ``on`` compiles every decoder layer's RMSNorms
+and MLP with ``torch.compile`` (``nn.Module.compile``, undone afterwards), fusing the model's small
+elementwise kernels; attention, the cache and the engine's CUDA graphs are untouched.
+
 Models: the embedded SmolLM2-135M (default), ``--model llama8b-random`` (Llama-3.1-8B shapes,
 random bf16 weights, GPU only), or a model directory. Prompts are random token ids: speed does
 not depend on the text. Every row records device, versions and commit.
@@ -20,6 +24,7 @@ not depend on the text. Every row records device, versions and commit.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -53,6 +58,28 @@ def llama8b_random(device: str) -> ReAttentionEngine:
         model = LlamaForCausalLM(cfg).to(torch.bfloat16)
     model.config._attn_implementation_internal = "sdpa"
     return ReAttentionEngine(model, tokenizer=None, model_name="llama-3.1-8b-shaped-random")
+
+
+@contextlib.contextmanager
+def fused(model: torch.nn.Module, on: bool):
+    """``on``: every decoder layer's norms and MLP (and the final norm) compiled for the block (see the doc)."""
+    if not on:
+        yield
+        return
+    import torch._dynamo
+
+    # one graph serves every layer (parameters are inputs); the limit only has to cover shapes
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    body = model.model
+    mods = [m for layer in body.layers for m in (layer.input_layernorm, layer.post_attention_layernorm, layer.mlp)]
+    mods.append(body.norm)
+    for m in mods:
+        m.compile()
+    try:
+        yield
+    finally:
+        for m in mods:
+            m._compiled_call_impl = None
 
 
 def sync() -> None:
@@ -208,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="host store: read only the budget (no refinement to the exact top-k)")
     ap.add_argument("--graphs", nargs="+", default=["on"], choices=["on", "off"],
                     help="decode through a CUDA graph (on, where it applies) or eager steps (off); each is timed")
+    ap.add_argument("--fuse", nargs="+", default=["off"], choices=["on", "off"],
+                    help="off: the model as it is; on: its norms and MLPs compiled (an experiment); each is timed")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
 
@@ -237,12 +266,14 @@ def main(argv: list[str] | None = None) -> int:
         for store in args.stores if mode != "hf" else ():
             engine.offload = stores[store]
             for graphs in args.graphs:
-                run_engine(engine, base.replace(mode=mode), warm_ids, 5, graphs=graphs == "on")
-    runs = [(m, st, gr) for m in args.modes for st in (args.stores if m != "hf" else ["resident"])
-            for gr in (args.graphs if m != "hf" else ["off"])]
+                for fuse in args.fuse:
+                    with fused(engine.model, fuse == "on"):
+                        run_engine(engine, base.replace(mode=mode), warm_ids, 5, graphs=graphs == "on")
+    runs = [(m, st, gr, fu) for m in args.modes for st in (args.stores if m != "hf" else ["resident"])
+            for gr in (args.graphs if m != "hf" else ["off"]) for fu in (args.fuse if m != "hf" else ["off"])]
     for tokens in args.tokens:
         ids = torch.randint(100, vocab - 100, (1, tokens), generator=torch.Generator().manual_seed(tokens)).to(engine.device)
-        for mode, store, graphs in runs:
+        for mode, store, graphs, fuse in runs:
             engine.offload = stores[store]
             gc.collect()
             if torch.cuda.is_available():
@@ -250,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
                 torch.cuda.reset_peak_memory_stats()
             row = {"model": engine.model_name, "tokens": tokens, "mode": mode, **env}
             row["store"] = store
+            if fuse == "on":
+                row["fuse"] = "compiled norms+mlp"
             if store == "host":
                 row["offload"] = {"block": engine.offload.block, "budget": engine.offload.budget,
                                   "refine": engine.offload.refine}
@@ -259,7 +292,8 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     cfg = base.replace(mode=mode)
                     row["config"] = cfg.to_dict()
-                    row.update(run_engine(engine, cfg, ids, args.decode, args.progress, graphs == "on"))
+                    with fused(engine.model, fuse == "on"):
+                        row.update(run_engine(engine, cfg, ids, args.decode, args.progress, graphs == "on"))
                 row["prefill_tok_per_s"] = tokens / row["prefill_s"]
             except (torch.cuda.OutOfMemoryError, StoreMemoryError) as exc:  # full attention runs out first
                 row["error"] = f"out of memory: {str(exc).splitlines()[0]}"
