@@ -38,6 +38,7 @@ import torch
 import transformers
 
 from reattention_core import ReAttentionCache, ReAttentionConfig, ReAttentionEngine, StoreMemoryError, enable_reattention
+from reattention_core.evaluation.cli import parse_overrides
 from reattention_core.offload import OffloadConfig, OffloadedStore
 from reattention_core.prefill import run_prefill
 
@@ -235,10 +236,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="host store: read only the budget (no refinement to the exact top-k)")
     ap.add_argument("--graphs", nargs="+", default=["on"], choices=["on", "off"],
                     help="decode through a CUDA graph (on, where it applies) or eager steps (off); each is timed")
+    ap.add_argument("--set", nargs="+", default=None, metavar="FIELD=INT", dest="overrides",
+                    help="ReAttention config fields to change, e.g. top_k=6 max_blocks=48 (as `reattention eval --set`)")
     ap.add_argument("--fuse", nargs="+", default=["off"], choices=["on", "off"],
                     help="off: the model as it is; on: its norms and MLPs compiled (an experiment); each is timed")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
+    overrides = parse_overrides(args.overrides)  # a bad field fails before the model loads
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.model == "llama8b-random":
@@ -254,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     base = engine.config
     if args.prefill_chunk:
         base = base.replace(prefill_chunk_size=args.prefill_chunk)
+    if overrides:
+        base = base.replace(**dict(overrides))
     env = environment()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     vocab = engine.model.config.vocab_size
@@ -281,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
                 torch.cuda.reset_peak_memory_stats()
             row = {"model": engine.model_name, "tokens": tokens, "mode": mode, **env}
             row["store"] = store
+            if overrides:
+                row["overrides"] = ",".join(f"{k}={v}" for k, v in overrides)
             if fuse == "on":
                 row["fuse"] = "compiled norms+mlp"
             if store == "host":
