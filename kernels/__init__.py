@@ -47,6 +47,24 @@ def _check_shift(shift: torch.Tensor | None, length: int | None, what: str) -> N
         raise ValueError(f"a shifted {what} needs `length` (or middle_len) and an int64 shift tensor of one element")
 
 
+def _select_tile(max_blocks: int, block_size: int) -> int:
+    return (1 << max(max_blocks - 1, 0).bit_length()) * (1 << max(block_size - 1, 0).bit_length())
+
+
+def shifted_steps_supported(head_dim: int, top_k: int, max_blocks: int, block_size: int) -> bool:
+    """Whether every kernel takes its Triton path for these shapes, as a recorded CUDA-graph step needs.
+
+    Shifted steps (``shift=``) read the shift on the device in the Triton kernels; the reference
+    fallbacks read it on the host, which a stream under capture does not allow.
+    """
+    return (
+        _pow2(head_dim, 32)
+        and 1 <= top_k <= 8
+        and _select_tile(max_blocks, block_size) <= _SELECT_MAX_TILE
+        and _SELECT_TRITON_BY_DEFAULT
+    )
+
+
 def score_topk(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -93,9 +111,7 @@ def select_from_hits(
     an explicit ``"triton"`` request uses the fused kernel.
     """
     _check_shift(shift, middle_len, "select_from_hits")
-    kk = min(max_blocks, hits.shape[-1])
-    tile = (1 << max(kk - 1, 0).bit_length()) * (1 << max(block_size - 1, 0).bit_length())
-    supported = tile <= _SELECT_MAX_TILE and _SELECT_TRITON_BY_DEFAULT
+    supported = _select_tile(min(max_blocks, hits.shape[-1]), block_size) <= _SELECT_MAX_TILE and _SELECT_TRITON_BY_DEFAULT
     if resolve_backend(hits, backend, supported=supported) == "triton":
         from reattention_kernels.triton_ops.select import select_from_hits_triton
 

@@ -40,7 +40,7 @@ from reattention_core.offload import OffloadConfig, OffloadedStore
 from reattention_core.prefill import run_prefill
 from reattention_core.prefix_cache import CacheConfig, CacheInfo, PrefixCache, PrefixRun, default_memory_bytes
 from reattention_core.store import KVStore
-from reattention_kernels import resolve_backend
+from reattention_kernels import resolve_backend, shifted_steps_supported
 
 Prompt = str | Sequence[Mapping[str, Any]]
 CHAT_ROLES = ("system", "user", "assistant")
@@ -629,11 +629,16 @@ class ReAttentionEngine:
 
     def _graphs_apply(self, store: KVStore, config: ReAttentionConfig) -> bool:
         """False when graphs are off (``REATTENTION_CUDA_GRAPHS=0``), off CUDA, on the reference
-        kernels, for an offloaded store or with ``mode="full"``."""
+        kernels (also where shapes make a kernel fall back to them, e.g. a head dim under 32), for an
+        offloaded store or with ``mode="full"``."""
         if config.mode == "full" or self.device.type != "cuda":
             return False
         if type(store) is not KVStore or not graphs_enabled():
             return False
+        mc = self.model.config
+        head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
+        if not shifted_steps_supported(head_dim, config.top_k, config.max_blocks, config.block_size):
+            return False  # a fallback kernel would read the step's shift on the host, inside the capture
         return resolve_backend(torch.empty(0, device=self.device), self.backend) == "triton"
 
     def _new_store(self, num_layers: int) -> KVStore:

@@ -86,3 +86,15 @@ def test_a_graph_runs_steps_of_its_own_size_only():
     graph = StepGraph(model, ReAttentionCache(KVStore(2)), CFG, 64, tokens=8, record=False)
     with pytest.raises(ValueError, match="8 tokens"):
         graph.step_token(5)
+
+
+def test_graphs_are_used_only_where_every_kernel_has_its_triton_path():
+    """A fallback kernel reads a recorded step's shift on the host, which a capture forbids (it failed
+    the tiny head-dim-16 models on the H100), so the engine must not record graphs for such shapes."""
+    from reattention_kernels import shifted_steps_supported
+
+    assert shifted_steps_supported(64, 4, 32, 32) and shifted_steps_supported(128, 8, 64, 32)
+    assert not shifted_steps_supported(16, 2, 6, 4)  # the tiny test models: reference attention
+    assert not shifted_steps_supported(48, 4, 32, 32)  # not a power of two
+    assert not shifted_steps_supported(64, 9, 32, 32)  # top_k over the kernel's 8
+    assert not shifted_steps_supported(64, 4, 512, 64)  # selection tile over the register budget
