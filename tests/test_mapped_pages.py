@@ -61,7 +61,7 @@ def test_adopted_pages_truncate_share_and_grow_like_copied_ones():
     parts = [p[:1] for p in parts]  # batch 1, as the engine's stores
     more = _parts([11], seed=3)[0][:1]
     whole = torch.cat([*parts, more], 1)
-    cfg = OffloadConfig(block=4, pin=False)
+    cfg = OffloadConfig(block=4, pin=False, map_pages=True)
     store, copied = OffloadedStore(1, cfg, "cpu"), OffloadedStore(1, cfg, "cpu")
     store.reserve(600)
     copied.reserve(600)
@@ -116,7 +116,7 @@ def test_a_corpus_restored_from_disk_stays_in_its_page_files_and_answers_the_sam
     _engine(model, tmp_path).generate("Who?", context=CORPUS, max_new_tokens=6)  # writes the pages
     before = _page_digest(tmp_path)
     assert len(before) >= 5
-    mapped = _engine(model, tmp_path, keys="host")
+    mapped = _engine(model, tmp_path, keys="host", map_pages=True)
     res = mapped.generate("Which key?", context=CORPUS, max_new_tokens=8)
     assert (
         res.cached_tokens > 0
@@ -140,7 +140,7 @@ def test_copy_on_write_shares_mapped_pages_and_evicted_files_stay_readable(tmp_p
     cold = ReAttentionEngine(model, ByteTokenizer(), CFG, cache=False)
     longer = CORPUS + "and then the story goes on for a while longer. " * 20  # over twice the shared pages
     _engine(model, tmp_path).generate("Who?", context=longer, max_new_tokens=4)
-    mapped = _engine(model, tmp_path, keys="host")
+    mapped = _engine(model, tmp_path, keys="host", map_pages=True)
     first = mapped.generate("Who?", context=longer, max_new_tokens=6)
     for page in tmp_path.rglob("*.safetensors"):  # evicted (or cleared) while the store maps them
         page.unlink()
@@ -154,7 +154,7 @@ def test_copy_on_write_shares_mapped_pages_and_evicted_files_stay_readable(tmp_p
     assert parts[0] == parts[1]  # the first page's mapping is shared, not copied
 
 
-@pytest.mark.parametrize("offload", [{"keys": "host", "map_pages": False}, {"keys": "device"}])
+@pytest.mark.parametrize("offload", [{"keys": "host"}, {"keys": "device", "map_pages": True}])
 def test_stores_that_do_not_map_copy_the_pages_and_answer_the_same(tmp_path, offload):
     model = tiny_model("llama")
     cold = ReAttentionEngine(model, ByteTokenizer(), CFG, cache=False)
@@ -183,7 +183,7 @@ def test_on_a_gpu_mapped_pages_feed_the_bounds_and_the_scope_and_answer_like_the
     cfg = CacheConfig(dir=tmp_path, page_size=64)
     resident = ReAttentionEngine(model, ByteTokenizer(), CFG, cache=cfg)
     first = resident.generate("Which key?", context=corpus, max_new_tokens=12)
-    mapped = ReAttentionEngine(model, ByteTokenizer(), CFG, cache=cfg, offload=OffloadConfig(block=8, budget=2))
+    mapped = ReAttentionEngine(model, ByteTokenizer(), CFG, cache=cfg, offload=OffloadConfig(block=8, budget=2, map_pages=True))
     res = mapped.generate("Which key?", context=corpus, max_new_tokens=12)
     assert res.cached_tokens > 0 and res.token_ids == first.token_ids
     store = _segment_store(mapped)
