@@ -374,19 +374,16 @@ class OffloadedStore(KVStore):
 
     def share_prefix(self, source: KVStore, tokens: int) -> None:
         """Start this empty store with ``source``'s first ``tokens`` tokens, sharing its adopted pages."""
+        if not (self.maps_pages and isinstance(source, OffloadedStore)):
+            super().share_prefix(source, tokens)
+            return
+        self._require_empty("share_prefix")
         for layer in range(self.num_layers):
-            if self._lengths[layer]:
-                raise RuntimeError("share_prefix needs an empty store")
-            keys, values = source.view(layer)
-            mapped = source._mapped[layer] if isinstance(source, OffloadedStore) and self.maps_pages else []
-            at = 0
-            for k, v in mapped:
-                if at >= tokens:
-                    break
-                n = min(k.shape[1], tokens - at)
-                self.adopt(layer, k[:, :n], v[:, :n], device=k.device, dtype=k.dtype)
-                at += n
-            if at < tokens:
+            for k, v in _pages_upto(source._mapped[layer], tokens):
+                self.adopt(layer, k, v, device=k.device, dtype=k.dtype)
+            at = self._lengths[layer]
+            if at < tokens:  # the rest lives in the source's buffers: copied
+                keys, values = source.view(layer)
                 self.append(layer, keys[:, at:tokens], values[:, at:tokens])
 
     def _new_buffer(
@@ -408,23 +405,27 @@ class OffloadedStore(KVStore):
         if tokens < 0:
             raise ValueError(f"tokens must be >= 0, got {tokens}")
         for layer, mapped in enumerate(self._mapped):
-            if tokens >= self._base[layer]:
-                continue
-            kept, at = [], 0  # drop the adopted pages past ``tokens``, cut the one it falls in
-            for k, v in mapped:
-                if at >= tokens:
-                    break
-                n = min(k.shape[1], tokens - at)
-                kept.append((k[:, :n], v[:, :n]))
-                at += n
-            self._mapped[layer] = kept
-            self._base[layer] = self._lengths[layer] = tokens
+            if tokens < self._base[layer]:
+                self._mapped[layer] = _pages_upto(mapped, tokens)
+                self._base[layer] = self._lengths[layer] = tokens
         super().truncate(tokens)
         for layer, bounds in enumerate(self.bounds):
             if not self.length(layer):
                 self.bounds[layer] = KeyBounds(bounds.block, bounds.device)
             elif bounds.tokens > self.length(layer):
                 bounds.truncate(self.length(layer), self.view(layer)[0])
+
+
+def _pages_upto(pages: list[tuple[torch.Tensor, torch.Tensor]], tokens: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The ``(k, v)`` pages ``[B, T_i, H, D]`` that hold the first ``tokens`` tokens, the last one cut (views)."""
+    kept, at = [], 0
+    for k, v in pages:
+        if at >= tokens:
+            break
+        n = min(k.shape[1], tokens - at)
+        kept.append((k[:, :n], v[:, :n]))
+        at += n
+    return kept
 
 
 def _mapped_buffer(folder: str, which: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:

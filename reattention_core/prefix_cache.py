@@ -440,15 +440,12 @@ class PrefixRun:
         if disk is not None and n_mem < len(self.keys):
             refs = disk.refs(self.fp, self.keys, self.ends, n_mem)
             # a store that maps pages keeps the loader's mapped views (no pinned copies to make)
-            maps = getattr(self.store, "maps_pages", False)
-            pages = disk.load(
-                self.fp, refs, num_layers=self.num_layers, dtype=self.dtype, pin=self.device.type == "cuda" and not maps
-            )
-            put = self.store.adopt if maps else self.store.extend  # type: ignore[attr-defined]
+            pin = self.device.type == "cuda" and not self.store.maps_pages
+            pages = disk.load(self.fp, refs, num_layers=self.num_layers, dtype=self.dtype, pin=pin)
             for keys, values in pages:
                 for layer in range(self.num_layers):
                     k, v = keys[layer].unsqueeze(0), values[layer].unsqueeze(0)
-                    put(layer, k, v, device=self.device, dtype=self.dtype)
+                    self.store.adopt(layer, k, v, device=self.device, dtype=self.dtype)
                 self.from_disk += self.ends[self._saved] - self._valid
                 self._valid = self.ends[self._saved]
                 self._saved += 1

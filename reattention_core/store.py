@@ -64,6 +64,9 @@ class KVStore:
         self._reserved = 0
         self.grow_events = 0  # number of reallocations, exposed for tests and benchmarks
 
+    # Whether `adopt` keeps restored cache pages by reference (`reattention_core.offload.OffloadedStore`).
+    maps_pages = False
+
     def length(self, layer: int = 0) -> int:
         """Tokens stored for ``layer``."""
         return self._lengths[layer]
@@ -121,13 +124,20 @@ class KVStore:
         self._lengths[layer] = base + end
         return base + end
 
+    def adopt(self, layer: int, k: torch.Tensor, v: torch.Tensor, *, device: torch.device, dtype: torch.dtype) -> None:
+        """Append restored cache pages ``[B, T, H, D]``: copied here, as `extend` does (see `maps_pages`)."""
+        self.extend(layer, k, v, device=device, dtype=dtype)
+
     def share_prefix(self, source: KVStore, tokens: int) -> None:
         """Start this empty store with a copy of ``source``'s first ``tokens`` tokens (every layer)."""
+        self._require_empty("share_prefix")
         for layer in range(self.num_layers):
-            if self._lengths[layer]:
-                raise RuntimeError("share_prefix needs an empty store")
             k, v = source.view(layer)
             self.append(layer, k[:, :tokens], v[:, :tokens])
+
+    def _require_empty(self, what: str) -> None:
+        if any(self._lengths):
+            raise RuntimeError(f"{what} needs an empty store")
 
     def append_shifted(
         self, layer: int, k: torch.Tensor, v: torch.Tensor, shift: torch.Tensor
