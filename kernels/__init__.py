@@ -47,8 +47,18 @@ def _check_shift(shift: torch.Tensor | None, length: int | None, what: str) -> N
         raise ValueError(f"a shifted {what} needs `length` (or middle_len) and an int64 shift tensor of one element")
 
 
-def _select_tile(max_blocks: int, block_size: int) -> int:
-    return (1 << max(max_blocks - 1, 0).bit_length()) * (1 << max(block_size - 1, 0).bit_length())
+# What each Triton kernel covers; ``auto`` takes the reference for anything else.
+def _topk_covers(head_dim: int, top_k: int) -> bool:
+    return _pow2(head_dim, 16) and 1 <= top_k <= 8
+
+
+def _select_covers(max_blocks: int, block_size: int) -> bool:
+    tile = (1 << max(max_blocks - 1, 0).bit_length()) * (1 << max(block_size - 1, 0).bit_length())
+    return tile <= _SELECT_MAX_TILE and _SELECT_TRITON_BY_DEFAULT
+
+
+def _attention_covers(head_dim: int) -> bool:
+    return _pow2(head_dim, 32)
 
 
 def shifted_steps_supported(head_dim: int, top_k: int, max_blocks: int, block_size: int) -> bool:
@@ -58,10 +68,7 @@ def shifted_steps_supported(head_dim: int, top_k: int, max_blocks: int, block_si
     fallbacks read it on the host, which a stream under capture does not allow.
     """
     return (
-        _pow2(head_dim, 32)
-        and 1 <= top_k <= 8
-        and _select_tile(max_blocks, block_size) <= _SELECT_MAX_TILE
-        and _SELECT_TRITON_BY_DEFAULT
+        _topk_covers(head_dim, top_k) and _select_covers(max_blocks, block_size) and _attention_covers(head_dim)
     )
 
 
@@ -81,8 +88,7 @@ def score_topk(
     power of two >= 16, top_k > 8); an explicit ``"triton"`` request raises instead.
     """
     _check_shift(shift, length, "score_topk")
-    supported = _pow2(q.shape[-1], 16) and 1 <= top_k <= 8
-    if resolve_backend(q, backend, supported=supported) == "triton":
+    if resolve_backend(q, backend, supported=_topk_covers(q.shape[-1], top_k)) == "triton":
         from reattention_kernels.triton_ops.topk import score_topk_triton
 
         return score_topk_triton(q, k, top_k, length=length, shift=shift)
@@ -111,7 +117,7 @@ def select_from_hits(
     an explicit ``"triton"`` request uses the fused kernel.
     """
     _check_shift(shift, middle_len, "select_from_hits")
-    supported = _select_tile(min(max_blocks, hits.shape[-1]), block_size) <= _SELECT_MAX_TILE and _SELECT_TRITON_BY_DEFAULT
+    supported = _select_covers(min(max_blocks, hits.shape[-1]), block_size)
     if resolve_backend(hits, backend, supported=supported) == "triton":
         from reattention_kernels.triton_ops.select import select_from_hits_triton
 
@@ -154,7 +160,7 @@ def scope_attention(
         scale=scale,
         return_lse=return_lse,
     )
-    if resolve_backend(q, backend, supported=_pow2(q.shape[-1], 32)) == "triton":
+    if resolve_backend(q, backend, supported=_attention_covers(q.shape[-1])) == "triton":
         from reattention_kernels.triton_ops.attention import scope_attention_triton
 
         return scope_attention_triton(q, k, v, sel_idx, n_sel, length=length, shift=shift, **kwargs)
