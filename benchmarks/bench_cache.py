@@ -146,13 +146,14 @@ def load_engine(
 
 def host_memory() -> dict:
     """This process's resident host memory by kind, in GiB (Linux ``/proc/self/status``)."""
+    fields = {"RssAnon": "rss_anon_gib", "RssFile": "rss_file_gib", "RssShmem": "rss_shmem_gib", "VmHWM": "peak_rss_gib"}
     out = {}
     with contextlib.suppress(OSError):
         for line in Path("/proc/self/status").read_text().splitlines():
             name, _, value = line.partition(":")
-            if name in ("RssAnon", "RssFile", "RssShmem", "VmHWM"):
-                out[f"{name[3:].lower() if name.startswith('Rss') else 'hwm'}"] = int(value.split()[0]) / 2**20
-    return {f"rss_{k}_gib" if k != "hwm" else "peak_rss_gib": v for k, v in out.items()}
+            if name in fields:
+                out[fields[name]] = int(value.split()[0]) / 2**20  # kB -> GiB
+    return out
 
 
 def store_memory(engine: ReAttentionEngine) -> dict:

@@ -94,8 +94,9 @@ class ReAttentionEngine:
             memory, or in memory-mapped files (``spill_dir``), and copy only each step's scope to the
             device (`OffloadConfig`; see `reattention_core.offload`), for contexts whose KV store
             does not fit on the GPU. With ``keys="host", map_pages=True``, a prefix restored from the
-            disk cache stays in its page files (mapped), not copied into host memory. Exact settings (``keys="device"``, or ``refine=True``, the
-            default) give output identical to the resident engine's, and so are its cache pages
+            disk cache stays in its page files (mapped), not copied into host memory. Exact settings
+            (``keys="device"``, or ``refine=True``, the default) give output identical to the
+            resident engine's, and so are its cache pages
             (shared with resident engines); ``refine=False`` caches under its own fingerprint.
 
     Prompt layout: the cache reuses a prompt's longest *token prefix* shared with an earlier
