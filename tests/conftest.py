@@ -10,9 +10,12 @@ from tests.helpers import TINY_ARCHS, ByteTokenizer, tiny_model
 
 @pytest.fixture(scope="session", autouse=True)
 def _private_cache_dir(tmp_path_factory: pytest.TempPathFactory):
-    """Engines built by tests keep their prefix cache in a temporary folder, never in ~/.cache."""
+    """Engines built by tests keep their prefix cache and converted models in temporary folders, never in
+    ~/.cache. The conversion folder is shared by the whole session (notebooks and subprocesses inherit it), so
+    the embedded model's GGUF file is read once per test run."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("REATTENTION_CACHE_DIR", str(tmp_path_factory.mktemp("reattention-cache")))
+        mp.setenv("REATTENTION_MODEL_CACHE", str(tmp_path_factory.mktemp("reattention-models")))
         yield
 
 

@@ -1,0 +1,196 @@
+"""Converted GGUF checkpoints on disk, so that a GGUF model loads in a second instead of twenty.
+
+transformers reads a GGUF file by parsing its metadata and de-quantizing every tensor at every load,
+and `ReAttentionEngine.from_pretrained` parses it four times (config, model config, tensors,
+tokenizer): about 20 s for the embedded SmolLM2-135M on two CPU cores. The first load therefore
+writes what it produced, the de-quantized weights in the load's dtype with the config and the
+tokenizer, to a folder of its own; later loads read that folder (about 0.3 s). The weights are the
+very tensors the GGUF load gave (safetensors, no re-quantization), so the model computes the same
+logits bit for bit and keeps the same prefix-cache fingerprint.
+
+Where: ``$REATTENTION_MODEL_CACHE``, else ``$XDG_CACHE_HOME/reattention-models``, else
+``~/.cache/reattention-models``; ``REATTENTION_MODEL_CACHE=off`` turns the conversion cache off.
+A conversion is found by a key over the GGUF file's resolved path, size, modification time and
+first MiB, the dtype and the transformers version, so an edited file or another transformers
+release converts afresh (and the conversion it replaces is removed). Folders are written under a
+temporary name and renamed into place with a manifest written last, so a killed process never
+leaves a half conversion that a later load would read. Failing to write (a full disk, a read-only
+home) only logs a warning: the model loaded from the GGUF file is used as it is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("reattention")
+
+ENV_DIR = "REATTENTION_MODEL_CACHE"
+_OFF = {"off", "0", "false", "no", "none"}
+MANIFEST = "reattention-conversion.json"
+WEIGHTS = "model.safetensors"
+TMP_PREFIX = ".tmp-"
+# Temporary folders older than this are leftovers of a killed process.
+STALE_TMP_S = 3600.0
+_HEAD_BYTES = 1 << 20
+# Config entries that describe the GGUF quantization: the converted weights are plain tensors.
+_DROP_CONFIG_KEYS = ("quantization_config",)
+
+
+def model_cache_dir() -> Path | None:
+    """The conversion cache's folder, or ``None`` when ``REATTENTION_MODEL_CACHE=off``."""
+    env = os.environ.get(ENV_DIR)
+    if env is not None and env.strip().lower() in _OFF:
+        return None
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "reattention-models"
+
+
+@dataclass(frozen=True)
+class ConversionSource:
+    """What identifies one conversion: the GGUF file as it is now, the dtype, the transformers version."""
+
+    path: str
+    size: int
+    mtime_ns: int
+    head_sha256: str
+    dtype: str
+    transformers: str
+
+    @classmethod
+    def of(cls, gguf: Path, dtype: torch.dtype) -> ConversionSource:
+        import transformers
+
+        gguf = gguf.resolve()
+        st = gguf.stat()
+        with gguf.open("rb") as fh:
+            head = hashlib.sha256(fh.read(_HEAD_BYTES)).hexdigest()
+        return cls(
+            str(gguf), st.st_size, st.st_mtime_ns, head, str(dtype).removeprefix("torch."), transformers.__version__
+        )
+
+    @property
+    def key(self) -> str:
+        blob = json.dumps(asdict(self), sort_keys=True).encode()
+        return f"{Path(self.path).stem[:48]}-{self.dtype}-{hashlib.sha256(blob).hexdigest()[:16]}"
+
+
+def find(gguf: Path, dtype: torch.dtype) -> Path | None:
+    """Folder of a complete conversion of ``gguf`` at ``dtype``, or ``None`` (none yet, or the cache is off)."""
+    root = model_cache_dir()
+    if root is None:
+        return None
+    try:
+        source = ConversionSource.of(gguf, dtype)
+    except OSError:
+        return None
+    folder = root / source.key
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+        files_ok = all((folder / name).stat().st_size == size for name, size in manifest["files"].items())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    if manifest.get("source") != asdict(source) or not files_ok:
+        return None
+    return folder
+
+
+def discard(folder: Path) -> None:
+    """Remove one conversion (e.g. one that failed to load)."""
+    with contextlib.suppress(OSError):
+        (folder / MANIFEST).unlink()
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def save(model: torch.nn.Module, tokenizer: object, gguf: Path, dtype: torch.dtype) -> Path | None:
+    """Write ``model`` and ``tokenizer``, just loaded from ``gguf`` at ``dtype``; returns the folder.
+
+    Never raises for a cache that cannot be written: it logs a warning and returns ``None``.
+    """
+    root = model_cache_dir()
+    if root is None:
+        return None
+    tmp: Path | None = None
+    try:
+        source = ConversionSource.of(gguf, dtype)
+        root.mkdir(parents=True, exist_ok=True)
+        _sweep(root, source)
+        tmp = root / f"{TMP_PREFIX}{source.key}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        _write(model, tokenizer, tmp)
+        files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
+        (tmp / MANIFEST).write_text(json.dumps({"source": asdict(source), "files": files}, indent=1))
+        final = root / source.key
+        if find(gguf, dtype) is not None:  # another process finished the same conversion first
+            shutil.rmtree(tmp, ignore_errors=True)
+            return final
+        if final.exists():  # an incomplete or stale folder under the same key
+            discard(final)
+        os.rename(tmp, final)
+        log.info("converted %s (%s) for fast loading: %s", gguf.name, source.dtype, final)
+        return final
+    except (OSError, RuntimeError, ValueError, TypeError) as exc:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        log.warning(
+            "could not keep a converted copy of %s in %s (%s); the next load will read the GGUF "
+            "file again (set %s to a writable folder, or to 'off')",
+            gguf.name,
+            root,
+            exc,
+            ENV_DIR,
+        )
+        return None
+
+
+def _write(model: torch.nn.Module, tokenizer: object, folder: Path) -> None:
+    from safetensors.torch import save_model
+
+    # transformers refuses to `save_pretrained` a GGUF-loaded model (it counts as quantized), so the
+    # pieces are written one by one: the weights are ordinary de-quantized tensors.
+    model.config.save_pretrained(folder)
+    cfg_path = folder / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    for key in _DROP_CONFIG_KEYS:
+        cfg.pop(key, None)
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(folder)
+    save_model(model, str(folder / WEIGHTS), metadata={"format": "pt"})  # tied weights are written once
+    tokenizer.save_pretrained(folder)  # type: ignore[attr-defined]
+
+
+def _sweep(root: Path, source: ConversionSource) -> None:
+    """Drop stale temporary folders, and conversions of this GGUF path that its current contents replaced."""
+    now = time.time()
+    for entry in root.iterdir():
+        if not entry.is_dir():
+            continue
+        if entry.name.startswith(TMP_PREFIX):
+            with contextlib.suppress(OSError):
+                if now - entry.stat().st_mtime > STALE_TMP_S:
+                    shutil.rmtree(entry, ignore_errors=True)
+            continue
+        try:
+            old = json.loads((entry / MANIFEST).read_text())["source"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        same_slot = (old.get("path"), old.get("dtype"), old.get("transformers")) == (
+            source.path,
+            source.dtype,
+            source.transformers,
+        )
+        if same_slot and old != asdict(source):  # the GGUF file changed since that conversion
+            discard(entry)
