@@ -12,9 +12,11 @@ Stores (``--stores``, each timed in turn): ``resident`` (the KV store on the GPU
 on the GPU, values in pinned host memory: `OffloadConfig(keys="device")`), ``host`` (both in host
 memory, per-block key bounds on the GPU; ``--offload-budget/--offload-block/--offload-approximate``).
 
-``--fuse off on`` (an experiment, each timed in turn): ``on`` compiles every decoder layer's RMSNorms
-and MLP with ``torch.compile`` (``nn.Module.compile``, undone afterwards), fusing the model's small
-elementwise kernels; attention, the cache and the engine's CUDA graphs are untouched.
+``--fuse off on layers`` (experiments, each timed in turn): ``on`` compiles every decoder layer's
+RMSNorms and MLP with ``torch.compile`` (``nn.Module.compile``, undone afterwards), fusing the model's
+small elementwise kernels; ``layers`` compiles each whole decoder layer (projections, the identity
+RoPE, residuals too), with the cache update and the attention call kept out of the graphs by
+``torch.compiler.disable``. The engine's CUDA graphs record the compiled code as they record eager code.
 
 Models: the embedded SmolLM2-135M (default), ``--model llama8b-random`` (Llama-3.1-8B shapes,
 random bf16 weights, GPU only), or a model directory. Prompts are random token ids: speed does
@@ -62,25 +64,44 @@ def llama8b_random(device: str) -> ReAttentionEngine:
 
 
 @contextlib.contextmanager
-def fused(model: torch.nn.Module, on: bool):
-    """``on``: every decoder layer's norms and MLP (and the final norm) compiled for the block (see the doc)."""
-    if not on:
+def fused(model: torch.nn.Module, how: str):
+    """``on``: every decoder layer's norms and MLP (and the final norm) compiled for the block;
+    ``layers``: every whole decoder layer compiled, with the cache update and the attention call left
+    out of the graphs (``torch.compiler.disable``) (see the doc)."""
+    if how == "off":
         yield
         return
     import torch._dynamo
 
+    from reattention_core.hf import cache as hf_cache
+    from reattention_core.hf import patch as hf_patch
+
     # one graph serves every layer (parameters are inputs); the limit only has to cover shapes
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     body = model.model
-    mods = [m for layer in body.layers for m in (layer.input_layernorm, layer.post_attention_layernorm, layer.mlp)]
-    mods.append(body.norm)
-    for m in mods:
-        m.compile()
+    undo = []
+    if how == "on":
+        mods = [m for layer in body.layers for m in (layer.input_layernorm, layer.post_attention_layernorm, layer.mlp)]
+        mods.append(body.norm)
+        for m in mods:
+            m.compile()
+        undo.append(lambda: [setattr(m, "_compiled_call_impl", None) for m in mods])
+    else:
+        update, attend = hf_cache.ReAttentionLayer.update, hf_patch.reattention_attention_forward
+        hf_cache.ReAttentionLayer.update = torch.compiler.disable(update)
+        hf_patch.reattention_attention_forward = torch.compiler.disable(attend)
+        undo.append(lambda: setattr(hf_cache.ReAttentionLayer, "update", update))
+        undo.append(lambda: setattr(hf_patch, "reattention_attention_forward", attend))
+        for layer in body.layers:
+            layer.forward = torch.compile(layer.forward)
+        body.norm.compile()
+        undo.append(lambda: [layer.__dict__.pop("forward", None) for layer in body.layers])
+        undo.append(lambda: setattr(body.norm, "_compiled_call_impl", None))
     try:
         yield
     finally:
-        for m in mods:
-            m._compiled_call_impl = None
+        for fn in undo:
+            fn()
 
 
 def sync() -> None:
@@ -234,12 +255,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--offload-block", type=int, default=64, metavar="TOKENS", help="host store: tokens per block")
     ap.add_argument("--offload-approximate", action="store_true",
                     help="host store: read only the budget (no refinement to the exact top-k)")
-    ap.add_argument("--graphs", nargs="+", default=["on"], choices=["on", "off"],
+    ap.add_argument("--graphs", nargs="+", default=["on"], choices=["on", "off", "layers"],
                     help="decode through a CUDA graph (on, where it applies) or eager steps (off); each is timed")
     ap.add_argument("--set", nargs="+", default=None, metavar="FIELD=INT", dest="overrides",
                     help="ReAttention config fields to change, e.g. top_k=6 max_blocks=48 (as `reattention eval --set`)")
-    ap.add_argument("--fuse", nargs="+", default=["off"], choices=["on", "off"],
-                    help="off: the model as it is; on: its norms and MLPs compiled (an experiment); each is timed")
+    ap.add_argument("--fuse", nargs="+", default=["off"], choices=["on", "off", "layers"],
+                    help="off: the model as it is; on: its norms and MLPs compiled; layers: whole decoder layers "
+                    "compiled (experiments); each is timed")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
     overrides = parse_overrides(args.overrides)  # a bad field fails before the model loads
@@ -273,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
             engine.offload = stores[store]
             for graphs in args.graphs:
                 for fuse in args.fuse:
-                    with fused(engine.model, fuse == "on"):
+                    with fused(engine.model, fuse):
                         run_engine(engine, base.replace(mode=mode), warm_ids, 5, graphs=graphs == "on")
     runs = [(m, st, gr, fu) for m in args.modes for st in (args.stores if m != "hf" else ["resident"])
             for gr in (args.graphs if m != "hf" else ["off"]) for fu in (args.fuse if m != "hf" else ["off"])]
@@ -289,8 +311,8 @@ def main(argv: list[str] | None = None) -> int:
             row["store"] = store
             if overrides:
                 row["overrides"] = ",".join(f"{k}={v}" for k, v in overrides)
-            if fuse == "on":
-                row["fuse"] = "compiled norms+mlp"
+            if fuse != "off":
+                row["fuse"] = {"on": "compiled norms+mlp", "layers": "compiled decoder layers"}[fuse]
             if store == "host":
                 row["offload"] = {"block": engine.offload.block, "budget": engine.offload.budget,
                                   "refine": engine.offload.refine}
@@ -300,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     cfg = base.replace(mode=mode)
                     row["config"] = cfg.to_dict()
-                    with fused(engine.model, fuse == "on"):
+                    with fused(engine.model, fuse):
                         row.update(run_engine(engine, cfg, ids, args.decode, args.progress, graphs == "on"))
                 row["prefill_tok_per_s"] = tokens / row["prefill_s"]
             except (torch.cuda.OutOfMemoryError, StoreMemoryError) as exc:  # full attention runs out first
