@@ -87,6 +87,10 @@ def fused(model: torch.nn.Module, how: str):
             m.compile()
         undo.append(lambda: [setattr(m, "_compiled_call_impl", None) for m in mods])
     else:
+        # `layer_idx` is an int attribute: without this every layer would compile a graph of its own
+        unspec = torch._dynamo.config.allow_unspec_int_on_nn_module
+        torch._dynamo.config.allow_unspec_int_on_nn_module = True
+        undo.append(lambda: setattr(torch._dynamo.config, "allow_unspec_int_on_nn_module", unspec))
         update, attend = hf_cache.ReAttentionLayer.update, hf_patch.reattention_attention_forward
         hf_cache.ReAttentionLayer.update = torch.compiler.disable(update)
         hf_patch.reattention_attention_forward = torch.compiler.disable(attend)

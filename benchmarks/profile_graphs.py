@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_engine import environment, key_read_floor, sync
+from bench_engine import environment, fused, key_read_floor, sync
 from profile_step import cuda_kernel_times
 
 from reattention_core import ReAttentionCache, ReAttentionEngine, enable_reattention
@@ -97,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=16, help="decode steps profiled (0: none)")
     ap.add_argument("--synthetic", action="store_true", help="random keys/values instead of a real prefill")
     ap.add_argument("--top", type=int, default=25, help="kernels listed per phase")
+    ap.add_argument("--fuse", default="off", choices=["off", "on", "layers"], help="see bench_engine.py")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -120,9 +121,10 @@ def main(argv: list[str] | None = None) -> int:
         "model": engine.model_name,
         "tokens": args.tokens,
         "source": "synthetic" if args.synthetic else "prefill",
+        "fuse": args.fuse,
         **environment(),
     }
-    with torch.inference_mode(), enable_reattention(model, cfg, backend=engine.backend):
+    with torch.inference_mode(), fused(model, args.fuse), enable_reattention(model, cfg, backend=engine.backend):
         store = engine._fresh_store(max_length)
         cache = ReAttentionCache(store)
         t0 = time.perf_counter()
