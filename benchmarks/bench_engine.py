@@ -12,11 +12,10 @@ Stores (``--stores``, each timed in turn): ``resident`` (the KV store on the GPU
 on the GPU, values in pinned host memory: `OffloadConfig(keys="device")`), ``host`` (both in host
 memory, per-block key bounds on the GPU; ``--offload-budget/--offload-block/--offload-approximate``).
 
-``--fuse off on layers`` (experiments, each timed in turn): ``on`` compiles every decoder layer's
-RMSNorms and MLP with ``torch.compile`` (``nn.Module.compile``, undone afterwards), fusing the model's
-small elementwise kernels; ``layers`` compiles each whole decoder layer (projections, the identity
-RoPE, residuals too), with the cache update and the attention call kept out of the graphs by
-``torch.compiler.disable``. The engine's CUDA graphs record the compiled code as they record eager code.
+``--fuse off on layers`` (each timed in turn): ``layers`` is the engine's ``compile_model=True``
+(each whole decoder layer compiled with ``torch.compile``, the cache update and attention call left
+out of the graphs; see `reattention_core.hf.compiled`); ``on`` is an earlier experiment that compiles
+only every layer's RMSNorms and MLP (``nn.Module.compile``, undone afterwards).
 
 Models: the embedded SmolLM2-135M (default), ``--model llama8b-random`` (Llama-3.1-8B shapes,
 random bf16 weights, GPU only), or a model directory. Prompts are random token ids: speed does
@@ -39,7 +38,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from reattention_core import ReAttentionCache, ReAttentionConfig, ReAttentionEngine, StoreMemoryError, enable_reattention
+from reattention_core import ReAttentionCache, ReAttentionConfig, ReAttentionEngine, StoreMemoryError
 from reattention_core.evaluation.cli import parse_overrides
 from reattention_core.offload import OffloadConfig, OffloadedStore
 from reattention_core.prefill import run_prefill
@@ -64,48 +63,33 @@ def llama8b_random(device: str) -> ReAttentionEngine:
 
 
 @contextlib.contextmanager
-def fused(model: torch.nn.Module, how: str):
-    """``on``: every decoder layer's norms and MLP (and the final norm) compiled for the block;
-    ``layers``: every whole decoder layer compiled, with the cache update and the attention call left
-    out of the graphs (``torch.compiler.disable``) (see the doc)."""
+def fused(engine: ReAttentionEngine, how: str):
+    """``on``: every decoder layer's norms and MLP (and the final norm) compiled for the block (an
+    experiment); ``layers``: the engine's own ``compile_model`` (whole decoder layers compiled)."""
+    if how == "layers":
+        engine.compile_model = True
+        try:
+            yield
+        finally:
+            engine.compile_model = False
+        return
     if how == "off":
         yield
         return
     import torch._dynamo
 
-    from reattention_core.hf import cache as hf_cache
-    from reattention_core.hf import patch as hf_patch
-
     # one graph serves every layer (parameters are inputs); the limit only has to cover shapes
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    body = model.model
-    undo = []
-    if how == "on":
-        mods = [m for layer in body.layers for m in (layer.input_layernorm, layer.post_attention_layernorm, layer.mlp)]
-        mods.append(body.norm)
-        for m in mods:
-            m.compile()
-        undo.append(lambda: [setattr(m, "_compiled_call_impl", None) for m in mods])
-    else:
-        # `layer_idx` is an int attribute: without this every layer would compile a graph of its own
-        unspec = torch._dynamo.config.allow_unspec_int_on_nn_module
-        torch._dynamo.config.allow_unspec_int_on_nn_module = True
-        undo.append(lambda: setattr(torch._dynamo.config, "allow_unspec_int_on_nn_module", unspec))
-        update, attend = hf_cache.ReAttentionLayer.update, hf_patch.reattention_attention_forward
-        hf_cache.ReAttentionLayer.update = torch.compiler.disable(update)
-        hf_patch.reattention_attention_forward = torch.compiler.disable(attend)
-        undo.append(lambda: setattr(hf_cache.ReAttentionLayer, "update", update))
-        undo.append(lambda: setattr(hf_patch, "reattention_attention_forward", attend))
-        for layer in body.layers:
-            layer.forward = torch.compile(layer.forward)
-        body.norm.compile()
-        undo.append(lambda: [layer.__dict__.pop("forward", None) for layer in body.layers])
-        undo.append(lambda: setattr(body.norm, "_compiled_call_impl", None))
+    body = engine.model.model
+    mods = [m for layer in body.layers for m in (layer.input_layernorm, layer.post_attention_layernorm, layer.mlp)]
+    mods.append(body.norm)
+    for m in mods:
+        m.compile()
     try:
         yield
     finally:
-        for fn in undo:
-            fn()
+        for m in mods:
+            m._compiled_call_impl = None
 
 
 def sync() -> None:
@@ -124,7 +108,7 @@ def run_engine(
     """Prefill ``ids``, then time ``decode`` greedy steps, through the engine's CUDA graphs (where
     they apply) or without them."""
     model = engine.model
-    with torch.inference_mode(), enable_reattention(model, cfg, backend=engine.backend):
+    with torch.inference_mode(), engine._running(cfg):  # compiled layers too, with compile_model
         # the engine's own store: on the device, or offloaded (--stores values | host)
         max_length = ids.shape[1] + decode + 1
         store = engine._fresh_store(max_length)
@@ -264,8 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", nargs="+", default=None, metavar="FIELD=INT", dest="overrides",
                     help="ReAttention config fields to change, e.g. top_k=6 max_blocks=48 (as `reattention eval --set`)")
     ap.add_argument("--fuse", nargs="+", default=["off"], choices=["on", "off", "layers"],
-                    help="off: the model as it is; on: its norms and MLPs compiled; layers: whole decoder layers "
-                    "compiled (experiments); each is timed")
+                    help="off: the model as it is; layers: compile_model=True; on: only norms and MLPs compiled "
+                    "(an experiment); each is timed")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
     overrides = parse_overrides(args.overrides)  # a bad field fails before the model loads
@@ -299,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
             engine.offload = stores[store]
             for graphs in args.graphs:
                 for fuse in args.fuse:
-                    with fused(engine.model, fuse):
+                    with fused(engine, fuse):
                         run_engine(engine, base.replace(mode=mode), warm_ids, 5, graphs=graphs == "on")
     runs = [(m, st, gr, fu) for m in args.modes for st in (args.stores if m != "hf" else ["resident"])
             for gr in (args.graphs if m != "hf" else ["off"]) for fu in (args.fuse if m != "hf" else ["off"])]
@@ -326,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     cfg = base.replace(mode=mode)
                     row["config"] = cfg.to_dict()
-                    with fused(engine.model, fuse):
+                    with fused(engine, fuse):
                         row.update(run_engine(engine, cfg, ids, args.decode, args.progress, graphs == "on"))
                 row["prefill_tok_per_s"] = tokens / row["prefill_s"]
             except (torch.cuda.OutOfMemoryError, StoreMemoryError) as exc:  # full attention runs out first

@@ -30,11 +30,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_engine import environment, fused, key_read_floor, sync
+from bench_engine import environment, key_read_floor, sync
 from profile_step import cuda_kernel_times
 
 from reattention_core import ReAttentionCache, ReAttentionEngine, enable_reattention
 from reattention_core.cuda_graph import StepGraph
+from reattention_core.hf.compiled import compiled_layers
 from reattention_core.prefill import run_prefill
 
 
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=16, help="decode steps profiled (0: none)")
     ap.add_argument("--synthetic", action="store_true", help="random keys/values instead of a real prefill")
     ap.add_argument("--top", type=int, default=25, help="kernels listed per phase")
-    ap.add_argument("--fuse", default="off", choices=["off", "on", "layers"], help="see bench_engine.py")
+    ap.add_argument("--compile", action="store_true", help="decoder layers compiled (compile_model=True)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -121,10 +122,10 @@ def main(argv: list[str] | None = None) -> int:
         "model": engine.model_name,
         "tokens": args.tokens,
         "source": "synthetic" if args.synthetic else "prefill",
-        "fuse": args.fuse,
+        "compiled_layers": args.compile,
         **environment(),
     }
-    with torch.inference_mode(), fused(model, args.fuse), enable_reattention(model, cfg, backend=engine.backend):
+    with torch.inference_mode(), enable_reattention(model, cfg, backend=engine.backend), compiled_layers(model, args.compile):
         store = engine._fresh_store(max_length)
         cache = ReAttentionCache(store)
         t0 = time.perf_counter()

@@ -60,7 +60,9 @@ def _load(args: argparse.Namespace):
 
     offload = offload_config(args)  # a bad flag fails before the model loads
     print(f"loading {args.model or 'the embedded SmolLM2-135M-Instruct'} ...", file=sys.stderr, flush=True)
-    engine = ReAttentionEngine.from_pretrained(args.model, gguf_file=args.gguf_file, offload=offload)
+    engine = ReAttentionEngine.from_pretrained(
+        args.model, gguf_file=args.gguf_file, offload=offload, compile_model=args.compile
+    )
     if args.mode:
         engine.config = engine.config.replace(mode=args.mode)
     return engine
@@ -201,6 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "implies --offload host)")
     common.add_argument("--offload-block", type=int, default=64, metavar="TOKENS",
                         help="tokens per bounded block of the host store (default 64)")
+    common.add_argument("--compile", action="store_true",
+                        help="compile the model's decoder layers with torch.compile: faster steps on GPUs (about "
+                        "1.4x decode at 128K on an H100) after a first call that compiles for tens of seconds")
     common.add_argument("--spill-dir", default=None, metavar="DIR",
                         help="with --offload: keep the host side in memory-mapped files in DIR (beyond RAM)")
     sub = ap.add_subparsers(dest="command", required=True)

@@ -169,6 +169,7 @@ def engine_fingerprint(
     page_size: int,
     model_name: str = "",
     selection: str | None = None,
+    compiled: str | None = None,
 ) -> EngineFingerprint:
     components = {
         "format": str(FORMAT_VERSION),
@@ -182,5 +183,7 @@ def engine_fingerprint(
     }
     if selection is not None:  # an approximate selection (budgeted offload) computes other keys and values
         components["selection"] = selection
+    if compiled is not None:  # compiled layers round differently from eager ones
+        components["compiled"] = compiled
     details = {"config": config.replace(max_context=None).to_dict()}
     return EngineFingerprint(components=components, model_name=model_name, details=details)

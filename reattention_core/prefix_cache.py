@@ -331,7 +331,13 @@ class PrefixCache:
         self._hashes: dict[tuple, str] = {}
 
     def fingerprint(
-        self, model: torch.nn.Module, tokenizer: Any, config: ReAttentionConfig, backend: str | None, model_name: str
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        config: ReAttentionConfig,
+        backend: str | None,
+        model_name: str,
+        compiled: str | None = None,
     ) -> EngineFingerprint:
         param = next(model.parameters())
         mkey = ("model", id(model), param.dtype, param.device)
@@ -350,6 +356,7 @@ class PrefixCache:
             page_size=self.config.page_size_for(config),
             model_name=model_name,
             selection=self.selection,
+            compiled=compiled,
         )
 
     def begin(

@@ -87,7 +87,9 @@ def _engine(args: argparse.Namespace, *, cache):
 
     offload = offload_config(args)  # ``--offload values|host``, ``--offload-budget N`` (approximate, marked apart)
     print(f"loading {args.model or 'the embedded SmolLM2-135M-Instruct'} ...", file=sys.stderr, flush=True)
-    return ReAttentionEngine.from_pretrained(args.model, gguf_file=args.gguf_file, cache=cache, offload=offload)
+    return ReAttentionEngine.from_pretrained(
+        args.model, gguf_file=args.gguf_file, cache=cache, offload=offload, compile_model=args.compile
+    )
 
 
 def _check_plot(plot: Path | None) -> None:

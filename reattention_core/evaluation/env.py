@@ -55,6 +55,7 @@ def environment(engine: Any) -> dict[str, Any]:
         "window": engine.window,
         "kernels": backend,
         "store": _store(engine),
+        "compiled_layers": bool(getattr(engine, "compile_model", False)),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,

@@ -2,12 +2,14 @@
 
 Supported: transformers 5.x (tested on 5.17 and 5.23). The extension points used are public:
 `AttentionInterface.register`, `PreTrainedModel.set_attn_implementation`, `Cache` built from a list
-of `CacheLayerMixin` layers, and forward hooks.
+of `CacheLayerMixin` layers, and forward hooks. The one torch setting that has no public switch
+(`dynamo_layer_settings`) lives here too.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 
 import torch
 import transformers
@@ -54,3 +56,16 @@ def cache_classes() -> tuple[type, type]:
     from transformers.cache_utils import Cache, CacheLayerMixin
 
     return Cache, CacheLayerMixin
+
+
+def dynamo_layer_settings() -> AbstractContextManager:
+    """Dynamo settings while decoder layers are compiled (`reattention_core.hf.compiled`).
+
+    Each attention module's integer ``layer_idx`` would otherwise specialise one graph per layer (30
+    compilations for the embedded model, past the default recompile limit); left unspecialised, one
+    graph serves every layer. ``torch._dynamo.config.patch`` is the only way to set this per block
+    (torch 2.11 and 2.13); it restores the previous value on exit.
+    """
+    import torch._dynamo
+
+    return torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True)

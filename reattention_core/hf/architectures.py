@@ -67,6 +67,14 @@ def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [layer.self_attn for layer in backbone(model).layers]
 
 
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    return list(backbone(model).layers)
+
+
+def final_norm(model: torch.nn.Module) -> torch.nn.Module:
+    return backbone(model).norm
+
+
 def pretraining_window(config: object) -> int:
     """Positions the model was trained on (the range ReAttention keeps positions inside)."""
     window = getattr(config, "max_position_embeddings", None)

@@ -30,6 +30,7 @@ class LayerRuntime:
     backend: str | None = None
 
 
+@torch.compiler.disable  # compiled decoder layers (`hf.compiled`) call it as it is: a graph break
 def reattention_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,

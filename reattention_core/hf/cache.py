@@ -32,6 +32,7 @@ class ReAttentionLayer(_CacheLayerMixin):
         self.dtype, self.device = key_states.dtype, key_states.device
         self.is_initialized = True
 
+    @torch.compiler.disable  # compiled decoder layers (`hf.compiled`) run the store write as it is
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object
     ) -> tuple[torch.Tensor, torch.Tensor]:

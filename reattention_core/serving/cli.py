@@ -67,6 +67,8 @@ def _serve_sharded(args: argparse.Namespace, config, app_config) -> int:
 
     if offload_config(args) is not None:
         raise InvalidInputError("--offload works with one process; a sharded store (torchrun) keeps its shards on the GPUs")
+    if args.compile:
+        raise InvalidInputError("--compile works with one process; drop it to serve a sharded store (torchrun)")
     device = init_from_env()
     engine = ReAttentionEngine.from_pretrained(args.model, gguf_file=args.gguf_file, device=device, cache=False)
     if args.mode:
