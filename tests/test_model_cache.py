@@ -136,7 +136,8 @@ def test_the_embedded_model_loads_from_its_conversion_with_identical_results(
 
     gguf = embedded_model_file()
     first = ReAttentionEngine.from_pretrained(cache=False)  # reads the GGUF file and converts it
-    folder = model_cache.find(gguf, torch.float32)
+    dtype = first.model.dtype  # fp32 on CPU, bf16 on a GPU
+    folder = model_cache.find(gguf, dtype)
     assert folder is not None
     second = ReAttentionEngine.from_pretrained(cache=False)  # reads the conversion
     assert Path(second.model.config._name_or_path) == folder
@@ -148,7 +149,7 @@ def test_the_embedded_model_loads_from_its_conversion_with_identical_results(
     assert tokenizer_fingerprint(first.tokenizer) == tokenizer_fingerprint(second.tokenizer)
     chat = [{"role": "user", "content": "What is the capital of France? Answer in one word. 日本語 café"}]
     assert first.encode(chat) == second.encode(chat)
-    ids = torch.tensor([first.encode(chat)])
+    ids = torch.tensor([first.encode(chat)], device=first.device)
     with torch.no_grad():
         assert torch.equal(first.model(ids).logits, second.model(ids).logits)
     assert first.generate(chat, max_new_tokens=6).token_ids == second.generate(chat, max_new_tokens=6).token_ids
@@ -160,6 +161,6 @@ def test_the_embedded_model_loads_from_its_conversion_with_identical_results(
     with caplog.at_level(logging.WARNING, logger="reattention"):
         third = ReAttentionEngine.from_pretrained(cache=False)
     assert "does not load" in caplog.text
-    assert model_cache.find(gguf, torch.float32) == folder and weights.stat().st_size == size
+    assert model_cache.find(gguf, dtype) == folder and weights.stat().st_size == size
     c = third.model.state_dict()
     assert all(torch.equal(a[k], c[k]) for k in a)
