@@ -596,7 +596,8 @@ class ReAttentionEngine:
         question does not pay it. The prompt is long enough to exercise a full prefill chunk with
         selection, a partial one, the last token alone and ``decode_steps`` decode steps; it
         bypasses the prefix cache. Where CUDA graphs apply, the prompt and the decode are long enough
-        to record a prefill graph and a decode graph as well.
+        to record a prefill graph and a decode graph as well. With ``compile_model``, the decoder
+        layers compile here for every step shape (the longest part of a warm-up).
         """
         cfg = self.config
         chunk = cfg.prefill_chunk_size

@@ -29,6 +29,23 @@ def test_compiled_layers_give_the_eager_tokens_and_leave_the_model_as_it_was(arc
     assert eager.generate(PROMPT, max_new_tokens=10).token_ids == want
 
 
+def test_compiled_layers_work_with_an_offloaded_store() -> None:
+    from reattention_core import OffloadConfig
+
+    model = tiny_model("llama")
+    want = ReAttentionEngine(model, ByteTokenizer(), CFG, cache=False).generate(PROMPT, max_new_tokens=8).token_ids
+    for offload in (OffloadConfig(keys="device"), OffloadConfig(block=8)):
+        engine = ReAttentionEngine(model, ByteTokenizer(), CFG, cache=False, offload=offload, compile_model=True)
+        assert engine.generate(PROMPT, max_new_tokens=8).token_ids == want
+
+
+def test_the_command_line_passes_compile_through() -> None:
+    from reattention_core.cli import build_parser
+
+    assert build_parser().parse_args(["generate", "hi", "--compile"]).compile is True
+    assert build_parser().parse_args(["ask", "docs/", "-q", "x"]).compile is False
+
+
 def test_compiled_logits_match_eager_to_rounding_and_the_block_nests() -> None:
     model = tiny_model("mistral")
     ids = torch.randint(3, 250, (1, 40), generator=torch.Generator().manual_seed(0))
