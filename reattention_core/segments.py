@@ -42,6 +42,7 @@ class TokenSegments:
         ends = torch.tensor([p.shape[1] for p in self.parts], dtype=torch.int64).cumsum(0)
         self._ends = ends  # [P] exclusive end token of each part
         self._bounds = [0, *ends.tolist()]
+        self._starts = torch.tensor(self._bounds, dtype=torch.int64, device=first.device)  # [P + 1]
         self.shape = torch.Size((first.shape[0], self._bounds[-1], *first.shape[2:]))
         self.dtype = first.dtype
         self.device = first.device
@@ -99,7 +100,9 @@ class TokenSegments:
     def index_select(self, dim: int, index: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
         """Tokens ``index`` (1-D int64, any order, on this device): ``[B, len(index), H, D]``.
 
-        One ``index_select`` per part that holds some of them (parts found by binary search).
+        One ``index_select`` per part that holds some of them. A sorted ``index`` (what selection
+        produces: blocks in their original order) is cut at the part bounds by one binary search and
+        each part writes a contiguous range of ``out``; any other order groups tokens by part first.
         """
         if dim != 1:
             raise IndexError("TokenSegments gathers along the token axis (dim=1) only")
@@ -112,6 +115,18 @@ class TokenSegments:
             out = torch.empty((self.shape[0], n, *self.shape[2:]), dtype=self.dtype, device=self.device)
         if len(self.parts) == 1:
             return torch.index_select(self.parts[0], 1, index, out=out)
+        if n and out.is_contiguous() and bool((index[1:] >= index[:-1]).all()):
+            # [P + 1] where each part's tokens start in the sorted index
+            cuts = torch.searchsorted(index, self._starts).tolist()
+            for j, part in enumerate(self.parts):
+                lo, hi = cuts[j], cuts[j + 1]
+                if hi > lo:
+                    dest = out[:, lo:hi]
+                    if dest.is_contiguous():  # one batch row (the offloaded gather): write in place
+                        torch.index_select(part, 1, index[lo:hi] - self._bounds[j], out=dest)
+                    else:
+                        dest.copy_(part.index_select(1, index[lo:hi] - self._bounds[j]))
+            return out
         part = torch.searchsorted(self._ends, index, right=True)  # [n] which part holds each token
         order = torch.argsort(part, stable=True)
         runs, counts = torch.unique_consecutive(part[order], return_counts=True)

@@ -31,7 +31,11 @@ def test_token_segments_read_like_the_joined_tensor():
         assert torch.equal(seg[1, a:b], whole[1, a:b])
     assert torch.equal(seg[:, -4:], whole[:, -4:])
     g = torch.Generator().manual_seed(1)
-    for idx in (torch.randint(0, 22, (40,), generator=g), torch.arange(21, -1, -1), torch.tensor([12, 12, 0])):
+    unsorted = (torch.randint(0, 22, (40,), generator=g), torch.arange(21, -1, -1), torch.tensor([12, 12, 0]))
+    # sorted ones take the cut-at-part-bounds path: blocks, duplicates, part edges, one part only
+    ordered = (torch.arange(22), torch.tensor([0, 4, 5, 11, 12, 13, 21]), torch.tensor([3, 3, 3, 14, 14]),
+               torch.tensor([13, 14, 15, 21]), torch.tensor([4]), torch.randint(0, 22, (30,), generator=g).sort().values)
+    for idx in (*unsorted, *ordered):
         assert torch.equal(seg.index_select(1, idx), whole.index_select(1, idx))
         out = torch.empty(1, idx.numel(), 3, 4)
         seg.row(1).index_select(1, idx, out=out)
