@@ -280,7 +280,7 @@ def candidate_topk(
         blocks = fetched.nonzero().squeeze(1).to(keys.device) + first_block  # ascending: ties keep index order
         idx = (blocks[:, None] * s + torch.arange(s, device=keys.device)).reshape(-1)
         idx = idx[(idx >= lo) & (idx < hi)]
-        sub = keys.index_select(1, idx).to(q.device)
+        sub = _gather_to(keys, idx, q.device)
         local = score_topk(q, sub, top_k, backend=backend)
         idx = idx.to(q.device) - lo
         hits = torch.where(local >= 0, idx[local.clamp(min=0)], local)
@@ -549,13 +549,16 @@ def _start_scope(
     cap = _scope_capacity(plan, cfg)
     out = torch.empty((b, cap, h, d), dtype=buf.dtype, device=dev)
     local = plan.total - plan.local_start
+    sink_src, local_src = buf[:, : plan.sink_len], buf[:, plan.local_start :]
     stream = None
-    if dev.type == "cuda" and not buf.is_cuda and buf.is_pinned():
+    if dev.type == "cuda" and not buf.is_cuda:
+        # mapped cache pages are pageable: a copy from them would stall the host until the GPU caught up
+        sink_src, local_src = _pinned(sink_src), _pinned(local_src)
         stream = _copy_stream(dev)
         stream.wait_stream(torch.cuda.current_stream(dev))  # ``out`` was allocated on the compute stream
     with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-        out[:, : plan.sink_len].copy_(buf[:, : plan.sink_len], non_blocking=True)
-        out[:, cap - local :].copy_(buf[:, plan.local_start :], non_blocking=True)
+        out[:, : plan.sink_len].copy_(sink_src, non_blocking=True)
+        out[:, cap - local :].copy_(local_src, non_blocking=True)
     return out, stream
 
 
@@ -572,11 +575,30 @@ def _finish_scope(
         for i in range(b):
             _gather_row(buf, i, idx[i], out[i : i + 1, rows])
         return
-    staging = torch.empty((b, ns, *buf.shape[2:]), dtype=buf.dtype, pin_memory=buf.is_pinned())
+    # pinned staging whatever ``buf`` is (pinned buffers or mapped pages): the copy runs async
+    staging = torch.empty((b, ns, *buf.shape[2:]), dtype=buf.dtype, pin_memory=out.is_cuda)
     for i in range(b):
         _gather_row(buf, i, idx[i], staging[i : i + 1])
     with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-        out[:, rows].copy_(staging, non_blocking=stream is not None)
+        out[:, rows].copy_(staging, non_blocking=out.is_cuda)
+
+
+def _pinned(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in pinned host memory (itself if it already is; a copy from the caching host allocator if not)."""
+    return t if t.is_pinned() else t.pin_memory()
+
+
+def _gather_to(keys: torch.Tensor | TokenSegments, idx: torch.Tensor, dev: torch.device) -> torch.Tensor:
+    """``keys[:, idx]`` on ``dev``; from host memory to a GPU through pinned staging (an async copy)."""
+    if dev.type != "cuda" or keys.is_cuda:
+        return keys.index_select(1, idx).to(dev)
+    staging = torch.empty((keys.shape[0], idx.numel(), *keys.shape[2:]), dtype=keys.dtype, pin_memory=True)
+    if isinstance(keys, TokenSegments):
+        keys.index_select(1, idx, out=staging)
+    else:
+        torch.index_select(keys, 1, idx, out=staging)
+    # the caching host allocator keeps ``staging`` until the copy is done, so it may be freed at once
+    return staging.to(dev, non_blocking=True)
 
 
 def _gather_row(buf: torch.Tensor | TokenSegments, i: int, idx: torch.Tensor, out: torch.Tensor) -> None:

@@ -72,6 +72,8 @@ class TokenSegments:
 
     def row(self, i: int) -> TokenSegments:
         """Batch row ``i`` as a ``[1, T, H, D]`` sequence (views, no copy)."""
+        if self.shape[0] == 1 and i in (0, -1):  # one row (every offloaded gather): itself, bounds and all
+            return self
         return TokenSegments([p[i : i + 1] for p in self.parts])
 
     def materialize(self) -> torch.Tensor:
