@@ -44,3 +44,15 @@ def test_built_wheel_installs_reattention_kernels_and_no_kernels_package(tmp_pat
     # `kernels` is either absent or Hugging Face's package, never our folder
     assert kernels_origin == "None" or not Path(kernels_origin).is_relative_to(ROOT)
     assert kernels_origin == "None" or not Path(kernels_origin).is_relative_to(target)
+
+
+def test_importing_the_engine_and_adapters_imports_neither_dynamo_nor_triton():
+    """``torch._dynamo`` (which imports triton) loads only when compiled layers are used: triton read at import would
+    fix ``TRITON_INTERPRET`` before the kernel tests set it, and costs every process start-up time."""
+    code = (
+        "import sys, reattention_core, reattention_core.engine, reattention_core.hf, reattention_integrations\n"
+        "from reattention_core import ReAttentionEngine\n"
+        "bad = [m for m in ('torch._dynamo', 'triton') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

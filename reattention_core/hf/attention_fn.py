@@ -30,7 +30,6 @@ class LayerRuntime:
     backend: str | None = None
 
 
-@torch.compiler.disable  # compiled decoder layers (`hf.compiled`) call it as it is: a graph break
 def reattention_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -68,3 +67,20 @@ def reattention_attention_forward(
         shift=None if step is None else step.shift,
     )
     return out, None
+
+
+_registered = reattention_attention_forward
+
+
+def registered_forward():
+    """The function `enable_reattention` registers: `reattention_attention_forward`, wrapped in
+    ``torch.compiler.disable`` once compiled layers have been used (`keep_out_of_graphs`)."""
+    return _registered
+
+
+def keep_out_of_graphs() -> None:
+    """Make compiled decoder layers (`hf.compiled`) call the attention function as it is: a graph
+    break. Done on first use, not at import (``torch.compiler.disable`` imports ``torch._dynamo``)."""
+    global _registered
+    if _registered is reattention_attention_forward:
+        _registered = torch.compiler.disable(reattention_attention_forward)

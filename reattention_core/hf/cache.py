@@ -32,7 +32,6 @@ class ReAttentionLayer(_CacheLayerMixin):
         self.dtype, self.device = key_states.dtype, key_states.device
         self.is_initialized = True
 
-    @torch.compiler.disable  # compiled decoder layers (`hf.compiled`) run the store write as it is
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,6 +66,18 @@ class ReAttentionLayer(_CacheLayerMixin):
 
     def crop(self, max_length: int) -> None:
         self.store.truncate(max_length)
+
+
+def keep_out_of_graphs() -> None:
+    """Make compiled decoder layers (`hf.compiled`) run the store write as it is, between graphs.
+
+    Called on first use of compiled layers, not at import: ``torch.compiler.disable`` imports
+    ``torch._dynamo``, which imports triton (too early for ``TRITON_INTERPRET``, and slow).
+    """
+    if not getattr(ReAttentionLayer.update, "_reattention_disabled", False):
+        update = torch.compiler.disable(ReAttentionLayer.update)
+        update._reattention_disabled = True  # type: ignore[attr-defined]
+        ReAttentionLayer.update = update  # type: ignore[method-assign]
 
 
 class ReAttentionCache(_Cache):

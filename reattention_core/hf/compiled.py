@@ -7,7 +7,8 @@ compiling each whole decoder layer fuses them (1,497 -> 770 kernels per 128K dec
 3.3 ms; `benchmarks/README.md`).
 
 The ReAttention parts stay out of the graphs: the cache update (`ReAttentionLayer.update`) and the
-attention function carry ``torch.compiler.disable``, so Dynamo breaks the graph around them and they
+attention function get ``torch.compiler.disable`` on first use (not at import: that would import
+``torch._dynamo``, and with it triton, into every process), so Dynamo breaks the graph around them and they
 run as they do eagerly (their Triton kernels, CUDA-graph shifts and offload hand-overs untouched).
 One compiled graph serves all layers (their ``layer_idx`` is left unspecialised), for each step
 shape: a prefill chunk, a decode step, and one dynamic shape for a prompt's shorter chunks.
@@ -27,7 +28,7 @@ from contextlib import ExitStack, contextmanager
 
 import torch
 
-from reattention_core.hf import _compat
+from reattention_core.hf import _compat, attention_fn, cache
 from reattention_core.hf.architectures import decoder_layers, final_norm
 
 COMPILER = "inductor"
@@ -39,6 +40,10 @@ def compiled_layers(model: torch.nn.Module, enabled: bool = True) -> Iterator[No
     if not enabled:
         yield
         return
+    cache.keep_out_of_graphs()
+    attention_fn.keep_out_of_graphs()
+    # `enable_reattention` may have registered the plain function before this block began
+    _compat.register_attention(attention_fn.ATTN_IMPLEMENTATION, attention_fn.registered_forward())
     modules = [*decoder_layers(model), final_norm(model)]
     with ExitStack() as stack:
         stack.enter_context(_compat.dynamo_layer_settings())

@@ -26,7 +26,7 @@ from reattention_core.hf.attention_fn import (
     ATTN_IMPLEMENTATION,
     RUNTIME_ATTR,
     LayerRuntime,
-    reattention_attention_forward,
+    registered_forward,
 )
 from reattention_core.rope import RopeSpec
 
@@ -55,7 +55,7 @@ def enable_reattention(
     rotary = rotary_module(model)
     device = next(model.parameters()).device
     runtime = LayerRuntime(config=config, rope=RopeSpec.from_rotary(rotary).to(device), backend=backend)
-    _compat.register_attention(ATTN_IMPLEMENTATION, reattention_attention_forward)
+    _compat.register_attention(ATTN_IMPLEMENTATION, registered_forward())
     previous = _compat.get_attn_implementation(model)
     modules = attention_modules(model)
     handle = rotary.register_forward_hook(_identity_rope)
