@@ -3,8 +3,8 @@
 A decode step of the embedded model is about 50 small kernels per layer besides attention: RMSNorms
 (six kernels each), projections, the rotary multiply (a no-op under ReAttention that still runs),
 residual adds, the MLP's activation. On an H100 they, not the attention, set the decode speed:
-compiling each whole decoder layer fuses them (1,497 -> 770 kernels per 128K decode step, 4.5 ->
-3.3 ms; `benchmarks/README.md`).
+compiling each whole decoder layer fuses them (1,497 -> 770 kernels per 128K decode step; through
+the engine 4.7 -> 3.2 ms per token; `benchmarks/README.md`).
 
 The ReAttention parts stay out of the graphs: the cache update (`ReAttentionLayer.update`) and the
 attention function get ``torch.compiler.disable`` on first use (not at import: that would import
