@@ -138,7 +138,13 @@ def save(model: torch.nn.Module, tokenizer: object, gguf: Path, dtype: torch.dty
             return final
         if final.exists():  # an incomplete or stale folder under the same key
             discard(final)
-        os.rename(tmp, final)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if find(gguf, dtype) != final:
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # another process renamed its copy into place meanwhile
+            return final
         log.info("converted %s (%s) for fast loading: %s", gguf.name, source.dtype, final)
         return final
     except (OSError, RuntimeError, ValueError, TypeError) as exc:

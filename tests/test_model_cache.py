@@ -164,3 +164,28 @@ def test_the_embedded_model_loads_from_its_conversion_with_identical_results(
     assert model_cache.find(gguf, dtype) == folder and weights.stat().st_size == size
     c = third.model.state_dict()
     assert all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_a_conversion_that_another_process_renamed_first_is_kept(
+    cache_root: Path, fake_gguf: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    model = tiny_model("llama")
+    theirs = model_cache.save(model, _Tokenizer(), fake_gguf, torch.float32)
+    real_rename, real_find, calls = os.rename, model_cache.find, {"n": 0}
+
+    def find_late(gguf: Path, dtype: torch.dtype) -> Path | None:
+        calls["n"] += 1  # the first check (before the rename) misses: the other process is not done yet
+        return None if calls["n"] == 1 else real_find(gguf, dtype)
+
+    def rename_lost(src: Path, dst: Path) -> None:
+        raise FileExistsError(f"{dst} exists")  # the other process renamed its copy into place first
+
+    monkeypatch.setattr(model_cache, "find", find_late)
+    monkeypatch.setattr(model_cache.os, "rename", rename_lost)
+    monkeypatch.setattr(model_cache, "discard", lambda folder: None)  # as if the folder appeared after the check
+    with caplog.at_level(logging.WARNING, logger="reattention"):
+        assert model_cache.save(model, _Tokenizer(), fake_gguf, torch.float32) == theirs
+    assert not caplog.text  # not a failure: the conversion is there
+    monkeypatch.setattr(model_cache.os, "rename", real_rename)
+    assert real_find(fake_gguf, torch.float32) == theirs
+    assert [p.name for p in cache_root.iterdir()] == [theirs.name]  # our temporary copy is gone
