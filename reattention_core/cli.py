@@ -123,12 +123,20 @@ def cmd_cache_ls(args: argparse.Namespace) -> int:
     from reattention_core.cache_listing import list_cache
     from reattention_core.disk_cache import default_cache_dir, default_max_bytes
 
+    from reattention_core.model_cache import list_conversions, model_cache_dir
+
     folder = args.dir or default_cache_dir()
     found = list_cache(folder)
+    converted = list_conversions()
     if args.json:
         rows = [{k: v for k, v in vars(ns).items() if k != "manifest"} for ns in found]
-        print(json.dumps({"dir": str(folder), "namespaces": rows}, indent=1))
+        models = [{**vars(c), "folder": str(c.folder)} for c in converted]
+        print(json.dumps({"dir": str(folder), "namespaces": rows, "converted_models": models}, indent=1))
         return 0
+    if converted:
+        print(f"converted GGUF models in {model_cache_dir()} (`cache rm --models` removes them):")
+        for c in converted:
+            print(f"  {c.source} ({c.dtype}, transformers {c.transformers}): {_size(c.bytes)}")
     total = sum(ns.bytes for ns in found)
     print(f"{folder}: {_size(total)} of {_size(default_max_bytes())} allowed")
     if not found:
@@ -148,6 +156,18 @@ def cmd_cache_rm(args: argparse.Namespace) -> int:
     from reattention_core.cache_listing import remove_cache
     from reattention_core.disk_cache import default_cache_dir
 
+    if args.models:
+        from reattention_core.model_cache import remove_conversions
+
+        if args.model is not None or args.all:
+            print("error: --models removes converted GGUF models only; run it on its own", file=sys.stderr)
+            return 2
+        removed_models = remove_conversions()
+        if not removed_models:
+            print("no converted models")
+        for c in removed_models:
+            print(f"removed the converted copy of {c.source} ({c.dtype}): {_size(c.bytes)}")
+        return 0
     if (args.model is None) == (not args.all):
         print("error: name a model (as `reattention cache ls` shows it) or pass --all, not both", file=sys.stderr)
         return 2
@@ -241,6 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     rm = csub.add_parser("rm", help="remove one model's cached pages, or all of them (no confirmation)")
     rm.add_argument("model", nargs="?", default=None, help="model name as `cache ls` shows it, or a namespace prefix")
     rm.add_argument("--all", action="store_true", help="remove every cached page")
+    rm.add_argument("--models", action="store_true",
+                    help="remove the converted copies of GGUF models instead (the next load converts again)")
     rm.add_argument("--dir", default=None, help="cache folder (default: $REATTENTION_CACHE_DIR or ~/.cache/reattention)")
     rm.set_defaults(func=cmd_cache_rm)
 

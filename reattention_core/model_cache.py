@@ -107,6 +107,42 @@ def find(gguf: Path, dtype: torch.dtype) -> Path | None:
     return folder
 
 
+@dataclass(frozen=True)
+class Conversion:
+    """One complete conversion on disk (`list_conversions`)."""
+
+    folder: Path
+    source: str
+    dtype: str
+    transformers: str
+    bytes: int
+
+
+def list_conversions() -> list[Conversion]:
+    """Every complete conversion in the cache folder, by source path."""
+    root = model_cache_dir()
+    if root is None or not root.is_dir():
+        return []
+    found = []
+    for entry in sorted(root.iterdir()):
+        try:
+            manifest = json.loads((entry / MANIFEST).read_text())
+            src = manifest["source"]
+            size = sum(int(n) for n in manifest["files"].values())
+            found.append(Conversion(entry, str(src["path"]), str(src["dtype"]), str(src["transformers"]), size))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue  # a temporary or foreign folder
+    return sorted(found, key=lambda c: (c.source, c.dtype, c.folder.name))
+
+
+def remove_conversions() -> list[Conversion]:
+    """Delete every conversion (the next load of each GGUF file converts it again); returns what was removed."""
+    found = list_conversions()
+    for conv in found:
+        discard(conv.folder)
+    return found
+
+
 def discard(folder: Path) -> None:
     """Remove one conversion (e.g. one that failed to load)."""
     with contextlib.suppress(OSError):

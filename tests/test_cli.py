@@ -7,8 +7,10 @@ import io
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import torch
 
 from reattention_core import CacheConfig, ReAttentionConfig, ReAttentionEngine, cli
 from reattention_core.corpus import load_corpus
@@ -246,3 +248,28 @@ def test_an_offload_budget_on_the_values_store_is_refused_before_loading(capsys)
 def test_a_spill_dir_without_an_offloaded_store_is_refused(capsys):
     code, _, err = run(capsys, "generate", "hi", "--spill-dir", ".")
     assert code == 2 and "add --offload values or --offload host" in err
+
+
+def test_cache_ls_and_rm_show_and_remove_converted_models(tmp_path, capsys, monkeypatch):
+    from reattention_core import model_cache
+
+    monkeypatch.setenv(model_cache.ENV_DIR, str(tmp_path / "models"))
+    gguf = tmp_path / "tiny.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(100))
+
+    class Tok:  # stands in for a tokenizer: `save_pretrained` writes one file
+        def save_pretrained(self, folder):
+            (Path(folder) / "tokenizer.json").write_text("{}")
+
+    folder = model_cache.save(tiny_model("llama"), Tok(), gguf, torch.float32)
+    d = str(tmp_path / "cache")
+    code, out, _ = run(capsys, "cache", "ls", "--dir", d)
+    assert code == 0 and str(gguf.resolve()) in out and "float32" in out and "nothing cached" in out
+    rows = json.loads(run(capsys, "cache", "ls", "--dir", d, "--json")[1])["converted_models"]
+    assert [r["folder"] for r in rows] == [str(folder)] and rows[0]["bytes"] > 0
+    code, _, err = run(capsys, "cache", "rm", "--models", "--all", "--dir", d)
+    assert code == 2 and "--models" in err and folder.exists()
+    code, out, _ = run(capsys, "cache", "rm", "--models", "--dir", d)
+    assert code == 0 and out.startswith("removed the converted copy") and not folder.exists()
+    assert model_cache.find(gguf, torch.float32) is None
+    assert run(capsys, "cache", "rm", "--models")[1].strip() == "no converted models"
