@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--offload-block", type=int, default=64, metavar="TOKENS", help="host store: tokens per block")
     ap.add_argument("--offload-approximate", action="store_true",
                     help="host store: read only the budget (no refinement to the exact top-k)")
-    ap.add_argument("--graphs", nargs="+", default=["on"], choices=["on", "off", "layers"],
+    ap.add_argument("--graphs", nargs="+", default=["on"], choices=["on", "off"],
                     help="decode through a CUDA graph (on, where it applies) or eager steps (off); each is timed")
     ap.add_argument("--set", nargs="+", default=None, metavar="FIELD=INT", dest="overrides",
                     help="ReAttention config fields to change, e.g. top_k=6 max_blocks=48 (as `reattention eval --set`)")

@@ -33,9 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_engine import environment, key_read_floor, sync
 from profile_step import cuda_kernel_times
 
-from reattention_core import ReAttentionCache, ReAttentionEngine, enable_reattention
+from reattention_core import ReAttentionCache, ReAttentionEngine
 from reattention_core.cuda_graph import StepGraph
-from reattention_core.hf.compiled import compiled_layers
 from reattention_core.prefill import run_prefill
 
 
@@ -125,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         "compiled_layers": args.compile,
         **environment(),
     }
-    with torch.inference_mode(), enable_reattention(model, cfg, backend=engine.backend), compiled_layers(model, args.compile):
+    engine.compile_model = args.compile
+    with torch.inference_mode(), engine._running(cfg):  # under ReAttention, compiled with --compile
         store = engine._fresh_store(max_length)
         cache = ReAttentionCache(store)
         t0 = time.perf_counter()

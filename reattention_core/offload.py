@@ -87,8 +87,8 @@ class OffloadConfig:
             stays in those files (memory-mapped, read-only, see `OffloadedStore`) instead of being
             copied into pinned host buffers: restoring a corpus costs no host memory of its own,
             and the store may be larger than RAM. The same results either way, but slower steps:
-            on an H100 at 128K tokens (budget 64) restoring took 3.4 s instead of 7.1 s while
-            decode took 378 instead of 142 ms/token (pageable, gathered page by page; see
+            on an H100 at 128K tokens (budget 64) restoring took 3.5 s instead of 7.2 s while
+            decode took 284 instead of 133 ms/token (read from many page mappings; see
             benchmarks/README.md). Off by default: turn it on for corpora that do not fit in RAM.
     """
 
