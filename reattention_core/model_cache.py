@@ -97,14 +97,28 @@ def find(gguf: Path, dtype: torch.dtype) -> Path | None:
     except OSError:
         return None
     folder = root / source.key
+    return folder if _complete(folder, source) else None
+
+
+def _manifest(folder: Path) -> dict | None:
+    """A conversion folder's manifest (``source`` and ``files``, both dicts), or ``None`` if it has none."""
     try:
         manifest = json.loads((folder / MANIFEST).read_text())
-        files_ok = all((folder / name).stat().st_size == size for name, size in manifest["files"].items())
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (OSError, ValueError):
         return None
-    if manifest.get("source") != asdict(source) or not files_ok:
-        return None
-    return folder
+    ok = isinstance(manifest, dict) and all(isinstance(manifest.get(k), dict) for k in ("source", "files"))
+    return manifest if ok else None
+
+
+def _complete(folder: Path, source: ConversionSource) -> bool:
+    """Whether ``folder`` holds a whole conversion of ``source``: its manifest, every file at its recorded size."""
+    manifest = _manifest(folder)
+    if manifest is None or manifest["source"] != asdict(source):
+        return False
+    try:
+        return all((folder / name).stat().st_size == size for name, size in manifest["files"].items())
+    except (OSError, TypeError):
+        return False
 
 
 @dataclass(frozen=True)
@@ -125,13 +139,15 @@ def list_conversions() -> list[Conversion]:
         return []
     found = []
     for entry in sorted(root.iterdir()):
+        manifest = _manifest(entry)
+        if manifest is None:
+            continue  # a temporary or foreign folder
+        src = manifest["source"]
         try:
-            manifest = json.loads((entry / MANIFEST).read_text())
-            src = manifest["source"]
             size = sum(int(n) for n in manifest["files"].values())
             found.append(Conversion(entry, str(src["path"]), str(src["dtype"]), str(src["transformers"]), size))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            continue  # a temporary or foreign folder
+        except (KeyError, TypeError, ValueError):
+            continue
     return sorted(found, key=lambda c: (c.source, c.dtype, c.folder.name))
 
 
@@ -169,7 +185,7 @@ def save(model: torch.nn.Module, tokenizer: object, gguf: Path, dtype: torch.dty
         files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
         (tmp / MANIFEST).write_text(json.dumps({"source": asdict(source), "files": files}, indent=1))
         final = root / source.key
-        if find(gguf, dtype) is not None:  # another process finished the same conversion first
+        if _complete(final, source):  # another process finished the same conversion first
             shutil.rmtree(tmp, ignore_errors=True)
             return final
         if final.exists():  # an incomplete or stale folder under the same key
@@ -177,7 +193,7 @@ def save(model: torch.nn.Module, tokenizer: object, gguf: Path, dtype: torch.dty
         try:
             os.rename(tmp, final)
         except OSError:
-            if find(gguf, dtype) != final:
+            if not _complete(final, source):
                 raise
             shutil.rmtree(tmp, ignore_errors=True)  # another process renamed its copy into place meanwhile
             return final
@@ -225,10 +241,10 @@ def _sweep(root: Path, source: ConversionSource) -> None:
                 if now - entry.stat().st_mtime > STALE_TMP_S:
                     shutil.rmtree(entry, ignore_errors=True)
             continue
-        try:
-            old = json.loads((entry / MANIFEST).read_text())["source"]
-        except (OSError, ValueError, KeyError, TypeError):
+        manifest = _manifest(entry)
+        if manifest is None:
             continue
+        old = manifest["source"]
         same_slot = (old.get("path"), old.get("dtype"), old.get("transformers")) == (
             source.path,
             source.dtype,

@@ -171,21 +171,21 @@ def test_a_conversion_that_another_process_renamed_first_is_kept(
 ) -> None:
     model = tiny_model("llama")
     theirs = model_cache.save(model, _Tokenizer(), fake_gguf, torch.float32)
-    real_rename, real_find, calls = os.rename, model_cache.find, {"n": 0}
+    real_rename, real_complete, calls = os.rename, model_cache._complete, {"n": 0}
 
-    def find_late(gguf: Path, dtype: torch.dtype) -> Path | None:
+    def complete_late(folder: Path, source: model_cache.ConversionSource) -> bool:
         calls["n"] += 1  # the first check (before the rename) misses: the other process is not done yet
-        return None if calls["n"] == 1 else real_find(gguf, dtype)
+        return calls["n"] > 1 and real_complete(folder, source)
 
     def rename_lost(src: Path, dst: Path) -> None:
         raise FileExistsError(f"{dst} exists")  # the other process renamed its copy into place first
 
-    monkeypatch.setattr(model_cache, "find", find_late)
+    monkeypatch.setattr(model_cache, "_complete", complete_late)
     monkeypatch.setattr(model_cache.os, "rename", rename_lost)
     monkeypatch.setattr(model_cache, "discard", lambda folder: None)  # as if the folder appeared after the check
     with caplog.at_level(logging.WARNING, logger="reattention"):
         assert model_cache.save(model, _Tokenizer(), fake_gguf, torch.float32) == theirs
     assert not caplog.text  # not a failure: the conversion is there
     monkeypatch.setattr(model_cache.os, "rename", real_rename)
-    assert real_find(fake_gguf, torch.float32) == theirs
+    assert model_cache.find(fake_gguf, torch.float32) == theirs
     assert [p.name for p in cache_root.iterdir()] == [theirs.name]  # our temporary copy is gone
