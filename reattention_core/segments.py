@@ -13,6 +13,7 @@ Shapes: every part is ``[B, T_i, H, D]`` with the same ``B, H, D``, dtype and de
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -39,10 +40,8 @@ class TokenSegments:
                 raise ValueError("parts must share one dtype and one device")
         kept = [p for p in parts if p.shape[1]]
         self.parts: list[torch.Tensor] = kept or [first]
-        ends = torch.tensor([p.shape[1] for p in self.parts], dtype=torch.int64).cumsum(0)
-        self._ends = ends  # [P] exclusive end token of each part
-        self._bounds = [0, *ends.tolist()]
-        self._starts = torch.tensor(self._bounds, dtype=torch.int64, device=first.device)  # [P + 1]
+        self._bounds = [0, *itertools.accumulate(p.shape[1] for p in self.parts)]  # [P + 1] first token of each part
+        self._starts = torch.tensor(self._bounds, dtype=torch.int64, device=first.device)  # the same, for searches
         self.shape = torch.Size((first.shape[0], self._bounds[-1], *first.shape[2:]))
         self.dtype = first.dtype
         self.device = first.device
@@ -129,7 +128,7 @@ class TokenSegments:
                     else:
                         dest.copy_(part.index_select(1, index[lo:hi] - self._bounds[j]))
             return out
-        part = torch.searchsorted(self._ends, index, right=True)  # [n] which part holds each token
+        part = torch.searchsorted(self._starts[1:], index, right=True)  # [n] which part holds each token
         order = torch.argsort(part, stable=True)
         runs, counts = torch.unique_consecutive(part[order], return_counts=True)
         at = 0
