@@ -1,6 +1,6 @@
 """Benchmark the Triton kernels on a CUDA GPU (correctness gate first).
 
-    python benchmarks/bench_kernels.py [--out benchmarks/results] [--tag h100] [--skip-tests] [--sweep]
+    python benchmarks/bench_kernels.py [--out benchmarks/results] [--tag h100] [--skip-tests] [--sweep | --sweep-only]
 
 1. Runs ``pytest tests/kernels`` (the GPU cases included) and refuses to time anything if it fails.
 2. Measures the device's practical rooflines in the same process: a device-to-device copy (bytes
@@ -17,7 +17,8 @@
    c. scope attention, decode and prefill (TQ 512) over ~1.3K and ~8K scopes, against torch SDPA
       on an already-gathered, already-rotated copy of the same scope, and against the unfused
       torch pipeline (gather + RoPE + SDPA).
-   ``--sweep`` first times a few block configurations and split counts (a tuning aid).
+   ``--sweep`` first times a few block configurations and split counts (a tuning aid);
+   ``--sweep-only`` times only those (and the rooflines).
 4. Writes ``kernels-<tag>.json`` (one JSON object per line) and ``kernels-<tag>.md`` under ``--out``.
 """
 
@@ -130,7 +131,9 @@ def main() -> None:
     ap.add_argument("--tag", default=None, help="file suffix (default: device name)")
     ap.add_argument("--skip-tests", action="store_true", help="time without the correctness gate")
     ap.add_argument("--sweep", action="store_true", help="also time block configurations and split counts")
+    ap.add_argument("--sweep-only", action="store_true", help="time only the sweep (implies --sweep)")
     args = ap.parse_args()
+    args.sweep = args.sweep or args.sweep_only
 
     env = ensure_importable()
     import torch
@@ -201,19 +204,26 @@ def main() -> None:
     if args.sweep:
         # tuning aid; the package's defaults (`_config` in each op) come from runs of this sweep
         for model, (hq, h, d) in MODELS.items():
-            for tq, tk in ((2048, 131072), (512, 32768)):
+            for tq, tk in () if args.sweep_only else ((2048, 131072), (512, 32768)):
                 k, q = middle(tk, h, d), randn(1, tq, hq, d)
                 for cfg in ((64, 128, 4, 3), (32, 128, 4, 3), (64, 256, 4, 3), (64, 128, 4, 4), (64, 128, 8, 3)):
                     t = graph(partial(score_topk_fwd, q, k, 8, config=cfg))
                     tf = {"TFLOPs": round(2 * tq * hq * tk * d / t["graph_ms"] / 1e9, 1)} if "graph_ms" in t else {}
                     emit(kind="sweep_topk_prefill", model=model, TQ=tq, TK=tk, config=cfg, **t, **tf)
+            # decode: the default (None) and 1, 3 and 4 programs per SM; top-k as the model's preset has it
+            top_k = 4 if h == 3 else 8
+            split_counts = (None, *(triton.cdiv(n * meta["sms"], h) for n in (1, 3, 4)))
             for tk in (131072, 1048576):
                 k, q = middle(tk, h, d), randn(1, 1, hq, d)
-                for cfg in ((16, 128, 4, 3), (16, 128, 2, 3), (16, 64, 2, 3), (16, 128, 1, 3), (16, 64, 1, 3)):
-                    for splits in (None, 512, 1024):
-                        t = graph(partial(score_topk_fwd, q, k, 8, config=cfg, splits=splits))
+                for cfg in ((16, 128, 4, 3), (16, 128, 4, 4), (16, 128, 4, 5), (16, 256, 4, 3), (16, 256, 8, 3),
+                            (16, 64, 4, 4), (16, 128, 8, 4), (16, 128, 2, 3)):  # fmt: skip
+                    for splits in split_counts:
+                        t = graph(partial(score_topk_fwd, q, k, top_k, config=cfg, splits=splits))
                         bw = {"GBps": round(tk * h * d * 2 / t["graph_ms"] / 1e6, 1)} if "graph_ms" in t else {}
-                        emit(kind="sweep_topk_decode", model=model, TK=tk, config=cfg, splits=splits or "auto", **t, **bw)
+                        emit(kind="sweep_topk_decode", model=model, TK=tk, top_k=top_k, config=cfg,
+                             splits=splits or "auto", **t, **bw)  # fmt: skip
+    if args.sweep_only:
+        return
 
     # (a) scoring, decode
     for model, (hq, h, d) in MODELS.items():

@@ -29,9 +29,21 @@ import triton.language as tl
 
 from reattention_kernels import _SELECT_MAX_TILE as MAX_TILE  # larger [K, block] tiles use the reference
 from reattention_kernels.dispatch import interpreting
+from reattention_kernels.triton_ops.topk import (
+    _merge_splits,
+    merge_columns,
+    score_topk_partials,
+    score_topk_triton,
+)
 
 # Most hits per program of the counting kernel and per tile of the top-key kernel.
 _BLOCK = 1024
+# Most hits per row that `_select_small` takes (pairwise votes in registers): a decode step of the
+# embedded preset has 36 (9 heads x top-4), of Llama-3.1-8B shapes 32 x top-k.
+SMALL_HITS = 256
+# Whether `score_select_triton` fuses a decode step's split merge with the selection (a switch to
+# time both in one process: benchmarks/bench_engine.py --select).
+FUSE_DECODE = True
 
 
 @triton.jit
@@ -71,17 +83,11 @@ def _tile_top(
 
 
 @triton.jit
-def _blocks(
-    top, sel, n_sel, shift, M, MC, K, W, offset, BLOCK: tl.constexpr, KP: tl.constexpr, BS: tl.constexpr,
-    BSP: tl.constexpr, SHIFT: tl.constexpr,
-):
-    i_b = tl.program_id(0).to(tl.int64)
-    if SHIFT:
-        M = M + tl.load(shift)
+def _write_blocks(kept, sel, n_sel, i_b, M, K, W, offset, BLOCK: tl.constexpr, KP: tl.constexpr, BS: tl.constexpr,
+                  BSP: tl.constexpr):  # fmt: skip
+    """Widen the kept positions ``kept [KP]`` (ascending; ``M`` in unused slots) of row ``i_b`` to
+    blocks, merge each with the blocks before it and compact the result into ``sel`` and ``n_sel``."""
     o_k = tl.arange(0, KP)
-    best = tl.load(top + i_b * KP + o_k)  # descending; -1 for no position
-    kept = tl.where((best >= 0) & (o_k < K), MC - best % (MC + 1), M)
-    kept = tl.sort(kept)
     # blocks: [p - BS//2, p - BS//2 + BS - 1], clipped to the middle, merged with earlier blocks
     o_s = tl.arange(0, BSP)
     start = kept - BS // 2
@@ -104,6 +110,89 @@ def _blocks(
         tl.store(sel + i_b * W + t + o, tl.zeros([BLOCK], tl.int64) + offset, mask=m)
 
 
+@triton.jit
+def _blocks(
+    top, sel, n_sel, shift, M, MC, K, W, offset, BLOCK: tl.constexpr, KP: tl.constexpr, BS: tl.constexpr,
+    BSP: tl.constexpr, SHIFT: tl.constexpr,
+):
+    i_b = tl.program_id(0).to(tl.int64)
+    if SHIFT:
+        M = M + tl.load(shift)
+    o_k = tl.arange(0, KP)
+    best = tl.load(top + i_b * KP + o_k)  # descending; -1 for no position
+    kept = tl.where((best >= 0) & (o_k < K), MC - best % (MC + 1), M)
+    _write_blocks(tl.sort(kept), sel, n_sel, i_b, M, K, W, offset, BLOCK, KP, BS, BSP)
+
+
+@triton.jit
+def _clip_small(h, ok, K, M, KP: tl.constexpr, NP: tl.constexpr):
+    """Votes and clip of a few hits in registers: the ``K`` most-voted distinct positions of
+    ``h [NP]`` (only where ``ok``; ties: the lower position), ascending, ``M`` in the other slots of
+    the ``[KP]`` result. Pairwise comparisons of all ``NP x NP`` hits take the histogram's place."""
+    o_n = tl.arange(0, NP)
+    same = (h[:, None] == h[None, :]) & ok[:, None] & ok[None, :]
+    votes = tl.sum(same.to(tl.int32), 1)
+    first = ok & (tl.sum((same & (o_n[None, :] < o_n[:, None])).to(tl.int32), 1) == 0)
+    # rank among the distinct positions: more votes first, then the lower position
+    v_i, v_j, h_i, h_j = votes[:, None], votes[None, :], h[:, None], h[None, :]
+    ahead = first[None, :] & ((v_j > v_i) | ((v_j == v_i) & (h_j < h_i)))
+    keep = first & (tl.sum(ahead.to(tl.int32), 1) < K)
+    # the kept positions in ascending order: each one's slot is the count of kept ones below it
+    slot = tl.sum((keep[None, :] & (h[None, :] < h[:, None])).to(tl.int32), 1)
+    o_k = tl.arange(0, KP)
+    at = keep[None, :] & (slot[None, :] == o_k[:, None])
+    kept = tl.sum(tl.where(at, h[None, :], 0), 1)
+    return tl.where(tl.sum(at.to(tl.int32), 1) > 0, kept, M)
+
+
+@triton.jit
+def _select_small(hits, sel, n_sel, shift, stride_hb, N, M, K, W, offset, NP: tl.constexpr, BLOCK: tl.constexpr,
+                  KP: tl.constexpr, BS: tl.constexpr, BSP: tl.constexpr, SHIFT: tl.constexpr):  # fmt: skip
+    """The whole selection of one row of at most ``NP`` hits in one program (a decode step)."""
+    i_b = tl.program_id(0).to(tl.int64)
+    if SHIFT:
+        M = M + tl.load(shift)
+    o = tl.arange(0, NP)
+    h = tl.load(hits + i_b * stride_hb + o, mask=o < N, other=-1)
+    kept = _clip_small(h, (o < N) & (h >= 0) & (h < M), K, M, KP, NP)
+    _write_blocks(kept, sel, n_sel, i_b, M, K, W, offset, BLOCK, KP, BS, BSP)
+
+
+@triton.jit(do_not_specialize=["NSPLIT"])
+def _merge_select(ws_v, ws_i, sel, n_sel, shift, NSPLIT, M, K, W, offset, NR: tl.constexpr, RP: tl.constexpr,
+                  TOPK: tl.constexpr, KPT: tl.constexpr, BC: tl.constexpr, BLOCK: tl.constexpr, KP: tl.constexpr,
+                  BS: tl.constexpr, BSP: tl.constexpr, SHIFT: tl.constexpr):  # fmt: skip
+    """A decode step's selection from the scan's split workspace, in one program per batch row:
+    each of the row's ``NR`` (KV head, query row) sets is merged over the splits as
+    `score_topk_fwd_kernel_merge` does, and the merged hits go straight to `_clip_small`."""
+    i_b = tl.program_id(0).to(tl.int64)
+    if SHIFT:
+        M = M + tl.load(shift)
+    o_r = tl.arange(0, RP)
+    n_c = NSPLIT * TOPK
+    _, b_i = _merge_splits(ws_v, ws_i, (i_b * NR + o_r).to(tl.int64) * n_c, o_r < NR, n_c, tl.arange(0, BC),
+                           tl.arange(0, KPT), RP, TOPK, KPT, BC)  # fmt: skip
+    # [RP, KPT] key indices, -1 in empty and padding slots; the set's order does not matter to votes
+    h = tl.reshape(b_i, [RP * KPT]).to(tl.int64)
+    kept = _clip_small(h, (h >= 0) & (h < M), K, M, KP, RP * KPT)
+    _write_blocks(kept, sel, n_sel, i_b, M, K, W, offset, BLOCK, KP, BS, BSP)
+
+
+def _outputs(b: int, width: int, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.empty((b, width), dtype=torch.int64, device=dev), torch.empty((b,), dtype=torch.int64, device=dev)
+
+
+def _tile(kk: int, block_size: int) -> tuple[int, int]:
+    kp, bsp = triton.next_power_of_2(kk), triton.next_power_of_2(block_size)
+    if kp * bsp > MAX_TILE:
+        raise ValueError(f"max_blocks x block_size tile {kp}x{bsp} is over {MAX_TILE}; use the reference")
+    return kp, bsp
+
+
+def _pad_block(width: int) -> int:
+    return min(128 if interpreting() else _BLOCK, triton.next_power_of_2(width))
+
+
 def select_from_hits_triton(
     hits: torch.Tensor,
     middle_len: int,
@@ -115,6 +204,9 @@ def select_from_hits_triton(
     max_middle_len: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused `select_from_hits_ref`: same inputs, bit-identical outputs.
+
+    Up to ``SMALL_HITS`` hits per row (a decode step) take one kernel (`_select_small`); more take
+    the histogram, the tile reduction and `_blocks`.
 
     Args:
         hits (torch.Tensor): int64 ``[B, N]`` positions in ``[0, middle_len)``; ``-1`` = no hit.
@@ -133,9 +225,7 @@ def select_from_hits_triton(
         return torch.full((b, width), offset, dtype=torch.int64, device=dev), torch.zeros(
             (b,), dtype=torch.int64, device=dev
         )
-    kp, bsp = triton.next_power_of_2(kk), triton.next_power_of_2(block_size)
-    if kp * bsp > MAX_TILE:
-        raise ValueError(f"max_blocks x block_size tile {kp}x{bsp} is over {MAX_TILE}; use the reference")
+    kp, bsp = _tile(kk, block_size)
     if shift is None:
         mc = middle_len
     elif max_middle_len is None or max_middle_len < middle_len:
@@ -143,10 +233,17 @@ def select_from_hits_triton(
     else:
         mc = max_middle_len
     hits = hits.to(torch.int64).contiguous()
-    counts = torch.zeros((b, max(mc, 1)), dtype=torch.int32, device=dev)
     shift_arg = hits if shift is None else shift  # any tensor: the kernels read it only with SHIFT
-    sel = torch.empty((b, width), dtype=torch.int64, device=dev)
-    n_sel = torch.empty((b,), dtype=torch.int64, device=dev)
+    sel, n_sel = _outputs(b, width, dev)
+    if n <= SMALL_HITS:
+        np_ = triton.next_power_of_2(n)
+        _select_small[(b,)](
+            hits, sel, n_sel, shift_arg, hits.stride(0), n, middle_len, kk, width, offset, NP=np_,
+            BLOCK=_pad_block(width), KP=kp, BS=block_size, BSP=bsp, SHIFT=shift is not None,
+            num_warps=8 if np_ >= 256 else 4,
+        )  # fmt: skip
+        return sel, n_sel
+    counts = torch.zeros((b, max(mc, 1)), dtype=torch.int32, device=dev)
     most = 128 if interpreting() else _BLOCK
     block = min(most, triton.next_power_of_2(n))
     _count_votes[(triton.cdiv(n, block), b)](
@@ -166,7 +263,55 @@ def select_from_hits_triton(
             break
         src, length, from_hits = top, tiles * kp, False
     _blocks[(b,)](
-        top, sel, n_sel, shift_arg, middle_len, mc, kk, width, offset, BLOCK=min(most, triton.next_power_of_2(width)),
+        top, sel, n_sel, shift_arg, middle_len, mc, kk, width, offset, BLOCK=_pad_block(width),
         KP=kp, BS=block_size, BSP=bsp, SHIFT=shift is not None, num_warps=4,
+    )  # fmt: skip
+    return sel, n_sel
+
+
+def score_select_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    top_k: int,
+    max_blocks: int,
+    block_size: int,
+    offset: int = 0,
+    *,
+    length: int | None = None,
+    shift: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`select_from_hits_triton` of `score_topk_triton`'s hits, with the same outputs, bit for bit.
+
+    A decode-size query over a middle long enough for key splits takes two kernels instead of
+    six: the split scan, then `_merge_select` (the split merge, votes, clip and blocks in one
+    program per batch row, no histogram). Anything else takes the two ops one after the other.
+
+    Args:
+        q, k, top_k, length, shift: as in `score_topk_triton` (``k`` is the middle of the store).
+        max_blocks, block_size, offset: as in `select_from_hits_triton`.
+
+    Returns:
+        ``(sel, n_sel)``: int64 ``[B, min(max_blocks, TQ * HQ * top_k) * block_size]`` and ``[B]``.
+    """
+    b, tq, hq, _ = q.shape
+    n = tq * hq * top_k
+    kk = min(max_blocks, n)
+    rp, kpt = triton.next_power_of_2(n // top_k), triton.next_power_of_2(top_k)
+    middle_len = k.shape[1] if length is None else length
+    fused = FUSE_DECODE and kk > 0 and rp * kpt <= SMALL_HITS
+    parts = score_topk_partials(q, k, top_k, length=length, shift=shift) if fused else None
+    if parts is None:
+        hits = score_topk_triton(q, k, top_k, length=length, shift=shift)
+        return select_from_hits_triton(
+            hits.reshape(b, -1), middle_len, max_blocks, block_size, offset, shift=shift, max_middle_len=k.shape[1]
+        )
+    ws_v, ws_i, splits = parts
+    kp, bsp = _tile(kk, block_size)
+    width = kk * block_size
+    sel, n_sel = _outputs(b, width, q.device)
+    _merge_select[(b,)](
+        ws_v, ws_i, sel, n_sel, ws_i if shift is None else shift, splits, middle_len, kk, width, offset,
+        NR=n // top_k, RP=rp, TOPK=top_k, KPT=kpt, BC=merge_columns(splits, top_k), BLOCK=_pad_block(width), KP=kp,
+        BS=block_size, BSP=bsp, SHIFT=shift is not None, num_warps=8 if rp * kpt >= 256 else 4,
     )  # fmt: skip
     return sel, n_sel
