@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from reattention_kernels import score_select
+from reattention_kernels.dispatch import interpreting
 from reattention_kernels.reference import score_topk_ref, select_from_hits_ref
 from tests.kernels.test_topk import DTYPES, make_keys, make_queries
 
@@ -52,9 +53,10 @@ def test_score_select_equals_the_references(device, programs, b, tq, tk, hq, h, 
         assert torch.equal(n_sel, want_n) and torch.equal(sel, want_sel), f"seed {seed}"
         got_ref = score_select(q, k, top_k, max_blocks, block, offset, backend="reference")
         assert torch.equal(got_ref[0], want_sel) and torch.equal(got_ref[1], want_n)
-    # with enough programs every decode step splits its keys and takes the fused kernel; a prefill chunk never
+    # with enough programs every decode step splits its keys (a GPU aligns splits to 256 keys) and takes the fused
+    # kernel; a prefill chunk never does
     fused = score_topk_partials(q, k, top_k) is not None
-    if tq == 1 and programs == 16:
+    if tq == 1 and programs == 16 and (interpreting() or tk >= 512):
         assert fused
     if tq == 40:
         assert not fused
