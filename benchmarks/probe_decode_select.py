@@ -6,9 +6,10 @@ For the embedded preset's shapes (9 query / 3 KV heads, head dim 64, top-4, 32 b
 Llama-3.1-8B's (32 / 8, 128, top-8), one query token over a middle of ``--tokens`` keys: the
 scoring alone, and scoring + selection by each path of `reattention_kernels.triton_ops.select`
 (``fused``: split scan + `_merge_select`; ``small``: scan, merge, `_select_small`; ``tiles``: scan,
-merge, histogram, tile reduction, blocks). Each is a CUDA-graph replay (as in the engine's decode
-step, L2 not flushed: the engine reads the same keys layer after layer only at 1M... so both are
-given), and `torch.profiler` sums each kernel's device time. Checks the three paths agree first.
+merge, histogram, tile reduction, blocks), each with 1, 2, 4 and 8 warps in its one-program
+kernels (``SMALL_WARPS``). Each is timed as a CUDA-graph replay, as in the engine's decode step,
+with and without the L2 flushed before it, and `torch.profiler` sums each kernel's device time.
+Checks that all paths give the same outputs first.
 """
 
 from __future__ import annotations
@@ -28,17 +29,17 @@ SHAPES = {"SmolLM2-135M": (9, 3, 64, 4), "Llama-3.1-8B": (32, 8, 128, 8)}
 
 
 @contextlib.contextmanager
-def path(how: str):
+def path(how: str, warps: int = 4):
     from reattention_kernels.triton_ops import select
 
-    saved = select.FUSE_DECODE, select.SMALL_HITS
-    select.FUSE_DECODE = how == "fused"
+    saved = select.FUSE_DECODE, select.SMALL_HITS, select.SMALL_WARPS
+    select.FUSE_DECODE, select.SMALL_WARPS = how == "fused", warps
     if how == "tiles":
         select.SMALL_HITS = 0
     try:
         yield
     finally:
-        select.FUSE_DECODE, select.SMALL_HITS = saved
+        select.FUSE_DECODE, select.SMALL_HITS, select.SMALL_WARPS = saved
 
 
 def graph_of(fn):
@@ -114,11 +115,13 @@ def main() -> int:
             g = graph_of(partial(score_topk_fwd, q, k, top_k, length=tk, shift=shift))
             row["scoring_ms"] = round(replay_ms(g), 4)
             for how in ("fused", "small", "tiles"):
-                with path(how):
-                    g = graph_of(call)
-                row[f"{how}_ms"] = round(replay_ms(g), 4)
-                row[f"{how}_ms_l2_flushed"] = round(replay_ms(g, flush=flush), 4)
-                row[f"{how}_kernels"] = kernels(g)
+                for warps in (1, 2, 4, 8):
+                    with path(how, warps):
+                        g = graph_of(call)
+                    name = f"{how}_w{warps}"
+                    row[f"{name}_ms"] = round(replay_ms(g), 4)
+                    row[f"{name}_ms_l2_flushed"] = round(replay_ms(g, flush=flush), 4)
+                    row[f"{name}_kernels"] = kernels(g)
             rows.append(row)
             print(json.dumps(row), flush=True)
     if args.out:

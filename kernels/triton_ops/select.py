@@ -41,6 +41,8 @@ _BLOCK = 1024
 # Most hits per row that `_select_small` takes (pairwise votes in registers): a decode step of the
 # embedded preset has 36 (9 heads x top-4), of Llama-3.1-8B shapes 32 x top-k.
 SMALL_HITS = 256
+# Warps of the one-program kernels (`_select_small`, `_blocks`, `_merge_select`).
+SMALL_WARPS = 4
 # Whether `score_select_triton` fuses a decode step's split merge with the selection (a switch to
 # time both in one process: benchmarks/bench_engine.py --select).
 FUSE_DECODE = True
@@ -86,21 +88,23 @@ def _tile_top(
 def _write_blocks(kept, sel, n_sel, i_b, M, K, W, offset, BLOCK: tl.constexpr, KP: tl.constexpr, BS: tl.constexpr,
                   BSP: tl.constexpr):  # fmt: skip
     """Widen the kept positions ``kept [KP]`` (ascending; ``M`` in unused slots) of row ``i_b`` to
-    blocks, merge each with the blocks before it and compact the result into ``sel`` and ``n_sel``."""
+    blocks, merge each with the blocks before it and compact the result into ``sel`` and ``n_sel``.
+
+    Block ``r`` is ``[p - BS//2, p - BS//2 + BS - 1]``, clipped to the middle and cut after the end
+    of the blocks before it: one contiguous range ``[lo, hi]``, so its place in ``sel`` is the sum
+    of the earlier ranges' lengths (a scan over ``KP`` values, not over every position)."""
     o_k = tl.arange(0, KP)
-    # blocks: [p - BS//2, p - BS//2 + BS - 1], clipped to the middle, merged with earlier blocks
-    o_s = tl.arange(0, BSP)
     start = kept - BS // 2
-    cand = start[:, None] + o_s[None, :]
     ends = start + BS - 1
-    before = o_k[None, :] < o_k[:, None]
-    prev_end = tl.max(tl.where(before, ends[None, :], -1), 1)
-    row_ok = (kept < M) & (o_k < K)
-    valid = (cand >= 0) & (cand < M) & (cand > prev_end[:, None]) & row_ok[:, None] & (o_s < BS)[None, :]
-    vi = valid.to(tl.int32)
-    row_n = tl.sum(vi, 1)
-    dest = (tl.cumsum(row_n, 0) - row_n)[:, None] + tl.cumsum(vi, 1) - vi
-    tl.store(sel + i_b * W + dest, cand + offset, mask=valid)
+    # kept is ascending, so the latest earlier end is the largest
+    prev_end = tl.max(tl.where(o_k[None, :] < o_k[:, None], ends[None, :], -1), 1)
+    lo = tl.maximum(tl.maximum(start, 0), prev_end + 1)
+    hi = tl.minimum(ends, M - 1)
+    row_n = tl.where((kept < M) & (o_k < K) & (hi >= lo), hi - lo + 1, 0)
+    first = tl.cumsum(row_n, 0) - row_n
+    o_s = tl.arange(0, BSP)
+    tl.store(sel + i_b * W + first[:, None] + o_s[None, :], lo[:, None] + o_s[None, :] + offset,
+             mask=o_s[None, :] < row_n[:, None])  # fmt: skip
     n = tl.sum(row_n, 0)
     tl.store(n_sel + i_b, n.to(tl.int64))
     # padding after the selected positions, as the reference has it
@@ -130,6 +134,7 @@ def _clip_small(h, ok, K, M, KP: tl.constexpr, NP: tl.constexpr):
     ``h [NP]`` (only where ``ok``; ties: the lower position), ascending, ``M`` in the other slots of
     the ``[KP]`` result. Pairwise comparisons of all ``NP x NP`` hits take the histogram's place."""
     o_n = tl.arange(0, NP)
+    h = h.to(tl.int32)  # positions < 2**31: half the registers of int64 in the NP x NP compares
     same = (h[:, None] == h[None, :]) & ok[:, None] & ok[None, :]
     votes = tl.sum(same.to(tl.int32), 1)
     first = ok & (tl.sum((same & (o_n[None, :] < o_n[:, None])).to(tl.int32), 1) == 0)
@@ -141,7 +146,7 @@ def _clip_small(h, ok, K, M, KP: tl.constexpr, NP: tl.constexpr):
     slot = tl.sum((keep[None, :] & (h[None, :] < h[:, None])).to(tl.int32), 1)
     o_k = tl.arange(0, KP)
     at = keep[None, :] & (slot[None, :] == o_k[:, None])
-    kept = tl.sum(tl.where(at, h[None, :], 0), 1)
+    kept = tl.sum(tl.where(at, h[None, :], 0), 1).to(tl.int64)
     return tl.where(tl.sum(at.to(tl.int32), 1) > 0, kept, M)
 
 
@@ -240,7 +245,7 @@ def select_from_hits_triton(
         _select_small[(b,)](
             hits, sel, n_sel, shift_arg, hits.stride(0), n, middle_len, kk, width, offset, NP=np_,
             BLOCK=_pad_block(width), KP=kp, BS=block_size, BSP=bsp, SHIFT=shift is not None,
-            num_warps=8 if np_ >= 256 else 4,
+            num_warps=SMALL_WARPS,
         )  # fmt: skip
         return sel, n_sel
     counts = torch.zeros((b, max(mc, 1)), dtype=torch.int32, device=dev)
@@ -264,7 +269,7 @@ def select_from_hits_triton(
         src, length, from_hits = top, tiles * kp, False
     _blocks[(b,)](
         top, sel, n_sel, shift_arg, middle_len, mc, kk, width, offset, BLOCK=_pad_block(width),
-        KP=kp, BS=block_size, BSP=bsp, SHIFT=shift is not None, num_warps=4,
+        KP=kp, BS=block_size, BSP=bsp, SHIFT=shift is not None, num_warps=SMALL_WARPS,
     )  # fmt: skip
     return sel, n_sel
 
@@ -312,6 +317,6 @@ def score_select_triton(
     _merge_select[(b,)](
         ws_v, ws_i, sel, n_sel, ws_i if shift is None else shift, splits, middle_len, kk, width, offset,
         NR=n // top_k, RP=rp, TOPK=top_k, KPT=kpt, BC=merge_columns(splits, top_k), BLOCK=_pad_block(width), KP=kp,
-        BS=block_size, BSP=bsp, SHIFT=shift is not None, num_warps=8 if rp * kpt >= 256 else 4,
+        BS=block_size, BSP=bsp, SHIFT=shift is not None, num_warps=SMALL_WARPS,
     )  # fmt: skip
     return sel, n_sel
