@@ -17,10 +17,9 @@ memory, per-block key bounds on the GPU; ``--offload-budget/--offload-block/--of
 out of the graphs; see `reattention_core.hf.compiled`); ``on`` is an earlier experiment that compiles
 only every layer's RMSNorms and MLP (``nn.Module.compile``, undone afterwards).
 
-``--select fused small tiles`` (each timed in turn; Triton kernels only): how a decode step selects.
-``fused`` is the default (the scan's split merge, votes, clip and blocks in one kernel); ``small``
-merges the splits in their own kernel, then selects in one; ``tiles`` is the path before both
-(a vote histogram, tile reductions and a blocks kernel).
+``--select default histogram`` (each timed in turn; Triton kernels only): how a decode step selects
+blocks from its hits: ``default`` in one kernel (pairwise votes, up to ``SMALL_HITS`` hits), or
+``histogram``, the path prefill chunks take (a vote histogram, tile reductions and a blocks kernel).
 
 Models: the embedded SmolLM2-135M (default), ``--model llama8b-random`` (Llama-3.1-8B shapes,
 random bf16 weights, GPU only), or a model directory. Prompts are random token ids: speed does
@@ -100,19 +99,16 @@ def fused(engine: ReAttentionEngine, how: str):
 @contextlib.contextmanager
 def selecting(how: str):
     """The decode step's selection path (see ``--select``), for the block."""
-    if how == "fused":
+    if how == "default":
         yield
         return
     from reattention_kernels.triton_ops import select
 
-    saved = select.FUSE_DECODE, select.SMALL_HITS
-    select.FUSE_DECODE = False
-    if how == "tiles":
-        select.SMALL_HITS = 0
+    saved, select.SMALL_HITS = select.SMALL_HITS, 0
     try:
         yield
     finally:
-        select.FUSE_DECODE, select.SMALL_HITS = saved
+        select.SMALL_HITS = saved
 
 
 def sync() -> None:
@@ -273,9 +269,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fuse", nargs="+", default=["off"], choices=["on", "off", "layers"],
                     help="off: the model as it is; layers: compile_model=True; on: only norms and MLPs compiled "
                     "(an experiment); each is timed")
-    ap.add_argument("--select", nargs="+", default=["fused"], choices=["fused", "small", "tiles"],
-                    help="decode-step selection: fused (default), small (split merge apart), tiles (the earlier "
-                    "histogram path); each is timed")
+    ap.add_argument("--select", nargs="+", default=["default"], choices=["default", "histogram"],
+                    help="decode-step selection: default (one kernel for few hits) or histogram (the path of "
+                    "prefill chunks); each is timed")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
     overrides = parse_overrides(args.overrides)  # a bad field fails before the model loads
@@ -314,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
                             run_engine(engine, base.replace(mode=mode), warm_ids, 5, graphs=graphs == "on")
     runs = [(m, st, gr, fu, se) for m in args.modes for st in (args.stores if m != "hf" else ["resident"])
             for gr in (args.graphs if m != "hf" else ["off"]) for fu in (args.fuse if m != "hf" else ["off"])
-            for se in (args.select if m != "hf" else ["fused"])]
+            for se in (args.select if m != "hf" else ["default"])]
     for tokens in args.tokens:
         ids = torch.randint(100, vocab - 100, (1, tokens), generator=torch.Generator().manual_seed(tokens)).to(engine.device)
         for mode, store, graphs, fuse, how in runs:
@@ -327,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
             row["store"] = store
             if overrides:
                 row["overrides"] = ",".join(f"{k}={v}" for k, v in overrides)
-            if how != "fused":
+            if how != "default":
                 row["select"] = how
             if fuse != "off":
                 row["fuse"] = {"on": "compiled norms+mlp", "layers": "compiled decoder layers"}[fuse]

@@ -1,15 +1,15 @@
-"""Time a decode step's selection paths on a CUDA GPU, kernel by kernel.
+"""Time a decode step's block selection on a CUDA GPU, kernel by kernel.
 
-    python benchmarks/probe_decode_select.py [--tokens 131072 1048576] [--out FILE]
+    python benchmarks/probe_decode_select.py [--tokens 131072 1048576] [--warps 4 8] [--out FILE]
 
 For the embedded preset's shapes (9 query / 3 KV heads, head dim 64, top-4, 32 blocks of 32) and
 Llama-3.1-8B's (32 / 8, 128, top-8), one query token over a middle of ``--tokens`` keys: the
-scoring alone, and scoring + selection by each path of `reattention_kernels.triton_ops.select`
-(``fused``: split scan + `_merge_select`; ``small``: scan, merge, `_select_small`; ``tiles``: scan,
-merge, histogram, tile reduction, blocks), each with 1, 2, 4 and 8 warps in its one-program
-kernels (``SMALL_WARPS``). Each is timed as a CUDA-graph replay, as in the engine's decode step,
-with and without the L2 flushed before it, and `torch.profiler` sums each kernel's device time.
-Checks that all paths give the same outputs first.
+scoring alone (`score_topk`), then scoring + `select_from_hits` by each path of
+`reattention_kernels.triton_ops.select`: ``default`` (`_select_small` for up to ``SMALL_HITS``
+hits) and ``histogram`` (histogram, tile reduction, blocks), with each of ``--warps`` in the
+one-program kernels. Every case is a CUDA-graph replay, as in the engine's decode step, timed with
+and without the L2 flushed; `torch.profiler` sums each kernel's device time per replay. The paths'
+outputs are checked equal first. One JSON line per shape (appended to ``--out`` as it goes).
 """
 
 from __future__ import annotations
@@ -24,22 +24,21 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {"SmolLM2-135M": (9, 3, 64, 4), "Llama-3.1-8B": (32, 8, 128, 8)}
 
 
 @contextlib.contextmanager
-def path(how: str, warps: int = 4):
+def path(how: str, warps: int):
     from reattention_kernels.triton_ops import select
 
-    saved = select.FUSE_DECODE, select.SMALL_HITS, select.SMALL_WARPS
-    select.FUSE_DECODE, select.SMALL_WARPS = how == "fused", warps
-    if how == "tiles":
+    saved = select.SMALL_HITS, select.SMALL_WARPS, select.BLOCKS_WARPS
+    select.SMALL_WARPS = select.BLOCKS_WARPS = warps
+    if how == "histogram":
         select.SMALL_HITS = 0
     try:
         yield
     finally:
-        select.FUSE_DECODE, select.SMALL_HITS, select.SMALL_WARPS = saved
+        select.SMALL_HITS, select.SMALL_WARPS, select.BLOCKS_WARPS = saved
 
 
 def graph_of(fn):
@@ -70,6 +69,7 @@ def replay_ms(g, reps: int = 50, flush: torch.Tensor | None = None) -> float:
 
 
 def kernels(g, reps: int = 20) -> dict[str, float]:
+    """Device ms per replay of each kernel."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -80,55 +80,61 @@ def kernels(g, reps: int = 20) -> dict[str, float]:
     for ev in prof.key_averages():
         t = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
         if t and ev.count:
-            out[ev.key[:60]] = round(t / reps / 1000, 4)  # ms per replay
+            out[ev.key[:60]] = round(t / reps / 1000, 4)
     return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, nargs="+", default=[131072, 1048576])
+    ap.add_argument("--warps", type=int, nargs="+", default=[4, 8])
+    ap.add_argument("--models", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
+    import os
+
     import triton
 
-    from reattention_kernels import score_select
-    from reattention_kernels.triton_ops.topk import score_topk_fwd
+    from reattention_kernels import score_topk, select_from_hits
 
     flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
-    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
-    rows = []
-    for model, (hq, h, d, top_k) in SHAPES.items():
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "commit": os.environ.get("REATTENTION_COMMIT", "unknown")}  # fmt: skip
+    for model in args.models:
+        hq, h, d, top_k = SHAPES[model]
         for tk in args.tokens:
             torch.manual_seed(0)
             q = torch.randn(1, 1, hq, d, device="cuda", dtype=torch.bfloat16)
             k = torch.randn(1, tk, h, d, device="cuda", dtype=torch.bfloat16)
             shift = torch.zeros(1, dtype=torch.int64, device="cuda")
-            call = partial(score_select, q, k, top_k, 32, 32, 32, length=tk, shift=shift, backend="triton")
-            outs = {}
-            for how in ("fused", "small", "tiles"):
-                with path(how):
-                    outs[how] = call()
-            same = all(torch.equal(outs[h_][0], outs["fused"][0]) for h_ in outs)
-            row = {"model": model, "tokens": tk, "same_outputs": same, **meta}
-            g = graph_of(partial(score_topk_fwd, q, k, top_k, length=tk, shift=shift))
-            row["scoring_ms"] = round(replay_ms(g), 4)
-            for how in ("fused", "small", "tiles"):
-                for warps in (1, 2, 4, 8):
+            scoring = partial(score_topk, q, k, top_k, length=tk, shift=shift, backend="triton")
+
+            def step(scoring=scoring, tk=tk, shift=shift):
+                hits = scoring().reshape(1, -1)
+                return select_from_hits(hits, tk, 32, 32, 32, shift=shift, max_middle_len=tk, backend="triton")
+
+            outs = []
+            for how in ("default", "histogram"):
+                with path(how, 4):
+                    outs.append(step())
+            row = {"model": model, "tokens": tk, "hits": hq * top_k, **meta}
+            row["same_outputs"] = all(torch.equal(a, b) for a, b in zip(outs[0], outs[1]))
+            row["scoring_ms"] = round(replay_ms(graph_of(scoring)), 4)
+            for how in ("default", "histogram"):
+                for warps in args.warps:
                     with path(how, warps):
-                        g = graph_of(call)
+                        g = graph_of(step)
                     name = f"{how}_w{warps}"
                     row[f"{name}_ms"] = round(replay_ms(g), 4)
                     row[f"{name}_ms_l2_flushed"] = round(replay_ms(g, flush=flush), 4)
                     row[f"{name}_kernels"] = kernels(g)
-            rows.append(row)
             print(json.dumps(row), flush=True)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        with args.out.open("a") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
+            if args.out:
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                with args.out.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
     return 0
 
 

@@ -4,8 +4,6 @@ Public ops, each dispatched (see `dispatch`) to a Triton kernel or its PyTorch r
 
 * `score_topk` - exact per-row, per-head top-k of raw ``q . k`` over the middle of the store.
 * `select_from_hits` - votes, clip to ``max_blocks`` and widening to blocks, from the top-k hits.
-* `score_select` - the two above as one op (``select_from_hits(score_topk(...))``), which the
-  Triton backend fuses for decode steps.
 * `scope_attention` - attention over ``[sink | selected | local]`` read by index from the pre-RoPE
   store, RoPE applied at fresh contiguous positions, bottom-right causal.
 
@@ -129,42 +127,6 @@ def select_from_hits(
     return select_from_hits_ref(hits, middle_len + _host_shift(shift), max_blocks, block_size, offset)
 
 
-def score_select(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    top_k: int,
-    max_blocks: int,
-    block_size: int,
-    offset: int = 0,
-    *,
-    length: int | None = None,
-    shift: torch.Tensor | None = None,
-    backend: str | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`select_from_hits` of `score_topk`'s hits (flattened per batch row), as one op.
-
-    ``k`` is the middle of the key store; with ``shift`` it is the whole buffer the middle may grow
-    into, ``length`` (+ ``shift``) rows of it are scored, and blocks are clipped there. The Triton
-    backend merges a decode step's key splits, counts votes, clips and widens in one kernel
-    (`reattention_kernels.triton_ops.select.score_select_triton`); it needs both ops' kernels to
-    cover the shapes, otherwise each op picks its own backend as it would alone.
-    """
-    _check_shift(shift, length, "score_select")
-    covered = _topk_covers(q.shape[-1], top_k) and _select_covers(
-        min(max_blocks, q.shape[1] * q.shape[2] * top_k), block_size
-    )
-    if covered and resolve_backend(q, backend, supported=True) == "triton":
-        from reattention_kernels.triton_ops.select import score_select_triton
-
-        return score_select_triton(q, k, top_k, max_blocks, block_size, offset, length=length, shift=shift)
-    middle_len = k.shape[1] if length is None else length
-    hits = score_topk(q, k, top_k, length=length, shift=shift, backend=backend)
-    return select_from_hits(
-        hits.reshape(hits.shape[0], -1), middle_len, max_blocks, block_size, offset,
-        shift=shift, max_middle_len=k.shape[1], backend=backend,
-    )  # fmt: skip
-
-
 def scope_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -214,7 +176,6 @@ __all__ = [
     "resolve_backend",
     "scope_attention",
     "scope_attention_ref",
-    "score_select",
     "score_topk",
     "score_topk_ref",
     "select_from_hits",

@@ -78,18 +78,6 @@ def select_small(np_: int) -> ASTSource:
     return ASTSource(fn=select._select_small, signature=sig, constexprs=consts)
 
 
-def merge_select(rp: int, top_k: int) -> ASTSource:
-    sig = {"ws_v": "*fp32", "ws_i": "*i32", "sel": "*i64", "n_sel": "*i64", "shift": "*i64"}
-    sig.update({name: "i32" for name in ("NSPLIT", "M", "K", "W", "offset")})
-    kpt = triton.next_power_of_2(top_k)
-    consts = {
-        "NR": rp - 1, "RP": rp, "TOPK": top_k, "KPT": kpt, "BC": 256, "BLOCK": 1024, "KP": 32, "BS": 32, "BSP": 32,
-        "SHIFT": True,
-    }  # fmt: skip
-    sig.update({name: "constexpr" for name in consts})
-    return ASTSource(fn=select._merge_select, signature=sig, constexprs=consts)
-
-
 def main() -> int:
     variants = [
         ("bf16", 64, 4, True, True),
@@ -110,11 +98,8 @@ def main() -> int:
         for h, blk in ((True, 1024), (False, 512), (True, 64))
     ]
     sources.append((("blocks", 32, 32), blocks(32, 32), 4))
-    # the decode step's selection: the embedded preset (9 heads x top-4) and Llama-8B shapes (32 x top-8)
-    sources += [(("select_small", n), select_small(n), 8 if n >= 256 else 4) for n in (64, 256)]
-    sources += [
-        (("merge_select", rp, k), merge_select(rp, k), 8 if rp * k >= 256 else 4) for rp, k in ((16, 4), (32, 8))
-    ]
+    # a decode step's selection in one program (the embedded preset has 36 hits)
+    sources += [(("select_small", n), select_small(n), select.SMALL_WARPS) for n in (16, 64)]
     for v, src, warps in sources:
         try:
             triton.compile(src, target=TARGET, options={"num_warps": warps, "num_stages": 3})

@@ -1,8 +1,13 @@
-"""Fused block selection from top-k hits: votes, clip and blocks in a few launches.
+"""Fused block selection from top-k hits: votes, clip and blocks in one to four launches.
 
 The reference (`reattention_kernels.reference.select`) is about 25 small torch ops, two of them
 sorts: about 1 ms of host time per layer step on an H100 host, more than the scoring kernel
-itself (``benchmarks/profile_host.py``). Here:
+itself (``benchmarks/profile_host.py``).
+
+A decode step has few hits (36 for the embedded preset): ``_select_small`` (one program per batch
+row) counts each hit's votes by comparing all hits pairwise in registers, ranks the distinct
+positions by (votes, lower position), keeps the ``K`` best and writes their blocks. More hits (a
+prefill chunk) take the histogram path:
 
 1. ``_count_votes`` (one program per tile of hits) adds every valid hit into a zeroed histogram
    ``[B, M]`` of int32 (atomics; M is the middle length, so 4 MB at 1M tokens).
@@ -14,7 +19,7 @@ itself (``benchmarks/profile_host.py``). Here:
    (a 256-token chunk of the embedded preset: 9216 hits, 9 tiles, then one).
 3. ``_blocks`` (one program per batch row) turns the ``K = min(max_blocks, N)`` largest keys into
    positions, sorts them back to ascending order, widens them to blocks, merges each with the
-   blocks before it and compacts the result with prefix sums, exactly as the reference does.
+   blocks before it and compacts the result, exactly as the reference does (`_write_blocks`).
 
 The clip used to be K rounds of "largest key below the last" over all N keys in one program:
 K x N/1024 dependent passes, 0.15 ms per layer step of a prefill chunk (23% of a chunk's GPU time
@@ -29,23 +34,17 @@ import triton.language as tl
 
 from reattention_kernels import _SELECT_MAX_TILE as MAX_TILE  # larger [K, block] tiles use the reference
 from reattention_kernels.dispatch import interpreting
-from reattention_kernels.triton_ops.topk import (
-    _merge_splits,
-    merge_columns,
-    score_topk_partials,
-    score_topk_triton,
-)
 
 # Most hits per program of the counting kernel and per tile of the top-key kernel.
 _BLOCK = 1024
-# Most hits per row that `_select_small` takes (pairwise votes in registers): a decode step of the
-# embedded preset has 36 (9 heads x top-4), of Llama-3.1-8B shapes 32 x top-k.
-SMALL_HITS = 256
-# Warps of the one-program kernels (`_select_small`, `_blocks`, `_merge_select`).
-SMALL_WARPS = 4
-# Whether `score_select_triton` fuses a decode step's split merge with the selection (a switch to
-# time both in one process: benchmarks/bench_engine.py --select).
-FUSE_DECODE = True
+# Most hits per row that `_select_small` takes (pairwise votes in registers, NP x NP compares): a
+# decode step of the embedded preset has 36 (9 heads x top-4). On an H100 it selects them in 5.3 us
+# against 8-9 us for the four kernels of the histogram path; 256 hits (Llama-3.1-8B's 32 heads x
+# top-8) took 330 us, so larger steps keep the histogram (benchmarks/probe_decode_select.py).
+SMALL_HITS = 64
+# Warps of `_select_small` and `_blocks` (fastest of 1, 2, 4 and 8 in the same probe).
+SMALL_WARPS = 8
+BLOCKS_WARPS = 4
 
 
 @triton.jit
@@ -163,26 +162,6 @@ def _select_small(hits, sel, n_sel, shift, stride_hb, N, M, K, W, offset, NP: tl
     _write_blocks(kept, sel, n_sel, i_b, M, K, W, offset, BLOCK, KP, BS, BSP)
 
 
-@triton.jit(do_not_specialize=["NSPLIT"])
-def _merge_select(ws_v, ws_i, sel, n_sel, shift, NSPLIT, M, K, W, offset, NR: tl.constexpr, RP: tl.constexpr,
-                  TOPK: tl.constexpr, KPT: tl.constexpr, BC: tl.constexpr, BLOCK: tl.constexpr, KP: tl.constexpr,
-                  BS: tl.constexpr, BSP: tl.constexpr, SHIFT: tl.constexpr):  # fmt: skip
-    """A decode step's selection from the scan's split workspace, in one program per batch row:
-    each of the row's ``NR`` (KV head, query row) sets is merged over the splits as
-    `score_topk_fwd_kernel_merge` does, and the merged hits go straight to `_clip_small`."""
-    i_b = tl.program_id(0).to(tl.int64)
-    if SHIFT:
-        M = M + tl.load(shift)
-    o_r = tl.arange(0, RP)
-    n_c = NSPLIT * TOPK
-    _, b_i = _merge_splits(ws_v, ws_i, (i_b * NR + o_r).to(tl.int64) * n_c, o_r < NR, n_c, tl.arange(0, BC),
-                           tl.arange(0, KPT), RP, TOPK, KPT, BC)  # fmt: skip
-    # [RP, KPT] key indices, -1 in empty and padding slots; the set's order does not matter to votes
-    h = tl.reshape(b_i, [RP * KPT]).to(tl.int64)
-    kept = _clip_small(h, (h >= 0) & (h < M), K, M, KP, RP * KPT)
-    _write_blocks(kept, sel, n_sel, i_b, M, K, W, offset, BLOCK, KP, BS, BSP)
-
-
 def _outputs(b: int, width: int, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.empty((b, width), dtype=torch.int64, device=dev), torch.empty((b,), dtype=torch.int64, device=dev)
 
@@ -269,54 +248,6 @@ def select_from_hits_triton(
         src, length, from_hits = top, tiles * kp, False
     _blocks[(b,)](
         top, sel, n_sel, shift_arg, middle_len, mc, kk, width, offset, BLOCK=_pad_block(width),
-        KP=kp, BS=block_size, BSP=bsp, SHIFT=shift is not None, num_warps=SMALL_WARPS,
-    )  # fmt: skip
-    return sel, n_sel
-
-
-def score_select_triton(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    top_k: int,
-    max_blocks: int,
-    block_size: int,
-    offset: int = 0,
-    *,
-    length: int | None = None,
-    shift: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`select_from_hits_triton` of `score_topk_triton`'s hits, with the same outputs, bit for bit.
-
-    A decode-size query over a middle long enough for key splits takes two kernels instead of
-    six: the split scan, then `_merge_select` (the split merge, votes, clip and blocks in one
-    program per batch row, no histogram). Anything else takes the two ops one after the other.
-
-    Args:
-        q, k, top_k, length, shift: as in `score_topk_triton` (``k`` is the middle of the store).
-        max_blocks, block_size, offset: as in `select_from_hits_triton`.
-
-    Returns:
-        ``(sel, n_sel)``: int64 ``[B, min(max_blocks, TQ * HQ * top_k) * block_size]`` and ``[B]``.
-    """
-    b, tq, hq, _ = q.shape
-    n = tq * hq * top_k
-    kk = min(max_blocks, n)
-    rp, kpt = triton.next_power_of_2(n // top_k), triton.next_power_of_2(top_k)
-    middle_len = k.shape[1] if length is None else length
-    fused = FUSE_DECODE and kk > 0 and rp * kpt <= SMALL_HITS
-    parts = score_topk_partials(q, k, top_k, length=length, shift=shift) if fused else None
-    if parts is None:
-        hits = score_topk_triton(q, k, top_k, length=length, shift=shift)
-        return select_from_hits_triton(
-            hits.reshape(b, -1), middle_len, max_blocks, block_size, offset, shift=shift, max_middle_len=k.shape[1]
-        )
-    ws_v, ws_i, splits = parts
-    kp, bsp = _tile(kk, block_size)
-    width = kk * block_size
-    sel, n_sel = _outputs(b, width, q.device)
-    _merge_select[(b,)](
-        ws_v, ws_i, sel, n_sel, ws_i if shift is None else shift, splits, middle_len, kk, width, offset,
-        NR=n // top_k, RP=rp, TOPK=top_k, KPT=kpt, BC=merge_columns(splits, top_k), BLOCK=_pad_block(width), KP=kp,
-        BS=block_size, BSP=bsp, SHIFT=shift is not None, num_warps=SMALL_WARPS,
+        KP=kp, BS=block_size, BSP=bsp, SHIFT=shift is not None, num_warps=BLOCKS_WARPS,
     )  # fmt: skip
     return sel, n_sel

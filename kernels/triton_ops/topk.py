@@ -39,7 +39,6 @@ shapes on random keys; fp64 agreed with two phases each time: benchmarks/probe_t
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
 
 import torch
 import triton
@@ -421,115 +420,6 @@ def _rescore_config(br: int, bn: int, d: int) -> tuple[int, int, int, int]:
     return br, bn, min(d, 16), 4
 
 
-class _Plan(NamedTuple):
-    """How `score_topk_fwd` launches for given shapes (see `_plan`)."""
-
-    b: int
-    tq: int
-    hq: int
-    h: int
-    d: int
-    g: int
-    rows: int
-    tk: int
-    tk_grid: int
-    two_phase: bool
-    config: tuple[int, int, int, int]
-    n_m: int
-    splits: int
-    keys_per_split: int
-
-
-def _plan(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    top_k: int,
-    length: int | None,
-    splits: int | None,
-    config: tuple[int, int, int, int] | None,
-    two_phase: bool | None,
-) -> _Plan:
-    """Check the shapes and choose phases, block configuration and key splits."""
-    b, tq, hq, d = q.shape
-    h = k.shape[2]
-    # the grid covers every row of k; the kernel scores the first `length` (+ shift) of them
-    tk_grid = k.shape[1]
-    tk = tk_grid if length is None else length
-    if not 0 <= tk <= tk_grid:
-        raise ValueError(f"length {tk} is outside the {tk_grid} keys given")
-    if k.shape[0] != b or k.shape[3] != d:
-        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} disagree on batch or head dim")
-    if hq % h != 0:
-        raise ValueError(f"query heads ({hq}) must be a multiple of KV heads ({h})")
-    if not 1 <= top_k <= 8:
-        raise ValueError(f"top_k must be in [1, 8], got {top_k}")
-    if d < 16 or d & (d - 1):
-        raise ValueError(f"head dim must be a power of two >= 16, got {d}")
-    g = hq // h
-    rows = tq * g
-    if two_phase is None:
-        two_phase = tq > 1 and (interpreting() or rows >= _TWO_PHASE_MIN_ROWS)
-    config = config or _config(rows, q.dtype, two_phase)
-    n_m = triton.cdiv(rows, config[0])
-    if splits is None:
-        splits = min(triton.cdiv(_target_programs(q.device), b * h * n_m), _MAX_SPLITS)
-    align = 32 if interpreting() else _SPLIT_ALIGN
-    splits = max(1, min(splits, triton.cdiv(tk_grid, align)))
-    keys_per_split = triton.cdiv(triton.cdiv(tk_grid, max(splits, 1)), align) * align if tk_grid else align
-    splits = max(1, triton.cdiv(tk_grid, keys_per_split))
-    return _Plan(b, tq, hq, h, d, g, rows, tk, tk_grid, two_phase, config, n_m, splits, keys_per_split)
-
-
-def _scan(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    top_k: int,
-    p: _Plan,
-    out: torch.Tensor,
-    shift: torch.Tensor | None,
-    split: bool,
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Launch the scan kernel; with ``split``, return its workspace ``(ws_v, ws_i)``, each
-    ``[B * H, rows, splits, top_k]`` (each split's best (score, key) or, in two phases, (tile
-    maximum, tile) per row, best first), else it writes ``out`` itself."""
-    bm, bn, warps, stages = p.config
-    args = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2))
-    o_args = (out.stride(0), out.stride(1), out.stride(2))
-    consts = {
-        "H": p.h, "G": p.g, "D": p.d, "TOPK": top_k, "KP": triton.next_power_of_2(top_k), "BM": bm, "BN": bn,
-        "IEEE": q.dtype == torch.float32, "SHIFT": shift is not None, "TWO_PHASE": p.two_phase, "num_warps": warps,
-        "num_stages": stages,
-    }  # fmt: skip
-    shift_arg = out if shift is None else shift
-    if not split:
-        score_topk_fwd_kernel_scan[(p.n_m, 1, p.b * p.h)](
-            q, k, out, out, out, shift_arg, *args, *o_args, p.tk, p.rows, 1, p.keys_per_split, SPLIT=False, **consts
-        )
-        return None
-    ws_v = torch.empty((p.b * p.h, p.rows, p.splits, top_k), dtype=torch.float32, device=q.device)
-    ws_i = torch.empty((p.b * p.h, p.rows, p.splits, top_k), dtype=torch.int32, device=q.device)
-    score_topk_fwd_kernel_scan[(p.n_m, p.splits, p.b * p.h)](
-        q, k, out, ws_v, ws_i, shift_arg, *args, *o_args, p.tk, p.rows, p.splits, p.keys_per_split, SPLIT=True,
-        **consts,
-    )  # fmt: skip
-    return ws_v, ws_i
-
-
-def _prepare(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    if q.stride(-1) != 1:
-        q = q.contiguous()
-    if k.stride(-1) != 1:
-        k = k.contiguous()
-    if k.dtype != q.dtype:
-        k = k.to(q.dtype)
-    return q, k
-
-
-def merge_columns(splits: int, top_k: int) -> int:
-    """Candidates the merge takes per step (``BC``): a power of two, at most 256."""
-    return min(32 if interpreting() else 256, triton.next_power_of_2(splits * top_k))
-
-
 def score_topk_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -548,52 +438,80 @@ def score_topk_fwd(
 
     By default prefill (more than one query token) takes two phases from ``_TWO_PHASE_MIN_ROWS``
     rows, decode one pass."""
-    p = _plan(q, k, top_k, length, splits, config, two_phase)
-    if (p.tk == 0 and shift is None) or p.tk_grid == 0 or p.b == 0 or p.tq == 0:
-        return torch.full((p.b, p.tq, p.hq, top_k), -1, dtype=torch.int64, device=q.device)
-    q, k = _prepare(q, k)
+    b, tq, hq, d = q.shape
+    h = k.shape[2]
+    # the grid covers every row of k; the kernel scores the first `length` (+ shift) of them
+    tk_grid = k.shape[1]
+    tk = tk_grid if length is None else length
+    if not 0 <= tk <= tk_grid:
+        raise ValueError(f"length {tk} is outside the {tk_grid} keys given")
+    if k.shape[0] != b or k.shape[3] != d:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} disagree on batch or head dim")
+    if hq % h != 0:
+        raise ValueError(f"query heads ({hq}) must be a multiple of KV heads ({h})")
+    if not 1 <= top_k <= 8:
+        raise ValueError(f"top_k must be in [1, 8], got {top_k}")
+    if d < 16 or d & (d - 1):
+        raise ValueError(f"head dim must be a power of two >= 16, got {d}")
+    g = hq // h
+    if (tk == 0 and shift is None) or tk_grid == 0 or b == 0 or tq == 0:
+        return torch.full((b, tq, hq, top_k), -1, dtype=torch.int64, device=q.device)
     # every slot is written by the kernels
-    out = torch.empty((p.b, p.tq, p.hq, top_k), dtype=torch.int64, device=q.device)
-    if p.splits == 1 and not p.two_phase:
-        _scan(q, k, top_k, p, out, shift, split=False)
-        return out
-    ws_v, ws_i = _scan(q, k, top_k, p, out, shift, split=True)
-    kp, bc = triton.next_power_of_2(top_k), merge_columns(p.splits, top_k)
-    br = min(16, triton.next_power_of_2(p.rows))
+    out = torch.empty((b, tq, hq, top_k), dtype=torch.int64, device=q.device)
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if k.stride(-1) != 1:
+        k = k.contiguous()
+    if k.dtype != q.dtype:
+        k = k.to(q.dtype)
+
+    rows = tq * g
+    auto = two_phase is None
+    two_phase = tq > 1 and (interpreting() or rows >= _TWO_PHASE_MIN_ROWS) if auto else two_phase
+    bm, bn, warps, stages = config or _config(rows, q.dtype, two_phase)
+    n_m = triton.cdiv(rows, bm)
+    base = b * h * n_m
+    if splits is None:
+        splits = min(triton.cdiv(_target_programs(q.device), base), _MAX_SPLITS)
+    align = 32 if interpreting() else _SPLIT_ALIGN
+    splits = max(1, min(splits, triton.cdiv(tk_grid, align)))
+    keys_per_split = triton.cdiv(triton.cdiv(tk_grid, splits), align) * align
+    splits = triton.cdiv(tk_grid, keys_per_split)
+    shift_arg = out if shift is None else shift
+
+    kp = triton.next_power_of_2(top_k)
+    ieee = q.dtype == torch.float32
+    args = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2))
     o_args = (out.stride(0), out.stride(1), out.stride(2))
-    if p.two_phase:
-        br, sc, dc, rwarps = rescore or _rescore_config(br, p.config[1], p.d)
-        score_topk_fwd_kernel_rescore[(triton.cdiv(p.rows, br), p.b * p.h)](
-            q, k, ws_v, ws_i, out, out if shift is None else shift, q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2), *o_args, p.tk, p.rows, p.splits,
-            H=p.h, G=p.g, D=p.d, DC=dc, TOPK=top_k, KP=kp, BR=br, BC=bc, BN=p.config[1], SC=sc,
-            SHIFT=shift is not None, num_warps=rwarps,
+    consts = {
+        "H": h, "G": g, "D": d, "TOPK": top_k, "KP": kp, "BM": bm, "BN": bn, "IEEE": ieee, "SHIFT": shift is not None,
+        "TWO_PHASE": two_phase, "num_warps": warps, "num_stages": stages,
+    }  # fmt: skip
+    if splits == 1 and not two_phase:
+        score_topk_fwd_kernel_scan[(n_m, 1, b * h)](
+            q, k, out, out, out, shift_arg, *args, *o_args, tk, rows, 1, keys_per_split, SPLIT=False, **consts
+        )
+        return out
+    # each split's best (score, key) or, in two phases, (tile maximum, tile) per row
+    ws_v = torch.empty((b * h, rows, splits, top_k), dtype=torch.float32, device=q.device)
+    ws_i = torch.empty((b * h, rows, splits, top_k), dtype=torch.int32, device=q.device)
+    score_topk_fwd_kernel_scan[(n_m, splits, b * h)](
+        q, k, out, ws_v, ws_i, shift_arg, *args, *o_args, tk, rows, splits, keys_per_split, SPLIT=True, **consts
+    )
+    bc = min(32 if interpreting() else 256, triton.next_power_of_2(splits * top_k))
+    br = min(16, triton.next_power_of_2(rows))
+    if two_phase:
+        br, sc, dc, rwarps = rescore or _rescore_config(br, bn, d)
+        score_topk_fwd_kernel_rescore[(triton.cdiv(rows, br), b * h)](
+            q, k, ws_v, ws_i, out, shift_arg, *args, *o_args, tk, rows, splits,
+            H=h, G=g, D=d, DC=dc, TOPK=top_k, KP=kp, BR=br, BC=bc, BN=bn, SC=sc, SHIFT=shift is not None,
+            num_warps=rwarps,
         )  # fmt: skip
         return out
-    score_topk_fwd_kernel_merge[(triton.cdiv(p.rows, br), p.b * p.h)](
-        ws_v, ws_i, out, *o_args, p.rows, p.splits, H=p.h, G=p.g, TOPK=top_k, KP=kp, BR=br, BC=bc, num_warps=4
+    score_topk_fwd_kernel_merge[(triton.cdiv(rows, br), b * h)](
+        ws_v, ws_i, out, *o_args, rows, splits, H=h, G=g, TOPK=top_k, KP=kp, BR=br, BC=bc, num_warps=4
     )
     return out
-
-
-def score_topk_partials(
-    q: torch.Tensor, k: torch.Tensor, top_k: int, *, length: int | None = None, shift: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor, int] | None:
-    """The split scan of a decode-size query alone, for a consumer that merges the partial sets
-    itself (the fused decode selection, `reattention_kernels.triton_ops.select`).
-
-    Returns ``(ws_v, ws_i, splits)``, the workspace of `_scan`, or ``None`` where `score_topk_fwd`
-    would not take one pass over several key splits (prefill-size queries, short middles, empty
-    inputs): the caller then takes the unfused ops.
-    """
-    p = _plan(q, k, top_k, length, None, None, None)
-    if p.two_phase or p.splits == 1 or p.tk_grid == 0 or p.b == 0 or p.tq == 0 or (p.tk == 0 and shift is None):
-        return None
-    q, k = _prepare(q, k)
-    # the scan's unsplit store target; never written when splitting
-    out = torch.empty((1, 1, 1, 1), dtype=torch.int64, device=q.device)
-    ws_v, ws_i = _scan(q, k, top_k, p, out, shift, split=True)
-    return ws_v, ws_i, p.splits
 
 
 def score_topk_triton(

@@ -20,3 +20,14 @@ pytest.importorskip("triton")
 @pytest.fixture
 def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(params=["default", "histogram"])
+def selection_path(request, monkeypatch) -> str:
+    """Both paths of the Triton selection: by default pairwise votes in one program up to
+    ``SMALL_HITS`` hits and the histogram above; then the histogram for every size."""
+    if request.param == "histogram":
+        from reattention_kernels.triton_ops import select
+
+        monkeypatch.setattr(select, "SMALL_HITS", 0)
+    return request.param

@@ -29,24 +29,13 @@ CASES = [
     (1, 10, 50, 6, 1, 10, 1.0, 7),  # no hit at all
     (1, 2000, 3000, 32, 4, 500, 0.05, 3),  # three rounds of tile reduction (16 tiles, then 4, then 1)
     (2, 1, 40, 32, 8, 1, 0.0, 0),  # a single hit
-    (1, 256, 400, 32, 32, 30, 0.1, 0),  # Llama-3.1-8B's decode step (32 heads x top-8): the most the small path takes
-    (2, 200, 1000, 32, 16, 150, 0.0, 32),  # many distinct hits, clipped
+    (1, 256, 400, 32, 32, 30, 0.1, 0),  # Llama-3.1-8B's decode step (32 heads x top-8)
+    (2, 64, 1000, 16, 16, 50, 0.0, 32),  # the most hits the one-program path takes, more distinct ones than blocks
 ]
 
 
-@pytest.fixture(params=["default", "histogram"])
-def path(request, monkeypatch) -> str:
-    """Both kernel paths: by default pairwise votes in one program up to SMALL_HITS hits, the
-    histogram above; then the histogram for every size."""
-    from reattention_kernels.triton_ops import select
-
-    if request.param == "histogram":
-        monkeypatch.setattr(select, "SMALL_HITS", 0)
-    return request.param
-
-
 @pytest.mark.parametrize("b, n, middle, max_blocks, block, distinct, empty, offset", CASES)
-def test_fused_selection_equals_the_reference(device, path, b, n, middle, max_blocks, block, distinct, empty, offset):
+def test_fused_selection_equals_the_reference(device, selection_path, b, n, middle, max_blocks, block, distinct, empty, offset):
     for seed in range(3):
         hits = random_hits(b, n, middle, distinct=distinct, empty=empty, seed=seed, device=device)
         sel, n_sel = select_from_hits(hits, middle, max_blocks, block, offset, backend="triton")

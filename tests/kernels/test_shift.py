@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from reattention_kernels import scope_attention, score_select, score_topk, select_from_hits
+from reattention_kernels import scope_attention, score_topk, select_from_hits
 from reattention_kernels.reference import scope_attention_ref, score_topk_ref, select_from_hits_ref
 from reattention_kernels.triton_ops.topk import score_topk_fwd
 
@@ -31,26 +31,8 @@ def test_shifted_topk_scores_the_grown_middle_only(device, s, splits):
     assert torch.equal(score_topk(q, k, 4, length=length, shift=_shift(s, device), backend="reference"), want)
 
 
-@pytest.mark.parametrize("tq", [1, 40])
-@pytest.mark.parametrize("s", [0, 1, 37])
-def test_shifted_score_select_scores_and_clips_at_the_grown_middle(device, s, tq):
-    """The fused decode step (tq 1) and the two ops (a prefill chunk) at a shifted length."""
-    g = torch.Generator().manual_seed(s)
-    cap, length = 600, 300
-    q = torch.randn(1, tq, 6, 64, generator=g).to(device)
-    k = torch.randn(1, cap, 2, 64, generator=g).to(device)
-    k[:, length + s :] = q[:, :1, :1].reshape(1, 1, 1, 64) * 10
-    k[:, length + s - 1] = q[0, 0, 0] * 5  # the best key is the last one: its block is clipped there
-    got = score_select(q, k, 4, 8, 16, 32, length=length, shift=_shift(s, device), backend="triton")
-    hits = score_topk_ref(q, k[:, : length + s], 4).reshape(1, -1)
-    want = select_from_hits_ref(hits, length + s, 8, 16, 32)
-    assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
-    ref = score_select(q, k, 4, 8, 16, 32, length=length, shift=_shift(s, device), backend="reference")
-    assert torch.equal(ref[0], want[0]) and torch.equal(ref[1], want[1])
-
-
 @pytest.mark.parametrize("s", [0, 3, 120])
-def test_shifted_selection_clips_blocks_to_the_grown_middle(device, s):
+def test_shifted_selection_clips_blocks_to_the_grown_middle(device, s, selection_path):
     g = torch.Generator().manual_seed(s)
     middle, cap = 300, 600
     grown = middle + s
