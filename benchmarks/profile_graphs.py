@@ -7,6 +7,7 @@ device time per step.
 
     python3 benchmarks/profile_graphs.py $M --tokens 131072 --chunks 8 --steps 16 --out $OUT/graphs-128k.json
     python3 benchmarks/profile_graphs.py $M --tokens 1048576 --synthetic --out $OUT/graphs-1m.json
+    python3 benchmarks/profile_graphs.py --model llama8b-random --tokens 131072 --synthetic --out $OUT/graphs-8b.json
 
 The context before the profiled steps is either prefilled for real (random token ids, through the
 prefill graph; the default) or, with ``--synthetic``, written straight into the KV store as random
@@ -30,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_engine import environment, key_read_floor, sync
+from bench_engine import environment, key_read_floor, llama8b_random, sync
 from profile_step import cuda_kernel_times
 
 from reattention_core import ReAttentionCache, ReAttentionEngine
@@ -90,7 +91,9 @@ def profiled(graph: StepGraph, make_ids, steps: int, top: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, help="model directory (default: the embedded SmolLM2-135M)")
+    ap.add_argument("--model", default=None,
+                    help="model directory (default: the embedded SmolLM2-135M), or llama8b-random (Llama-3.1-8B "
+                    "shapes, random bf16 weights)")  # fmt: skip
     ap.add_argument("--gguf-file", default=None)
     ap.add_argument("--tokens", type=int, default=131072, help="context before the profiled steps")
     ap.add_argument("--chunks", type=int, default=8, help="prefill chunks profiled (0: none)")
@@ -103,7 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         ap.error("this profiles CUDA graphs: it needs a GPU")
 
-    engine = ReAttentionEngine.from_pretrained(args.model, gguf_file=args.gguf_file, cache=False)
+    if args.model == "llama8b-random":
+        engine = llama8b_random("cuda")
+    else:
+        engine = ReAttentionEngine.from_pretrained(args.model, gguf_file=args.gguf_file, cache=False)
     model, cfg = engine.model, engine.config
     chunk = cfg.prefill_chunk_size
     param = next(model.parameters())
