@@ -130,10 +130,14 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--tag", default=None, help="file suffix (default: device name)")
     ap.add_argument("--skip-tests", action="store_true", help="time without the correctness gate")
-    ap.add_argument("--sweep", action="store_true", help="also time block configurations and split counts")
+    ap.add_argument("--sweep", nargs="*", choices=["topk", "attention"], default=None,
+                    help="also time block configurations and split counts of these kernels (default: both)")
     ap.add_argument("--sweep-only", action="store_true", help="time only the sweep (implies --sweep)")
     args = ap.parse_args()
-    args.sweep = args.sweep or args.sweep_only
+    if args.sweep_only and args.sweep is None:
+        args.sweep = []
+    if args.sweep is not None and not args.sweep:
+        args.sweep = ["topk", "attention"]
 
     env = ensure_importable()
     import torch
@@ -201,7 +205,7 @@ def main() -> None:
         except Exception as exc:  # noqa: BLE001  (a config that does not fit the chip is reported, not fatal)
             return {"error": f"{type(exc).__name__}: {str(exc)[:120]}"}
 
-    if args.sweep:
+    if args.sweep and "topk" in args.sweep:
         # tuning aid; the package's defaults (`_config` in each op) come from runs of this sweep
         for model, (hq, h, d) in MODELS.items():
             for tq, tk in () if args.sweep_only else ((2048, 131072), (512, 32768)):
@@ -222,6 +226,18 @@ def main() -> None:
                         bw = {"GBps": round(tk * h * d * 2 / t["graph_ms"] / 1e6, 1)} if "graph_ms" in t else {}
                         emit(kind="sweep_topk_decode", model=model, TK=tk, top_k=top_k, config=cfg,
                              splits=splits or "auto", **t, **bw)  # fmt: skip
+    if args.sweep and "attention" in args.sweep:
+        # prefill chunks over a scope: the embedded preset's (256 queries, 1,312 positions) and a Llama-8B-shaped
+        # engine's default (512 queries, 16K positions); TFLOP/s counts the visible (query, key) pairs
+        for model, tq, scope in (("SmolLM2-135M", 256, 1312), ("Llama-3.1-8B", 512, 16388)):
+            hq, h, d = MODELS[model]
+            q, kst, vst, sel, n_sel, kw = scope_case(model, tq, scope, t_store=65536)
+            pairs = tq * (scope - tq) + tq * (tq + 1) // 2
+            for cfg in (None, (64, 64, 4, 2), (64, 64, 4, 3), (64, 128, 4, 2), (64, 32, 4, 3), (128, 64, 8, 2),
+                        (128, 64, 8, 3), (128, 32, 8, 3), (128, 128, 8, 2), (64, 64, 8, 3)):  # fmt: skip
+                t = graph(partial(scope_attention_fwd, q, kst, vst, sel, n_sel, config=cfg, **kw))
+                tf = {"TFLOPs": round(4 * pairs * hq * d / t["graph_ms"] / 1e9, 1)} if "graph_ms" in t else {}
+                emit(kind="sweep_scope_prefill", model=model, TQ=tq, scope=scope, config=cfg or "default", **t, **tf)
     if args.sweep_only:
         return
 
