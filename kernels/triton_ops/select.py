@@ -162,17 +162,6 @@ def _select_small(hits, sel, n_sel, shift, stride_hb, N, M, K, W, offset, NP: tl
     _write_blocks(kept, sel, n_sel, i_b, M, K, W, offset, BLOCK, KP, BS, BSP)
 
 
-def _outputs(b: int, width: int, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.empty((b, width), dtype=torch.int64, device=dev), torch.empty((b,), dtype=torch.int64, device=dev)
-
-
-def _tile(kk: int, block_size: int) -> tuple[int, int]:
-    kp, bsp = triton.next_power_of_2(kk), triton.next_power_of_2(block_size)
-    if kp * bsp > MAX_TILE:
-        raise ValueError(f"max_blocks x block_size tile {kp}x{bsp} is over {MAX_TILE}; use the reference")
-    return kp, bsp
-
-
 def _pad_block(width: int) -> int:
     return min(128 if interpreting() else _BLOCK, triton.next_power_of_2(width))
 
@@ -209,7 +198,9 @@ def select_from_hits_triton(
         return torch.full((b, width), offset, dtype=torch.int64, device=dev), torch.zeros(
             (b,), dtype=torch.int64, device=dev
         )
-    kp, bsp = _tile(kk, block_size)
+    kp, bsp = triton.next_power_of_2(kk), triton.next_power_of_2(block_size)
+    if kp * bsp > MAX_TILE:
+        raise ValueError(f"max_blocks x block_size tile {kp}x{bsp} is over {MAX_TILE}; use the reference")
     if shift is None:
         mc = middle_len
     elif max_middle_len is None or max_middle_len < middle_len:
@@ -218,7 +209,8 @@ def select_from_hits_triton(
         mc = max_middle_len
     hits = hits.to(torch.int64).contiguous()
     shift_arg = hits if shift is None else shift  # any tensor: the kernels read it only with SHIFT
-    sel, n_sel = _outputs(b, width, dev)
+    sel = torch.empty((b, width), dtype=torch.int64, device=dev)
+    n_sel = torch.empty((b,), dtype=torch.int64, device=dev)
     if n <= SMALL_HITS:
         np_ = triton.next_power_of_2(n)
         _select_small[(b,)](
