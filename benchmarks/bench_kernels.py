@@ -1,6 +1,7 @@
 """Benchmark the Triton kernels on a CUDA GPU (correctness gate first).
 
-    python benchmarks/bench_kernels.py [--out benchmarks/results] [--tag h100] [--skip-tests] [--sweep | --sweep-only]
+    python benchmarks/bench_kernels.py [--out benchmarks/results] [--tag h100] [--skip-tests] [--sweep [PART ...]]
+                                       [--sweep-only]
 
 1. Runs ``pytest tests/kernels`` (the GPU cases included) and refuses to time anything if it fails.
 2. Measures the device's practical rooflines in the same process: a device-to-device copy (bytes
@@ -17,8 +18,9 @@
    c. scope attention, decode and prefill (TQ 512) over ~1.3K and ~8K scopes, against torch SDPA
       on an already-gathered, already-rotated copy of the same scope, and against the unfused
       torch pipeline (gather + RoPE + SDPA).
-   ``--sweep`` first times a few block configurations and split counts (a tuning aid);
-   ``--sweep-only`` times only those (and the rooflines).
+   ``--sweep [topk-prefill topk-decode attention]`` first times a few block configurations and
+   split counts of those parts (all three when none is named; a tuning aid); ``--sweep-only``
+   times only the sweep (and the rooflines).
 4. Writes ``kernels-<tag>.json`` (one JSON object per line) and ``kernels-<tag>.md`` under ``--out``.
 """
 
@@ -39,6 +41,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = {"SmolLM2-135M": (9, 3, 64), "Llama-3.1-8B": (32, 8, 128)}
 HBM_NOMINAL = {"H100": 3350.0, "H200": 4800.0}  # GB/s, SXM datasheet values
+SWEEPS = ("topk-prefill", "topk-decode", "attention")
 
 
 def ensure_importable() -> dict[str, str]:
@@ -75,6 +78,38 @@ def git_rev() -> str:
         return os.environ.get("GIT_REV", "unknown")
 
 
+def capture_graph(fn):
+    """A CUDA graph of ``fn``, recorded after one warm-up call on a side stream (Triton compiles there)."""
+    import torch
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
+def replay_ms(graph, reps: int = 30, flush=None) -> float:
+    """Median GPU milliseconds of ``reps`` replays of ``graph``; ``flush`` (a large tensor) is zeroed
+    before each one to empty the L2."""
+    import torch
+
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for start, end in events:
+        if flush is not None:
+            flush.zero_()
+        start.record()
+        graph.replay()
+        end.record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in events)
+
+
 class Timer:
     """CUDA-graph and eager timings with the L2 flushed before every run."""
 
@@ -83,25 +118,7 @@ class Timer:
         self.flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
 
     def graph_ms(self, fn, reps: int = 30) -> float:
-        torch = self.torch
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            fn()  # compile and warm up off the capture
-        torch.cuda.current_stream().wait_stream(side)
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-        for start, end in events:
-            self.flush.zero_()
-            start.record()
-            graph.replay()
-            end.record()
-        torch.cuda.synchronize()
-        del graph
-        return statistics.median(s.elapsed_time(e) for s, e in events)
+        return replay_ms(capture_graph(fn), reps, self.flush)
 
     def eager_ms(self, fn) -> float:
         from triton.testing import do_bench
@@ -130,14 +147,12 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--tag", default=None, help="file suffix (default: device name)")
     ap.add_argument("--skip-tests", action="store_true", help="time without the correctness gate")
-    ap.add_argument("--sweep", nargs="*", choices=["topk", "attention"], default=None,
-                    help="also time block configurations and split counts of these kernels (default: both)")
+    ap.add_argument("--sweep", nargs="*", choices=SWEEPS, default=None, metavar="PART",
+                    help=f"also time block configurations and split counts of these parts, of {', '.join(SWEEPS)} "
+                    "(default: all)")  # fmt: skip
     ap.add_argument("--sweep-only", action="store_true", help="time only the sweep (implies --sweep)")
     args = ap.parse_args()
-    if args.sweep_only and args.sweep is None:
-        args.sweep = []
-    if args.sweep is not None and not args.sweep:
-        args.sweep = ["topk", "attention"]
+    sweep = set(args.sweep or SWEEPS) if args.sweep is not None or args.sweep_only else set()
 
     env = ensure_importable()
     import torch
@@ -205,15 +220,16 @@ def main() -> None:
         except Exception as exc:  # noqa: BLE001  (a config that does not fit the chip is reported, not fatal)
             return {"error": f"{type(exc).__name__}: {str(exc)[:120]}"}
 
-    if args.sweep and "topk" in args.sweep:
-        # tuning aid; the package's defaults (`_config` in each op) come from runs of this sweep
-        for model, (hq, h, d) in MODELS.items():
-            for tq, tk in () if args.sweep_only else ((2048, 131072), (512, 32768)):
+    # tuning aid; the package's defaults (`_config` in each op) come from runs of this sweep
+    for model, (hq, h, d) in MODELS.items():
+        if "topk-prefill" in sweep:
+            for tq, tk in ((2048, 131072), (512, 32768)):
                 k, q = middle(tk, h, d), randn(1, tq, hq, d)
                 for cfg in ((64, 128, 4, 3), (32, 128, 4, 3), (64, 256, 4, 3), (64, 128, 4, 4), (64, 128, 8, 3)):
                     t = graph(partial(score_topk_fwd, q, k, 8, config=cfg))
                     tf = {"TFLOPs": round(2 * tq * hq * tk * d / t["graph_ms"] / 1e9, 1)} if "graph_ms" in t else {}
                     emit(kind="sweep_topk_prefill", model=model, TQ=tq, TK=tk, config=cfg, **t, **tf)
+        if "topk-decode" in sweep:
             # decode: the default (None) and 1, 3 and 4 programs per SM; top-k as the model's preset has it
             top_k = 4 if h == 3 else 8
             split_counts = (None, *(triton.cdiv(n * meta["sms"], h) for n in (1, 3, 4)))
@@ -226,7 +242,7 @@ def main() -> None:
                         bw = {"GBps": round(tk * h * d * 2 / t["graph_ms"] / 1e6, 1)} if "graph_ms" in t else {}
                         emit(kind="sweep_topk_decode", model=model, TK=tk, top_k=top_k, config=cfg,
                              splits=splits or "auto", **t, **bw)  # fmt: skip
-    if args.sweep and "attention" in args.sweep:
+    if "attention" in sweep:
         # prefill chunks over a scope: the embedded preset's (256 queries, 1,312 positions) and a Llama-8B-shaped
         # engine's default (512 queries, 16K positions); TFLOP/s counts the visible (query, key) pairs
         for model, tq, scope in (("SmolLM2-135M", 256, 1312), ("Llama-3.1-8B", 512, 16388)):

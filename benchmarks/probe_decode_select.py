@@ -17,71 +17,45 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import statistics
+import os
 import sys
 from functools import partial
 from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_engine import selecting
+from bench_kernels import capture_graph, replay_ms
+from profile_step import cuda_kernel_times
+
 SHAPES = {"SmolLM2-135M": (9, 3, 64, 4), "Llama-3.1-8B": (32, 8, 128, 8)}
 
 
 @contextlib.contextmanager
 def path(how: str, warps: int):
+    """`bench_engine.selecting`, with ``warps`` in the one-program kernels."""
     from reattention_kernels.triton_ops import select
 
-    saved = select.SMALL_HITS, select.SMALL_WARPS, select.BLOCKS_WARPS
+    saved = select.SMALL_WARPS, select.BLOCKS_WARPS
     select.SMALL_WARPS = select.BLOCKS_WARPS = warps
-    if how == "histogram":
-        select.SMALL_HITS = 0
     try:
-        yield
+        with selecting(how):
+            yield
     finally:
-        select.SMALL_HITS, select.SMALL_WARPS, select.BLOCKS_WARPS = saved
+        select.SMALL_WARPS, select.BLOCKS_WARPS = saved
 
 
-def graph_of(fn):
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return g
-
-
-def replay_ms(g, reps: int = 50, flush: torch.Tensor | None = None) -> float:
-    times = []
-    for _ in range(reps):
-        if flush is not None:
-            flush.zero_()
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        g.replay()
-        e.record()
-        torch.cuda.synchronize()
-        times.append(s.elapsed_time(e))
-    return statistics.median(times)
-
-
-def kernels(g, reps: int = 20) -> dict[str, float]:
-    """Device ms per replay of each kernel."""
+def kernels(graph, reps: int = 20) -> dict[str, float]:
+    """Device ms per replay of each kernel, largest first."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CUDA]) as trace:
         for _ in range(reps):
-            g.replay()
+            graph.replay()
         torch.cuda.synchronize()
-    out: dict[str, float] = {}
-    for ev in prof.key_averages():
-        t = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
-        if t and ev.count:
-            out[ev.key[:60]] = round(t / reps / 1000, 4)
-    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+    times, _ = cuda_kernel_times(trace, name=lambda raw: raw[:60])
+    return {k: round(us / reps / 1000, 4) for k, us in sorted(times.items(), key=lambda kv: -kv[1])}
 
 
 def main() -> int:
@@ -93,8 +67,6 @@ def main() -> int:
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
-    import os
-
     import triton
 
     from reattention_kernels import score_topk, select_from_hits
@@ -121,14 +93,14 @@ def main() -> int:
                     outs.append(step())
             row = {"model": model, "tokens": tk, "hits": hq * top_k, **meta}
             row["same_outputs"] = all(torch.equal(a, b) for a, b in zip(outs[0], outs[1]))
-            row["scoring_ms"] = round(replay_ms(graph_of(scoring)), 4)
+            row["scoring_ms"] = round(replay_ms(capture_graph(scoring), 50), 4)
             for how in ("default", "histogram"):
                 for warps in args.warps:
                     with path(how, warps):
-                        g = graph_of(step)
+                        g = capture_graph(step)
                     name = f"{how}_w{warps}"
-                    row[f"{name}_ms"] = round(replay_ms(g), 4)
-                    row[f"{name}_ms_l2_flushed"] = round(replay_ms(g, flush=flush), 4)
+                    row[f"{name}_ms"] = round(replay_ms(g, 50), 4)
+                    row[f"{name}_ms_l2_flushed"] = round(replay_ms(g, 50, flush), 4)
                     row[f"{name}_kernels"] = kernels(g)
             print(json.dumps(row), flush=True)
             if args.out:

@@ -35,7 +35,9 @@ CASES = [
 
 
 @pytest.mark.parametrize("b, n, middle, max_blocks, block, distinct, empty, offset", CASES)
-def test_fused_selection_equals_the_reference(device, selection_path, b, n, middle, max_blocks, block, distinct, empty, offset):
+def test_fused_selection_equals_the_reference(
+    device, selection_path, b, n, middle, max_blocks, block, distinct, empty, offset
+):
     for seed in range(3):
         hits = random_hits(b, n, middle, distinct=distinct, empty=empty, seed=seed, device=device)
         sel, n_sel = select_from_hits(hits, middle, max_blocks, block, offset, backend="triton")
