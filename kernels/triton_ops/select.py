@@ -1,4 +1,4 @@
-"""Fused block selection from top-k hits: votes, clip and blocks in one to four launches.
+"""Fused block selection from top-k hits: votes, clip and blocks in one launch for a decode step, a few for a chunk.
 
 The reference (`reattention_kernels.reference.select`) is about 25 small torch ops, two of them
 sorts: about 1 ms of host time per layer step on an H100 host, more than the scoring kernel
