@@ -1,0 +1,269 @@
+"""Where the prefill scope attention's time goes: ablations of its kernel at one shape (a design aid).
+
+    python benchmarks/probe_scope_attention.py [--model llama8b|smollm2] [--out FILE.jsonl] [--check]
+
+The package's kernel (`reattention_kernels.triton_ops.attention`) is timed beside a copy of its
+inner loop with switches, on the same inputs, as CUDA-graph replays with the L2 flushed:
+
+* ``rope``: how each key tile is rotated. ``half`` (the package: two half-rows in fp32, two
+  ``D/2`` dots), ``full`` (whole rows, the rotated half loaded a second time, one ``D`` dot),
+  ``full16`` (the same in the input dtype, as transformers rounds), ``none`` (no rotation: the cost
+  of RoPE on the fly), ``pre`` (keys rotated beforehand into a scope-ordered workspace by a second
+  kernel, whose time is included: the design the issue rules out, as a bound);
+* ``gather``: scope rows read through the index (the package) or, as a bound, a contiguous range;
+* block shape ``(BM, BN, warps, stages)``.
+
+``torch.nn.functional.scaled_dot_product_attention`` on an already-gathered, already-rotated scope
+(query heads expanded, no mask: the last ``TQ`` causal pairs are a few percent of the work) is the
+flash-attention reference. TFLOP/s counts the visible (query, key) pairs, as bench_kernels does.
+``--check`` compares every variant's output with the package kernel's first (any device; under
+``TRITON_INTERPRET=1`` on a CPU with tiny shapes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from functools import partial
+from pathlib import Path
+
+import torch
+import triton
+import triton.language as tl
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_kernels import ensure_importable, git_rev  # noqa: E402
+
+ensure_importable()
+from reattention_kernels.triton_ops.attention import cached_rope_table, scope_attention_fwd  # noqa: E402
+
+SHAPES = {  # (HQ, H, D, TQ, scope, store)
+    "llama8b": (32, 8, 128, 512, 16416, 131072),
+    "smollm2": (9, 3, 64, 256, 1312, 131072),
+    "tiny": (4, 2, 64, 16, 80, 256),
+}
+
+
+@triton.jit
+def _prerotate(k, sel_idx, cos_t, sin_t, ws, L, sink_len, n_sel, local_start, stride_kt, stride_kh,
+               H: tl.constexpr, D: tl.constexpr, BP: tl.constexpr):  # fmt: skip
+    """Rotated keys of scope positions ``[i*BP, i*BP+BP)`` of one head into ``ws [H, L, D]``."""
+    HALF: tl.constexpr = D // 2
+    i_p, i_h = tl.program_id(0), tl.program_id(1)
+    o_p = i_p * BP + tl.arange(0, BP)
+    m_p = o_p < L
+    o_h = tl.arange(0, HALF)
+    m_sel = (o_p >= sink_len) & (o_p < sink_len + n_sel) & m_p
+    b_sel = tl.load(sel_idx + (o_p - sink_len), mask=m_sel, other=0).to(tl.int64)
+    o_tok = tl.where(o_p < sink_len, o_p.to(tl.int64), tl.where(m_sel, b_sel, local_start + o_p - sink_len - n_sel))
+    p_k = k + o_tok[:, None] * stride_kt + i_h * stride_kh + o_h[None, :]
+    b_k1 = tl.load(p_k, mask=m_p[:, None], other=0.0).to(tl.float32)
+    b_k2 = tl.load(p_k + HALF, mask=m_p[:, None], other=0.0).to(tl.float32)
+    o_c = o_p.to(tl.int64)[:, None] * HALF + o_h[None, :]
+    b_c = tl.load(cos_t + o_c, mask=m_p[:, None], other=0.0).to(tl.float32)
+    b_s = tl.load(sin_t + o_c, mask=m_p[:, None], other=0.0).to(tl.float32)
+    p_w = ws + (i_h * L + o_p.to(tl.int64))[:, None] * D + o_h[None, :]
+    tl.store(p_w, (b_k1 * b_c - b_k2 * b_s).to(ws.dtype.element_ty), mask=m_p[:, None])
+    tl.store(p_w + HALF, (b_k2 * b_c + b_k1 * b_s).to(ws.dtype.element_ty), mask=m_p[:, None])
+
+
+@triton.jit
+def _variant(q, k, v, ws, sel_idx, cos_t, sin_t, o, stride_qt, stride_qh, stride_kt, stride_kh, TQ, L, sink_len, n_sel,
+             local_start, R, scale_log2, H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BM: tl.constexpr,
+             BN: tl.constexpr, ROPE: tl.constexpr, GATHER: tl.constexpr):  # fmt: skip
+    """One batch row; ROPE 0 none, 1 half rows fp32, 2 full rows fp32, 3 full rows in dtype, 4 pre-rotated."""
+    HALF: tl.constexpr = D // 2
+    i_m, i_h = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    dtype = q.dtype.element_ty
+    o_r = i_m * BM + tl.arange(0, BM)
+    m_r = o_r < R
+    o_t = o_r // G
+    o_hq = i_h * G + (o_r % G)
+    o_hf = tl.arange(0, HALF)
+    o_d = tl.arange(0, D)
+    o_sw = (o_d + HALF) % D  # rotate_half: the other half of the row ...
+    sgn = tl.where(o_d < HALF, -1.0, 1.0)  # ... with the first half negated
+    o_c = tl.arange(0, BN)
+    b_qpos = L - TQ + o_t
+    p_q = q + o_t.to(tl.int64)[:, None] * stride_qt + o_hq[:, None] * stride_qh
+    b_qf = tl.load(p_q + o_d[None, :], mask=m_r[:, None], other=0.0).to(tl.float32)
+    b_qs = tl.load(p_q + o_sw[None, :], mask=m_r[:, None], other=0.0).to(tl.float32)
+    o_tq = b_qpos.to(tl.int64)[:, None] * HALF + (o_d % HALF)[None, :]
+    b_cq = tl.load(cos_t + o_tq, mask=m_r[:, None], other=0.0).to(tl.float32)
+    b_sq = tl.load(sin_t + o_tq, mask=m_r[:, None], other=0.0).to(tl.float32)
+    b_qr = (b_qf * b_cq + sgn[None, :] * b_qs * b_sq).to(dtype)
+    b_q1 = tl.load(p_q + o_hf[None, :], mask=m_r[:, None], other=0.0).to(tl.float32)
+    b_q2 = tl.load(p_q + HALF + o_hf[None, :], mask=m_r[:, None], other=0.0).to(tl.float32)
+    o_tqh = b_qpos.to(tl.int64)[:, None] * HALF + o_hf[None, :]
+    b_cqh = tl.load(cos_t + o_tqh, mask=m_r[:, None], other=0.0).to(tl.float32)
+    b_sqh = tl.load(sin_t + o_tqh, mask=m_r[:, None], other=0.0).to(tl.float32)
+    b_q1r = (b_q1 * b_cqh - b_q2 * b_sqh).to(dtype)
+    b_q2r = (b_q2 * b_cqh + b_q1 * b_sqh).to(dtype)
+
+    t_hi = tl.minimum((i_m * BM + BM - 1) // G, TQ - 1)
+    p_hi = L - TQ + t_hi + 1
+    k_base = k + i_h * stride_kh
+    v_base = v + i_h * stride_kh
+    b_m = tl.full([BM], float("-inf"), dtype=tl.float32)
+    b_l = tl.zeros([BM], dtype=tl.float32)
+    b_acc = tl.zeros([BM, D], dtype=tl.float32)
+    for p0 in range(0, p_hi, BN):
+        o_p = p0 + o_c
+        m_p = o_p < p_hi
+        if GATHER:
+            m_sel = (o_p >= sink_len) & (o_p < sink_len + n_sel) & m_p
+            b_sel = tl.load(sel_idx + (o_p - sink_len), mask=m_sel, other=0).to(tl.int64)
+            o_tok = tl.where(o_p < sink_len, o_p.to(tl.int64), tl.where(m_sel, b_sel, local_start + o_p - sink_len - n_sel))
+        else:
+            o_tok = (local_start - L + o_p).to(tl.int64)
+        p_k = k_base + o_tok[:, None] * stride_kt
+        if ROPE == 1:
+            b_k1 = tl.load(p_k + o_hf[None, :], mask=m_p[:, None], other=0.0).to(tl.float32)
+            b_k2 = tl.load(p_k + HALF + o_hf[None, :], mask=m_p[:, None], other=0.0).to(tl.float32)
+            o_tk = o_p.to(tl.int64)[:, None] * HALF + o_hf[None, :]
+            b_ck = tl.load(cos_t + o_tk, mask=m_p[:, None], other=0.0).to(tl.float32)
+            b_sk = tl.load(sin_t + o_tk, mask=m_p[:, None], other=0.0).to(tl.float32)
+            b_s = tl.dot(b_q1r, tl.trans((b_k1 * b_ck - b_k2 * b_sk).to(dtype)))
+            b_s = tl.dot(b_q2r, tl.trans((b_k2 * b_ck + b_k1 * b_sk).to(dtype)), b_s)
+        elif ROPE == 4:
+            p_w = ws + (i_h * L + o_p.to(tl.int64))[:, None] * D + o_d[None, :]
+            b_s = tl.dot(b_qr, tl.trans(tl.load(p_w, mask=m_p[:, None], other=0.0)))
+        else:
+            b_k = tl.load(p_k + o_d[None, :], mask=m_p[:, None], other=0.0)
+            if ROPE == 0:
+                b_kr = b_k
+            else:
+                b_ks = tl.load(p_k + o_sw[None, :], mask=m_p[:, None], other=0.0)
+                o_tk = o_p.to(tl.int64)[:, None] * HALF + (o_d % HALF)[None, :]
+                b_ck = tl.load(cos_t + o_tk, mask=m_p[:, None], other=0.0)
+                b_sk = tl.load(sin_t + o_tk, mask=m_p[:, None], other=0.0)
+                if ROPE == 2:
+                    b_kr = (b_k.to(tl.float32) * b_ck.to(tl.float32) + sgn[None, :] * b_ks.to(tl.float32) * b_sk.to(tl.float32)).to(dtype)
+                else:
+                    b_kr = b_k * b_ck + (sgn[None, :].to(dtype) * b_ks) * b_sk
+            b_s = tl.dot(b_qr, tl.trans(b_kr.to(dtype)))
+        b_s = tl.where(m_p[None, :] & (o_p[None, :] <= b_qpos[:, None]), b_s * scale_log2, float("-inf"))
+        b_mn = tl.maximum(b_m, tl.max(b_s, 1))
+        b_p = tl.exp2(b_s - b_mn[:, None])
+        b_alpha = tl.exp2(b_m - b_mn)
+        b_l = b_l * b_alpha + tl.sum(b_p, 1)
+        b_v = tl.load(v_base + o_tok[:, None] * stride_kt + o_d[None, :], mask=m_p[:, None], other=0.0)
+        b_acc = tl.dot(b_p.to(dtype), b_v, b_acc * b_alpha[:, None])
+        b_m = b_mn
+    b_o = b_acc / b_l[:, None]
+    p_o = o + o_t.to(tl.int64)[:, None] * stride_qt + o_hq[:, None] * stride_qh + o_d[None, :]
+    tl.store(p_o, b_o.to(o.dtype.element_ty), mask=m_r[:, None])
+
+
+ROPES = {"none": 0, "half": 1, "full": 2, "full16": 3, "pre": 4}
+
+
+def variant(q, kst, vst, sel, ns, kw, rope: str, gather: bool, cfg):
+    _, tq, hq, d = q.shape
+    h = kst.shape[2]
+    g = hq // h
+    t = kst.shape[1]
+    L = kw["sink_len"] + ns + t - kw["local_start"]
+    cos_t, sin_t = cached_rope_table(kw["inv_freq"], L, kw["attention_scaling"], q.dtype, q.device)
+    o = torch.empty_like(q)
+    ws = q
+    if rope == "pre":
+        ws = torch.empty((h, L, d), dtype=q.dtype, device=q.device)
+        _prerotate[(triton.cdiv(L, 64), h)](
+            kst, sel, cos_t, sin_t, ws, L, kw["sink_len"], ns, kw["local_start"], kst.stride(1), kst.stride(2),
+            H=h, D=d, BP=64,
+        )  # fmt: skip
+    bm, bn, warps, stages = cfg
+    rows = tq * g
+    _variant[(triton.cdiv(rows, bm), h)](
+        q, kst, vst, ws, sel, cos_t, sin_t, o, q.stride(1), q.stride(2), kst.stride(1), kst.stride(2), tq, L,
+        kw["sink_len"], ns, kw["local_start"], rows, kw["scale"] * 1.4426950408889634,
+        H=h, G=g, D=d, BM=bm, BN=bn, ROPE=ROPES[rope], GATHER=gather, num_warps=warps, num_stages=stages,
+    )  # fmt: skip
+    return o
+
+
+def case(shape: str, dev: str):
+    hq, h, d, tq, scope, t = SHAPES[shape]
+    gen = torch.Generator(device=dev).manual_seed(0)
+    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+
+    def randn(*s):
+        return torch.randn(*s, generator=gen, device=dev, dtype=dtype)
+
+    sink = 32 if shape != "tiny" else 4
+    local = scope - sink - (scope - sink) // 2 if shape == "tiny" else {"llama8b": 8192, "smollm2": 256}[shape]
+    ns, local_start = scope - sink - local, t - local
+    sel = torch.randperm(local_start - sink, device=dev, generator=gen)[:ns].sort().values.add(sink)
+    inv_freq = 1.0 / (500000.0 ** (torch.arange(0, d, 2, device=dev).float() / d))
+    kw = {"sink_len": sink, "local_start": local_start, "inv_freq": inv_freq, "attention_scaling": 1.0, "scale": d**-0.5}
+    return randn(1, tq, hq, d), randn(1, t, h, d), randn(1, t, h, d), sel, ns, kw
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", choices=sorted(SHAPES), default="llama8b")
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--check", action="store_true", help="compare outputs with the package kernel's, do not time")
+    args = ap.parse_args()
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    q, kst, vst, sel, ns, kw = case(args.model, dev)
+    n_sel = torch.tensor([ns], device=dev)
+    package = partial(scope_attention_fwd, q, kst, vst, sel[None], n_sel, **kw)
+    cfgs = [(64, 64, 4, 2), (128, 64, 8, 2), (128, 128, 8, 2), (128, 64, 8, 3), (64, 128, 4, 3)]
+    if dev == "cpu":
+        cfgs = [(16, 16, 4, 1)]
+    runs = [(r, gth, c) for r in ROPES for gth in (True, False) for c in cfgs if gth or r in ("half", "none")]
+    if args.check:
+        ref = package()[0].float()
+        for rope, gth, cfg in runs:
+            if not gth:
+                continue
+            err = (variant(q, kst, vst, sel, ns, kw, rope, gth, cfg).float() - ref)
+            if rope == "none":
+                continue  # a different function on purpose
+            print(f"{rope:7s} gather={gth} {cfg}: max |diff| {err.abs().max().item():.3e}")
+            assert err.abs().max().item() < (5e-2 if dev == "cuda" else 1e-3), (rope, cfg)
+        return
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_kernels import Timer, gather_rotate
+
+    timer = Timer(torch)
+    hq, h, d, tq, scope, t = SHAPES[args.model]
+    pairs = tq * (scope - tq) + tq * (tq + 1) // 2
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "commit": git_rev(), "model": args.model, "TQ": tq, "scope": scope, "store": t}  # fmt: skip
+    rows = []
+
+    def emit(**row):
+        row = {**meta, **row}
+        if "graph_ms" in row:
+            row["TFLOPs"] = round(4 * pairs * hq * d / row["graph_ms"] / 1e9, 1)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    def time(fn):
+        try:
+            return {"graph_ms": round(timer.graph_ms(fn), 4)}
+        except Exception as exc:  # noqa: BLE001  (a shape that does not fit the chip is reported)
+            return {"error": f"{type(exc).__name__}: {str(exc)[:160]}"}
+
+    emit(kind="package", config="default", **time(package))
+    emit(kind="package", config="default, one split", **time(partial(package, splits=1)))
+    for cfg in cfgs:
+        emit(kind="package", config=list(cfg), splits=1, **time(partial(package, splits=1, config=cfg)))
+    for rope, gth, cfg in runs:
+        emit(kind="variant", rope=rope, gather=gth, config=list(cfg),
+             **time(partial(variant, q, kst, vst, sel, ns, kw, rope, gth, cfg)))  # fmt: skip
+    qg, kg, vg = gather_rotate(q, kst, vst, sel[None], kw)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    emit(kind="sdpa_gathered", **time(partial(sdpa, qg, kg, vg, scale=kw["scale"])))
+    if args.out:
+        with args.out.open("a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+if __name__ == "__main__":
+    main()
