@@ -33,10 +33,10 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_kernels import ensure_importable, git_rev  # noqa: E402
+from bench_kernels import ensure_importable, git_rev
 
 ensure_importable()
-from reattention_kernels.triton_ops.attention import cached_rope_table, scope_attention_fwd  # noqa: E402
+from reattention_kernels.triton_ops.attention import cached_rope_table, scope_attention_fwd
 
 SHAPES = {  # (HQ, H, D, TQ, scope, store)
     "llama8b": (32, 8, 128, 512, 16416, 131072),
@@ -114,7 +114,9 @@ def _variant(q, k, v, ws, sel_idx, cos_t, sin_t, o, stride_qt, stride_qh, stride
         if GATHER:
             m_sel = (o_p >= sink_len) & (o_p < sink_len + n_sel) & m_p
             b_sel = tl.load(sel_idx + (o_p - sink_len), mask=m_sel, other=0).to(tl.int64)
-            o_tok = tl.where(o_p < sink_len, o_p.to(tl.int64), tl.where(m_sel, b_sel, local_start + o_p - sink_len - n_sel))
+            o_tok = tl.where(
+                o_p < sink_len, o_p.to(tl.int64), tl.where(m_sel, b_sel, local_start + o_p - sink_len - n_sel)
+            )
         else:
             o_tok = (local_start - L + o_p).to(tl.int64)
         p_k = k_base + o_tok[:, None] * stride_kt
@@ -139,7 +141,10 @@ def _variant(q, k, v, ws, sel_idx, cos_t, sin_t, o, stride_qt, stride_qh, stride
                 b_ck = tl.load(cos_t + o_tk, mask=m_p[:, None], other=0.0)
                 b_sk = tl.load(sin_t + o_tk, mask=m_p[:, None], other=0.0)
                 if ROPE == 2:
-                    b_kr = (b_k.to(tl.float32) * b_ck.to(tl.float32) + sgn[None, :] * b_ks.to(tl.float32) * b_sk.to(tl.float32)).to(dtype)
+                    b_kr = (
+                        b_k.to(tl.float32) * b_ck.to(tl.float32)
+                        + sgn[None, :] * b_ks.to(tl.float32) * b_sk.to(tl.float32)
+                    ).to(dtype)
                 else:
                     b_kr = b_k * b_ck + (sgn[None, :].to(dtype) * b_ks) * b_sk
             b_s = tl.dot(b_qr, tl.trans(b_kr.to(dtype)))
@@ -197,7 +202,13 @@ def case(shape: str, dev: str):
     ns, local_start = scope - sink - local, t - local
     sel = torch.randperm(local_start - sink, device=dev, generator=gen)[:ns].sort().values.add(sink)
     inv_freq = 1.0 / (500000.0 ** (torch.arange(0, d, 2, device=dev).float() / d))
-    kw = {"sink_len": sink, "local_start": local_start, "inv_freq": inv_freq, "attention_scaling": 1.0, "scale": d**-0.5}
+    kw = {
+        "sink_len": sink,
+        "local_start": local_start,
+        "inv_freq": inv_freq,
+        "attention_scaling": 1.0,
+        "scale": d**-0.5,
+    }
     return randn(1, tq, hq, d), randn(1, t, h, d), randn(1, t, h, d), sel, ns, kw
 
 
@@ -220,7 +231,7 @@ def main() -> None:
         for rope, gth, cfg in runs:
             if not gth:
                 continue
-            err = (variant(q, kst, vst, sel, ns, kw, rope, gth, cfg).float() - ref)
+            err = variant(q, kst, vst, sel, ns, kw, rope, gth, cfg).float() - ref
             if rope == "none":
                 continue  # a different function on purpose
             print(f"{rope:7s} gather={gth} {cfg}: max |diff| {err.abs().max().item():.3e}")
@@ -231,7 +242,7 @@ def main() -> None:
     from bench_kernels import Timer, gather_rotate
 
     timer = Timer(torch)
-    hq, h, d, tq, scope, t = SHAPES[args.model]
+    hq, _, d, tq, scope, t = SHAPES[args.model]
     pairs = tq * (scope - tq) + tq * (tq + 1) // 2
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
             "commit": git_rev(), "model": args.model, "TQ": tq, "scope": scope, "store": t}  # fmt: skip
