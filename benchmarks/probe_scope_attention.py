@@ -47,8 +47,8 @@ SHAPES = {  # (HQ, H, D, TQ, scope, store)
 
 @triton.jit
 def _prerotate(k, sel_idx, cos_t, sin_t, ws, L, sink_len, n_sel, local_start, stride_kt, stride_kh,
-               H: tl.constexpr, D: tl.constexpr, BP: tl.constexpr):  # fmt: skip
-    """Rotated keys of scope positions ``[i*BP, i*BP+BP)`` of one head into ``ws [H, L, D]``."""
+               H: tl.constexpr, D: tl.constexpr, BP: tl.constexpr, V=None, VW=None, COPY_V: tl.constexpr = False):  # fmt: skip
+    """Rotated keys of scope positions ``[i*BP, i*BP+BP)`` of one head into ``ws [H, L, D]`` (and values into ``VW``)."""
     HALF: tl.constexpr = D // 2
     i_p, i_h = tl.program_id(0), tl.program_id(1)
     o_p = i_p * BP + tl.arange(0, BP)
@@ -66,6 +66,10 @@ def _prerotate(k, sel_idx, cos_t, sin_t, ws, L, sink_len, n_sel, local_start, st
     p_w = ws + (i_h * L + o_p.to(tl.int64))[:, None] * D + o_h[None, :]
     tl.store(p_w, (b_k1 * b_c - b_k2 * b_s).to(ws.dtype.element_ty), mask=m_p[:, None])
     tl.store(p_w + HALF, (b_k2 * b_c + b_k1 * b_s).to(ws.dtype.element_ty), mask=m_p[:, None])
+    if COPY_V:
+        p_v = V + o_tok[:, None] * stride_kt + i_h * stride_kh + tl.arange(0, D)[None, :]
+        b_v = tl.load(p_v, mask=m_p[:, None], other=0.0)
+        tl.store(VW + (i_h * L + o_p.to(tl.int64))[:, None] * D + tl.arange(0, D)[None, :], b_v, mask=m_p[:, None])
 
 
 @triton.jit
@@ -159,6 +163,44 @@ def _variant(q, k, v, ws, sel_idx, cos_t, sin_t, o, stride_qt, stride_qh, stride
     b_o = b_acc / b_l[:, None]
     p_o = o + o_t.to(tl.int64)[:, None] * stride_qt + o_hq[:, None] * stride_qh + o_d[None, :]
     tl.store(p_o, b_o.to(o.dtype.element_ty), mask=m_r[:, None])
+
+
+def gather_scope(q, kst, vst, sel, ns, kw):
+    """Rotated queries ``[1, HQ, TQ, D]``, rotated scope keys and scope values ``[1, H, L, D]``."""
+    tq, d = q.shape[1], q.shape[3]
+    h, t = kst.shape[2], kst.shape[1]
+    L = kw["sink_len"] + ns + t - kw["local_start"]
+    cos_t, sin_t = cached_rope_table(kw["inv_freq"], L, kw["attention_scaling"], q.dtype, q.device)
+    kw_ = torch.empty((h, L, d), dtype=q.dtype, device=q.device)
+    vw = torch.empty((h, L, d), dtype=q.dtype, device=q.device)
+    _prerotate[(triton.cdiv(L, 64), h)](
+        kst, sel, cos_t, sin_t, kw_, L, kw["sink_len"], ns, kw["local_start"], kst.stride(1), kst.stride(2),
+        H=h, D=d, BP=64, V=vst, VW=vw, COPY_V=True,
+    )  # fmt: skip
+    c, s_ = cos_t[L - tq :].repeat(1, 2)[:, None], sin_t[L - tq :].repeat(1, 2)[:, None]
+    q1, q2 = q[0, :, :, : d // 2], q[0, :, :, d // 2 :]
+    qr = q[0] * c + torch.cat((-q2, q1), -1) * s_
+    return qr.transpose(0, 1)[None], kw_[None], vw[None]
+
+
+def gathered_sdpa(q, kst, vst, sel, ns, kw, backend: str, mask: str):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.bias import causal_lower_right
+
+    qr, kr, vr = gather_scope(q, kst, vst, sel, ns, kw)
+    tq, L = qr.shape[2], kr.shape[2]
+    if mask == "lower_right":
+        m = causal_lower_right(tq, L)
+    else:
+        m = torch.ones((tq, L), dtype=torch.bool, device=q.device).tril(L - tq)
+    gqa = qr.shape[1] != kr.shape[1]
+    if mask == "lower_right" and gqa:  # CausalBias does not pass enable_gqa on: expand the heads
+        g = qr.shape[1] // kr.shape[1]
+        kr, vr, gqa = kr.repeat_interleave(g, 1), vr.repeat_interleave(g, 1), False
+    backends = list(SDPBackend.__members__.values()) if backend == "default" else [getattr(SDPBackend, backend)]
+    with sdpa_kernel(backends):
+        o = torch.nn.functional.scaled_dot_product_attention(qr, kr, vr, attn_mask=m, scale=kw["scale"], enable_gqa=gqa)
+    return o[0].transpose(0, 1)[None]
 
 
 ROPES = {"none": 0, "half": 1, "full": 2, "full16": 3, "pre": 4}
@@ -271,6 +313,19 @@ def main() -> None:
     qg, kg, vg = gather_rotate(q, kst, vst, sel[None], kw)
     sdpa = torch.nn.functional.scaled_dot_product_attention
     emit(kind="sdpa_gathered", **time(partial(sdpa, qg, kg, vg, scale=kw["scale"])))
+    # the gathered path end to end: the scope's rotated keys and values copied by one kernel, then SDPA
+    # with a lower-right causal mask, each backend forced; `diff` against the package kernel
+    ref = package()[0]
+    emit(kind="gather_only", **time(partial(gather_scope, q, kst, vst, sel, ns, kw)))
+    for backend in ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION", "default"):
+        for mask in ("lower_right", "bool"):
+            fn = partial(gathered_sdpa, q, kst, vst, sel, ns, kw, backend, mask)
+            try:
+                diff = (fn().float() - ref.float()).abs().max().item()
+            except Exception as exc:  # noqa: BLE001  (a backend that refuses the inputs is reported)
+                emit(kind="gathered_sdpa", backend=backend, mask=mask, error=f"{type(exc).__name__}: {str(exc)[:160]}")
+                continue
+            emit(kind="gathered_sdpa", backend=backend, mask=mask, max_diff=diff, **time(fn))
     if args.out:
         with args.out.open("a") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
