@@ -259,17 +259,25 @@ def main() -> None:
     ap.add_argument("--model", choices=sorted(SHAPES), default="llama8b")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--check", action="store_true", help="compare outputs with the package kernel's, do not time")
+    ap.add_argument("--package-only", action="store_true", help="time only the package kernel (and SDPA)")
+    ap.add_argument("--configs", nargs="*", default=None, metavar="BM,BN,W,S", help="package block shapes to time")
     args = ap.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     q, kst, vst, sel, ns, kw = case(args.model, dev)
     n_sel = torch.tensor([ns], device=dev)
     package = partial(scope_attention_fwd, q, kst, vst, sel[None], n_sel, **kw)
     cfgs = [(64, 64, 4, 2), (128, 64, 8, 2), (128, 128, 8, 2), (128, 64, 8, 3), (64, 128, 4, 3)]
+    if args.configs:
+        cfgs = [tuple(int(x) for x in c.split(",")) for c in args.configs]
     if dev == "cpu":
         cfgs = [(16, 16, 4, 1)]
     runs = [(r, gth, c) for r in ROPES for gth in (True, False) for c in cfgs if gth or r in ("half", "none")]
     if args.check:
         ref = package()[0].float()
+        for cfg in cfgs:
+            err = (package(config=cfg, splits=1)[0].float() - ref).abs().max().item()
+            print(f"package {cfg}: max |diff| {err:.3e}")
+            assert err < (5e-2 if dev == "cuda" else 1e-3), cfg
         for rope, gth, cfg in runs:
             if not gth:
                 continue
@@ -307,12 +315,14 @@ def main() -> None:
     emit(kind="package", config="default, one split", **time(partial(package, splits=1)))
     for cfg in cfgs:
         emit(kind="package", config=list(cfg), splits=1, **time(partial(package, splits=1, config=cfg)))
-    for rope, gth, cfg in runs:
+    for rope, gth, cfg in [] if args.package_only else runs:
         emit(kind="variant", rope=rope, gather=gth, config=list(cfg),
              **time(partial(variant, q, kst, vst, sel, ns, kw, rope, gth, cfg)))  # fmt: skip
     qg, kg, vg = gather_rotate(q, kst, vst, sel[None], kw)
     sdpa = torch.nn.functional.scaled_dot_product_attention
     emit(kind="sdpa_gathered", **time(partial(sdpa, qg, kg, vg, scale=kw["scale"])))
+    if args.package_only:
+        return finish(args.out, rows)
     # the gathered path end to end: the scope's rotated keys and values copied by one kernel, then SDPA
     # with a lower-right causal mask, each backend forced; `diff` against the package kernel
     ref = package()[0]
@@ -326,8 +336,12 @@ def main() -> None:
                 emit(kind="gathered_sdpa", backend=backend, mask=mask, error=f"{type(exc).__name__}: {str(exc)[:160]}")
                 continue
             emit(kind="gathered_sdpa", backend=backend, mask=mask, max_diff=diff, **time(fn))
-    if args.out:
-        with args.out.open("a") as f:
+    finish(args.out, rows)
+
+
+def finish(out: Path | None, rows: list[dict]) -> None:
+    if out:
+        with out.open("a") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
 
 
