@@ -261,6 +261,7 @@ def main() -> None:
     ap.add_argument("--check", action="store_true", help="compare outputs with the package kernel's, do not time")
     ap.add_argument("--package-only", action="store_true", help="time only the package kernel (and SDPA)")
     ap.add_argument("--configs", nargs="*", default=None, metavar="BM,BN,W,S", help="package block shapes to time")
+    ap.add_argument("--splits", nargs="*", type=int, default=[1], help="scope splits to time each shape with (0: auto)")
     args = ap.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     q, kst, vst, sel, ns, kw = case(args.model, dev)
@@ -314,7 +315,13 @@ def main() -> None:
     emit(kind="package", config="default", **time(package))
     emit(kind="package", config="default, one split", **time(partial(package, splits=1)))
     for cfg in cfgs:
-        emit(kind="package", config=list(cfg), splits=1, **time(partial(package, splits=1, config=cfg)))
+        for n in args.splits:
+            emit(
+                kind="package",
+                config=list(cfg),
+                splits=n or "auto",
+                **time(partial(package, splits=n or None, config=cfg)),
+            )
     for rope, gth, cfg in [] if args.package_only else runs:
         emit(kind="variant", rope=rope, gather=gth, config=list(cfg),
              **time(partial(variant, q, kst, vst, sel, ns, kw, rope, gth, cfg)))  # fmt: skip
