@@ -242,7 +242,7 @@ def _config(rows: int, dtype: torch.dtype, d: int, device: torch.device | None =
     if interpreting():
         return 16, 16, 4, 1
     if (
-        d >= 128
+        d == 128  # head dim 256 would need 256 KB of stages
         and rows >= 128
         and dtype != torch.float32
         and device is not None

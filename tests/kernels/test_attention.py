@@ -160,3 +160,21 @@ def test_cached_rope_tables_accept_inference_tensors(device):
     fresh_cos, fresh_sin = ops.rope_table(inv_freq, 40, 1.0, torch.float32, device)
     assert torch.equal(cos, fresh_cos) and torch.equal(sin, fresh_sin)
     assert again.data_ptr() == cos.data_ptr() and len(ops._TABLES) == 1
+
+
+def test_block_shape_for_head_dim_128_prefill_needs_the_shared_memory(monkeypatch):
+    """The 128-row, 128-key shape is picked only for 16-bit head dim 128 prefill on a device with ~200 KB of
+    shared memory per program; anything else keeps the shapes that fit smaller devices."""
+    ops = pytest.importorskip("reattention_kernels.triton_ops.attention")
+    monkeypatch.setattr(ops, "interpreting", lambda: False)
+    cuda = torch.device("cuda", 0)
+    big = {0: True}
+    monkeypatch.setattr(ops, "_large_smem", lambda index: big[index])
+    assert ops._config(2048, torch.bfloat16, 128, cuda) == (128, 128, 8, 2)
+    assert ops._config(128, torch.float16, 128, cuda) == (128, 128, 8, 2)
+    for rows, dtype, d in ((127, torch.bfloat16, 128), (2048, torch.float32, 128), (2048, torch.bfloat16, 256),
+                           (2048, torch.bfloat16, 64)):  # fmt: skip
+        bm, bn, _, _ = ops._config(rows, dtype, d, cuda)
+        assert (bm, bn) != (128, 128), (rows, dtype, d)
+    big[0] = False  # an A100's 163 KB
+    assert ops._config(2048, torch.bfloat16, 128, cuda)[:2] == (64, 64)
