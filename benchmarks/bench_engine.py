@@ -37,6 +37,7 @@ import platform
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -169,21 +170,26 @@ def time_engine_decode(engine: ReAttentionEngine, cache: object, logits: torch.T
 _COPY_GBPS: float | None = None
 
 
+def best_gpu_s(fn, n: int = 10) -> float:
+    """The shortest of ``n`` GPU times of ``fn()`` in seconds (CUDA events around each call)."""
+    best = float("inf")
+    for _ in range(n):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end) / 1000)
+    return best
+
+
 def hbm_copy_bandwidth() -> float:
     """GB/s of a 2 GiB device-to-device copy (bytes read + written), best of 10, measured once."""
     global _COPY_GBPS
     if _COPY_GBPS is None:
         src = torch.empty(2**30, dtype=torch.int16, device="cuda")
         dst = torch.empty_like(src)
-        best = float("inf")
-        for _ in range(10):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            dst.copy_(src)
-            end.record()
-            end.synchronize()
-            best = min(best, start.elapsed_time(end) / 1000)
-        _COPY_GBPS = 2 * src.numel() * src.element_size() / best / 1e9
+        _COPY_GBPS = 2 * src.numel() * src.element_size() / best_gpu_s(partial(dst.copy_, src)) / 1e9
         del src, dst
     return _COPY_GBPS
 

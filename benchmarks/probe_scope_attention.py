@@ -33,9 +33,10 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_kernels import ensure_importable, git_rev
+from bench_kernels import Timer, ensure_importable, gather_rotate, git_rev
 
 ensure_importable()
+from reattention_kernels.reference.attention import apply_rope_ref
 from reattention_kernels.triton_ops.attention import cached_rope_table, scope_attention_fwd
 
 SHAPES = {  # (HQ, H, D, TQ, scope, store)
@@ -165,22 +166,31 @@ def _variant(q, k, v, ws, sel_idx, cos_t, sin_t, o, stride_qt, stride_qh, stride
     tl.store(p_o, b_o.to(o.dtype.element_ty), mask=m_r[:, None])
 
 
-def gather_scope(q, kst, vst, sel, ns, kw):
-    """Rotated queries ``[1, HQ, TQ, D]``, rotated scope keys and scope values ``[1, H, L, D]``."""
-    tq, d = q.shape[1], q.shape[3]
-    h, t = kst.shape[2], kst.shape[1]
-    L = kw["sink_len"] + ns + t - kw["local_start"]
-    cos_t, sin_t = cached_rope_table(kw["inv_freq"], L, kw["attention_scaling"], q.dtype, q.device)
-    kw_ = torch.empty((h, L, d), dtype=q.dtype, device=q.device)
-    vw = torch.empty((h, L, d), dtype=q.dtype, device=q.device)
+def scope_tables(q, kst, ns, kw):
+    """The scope's length ``L`` and its cos/sin tables ``[L, D/2]``, as the package kernel has them."""
+    L = kw["sink_len"] + ns + kst.shape[1] - kw["local_start"]
+    return (L, *cached_rope_table(kw["inv_freq"], L, kw["attention_scaling"], q.dtype, q.device))
+
+
+def rotated_scope(kst, sel, ns, kw, L, cos_t, sin_t, vst=None):
+    """The scope's rotated keys ``[H, L, D]`` (and, given ``vst``, its values) copied by `_prerotate`."""
+    h, d = kst.shape[2], kst.shape[3]
+    kw_ = torch.empty((h, L, d), dtype=kst.dtype, device=kst.device)
+    vw = None if vst is None else torch.empty_like(kw_)
     _prerotate[(triton.cdiv(L, 64), h)](
         kst, sel, cos_t, sin_t, kw_, L, kw["sink_len"], ns, kw["local_start"], kst.stride(1), kst.stride(2),
-        H=h, D=d, BP=64, V=vst, VW=vw, COPY_V=True,
+        H=h, D=d, BP=64, V=vst, VW=vw, COPY_V=vst is not None,
     )  # fmt: skip
-    c, s_ = cos_t[L - tq :].repeat(1, 2)[:, None], sin_t[L - tq :].repeat(1, 2)[:, None]
-    q1, q2 = q[0, :, :, : d // 2], q[0, :, :, d // 2 :]
-    qr = q[0] * c + torch.cat((-q2, q1), -1) * s_
-    return qr.transpose(0, 1)[None], kw_[None], vw[None]
+    return kw_, vw
+
+
+def gather_scope(q, kst, vst, sel, ns, kw):
+    """Rotated queries ``[1, HQ, TQ, D]``, rotated scope keys and scope values ``[1, H, L, D]``."""
+    tq = q.shape[1]
+    L, cos_t, sin_t = scope_tables(q, kst, ns, kw)
+    kr, vr = rotated_scope(kst, sel, ns, kw, L, cos_t, sin_t, vst)
+    qr = apply_rope_ref(q[0], cos_t[L - tq :].repeat(1, 2), sin_t[L - tq :].repeat(1, 2))
+    return qr.transpose(0, 1)[None], kr[None], vr[None]
 
 
 def gathered_sdpa(q, kst, vst, sel, ns, kw, backend: str, mask: str):
@@ -210,17 +220,9 @@ def variant(q, kst, vst, sel, ns, kw, rope: str, gather: bool, cfg):
     _, tq, hq, d = q.shape
     h = kst.shape[2]
     g = hq // h
-    t = kst.shape[1]
-    L = kw["sink_len"] + ns + t - kw["local_start"]
-    cos_t, sin_t = cached_rope_table(kw["inv_freq"], L, kw["attention_scaling"], q.dtype, q.device)
+    L, cos_t, sin_t = scope_tables(q, kst, ns, kw)
     o = torch.empty_like(q)
-    ws = q
-    if rope == "pre":
-        ws = torch.empty((h, L, d), dtype=q.dtype, device=q.device)
-        _prerotate[(triton.cdiv(L, 64), h)](
-            kst, sel, cos_t, sin_t, ws, L, kw["sink_len"], ns, kw["local_start"], kst.stride(1), kst.stride(2),
-            H=h, D=d, BP=64,
-        )  # fmt: skip
+    ws = rotated_scope(kst, sel, ns, kw, L, cos_t, sin_t)[0] if rope == "pre" else q  # q: any tensor, not read
     bm, bn, warps, stages = cfg
     rows = tq * g
     _variant[(triton.cdiv(rows, bm), h)](
@@ -280,17 +282,12 @@ def main() -> None:
             print(f"package {cfg}: max |diff| {err:.3e}")
             assert err < (5e-2 if dev == "cuda" else 1e-3), cfg
         for rope, gth, cfg in runs:
-            if not gth:
+            if not gth or rope == "none":  # no rotation is a different function on purpose
                 continue
             err = variant(q, kst, vst, sel, ns, kw, rope, gth, cfg).float() - ref
-            if rope == "none":
-                continue  # a different function on purpose
             print(f"{rope:7s} gather={gth} {cfg}: max |diff| {err.abs().max().item():.3e}")
             assert err.abs().max().item() < (5e-2 if dev == "cuda" else 1e-3), (rope, cfg)
         return
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_kernels import Timer, gather_rotate
 
     timer = Timer(torch)
     hq, _, d, tq, scope, t = SHAPES[args.model]
