@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_kernels import Timer, ensure_importable, gather_rotate, git_rev
@@ -284,7 +285,11 @@ def main() -> None:
         for rope, gth, cfg in runs:
             if not gth or rope == "none":  # no rotation is a different function on purpose
                 continue
-            err = variant(q, kst, vst, sel, ns, kw, rope, gth, cfg).float() - ref
+            try:
+                err = variant(q, kst, vst, sel, ns, kw, rope, gth, cfg).float() - ref
+            except OutOfResources:  # reported as an error row when timing, too
+                print(f"{rope:7s} gather={gth} {cfg}: does not fit this device")
+                continue
             print(f"{rope:7s} gather={gth} {cfg}: max |diff| {err.abs().max().item():.3e}")
             assert err.abs().max().item() < (5e-2 if dev == "cuda" else 1e-3), (rope, cfg)
         return
