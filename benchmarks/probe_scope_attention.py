@@ -16,8 +16,9 @@ inner loop with switches, on the same inputs, as CUDA-graph replays with the L2 
 ``torch.nn.functional.scaled_dot_product_attention`` on an already-gathered, already-rotated scope
 (query heads expanded, no mask: the last ``TQ`` causal pairs are a few percent of the work) is the
 flash-attention reference. TFLOP/s counts the visible (query, key) pairs, as bench_kernels does.
-``--check`` compares every variant's output with the package kernel's first (any device; under
-``TRITON_INTERPRET=1`` on a CPU with tiny shapes).
+``--check`` compares the output of the package kernel at every block shape, and of every variant that
+computes the same function (keys rotated, rows gathered), with the package kernel's default (any device;
+under ``TRITON_INTERPRET=1`` on a CPU with tiny shapes); a shape that does not fit the device is reported.
 """
 
 from __future__ import annotations
