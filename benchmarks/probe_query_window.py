@@ -1,4 +1,4 @@
-"""Would the one-token steps select better if the last few queries voted with the current one?
+"""Would the one-token steps select better with more queries voting, or with a wider top-k?
 
 A probe for the pass-key misses at 128K (docs/results.md): there the prompt's last token alone
 (the step that picks the first answer token) selects blocks in which the needle is missing in the
@@ -6,13 +6,14 @@ last layers. The reference code has a disabled, broken multi-query buffer for de
 (``q_cache_len``, ../shared/research/algorithm.md). This probe tries the idea without touching the
 engine: it wraps the selection so that every one-token step scores the current query together with
 the ``W - 1`` queries before it (the prompt's tail, then the generated tokens), all rows voting
-as a prefill chunk's rows do.
+as a prefill chunk's rows do. It can also give one-token steps their own ``top_k`` and
+``max_blocks`` (a wider scope only where a single query votes; prefill chunks keep the preset).
 
-Per needle the prompt (all but its last token) is prefilled once; then, for each window ``W``, the
-store is cut back to that point and the last token plus the answer run eagerly with that window.
-``W = 1`` is the engine as it is.
+Per needle the prompt (all but its last token) is prefilled once; then, for each variant
+``TOP_K:MAX_BLOCKS:W``, the store is cut back to that point and the last token plus the answer run
+eagerly with it. The preset's ``4:32:1`` is the engine as it is.
 
-    python3 benchmarks/probe_query_window.py --model <dir> --gguf-file <file> --windows 1 8 32 \\
+    python3 benchmarks/probe_query_window.py --model <dir> --gguf-file <file> --variants 4:32:1 4:32:8 8:64:1 \\
         --needles 131072:0.5:0 131072:0.3:0:0.02 --out /tmp/window.jsonl
 """
 
@@ -36,11 +37,14 @@ from reattention_core.prefill import plan_prefill, run_prefill
 
 
 class WindowedSelection:
-    """Wraps `attention.select_blocks`: one-token calls score the last ``window`` query rows."""
+    """Wraps `attention.select_blocks`: one-token calls score the last ``window`` query rows, with
+    ``top_k`` and ``max_blocks`` of their own when set."""
 
     def __init__(self, num_layers: int) -> None:
         self.num_layers = num_layers
         self.window = 1
+        self.top_k: int | None = None
+        self.max_blocks: int | None = None
         self.calls = 0
         self.rows: list[torch.Tensor | None] = [None] * num_layers  # per layer: recent pre-RoPE queries
         self.inner = attention_mod.select_blocks
@@ -49,10 +53,12 @@ class WindowedSelection:
         layer = self.calls % self.num_layers
         self.calls += 1
         prev = self.rows[layer]
-        if q.shape[1] == 1 and self.window > 1 and prev is not None:
-            scored = torch.cat([prev[:, -(self.window - 1) :], q], dim=1)
-        else:
-            scored = q
+        scored = q
+        if q.shape[1] == 1:
+            if self.window > 1 and prev is not None:
+                scored = torch.cat([prev[:, -(self.window - 1) :], q], dim=1)
+            kw["top_k"] = self.top_k or kw["top_k"]
+            kw["max_blocks"] = self.max_blocks or kw["max_blocks"]
         # keep enough history for the largest window (each layer's last multi-row call, then one-token calls)
         keep = q if prev is None or q.shape[1] > 1 else torch.cat([prev, q], dim=1)
         self.rows[layer] = keep[:, -512:].clone()
@@ -72,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gguf-file", default=None)
     ap.add_argument("--haystack", default="filler")
     ap.add_argument("--needles", nargs="+", required=True, help="LENGTH:DEPTH:INDEX[:JITTER] each")
-    ap.add_argument("--windows", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--variants", nargs="+", default=["4:32:1", "4:32:8"], help="TOP_K:MAX_BLOCKS:WINDOW each")
     ap.add_argument("--new-tokens", type=int, default=12)
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
@@ -105,9 +111,11 @@ def main(argv: list[str] | None = None) -> int:
                                 last_alone=False, progress=False)
                     prefill_s = time.perf_counter() - t0
                     tail = list(wrapper.rows)
-                    for window in args.windows:
+                    for variant in args.variants:
+                        top_k, max_blocks, window = (int(x) for x in variant.split(":"))
                         store.truncate(n - 1)
                         wrapper.window, wrapper.calls, wrapper.rows = window, 0, list(tail)
+                        wrapper.top_k, wrapper.max_blocks = top_k, max_blocks
                         token, answer = ids[-1], []
                         for _ in range(args.new_tokens):
                             logits = engine._decode_step(token, cache)
@@ -118,13 +126,13 @@ def main(argv: list[str] | None = None) -> int:
                         text = engine.tokenizer.decode(answer, skip_special_tokens=True)
                         row = {
                             "length": length, "depth": depth, "index": index, "jitter": jitter,
-                            "needle_depth": sample.needle_depth, "window": window, "prompt_tokens": n,
+                            "needle_depth": sample.needle_depth, "variant": variant, "window": window, "prompt_tokens": n,
                             "expected": sample.expected[0], "answer": text, "score": sample.score(text),
                             "prefill_s": round(prefill_s, 2), "config": cfg.to_dict(), "env": env,
                         }  # fmt: skip
                         out.write(json.dumps(row) + "\n")
                         out.flush()
-                        print(f"{length} d{depth} i{index} j{jitter} W{window}: "
+                        print(f"{length} d{depth} i{index} j{jitter} {variant}: "
                               f"{'OK  ' if row['score'] == 1 else 'MISS'} {text!r}", flush=True)
     finally:
         attention_mod.select_blocks = wrapper.inner
