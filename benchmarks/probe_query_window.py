@@ -7,7 +7,9 @@ last layers. The reference code has a disabled, broken multi-query buffer for de
 engine: it wraps the selection so that every one-token step scores the current query together with
 the ``W - 1`` queries before it (the prompt's tail, then the generated tokens), all rows voting
 as a prefill chunk's rows do. It can also give one-token steps their own ``top_k`` and
-``max_blocks`` (a wider scope only where a single query votes; prefill chunks keep the preset).
+``max_blocks`` (a wider scope only where a single query votes; prefill chunks keep the preset), and
+prefill the prompt's last ``T`` tokens before its last one as a chunk of their own (``--tails``: the
+question then selects without the votes of the haystack rows that share its chunk otherwise).
 
 Per needle the prompt (all but its last token) is prefilled once; then, for each variant
 ``TOP_K:MAX_BLOCKS:W``, the store is cut back to that point and the last token plus the answer run
@@ -33,7 +35,7 @@ from reattention_core.evaluation.env import environment
 from reattention_core.evaluation.haystack import Haystack
 from reattention_core.evaluation.tasks import make_sample
 from reattention_core.hf.cache import ReAttentionCache
-from reattention_core.prefill import plan_prefill, run_prefill
+from reattention_core.prefill import run_prefill
 
 
 class WindowedSelection:
@@ -79,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--haystack", default="filler")
     ap.add_argument("--needles", nargs="+", required=True, help="LENGTH:DEPTH:INDEX[:JITTER] each")
     ap.add_argument("--variants", nargs="+", default=["4:32:1", "4:32:8"], help="TOP_K:MAX_BLOCKS:WINDOW each")
+    ap.add_argument("--tails", type=int, nargs="+", default=[0], help="prompt tails prefilled as a chunk of their own")
     ap.add_argument("--new-tokens", type=int, default=12)
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
@@ -102,19 +105,23 @@ def main(argv: list[str] | None = None) -> int:
                     store = engine._fresh_store(n + args.new_tokens)
                     cache = ReAttentionCache(store)
                     input_ids = torch.tensor([ids], device=engine.device)
-                    # the last prefill chunk runs eagerly, so the wrapper sees its queries
-                    last = plan_prefill(n - 1, cfg.prefill_chunk_size, last_alone=False)[-1][0]
+                    # the prompt up to a chunk boundary before every tail runs once (through graphs); the
+                    # rest runs eagerly per tail, so the wrapper sees its queries
+                    chunk = cfg.prefill_chunk_size
+                    base = (n - 1 - max(args.tails)) // chunk * chunk
                     wrapper.calls, wrapper.rows = 0, [None] * wrapper.num_layers
-                    run_prefill(engine.model, input_ids[:, :last], cache, cfg.prefill_chunk_size, last_alone=False,
-                                progress=False, graph=engine._prefill_graph(cache, last, n + args.new_tokens))
-                    run_prefill(engine.model, input_ids[:, : n - 1], cache, cfg.prefill_chunk_size, start=last,
-                                last_alone=False, progress=False)
+                    run_prefill(engine.model, input_ids[:, :base], cache, chunk, last_alone=False,
+                                progress=False, graph=engine._prefill_graph(cache, base, n + args.new_tokens))
                     prefill_s = time.perf_counter() - t0
-                    tail = list(wrapper.rows)
-                    for variant in args.variants:
+                    for tail_len, variant in [(t, v) for t in args.tails for v in args.variants]:
                         top_k, max_blocks, window = (int(x) for x in variant.split(":"))
-                        store.truncate(n - 1)
-                        wrapper.window, wrapper.calls, wrapper.rows = window, 0, list(tail)
+                        store.truncate(base)
+                        wrapper.window, wrapper.top_k, wrapper.max_blocks = 1, None, None
+                        # a tail of T tokens: the prompt's last T tokens before its last one form a chunk of their own
+                        breaks = (n - 1 - tail_len,) if tail_len else ()
+                        run_prefill(engine.model, input_ids[:, : n - 1], cache, chunk, start=base, last_alone=False,
+                                    progress=False, breaks=breaks)
+                        wrapper.window, wrapper.calls = window, 0
                         wrapper.top_k, wrapper.max_blocks = top_k, max_blocks
                         token, answer = ids[-1], []
                         for _ in range(args.new_tokens):
@@ -126,13 +133,13 @@ def main(argv: list[str] | None = None) -> int:
                         text = engine.tokenizer.decode(answer, skip_special_tokens=True)
                         row = {
                             "length": length, "depth": depth, "index": index, "jitter": jitter,
-                            "needle_depth": sample.needle_depth, "variant": variant, "window": window, "prompt_tokens": n,
+                            "needle_depth": sample.needle_depth, "variant": variant, "tail": tail_len, "window": window, "prompt_tokens": n,
                             "expected": sample.expected[0], "answer": text, "score": sample.score(text),
                             "prefill_s": round(prefill_s, 2), "config": cfg.to_dict(), "env": env,
                         }  # fmt: skip
                         out.write(json.dumps(row) + "\n")
                         out.flush()
-                        print(f"{length} d{depth} i{index} j{jitter} {variant}: "
+                        print(f"{length} d{depth} i{index} j{jitter} {variant} tail {tail_len}: "
                               f"{'OK  ' if row['score'] == 1 else 'MISS'} {text!r}", flush=True)
     finally:
         attention_mod.select_blocks = wrapper.inner
