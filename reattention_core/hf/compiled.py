@@ -12,13 +12,15 @@ attention function get ``torch.compiler.disable`` on first use (not at import: t
 run as they do eagerly (their Triton kernels, CUDA-graph shifts and offload hand-overs untouched).
 One compiled graph serves all layers (their ``layer_idx`` is left unspecialised), for each step
 shape: a prefill chunk, a decode step, and one dynamic shape for a prompt's shorter chunks.
+Inside the block each layer's q/k/v and gate/up projections also run as one GEMM per group
+(`reattention_core.hf.fused`): seven GEMMs per layer become four.
 
 Inside the context manager every decoder layer's ``forward`` (and the final norm's) is an instance
 attribute wrapping `torch.compile`; on exit the attributes are deleted, so the model is exactly what
 it was. Compilation happens on first use of each shape (tens of seconds; later engines and calls in
 the same process reuse it). Results equal the eager model's to float rounding, not bit for bit:
 fused reductions round differently, so an engine that compiles keeps its prefix-cache pages under a
-fingerprint of its own.
+fingerprint of its own (`FINGERPRINT`).
 """
 
 from __future__ import annotations
@@ -30,8 +32,12 @@ import torch
 
 from reattention_core.hf import _compat, attention_fn, cache
 from reattention_core.hf.architectures import decoder_layers, final_norm
+from reattention_core.hf.fused import fused_projections
 
 COMPILER = "inductor"
+# The prefix-cache fingerprint component of compiled layers: pages made by another compiled
+# computation (before the projections were fused: "inductor") are not reused.
+FINGERPRINT = "inductor+fused-projections"
 
 
 @contextmanager
@@ -47,6 +53,7 @@ def compiled_layers(model: torch.nn.Module, enabled: bool = True) -> Iterator[No
     modules = [*decoder_layers(model), final_norm(model)]
     with ExitStack() as stack:
         stack.enter_context(_compat.dynamo_layer_settings())
+        stack.enter_context(fused_projections(model))
         for module in modules:
             if "forward" in vars(module):  # already compiled by an enclosing block (or patched by someone else)
                 continue

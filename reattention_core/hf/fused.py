@@ -1,0 +1,145 @@
+"""`fused_projections`: one matrix multiply where a layer runs several on the same input, reversibly.
+
+A decoder layer projects its normed input three times for attention (``q_proj``, ``k_proj``,
+``v_proj``) and twice for the MLP (``gate_proj``, ``up_proj``). At decode, with one token, each is a
+tiny latency-bound GEMM: on an H100 the embedded model's seven GEMMs per layer took 0.72 ms of a
+6.4 ms 1M-token decode step (`benchmarks/README.md`). Concatenating the weights of each group turns
+them into one GEMM per group (seven become four), without touching the modeling code:
+
+* each group's weights are copied into one ``[sum(out), in]`` tensor, and the original
+  ``nn.Linear`` modules' weights become views of it (no second copy stays in memory);
+* the group's modules are replaced (``setattr`` on their parent) by `_Part` modules. The first part
+  called runs the fused GEMM, returns its own slice and keeps the others, with the input they were
+  computed from; a later part called on that same input returns its slice, and any other call
+  computes its own product (so a model that calls them differently stays correct, only slower);
+* on exit the original modules are put back, and their weights get storage of their own again.
+
+Only plain ``nn.Linear`` groups on one device and dtype, all with a bias or none, and without hooks,
+are fused; anything else (quantised or adapter-wrapped layers, accelerate's offload hooks) is left
+as it is. The fused product equals the separate ones up to how the GEMM library blocks its sums, so
+the engine uses this only with compiled layers (`reattention_core.hf.compiled`), whose results
+already round differently from eager ones and carry a prefix-cache fingerprint of their own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from reattention_core.hf.architectures import decoder_layers
+
+# (parent attribute, the projections fused into one GEMM, in the order the modeling code calls them)
+GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("self_attn", ("q_proj", "k_proj", "v_proj")),
+    ("mlp", ("gate_proj", "up_proj")),
+)
+
+
+class _Fused(nn.Module):
+    """The concatenated weight (and bias) of one group, and the slices of the last fused product."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, sections: list[int]) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.sections = sections
+        # (input, slices) of the last fused product, until the group's last part has taken its slice
+        self.pending: tuple[torch.Tensor, tuple[torch.Tensor, ...]] | None = None
+
+
+class _Part(nn.Module):
+    """Stands in for projection ``index`` of a fused group (see the module doc)."""
+
+    def __init__(self, fused: _Fused, index: int, original: nn.Linear) -> None:
+        super().__init__()
+        self.fused = fused
+        self.index = index
+        self.original = (original,)  # a tuple: not a child module, so its parameters are not listed twice
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fused = self.fused
+        if self.index == 0:
+            parts = F.linear(x, fused.weight, fused.bias).split(fused.sections, dim=-1)
+            fused.pending = (x, parts)
+            return parts[0]
+        pending = fused.pending
+        if self.index == len(fused.sections) - 1:
+            fused.pending = None
+        if pending is not None and pending[0] is x:
+            return pending[1][self.index]
+        linear = self.original[0]
+        return F.linear(x, linear.weight, linear.bias)
+
+
+def _fusable(linears: list[nn.Module]) -> bool:
+    if not all(type(m) is nn.Linear for m in linears):
+        return False
+    first = linears[0].weight
+    return all(
+        m.weight.device == first.device
+        and m.weight.dtype == first.dtype
+        and m.weight.device.type != "meta"
+        and (m.bias is None) == (linears[0].bias is None)
+        and not m._forward_hooks
+        and not m._forward_pre_hooks
+        and not hasattr(m, "_hf_hook")
+        for m in linears
+    )
+
+
+@torch.no_grad()
+def _fuse(parent: nn.Module, names: tuple[str, ...]) -> list[nn.Linear] | None:
+    linears = [getattr(parent, n, None) for n in names]
+    if any(m is None for m in linears) or not _fusable(linears):  # type: ignore[arg-type]
+        return None
+    weight = torch.cat([m.weight for m in linears])  # type: ignore[union-attr]
+    bias = None if linears[0].bias is None else torch.cat([m.bias for m in linears])  # type: ignore[union-attr,misc]
+    fused = _Fused(weight, bias, [m.out_features for m in linears])  # type: ignore[union-attr]
+    start = 0
+    for i, (name, m) in enumerate(zip(names, linears)):
+        end = start + m.out_features  # type: ignore[union-attr]
+        m.weight.data = fused.weight.data[start:end]  # type: ignore[union-attr]
+        if bias is not None:
+            m.bias.data = fused.bias.data[start:end]  # type: ignore[union-attr]
+        start = end
+        setattr(parent, name, _Part(fused, i, m))  # type: ignore[arg-type]
+    return linears  # type: ignore[return-value]
+
+
+@torch.no_grad()
+def _unfuse(parent: nn.Module, names: tuple[str, ...], linears: list[nn.Linear]) -> None:
+    for name, m in zip(names, linears):
+        setattr(parent, name, m)
+        m.weight.data = m.weight.data.clone()
+        if m.bias is not None:
+            m.bias.data = m.bias.data.clone()
+
+
+@contextmanager
+def fused_projections(model: nn.Module, enabled: bool = True) -> Iterator[int]:
+    """Fuse each decoder layer's q/k/v and gate/up projections inside the block (see the module doc).
+
+    Yields:
+        int: how many groups were fused (0 when nothing qualified, or not ``enabled``).
+    """
+    if not enabled:
+        yield 0
+        return
+    done: list[tuple[nn.Module, tuple[str, ...], list[nn.Linear]]] = []
+    try:
+        for layer in decoder_layers(model):
+            for parent_name, names in GROUPS:
+                parent = getattr(layer, parent_name, None)
+                if parent is None or any(isinstance(getattr(parent, n, None), _Part) for n in names):
+                    continue  # absent, or already fused by an enclosing block
+                linears = _fuse(parent, names)
+                if linears is not None:
+                    done.append((parent, names, linears))
+        yield len(done)
+    finally:
+        for parent, names, linears in reversed(done):
+            _unfuse(parent, names, linears)
