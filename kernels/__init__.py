@@ -6,6 +6,7 @@ Public ops, each dispatched (see `dispatch`) to a Triton kernel or its PyTorch r
 * `select_from_hits` - votes, clip to ``max_blocks`` and widening to blocks, from the top-k hits.
 * `scope_attention` - attention over ``[sink | selected | local]`` read by index from the pre-RoPE
   store, RoPE applied at fresh contiguous positions, bottom-right causal.
+* `append_kv` - a step's keys and values written into the store's buffers at a (shifted) length.
 
 **Shifted lengths (for CUDA graphs).** Each op also takes ``shift``: an int64 ``[1]`` tensor on the
 device holding how many tokens the store has gained since the host computed the lengths it passes
@@ -23,8 +24,12 @@ from __future__ import annotations
 import torch
 
 from reattention_kernels.dispatch import resolve_backend
-from reattention_kernels.reference import scope_attention_ref, score_topk_ref, select_from_hits_ref
-
+from reattention_kernels.reference import (
+    append_kv_ref,
+    scope_attention_ref,
+    score_topk_ref,
+    select_from_hits_ref,
+)
 
 # Largest [max_blocks, block_size] register tile of the fused selection kernel (powers of two).
 _SELECT_MAX_TILE = 16384
@@ -172,7 +177,31 @@ def scope_attention(
     return scope_attention_ref(q, k, v, sel_idx, n_sel, **kwargs)
 
 
+def append_kv(
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    start: int,
+    *,
+    shift: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> None:
+    """Write ``k, v`` ``[B, T, H, D]`` at rows ``start (+ shift)`` of ``keys, values``; see
+    `reference.store.append_kv_ref`. Both paths read ``shift`` on the device (graph-safe)."""
+    if shift is not None and (shift.dtype != torch.int64 or shift.numel() != 1):
+        raise ValueError("append_kv needs an int64 shift tensor of one element")
+    if resolve_backend(keys, backend) == "triton":
+        from reattention_kernels.triton_ops.store import append_kv_triton
+
+        append_kv_triton(keys, values, k, v, start, shift)
+        return
+    append_kv_ref(keys, values, k, v, start, shift)
+
+
 __all__ = [
+    "append_kv",
+    "append_kv_ref",
     "resolve_backend",
     "scope_attention",
     "scope_attention_ref",

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from reattention_core.errors import StoreMemoryError
+from reattention_kernels import append_kv
 
 _MIN_CAPACITY = 256
 
@@ -155,9 +156,7 @@ class KVStore:
         start, tq = self._lengths[layer], k.shape[1]
         if keys is None or values is None or start + tq > keys.shape[1]:
             raise RuntimeError("a shifted append needs a layer whose buffers already hold the room (reserve first)")
-        pos = torch.arange(start, start + tq, device=keys.device) + shift
-        keys.index_copy_(1, pos, k.to(keys.dtype))
-        values.index_copy_(1, pos, v.to(values.dtype))
+        append_kv(keys, values, k, v, start, shift=shift)  # one Triton launch on CUDA
         self._lengths[layer] = start + tq
         return keys, values
 
