@@ -431,10 +431,11 @@ def score_topk_fwd(
     config: tuple[int, int, int, int] | None = None,
     two_phase: bool | None = None,
     rescore: tuple[int, int, int, int] | None = None,
+    merge: tuple[int, int, int] | None = None,
 ) -> torch.Tensor:
-    """`score_topk_triton` with optional forced key splits, (BM, BN, num_warps, num_stages), phases
-    and phase 2's (rows per program, keys per step, head dims per step, num_warps), for tuning and
-    tests.
+    """`score_topk_triton` with optional forced key splits, (BM, BN, num_warps, num_stages), phases,
+    phase 2's (rows per program, keys per step, head dims per step, num_warps) and the split
+    merge's (rows per program, candidates per step, num_warps), for tuning and tests.
 
     By default prefill (more than one query token) takes two phases from ``_TWO_PHASE_MIN_ROWS``
     rows, decode one pass."""
@@ -508,8 +509,11 @@ def score_topk_fwd(
             num_warps=rwarps,
         )  # fmt: skip
         return out
+    warps = 4
+    if merge is not None:
+        br, bc, warps = merge
     score_topk_fwd_kernel_merge[(triton.cdiv(rows, br), b * h)](
-        ws_v, ws_i, out, *o_args, rows, splits, H=h, G=g, TOPK=top_k, KP=kp, BR=br, BC=bc, num_warps=4
+        ws_v, ws_i, out, *o_args, rows, splits, H=h, G=g, TOPK=top_k, KP=kp, BR=br, BC=bc, num_warps=warps
     )
     return out
 
