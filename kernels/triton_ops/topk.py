@@ -49,6 +49,8 @@ from reattention_kernels.dispatch import interpreting
 # Splits cover a multiple of this many keys (a multiple of every BN).
 _SPLIT_ALIGN = 256
 _MAX_SPLITS = 256
+# Up to this many rows (query tokens x GQA group) the split merge runs one program per row.
+_MERGE_ROW_PROGRAMS_MAX_ROWS = 8
 # Prefill takes two phases from this many rows (query tokens x GQA group; H100,
 # benchmarks/bench_topk_phases.py); fewer rows rarely improve, so one pass costs them little.
 _TWO_PHASE_MIN_ROWS = 32
@@ -501,6 +503,11 @@ def score_topk_fwd(
     )
     bc = min(32 if interpreting() else 256, triton.next_power_of_2(splits * top_k))
     br = min(16, triton.next_power_of_2(rows))
+    merge_warps = 4
+    if rows <= _MERGE_ROW_PROGRAMS_MAX_ROWS and merge is None:
+        # decode: one program per row and up to 512 candidates per step halve the merge (6.1 -> 3.3 us
+        # per layer for the embedded model at 1M keys; benchmarks/probe_decode_merge.py)
+        br, bc = 1, min(32 if interpreting() else 512, triton.next_power_of_2(splits * top_k))
     if two_phase:
         br, sc, dc, rwarps = rescore or _rescore_config(br, bn, d)
         score_topk_fwd_kernel_rescore[(triton.cdiv(rows, br), b * h)](
@@ -509,11 +516,10 @@ def score_topk_fwd(
             num_warps=rwarps,
         )  # fmt: skip
         return out
-    warps = 4
     if merge is not None:
-        br, bc, warps = merge
+        br, bc, merge_warps = merge
     score_topk_fwd_kernel_merge[(triton.cdiv(rows, br), b * h)](
-        ws_v, ws_i, out, *o_args, rows, splits, H=h, G=g, TOPK=top_k, KP=kp, BR=br, BC=bc, num_warps=warps
+        ws_v, ws_i, out, *o_args, rows, splits, H=h, G=g, TOPK=top_k, KP=kp, BR=br, BC=bc, num_warps=merge_warps
     )
     return out
 
