@@ -13,7 +13,6 @@ One JSON line per (tokens, variant).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from functools import partial
@@ -23,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_kernels import capture_graph, replay_ms
-from probe_decode_select import kernels
+from probe_decode_select import emit, kernels
 
 # (splits, merge (rows per program, candidates per step, warps)); None = the kernel's default
 VARIANTS = [
@@ -65,11 +64,7 @@ def main() -> int:
             graph = capture_graph(scoring)
             row = {"tokens": tk, "splits": splits, "merge": merge, "same_hits": same, **meta,
                    "ms": round(replay_ms(graph, 100), 4), "kernels": kernels(graph, 50)}  # fmt: skip
-            print(json.dumps(row), flush=True)
-            if args.out:
-                args.out.parent.mkdir(parents=True, exist_ok=True)
-                with args.out.open("a") as f:
-                    f.write(json.dumps(row) + "\n")
+            emit(row, args.out)
     return 0
 
 

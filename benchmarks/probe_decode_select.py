@@ -58,6 +58,15 @@ def kernels(graph, reps: int = 20) -> dict[str, float]:
     return {k: round(us / reps / 1000, 4) for k, us in sorted(times.items(), key=lambda kv: -kv[1])}
 
 
+def emit(row: dict, out: Path | None) -> None:
+    """Print ``row`` as a JSON line and append it to ``out`` (if given) as it goes."""
+    print(json.dumps(row), flush=True)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with out.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, nargs="+", default=[131072, 1048576])
@@ -102,11 +111,7 @@ def main() -> int:
                     row[f"{name}_ms"] = round(replay_ms(g, 50), 4)
                     row[f"{name}_ms_l2_flushed"] = round(replay_ms(g, 50, flush), 4)
                     row[f"{name}_kernels"] = kernels(g)
-            print(json.dumps(row), flush=True)
-            if args.out:
-                args.out.parent.mkdir(parents=True, exist_ok=True)
-                with args.out.open("a") as f:
-                    f.write(json.dumps(row) + "\n")
+            emit(row, args.out)
     return 0
 
 
