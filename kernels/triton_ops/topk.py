@@ -503,11 +503,6 @@ def score_topk_fwd(
     )
     bc = min(32 if interpreting() else 256, triton.next_power_of_2(splits * top_k))
     br = min(16, triton.next_power_of_2(rows))
-    merge_warps = 4
-    if rows <= _MERGE_ROW_PROGRAMS_MAX_ROWS and merge is None:
-        # decode: one program per row and up to 512 candidates per step halve the merge (6.1 -> 3.3 us
-        # per layer for the embedded model at 1M keys; benchmarks/probe_decode_merge.py)
-        br, bc = 1, min(32 if interpreting() else 512, triton.next_power_of_2(splits * top_k))
     if two_phase:
         br, sc, dc, rwarps = rescore or _rescore_config(br, bn, d)
         score_topk_fwd_kernel_rescore[(triton.cdiv(rows, br), b * h)](
@@ -516,8 +511,11 @@ def score_topk_fwd(
             num_warps=rwarps,
         )  # fmt: skip
         return out
-    if merge is not None:
-        br, bc, merge_warps = merge
+    if merge is None and rows <= _MERGE_ROW_PROGRAMS_MAX_ROWS:
+        # decode: one program per row and up to 512 candidates per step halve the merge (6.1 -> 3.3 us
+        # per layer for the embedded model at 1M keys; benchmarks/probe_decode_merge.py)
+        merge = 1, min(32 if interpreting() else 512, triton.next_power_of_2(splits * top_k)), 4
+    br, bc, merge_warps = merge or (br, bc, 4)
     score_topk_fwd_kernel_merge[(triton.cdiv(rows, br), b * h)](
         ws_v, ws_i, out, *o_args, rows, splits, H=h, G=g, TOPK=top_k, KP=kp, BR=br, BC=bc, num_warps=merge_warps
     )
