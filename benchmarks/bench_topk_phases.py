@@ -1,11 +1,13 @@
 """Two-phase prefill scoring against one pass, by key-range length, block configuration and sub-tile size.
 
     python3 benchmarks/bench_topk_phases.py > benchmarks/results/topk-phases-<gpu>-<commit>.jsonl
+    python3 benchmarks/bench_topk_phases.py --subtiles 1 2 4 --prefill-only > ...   # phase 1's sub-tiles
 
 One JSON line per (shape, data): ``one`` is the one-pass kernel's CUDA-graph time in ms (L2 flushed),
 ``two-<BM>x<BN>x<warps>w<stages>s`` the two-phase kernels' (phase 1 with tiles of BM rows and BN keys,
-phase 2 rescoring each row's best tiles), and ``tflops`` the best two-phase time as ``2 * rows * keys * D``
-flops per second. ``randn`` keys are i.i.d.; ``heavy`` scales every 4096th key by 4 (a few keys that
+phase 2 rescoring each row's best tiles; with ``--subtiles``, ``...s-s<S>``: phase 1 ranks S sub-tiles of
+BN / S keys per tile and phase 2 rescores those), and ``tflops`` the best two-phase time as
+``2 * rows * keys * D`` flops per second. ``randn`` keys are i.i.d.; ``heavy`` scales every 4096th key by 4 (a few keys that
 many rows share, as real attention has). Every two-phase result is checked equal to the one-pass
 result (up to fp32 rounding: `same_up_to_rounding`) before it is timed. This chose
 ``_TWO_PHASE_MIN_ROWS`` and the two-phase block shape in ``kernels/triton_ops/topk.py``.
@@ -13,6 +15,7 @@ result (up to fp32 rounding: `same_up_to_rounding`) before it is timed. This cho
 
 from __future__ import annotations
 
+import argparse
 import json
 from functools import partial
 
@@ -33,10 +36,18 @@ def randn(*s: int) -> torch.Tensor:
     return torch.randn(*s, device=dev, dtype=torch.bfloat16, generator=g)
 
 
+parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+parser.add_argument("--subtiles", type=int, nargs="+", help="time phase 1 with these sub-tiles per tile (1, 2, 4)")
+parser.add_argument("--prefill-only", action="store_true", help="skip the short chunks (2-32 query tokens)")
+args = parser.parse_args()
+
 shapes = [("SmolLM2-135M", 256, tk, 4) for tk in (16384, 32768, 65536, 131072, 262144, 524288, 1048576)]
 shapes += [("SmolLM2-135M", 2048, 131072, 8), ("Llama-3.1-8B", 2048, 131072, 8), ("Llama-3.1-8B", 512, 32768, 8)]
-# short chunks (a prompt's remainder): where one pass may still win
-shapes += [("SmolLM2-135M", tq, tk, 4) for tq in (2, 8, 32) for tk in (131072, 1048576)]
+# the engine's Llama-8B prefill chunk (512 tokens, the default top-4) late in a 128K prompt
+shapes += [("Llama-3.1-8B", 512, 131072, 4)]
+if not args.prefill_only:
+    # short chunks (a prompt's remainder): where one pass may still win
+    shapes += [("SmolLM2-135M", tq, tk, 4) for tq in (2, 8, 32) for tk in (131072, 1048576)]
 
 
 # phase 1's (BM, BN, warps, stages): the frontier of a wider sweep (results/topk-phases-h100-bc3cc63.jsonl)
@@ -72,8 +83,15 @@ for model, tq, tk, top_k in shapes:
     for data, keys in (("randn", k), ("heavy", heavy)):
         ref = score_topk_fwd(q, keys, top_k, two_phase=False)
         row = {"model": model, "tq": tq, "tk": tk, "data": data, "one": graph_ms(q, keys, top_k, two_phase=False)}
-        variants = [("two-{}x{}x{}w{}s".format(*cfg), {"config": cfg}) for cfg in SWEEP]
-        if tq >= 256:
+        if args.subtiles:
+            variants = [
+                ("two-{}x{}x{}w{}s-s{}".format(*cfg, sub), {"config": cfg, "subtiles": sub})
+                for cfg in SWEEP
+                for sub in args.subtiles
+            ]
+        else:
+            variants = [("two-{}x{}x{}w{}s".format(*cfg), {"config": cfg}) for cfg in SWEEP]
+        if tq >= 256 and not args.subtiles:
             # phase 2's (rows per program, keys per step, head dims per step, warps), phase 1 at the default
             variants += [("rescore-{}x{}x{}w{}".format(*rc), {"rescore": rc}) for rc in RESCORE]
         for name, kw in variants:

@@ -21,7 +21,7 @@ TARGET = GPUTarget("cuda", 90, 32)
 PTRS = ("q", "k", "o", "ws_v", "ws_i", "shift")
 
 
-def scan(dtype: str, d: int, top_k: int, split: bool, two_phase: bool) -> ASTSource:
+def scan(dtype: str, d: int, top_k: int, split: bool, two_phase: bool, subtiles: int = 1) -> ASTSource:
     fp = {"bf16": "*bf16", "fp32": "*fp32"}[dtype]
     sig = {name: "*fp32" for name in PTRS}
     sig.update(q=fp, k=fp, o="*i64", ws_i="*i32", shift="*i64")
@@ -31,7 +31,7 @@ def scan(dtype: str, d: int, top_k: int, split: bool, two_phase: bool) -> ASTSou
     bm, bn, _, _ = topk._config(64, {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype], two_phase)
     consts = {
         "H": 3, "G": 3, "D": d, "TOPK": top_k, "KP": triton.next_power_of_2(top_k), "BM": bm, "BN": bn,
-        "SPLIT": split, "IEEE": dtype == "fp32", "SHIFT": True, "TWO_PHASE": two_phase,
+        "SPLIT": split, "IEEE": dtype == "fp32", "SHIFT": True, "TWO_PHASE": two_phase, "S": subtiles,
     }  # fmt: skip
     sig.update({name: "constexpr" for name in consts})
     return ASTSource(fn=topk.score_topk_fwd_kernel_scan, signature=sig, constexprs=consts)
@@ -84,6 +84,8 @@ def main() -> int:
         ("bf16", 64, 4, False, True),
         ("bf16", 128, 8, True, False),
         ("fp32", 64, 4, True, True),
+        ("bf16", 128, 4, True, True, 2),  # phase 1 ranking sub-tiles: the reshaped row maxima
+        ("bf16", 64, 8, True, True, 4),
     ]
     # warps as `topk._config` picks them
     sources = [

@@ -161,10 +161,36 @@ def _keep_best(b_x, i_x, b_v, b_i, b_kth, o_j, KP: tl.constexpr):
 
 @triton.jit
 def _tile_maxima(b_q, p_k, n0, n_hi, o_c, b_v, b_i, b_kth, o_j, KP: tl.constexpr, BN: tl.constexpr,
-                 MASK: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
-    """Phase 1 on one tile: enter each row's maximum into its set of best tile maxima."""
+                 S: tl.constexpr, MASK: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
+    """Phase 1 on one tile: enter each row's maximum of each of the tile's ``S`` sub-tiles (``BN / S``
+    consecutive keys, in ascending order) into its set of best sub-tile maxima.
+
+    Sub-tiles are what phase 2 rescores per row: with ``S = 2`` it reads half the keys. The
+    per-sub-tile maxima come from the same ``[BM, BN]`` scores, reshaped (no second dot)."""
     b_s = _scores(b_q, p_k, n0, n_hi, o_c, MASK, IEEE)
-    return _keep_best(tl.max(b_s, 1), n0 // BN, b_v, b_i, b_kth, o_j, KP)
+    SUB: tl.constexpr = BN // S
+    i_t = n0 // SUB
+    if S == 1:
+        b_v, b_i, b_kth = _keep_best(tl.max(b_s, 1), i_t, b_v, b_i, b_kth, o_j, KP)
+    else:
+        BM: tl.constexpr = b_s.shape[0]
+        # [BM, S]: the maximum of each run of SUB consecutive keys
+        b_m = tl.max(tl.reshape(b_s, [BM, S, SUB]), 2)
+        if S == 2:
+            b_m0, b_m1 = tl.split(b_m)
+            b_v, b_i, b_kth = _keep_best(b_m0, i_t, b_v, b_i, b_kth, o_j, KP)
+            b_v, b_i, b_kth = _keep_best(b_m1, i_t + 1, b_v, b_i, b_kth, o_j, KP)
+        else:
+            tl.static_assert(S == 4, "sub-tiles per tile: 1, 2 or 4")
+            # [BM, 2, 2] -> (even, odd) sub-tiles -> (0, 2) and (1, 3)
+            b_e, b_o = tl.split(tl.reshape(b_m, [BM, 2, 2]))
+            b_m0, b_m2 = tl.split(b_e)
+            b_m1, b_m3 = tl.split(b_o)
+            b_v, b_i, b_kth = _keep_best(b_m0, i_t, b_v, b_i, b_kth, o_j, KP)
+            b_v, b_i, b_kth = _keep_best(b_m1, i_t + 1, b_v, b_i, b_kth, o_j, KP)
+            b_v, b_i, b_kth = _keep_best(b_m2, i_t + 2, b_v, b_i, b_kth, o_j, KP)
+            b_v, b_i, b_kth = _keep_best(b_m3, i_t + 3, b_v, b_i, b_kth, o_j, KP)
+    return b_v, b_i, b_kth
 
 
 @triton.jit
@@ -220,6 +246,7 @@ def score_topk_fwd_kernel_scan(
     IEEE: tl.constexpr,
     SHIFT: tl.constexpr,
     TWO_PHASE: tl.constexpr,
+    S: tl.constexpr,
 ):
     i_m, i_s, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if SHIFT:  # the key count moved on the device since the launch was recorded (CUDA-graph replay)
@@ -245,10 +272,10 @@ def score_topk_fwd_kernel_scan(
         # phase 1: each row's best tile maxima of this split -> ws (phase 2 is its own kernel)
         for n0 in range(n_lo, n_full, BN):
             p_k = k_base + (n0 + o_c).to(tl.int64)[:, None] * stride_kt + o_d[None, :]
-            b_v, b_i, b_kth = _tile_maxima(b_q, p_k, n0, n_hi, o_c, b_v, b_i, b_kth, o_j, KP, BN, False, IEEE)
+            b_v, b_i, b_kth = _tile_maxima(b_q, p_k, n0, n_hi, o_c, b_v, b_i, b_kth, o_j, KP, BN, S, False, IEEE)
         if n_full < n_hi:
             p_k = k_base + (n_full + o_c).to(tl.int64)[:, None] * stride_kt + o_d[None, :]
-            b_v, b_i, b_kth = _tile_maxima(b_q, p_k, n_full, n_hi, o_c, b_v, b_i, b_kth, o_j, KP, BN, True, IEEE)
+            b_v, b_i, b_kth = _tile_maxima(b_q, p_k, n_full, n_hi, o_c, b_v, b_i, b_kth, o_j, KP, BN, S, True, IEEE)
     else:
         for n0 in range(n_lo, n_full, BN):
             p_k = k_base + (n0 + o_c).to(tl.int64)[:, None] * stride_kt + o_d[None, :]
@@ -412,6 +439,11 @@ def _config(rows: int, dtype: torch.dtype, two_phase: bool = False) -> tuple[int
     return min(64, max(16, triton.next_power_of_2(rows))), 128, 4, 3
 
 
+def _subtiles(d: int) -> int:
+    """Phase 1's sub-tiles per tile by default (see `_tile_maxima`)."""
+    return 1
+
+
 def _rescore_config(br: int, bn: int, d: int) -> tuple[int, int, int, int]:
     """Phase 2's (rows per program, keys per step, head dims per step, num_warps), with the merge
     kernel's ``br`` rows: a whole tile per step, 16 head dims at a time, was the best of those
@@ -434,10 +466,12 @@ def score_topk_fwd(
     two_phase: bool | None = None,
     rescore: tuple[int, int, int, int] | None = None,
     merge: tuple[int, int, int] | None = None,
+    subtiles: int | None = None,
 ) -> torch.Tensor:
     """`score_topk_triton` with optional forced key splits, (BM, BN, num_warps, num_stages), phases,
     phase 2's (rows per program, keys per step, head dims per step, num_warps) and the split
-    merge's (rows per program, candidates per step, num_warps), for tuning and tests.
+    merge's (rows per program, candidates per step, num_warps), and phase 1's sub-tiles per tile (1, 2
+    or 4: phase 2 rescores a row's best sub-tiles of ``BN / subtiles`` keys), for tuning and tests.
 
     By default prefill (more than one query token) takes two phases from ``_TWO_PHASE_MIN_ROWS``
     rows, decode one pass."""
@@ -472,6 +506,9 @@ def score_topk_fwd(
     auto = two_phase is None
     two_phase = tq > 1 and (interpreting() or rows >= _TWO_PHASE_MIN_ROWS) if auto else two_phase
     bm, bn, warps, stages = config or _config(rows, q.dtype, two_phase)
+    subtiles = (_subtiles(d) if two_phase else 1) if subtiles is None else subtiles
+    if subtiles not in (1, 2, 4) or bn % subtiles or (subtiles > 1 and not two_phase):
+        raise ValueError(f"subtiles must be 1, 2 or 4, divide BN ({bn}) and come with two phases, got {subtiles}")
     n_m = triton.cdiv(rows, bm)
     base = b * h * n_m
     if splits is None:
@@ -488,7 +525,7 @@ def score_topk_fwd(
     o_args = (out.stride(0), out.stride(1), out.stride(2))
     consts = {
         "H": h, "G": g, "D": d, "TOPK": top_k, "KP": kp, "BM": bm, "BN": bn, "IEEE": ieee, "SHIFT": shift is not None,
-        "TWO_PHASE": two_phase, "num_warps": warps, "num_stages": stages,
+        "TWO_PHASE": two_phase, "S": subtiles, "num_warps": warps, "num_stages": stages,
     }  # fmt: skip
     if splits == 1 and not two_phase:
         score_topk_fwd_kernel_scan[(n_m, 1, b * h)](
@@ -504,10 +541,11 @@ def score_topk_fwd(
     bc = min(32 if interpreting() else 256, triton.next_power_of_2(splits * top_k))
     br = min(16, triton.next_power_of_2(rows))
     if two_phase:
-        br, sc, dc, rwarps = rescore or _rescore_config(br, bn, d)
+        sub = bn // subtiles  # phase 1 ranked sub-tiles of this many keys
+        br, sc, dc, rwarps = rescore or _rescore_config(br, sub, d)
         score_topk_fwd_kernel_rescore[(triton.cdiv(rows, br), b * h)](
             q, k, ws_v, ws_i, out, shift_arg, *args, *o_args, tk, rows, splits,
-            H=h, G=g, D=d, DC=dc, TOPK=top_k, KP=kp, BR=br, BC=bc, BN=bn, SC=sc, SHIFT=shift is not None,
+            H=h, G=g, D=d, DC=dc, TOPK=top_k, KP=kp, BR=br, BC=bc, BN=sub, SC=min(sc, sub), SHIFT=shift is not None,
             num_warps=rwarps,
         )  # fmt: skip
         return out
