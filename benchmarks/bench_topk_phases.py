@@ -39,6 +39,7 @@ def randn(*s: int) -> torch.Tensor:
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 parser.add_argument("--subtiles", type=int, nargs="+", help="time phase 1 with these sub-tiles per tile (1, 2, 4)")
 parser.add_argument("--prefill-only", action="store_true", help="skip the short chunks (2-32 query tokens)")
+parser.add_argument("--configs", nargs="+", metavar="BMxBNxWARPSxSTAGES", help="phase 1 shapes to time instead of SWEEP")
 args = parser.parse_args()
 
 shapes = [("SmolLM2-135M", 256, tk, 4) for tk in (16384, 32768, 65536, 131072, 262144, 524288, 1048576)]
@@ -52,6 +53,8 @@ if not args.prefill_only:
 
 # phase 1's (BM, BN, warps, stages): the frontier of a wider sweep (results/topk-phases-h100-bc3cc63.jsonl)
 SWEEP = [(128, 64, 4, 3), (128, 64, 8, 3), (256, 64, 8, 3), (128, 128, 8, 3)]
+if args.configs:
+    SWEEP = [tuple(int(x) for x in c.split("x")) for c in args.configs]
 RESCORE = [(16, 32, 32, 4), (16, 64, 16, 4), (16, 64, 16, 8), (8, 64, 32, 4), (4, 64, 32, 4), (32, 32, 16, 8)]
 RESCORE += [(4, 32, 64, 4), (2, 64, 64, 4), (1, 64, 64, 4)]
 

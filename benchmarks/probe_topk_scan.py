@@ -127,6 +127,10 @@ def launch(q, k, mode: str, config, ws_v, ws_i, wsm, splits, keys_per_split):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None, help="append JSON lines here (default: stdout only)")
+    ap.add_argument(
+        "--configs", nargs="+", metavar="BMxBNxWARPSxSTAGES", help="phase 1 shapes (default: the package's)"
+    )
+    ap.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     args = ap.parse_args()
     timer = Timer(torch)
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -137,40 +141,49 @@ def main() -> None:
         q = torch.randn(1, tq, hq, d, device="cuda", dtype=torch.bfloat16, generator=gen)
         k = torch.randn(1, tk, h, d, device="cuda", dtype=torch.bfloat16, generator=gen)
         rows = tq * (hq // h)
-        config = T._config(rows, q.dtype, True)
-        bm, bn = config[0], config[1]
-        base = h * triton.cdiv(rows, bm)
-        splits = min(triton.cdiv(T._target_programs(q.device), base), T._MAX_SPLITS)
-        keys_per_split = triton.cdiv(triton.cdiv(tk, splits), T._SPLIT_ALIGN) * T._SPLIT_ALIGN
-        splits = triton.cdiv(tk, keys_per_split)
-        ws = {m: (torch.full((h * rows * splits * 4,), float("-inf"), device="cuda"),
-                  torch.full((h * rows * splits * 4,), -1, dtype=torch.int32, device="cuda")) for m in VARIANTS}  # fmt: skip
-        wsm = torch.empty(h * rows * (tk // bn), device="cuda")
-        for m in VARIANTS:
-            launch(q, k, m, config, *ws[m], wsm, splits, keys_per_split)
-        torch.cuda.synchronize()
-        same_set = torch.equal(ws["set"][0], ws["insert4"][0]) and torch.equal(ws["set"][1], ws["insert4"][1])
-        best_of_store = wsm.view(h * rows, tk // bn).amax(1)
-        best_of_max = ws["max"][0].view(h * rows, splits, 4)[:, :, 0].amax(1)
-        same_max = torch.equal(best_of_store, best_of_max) and torch.equal(
-            best_of_max, ws["set"][0].view(h * rows, splits, 4)[:, :, 0].amax(1)
-        )
-        if not (same_set and same_max):
-            raise SystemExit(f"variants disagree at {model} {tq}x{tk}: insert4==set {same_set}, maxima {same_max}")
-        flops = 2 * tq * hq * tk * d
-        row = {"model": model, "tq": tq, "tk": tk, "top_k": 4, "config": list(config), "splits": splits}
-        for m in VARIANTS:
-            ms = timer.graph_ms(partial(launch, q, k, m, config, *ws[m], wsm, splits, keys_per_split))
-            row[m] = {"ms": round(ms, 4), "tflops": round(flops / ms / 1e9, 1)}
-        ms = timer.graph_ms(partial(T.score_topk_fwd, q, k, 4))
-        row["package"] = {"ms": round(ms, 4), "tflops": round(flops / ms / 1e9, 1)}
-        row.update(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                   python=platform.python_version(), commit=git_rev())  # fmt: skip
-        print(json.dumps(row), flush=True)
-        if args.out:
-            with open(args.out, "a") as f:
-                f.write(json.dumps(row) + "\n")
-        del q, k, ws, wsm
+        configs = [tuple(int(x) for x in c.split("x")) for c in args.configs or []] or [T._config(rows, q.dtype, True)]
+        for config in configs:
+            probe(timer, args, model, q, k, config)
+        del q, k
+
+
+def probe(timer: Timer, args: argparse.Namespace, model: str, q: torch.Tensor, k: torch.Tensor, config) -> None:
+    """Check and time every variant of phase 1 at one block shape; the package's two phases beside them."""
+    _, tq, hq, d = q.shape
+    tk, h = k.shape[1], k.shape[2]
+    rows = tq * (hq // h)
+    bm, bn = config[0], config[1]
+    base = h * triton.cdiv(rows, bm)
+    splits = min(triton.cdiv(T._target_programs(q.device), base), T._MAX_SPLITS)
+    keys_per_split = triton.cdiv(triton.cdiv(tk, splits), T._SPLIT_ALIGN) * T._SPLIT_ALIGN
+    splits = triton.cdiv(tk, keys_per_split)
+    ws = {m: (torch.full((h * rows * splits * 4,), float("-inf"), device="cuda"),
+              torch.full((h * rows * splits * 4,), -1, dtype=torch.int32, device="cuda")) for m in VARIANTS}  # fmt: skip
+    wsm = torch.empty(h * rows * (tk // bn), device="cuda")
+    for m in VARIANTS:
+        launch(q, k, m, config, *ws[m], wsm, splits, keys_per_split)
+    torch.cuda.synchronize()
+    same_set = torch.equal(ws["set"][0], ws["insert4"][0]) and torch.equal(ws["set"][1], ws["insert4"][1])
+    best_of_store = wsm.view(h * rows, tk // bn).amax(1)
+    best_of_max = ws["max"][0].view(h * rows, splits, 4)[:, :, 0].amax(1)
+    same_max = torch.equal(best_of_store, best_of_max) and torch.equal(
+        best_of_max, ws["set"][0].view(h * rows, splits, 4)[:, :, 0].amax(1)
+    )
+    if not (same_set and same_max):
+        raise SystemExit(f"variants disagree at {model} {tq}x{tk}: insert4==set {same_set}, maxima {same_max}")
+    flops = 2 * tq * hq * tk * d
+    row = {"model": model, "tq": tq, "tk": tk, "top_k": 4, "config": list(config), "splits": splits}
+    for m in args.variants:
+        ms = timer.graph_ms(partial(launch, q, k, m, config, *ws[m], wsm, splits, keys_per_split))
+        row[m] = {"ms": round(ms, 4), "tflops": round(flops / ms / 1e9, 1)}
+    ms = timer.graph_ms(partial(T.score_topk_fwd, q, k, 4, config=tuple(config), two_phase=True))
+    row["package"] = {"ms": round(ms, 4), "tflops": round(flops / ms / 1e9, 1)}
+    row.update(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+               python=platform.python_version(), commit=git_rev())  # fmt: skip
+    print(json.dumps(row), flush=True)
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write(json.dumps(row) + "\n")
 
 
 if __name__ == "__main__":
