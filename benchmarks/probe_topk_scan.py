@@ -17,6 +17,10 @@ with the bookkeeping swapped:
 It checks ``insert4`` against ``set`` (same values and tiles, in the same order) and ``store``
 against ``max``, then times each variant as a CUDA-graph replay with the L2 flushed, and the package's
 whole two-phase ``score_topk_fwd`` beside them. TFLOP/s count ``2 * TQ * HQ * TK * D``.
+
+``--package`` also times the package's two phases with phase 2 run by ``P`` persistent programs
+(``persist-P``, P in 1, 2, 4 per SM) and with two sub-tiles per tile (``sub2``), each checked equal to
+the default; the package's time minus ``set`` is phase 2's (the split merge and the rescoring).
 """
 
 from __future__ import annotations
@@ -131,11 +135,15 @@ def main() -> None:
         "--configs", nargs="+", metavar="BMxBNxWARPSxSTAGES", help="phase 1 shapes (default: the package's)"
     )
     ap.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    ap.add_argument("--package", action="store_true", help="also time the package's phase 2 variants")
+    ap.add_argument("--shapes", nargs="+", metavar="MODEL:TQ:TK", help="e.g. Llama-3.1-8B:512:32768")
     args = ap.parse_args()
     timer = Timer(torch)
     gen = torch.Generator(device="cuda").manual_seed(0)
     shapes = [("Llama-3.1-8B", 512, 131072), ("Llama-3.1-8B", 2048, 131072), ("SmolLM2-135M", 256, 131072),
               ("SmolLM2-135M", 256, 1048576)]  # fmt: skip
+    if args.shapes:
+        shapes = [(m, int(tq), int(tk)) for m, tq, tk in (x.split(":") for x in args.shapes)]
     for model, tq, tk in shapes:
         hq, h, d = MODELS[model]
         q = torch.randn(1, tq, hq, d, device="cuda", dtype=torch.bfloat16, generator=gen)
@@ -178,6 +186,17 @@ def probe(timer: Timer, args: argparse.Namespace, model: str, q: torch.Tensor, k
         row[m] = {"ms": round(ms, 4), "tflops": round(flops / ms / 1e9, 1)}
     ms = timer.graph_ms(partial(T.score_topk_fwd, q, k, 4, config=tuple(config), two_phase=True))
     row["package"] = {"ms": round(ms, 4), "tflops": round(flops / ms / 1e9, 1)}
+    if args.package:
+        sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+        ref = T.score_topk_fwd(q, k, 4, config=tuple(config), two_phase=True)
+        kws = {f"persist-{n}": {"rescore_programs": n * sms} for n in (1, 2, 4)}
+        kws["sub2"] = {"subtiles": 2}
+        for name, kw in kws.items():
+            fn = partial(T.score_topk_fwd, q, k, 4, config=tuple(config), two_phase=True, **kw)
+            if not torch.equal(fn(), ref):
+                raise SystemExit(f"package variant {name} differs from the default at {model} {tq}x{tk}")
+            ms = timer.graph_ms(fn)
+            row[name] = {"ms": round(ms, 4), "tflops": round(flops / ms / 1e9, 1)}
     row.update(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                python=platform.python_version(), commit=git_rev())  # fmt: skip
     print(json.dumps(row), flush=True)

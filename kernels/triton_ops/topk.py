@@ -337,42 +337,12 @@ def score_topk_fwd_kernel_merge(
     _store_sorted(b_v, b_i, o_j, o + i_b * stride_ob + o_t * stride_ot + o_hq * stride_oh, o, m_r, TOPK, KP, False)
 
 
-@triton.jit(do_not_specialize=["TK", "R", "NSPLIT"])
-def score_topk_fwd_kernel_rescore(
-    q,
-    k,
-    ws_v,
-    ws_i,
-    o,
-    shift,
-    stride_qb,
-    stride_qt,
-    stride_qh,
-    stride_kb,
-    stride_kt,
-    stride_kh,
-    stride_ob,
-    stride_ot,
-    stride_oh,
-    TK,
-    R,
-    NSPLIT,
-    H: tl.constexpr,
-    G: tl.constexpr,
-    D: tl.constexpr,
-    DC: tl.constexpr,
-    TOPK: tl.constexpr,
-    KP: tl.constexpr,
-    BR: tl.constexpr,
-    BC: tl.constexpr,
-    BN: tl.constexpr,
-    SC: tl.constexpr,
-    SHIFT: tl.constexpr,
-):
-    """Phase 2: per row, rescore the keys of its ``TOPK`` best tiles (over all splits) exactly."""
-    i_r, i_bh = tl.program_id(0), tl.program_id(1)
-    if SHIFT:
-        TK = TK + tl.load(shift).to(tl.int32)
+@triton.jit
+def _rescore_rows(q, k, ws_v, ws_i, o, i_r, i_bh, stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+                  stride_ob, stride_ot, stride_oh, TK, R, NSPLIT, H: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+                  DC: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
+                  BN: tl.constexpr, SC: tl.constexpr):  # fmt: skip
+    """Phase 2 for rows ``[i_r * BR, (i_r + 1) * BR)`` of (sequence, KV head) ``i_bh``."""
     i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
     o_r = i_r * BR + tl.arange(0, BR)
     m_r = o_r < R
@@ -407,6 +377,58 @@ def score_topk_fwd_kernel_rescore(
             b_s = tl.where(m_n, b_s, float("-inf"))
             b_v, b_i, b_kth = _admit(b_s, o_n, 0, b_v, b_i, b_kth, o_u, o_j, TOPK, KP, SC, True)
     _store_sorted(b_v, b_i, o_j, o + i_b * stride_ob + o_t * stride_ot + o_hq * stride_oh, o, m_r, TOPK, KP, False)
+
+
+@triton.jit(do_not_specialize=["TK", "R", "NSPLIT", "BH"])
+def score_topk_fwd_kernel_rescore(
+    q,
+    k,
+    ws_v,
+    ws_i,
+    o,
+    shift,
+    stride_qb,
+    stride_qt,
+    stride_qh,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_ob,
+    stride_ot,
+    stride_oh,
+    TK,
+    R,
+    NSPLIT,
+    BH,
+    H: tl.constexpr,
+    G: tl.constexpr,
+    D: tl.constexpr,
+    DC: tl.constexpr,
+    TOPK: tl.constexpr,
+    KP: tl.constexpr,
+    BR: tl.constexpr,
+    BC: tl.constexpr,
+    BN: tl.constexpr,
+    SC: tl.constexpr,
+    SHIFT: tl.constexpr,
+    PERSISTENT: tl.constexpr,
+):
+    """Phase 2: per row, rescore the keys of its ``TOPK`` best tiles (over all splits) exactly.
+
+    One program per ``BR`` rows, or (``PERSISTENT``) a fixed number of programs walking the row blocks
+    in order, so the blocks in flight at any time share one KV head's keys (L2 reuse)."""
+    if SHIFT:
+        TK = TK + tl.load(shift).to(tl.int32)
+    if PERSISTENT:
+        n_rb = tl.cdiv(R, BR)
+        for blk in range(tl.program_id(0), n_rb * BH, tl.num_programs(0)):
+            _rescore_rows(q, k, ws_v, ws_i, o, blk % n_rb, blk // n_rb, stride_qb, stride_qt, stride_qh, stride_kb,
+                          stride_kt, stride_kh, stride_ob, stride_ot, stride_oh, TK, R, NSPLIT,
+                          H, G, D, DC, TOPK, KP, BR, BC, BN, SC)  # fmt: skip
+    else:
+        _rescore_rows(q, k, ws_v, ws_i, o, tl.program_id(0), tl.program_id(1), stride_qb, stride_qt, stride_qh,
+                      stride_kb, stride_kt, stride_kh, stride_ob, stride_ot, stride_oh, TK, R, NSPLIT,
+                      H, G, D, DC, TOPK, KP, BR, BC, BN, SC)  # fmt: skip
 
 
 @functools.cache
@@ -467,11 +489,13 @@ def score_topk_fwd(
     rescore: tuple[int, int, int, int] | None = None,
     merge: tuple[int, int, int] | None = None,
     subtiles: int | None = None,
+    rescore_programs: int | None = None,
 ) -> torch.Tensor:
     """`score_topk_triton` with optional forced key splits, (BM, BN, num_warps, num_stages), phases,
     phase 2's (rows per program, keys per step, head dims per step, num_warps) and the split
     merge's (rows per program, candidates per step, num_warps), and phase 1's sub-tiles per tile (1, 2
-    or 4: phase 2 rescores a row's best sub-tiles of ``BN / subtiles`` keys), for tuning and tests.
+    or 4: phase 2 rescores a row's best sub-tiles of ``BN / subtiles`` keys) and phase 2's number of
+    persistent programs (``None``: one program per row block), for tuning and tests.
 
     By default prefill (more than one query token) takes two phases from ``_TWO_PHASE_MIN_ROWS``
     rows, decode one pass."""
@@ -543,10 +567,12 @@ def score_topk_fwd(
     if two_phase:
         sub = bn // subtiles  # phase 1 ranked sub-tiles of this many keys
         br, sc, dc, rwarps = rescore or _rescore_config(br, sub, d)
-        score_topk_fwd_kernel_rescore[(triton.cdiv(rows, br), b * h)](
-            q, k, ws_v, ws_i, out, shift_arg, *args, *o_args, tk, rows, splits,
+        n_rb = triton.cdiv(rows, br)
+        grid = (n_rb, b * h) if not rescore_programs else (min(rescore_programs, n_rb * b * h), 1)
+        score_topk_fwd_kernel_rescore[grid](
+            q, k, ws_v, ws_i, out, shift_arg, *args, *o_args, tk, rows, splits, b * h,
             H=h, G=g, D=d, DC=dc, TOPK=top_k, KP=kp, BR=br, BC=bc, BN=sub, SC=min(sc, sub), SHIFT=shift is not None,
-            num_warps=rwarps,
+            PERSISTENT=bool(rescore_programs), num_warps=rwarps,
         )  # fmt: skip
         return out
     if merge is None and rows <= _MERGE_ROW_PROGRAMS_MAX_ROWS:
