@@ -18,9 +18,11 @@ It checks ``insert4`` against ``set`` (same values and tiles, in the same order)
 against ``max``, then times each variant as a CUDA-graph replay with the L2 flushed, and the package's
 whole two-phase ``score_topk_fwd`` beside them. TFLOP/s count ``2 * TQ * HQ * TK * D``.
 
-``--package`` also times the package's two phases with phase 2 run by ``P`` persistent programs
-(``persist-P``, P in 1, 2, 4 per SM) and with two sub-tiles per tile (``sub2``), each checked equal to
-the default; the package's time minus ``set`` is phase 2's (the split merge and the rescoring).
+``--package`` also times the package's two phases with two sub-tiles per tile (``sub2``) and with
+one (``sub1``), each checked equal to the default; the package's time minus ``set`` is phase 2's (the
+split merge and the rescoring). At 93f2670 it also timed phase 2 as 1, 2 or 4 persistent programs per
+SM walking the row blocks in order (``persist-P``, results/probe-topk-rescore-h100-93f2670.jsonl):
+never faster, so that option was dropped.
 """
 
 from __future__ import annotations
@@ -187,10 +189,8 @@ def probe(timer: Timer, args: argparse.Namespace, model: str, q: torch.Tensor, k
     ms = timer.graph_ms(partial(T.score_topk_fwd, q, k, 4, config=tuple(config), two_phase=True))
     row["package"] = {"ms": round(ms, 4), "tflops": round(flops / ms / 1e9, 1)}
     if args.package:
-        sms = torch.cuda.get_device_properties(q.device).multi_processor_count
         ref = T.score_topk_fwd(q, k, 4, config=tuple(config), two_phase=True)
-        kws = {f"persist-{n}": {"rescore_programs": n * sms} for n in (1, 2, 4)}
-        kws["sub2"] = {"subtiles": 2}
+        kws = {"sub1": {"subtiles": 1}, "sub2": {"subtiles": 2}}
         for name, kw in kws.items():
             fn = partial(T.score_topk_fwd, q, k, 4, config=tuple(config), two_phase=True, **kw)
             if not torch.equal(fn(), ref):

@@ -25,6 +25,10 @@ score against one for a row maximum:
    decode are), rescored exactly, in ascending order, into the final set: ``TOPK * BN`` keys per
    row instead of all of them.
 
+Up to ``_SUBTILE_MAX_KEYS`` keys, phase 1 ranks the two halves of each tile (sub-tiles) instead of
+whole tiles, so phase 2 reads half the keys; the argument below holds for any split of the keys into
+consecutive runs.
+
 Why the result is exact: let ``theta`` be the ``TOPK``-th best tile maximum of a row. ``TOPK``
 distinct tiles hold a score ``>= theta``, so every key of the row's top-k scores ``>= theta`` and
 lies in a tile whose maximum is ``>= theta``: one of those kept, except where maxima tie at
@@ -337,12 +341,42 @@ def score_topk_fwd_kernel_merge(
     _store_sorted(b_v, b_i, o_j, o + i_b * stride_ob + o_t * stride_ot + o_hq * stride_oh, o, m_r, TOPK, KP, False)
 
 
-@triton.jit
-def _rescore_rows(q, k, ws_v, ws_i, o, i_r, i_bh, stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
-                  stride_ob, stride_ot, stride_oh, TK, R, NSPLIT, H: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
-                  DC: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
-                  BN: tl.constexpr, SC: tl.constexpr):  # fmt: skip
-    """Phase 2 for rows ``[i_r * BR, (i_r + 1) * BR)`` of (sequence, KV head) ``i_bh``."""
+@triton.jit(do_not_specialize=["TK", "R", "NSPLIT"])
+def score_topk_fwd_kernel_rescore(
+    q,
+    k,
+    ws_v,
+    ws_i,
+    o,
+    shift,
+    stride_qb,
+    stride_qt,
+    stride_qh,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_ob,
+    stride_ot,
+    stride_oh,
+    TK,
+    R,
+    NSPLIT,
+    H: tl.constexpr,
+    G: tl.constexpr,
+    D: tl.constexpr,
+    DC: tl.constexpr,
+    TOPK: tl.constexpr,
+    KP: tl.constexpr,
+    BR: tl.constexpr,
+    BC: tl.constexpr,
+    BN: tl.constexpr,
+    SC: tl.constexpr,
+    SHIFT: tl.constexpr,
+):
+    """Phase 2: per row, rescore the keys of its ``TOPK`` best tiles (over all splits) exactly."""
+    i_r, i_bh = tl.program_id(0), tl.program_id(1)
+    if SHIFT:
+        TK = TK + tl.load(shift).to(tl.int32)
     i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
     o_r = i_r * BR + tl.arange(0, BR)
     m_r = o_r < R
@@ -379,58 +413,6 @@ def _rescore_rows(q, k, ws_v, ws_i, o, i_r, i_bh, stride_qb, stride_qt, stride_q
     _store_sorted(b_v, b_i, o_j, o + i_b * stride_ob + o_t * stride_ot + o_hq * stride_oh, o, m_r, TOPK, KP, False)
 
 
-@triton.jit(do_not_specialize=["TK", "R", "NSPLIT", "BH"])
-def score_topk_fwd_kernel_rescore(
-    q,
-    k,
-    ws_v,
-    ws_i,
-    o,
-    shift,
-    stride_qb,
-    stride_qt,
-    stride_qh,
-    stride_kb,
-    stride_kt,
-    stride_kh,
-    stride_ob,
-    stride_ot,
-    stride_oh,
-    TK,
-    R,
-    NSPLIT,
-    BH,
-    H: tl.constexpr,
-    G: tl.constexpr,
-    D: tl.constexpr,
-    DC: tl.constexpr,
-    TOPK: tl.constexpr,
-    KP: tl.constexpr,
-    BR: tl.constexpr,
-    BC: tl.constexpr,
-    BN: tl.constexpr,
-    SC: tl.constexpr,
-    SHIFT: tl.constexpr,
-    PERSISTENT: tl.constexpr,
-):
-    """Phase 2: per row, rescore the keys of its ``TOPK`` best tiles (over all splits) exactly.
-
-    One program per ``BR`` rows, or (``PERSISTENT``) a fixed number of programs walking the row blocks
-    in order, so the blocks in flight at any time share one KV head's keys (L2 reuse)."""
-    if SHIFT:
-        TK = TK + tl.load(shift).to(tl.int32)
-    if PERSISTENT:
-        n_rb = tl.cdiv(R, BR)
-        for blk in range(tl.program_id(0), n_rb * BH, tl.num_programs(0)):
-            _rescore_rows(q, k, ws_v, ws_i, o, blk % n_rb, blk // n_rb, stride_qb, stride_qt, stride_qh, stride_kb,
-                          stride_kt, stride_kh, stride_ob, stride_ot, stride_oh, TK, R, NSPLIT,
-                          H, G, D, DC, TOPK, KP, BR, BC, BN, SC)  # fmt: skip
-    else:
-        _rescore_rows(q, k, ws_v, ws_i, o, tl.program_id(0), tl.program_id(1), stride_qb, stride_qt, stride_qh,
-                      stride_kb, stride_kt, stride_kh, stride_ob, stride_ot, stride_oh, TK, R, NSPLIT,
-                      H, G, D, DC, TOPK, KP, BR, BC, BN, SC)  # fmt: skip
-
-
 @functools.cache
 def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
@@ -461,9 +443,19 @@ def _config(rows: int, dtype: torch.dtype, two_phase: bool = False) -> tuple[int
     return min(64, max(16, triton.next_power_of_2(rows))), 128, 4, 3
 
 
-def _subtiles(d: int) -> int:
-    """Phase 1's sub-tiles per tile by default (see `_tile_maxima`)."""
-    return 1
+# Up to this many keys, phase 1 ranks two sub-tiles per tile by default.
+_SUBTILE_MAX_KEYS = 32768
+
+
+def _subtiles(keys: int, bn: int) -> int:
+    """Phase 1's sub-tiles per tile by default (see `_tile_maxima`).
+
+    Two halve phase 2's reads (each row rescores its best half tiles) but make phase 1 about a third
+    slower (the reshaped row maxima). Phase 2's cost does not grow with the keys and phase 1's does,
+    so two pay only on short ranges (H100: 4-12% faster up to 32K keys, slower from 64K;
+    benchmarks/bench_topk_phases.py --subtiles, results/topk-subtiles-h100-83a1fcc.jsonl).
+    """
+    return 2 if keys <= _SUBTILE_MAX_KEYS and bn == 64 else 1
 
 
 def _rescore_config(br: int, bn: int, d: int) -> tuple[int, int, int, int]:
@@ -489,13 +481,11 @@ def score_topk_fwd(
     rescore: tuple[int, int, int, int] | None = None,
     merge: tuple[int, int, int] | None = None,
     subtiles: int | None = None,
-    rescore_programs: int | None = None,
 ) -> torch.Tensor:
     """`score_topk_triton` with optional forced key splits, (BM, BN, num_warps, num_stages), phases,
     phase 2's (rows per program, keys per step, head dims per step, num_warps) and the split
     merge's (rows per program, candidates per step, num_warps), and phase 1's sub-tiles per tile (1, 2
-    or 4: phase 2 rescores a row's best sub-tiles of ``BN / subtiles`` keys) and phase 2's number of
-    persistent programs (``None``: one program per row block), for tuning and tests.
+    or 4: phase 2 rescores a row's best sub-tiles of ``BN / subtiles`` keys), for tuning and tests.
 
     By default prefill (more than one query token) takes two phases from ``_TWO_PHASE_MIN_ROWS``
     rows, decode one pass."""
@@ -530,7 +520,7 @@ def score_topk_fwd(
     auto = two_phase is None
     two_phase = tq > 1 and (interpreting() or rows >= _TWO_PHASE_MIN_ROWS) if auto else two_phase
     bm, bn, warps, stages = config or _config(rows, q.dtype, two_phase)
-    subtiles = (_subtiles(d) if two_phase else 1) if subtiles is None else subtiles
+    subtiles = (_subtiles(tk_grid, bn) if two_phase else 1) if subtiles is None else subtiles
     if subtiles not in (1, 2, 4) or bn % subtiles or (subtiles > 1 and not two_phase):
         raise ValueError(f"subtiles must be 1, 2 or 4, divide BN ({bn}) and come with two phases, got {subtiles}")
     n_m = triton.cdiv(rows, bm)
@@ -567,12 +557,10 @@ def score_topk_fwd(
     if two_phase:
         sub = bn // subtiles  # phase 1 ranked sub-tiles of this many keys
         br, sc, dc, rwarps = rescore or _rescore_config(br, sub, d)
-        n_rb = triton.cdiv(rows, br)
-        grid = (n_rb, b * h) if not rescore_programs else (min(rescore_programs, n_rb * b * h), 1)
-        score_topk_fwd_kernel_rescore[grid](
-            q, k, ws_v, ws_i, out, shift_arg, *args, *o_args, tk, rows, splits, b * h,
+        score_topk_fwd_kernel_rescore[(triton.cdiv(rows, br), b * h)](
+            q, k, ws_v, ws_i, out, shift_arg, *args, *o_args, tk, rows, splits,
             H=h, G=g, D=d, DC=dc, TOPK=top_k, KP=kp, BR=br, BC=bc, BN=sub, SC=min(sc, sub), SHIFT=shift is not None,
-            PERSISTENT=bool(rescore_programs), num_warps=rwarps,
+            num_warps=rwarps,
         )  # fmt: skip
         return out
     if merge is None and rows <= _MERGE_ROW_PROGRAMS_MAX_ROWS:

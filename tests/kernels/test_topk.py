@@ -89,9 +89,7 @@ def test_score_topk_splits(tq, splits, device):
     torch.testing.assert_close(score_topk_fwd(q, k, 8, splits=splits), score_topk_ref(q, k, 8), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize(
-    ("two_phase", "subtiles", "programs"), [(False, 1, None), (True, 1, None), (True, 2, None), (True, 4, 3), (True, 1, 1)]
-)
+@pytest.mark.parametrize(("two_phase", "subtiles"), [(False, 1), (True, 1), (True, 2), (True, 4)])
 @pytest.mark.parametrize(
     ("b", "tq", "tk", "hq", "h", "d", "dtype", "top_k", "kind", "splits"),
     [
@@ -104,16 +102,15 @@ def test_score_topk_splits(tq, splits, device):
         (1, 6, 640, 6, 2, 64, "fp32", 4, "randn", 1),
     ],
 )
-def test_score_topk_phases(b, tq, tk, hq, h, d, dtype, top_k, kind, splits, two_phase, subtiles, programs, device):
-    """One pass and two phases (each row's best tile or sub-tile maxima, then rescoring those, by one
-    program per row block or by a few persistent programs) all equal the reference, decode and
-    prefill shapes alike."""
+def test_score_topk_phases(b, tq, tk, hq, h, d, dtype, top_k, kind, splits, two_phase, subtiles, device):
+    """One pass and two phases (each row's best tile or sub-tile maxima, then rescoring those) all
+    equal the reference, decode and prefill shapes alike."""
     from reattention_kernels.triton_ops.topk import score_topk_fwd
 
     torch.manual_seed(tk + tq)
     q = make_queries(b, tq, hq, d, DTYPES[dtype], device, kind)
     k = make_keys(b, tk, h, d, DTYPES[dtype], device, kind)
-    out = score_topk_fwd(q, k, top_k, splits=splits, two_phase=two_phase, subtiles=subtiles, rescore_programs=programs)
+    out = score_topk_fwd(q, k, top_k, splits=splits, two_phase=two_phase, subtiles=subtiles)
     ref = score_topk_ref(q, k, top_k)
     mismatch = (out != ref).any(-1)
     assert not mismatch.any(), f"{int(mismatch.sum())} rows differ; first: {out[mismatch][0]} vs {ref[mismatch][0]}"
@@ -189,6 +186,8 @@ GPU_CASES = [
     (1, 1, 1000003, 32, 8, 128, "fp16", 8, "dup"),
     (1, 256, 1048576, 9, 3, 64, "bf16", 4, "randn"),  # the embedded model's prefill chunk at 1M
     (1, 1024, 65536, 32, 8, 128, "bf16", 8, "int"),  # 4096 rows per KV head: 256-row tiles, ties everywhere
+    (1, 512, 32768, 32, 8, 128, "bf16", 8, "int"),  # up to 32K keys phase 1 ranks half tiles, ties everywhere
+    (1, 256, 20000, 9, 3, 64, "bf16", 4, "dup"),
 ]
 
 
