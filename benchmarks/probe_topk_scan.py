@@ -19,11 +19,12 @@ against ``max``, then times each variant as a CUDA-graph replay with the L2 flus
 whole two-phase ``score_topk_fwd`` beside them. TFLOP/s count ``2 * TQ * HQ * TK * D``.
 
 ``--package`` also times the package's two phases with two sub-tiles per tile (``sub2``) and with
-one (``sub1``), and phase 2 rescoring with one ``tl.dot`` per step (``dot``, ``sub2-dot``, ``dot-sc32``:
-32 keys per row and step, ``dot-w8``: 8 warps), each compared with the default (``rows_differ``); the package's time minus ``set`` is phase 2's (the
+one (``sub1``), each compared with the default (``rows_differ``); the package's time minus ``set`` is phase 2's (the
 split merge and the rescoring). At 93f2670 it also timed phase 2 as 1, 2 or 4 persistent programs per
 SM walking the row blocks in order (``persist-P``, results/probe-topk-rescore-h100-93f2670.jsonl):
-never faster, so that option was dropped.
+never faster, so that option was dropped; at 94861d3 it timed phase 2 rescoring each step's gathered keys of
+all rows with one ``tl.dot`` (``dot``, results/probe-topk-rescore-dot-h100-94861d3.jsonl): slower everywhere
+(the gathers, not the CUDA-core sums, set phase 2's time), so that option was dropped too.
 """
 
 from __future__ import annotations
@@ -191,10 +192,7 @@ def probe(timer: Timer, args: argparse.Namespace, model: str, q: torch.Tensor, k
     row["package"] = {"ms": round(ms, 4), "tflops": round(flops / ms / 1e9, 1)}
     if args.package:
         ref = T.score_topk_fwd(q, k, 4, config=tuple(config), two_phase=True)
-        kws = {"sub1": {"subtiles": 1}, "sub2": {"subtiles": 2}, "dot": {"rescore_dot": True},
-               "sub2-dot": {"subtiles": 2, "rescore_dot": True},
-               "dot-sc32": {"rescore_dot": True, "rescore": (16, 32, 16, 4)},
-               "dot-w8": {"rescore_dot": True, "rescore": (16, 16, 16, 8)}}  # fmt: skip
+        kws = {"sub1": {"subtiles": 1}, "sub2": {"subtiles": 2}}
         for name, kw in kws.items():
             fn = partial(T.score_topk_fwd, q, k, 4, config=tuple(config), two_phase=True, **kw)
             try:

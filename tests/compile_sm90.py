@@ -37,7 +37,7 @@ def scan(dtype: str, d: int, top_k: int, split: bool, two_phase: bool, subtiles:
     return ASTSource(fn=topk.score_topk_fwd_kernel_scan, signature=sig, constexprs=consts)
 
 
-def rescore(dtype: str, d: int, top_k: int, dot: bool = False) -> ASTSource:
+def rescore(dtype: str, d: int, top_k: int) -> ASTSource:
     fp = {"bf16": "*bf16", "fp32": "*fp32"}[dtype]
     sig = {"q": fp, "k": fp, "ws_v": "*fp32", "ws_i": "*i32", "o": "*i64", "shift": "*i64"}
     ints = ("stride_qb", "stride_qt", "stride_qh", "stride_kb", "stride_kt", "stride_kh")
@@ -46,11 +46,9 @@ def rescore(dtype: str, d: int, top_k: int, dot: bool = False) -> ASTSource:
     # block shapes as `topk._config` and `topk._rescore_config` pick them
     bn = topk._config(64, {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype], True)[1]
     br, sc, dc, _ = topk._rescore_config(16, bn, d)
-    if dot:  # as `topk.score_topk_fwd` picks them for the tl.dot rescoring
-        br, sc = 16, 16
     consts = {
         "H": 3, "G": 3, "D": d, "DC": dc, "TOPK": top_k, "KP": triton.next_power_of_2(top_k), "BR": br, "BC": 64,
-        "BN": bn, "SC": sc, "SHIFT": True, "DOT": dot, "IEEE": dtype == "fp32",
+        "BN": bn, "SC": sc, "SHIFT": True,
     }  # fmt: skip
     sig.update({name: "constexpr" for name in consts})
     return ASTSource(fn=topk.score_topk_fwd_kernel_rescore, signature=sig, constexprs=consts)
@@ -95,7 +93,7 @@ def main() -> int:
     ]
     sources += [
         (("rescore", *v), rescore(*v), topk._rescore_config(16, 64, v[1])[3])
-        for v in (("bf16", 64, 4), ("bf16", 128, 8), ("fp32", 64, 4), ("bf16", 128, 4, True))
+        for v in (("bf16", 64, 4), ("bf16", 128, 8), ("fp32", 64, 4))
     ]
     sources += [
         (("tile_top", h, blk), tile_top(h, blk, 32), 4 if blk >= 512 else 1)

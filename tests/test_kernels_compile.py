@@ -31,6 +31,6 @@ def test_scoring_and_selection_kernels_compile_for_sm90():
         [sys.executable, str(SCRIPT)], env=env, capture_output=True, text=True, timeout=900, check=False
     )
     assert run.returncode == 0, run.stdout + run.stderr[-3000:]
-    # every variant the script lists: 6 of the scoring kernel (2 of them ranking sub-tiles), 4 of its
-    # rescoring phase (1 with tl.dot), 3 of the tile top-keys kernel, 1 of blocks, 2 of the one-program selection
-    assert run.stdout.count("compiled") == 16, run.stdout
+    # every variant the script lists: 6 of the scoring kernel (2 of them ranking sub-tiles), 3 of its
+    # rescoring phase, 3 of the tile top-keys kernel, 1 of blocks, 2 of the one-program selection
+    assert run.stdout.count("compiled") == 15, run.stdout

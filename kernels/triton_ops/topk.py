@@ -372,14 +372,8 @@ def score_topk_fwd_kernel_rescore(
     BN: tl.constexpr,
     SC: tl.constexpr,
     SHIFT: tl.constexpr,
-    DOT: tl.constexpr,
-    IEEE: tl.constexpr,
 ):
-    """Phase 2: per row, rescore the keys of its ``TOPK`` best tiles (over all splits) exactly.
-
-    ``DOT``: each step gathers the ``SC`` keys of every row's tile (``[BR * SC, D]``) and scores all
-    rows against all of them with one ``tl.dot`` (tensor cores, pipelined loads), keeping each row's
-    own ``SC`` scores; otherwise the products are summed on CUDA cores, ``DC`` head dims at a time."""
+    """Phase 2: per row, rescore the keys of its ``TOPK`` best tiles (over all splits) exactly."""
     i_r, i_bh = tl.program_id(0), tl.program_id(1)
     if SHIFT:
         TK = TK + tl.load(shift).to(tl.int32)
@@ -397,11 +391,6 @@ def score_topk_fwd_kernel_rescore(
     p_q = q + i_b * stride_qb + o_t[:, None] * stride_qt + o_hq[:, None] * stride_qh
     k_base = k + i_b * stride_kb + i_h * stride_kh
     b_v, b_i, b_kth = _empty_set(BR, KP, TOPK)
-    if DOT:
-        o_dd = tl.arange(0, D)
-        b_qd = tl.load(p_q + o_dd[None, :], mask=m_r[:, None], other=0.0)
-        # [BR, 1, 1] == [1, BR, 1]: which block of the step's BR * SC keys is each row's own
-        m_own = tl.arange(0, BR)[:, None, None] == tl.arange(0, BR)[None, :, None]
     # tiles in ascending order: candidates equal to the threshold must come in index order
     # (runtime loops: unrolled, TOPK x D / DC copies of the admission chain take minutes to compile)
     for _ in range(TOPK):
@@ -412,24 +401,13 @@ def score_topk_fwd_kernel_rescore(
         for c0 in range(0, BN, SC):
             o_n = tl.where(m_t, b_t, 0)[:, None] * BN + c0 + o_u[None, :]
             m_n = m_r[:, None] & m_t[:, None] & (o_n < TK)
-            if DOT:
-                # [BR * SC, D]: row r's keys are rows r * SC .. r * SC + SC - 1
-                p_k = k_base + tl.reshape(o_n, [BR * SC]).to(tl.int64)[:, None] * stride_kt + o_dd[None, :]
-                b_k = tl.load(p_k, mask=tl.reshape(m_n, [BR * SC])[:, None], other=0.0)
-                if IEEE:
-                    b_all = tl.dot(b_qd, tl.trans(b_k), input_precision="ieee")
-                else:
-                    b_all = tl.dot(b_qd, tl.trans(b_k))
-                # [BR, SC]: each row's scores against its own keys
-                b_s = tl.sum(tl.where(m_own, tl.reshape(b_all, [BR, BR, SC]), 0.0), 1)
-            else:
-                b_s = tl.zeros([BR, SC], dtype=tl.float32)
-                for d0 in range(0, D, DC):
-                    o_d = d0 + tl.arange(0, DC)
-                    b_q = tl.load(p_q + o_d[None, :], mask=m_r[:, None], other=0.0).to(tl.float32)
-                    p_k = k_base + o_n.to(tl.int64)[:, :, None] * stride_kt + o_d[None, None, :]
-                    b_k = tl.load(p_k, mask=m_n[:, :, None], other=0.0).to(tl.float32)
-                    b_s += tl.sum(b_q[:, None, :] * b_k, 2)
+            b_s = tl.zeros([BR, SC], dtype=tl.float32)
+            for d0 in range(0, D, DC):
+                o_d = d0 + tl.arange(0, DC)
+                b_q = tl.load(p_q + o_d[None, :], mask=m_r[:, None], other=0.0).to(tl.float32)
+                p_k = k_base + o_n.to(tl.int64)[:, :, None] * stride_kt + o_d[None, None, :]
+                b_k = tl.load(p_k, mask=m_n[:, :, None], other=0.0).to(tl.float32)
+                b_s += tl.sum(b_q[:, None, :] * b_k, 2)
             b_s = tl.where(m_n, b_s, float("-inf"))
             b_v, b_i, b_kth = _admit(b_s, o_n, 0, b_v, b_i, b_kth, o_u, o_j, TOPK, KP, SC, True)
     _store_sorted(b_v, b_i, o_j, o + i_b * stride_ob + o_t * stride_ot + o_hq * stride_oh, o, m_r, TOPK, KP, False)
@@ -503,7 +481,6 @@ def score_topk_fwd(
     rescore: tuple[int, int, int, int] | None = None,
     merge: tuple[int, int, int] | None = None,
     subtiles: int | None = None,
-    rescore_dot: bool = False,
 ) -> torch.Tensor:
     """`score_topk_triton` with optional forced key splits, (BM, BN, num_warps, num_stages), phases,
     phase 2's (rows per program, keys per step, head dims per step, num_warps) and the split
@@ -580,13 +557,10 @@ def score_topk_fwd(
     if two_phase:
         sub = bn // subtiles  # phase 1 ranked sub-tiles of this many keys
         br, sc, dc, rwarps = rescore or _rescore_config(br, sub, d)
-        if rescore_dot and rescore is None:
-            # tl.dot needs 16 rows; 16 keys per row and step keep the gathered [256, D] tile in shared memory
-            br, sc = 16, min(16, sub)
         score_topk_fwd_kernel_rescore[(triton.cdiv(rows, br), b * h)](
             q, k, ws_v, ws_i, out, shift_arg, *args, *o_args, tk, rows, splits,
             H=h, G=g, D=d, DC=dc, TOPK=top_k, KP=kp, BR=br, BC=bc, BN=sub, SC=min(sc, sub), SHIFT=shift is not None,
-            DOT=rescore_dot, IEEE=ieee, num_warps=rwarps,
+            num_warps=rwarps,
         )  # fmt: skip
         return out
     if merge is None and rows <= _MERGE_ROW_PROGRAMS_MAX_ROWS:

@@ -89,10 +89,7 @@ def test_score_topk_splits(tq, splits, device):
     torch.testing.assert_close(score_topk_fwd(q, k, 8, splits=splits), score_topk_ref(q, k, 8), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize(
-    ("two_phase", "subtiles", "dot"), [(False, 1, False), (True, 1, False), (True, 2, False), (True, 4, False),
-                                       (True, 1, True), (True, 2, True)]
-)  # fmt: skip
+@pytest.mark.parametrize(("two_phase", "subtiles"), [(False, 1), (True, 1), (True, 2), (True, 4)])
 @pytest.mark.parametrize(
     ("b", "tq", "tk", "hq", "h", "d", "dtype", "top_k", "kind", "splits"),
     [
@@ -105,24 +102,24 @@ def test_score_topk_splits(tq, splits, device):
         (1, 6, 640, 6, 2, 64, "fp32", 4, "randn", 1),
     ],
 )
-def test_score_topk_phases(b, tq, tk, hq, h, d, dtype, top_k, kind, splits, two_phase, subtiles, dot, device):
-    """One pass and two phases (each row's best tile or sub-tile maxima, then rescoring those on CUDA
-    cores or with one ``tl.dot`` per step) all equal the reference, decode and prefill shapes alike."""
+def test_score_topk_phases(b, tq, tk, hq, h, d, dtype, top_k, kind, splits, two_phase, subtiles, device):
+    """One pass and two phases (each row's best tile or sub-tile maxima, then rescoring those) all
+    equal the reference, decode and prefill shapes alike."""
     from reattention_kernels.triton_ops.topk import score_topk_fwd
 
     torch.manual_seed(tk + tq)
     q = make_queries(b, tq, hq, d, DTYPES[dtype], device, kind)
     k = make_keys(b, tk, h, d, DTYPES[dtype], device, kind)
-    out = score_topk_fwd(q, k, top_k, splits=splits, two_phase=two_phase, subtiles=subtiles, rescore_dot=dot)
+    out = score_topk_fwd(q, k, top_k, splits=splits, two_phase=two_phase, subtiles=subtiles)
     ref = score_topk_ref(q, k, top_k)
     mismatch = (out != ref).any(-1)
     assert not mismatch.any(), f"{int(mismatch.sum())} rows differ; first: {out[mismatch][0]} vs {ref[mismatch][0]}"
 
 
-@pytest.mark.parametrize(("subtiles", "dot"), [(1, False), (2, False), (4, False), (1, True)])
+@pytest.mark.parametrize("subtiles", [1, 2, 4])
 @pytest.mark.parametrize("splits", [1, 3])
 @pytest.mark.parametrize("top_k", [4, 8])
-def test_two_phases_rescore_a_tile_that_holds_several_hits(device, splits, top_k, subtiles, dot):
+def test_two_phases_rescore_a_tile_that_holds_several_hits(device, splits, top_k, subtiles):
     """Phase 1 keeps one maximum per tile; when one tile holds all of a row's best keys, phase 2
     must still return every one of them (and rows that favour other keys theirs)."""
     from reattention_kernels.triton_ops.topk import score_topk_fwd
@@ -136,9 +133,7 @@ def test_two_phases_rescore_a_tile_that_holds_several_hits(device, splits, top_k
         direction = q[0, 0, 2 * h : 2 * h + 2].float().sum(0)
         for j in range(8):
             k[0, 40 + j, h] = (direction * (3 + j)).to(k.dtype)
-    out = score_topk_fwd(
-        q, k, top_k, splits=splits, two_phase=True, config=(16, 32, 4, 1), subtiles=subtiles, rescore_dot=dot
-    )
+    out = score_topk_fwd(q, k, top_k, splits=splits, two_phase=True, config=(16, 32, 4, 1), subtiles=subtiles)
     ref = score_topk_ref(q, k, top_k)
     assert (ref[0, 0] >= 40).all() and (ref[0, 0] < 48).all()  # the setup did what it says
     mismatch = (out != ref).any(-1)
@@ -206,19 +201,16 @@ def test_score_topk_gpu(b, tq, tk, hq, h, d, dtype, top_k, kind):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize(
-    ("two_phase", "subtiles", "dot"), [(False, 1, False), (True, 1, False), (True, 2, False), (True, 4, False),
-                                       (True, 1, True), (True, 2, True)]
-)  # fmt: skip
+@pytest.mark.parametrize(("two_phase", "subtiles"), [(False, 1), (True, 1), (True, 2), (True, 4)])
 @pytest.mark.parametrize("kind", ["int", "dup"])
-def test_score_topk_gpu_phases(kind, two_phase, subtiles, dot):
+def test_score_topk_gpu_phases(kind, two_phase, subtiles):
     """Both prefill paths at a realistic shape, ties included (int keys tie everywhere)."""
     from reattention_kernels.triton_ops.topk import score_topk_fwd
 
     torch.manual_seed(1)
     q = make_queries(1, 128, 9, 64, torch.bfloat16, "cuda", kind)
     k = make_keys(1, 65537, 3, 64, torch.bfloat16, "cuda", kind)
-    out = score_topk_fwd(q, k, 4, two_phase=two_phase, subtiles=subtiles, rescore_dot=dot)
+    out = score_topk_fwd(q, k, 4, two_phase=two_phase, subtiles=subtiles)
     assert (out == score_topk_ref(q, k, 4)).all()
 
 
