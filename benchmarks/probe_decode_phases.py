@@ -12,16 +12,17 @@ to one pass (up to fp32 rounding ties, as `bench_topk_phases.same_up_to_rounding
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 from functools import partial
+from pathlib import Path
 
 from bench_kernels import Timer, ensure_importable, git_rev
 
-ensure_importable()
+ensure_importable()  # before anything imports reattention_kernels
 
 import torch
 import triton
+from probe_decode_select import emit
 
 from reattention_kernels.triton_ops.topk import score_topk_fwd
 
@@ -51,10 +52,7 @@ def main() -> None:
         row["key_bytes_ms_at_3000gbps"] = round(k.numel() * 2 / 3000e9 * 1e3, 4)
         row.update(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                    python=platform.python_version(), commit=git_rev())  # fmt: skip
-        print(json.dumps(row), flush=True)
-        if args.out:
-            with open(args.out, "a") as f:
-                f.write(json.dumps(row) + "\n")
+        emit(row, None if args.out is None else Path(args.out))
 
 
 if __name__ == "__main__":

@@ -30,17 +30,18 @@ all rows with one ``tl.dot`` (``dot``, results/probe-topk-rescore-dot-h100-94861
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 from functools import partial
+from pathlib import Path
 
 from bench_kernels import MODELS, Timer, ensure_importable, git_rev
 
-ensure_importable()
+ensure_importable()  # before anything imports reattention_kernels
 
 import torch
 import triton
 import triton.language as tl
+from probe_decode_select import emit
 
 from reattention_kernels.triton_ops import topk as T
 
@@ -205,10 +206,7 @@ def probe(timer: Timer, args: argparse.Namespace, model: str, q: torch.Tensor, k
             row[name] = {"ms": round(ms, 4), "tflops": round(flops / ms / 1e9, 1), "rows_differ": differ}
     row.update(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                python=platform.python_version(), commit=git_rev())  # fmt: skip
-    print(json.dumps(row), flush=True)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(json.dumps(row) + "\n")
+    emit(row, None if args.out is None else Path(args.out))
 
 
 if __name__ == "__main__":
