@@ -16,16 +16,16 @@ def _shift(n: int, device: str) -> torch.Tensor:
     return torch.tensor([n], dtype=torch.int64, device=device)
 
 
-@pytest.mark.parametrize("splits", [None, 1, 5])
+@pytest.mark.parametrize(("splits", "subtiles"), [(None, None), (1, None), (5, None), (1, 2), (5, 2)])
 @pytest.mark.parametrize("s", [0, 1, 37])
-def test_shifted_topk_scores_the_grown_middle_only(device, s, splits):
+def test_shifted_topk_scores_the_grown_middle_only(device, s, splits, subtiles):
     g = torch.Generator().manual_seed(s)
     cap, length = 400, 200
     q = torch.randn(1, 2, 6, 64, generator=g).to(device)
     k = torch.randn(1, cap, 2, 64, generator=g).to(device)
     # rows past the shifted length hold the best keys: they must not be picked
     k[:, length + s :] = q[:, :1, :1].reshape(1, 1, 1, 64) * 10
-    got = score_topk_fwd(q, k, 4, length=length, shift=_shift(s, device), splits=splits)
+    got = score_topk_fwd(q, k, 4, length=length, shift=_shift(s, device), splits=splits, subtiles=subtiles)
     want = score_topk_ref(q, k[:, : length + s], 4)
     assert torch.equal(got, want)
     assert torch.equal(score_topk(q, k, 4, length=length, shift=_shift(s, device), backend="reference"), want)
