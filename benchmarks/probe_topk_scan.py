@@ -167,9 +167,7 @@ def probe(timer: Timer, args: argparse.Namespace, model: str, q: torch.Tensor, k
     rows = tq * (hq // h)
     bm, bn = config[0], config[1]
     base = h * triton.cdiv(rows, bm)
-    splits = min(triton.cdiv(T._target_programs(q.device), base), T._MAX_SPLITS)
-    keys_per_split = triton.cdiv(triton.cdiv(tk, splits), T._SPLIT_ALIGN) * T._SPLIT_ALIGN
-    splits = triton.cdiv(tk, keys_per_split)
+    splits, keys_per_split = T._key_splits(tk, base, q.device)  # the package's splits
     ws = {m: (torch.full((h * rows * splits * 4,), float("-inf"), device="cuda"),
               torch.full((h * rows * splits * 4,), -1, dtype=torch.int32, device="cuda")) for m in VARIANTS}  # fmt: skip
     wsm = torch.empty(h * rows * (tk // bn), device="cuda")

@@ -425,6 +425,17 @@ def _target_programs(device: torch.device) -> int:
     return 2 * _num_sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
+def _key_splits(tk_grid: int, programs: int, device: torch.device, splits: int | None = None) -> tuple[int, int]:
+    """(splits, keys per split) of ``tk_grid`` keys for ``programs`` row-block programs: by default
+    enough splits for `_target_programs`, each a multiple of the split alignment long."""
+    if splits is None:
+        splits = min(triton.cdiv(_target_programs(device), programs), _MAX_SPLITS)
+    align = 32 if interpreting() else _SPLIT_ALIGN
+    splits = max(1, min(splits, triton.cdiv(tk_grid, align)))
+    keys_per_split = triton.cdiv(triton.cdiv(tk_grid, splits), align) * align
+    return triton.cdiv(tk_grid, keys_per_split), keys_per_split
+
+
 def _config(rows: int, dtype: torch.dtype, two_phase: bool = False) -> tuple[int, int, int, int]:
     """(BM, BN, num_warps, num_stages): rows of the GQA group per program, keys per tile.
 
@@ -524,13 +535,7 @@ def score_topk_fwd(
     if subtiles not in (1, 2, 4) or bn % subtiles or (subtiles > 1 and not two_phase):
         raise ValueError(f"subtiles must be 1, 2 or 4, divide BN ({bn}) and come with two phases, got {subtiles}")
     n_m = triton.cdiv(rows, bm)
-    base = b * h * n_m
-    if splits is None:
-        splits = min(triton.cdiv(_target_programs(q.device), base), _MAX_SPLITS)
-    align = 32 if interpreting() else _SPLIT_ALIGN
-    splits = max(1, min(splits, triton.cdiv(tk_grid, align)))
-    keys_per_split = triton.cdiv(triton.cdiv(tk_grid, splits), align) * align
-    splits = triton.cdiv(tk_grid, keys_per_split)
+    splits, keys_per_split = _key_splits(tk_grid, b * h * n_m, q.device, splits)
     shift_arg = out if shift is None else shift
 
     kp = triton.next_power_of_2(top_k)
