@@ -243,7 +243,8 @@ def main() -> None:
                         emit(kind="sweep_topk_decode", model=model, TK=tk, top_k=top_k, config=cfg,
                              splits=splits or "auto", **t, **bw)  # fmt: skip
     if "attention" in sweep:
-        # prefill chunks over a scope: the embedded preset's (256 queries, 1,312 positions) and a Llama-8B-shaped
+        # prefill chunks over a scope: the embedded preset's (256 queries, 1,312 positions: its sink was 32 then; the
+        # shape is kept so that results compare across commits) and a Llama-8B-shaped
         # engine's default (512 queries, 16K positions); TFLOP/s counts the visible (query, key) pairs
         for model, tq, scope in (("SmolLM2-135M", 256, 1312), ("Llama-3.1-8B", 512, 16388)):
             hq, h, d = MODELS[model]

@@ -77,7 +77,7 @@ assert " cat" not in stopped.text
     md("""
 ## Configuration
 
-The embedded model has a measured preset: 32 sink tokens, up to 32 selected blocks of 32 tokens
+The embedded model has a measured preset: 64 sink tokens, up to 32 selected blocks of 32 tokens
 and a local window of 256, so every step attends to at most `scope_size` tokens however long the
 prompt is. `mode="full"` is plain attention (the baseline). The config is frozen and validated.
 """),
@@ -264,7 +264,7 @@ NOTEBOOKS["05_needle_in_a_haystack.ipynb"] = [
 
 A 5-digit pass key is hidden at several depths of a ~3K-token filler text; the embedded
 SmolLM2-135M (8K pre-training window) is asked for it with plain full attention and with
-ReAttention (a scope of 1312 tokens). Small on purpose so that it runs on a laptop CPU in about a
+ReAttention (a scope of 1344 tokens). Small on purpose so that it runs on a laptop CPU in about a
 minute; `benchmarks/` has the long-context runs.
 
 Prompts at different depths share the filler before the needle, so the engine uses small cache

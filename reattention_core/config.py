@@ -168,8 +168,13 @@ PRESETS: dict[str, ReAttentionConfig] = {
     # (exact per-head top-4, votes, prefill chunk 256, H100) found: sink 32 + 32 blocks of 32 +
     # local 256 -> 7/7; blocks of 16 with 32 hits -> 7/7; 16 blocks -> 5/7; 8 blocks -> 0/7;
     # local 512 -> 2/7; blocks of 64 -> 0/7. The winner then scored 4/4 at 64K and 4/4 at 128K.
-    # Its scope is 32 + 32 x 32 + 256 = 1312 tokens: inside the range the model retrieves from.
+    # The sink is 64, not 32: the chat template's system turn plus a task instruction take about
+    # 42 tokens, and with 32 the instruction's end sat in the middle, attended only when selected.
+    # Every persistent 128K miss of the published grid echoed that half-seen instruction; with 64
+    # the same needles went from 67/72 to 72/72 at 128K, and 16K-1M from 171/179 to 181/184
+    # (docs/results.md, "A sink that holds the whole instruction").
+    # Scope: 64 + 32 x 32 + 256 = 1344 tokens, inside the range the model retrieves from.
     "smollm2-135m": ReAttentionConfig(
-        sink_size=32, block_size=32, top_k=4, max_blocks=32, local_window=256, prefill_chunk_size=256
+        sink_size=64, block_size=32, top_k=4, max_blocks=32, local_window=256, prefill_chunk_size=256
     ),
 }
