@@ -168,6 +168,115 @@ def _variant(q, k, v, ws, sel_idx, cos_t, sin_t, o, stride_qt, stride_qh, stride
     tl.store(p_o, b_o.to(o.dtype.element_ty), mask=m_r[:, None])
 
 
+@triton.jit
+def _step(q1, q2, k_base, v_base, sel_idx, cos_t, sin_t, p0, p_hi, b_qpos, b_m, b_l, b_acc, sink_len, n_sel, local_start,
+          stride_kt, scale_log2, D: tl.constexpr, BN: tl.constexpr, MASK: tl.constexpr, ROT16: tl.constexpr):  # fmt: skip
+    """One key tile of `_two_loops`: without ``MASK`` every row sees every key of the tile (no predicates)."""
+    HALF: tl.constexpr = D // 2
+    dtype = q1.dtype
+    o_hf = tl.arange(0, HALF)
+    o_d = tl.arange(0, D)
+    o_p = p0 + tl.arange(0, BN)
+    m_sel = (o_p >= sink_len) & (o_p < sink_len + n_sel)
+    b_sel = tl.load(sel_idx + (o_p - sink_len), mask=m_sel, other=0).to(tl.int64)
+    o_tok = tl.where(o_p < sink_len, o_p.to(tl.int64), tl.where(m_sel, b_sel, local_start + o_p - sink_len - n_sel))
+    p_k = k_base + o_tok[:, None] * stride_kt
+    o_tk = o_p.to(tl.int64)[:, None] * HALF + o_hf[None, :]
+    if MASK:
+        m_p = o_p < p_hi
+        b_k1 = tl.load(p_k + o_hf[None, :], mask=m_p[:, None], other=0.0)
+        b_k2 = tl.load(p_k + HALF + o_hf[None, :], mask=m_p[:, None], other=0.0)
+        b_ck = tl.load(cos_t + o_tk, mask=m_p[:, None], other=0.0)
+        b_sk = tl.load(sin_t + o_tk, mask=m_p[:, None], other=0.0)
+    else:
+        b_k1 = tl.load(p_k + o_hf[None, :])
+        b_k2 = tl.load(p_k + HALF + o_hf[None, :])
+        b_ck = tl.load(cos_t + o_tk)
+        b_sk = tl.load(sin_t + o_tk)
+    if ROT16:  # rotation in the input dtype, as transformers rounds
+        b_k1r = b_k1 * b_ck - b_k2 * b_sk
+        b_k2r = b_k2 * b_ck + b_k1 * b_sk
+    else:
+        b_k1f, b_k2f, b_ckf, b_skf = b_k1.to(tl.float32), b_k2.to(tl.float32), b_ck.to(tl.float32), b_sk.to(tl.float32)
+        b_k1r = (b_k1f * b_ckf - b_k2f * b_skf).to(dtype)
+        b_k2r = (b_k2f * b_ckf + b_k1f * b_skf).to(dtype)
+    b_s = tl.dot(q1, tl.trans(b_k1r))
+    b_s = tl.dot(q2, tl.trans(b_k2r), b_s)
+    if MASK:
+        b_s = tl.where(m_p[None, :] & (o_p[None, :] <= b_qpos[:, None]), b_s, float("-inf"))
+    b_mn = tl.maximum(b_m, tl.max(b_s, 1) * scale_log2)
+    b_p = tl.exp2(b_s * scale_log2 - b_mn[:, None])
+    b_alpha = tl.exp2(b_m - b_mn)
+    b_l = b_l * b_alpha + tl.sum(b_p, 1)
+    if MASK:
+        b_v = tl.load(v_base + o_tok[:, None] * stride_kt + o_d[None, :], mask=m_p[:, None], other=0.0)
+    else:
+        b_v = tl.load(v_base + o_tok[:, None] * stride_kt + o_d[None, :])
+    b_acc = tl.dot(b_p.to(dtype), b_v, b_acc * b_alpha[:, None])
+    return b_mn, b_l, b_acc
+
+
+@triton.jit
+def _two_loops(q, k, v, sel_idx, cos_t, sin_t, o, stride_qt, stride_qh, stride_kt, stride_kh, TQ, L, sink_len, n_sel,
+               local_start, R, scale_log2, H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BM: tl.constexpr,
+               BN: tl.constexpr, SPLIT_LOOP: tl.constexpr, ROT16: tl.constexpr):  # fmt: skip
+    """The package's loop with its key tiles split into those every row sees in full (no mask) and the rest."""
+    HALF: tl.constexpr = D // 2
+    i_m, i_h = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    dtype = q.dtype.element_ty
+    o_r = i_m * BM + tl.arange(0, BM)
+    m_r = o_r < R
+    o_t = o_r // G
+    o_hq = i_h * G + (o_r % G)
+    o_hf = tl.arange(0, HALF)
+    o_d = tl.arange(0, D)
+    b_qpos = L - TQ + o_t
+    p_q = q + o_t.to(tl.int64)[:, None] * stride_qt + o_hq[:, None] * stride_qh
+    b_q1 = tl.load(p_q + o_hf[None, :], mask=m_r[:, None], other=0.0).to(tl.float32)
+    b_q2 = tl.load(p_q + HALF + o_hf[None, :], mask=m_r[:, None], other=0.0).to(tl.float32)
+    o_tqh = b_qpos.to(tl.int64)[:, None] * HALF + o_hf[None, :]
+    b_cqh = tl.load(cos_t + o_tqh, mask=m_r[:, None], other=0.0).to(tl.float32)
+    b_sqh = tl.load(sin_t + o_tqh, mask=m_r[:, None], other=0.0).to(tl.float32)
+    b_q1r = (b_q1 * b_cqh - b_q2 * b_sqh).to(dtype)
+    b_q2r = (b_q2 * b_cqh + b_q1 * b_sqh).to(dtype)
+
+    t_lo = (i_m * BM) // G
+    t_hi = tl.minimum((i_m * BM + BM - 1) // G, TQ - 1)
+    p_hi = L - TQ + t_hi + 1
+    # tiles wholly before the program's first query position are seen by all its rows
+    p_free = ((L - TQ + t_lo + 1) // BN) * BN if SPLIT_LOOP else 0
+    k_base = k + i_h * stride_kh
+    v_base = v + i_h * stride_kh
+    b_m = tl.full([BM], float("-inf"), dtype=tl.float32)
+    b_l = tl.zeros([BM], dtype=tl.float32)
+    b_acc = tl.zeros([BM, D], dtype=tl.float32)
+    for p0 in range(0, p_free, BN):
+        b_m, b_l, b_acc = _step(b_q1r, b_q2r, k_base, v_base, sel_idx, cos_t, sin_t, p0, p_hi, b_qpos, b_m, b_l, b_acc,
+                                sink_len, n_sel, local_start, stride_kt, scale_log2, D, BN, False, ROT16)  # fmt: skip
+    for p0 in range(p_free, p_hi, BN):
+        b_m, b_l, b_acc = _step(b_q1r, b_q2r, k_base, v_base, sel_idx, cos_t, sin_t, p0, p_hi, b_qpos, b_m, b_l, b_acc,
+                                sink_len, n_sel, local_start, stride_kt, scale_log2, D, BN, True, ROT16)  # fmt: skip
+    b_o = b_acc / b_l[:, None]
+    p_o = o + o_t.to(tl.int64)[:, None] * stride_qt + o_hq[:, None] * stride_qh + o_d[None, :]
+    tl.store(p_o, b_o.to(o.dtype.element_ty), mask=m_r[:, None])
+
+
+def two_loops(q, kst, vst, sel, ns, kw, split_loop: bool, rot16: bool, cfg):
+    _, tq, hq, d = q.shape
+    h = kst.shape[2]
+    g = hq // h
+    L, cos_t, sin_t = scope_tables(q, kst, ns, kw)
+    o = torch.empty_like(q)
+    bm, bn, warps, stages = cfg
+    rows = tq * g
+    _two_loops[(triton.cdiv(rows, bm), h)](
+        q, kst, vst, sel, cos_t, sin_t, o, q.stride(1), q.stride(2), kst.stride(1), kst.stride(2), tq, L,
+        kw["sink_len"], ns, kw["local_start"], rows, kw["scale"] * 1.4426950408889634,
+        H=h, G=g, D=d, BM=bm, BN=bn, SPLIT_LOOP=split_loop, ROT16=rot16, num_warps=warps, num_stages=stages,
+    )  # fmt: skip
+    return o
+
+
 def scope_tables(q, kst, ns, kw):
     """The scope's length ``L`` and its cos/sin tables ``[L, D/2]``, as the package kernel has them."""
     L = kw["sink_len"] + ns + kst.shape[1] - kw["local_start"]
@@ -266,6 +375,8 @@ def main() -> None:
     ap.add_argument("--package-only", action="store_true", help="time only the package kernel (and SDPA)")
     ap.add_argument("--configs", nargs="*", default=None, metavar="BM,BN,W,S", help="package block shapes to time")
     ap.add_argument("--splits", nargs="*", type=int, default=[1], help="scope splits to time each shape with (0: auto)")
+    ap.add_argument("--two-loops", action="store_true",
+                    help="only the package and `_two_loops` (mask-free tiles apart; rotation in fp32 or the dtype)")
     args = ap.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     q, kst, vst, sel, ns, kw = case(args.model, dev)
@@ -277,6 +388,9 @@ def main() -> None:
     if dev == "cpu":
         cfgs = [(16, 16, 4, 1)]
     runs = [(r, gth, c) for r in ROPES for gth in (True, False) for c in cfgs if gth or r in ("half", "none")]
+    loops = [(sl, r16, c) for sl in (False, True) for r16 in (False, True) for c in cfgs]
+    if args.two_loops:
+        runs = []
     if args.check:
         ref = package()[0].float()
         for cfg in cfgs:
@@ -293,6 +407,10 @@ def main() -> None:
                 continue
             print(f"{rope:7s} gather={gth} {cfg}: max |diff| {err.abs().max().item():.3e}")
             assert err.abs().max().item() < (5e-2 if dev == "cuda" else 1e-3), (rope, cfg)
+        for sl, r16, cfg in loops if args.two_loops else []:
+            err = (two_loops(q, kst, vst, sel, ns, kw, sl, r16, cfg).float() - ref).abs().max().item()
+            print(f"two_loops split_loop={sl} rot16={r16} {cfg}: max |diff| {err:.3e}")
+            assert err < (5e-2 if dev == "cuda" else (3e-2 if r16 else 1e-3)), (sl, r16, cfg)
         return
 
     timer = Timer(torch)
@@ -325,6 +443,11 @@ def main() -> None:
                 splits=n or "auto",
                 **time(partial(package, splits=n or None, config=cfg)),
             )
+    for sl, r16, cfg in loops if args.two_loops else []:
+        emit(kind="two_loops", split_loop=sl, rot16=r16, config=list(cfg),
+             **time(partial(two_loops, q, kst, vst, sel, ns, kw, sl, r16, cfg)))  # fmt: skip
+    if args.two_loops:
+        return finish(args.out, rows)
     for rope, gth, cfg in [] if args.package_only else runs:
         emit(kind="variant", rope=rope, gather=gth, config=list(cfg),
              **time(partial(variant, q, kst, vst, sel, ns, kw, rope, gth, cfg)))  # fmt: skip
