@@ -91,6 +91,26 @@ def test_scope_attention_splits(tq, splits, device):
     torch.testing.assert_close(lse, rlse, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_scope_attention_unmasked_tiles(dtype, splits, device):
+    """A chunk whose row blocks start at different positions: each runs its fully visible tiles
+    without masks, then the causal rest, and a split may begin or end on either side of that border."""
+    from reattention_kernels.triton_ops.attention import scope_attention_fwd
+
+    torch.manual_seed(7)
+    q, k, v, sel, n, kwargs = make_inputs(2, 70, 220, 4, 2, 64, dtype, 5, 140, (41, 17), 41, "cpu")
+    q, k, v, sel, n = (x.to(device) for x in (q, k, v, sel, n))
+    kwargs["inv_freq"] = kwargs["inv_freq"].to(device)
+    # 64-row programs over 140 rows of two heads: blocks of 32 queries starting at 0, 32 and 64, so the
+    # causal part of a block spans two 16-key tiles
+    config = (64, 16, 4, 1) if device == "cpu" else (64, 16, 4, 2)
+    o, lse = scope_attention_fwd(q, k, v, sel, n, return_lse=True, splits=splits, config=config, **kwargs)
+    ro, rlse = scope_attention_ref(q, k, v, sel, n, return_lse=True, **kwargs)
+    torch.testing.assert_close(o, ro, **TOL[dtype])
+    torch.testing.assert_close(lse, rlse, atol=1e-4 if dtype == "fp32" else 2e-3, rtol=1e-4)
+
+
 def test_scope_attention_rejects_short_window(device):
     q, k, v, sel, n, kwargs = make_inputs(1, 4, 20, 4, 1, 64, "fp32", 2, 18, (0,), 0, device)
     with pytest.raises(ValueError):
@@ -170,8 +190,8 @@ def test_block_shape_for_head_dim_128_prefill_needs_the_shared_memory(monkeypatc
     cuda = torch.device("cuda", 0)
     big = {0: True}
     monkeypatch.setattr(ops, "_large_smem", lambda index: big[index])
-    assert ops._config(2048, torch.bfloat16, 128, cuda) == (128, 128, 8, 2)
-    assert ops._config(128, torch.float16, 128, cuda) == (128, 128, 8, 2)
+    assert ops._config(2048, torch.bfloat16, 128, cuda) == (128, 128, 8, 3)
+    assert ops._config(128, torch.float16, 128, cuda) == (128, 128, 8, 3)
     for rows, dtype, d in ((127, torch.bfloat16, 128), (2048, torch.float32, 128), (2048, torch.bfloat16, 256),
                            (2048, torch.bfloat16, 64)):  # fmt: skip
         bm, bn, _, _ = ops._config(rows, dtype, d, cuda)
