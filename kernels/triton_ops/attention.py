@@ -394,12 +394,13 @@ def scope_attention_fwd(
     n_m = triton.cdiv(rows, bm)
     base = b * h * n_m
     if splits is None:
-        target = (
-            4
-            if interpreting() or dev.type != "cuda"
-            else 2 * _num_sms(torch.cuda.current_device() if dev.index is None else dev.index)
-        )
-        splits = triton.cdiv(target, base)
+        if interpreting() or dev.type != "cuda":
+            splits = triton.cdiv(4, base)
+        else:
+            sms = _num_sms(torch.cuda.current_device() if dev.index is None else dev.index)
+            # Programs for half the SMs or more run unsplit: a Llama-8B prefill chunk (128 programs on
+            # an H100's 132 SMs) took 0.52 ms in one pass against 0.56 split in three and merged
+            splits = 1 if 2 * base >= sms else triton.cdiv(2 * sms, base)
     splits = max(1, min(splits, _MAX_SPLITS, triton.cdiv(l_max, bn)))
     pos_per_split = triton.cdiv(triton.cdiv(l_max, splits), bn) * bn
     splits = triton.cdiv(l_max, pos_per_split)
