@@ -11,7 +11,10 @@ inner loop with switches, on the same inputs, as CUDA-graph replays with the L2 
   of RoPE on the fly), ``pre`` (keys rotated beforehand into a scope-ordered workspace by a second
   kernel, whose time is included: the design the issue rules out, as a bound);
 * ``gather``: scope rows read through the index (the package) or, as a bound, a contiguous range;
-* block shape ``(BM, BN, warps, stages)``.
+* block shape ``(BM, BN, warps, stages)``;
+* ``--two-loops``: only the package and `_two_loops`, the package's loop with the key tiles every row
+  sees run unmasked apart from the causal rest, keys rotated in fp32 or in the input dtype (the
+  design adopted at 5164439).
 
 ``torch.nn.functional.scaled_dot_product_attention`` on an already-gathered, already-rotated scope
 (query heads expanded, no mask: the last ``TQ`` causal pairs are a few percent of the work) is the
