@@ -378,8 +378,11 @@ def main() -> None:
     ap.add_argument("--package-only", action="store_true", help="time only the package kernel (and SDPA)")
     ap.add_argument("--configs", nargs="*", default=None, metavar="BM,BN,W,S", help="package block shapes to time")
     ap.add_argument("--splits", nargs="*", type=int, default=[1], help="scope splits to time each shape with (0: auto)")
-    ap.add_argument("--two-loops", action="store_true",
-                    help="only the package and `_two_loops` (mask-free tiles apart; rotation in fp32 or the dtype)")
+    ap.add_argument(
+        "--two-loops",
+        action="store_true",
+        help="only the package and `_two_loops` (mask-free tiles apart; rotation in fp32 or the dtype)",
+    )
     args = ap.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     q, kst, vst, sel, ns, kw = case(args.model, dev)
