@@ -12,7 +12,7 @@ import torch
 
 from reattention_core.config import ReAttentionConfig
 from reattention_core.rope import RopeSpec
-from reattention_core.selection import select_blocks
+from reattention_core.selection import select_blocks, voting_rows
 from reattention_kernels import scope_attention
 
 
@@ -80,7 +80,7 @@ def select_for_plan(
     # shifted: the middle may grow up to the buffer's end less the local window
     end = plan.local_start if shift is None else k.shape[1] - (plan.total - plan.local_start)
     return select_blocks(
-        q, k[:, plan.sink_len : end], top_k=cfg.top_k, max_blocks=cfg.max_blocks, block_size=cfg.block_size,
+        voting_rows(q, cfg.prefill_vote_stride), k[:, plan.sink_len : end], top_k=cfg.top_k, max_blocks=cfg.max_blocks, block_size=cfg.block_size,
         offset=plan.sink_len, backend=backend, length=None if shift is None else plan.middle_len, shift=shift,
     )  # fmt: skip
 

@@ -14,7 +14,8 @@ Vocabulary (used everywhere in this package, one name per concept):
   scope at fresh contiguous positions ``0 .. L-1``, so positions never exceed
   ``scope_size = sink_size + max_blocks * block_size + local_window``.
 * **prefill chunk** - the step of chunked prefill, ``prefill_chunk_size`` tokens (at most the local
-  window, so a chunk always fits in it).
+  window, so a chunk always fits in it). All of a chunk's rows vote for its selection, or with
+  ``prefill_vote_stride`` S > 1 only every S-th row counting back from the chunk's last one.
 """
 
 from __future__ import annotations
@@ -45,6 +46,11 @@ class ReAttentionConfig:
         max_blocks: most-voted hits kept per layer and step (the paper's *k'*).
         local_window: most recent tokens that are always attended.
         prefill_chunk_size: tokens per prefill step; must not exceed ``local_window``.
+        prefill_vote_stride: a prefill chunk selects with every ``S``-th query row only (rows
+            ``TQ-1, TQ-1-S, ...``: the chunk's last row, at a prompt's end the question, always
+            votes); decode steps are unchanged. 1 (the default) is the paper's selection, every row.
+            Larger strides cut prefill scoring about S-fold, and change what prefill selects:
+            an opt-in speed knob (benchmarks/README.md, "Prefill vote stride").
         max_context: largest prompt + completion the engine accepts, in tokens; ``None`` means
             bounded only by memory. Prompts over it raise `ContextLimitError` (never truncated).
     """
@@ -56,16 +62,19 @@ class ReAttentionConfig:
     max_blocks: int = 127
     local_window: int = 4096
     prefill_chunk_size: int = 512
+    prefill_vote_stride: int = 1
     max_context: int | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ConfigError(f"mode must be one of {MODES}, got {self.mode!r}")
-        for name in ("sink_size", "block_size", "top_k", "max_blocks", "local_window", "prefill_chunk_size"):
+        ints = ("sink_size", "block_size", "top_k", "max_blocks", "local_window", "prefill_chunk_size",
+                "prefill_vote_stride")  # fmt: skip
+        for name in ints:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ConfigError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
-        for name in ("block_size", "top_k", "max_blocks", "local_window", "prefill_chunk_size"):
+        for name in ints[1:]:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.sink_size < 0:
@@ -157,7 +166,11 @@ class ReAttentionConfig:
 
     def fingerprint(self) -> str:
         """Stable short hash of the settings that change what the model computes."""
-        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        data = self.to_dict()
+        if data["prefill_vote_stride"] == 1:
+            # added after caches were saved: at its default it keeps their fingerprints valid
+            del data["prefill_vote_stride"]
+        blob = json.dumps(data, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 

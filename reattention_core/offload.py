@@ -55,6 +55,7 @@ from reattention_core.config import ReAttentionConfig
 from reattention_core.errors import InvalidInputError, StoreMemoryError
 from reattention_core.rope import RopeSpec
 from reattention_core.segments import TokenSegments
+from reattention_core.selection import voting_rows
 from reattention_core.store import KVStore
 from reattention_kernels import scope_attention, score_topk, select_from_hits
 
@@ -496,7 +497,7 @@ def offloaded_attention(
     v_scope, v_pending = _start_scope(values, plan, cfg, dev)
     if plan.select and not store.keys_on_device:  # keys in host memory: through the block bounds
         res = candidate_topk(
-            q, keys, store.bounds[layer], cfg.top_k, budget=store.config.budget, refine=store.config.refine,
+            voting_rows(q, cfg.prefill_vote_stride), keys, store.bounds[layer], cfg.top_k, budget=store.config.budget, refine=store.config.refine,
             lo=plan.sink_len, hi=plan.local_start, backend=backend,
         )  # fmt: skip
         s = store.config.block

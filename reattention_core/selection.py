@@ -4,7 +4,8 @@ No step synchronises with the host, so on a GPU the whole selection stays on the
 (`reattention_kernels.score_topk`, then `reattention_kernels.select_from_hits`: a fused Triton
 kernel on CUDA, the torch reference elsewhere):
 
-1. **votes** - every hit ``(row, query head, slot)`` of a layer votes for its key position;
+1. **votes** - every hit ``(row, query head, slot)`` of a layer votes for its key position (in a
+   prefill chunk, with ``prefill_vote_stride`` S > 1, only the rows `voting_rows` keeps);
 2. **clip** - the ``max_blocks`` positions with most votes are kept (ties: lower position first);
 3. **blocks** - each kept position ``p`` becomes ``[p - block//2, p + ceil(block/2) - 1]``, clipped
    (not shifted) to the middle; overlapping blocks merge; the result is sorted ascending, i.e. in
@@ -20,7 +21,16 @@ import torch
 from reattention_kernels import score_topk, select_from_hits
 from reattention_kernels.reference.select import expand_blocks, vote_and_clip
 
-__all__ = ["expand_blocks", "select_blocks", "vote_and_clip"]
+__all__ = ["expand_blocks", "select_blocks", "vote_and_clip", "voting_rows"]
+
+
+def voting_rows(q: torch.Tensor, stride: int) -> torch.Tensor:
+    """The query rows of ``q [B, TQ, HQ, D]`` that vote: all of them for one row (decode) or
+    ``stride`` 1, else rows ``TQ-1, TQ-1-stride, ...`` in order (a view, no copy). The chunk's last
+    row always votes: at a prompt's end it is the question."""
+    if q.shape[1] <= 1 or stride <= 1:
+        return q
+    return q[:, (q.shape[1] - 1) % stride :: stride]
 
 
 def select_blocks(

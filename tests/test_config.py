@@ -46,6 +46,8 @@ def test_streaming_scope_is_sink_plus_local():
         ({"max_blocks": True}, "max_blocks must be an int"),
         ({"prefill_chunk_size": 1024, "local_window": 512}, "exceeds local_window"),
         ({"max_context": 0}, "max_context"),
+        ({"prefill_vote_stride": 0}, "prefill_vote_stride must be >= 1"),
+        ({"prefill_vote_stride": 2.0}, "prefill_vote_stride must be an int"),
     ],
 )
 def test_invalid_values_raise_config_error(kwargs, match):
@@ -73,6 +75,16 @@ def test_round_trip_and_fingerprint():
     again = ReAttentionConfig.from_dict(cfg.to_dict())
     assert again == cfg and again.fingerprint() == cfg.fingerprint()
     assert cfg.replace(top_k=2).fingerprint() != cfg.fingerprint()
+
+
+def test_a_vote_stride_changes_the_fingerprint_and_the_default_keeps_saved_ones():
+    # fingerprints of these configs before `prefill_vote_stride` existed (336b802): caches saved
+    # then must still match at the default stride
+    assert ReAttentionConfig().fingerprint() == "81290f492fc1c87d"
+    assert ReAttentionConfig.preset("smollm2-135m").fingerprint() == "f3d30236e990bcfd"
+    strided = ReAttentionConfig(prefill_vote_stride=4)
+    assert strided.fingerprint() != ReAttentionConfig().fingerprint()
+    assert ReAttentionConfig.from_dict(strided.to_dict()) == strided
 
 
 def test_embedded_preset_is_the_measured_one():

@@ -19,7 +19,7 @@ import torch.multiprocessing as mp
 from reattention_core import ReAttentionConfig, ReAttentionEngine
 from reattention_core.attention import plan_scope, reattention_attention
 from reattention_core.rope import RopeSpec
-from reattention_core.selection import select_blocks
+from reattention_core.selection import select_blocks, voting_rows
 from tests.helpers import ByteTokenizer, tiny_model
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
@@ -52,6 +52,7 @@ LAYER_CASES = [
     (1, 64, 4, 4, 4, 16, "reattention"),  # repeated keys: exact ties across shards
     (1, 60, 2, 4, 2, 16, "streaming"),
     (1, 40, 5, 4, 2, 16, "full"),
+    (1, 97, 8, 4, 2, 16, "reattention", 3),  # a prefill vote stride: rows 1, 4 and 7 vote
 ]
 
 
@@ -61,12 +62,13 @@ def _rope(d: int) -> RopeSpec:
 
 
 def _layer_inputs(case: tuple, seed: int):
-    b, t, tq, hq, h, d, mode = case
+    b, t, tq, hq, h, d, mode, *stride = case
     g = torch.Generator().manual_seed(seed)
     k = torch.randn(b, t, h, d, generator=g)
     if seed % 4 == 3:  # a store of a few distinct keys repeated: many exact score ties
         k = k[:, torch.arange(t) % 5]
-    return torch.randn(b, tq, hq, d, generator=g), k, torch.randn(b, t, h, d, generator=g), CFG.replace(mode=mode)
+    cfg = CFG.replace(mode=mode, prefill_vote_stride=stride[0] if stride else 1)
+    return torch.randn(b, tq, hq, d, generator=g), k, torch.randn(b, t, h, d, generator=g), cfg
 
 
 def _bounds(t: int, world: int, seed: int) -> list[int]:
@@ -181,7 +183,8 @@ def test_sharded_store_equals_single_process(world, tmp_path, single_process, on
         torch.testing.assert_close(torch.tensor(got["out"]), want, rtol=1e-5, atol=1e-5)
         plan = plan_scope(cfg, k.shape[1], q.shape[1])
         if plan.select:
-            sel, n_sel = select_blocks(q, k[:, plan.sink_len : plan.local_start], top_k=cfg.top_k,
+            voters = voting_rows(q, cfg.prefill_vote_stride)
+            sel, n_sel = select_blocks(voters, k[:, plan.sink_len : plan.local_start], top_k=cfg.top_k,
                                        max_blocks=cfg.max_blocks, block_size=cfg.block_size, backend="reference")
             ref = [(row[: int(n)] + plan.sink_len).tolist() for row, n in zip(sel, n_sel, strict=True)]
             assert got["sel"] == ref, f"case {i}: the merged selection differs from the single-process one"

@@ -124,6 +124,16 @@ def test_an_offloaded_engine_computes_exactly_what_the_resident_one_does(arch, m
     assert offloaded.generate(prompt, max_new_tokens=8).token_ids == resident.generate(prompt, max_new_tokens=8).token_ids
 
 
+def test_an_offloaded_engine_votes_with_the_same_strided_rows():
+    model = tiny_model("llama")
+    ids = random_ids(300, seed=5)[0].tolist()
+    resident, offloaded = _engines(model, CFG.replace(prefill_vote_stride=3), keys="host")
+    (got, _), (want, _) = _logits(offloaded, ids), _logits(resident, ids)
+    assert torch.equal(got, want)
+    every, _ = _logits(_engines(model, CFG)[0], ids)
+    assert not torch.equal(want, every)  # the stride changed what prefill selected
+
+
 def test_the_offload_budget_reads_fewer_blocks_and_refinement_reads_more():
     model = tiny_model("llama")
     ids = random_ids(400, seed=4)[0].tolist()

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from reattention_core.attention import plan_scope
+from reattention_core.attention import plan_scope, select_for_plan
 from reattention_core.config import ReAttentionConfig
-from reattention_core.selection import expand_blocks, select_blocks, vote_and_clip
+from reattention_core.selection import expand_blocks, select_blocks, vote_and_clip, voting_rows
 from reattention_kernels.reference import score_topk_ref
 from reattention_kernels.reference.attention import scope_indices
 
@@ -126,3 +126,33 @@ def test_prefill_plan_runs_the_last_token_alone():
     assert plan_prefill(9, 4) == [(0, 4), (4, 8), (8, 9)]
     assert plan_prefill(1, 4) == [(0, 1)]
     assert plan_prefill(0, 4) == []
+
+
+def test_voting_rows_count_back_from_the_chunks_last_row():
+    q = torch.arange(10.0).reshape(1, 10, 1, 1).expand(2, 10, 3, 4)
+    assert voting_rows(q, 4)[0, :, 0, 0].tolist() == [1.0, 5.0, 9.0]
+    assert voting_rows(q, 3)[0, :, 0, 0].tolist() == [0.0, 3.0, 6.0, 9.0]
+    assert voting_rows(q, 20)[0, :, 0, 0].tolist() == [9.0]
+    assert voting_rows(q, 1) is q and voting_rows(q[:, :1], 4).shape[1] == 1  # stride 1 and decode: every row
+
+
+def test_a_prefill_vote_stride_selects_what_only_the_voting_rows_point_at():
+    """Row 5 of a 6-row chunk points at middle key 10, row 4 at key 30: with stride 2 rows 5, 3
+    and 1 vote, so key 30's block is not selected; with stride 1 it is. Decode is unchanged."""
+    d, t = 8, 80
+    k = torch.randn(1, t, 1, d) * 0.01
+    k[0, 10, 0, 0] = k[0, 30, 0, 1] = 10.0
+    q = torch.zeros(1, 6, 1, d)
+    q[0, 5, 0, 0] = q[0, 4, 0, 1] = 1.0
+    q[0, :4, 0, 2] = 1.0  # the other rows point at nothing in particular
+    cfg = ReAttentionConfig(sink_size=4, block_size=4, top_k=1, max_blocks=8, local_window=16, prefill_chunk_size=8)
+    plan = plan_scope(cfg, t, 6)
+
+    def picked(c, rows=q):
+        sel, n = select_for_plan(rows, k, plan, c, backend="reference")
+        return set(sel[0, : int(n[0])].tolist())
+
+    every, strided = picked(cfg), picked(cfg.replace(prefill_vote_stride=2))
+    assert {10, 30} <= every and 10 in strided and 30 not in strided
+    assert picked(cfg, q[:, 4:5]) == picked(cfg.replace(prefill_vote_stride=2), q[:, 4:5])  # one row: decode
+    assert 30 in picked(cfg.replace(prefill_vote_stride=2), q[:, 4:5])

@@ -29,6 +29,7 @@ import torch.distributed as dist
 from reattention_core.attention import ScopePlan, no_selection, plan_scope
 from reattention_core.config import ReAttentionConfig
 from reattention_core.rope import RopeSpec
+from reattention_core.selection import voting_rows
 from reattention_kernels import score_topk, select_from_hits
 from reattention_kernels.reference import apply_rope_ref, rope_cos_sin
 
@@ -107,7 +108,9 @@ def sharded_select(
     lo = max(plan.sink_len, shard_start)
     hi = min(plan.local_start, shard_start + k.shape[1])
     k_mid = k[:, lo - shard_start : max(lo, hi) - shard_start]
-    scores, positions = shard_candidates(q, k_mid, lo - plan.sink_len, cfg.top_k, backend=backend)
+    scores, positions = shard_candidates(
+        voting_rows(q, cfg.prefill_vote_stride), k_mid, lo - plan.sink_len, cfg.top_k, backend=backend
+    )
     packed = torch.stack([scores.double(), positions.double()], dim=-1)  # one collective for both
     gathered = all_gather_stack(packed, group)
     hits = merge_candidates(gathered[..., 0].float(), gathered[..., 1].long(), cfg.top_k)

@@ -28,7 +28,8 @@ from reattention_core.evaluation.scoring import found
 from reattention_core.evaluation.tasks import DEPTHLESS, TASKS, Sample, make_sample, placed_depth
 
 # ReAttention config fields a grid may override (`NeedleGrid.overrides`).
-OVERRIDABLE = ("sink_size", "block_size", "top_k", "max_blocks", "local_window", "prefill_chunk_size")
+OVERRIDABLE = ("sink_size", "block_size", "top_k", "max_blocks", "local_window", "prefill_chunk_size",
+               "prefill_vote_stride")  # fmt: skip
 # Enough new tokens for each task's full answer, and not many more (decode dominates short prompts).
 DEFAULT_MAX_NEW_TOKENS: dict[str, int] = {"passkey": 12, "multikey": 16, "multivalue": 48, "vartrack": 32, "cwe": 64}
 
