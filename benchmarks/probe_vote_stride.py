@@ -12,8 +12,9 @@ engine as it is; the command after ``--`` runs in this process:
     python benchmarks/probe_vote_stride.py --stride 4 --bench -- --model llama8b-random ...  # bench_engine.py
 
 Results files record the stride only through this command line (the engine's config does not know
-it): name them after the stride. Not a feature of the package; benchmarks/README.md ("Prefill chunks voting
-with every 4th query row") has what it found.
+it): name them after the stride. The package has since taken it as the opt-in config field
+``prefill_vote_stride`` (``--set prefill_vote_stride=S``), which does the same; benchmarks/README.md
+("Prefill chunks voting with every 4th query row", "Prefill vote stride") has what both found.
 """
 
 from __future__ import annotations
