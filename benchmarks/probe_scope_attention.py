@@ -42,7 +42,12 @@ from bench_kernels import Timer, ensure_importable, gather_rotate, git_rev
 
 ensure_importable()
 from reattention_kernels.reference.attention import apply_rope_ref
-from reattention_kernels.triton_ops.attention import cached_rope_table, scope_attention_fwd
+from reattention_kernels.triton_ops.attention import (
+    cached_rope_table,
+    group_rows,
+    rotated_queries,
+    scope_attention_fwd,
+)
 
 SHAPES = {  # (HQ, H, D, TQ, scope, store)
     "llama8b": (32, 8, 128, 512, 16416, 131072),
@@ -86,10 +91,7 @@ def _variant(q, k, v, ws, sel_idx, cos_t, sin_t, o, stride_qt, stride_qh, stride
     HALF: tl.constexpr = D // 2
     i_m, i_h = tl.program_id(0), tl.program_id(1).to(tl.int64)
     dtype = q.dtype.element_ty
-    o_r = i_m * BM + tl.arange(0, BM)
-    m_r = o_r < R
-    o_t = o_r // G
-    o_hq = i_h * G + (o_r % G)
+    _, m_r, o_t, o_hq = group_rows(i_m, i_h, R, BM, G)
     o_hf = tl.arange(0, HALF)
     o_d = tl.arange(0, D)
     o_sw = (o_d + HALF) % D  # rotate_half: the other half of the row ...
@@ -103,13 +105,7 @@ def _variant(q, k, v, ws, sel_idx, cos_t, sin_t, o, stride_qt, stride_qh, stride
     b_cq = tl.load(cos_t + o_tq, mask=m_r[:, None], other=0.0).to(tl.float32)
     b_sq = tl.load(sin_t + o_tq, mask=m_r[:, None], other=0.0).to(tl.float32)
     b_qr = (b_qf * b_cq + sgn[None, :] * b_qs * b_sq).to(dtype)
-    b_q1 = tl.load(p_q + o_hf[None, :], mask=m_r[:, None], other=0.0).to(tl.float32)
-    b_q2 = tl.load(p_q + HALF + o_hf[None, :], mask=m_r[:, None], other=0.0).to(tl.float32)
-    o_tqh = b_qpos.to(tl.int64)[:, None] * HALF + o_hf[None, :]
-    b_cqh = tl.load(cos_t + o_tqh, mask=m_r[:, None], other=0.0).to(tl.float32)
-    b_sqh = tl.load(sin_t + o_tqh, mask=m_r[:, None], other=0.0).to(tl.float32)
-    b_q1r = (b_q1 * b_cqh - b_q2 * b_sqh).to(dtype)
-    b_q2r = (b_q2 * b_cqh + b_q1 * b_sqh).to(dtype)
+    b_q1r, b_q2r = rotated_queries(p_q, b_qpos, m_r, cos_t, sin_t, HALF)
 
     t_hi = tl.minimum((i_m * BM + BM - 1) // G, TQ - 1)
     p_hi = L - TQ + t_hi + 1
@@ -229,22 +225,11 @@ def _two_loops(q, k, v, sel_idx, cos_t, sin_t, o, stride_qt, stride_qh, stride_k
     """The package's loop with its key tiles split into those every row sees in full (no mask) and the rest."""
     HALF: tl.constexpr = D // 2
     i_m, i_h = tl.program_id(0), tl.program_id(1).to(tl.int64)
-    dtype = q.dtype.element_ty
-    o_r = i_m * BM + tl.arange(0, BM)
-    m_r = o_r < R
-    o_t = o_r // G
-    o_hq = i_h * G + (o_r % G)
-    o_hf = tl.arange(0, HALF)
+    _, m_r, o_t, o_hq = group_rows(i_m, i_h, R, BM, G)
     o_d = tl.arange(0, D)
     b_qpos = L - TQ + o_t
     p_q = q + o_t.to(tl.int64)[:, None] * stride_qt + o_hq[:, None] * stride_qh
-    b_q1 = tl.load(p_q + o_hf[None, :], mask=m_r[:, None], other=0.0).to(tl.float32)
-    b_q2 = tl.load(p_q + HALF + o_hf[None, :], mask=m_r[:, None], other=0.0).to(tl.float32)
-    o_tqh = b_qpos.to(tl.int64)[:, None] * HALF + o_hf[None, :]
-    b_cqh = tl.load(cos_t + o_tqh, mask=m_r[:, None], other=0.0).to(tl.float32)
-    b_sqh = tl.load(sin_t + o_tqh, mask=m_r[:, None], other=0.0).to(tl.float32)
-    b_q1r = (b_q1 * b_cqh - b_q2 * b_sqh).to(dtype)
-    b_q2r = (b_q2 * b_cqh + b_q1 * b_sqh).to(dtype)
+    b_q1r, b_q2r = rotated_queries(p_q, b_qpos, m_r, cos_t, sin_t, HALF)
 
     t_lo = (i_m * BM) // G
     t_hi = tl.minimum((i_m * BM + BM - 1) // G, TQ - 1)

@@ -48,6 +48,27 @@ def rope_table_kernel(inv_freq, cos_t, sin_t, P, scaling, HALF: tl.constexpr, BP
 
 
 @triton.jit
+def group_rows(i_m, i_h, R, BM: tl.constexpr, G: tl.constexpr):
+    """Program ``i_m``'s rows ``r = t * G + g`` of KV head ``i_h``: ``(r, r < R, t, query head)``, each ``[BM]``."""
+    o_r = i_m * BM + tl.arange(0, BM)
+    return o_r, o_r < R, o_r // G, i_h * G + (o_r % G)
+
+
+@triton.jit
+def rotated_queries(p_q, b_qpos, m_r, cos_t, sin_t, HALF: tl.constexpr):
+    """Queries rotated at ``b_qpos [BM]``, in fp32 then cast back: the halves ``[BM, HALF]`` of the
+    rows ``p_q [BM, 1]`` points at (rows where ``m_r`` is false read as zeros)."""
+    o_h = tl.arange(0, HALF)
+    b_q1 = tl.load(p_q + o_h[None, :], mask=m_r[:, None], other=0.0)
+    b_q2 = tl.load(p_q + HALF + o_h[None, :], mask=m_r[:, None], other=0.0)
+    o_tq = b_qpos.to(tl.int64)[:, None] * HALF + o_h[None, :]
+    b_cq = tl.load(cos_t + o_tq, mask=m_r[:, None], other=0.0).to(tl.float32)
+    b_sq = tl.load(sin_t + o_tq, mask=m_r[:, None], other=0.0).to(tl.float32)
+    b_q1f, b_q2f = b_q1.to(tl.float32), b_q2.to(tl.float32)
+    return (b_q1f * b_cq - b_q2f * b_sq).to(b_q1.dtype), (b_q2f * b_cq + b_q1f * b_sq).to(b_q1.dtype)
+
+
+@triton.jit
 def _scope_tile(
     q1, q2, k_base, v_base, sel_idx, cos_t, sin_t, p0, p_hi, b_qpos, b_m, b_l, b_acc, sink_len, b_ns, local_start,
     stride_ss, stride_kt, stride_vt, scale_log2,
@@ -158,30 +179,18 @@ def scope_attention_fwd_kernel(
     HALF: tl.constexpr = D // 2
     i_m, i_s, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
-    dtype = q.dtype.element_ty
 
     b_ns = tl.load(n_sel + i_b).to(tl.int32)
     L = sink_len + b_ns + T - local_start
     if SHIFT:  # the store grew since the launch was recorded: the local window moved, the scope did not
         local_start = local_start + tl.load(shift).to(tl.int32)
-    o_r = i_m * BM + tl.arange(0, BM)
-    m_r = o_r < R
-    o_t = o_r // G
-    o_hq = i_h * G + (o_r % G)
-    o_h = tl.arange(0, HALF)
+    o_r, m_r, o_t, o_hq = group_rows(i_m, i_h, R, BM, G)
     o_d = tl.arange(0, D)
     # [BM] position of each query row; padding rows sit past the scope and see all of it
     b_qpos = L - TQ + o_t
 
-    p_q = q + i_b * stride_qb + o_t.to(tl.int64)[:, None] * stride_qt + o_hq[:, None] * stride_qh + o_h[None, :]
-    b_q1 = tl.load(p_q, mask=m_r[:, None], other=0.0).to(tl.float32)
-    b_q2 = tl.load(p_q + HALF, mask=m_r[:, None], other=0.0).to(tl.float32)
-    o_tq = b_qpos.to(tl.int64)[:, None] * HALF + o_h[None, :]
-    b_cq = tl.load(cos_t + o_tq, mask=m_r[:, None], other=0.0).to(tl.float32)
-    b_sq = tl.load(sin_t + o_tq, mask=m_r[:, None], other=0.0).to(tl.float32)
-    # [BM, HALF]
-    b_q1r = (b_q1 * b_cq - b_q2 * b_sq).to(dtype)
-    b_q2r = (b_q2 * b_cq + b_q1 * b_sq).to(dtype)
+    p_q = q + i_b * stride_qb + o_t.to(tl.int64)[:, None] * stride_qt + o_hq[:, None] * stride_qh
+    b_q1r, b_q2r = rotated_queries(p_q, b_qpos, m_r, cos_t, sin_t, HALF)
 
     t_hi = tl.minimum((i_m * BM + BM - 1) // G, TQ - 1)
     p_lo = i_s * pos_per_split
