@@ -80,8 +80,9 @@ def select_for_plan(
     # shifted: the middle may grow up to the buffer's end less the local window
     end = plan.local_start if shift is None else k.shape[1] - (plan.total - plan.local_start)
     return select_blocks(
-        voting_rows(q, cfg.prefill_vote_stride), k[:, plan.sink_len : end], top_k=cfg.top_k, max_blocks=cfg.max_blocks, block_size=cfg.block_size,
-        offset=plan.sink_len, backend=backend, length=None if shift is None else plan.middle_len, shift=shift,
+        voting_rows(q, cfg.prefill_vote_stride), k[:, plan.sink_len : end], top_k=cfg.top_k,
+        max_blocks=cfg.max_blocks, block_size=cfg.block_size, offset=plan.sink_len, backend=backend,
+        length=None if shift is None else plan.middle_len, shift=shift,
     )  # fmt: skip
 
 

@@ -497,8 +497,9 @@ def offloaded_attention(
     v_scope, v_pending = _start_scope(values, plan, cfg, dev)
     if plan.select and not store.keys_on_device:  # keys in host memory: through the block bounds
         res = candidate_topk(
-            voting_rows(q, cfg.prefill_vote_stride), keys, store.bounds[layer], cfg.top_k, budget=store.config.budget, refine=store.config.refine,
-            lo=plan.sink_len, hi=plan.local_start, backend=backend,
+            voting_rows(q, cfg.prefill_vote_stride), keys, store.bounds[layer], cfg.top_k,
+            budget=store.config.budget, refine=store.config.refine, lo=plan.sink_len, hi=plan.local_start,
+            backend=backend,
         )  # fmt: skip
         s = store.config.block
         store.fetched_blocks += res.fetched
