@@ -42,12 +42,8 @@ from bench_kernels import Timer, ensure_importable, gather_rotate, git_rev
 
 ensure_importable()
 from reattention_kernels.reference.attention import apply_rope_ref
-from reattention_kernels.triton_ops.attention import (
-    cached_rope_table,
-    group_rows,
-    rotated_queries,
-    scope_attention_fwd,
-)
+from reattention_kernels.triton_ops.attention import cached_rope_table, rotated_queries, scope_attention_fwd
+from reattention_kernels.triton_ops.rows import group_rows
 
 SHAPES = {  # (HQ, H, D, TQ, scope, store)
     "llama8b": (32, 8, 128, 512, 16416, 131072),
@@ -98,7 +94,7 @@ def _variant(q, k, v, ws, sel_idx, cos_t, sin_t, o, stride_qt, stride_qh, stride
     sgn = tl.where(o_d < HALF, -1.0, 1.0)  # ... with the first half negated
     o_c = tl.arange(0, BN)
     b_qpos = L - TQ + o_t
-    p_q = q + o_t.to(tl.int64)[:, None] * stride_qt + o_hq[:, None] * stride_qh
+    p_q = q + o_t[:, None] * stride_qt + o_hq[:, None] * stride_qh
     b_qf = tl.load(p_q + o_d[None, :], mask=m_r[:, None], other=0.0).to(tl.float32)
     b_qs = tl.load(p_q + o_sw[None, :], mask=m_r[:, None], other=0.0).to(tl.float32)
     o_tq = b_qpos.to(tl.int64)[:, None] * HALF + (o_d % HALF)[None, :]
@@ -163,13 +159,14 @@ def _variant(q, k, v, ws, sel_idx, cos_t, sin_t, o, stride_qt, stride_qh, stride
         b_acc = tl.dot(b_p.to(dtype), b_v, b_acc * b_alpha[:, None])
         b_m = b_mn
     b_o = b_acc / b_l[:, None]
-    p_o = o + o_t.to(tl.int64)[:, None] * stride_qt + o_hq[:, None] * stride_qh + o_d[None, :]
+    p_o = o + o_t[:, None] * stride_qt + o_hq[:, None] * stride_qh + o_d[None, :]
     tl.store(p_o, b_o.to(o.dtype.element_ty), mask=m_r[:, None])
 
 
 @triton.jit
-def _step(q1, q2, k_base, v_base, sel_idx, cos_t, sin_t, p0, p_hi, b_qpos, b_m, b_l, b_acc, sink_len, n_sel, local_start,
-          stride_kt, scale_log2, D: tl.constexpr, BN: tl.constexpr, MASK: tl.constexpr, ROT: tl.constexpr):  # fmt: skip
+def _step(q1, q2, k_base, v_base, sel_idx, cos_t, sin_t, p0, p_hi, b_qpos, b_m, b_l, b_acc, sink_len, n_sel,
+          local_start, stride_kt, scale_log2, D: tl.constexpr, BN: tl.constexpr, MASK: tl.constexpr,
+          ROT: tl.constexpr):  # fmt: skip
     """One key tile of `_two_loops`: without ``MASK`` every row sees every key of the tile (no predicates)."""
     HALF: tl.constexpr = D // 2
     dtype = q1.dtype
@@ -228,7 +225,7 @@ def _two_loops(q, k, v, sel_idx, cos_t, sin_t, o, stride_qt, stride_qh, stride_k
     _, m_r, o_t, o_hq = group_rows(i_m, i_h, R, BM, G)
     o_d = tl.arange(0, D)
     b_qpos = L - TQ + o_t
-    p_q = q + o_t.to(tl.int64)[:, None] * stride_qt + o_hq[:, None] * stride_qh
+    p_q = q + o_t[:, None] * stride_qt + o_hq[:, None] * stride_qh
     b_q1r, b_q2r = rotated_queries(p_q, b_qpos, m_r, cos_t, sin_t, HALF)
 
     t_lo = (i_m * BM) // G
@@ -248,7 +245,7 @@ def _two_loops(q, k, v, sel_idx, cos_t, sin_t, o, stride_qt, stride_qh, stride_k
         b_m, b_l, b_acc = _step(b_q1r, b_q2r, k_base, v_base, sel_idx, cos_t, sin_t, p0, p_hi, b_qpos, b_m, b_l, b_acc,
                                 sink_len, n_sel, local_start, stride_kt, scale_log2, D, BN, True, ROT)  # fmt: skip
     b_o = b_acc / b_l[:, None]
-    p_o = o + o_t.to(tl.int64)[:, None] * stride_qt + o_hq[:, None] * stride_qh + o_d[None, :]
+    p_o = o + o_t[:, None] * stride_qt + o_hq[:, None] * stride_qh + o_d[None, :]
     tl.store(p_o, b_o.to(o.dtype.element_ty), mask=m_r[:, None])
 
 

@@ -44,6 +44,7 @@ import triton.language as tl
 from probe_decode_select import emit
 
 from reattention_kernels.triton_ops import topk as T
+from reattention_kernels.triton_ops.rows import group_rows
 
 VARIANTS = {"set": 0, "max": 1, "store": 2, "insert4": 3}
 
@@ -72,9 +73,7 @@ def probe_scan_kernel(q, k, ws_v, ws_i, wsm, stride_qt, stride_qh, stride_kt, st
                       keys_per_split, NT, H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, TOPK: tl.constexpr,
                       KP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, MODE: tl.constexpr):  # fmt: skip
     i_m, i_s, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
-    o_r = i_m * BM + tl.arange(0, BM)
-    m_r = o_r < R
-    o_t, o_hq = T._row_heads(o_r, i_h, G)
+    o_r, m_r, o_t, o_hq = group_rows(i_m, i_h, R, BM, G)
     o_d = tl.arange(0, D)
     o_c = tl.arange(0, BN)
     o_j = tl.arange(0, KP)

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_kernels import Timer, ensure_importable, git_rev
 
 ensure_importable()
-from reattention_kernels.triton_ops.attention import group_rows
+from reattention_kernels.triton_ops.rows import group_rows
 
 SHAPES = {  # (HQ, H, D, TQ)
     "llama8b": (32, 8, 128, 512),
@@ -47,7 +47,7 @@ def _row_max(q, k, out, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, T
     _, m_r, o_t, o_hq = group_rows(i_m, i_h, R, BM, G)
     o_d = tl.arange(0, D)
     o_c = tl.arange(0, BN)
-    b_q = tl.load(q + o_t.to(tl.int64)[:, None] * stride_qt + o_hq[:, None] * stride_qh + o_d[None, :],
+    b_q = tl.load(q + o_t[:, None] * stride_qt + o_hq[:, None] * stride_qh + o_d[None, :],
                   mask=m_r[:, None], other=0.0)  # fmt: skip
     n_lo = i_s * keys_per_split
     n_hi = tl.minimum(n_lo + keys_per_split, TK)

@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from reattention_kernels.dispatch import interpreting
+from reattention_kernels.triton_ops.rows import group_rows
 
 _LOG2E = 1.4426950408889634
 _MAX_SPLITS = 128
@@ -45,13 +46,6 @@ def rope_table_kernel(inv_freq, cos_t, sin_t, P, scaling, HALF: tl.constexpr, BP
     o_t = o_p.to(tl.int64)[:, None] * HALF + o_f[None, :]
     tl.store(cos_t + o_t, (tl.cos(b_x) * scaling).to(cos_t.dtype.element_ty), mask=m_p[:, None])
     tl.store(sin_t + o_t, (tl.sin(b_x) * scaling).to(sin_t.dtype.element_ty), mask=m_p[:, None])
-
-
-@triton.jit
-def group_rows(i_m, i_h, R, BM: tl.constexpr, G: tl.constexpr):
-    """Program ``i_m``'s rows ``r = t * G + g`` of KV head ``i_h``: ``(r, r < R, t, query head)``, each ``[BM]``."""
-    o_r = i_m * BM + tl.arange(0, BM)
-    return o_r, o_r < R, o_r // G, i_h * G + (o_r % G)
 
 
 @triton.jit
@@ -189,7 +183,7 @@ def scope_attention_fwd_kernel(
     # [BM] position of each query row; padding rows sit past the scope and see all of it
     b_qpos = L - TQ + o_t
 
-    p_q = q + i_b * stride_qb + o_t.to(tl.int64)[:, None] * stride_qt + o_hq[:, None] * stride_qh
+    p_q = q + i_b * stride_qb + o_t[:, None] * stride_qt + o_hq[:, None] * stride_qh
     b_q1r, b_q2r = rotated_queries(p_q, b_qpos, m_r, cos_t, sin_t, HALF)
 
     t_hi = tl.minimum((i_m * BM + BM - 1) // G, TQ - 1)
@@ -225,7 +219,7 @@ def scope_attention_fwd_kernel(
         tl.store(ws_lse + o_w, b_lse2, mask=m_r)
         tl.store(ws_o + o_w[:, None] * D + o_d[None, :], b_o, mask=m_r[:, None])
     else:
-        p_o = o + i_b * stride_ob + o_t.to(tl.int64)[:, None] * stride_ot + o_hq[:, None] * stride_oh + o_d[None, :]
+        p_o = o + i_b * stride_ob + o_t[:, None] * stride_ot + o_hq[:, None] * stride_oh + o_d[None, :]
         tl.store(p_o, b_o.to(o.dtype.element_ty), mask=m_r[:, None])
         if RETURN_LSE:
             p_lse = lse + (i_b * TQ + o_t) * (H * G) + o_hq

@@ -49,6 +49,7 @@ import triton
 import triton.language as tl
 
 from reattention_kernels.dispatch import interpreting
+from reattention_kernels.triton_ops.rows import group_rows, row_heads
 
 # Splits cover a multiple of this many keys (a multiple of every BN).
 _SPLIT_ALIGN = 256
@@ -198,12 +199,6 @@ def _tile_maxima(b_q, p_k, n0, n_hi, o_c, b_v, b_i, b_kth, o_j, KP: tl.constexpr
 
 
 @triton.jit
-def _row_heads(o_r, i_h, G: tl.constexpr):
-    """Token (int64) and query head of rows ``o_r`` of KV head ``i_h``'s group: row ``r = t * G + g``."""
-    return (o_r // G).to(tl.int64), i_h * G + (o_r % G)
-
-
-@triton.jit
 def _store_sorted(b_v, b_i, o_j, p_o, p_wv, m_r, TOPK: tl.constexpr, KP: tl.constexpr, VALUES: tl.constexpr):
     """Write each row's set best first: indices (int64, -1 for empty slots) and, if asked, values."""
     b_v = tl.where(o_j[None, :] < TOPK, b_v, float("-inf"))  # padding slots hold +inf
@@ -256,9 +251,7 @@ def score_topk_fwd_kernel_scan(
     if SHIFT:  # the key count moved on the device since the launch was recorded (CUDA-graph replay)
         TK = TK + tl.load(shift).to(tl.int32)
     i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
-    o_r = i_m * BM + tl.arange(0, BM)
-    m_r = o_r < R
-    o_t, o_hq = _row_heads(o_r, i_h, G)
+    o_r, m_r, o_t, o_hq = group_rows(i_m, i_h, R, BM, G)
     o_d = tl.arange(0, D)
     o_c = tl.arange(0, BN)
     o_j = tl.arange(0, KP)
@@ -337,7 +330,7 @@ def score_topk_fwd_kernel_merge(
     n_c = NSPLIT * TOPK
     b_v, b_i = _merge_splits(ws_v, ws_i, (i_bh * R + o_r).to(tl.int64) * n_c, m_r, n_c, tl.arange(0, BC), o_j,
                              BR, TOPK, KP, BC)  # fmt: skip
-    o_t, o_hq = _row_heads(o_r, i_h, G)
+    o_t, o_hq = row_heads(o_r, i_h, G)
     _store_sorted(b_v, b_i, o_j, o + i_b * stride_ob + o_t * stride_ot + o_hq * stride_oh, o, m_r, TOPK, KP, False)
 
 
@@ -387,7 +380,7 @@ def score_topk_fwd_kernel_rescore(
     _, b_tiles = _merge_splits(ws_v, ws_i, (i_bh * R + o_r).to(tl.int64) * n_c, m_r, n_c, tl.arange(0, BC), o_j,
                              BR, TOPK, KP, BC)  # fmt: skip
     b_tiles = tl.where((o_j[None, :] < TOPK) & (b_tiles >= 0), b_tiles, _NO_TILE)
-    o_t, o_hq = _row_heads(o_r, i_h, G)
+    o_t, o_hq = row_heads(o_r, i_h, G)
     p_q = q + i_b * stride_qb + o_t[:, None] * stride_qt + o_hq[:, None] * stride_qh
     k_base = k + i_b * stride_kb + i_h * stride_kh
     b_v, b_i, b_kth = _empty_set(BR, KP, TOPK)
