@@ -24,15 +24,11 @@ import sys
 from pathlib import Path
 
 from reattention_core import attention
+from reattention_core.selection import voting_rows
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_engine, for --bench
 
 _select = attention.select_blocks
-
-
-def strided_rows(q, stride: int):
-    """Rows ``TQ-1, TQ-1-stride, ...`` of ``q [B, TQ, HQ, D]``, in order (a view, no copy)."""
-    return q[:, (q.shape[1] - 1) % stride :: stride]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,9 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     stride = args.stride
 
     def select_blocks(q, k_middle, **kw):
-        if q.shape[1] > 1 and stride > 1:
-            q = strided_rows(q, stride)
-        return _select(q, k_middle, **kw)
+        return _select(voting_rows(q, stride), k_middle, **kw)
 
     attention.select_blocks = select_blocks
     print(f"probe_vote_stride: prefill chunks vote with every {stride}th row", flush=True)
