@@ -32,6 +32,12 @@ Mode = Literal["reattention", "full", "streaming"]
 MODES: tuple[str, ...] = ("reattention", "full", "streaming")
 
 
+# Fields added after caches were saved, with their defaults: a config that leaves them there keeps
+# the fingerprint it had before they existed, so those caches stay valid.
+_LATER_FIELDS: dict[str, Any] = {"prefill_vote_stride": 1}
+_NO_DEFAULT = object()
+
+
 @dataclass(frozen=True, kw_only=True)
 class ReAttentionConfig:
     """Settings of one ReAttention engine.
@@ -166,10 +172,7 @@ class ReAttentionConfig:
 
     def fingerprint(self) -> str:
         """Stable short hash of the settings that change what the model computes."""
-        data = self.to_dict()
-        if data["prefill_vote_stride"] == 1:
-            # added after caches were saved: at its default it keeps their fingerprints valid
-            del data["prefill_vote_stride"]
+        data = {k: v for k, v in self.to_dict().items() if _LATER_FIELDS.get(k, _NO_DEFAULT) != v}
         blob = json.dumps(data, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
