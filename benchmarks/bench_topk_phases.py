@@ -2,6 +2,7 @@
 
     python3 benchmarks/bench_topk_phases.py > benchmarks/results/topk-phases-<gpu>-<commit>.jsonl
     python3 benchmarks/bench_topk_phases.py --subtiles 1 2 4 --prefill-only > ...   # phase 1's sub-tiles
+    python3 benchmarks/bench_topk_phases.py --tile-rescore 16x4 32x4 --prefill-only > ...   # phase 2 by tile
 
 One JSON line per (shape, data): ``one`` is the one-pass kernel's CUDA-graph time in ms (L2 flushed),
 ``two-<BM>x<BN>x<warps>w<stages>s`` the two-phase kernels' (phase 1 with tiles of BM rows and BN keys,
@@ -40,6 +41,8 @@ parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 parser.add_argument("--subtiles", type=int, nargs="+", help="time phase 1 with these sub-tiles per tile (1, 2, 4)")
 parser.add_argument("--prefill-only", action="store_true", help="skip the short chunks (2-32 query tokens)")
 parser.add_argument("--configs", nargs="+", metavar="BMxBNxWARPSxSTAGES", help="phase 1 shapes to time instead of SWEEP")
+parser.add_argument("--tile-rescore", nargs="+", metavar="WxWARPS",
+                    help="time phase 2 by rows (two-rows) against by tiles (two-tiles-WxWARPS: W pairs per program)")
 args = parser.parse_args()
 
 shapes = [("SmolLM2-135M", 256, tk, 4) for tk in (16384, 32768, 65536, 131072, 262144, 524288, 1048576)]
@@ -94,7 +97,11 @@ for model, tq, tk, top_k in shapes:
             ]
         else:
             variants = [("two-{}x{}x{}w{}s".format(*cfg), {"config": cfg}) for cfg in SWEEP]
-        if tq >= 256 and not args.subtiles:
+        if args.tile_rescore:
+            variants = [("two-rows", {"rescore_by": "rows"})] + [
+                (f"two-tiles-{c}", {"tile_rescore": tuple(int(x) for x in c.split("x"))}) for c in args.tile_rescore
+            ]
+        elif tq >= 256 and not args.subtiles:
             # phase 2's (rows per program, keys per step, head dims per step, warps), phase 1 at the default
             variants += [("rescore-{}x{}x{}w{}".format(*rc), {"rescore": rc}) for rc in RESCORE]
         for name, kw in variants:

@@ -54,6 +54,26 @@ def rescore(dtype: str, d: int, top_k: int) -> ASTSource:
     return ASTSource(fn=topk.score_topk_fwd_kernel_rescore, signature=sig, constexprs=consts)
 
 
+def tiles(top_k: int) -> ASTSource:
+    sig = {"ws_v": "*fp32", "ws_i": "*i32", "keys": "*i32", "R": "i32", "NSPLIT": "i32", "NT1": "i32"}
+    consts = {"TOPK": top_k, "KP": triton.next_power_of_2(top_k), "BR": 16, "BC": 64}
+    sig.update({name: "constexpr" for name in consts})
+    return ASTSource(fn=topk.score_topk_fwd_kernel_tiles, signature=sig, constexprs=consts)
+
+
+def rescore_tiles(dtype: str, d: int, top_k: int, sub: int) -> ASTSource:
+    fp = {"bf16": "*bf16", "fp32": "*fp32"}[dtype]
+    sig = {"q": fp, "k": fp, "keys": "*i32", "perm": "*i64", "ws_v": "*fp32", "ws_i": "*i32", "shift": "*i64"}
+    ints = ("stride_qb", "stride_qt", "stride_qh", "stride_kb", "stride_kt", "stride_kh", "TK", "R", "NPAIR", "NT1")
+    sig.update({name: "i32" for name in ints})
+    consts = {
+        "H": 3, "G": 3, "D": d, "TOPK": top_k, "KP": triton.next_power_of_2(top_k), "W": topk._tile_rescore_config(64)[0],
+        "SUB": sub, "KB": max(sub, 16), "IEEE": dtype == "fp32", "SHIFT": True,
+    }  # fmt: skip
+    sig.update({name: "constexpr" for name in consts})
+    return ASTSource(fn=topk.score_topk_fwd_kernel_rescore_tiles, signature=sig, constexprs=consts)
+
+
 def tile_top(from_hits: bool, block: int, kp: int) -> ASTSource:
     sig = {"src": "*i64", "counts": "*i32", "dst": "*i64", "shift": "*i64"}
     sig.update({name: "i32" for name in ("stride_sb", "N", "M", "MC")})
@@ -94,6 +114,11 @@ def main() -> int:
     sources += [
         (("rescore", *v), rescore(*v), topk._rescore_config(16, 64, v[1])[3])
         for v in (("bf16", 64, 4), ("bf16", 128, 8), ("fp32", 64, 4))
+    ]
+    sources += [(("tiles", 4), tiles(4), 4)]
+    sources += [
+        (("rescore_tiles", *v), rescore_tiles(*v), topk._tile_rescore_config(64)[1])
+        for v in (("bf16", 64, 4, 32), ("bf16", 128, 8, 64), ("fp32", 64, 4, 32), ("bf16", 64, 4, 16))
     ]
     sources += [
         (("tile_top", h, blk), tile_top(h, blk, 32), 4 if blk >= 512 else 1)

@@ -406,6 +406,106 @@ def score_topk_fwd_kernel_rescore(
     _store_sorted(b_v, b_i, o_j, o + i_b * stride_ob + o_t * stride_ot + o_hq * stride_oh, o, m_r, TOPK, KP, False)
 
 
+@triton.jit(do_not_specialize=["R", "NSPLIT", "NT1"])
+def score_topk_fwd_kernel_tiles(
+    ws_v,
+    ws_i,
+    keys,
+    R,
+    NSPLIT,
+    NT1,
+    TOPK: tl.constexpr,
+    KP: tl.constexpr,
+    BR: tl.constexpr,
+    BC: tl.constexpr,
+):
+    """Phase 2, step 1: each row's ``TOPK`` best tiles over all splits, in ascending order, as sort
+    keys ``bh * NT1 + tile`` (``tile = NT1 - 1`` where a row has fewer tiles) at ``keys[bh, r, j]``."""
+    i_r, i_bh = tl.program_id(0), tl.program_id(1)
+    o_r = i_r * BR + tl.arange(0, BR)
+    m_r = o_r < R
+    o_j = tl.arange(0, KP)
+    n_c = NSPLIT * TOPK
+    o_w = (i_bh * R + o_r).to(tl.int64)
+    _, b_tiles = _merge_splits(ws_v, ws_i, o_w * n_c, m_r, n_c, tl.arange(0, BC), o_j, BR, TOPK, KP, BC)
+    b_tiles = tl.where((o_j[None, :] < TOPK) & (b_tiles >= 0), b_tiles, _NO_TILE)
+    p_o = keys + o_w * TOPK
+    for j in tl.static_range(TOPK):
+        # ascending: the merge of step 3 needs a row's candidates in index order among equal scores
+        b_t = tl.min(b_tiles, 1)
+        b_tiles = tl.where(b_tiles == b_t[:, None], _NO_TILE, b_tiles)
+        b_t = tl.where(b_t < _NO_TILE, b_t, NT1 - 1).to(tl.int64)
+        tl.store(p_o + j, (i_bh * NT1 + b_t).to(keys.dtype.element_ty), mask=m_r)
+
+
+@triton.jit(do_not_specialize=["TK", "R", "NPAIR", "NT1"])
+def score_topk_fwd_kernel_rescore_tiles(
+    q,
+    k,
+    keys,
+    perm,
+    ws_v,
+    ws_i,
+    shift,
+    stride_qb,
+    stride_qt,
+    stride_qh,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    TK,
+    R,
+    NPAIR,
+    NT1,
+    H: tl.constexpr,
+    G: tl.constexpr,
+    D: tl.constexpr,
+    TOPK: tl.constexpr,
+    KP: tl.constexpr,
+    W: tl.constexpr,
+    SUB: tl.constexpr,
+    KB: tl.constexpr,
+    IEEE: tl.constexpr,
+    SHIFT: tl.constexpr,
+):
+    """Phase 2, step 2: ``W`` consecutive (row, tile) pairs of the sorted list per program. Each
+    distinct tile among them is loaded once and scored against all ``W`` queries with one ``tl.dot``;
+    each pair keeps the ``TOPK`` best keys of its own tile, written best first to
+    ``ws[bh, r, j, :]`` (``j``: the tile's rank among the row's tiles)."""
+    i_w = tl.program_id(0)
+    if SHIFT:
+        TK = TK + tl.load(shift).to(tl.int32)
+    o_p = i_w.to(tl.int64) * W + tl.arange(0, W)
+    m_p = o_p < NPAIR
+    b_key = tl.where(m_p, tl.load(keys + o_p, mask=m_p, other=0).to(tl.int64), 2**62)
+    # the pair's slot in ws: ((bh * R + r) * TOPK + j)
+    b_pi = tl.load(perm + o_p, mask=m_p, other=0)
+    o_bh = b_pi // (R * TOPK)
+    o_t, o_hq = row_heads((b_pi // TOPK) % R, o_bh % H, G)
+    o_d = tl.arange(0, D)
+    o_c = tl.arange(0, KB)
+    o_j = tl.arange(0, KP)
+    p_q = q + (o_bh // H) * stride_qb + o_t * stride_qt + o_hq * stride_qh
+    b_q = tl.load(p_q[:, None] + o_d[None, :], mask=m_p[:, None], other=0.0)
+    b_v, b_i, b_kth = _empty_set(W, KP, TOPK)
+    cur = tl.min(b_key)
+    while cur < 2**62:
+        c_bh = cur // NT1
+        n0 = ((cur % NT1) * SUB).to(tl.int32)  # a row's missing tiles (NT1 - 1) start past the keys
+        m_n = (o_c < SUB) & ((n0 + o_c) < TK)
+        p_k = k + (c_bh // H) * stride_kb + (c_bh % H) * stride_kh + (n0 + o_c).to(tl.int64)[:, None] * stride_kt
+        b_k = tl.load(p_k + o_d[None, :], mask=m_n[:, None], other=0.0)
+        if IEEE:
+            b_s = tl.dot(b_q, tl.trans(b_k), input_precision="ieee")
+        else:
+            b_s = tl.dot(b_q, tl.trans(b_k))
+        # [W, KB]: only the pairs of this tile take its scores
+        b_s = tl.where((b_key == cur)[:, None] & m_n[None, :], b_s, float("-inf"))
+        b_v, b_i, b_kth = _admit(b_s, b_s, n0, b_v, b_i, b_kth, o_c, o_j, TOPK, KP, KB, False)
+        cur = tl.min(tl.where(b_key > cur, b_key, 2**62))
+    _store_sorted(b_v, b_i, o_j, ws_i + b_pi * TOPK, ws_v + b_pi * TOPK, m_p, TOPK, KP, True)
+
+
 @functools.cache
 def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
@@ -472,6 +572,13 @@ def _rescore_config(br: int, bn: int, d: int) -> tuple[int, int, int, int]:
     return br, bn, min(d, 16), 4
 
 
+def _tile_rescore_config(rows: int) -> tuple[int, int]:
+    """Phase 2's (pairs per program, num_warps) when it rescores by tile."""
+    if interpreting():
+        return 16, 4
+    return 16, 4
+
+
 def score_topk_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -485,11 +592,18 @@ def score_topk_fwd(
     rescore: tuple[int, int, int, int] | None = None,
     merge: tuple[int, int, int] | None = None,
     subtiles: int | None = None,
+    rescore_by: str = "tiles",
+    tile_rescore: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """`score_topk_triton` with optional forced key splits, (BM, BN, num_warps, num_stages), phases,
     phase 2's (rows per program, keys per step, head dims per step, num_warps) and the split
     merge's (rows per program, candidates per step, num_warps), and phase 1's sub-tiles per tile (1, 2
     or 4: phase 2 rescores a row's best sub-tiles of ``BN / subtiles`` keys), for tuning and tests.
+
+    ``rescore_by`` picks phase 2: ``"tiles"`` (the default: the (row, tile) pairs sorted by tile,
+    each tile loaded once per program of ``W`` pairs and scored with one ``tl.dot``;
+    ``tile_rescore = (W, num_warps)``) or ``"rows"`` (each row gathers its own tiles' keys, CUDA-core
+    sums; ``rescore`` as above), kept to compare against.
 
     By default prefill (more than one query token) takes two phases from ``_TWO_PHASE_MIN_ROWS``
     rows, decode one pass."""
@@ -525,6 +639,8 @@ def score_topk_fwd(
     two_phase = tq > 1 and (interpreting() or rows >= _TWO_PHASE_MIN_ROWS) if auto else two_phase
     bm, bn, warps, stages = config or _config(rows, q.dtype, two_phase)
     subtiles = (_subtiles(tk_grid, bn) if two_phase else 1) if subtiles is None else subtiles
+    if rescore_by not in ("tiles", "rows"):
+        raise ValueError(f"rescore_by must be 'tiles' or 'rows', got {rescore_by!r}")
     if subtiles not in (1, 2, 4) or bn % subtiles or (subtiles > 1 and not two_phase):
         raise ValueError(f"subtiles must be 1, 2 or 4, divide BN ({bn}) and come with two phases, got {subtiles}")
     n_m = triton.cdiv(rows, bm)
@@ -552,6 +668,32 @@ def score_topk_fwd(
     )
     bc = min(32 if interpreting() else 256, triton.next_power_of_2(splits * top_k))
     br = min(16, triton.next_power_of_2(rows))
+    if two_phase and rescore_by == "tiles":
+        sub = bn // subtiles  # phase 1 ranked sub-tiles of this many keys
+        nt1 = triton.cdiv(tk_grid, sub) + 1  # tiles, and one for "no tile"
+        # (row, tile) pairs as sort keys bh * nt1 + tile, each row's tiles ascending
+        keys = torch.empty((b * h, rows, top_k), device=q.device,
+                           dtype=torch.int32 if b * h * nt1 < 2**31 else torch.int64)  # fmt: skip
+        score_topk_fwd_kernel_tiles[(triton.cdiv(rows, br), b * h)](
+            ws_v, ws_i, keys, rows, splits, nt1, TOPK=top_k, KP=kp, BR=br, BC=bc, num_warps=4
+        )
+        # pairs of one tile become neighbours, so a program of phase 2 loads each of its tiles once
+        sorted_keys, perm = torch.sort(keys.view(-1))
+        npair = keys.numel()
+        wp, twarps = tile_rescore or _tile_rescore_config(rows)
+        ws_v = torch.empty((b * h, rows, top_k, top_k), dtype=torch.float32, device=q.device)
+        ws_i = torch.empty((b * h, rows, top_k, top_k), dtype=torch.int32, device=q.device)
+        score_topk_fwd_kernel_rescore_tiles[(triton.cdiv(npair, wp),)](
+            q, k, sorted_keys, perm, ws_v, ws_i, shift_arg, *args, tk, rows, npair, nt1,
+            H=h, G=g, D=d, TOPK=top_k, KP=kp, W=wp, SUB=sub, KB=max(sub, 16), IEEE=ieee, SHIFT=shift is not None,
+            num_warps=twarps,
+        )  # fmt: skip
+        # each row's TOPK tiles are now TOPK "splits" of TOPK candidates, ascending: the split merge
+        score_topk_fwd_kernel_merge[(triton.cdiv(rows, br), b * h)](
+            ws_v, ws_i, out, *o_args, rows, top_k, H=h, G=g, TOPK=top_k, KP=kp, BR=br,
+            BC=triton.next_power_of_2(top_k * top_k), num_warps=4,
+        )  # fmt: skip
+        return out
     if two_phase:
         sub = bn // subtiles  # phase 1 ranked sub-tiles of this many keys
         br, sc, dc, rwarps = rescore or _rescore_config(br, sub, d)

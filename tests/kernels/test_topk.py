@@ -89,7 +89,17 @@ def test_score_topk_splits(tq, splits, device):
     torch.testing.assert_close(score_topk_fwd(q, k, 8, splits=splits), score_topk_ref(q, k, 8), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize(("two_phase", "subtiles"), [(False, 1), (True, 1), (True, 2), (True, 4)])
+@pytest.mark.parametrize(
+    ("two_phase", "subtiles", "rescore_by"),
+    [
+        (False, 1, "tiles"),
+        (True, 1, "tiles"),
+        (True, 2, "tiles"),
+        (True, 4, "tiles"),
+        (True, 1, "rows"),
+        (True, 2, "rows"),
+    ],
+)
 @pytest.mark.parametrize(
     ("b", "tq", "tk", "hq", "h", "d", "dtype", "top_k", "kind", "splits"),
     [
@@ -102,15 +112,15 @@ def test_score_topk_splits(tq, splits, device):
         (1, 6, 640, 6, 2, 64, "fp32", 4, "randn", 1),
     ],
 )
-def test_score_topk_phases(b, tq, tk, hq, h, d, dtype, top_k, kind, splits, two_phase, subtiles, device):
-    """One pass and two phases (each row's best tile or sub-tile maxima, then rescoring those) all
-    equal the reference, decode and prefill shapes alike."""
+def test_score_topk_phases(b, tq, tk, hq, h, d, dtype, top_k, kind, splits, two_phase, subtiles, rescore_by, device):
+    """One pass and two phases (each row's best tile or sub-tile maxima, then rescoring those, by
+    tile or by row) all equal the reference, decode and prefill shapes alike."""
     from reattention_kernels.triton_ops.topk import score_topk_fwd
 
     torch.manual_seed(tk + tq)
     q = make_queries(b, tq, hq, d, DTYPES[dtype], device, kind)
     k = make_keys(b, tk, h, d, DTYPES[dtype], device, kind)
-    out = score_topk_fwd(q, k, top_k, splits=splits, two_phase=two_phase, subtiles=subtiles)
+    out = score_topk_fwd(q, k, top_k, splits=splits, two_phase=two_phase, subtiles=subtiles, rescore_by=rescore_by)
     ref = score_topk_ref(q, k, top_k)
     mismatch = (out != ref).any(-1)
     assert not mismatch.any(), f"{int(mismatch.sum())} rows differ; first: {out[mismatch][0]} vs {ref[mismatch][0]}"
@@ -138,6 +148,36 @@ def test_two_phases_rescore_a_tile_that_holds_several_hits(device, splits, top_k
     assert (ref[0, 0] >= 40).all() and (ref[0, 0] < 48).all()  # the setup did what it says
     mismatch = (out != ref).any(-1)
     assert not mismatch.any(), f"{int(mismatch.sum())} rows differ; first: {out[mismatch][0]} vs {ref[mismatch][0]}"
+
+
+@pytest.mark.parametrize("subtiles", [1, 4])
+def test_rescore_by_tiles_when_many_rows_share_tiles(device, subtiles):
+    """Phase 2 by tile: every row of a KV head picks the same tiles, so one tile's pairs fill
+    several programs of ``W`` pairs, and the pairs of two sequences and two heads meet in one
+    program; rows of the other heads pick tiles as they fall. All must equal the reference."""
+    from reattention_kernels.triton_ops.topk import _tile_rescore_config, score_topk_fwd
+
+    torch.manual_seed(subtiles)
+    tq, hq, h = 9, 4, 2
+    q = make_queries(2, tq, hq, 64, torch.float32, device, "randn")
+    k = make_keys(2, 203, h, 64, torch.float32, device, "randn")
+    q[1, :, :2] = q[1, 0, 0]  # sequence 1, KV head 0: one query for all 9 tokens and both heads
+    # tile-shared pairs must outnumber a program's pairs for the first check to mean anything
+    assert tq * 2 * 4 > _tile_rescore_config(tq * 2)[0]
+    out = score_topk_fwd(q, k, 4, two_phase=True, subtiles=subtiles, splits=2)
+    ref = score_topk_ref(q, k, 4)
+    assert (ref[1, :, :2] == ref[1, :1, :1]).all()  # the setup did what it says
+    mismatch = (out != ref).any(-1)
+    assert not mismatch.any(), f"{int(mismatch.sum())} rows differ; first: {out[mismatch][0]} vs {ref[mismatch][0]}"
+
+
+def test_rescore_by_must_be_tiles_or_rows(device):
+    from reattention_kernels.triton_ops.topk import score_topk_fwd
+
+    q = torch.randn(1, 4, 4, 64, device=device)
+    k = torch.randn(1, 100, 2, 64, device=device)
+    with pytest.raises(ValueError, match="rescore_by"):
+        score_topk_fwd(q, k, 4, two_phase=True, rescore_by="keys")
 
 
 def test_subtiles_must_divide_the_tile_and_need_two_phases(device):
