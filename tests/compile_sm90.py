@@ -55,10 +55,17 @@ def rescore(dtype: str, d: int, top_k: int) -> ASTSource:
 
 
 def tiles(top_k: int) -> ASTSource:
-    sig = {"ws_v": "*fp32", "ws_i": "*i32", "keys": "*i32", "R": "i32", "NSPLIT": "i32", "NT1": "i32"}
+    sig = {"ws_v": "*fp32", "ws_i": "*i32", "keys": "*i32", "counts": "*i32", "ranks": "*i32"}
+    sig.update({"R": "i32", "NSPLIT": "i32", "NT1": "i32"})
     consts = {"TOPK": top_k, "KP": triton.next_power_of_2(top_k), "BR": 16, "BC": 64}
     sig.update({name: "constexpr" for name in consts})
     return ASTSource(fn=topk.score_topk_fwd_kernel_tiles, signature=sig, constexprs=consts)
+
+
+def place() -> ASTSource:
+    sig = {"keys": "*i32", "ranks": "*i32", "ends": "*i32", "sorted_keys": "*i32", "perm": "*i64", "NPAIR": "i32"}
+    sig["BP"] = "constexpr"
+    return ASTSource(fn=topk.score_topk_fwd_kernel_place, signature=sig, constexprs={"BP": 1024})
 
 
 def rescore_tiles(dtype: str, d: int, top_k: int, sub: int) -> ASTSource:
@@ -115,7 +122,7 @@ def main() -> int:
         (("rescore", *v), rescore(*v), topk._rescore_config(16, 64, v[1])[3])
         for v in (("bf16", 64, 4), ("bf16", 128, 8), ("fp32", 64, 4))
     ]
-    sources += [(("tiles", 4), tiles(4), 4)]
+    sources += [(("tiles", 4), tiles(4), 4), (("place",), place(), 4)]
     sources += [
         (("rescore_tiles", *v), rescore_tiles(*v), topk._tile_rescore_config(64)[1])
         for v in (("bf16", 64, 4, 32), ("bf16", 128, 8, 64), ("fp32", 64, 4, 32), ("bf16", 64, 4, 16))

@@ -411,6 +411,8 @@ def score_topk_fwd_kernel_tiles(
     ws_v,
     ws_i,
     keys,
+    counts,
+    ranks,
     R,
     NSPLIT,
     NT1,
@@ -420,7 +422,8 @@ def score_topk_fwd_kernel_tiles(
     BC: tl.constexpr,
 ):
     """Phase 2, step 1: each row's ``TOPK`` best tiles over all splits, in ascending order, as sort
-    keys ``bh * NT1 + tile`` (``tile = NT1 - 1`` where a row has fewer tiles) at ``keys[bh, r, j]``."""
+    keys ``bh * NT1 + tile`` (``tile = NT1 - 1`` where a row has fewer tiles) at ``keys[bh, r, j]``,
+    counted per key (``counts``, zeroed before) with each pair's place among its key's (``ranks``)."""
     i_r, i_bh = tl.program_id(0), tl.program_id(1)
     o_r = i_r * BR + tl.arange(0, BR)
     m_r = o_r < R
@@ -434,8 +437,33 @@ def score_topk_fwd_kernel_tiles(
         # ascending: the merge of step 3 needs a row's candidates in index order among equal scores
         b_t = tl.min(b_tiles, 1)
         b_tiles = tl.where(b_tiles == b_t[:, None], _NO_TILE, b_tiles)
-        b_t = tl.where(b_t < _NO_TILE, b_t, NT1 - 1).to(tl.int64)
-        tl.store(p_o + j, (i_bh * NT1 + b_t).to(keys.dtype.element_ty), mask=m_r)
+        b_key = i_bh * NT1 + tl.where(b_t < _NO_TILE, b_t, NT1 - 1).to(tl.int64)
+        tl.store(p_o + j, b_key.to(keys.dtype.element_ty), mask=m_r)
+        tl.store(ranks + o_w * TOPK + j, tl.atomic_add(counts + b_key, 1, mask=m_r, sem="relaxed"), mask=m_r)
+
+
+@triton.jit(do_not_specialize=["NPAIR"])
+def score_topk_fwd_kernel_place(keys, ranks, ends, sorted_keys, perm, NPAIR, BP: tl.constexpr):
+    """Phase 2, step 2 (a counting sort's scatter): pair ``p`` goes to ``ends[key] - 1 - rank``, where
+    ``ends`` is the inclusive prefix sum of the key counts, so pairs of one tile become neighbours."""
+    o_p = tl.program_id(0).to(tl.int64) * BP + tl.arange(0, BP)
+    m_p = o_p < NPAIR
+    b_key = tl.load(keys + o_p, mask=m_p, other=0)
+    b_pos = tl.load(ends + b_key, mask=m_p, other=1) - 1 - tl.load(ranks + o_p, mask=m_p, other=0)
+    tl.store(sorted_keys + b_pos, b_key, mask=m_p)
+    tl.store(perm + b_pos, o_p, mask=m_p)
+
+
+@triton.jit
+def _pair_tile(k, key, o_c, o_d, TK, NT1, stride_kb, stride_kt, stride_kh, H: tl.constexpr, SUB: tl.constexpr):
+    """Keys ``[KB, D]`` of the tile of sort key ``key`` (``bh * NT1 + tile``), their first index and
+    mask (the tile's ``SUB`` keys below ``TK``; none for a row's missing tiles or past the list)."""
+    c_bh = key // NT1
+    n0 = ((key % NT1) * SUB).to(tl.int32)  # a row's missing tiles (NT1 - 1) start past the keys
+    # past the list's end (key 2**62) nothing is read
+    m_n = (o_c < SUB) & ((n0 + o_c) < TK * (key < 2**62).to(tl.int32))
+    p_k = k + (c_bh // H) * stride_kb + (c_bh % H) * stride_kh + (n0 + o_c).to(tl.int64)[:, None] * stride_kt
+    return tl.load(p_k + o_d[None, :], mask=m_n[:, None], other=0.0), n0, m_n
 
 
 @triton.jit(do_not_specialize=["TK", "R", "NPAIR", "NT1"])
@@ -489,12 +517,11 @@ def score_topk_fwd_kernel_rescore_tiles(
     b_q = tl.load(p_q[:, None] + o_d[None, :], mask=m_p[:, None], other=0.0)
     b_v, b_i, b_kth = _empty_set(W, KP, TOPK)
     cur = tl.min(b_key)
+    b_k, n0, m_n = _pair_tile(k, cur, o_c, o_d, TK, NT1, stride_kb, stride_kt, stride_kh, H, SUB)
     while cur < 2**62:
-        c_bh = cur // NT1
-        n0 = ((cur % NT1) * SUB).to(tl.int32)  # a row's missing tiles (NT1 - 1) start past the keys
-        m_n = (o_c < SUB) & ((n0 + o_c) < TK)
-        p_k = k + (c_bh // H) * stride_kb + (c_bh % H) * stride_kh + (n0 + o_c).to(tl.int64)[:, None] * stride_kt
-        b_k = tl.load(p_k + o_d[None, :], mask=m_n[:, None], other=0.0)
+        # the next tile's load is issued before this tile's scores are used, to overlap its latency
+        nxt = tl.min(tl.where(b_key > cur, b_key, 2**62))
+        b_kn, n0n, m_nn = _pair_tile(k, nxt, o_c, o_d, TK, NT1, stride_kb, stride_kt, stride_kh, H, SUB)
         if IEEE:
             b_s = tl.dot(b_q, tl.trans(b_k), input_precision="ieee")
         else:
@@ -502,7 +529,7 @@ def score_topk_fwd_kernel_rescore_tiles(
         # [W, KB]: only the pairs of this tile take its scores
         b_s = tl.where((b_key == cur)[:, None] & m_n[None, :], b_s, float("-inf"))
         b_v, b_i, b_kth = _admit(b_s, b_s, n0, b_v, b_i, b_kth, o_c, o_j, TOPK, KP, KB, False)
-        cur = tl.min(tl.where(b_key > cur, b_key, 2**62))
+        cur, b_k, n0, m_n = nxt, b_kn, n0n, m_nn
     _store_sorted(b_v, b_i, o_j, ws_i + b_pi * TOPK, ws_v + b_pi * TOPK, m_p, TOPK, KP, True)
 
 
@@ -672,14 +699,22 @@ def score_topk_fwd(
         sub = bn // subtiles  # phase 1 ranked sub-tiles of this many keys
         nt1 = triton.cdiv(tk_grid, sub) + 1  # tiles, and one for "no tile"
         # (row, tile) pairs as sort keys bh * nt1 + tile, each row's tiles ascending
-        keys = torch.empty((b * h, rows, top_k), device=q.device,
-                           dtype=torch.int32 if b * h * nt1 < 2**31 else torch.int64)  # fmt: skip
+        key_dtype = torch.int32 if b * h * nt1 < 2**31 else torch.int64
+        keys = torch.empty((b * h, rows, top_k), device=q.device, dtype=key_dtype)
+        ranks = torch.empty((b * h, rows, top_k), device=q.device, dtype=torch.int32)
+        counts = torch.zeros(b * h * nt1, device=q.device, dtype=torch.int32)
         score_topk_fwd_kernel_tiles[(triton.cdiv(rows, br), b * h)](
-            ws_v, ws_i, keys, rows, splits, nt1, TOPK=top_k, KP=kp, BR=br, BC=bc, num_warps=4
+            ws_v, ws_i, keys, counts, ranks, rows, splits, nt1, TOPK=top_k, KP=kp, BR=br, BC=bc, num_warps=4
         )
-        # pairs of one tile become neighbours, so a program of phase 2 loads each of its tiles once
-        sorted_keys, perm = torch.sort(keys.view(-1))
+        # a counting sort by key: pairs of one tile become neighbours, so a program of phase 2 loads
+        # each of its tiles once (the order among one tile's pairs does not matter)
         npair = keys.numel()
+        sorted_keys = torch.empty(npair, device=q.device, dtype=key_dtype)
+        perm = torch.empty(npair, device=q.device, dtype=torch.int64)
+        bp = 1024
+        score_topk_fwd_kernel_place[(triton.cdiv(npair, bp),)](
+            keys, ranks, torch.cumsum(counts, 0, dtype=torch.int32), sorted_keys, perm, npair, BP=bp, num_warps=4
+        )
         wp, twarps = tile_rescore or _tile_rescore_config(rows)
         ws_v = torch.empty((b * h, rows, top_k, top_k), dtype=torch.float32, device=q.device)
         ws_i = torch.empty((b * h, rows, top_k, top_k), dtype=torch.int32, device=q.device)
