@@ -33,7 +33,7 @@ SHAPES = {"smollm2": (9, 3, 64), "llama8b": (32, 8, 128)}
 
 
 def kernel_us(fn, reps: int, flush: torch.Tensor) -> dict[str, float]:
-    """Mean device microseconds per call of each kernel ``fn`` launches (L2 flushed before each call)."""
+    """Mean device microseconds per call of each kernel launched by ``fn`` and the L2 flush before it."""
     fn()
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
@@ -43,10 +43,15 @@ def kernel_us(fn, reps: int, flush: torch.Tensor) -> dict[str, float]:
         torch.cuda.synchronize()
     total: dict[str, float] = defaultdict(float)
     for ev in prof.events():
-        # the L2 flush (an elementwise fill) is not the call's
-        if ev.device_type == torch.autograd.DeviceType.CUDA and not ev.name.startswith("void at::native::vectorized"):
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
             total[ev.name[:60]] += ev.device_time / reps
-    return {name: round(us, 1) for name, us in sorted(total.items(), key=lambda kv: -kv[1])}
+    return dict(total)
+
+
+def call_us(fn, reps: int, flush: torch.Tensor, base: dict[str, float]) -> dict[str, float]:
+    """`kernel_us` less the flush's own kernels (``base``: `kernel_us` of a call that does nothing)."""
+    us = {name: t - base.get(name, 0.0) for name, t in kernel_us(fn, reps, flush).items()}
+    return {name: round(t, 1) for name, t in sorted(us.items(), key=lambda kv: -kv[1]) if t > 0.05}
 
 
 def main() -> None:
@@ -61,6 +66,7 @@ def main() -> None:
     gen = torch.Generator(device="cuda").manual_seed(0)
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
             "commit": git_rev()}  # fmt: skip
+    base = kernel_us(lambda: None, args.reps, flush)
     rows = []
     for spec in args.shapes:
         model, tq, tk = spec.split(":")
@@ -75,7 +81,7 @@ def main() -> None:
             out = score_topk_fwd(q, k, 4, two_phase=True, **kw)
             ref = out if ref is None else ref
             differ = int((out != ref).any(-1).sum())
-            us = kernel_us(partial(score_topk_fwd, q, k, 4, two_phase=True, **kw), args.reps, flush)
+            us = call_us(partial(score_topk_fwd, q, k, 4, two_phase=True, **kw), args.reps, flush, base)
             row = {**meta, "model": model, "TQ": tq, "keys": tk, "phase2": name, "rows_differ_from_rows": differ,
                    "total_us": round(sum(us.values()), 1), "kernels_us": us}  # fmt: skip
             rows.append(row)
