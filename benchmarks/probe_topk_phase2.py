@@ -3,8 +3,8 @@
     python3 benchmarks/probe_topk_phase2.py [--shapes smollm2:256:16384 llama8b:512:131072 ...]
                                             [--tile-rescore 16x4 ...] [--out FILE.jsonl]
 
-Runs ``score_topk_fwd`` (the package's two phases, ``rescore_by="rows"`` and ``"tiles"`` with each
-``--tile-rescore`` (pairs per program x warps)) under ``torch.profiler`` with the L2 flushed before every
+Runs ``score_topk_fwd`` (the package's two phases: as by default, by default without TMA loads in phase 1,
+``rescore_by="rows"`` and ``"tiles"`` with each ``--tile-rescore`` (pairs per program x warps)) under ``torch.profiler`` with the L2 flushed before every
 call, and prints each kernel's mean device time in microseconds per call: phase 1's scan, and phase 2's
 kernels (by rows one; by tiles the tile pick, the sort's kernels, the rescoring and the merge). i.i.d.
 keys and queries, bf16, top-4.
@@ -74,15 +74,16 @@ def main() -> None:
         tq, tk = int(tq), int(tk)
         q = torch.randn(1, tq, hq, d, device="cuda", dtype=torch.bfloat16, generator=gen)
         k = torch.randn(1, tk + 64, h, d, device="cuda", dtype=torch.bfloat16, generator=gen)[:, 8 : 8 + tk]
-        variants = [("rows", {"rescore_by": "rows"})]
-        variants += [(f"tiles-{c}", {"tile_rescore": tuple(int(x) for x in c.split("x"))}) for c in args.tile_rescore]
+        variants = [("default", {}), ("default-no-tma", {"tma": False}), ("rows", {"rescore_by": "rows"})]
+        variants += [(f"tiles-{c}", {"tile_rescore": tuple(int(x) for x in c.split("x")), "rescore_by": "tiles"})
+                     for c in args.tile_rescore]  # fmt: skip
         ref = None
         for name, kw in variants:
             out = score_topk_fwd(q, k, 4, two_phase=True, **kw)
             ref = out if ref is None else ref
             differ = int((out != ref).any(-1).sum())
             us = call_us(partial(score_topk_fwd, q, k, 4, two_phase=True, **kw), args.reps, flush, base)
-            row = {**meta, "model": model, "TQ": tq, "keys": tk, "phase2": name, "rows_differ_from_rows": differ,
+            row = {**meta, "model": model, "TQ": tq, "keys": tk, "phase2": name, "rows_differ_from_default": differ,
                    "total_us": round(sum(us.values()), 1), "kernels_us": us}  # fmt: skip
             rows.append(row)
             print(json.dumps(row), flush=True)

@@ -21,17 +21,21 @@ TARGET = GPUTarget("cuda", 90, 32)
 PTRS = ("q", "k", "o", "ws_v", "ws_i", "shift")
 
 
-def scan(dtype: str, d: int, top_k: int, split: bool, two_phase: bool, subtiles: int = 1) -> ASTSource:
+def scan(
+    dtype: str, d: int, top_k: int, split: bool, two_phase: bool, subtiles: int = 1, tma: bool = False
+) -> ASTSource:
     fp = {"bf16": "*bf16", "fp32": "*fp32"}[dtype]
+    bm, bn, _, _ = topk._config(64, {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype], two_phase)
     sig = {name: "*fp32" for name in PTRS}
     sig.update(q=fp, k=fp, o="*i64", ws_i="*i32", shift="*i64")
+    # the descriptor argument: a tensor descriptor with TMA, else the key pointer again
+    sig = {"q": fp, "k": fp, "k_desc": f"tensordesc<{dtype}[1, {bn}, 1, {d}]>" if tma else fp, **sig}
     ints = ("stride_qb", "stride_qt", "stride_qh", "stride_kb", "stride_kt", "stride_kh")
     ints += ("stride_ob", "stride_ot", "stride_oh", "TK", "R", "NSPLIT", "keys_per_split")
     sig.update({name: "i32" for name in ints})
-    bm, bn, _, _ = topk._config(64, {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype], two_phase)
     consts = {
         "H": 3, "G": 3, "D": d, "TOPK": top_k, "KP": triton.next_power_of_2(top_k), "BM": bm, "BN": bn,
-        "SPLIT": split, "IEEE": dtype == "fp32", "SHIFT": True, "TWO_PHASE": two_phase, "S": subtiles,
+        "SPLIT": split, "IEEE": dtype == "fp32", "SHIFT": True, "TWO_PHASE": two_phase, "S": subtiles, "TMA": tma,
     }  # fmt: skip
     sig.update({name: "constexpr" for name in consts})
     return ASTSource(fn=topk.score_topk_fwd_kernel_scan, signature=sig, constexprs=consts)
@@ -113,6 +117,8 @@ def main() -> int:
         ("fp32", 64, 4, True, True),
         ("bf16", 128, 4, True, True, 2),  # phase 1 ranking sub-tiles: the reshaped row maxima
         ("bf16", 64, 8, True, True, 4),
+        ("bf16", 128, 4, True, True, 1, True),  # phase 1's key tiles through a TMA descriptor
+        ("bf16", 64, 4, True, True, 2, True),
     ]
     # warps as `topk._config` picks them
     sources = [

@@ -21,9 +21,15 @@ score against one for a row maximum:
    one row maximum and a few operations on ``[BM, TOPK]`` per tile, with no branch: no block-wide
    vote per tile stalls the pipelined tile loop. A split writes these sets, best first, to a small
    workspace.
-2. (rescore kernel) per row, the ``TOPK`` best tiles over all splits (merged as the partial sets of
-   decode are), rescored exactly, in ascending order, into the final set: ``TOPK * BN`` keys per
-   row instead of all of them.
+2. per row, the ``TOPK`` best tiles over all splits (merged as the partial sets of decode are),
+   rescored exactly into the final set: ``TOPK * BN`` keys per row instead of all of them. Two ways
+   (`_rescore_by` picks one by size): by rows (one kernel; each row gathers its tiles' keys and sums
+   the products on CUDA cores, tiles in ascending order), or by tiles (four small kernels: the rows'
+   (row, tile) pairs are counted and placed by tile, so the pairs of one tile become neighbours; a
+   program of 16 pairs loads each distinct tile among them once and scores it against all 16
+   queries with one ``tl.dot``; each pair keeps its tile's best keys, and a row's tiles are merged
+   in ascending order as splits are). On i.i.d. keys at Llama-8B shapes every tile is picked by
+   about four rows, so by tiles reads about a quarter of the bytes.
 
 Up to ``_SUBTILE_MAX_KEYS`` keys, phase 1 ranks the two halves of each tile (sub-tiles) instead of
 whole tiles, so phase 2 reads half the keys; the argument below holds for any split of the keys into
@@ -35,9 +41,10 @@ lies in a tile whose maximum is ``>= theta``: one of those kept, except where ma
 ``theta``, and there the kept ones are the lowest tiles, which hold the lowest-index keys of that
 score, the ones the tie rule prefers.
 
-Phase 2 sums its products in plain fp32 where one pass accumulates on tensor cores, so the two may
-order two keys whose scores differ in the last bits differently (1-2 rows of ~65K at Llama-8B
-shapes on random keys; fp64 agreed with two phases each time: benchmarks/probe_topk_rounding.py).
+Phase 2 by rows sums its products in plain fp32 where one pass accumulates on tensor cores (and by
+tiles with other tile shapes), so they may order two keys whose scores differ in the last bits
+differently (1-2 rows of ~65K at Llama-8B shapes on random keys; fp64 agreed with two phases by rows
+each time: benchmarks/probe_topk_rounding.py).
 """
 
 from __future__ import annotations
@@ -49,6 +56,11 @@ import triton
 import triton.language as tl
 
 from reattention_kernels.dispatch import interpreting
+
+try:  # host-side tensor descriptors (TMA); Triton >= 3.4
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older Triton: pointer loads only
+    TensorDescriptor = None
 from reattention_kernels.triton_ops.rows import group_rows, row_heads
 
 # Splits cover a multiple of this many keys (a multiple of every BN).
@@ -166,13 +178,19 @@ def _keep_best(b_x, i_x, b_v, b_i, b_kth, o_j, KP: tl.constexpr):
 
 @triton.jit
 def _tile_maxima(b_q, p_k, n0, n_hi, o_c, b_v, b_i, b_kth, o_j, KP: tl.constexpr, BN: tl.constexpr,
-                 S: tl.constexpr, MASK: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
+                 S: tl.constexpr, MASK: tl.constexpr, IEEE: tl.constexpr, b_k=None):  # fmt: skip
     """Phase 1 on one tile: enter each row's maximum of each of the tile's ``S`` sub-tiles (``BN / S``
-    consecutive keys, in ascending order) into its set of best sub-tile maxima.
+    consecutive keys, in ascending order) into its set of best sub-tile maxima. The keys come from
+    ``p_k``, or are ``b_k [BN, D]`` when given (loaded through a tensor descriptor).
 
     Sub-tiles are what phase 2 rescores per row: with ``S = 2`` it reads half the keys. The
     per-sub-tile maxima come from the same ``[BM, BN]`` scores, reshaped (no second dot)."""
-    b_s = _scores(b_q, p_k, n0, n_hi, o_c, MASK, IEEE)
+    if b_k is None:
+        b_s = _scores(b_q, p_k, n0, n_hi, o_c, MASK, IEEE)
+    elif IEEE:
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision="ieee")
+    else:
+        b_s = tl.dot(b_q, tl.trans(b_k))
     SUB: tl.constexpr = BN // S
     i_t = n0 // SUB
     if S == 1:
@@ -217,6 +235,7 @@ def _store_sorted(b_v, b_i, o_j, p_o, p_wv, m_r, TOPK: tl.constexpr, KP: tl.cons
 def score_topk_fwd_kernel_scan(
     q,
     k,
+    k_desc,
     o,
     ws_v,
     ws_i,
@@ -246,7 +265,11 @@ def score_topk_fwd_kernel_scan(
     SHIFT: tl.constexpr,
     TWO_PHASE: tl.constexpr,
     S: tl.constexpr,
+    TMA: tl.constexpr,
 ):
+    """Phase 1 of two (``TWO_PHASE``) or one pass, over one split of the keys. With ``TMA`` phase 1's
+    full tiles come through ``k_desc``, a tensor descriptor of ``k`` ``[B, TK, H, D]`` with blocks
+    ``[1, BN, 1, D]`` (Hopper's tensor memory accelerator: no address math, asynchronous copies)."""
     i_m, i_s, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if SHIFT:  # the key count moved on the device since the launch was recorded (CUDA-graph replay)
         TK = TK + tl.load(shift).to(tl.int32)
@@ -268,8 +291,13 @@ def score_topk_fwd_kernel_scan(
     if TWO_PHASE:
         # phase 1: each row's best tile maxima of this split -> ws (phase 2 is its own kernel)
         for n0 in range(n_lo, n_full, BN):
-            p_k = k_base + (n0 + o_c).to(tl.int64)[:, None] * stride_kt + o_d[None, :]
-            b_v, b_i, b_kth = _tile_maxima(b_q, p_k, n0, n_hi, o_c, b_v, b_i, b_kth, o_j, KP, BN, S, False, IEEE)
+            if TMA:
+                b_k = k_desc.load([i_b.to(tl.int32), n0, i_h.to(tl.int32), 0]).reshape(BN, D)
+                b_v, b_i, b_kth = _tile_maxima(b_q, k_base, n0, n_hi, o_c, b_v, b_i, b_kth, o_j, KP, BN, S, False,
+                                               IEEE, b_k)  # fmt: skip
+            else:
+                p_k = k_base + (n0 + o_c).to(tl.int64)[:, None] * stride_kt + o_d[None, :]
+                b_v, b_i, b_kth = _tile_maxima(b_q, p_k, n0, n_hi, o_c, b_v, b_i, b_kth, o_j, KP, BN, S, False, IEEE)
         if n_full < n_hi:
             p_k = k_base + (n_full + o_c).to(tl.int64)[:, None] * stride_kt + o_d[None, :]
             b_v, b_i, b_kth = _tile_maxima(b_q, p_k, n_full, n_hi, o_c, b_v, b_i, b_kth, o_j, KP, BN, S, True, IEEE)
@@ -599,11 +627,38 @@ def _rescore_config(br: int, bn: int, d: int) -> tuple[int, int, int, int]:
     return br, bn, min(d, 16), 4
 
 
+def _use_tma(k: torch.Tensor, bn: int) -> bool:
+    """Phase 1 reads key tiles through a TMA descriptor on Hopper and later GPUs, where the key view
+    meets the descriptor's rules (16-byte aligned base and strides); 7-8% faster tile loops on an
+    H100 (benchmarks/probe_topk_tma.py). Not in the interpreter: the CPU tests force it."""
+    if interpreting() or k.device.type != "cuda" or TensorDescriptor is None:
+        return False
+    if torch.cuda.get_device_capability(k.device)[0] < 9:
+        return False
+    size = k.element_size()
+    return k.data_ptr() % 16 == 0 and all(st * size % 16 == 0 for st in k.stride()[:-1]) and k.stride(-1) == 1
+
+
+# Phase 2 rescores by tile from this many bytes of keys gathered by rows.
+_TILES_MIN_BYTES = 256 << 20
+
+
+def _rescore_by(gathered: int) -> str:
+    """Phase 2's design for ``gathered`` bytes of keys (rows x top-k x tile keys x head dim x
+    element size, what rescoring by rows reads). By tile it reads each distinct tile once per
+    program instead, at a fixed cost of four more small kernels (H100, i.i.d. keys,
+    benchmarks/probe_topk_phase2.py): by rows was faster up to 75 MB (the embedded model's chunks:
+    28 against 33 us at 16K keys, 45 against 69 at 128K), by tile from 537 MB (Llama-8B's 512-token
+    chunk: 185 against 92 us at 32K keys, 350 against 208 at 128K; 2048 tokens: 1202 against 434)."""
+    return "tiles" if interpreting() or gathered >= _TILES_MIN_BYTES else "rows"
+
+
 def _tile_rescore_config(rows: int) -> tuple[int, int]:
-    """Phase 2's (pairs per program, num_warps) when it rescores by tile."""
+    """Phase 2's (pairs per program, num_warps) when it rescores by tile: 16 pairs and 2 warps
+    were the best or within 12% of it at the shapes of `_rescore_by` (benchmarks/probe_topk_phase2.py)."""
     if interpreting():
         return 16, 4
-    return 16, 4
+    return 16, 2
 
 
 def score_topk_fwd(
@@ -619,18 +674,20 @@ def score_topk_fwd(
     rescore: tuple[int, int, int, int] | None = None,
     merge: tuple[int, int, int] | None = None,
     subtiles: int | None = None,
-    rescore_by: str = "tiles",
+    rescore_by: str | None = None,
     tile_rescore: tuple[int, int] | None = None,
+    tma: bool | None = None,
 ) -> torch.Tensor:
     """`score_topk_triton` with optional forced key splits, (BM, BN, num_warps, num_stages), phases,
     phase 2's (rows per program, keys per step, head dims per step, num_warps) and the split
     merge's (rows per program, candidates per step, num_warps), and phase 1's sub-tiles per tile (1, 2
     or 4: phase 2 rescores a row's best sub-tiles of ``BN / subtiles`` keys), for tuning and tests.
 
-    ``rescore_by`` picks phase 2: ``"tiles"`` (the default: the (row, tile) pairs sorted by tile,
-    each tile loaded once per program of ``W`` pairs and scored with one ``tl.dot``;
-    ``tile_rescore = (W, num_warps)``) or ``"rows"`` (each row gathers its own tiles' keys, CUDA-core
-    sums; ``rescore`` as above), kept to compare against.
+    ``rescore_by`` picks phase 2: ``"tiles"`` (the (row, tile) pairs sorted by tile, each tile
+    loaded once per program of ``W`` pairs and scored with one ``tl.dot``; ``tile_rescore = (W,
+    num_warps)``) or ``"rows"`` (each row gathers its own tiles' keys, CUDA-core sums; ``rescore`` as
+    above); by default `_rescore_by`. ``tma``: phase 1 loads full key tiles through a tensor
+    descriptor (default: where `_use_tma` allows).
 
     By default prefill (more than one query token) takes two phases from ``_TWO_PHASE_MIN_ROWS``
     rows, decode one pass."""
@@ -666,6 +723,8 @@ def score_topk_fwd(
     two_phase = tq > 1 and (interpreting() or rows >= _TWO_PHASE_MIN_ROWS) if auto else two_phase
     bm, bn, warps, stages = config or _config(rows, q.dtype, two_phase)
     subtiles = (_subtiles(tk_grid, bn) if two_phase else 1) if subtiles is None else subtiles
+    if rescore_by is None:
+        rescore_by = _rescore_by(b * h * tq * g * top_k * (bn // subtiles) * d * q.element_size())
     if rescore_by not in ("tiles", "rows"):
         raise ValueError(f"rescore_by must be 'tiles' or 'rows', got {rescore_by!r}")
     if subtiles not in (1, 2, 4) or bn % subtiles or (subtiles > 1 and not two_phase):
@@ -678,20 +737,22 @@ def score_topk_fwd(
     ieee = q.dtype == torch.float32
     args = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2))
     o_args = (out.stride(0), out.stride(1), out.stride(2))
+    tma = _use_tma(k, bn) if tma is None else tma
+    k_desc = TensorDescriptor(k, list(k.shape), list(k.stride()), [1, bn, 1, d]) if tma and two_phase else k
     consts = {
         "H": h, "G": g, "D": d, "TOPK": top_k, "KP": kp, "BM": bm, "BN": bn, "IEEE": ieee, "SHIFT": shift is not None,
-        "TWO_PHASE": two_phase, "S": subtiles, "num_warps": warps, "num_stages": stages,
+        "TWO_PHASE": two_phase, "S": subtiles, "TMA": tma and two_phase, "num_warps": warps, "num_stages": stages,
     }  # fmt: skip
     if splits == 1 and not two_phase:
         score_topk_fwd_kernel_scan[(n_m, 1, b * h)](
-            q, k, out, out, out, shift_arg, *args, *o_args, tk, rows, 1, keys_per_split, SPLIT=False, **consts
+            q, k, k_desc, out, out, out, shift_arg, *args, *o_args, tk, rows, 1, keys_per_split, SPLIT=False, **consts
         )
         return out
     # each split's best (score, key) or, in two phases, (tile maximum, tile) per row
     ws_v = torch.empty((b * h, rows, splits, top_k), dtype=torch.float32, device=q.device)
     ws_i = torch.empty((b * h, rows, splits, top_k), dtype=torch.int32, device=q.device)
     score_topk_fwd_kernel_scan[(n_m, splits, b * h)](
-        q, k, out, ws_v, ws_i, shift_arg, *args, *o_args, tk, rows, splits, keys_per_split, SPLIT=True, **consts
+        q, k, k_desc, out, ws_v, ws_i, shift_arg, *args, *o_args, tk, rows, splits, keys_per_split, SPLIT=True, **consts
     )
     bc = min(32 if interpreting() else 256, triton.next_power_of_2(splits * top_k))
     br = min(16, triton.next_power_of_2(rows))

@@ -171,6 +171,28 @@ def test_rescore_by_tiles_when_many_rows_share_tiles(device, subtiles):
     assert not mismatch.any(), f"{int(mismatch.sum())} rows differ; first: {out[mismatch][0]} vs {ref[mismatch][0]}"
 
 
+@pytest.mark.parametrize(
+    ("b", "tq", "tk", "hq", "h", "d", "dtype", "top_k", "kind", "splits", "subtiles"),
+    [
+        (2, 5, 301, 8, 2, 64, "fp32", 4, "randn", 2, 1),
+        (1, 7, 299, 12, 3, 64, "fp16", 4, "int", None, 2),  # ties everywhere
+        (2, 3, 130, 6, 2, 128, "fp32", 5, "dup", 1, 1),
+    ],
+)
+def test_phase1_through_a_tensor_descriptor(b, tq, tk, hq, h, d, dtype, top_k, kind, splits, subtiles, device):
+    """Phase 1 with full key tiles loaded through a TMA descriptor of the key view (batch, split and
+    KV head coordinates; the masked tail through pointers) equals the reference."""
+    from reattention_kernels.triton_ops.topk import score_topk_fwd
+
+    torch.manual_seed(tk + b)
+    q = make_queries(b, tq, hq, d, DTYPES[dtype], device, kind)
+    k = make_keys(b, tk, h, d, DTYPES[dtype], device, kind, offset=8)  # a 16-byte aligned view
+    out = score_topk_fwd(q, k, top_k, splits=splits, two_phase=True, subtiles=subtiles, tma=True)
+    ref = score_topk_ref(q, k, top_k)
+    mismatch = (out != ref).any(-1)
+    assert not mismatch.any(), f"{int(mismatch.sum())} rows differ; first: {out[mismatch][0]} vs {ref[mismatch][0]}"
+
+
 def test_rescore_by_must_be_tiles_or_rows(device):
     from reattention_kernels.triton_ops.topk import score_topk_fwd
 
