@@ -59,6 +59,7 @@ def main() -> None:
     ap.add_argument("--shapes", nargs="+", default=["smollm2:256:16384", "smollm2:256:131072", "llama8b:512:32768",
                                                     "llama8b:512:131072"])  # fmt: skip
     ap.add_argument("--tile-rescore", nargs="*", default=["16x4"])
+    ap.add_argument("--subtiles", nargs="*", type=int, default=[], help="also phase 1 with these sub-tiles per tile")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
@@ -75,6 +76,7 @@ def main() -> None:
         q = torch.randn(1, tq, hq, d, device="cuda", dtype=torch.bfloat16, generator=gen)
         k = torch.randn(1, tk + 64, h, d, device="cuda", dtype=torch.bfloat16, generator=gen)[:, 8 : 8 + tk]
         variants = [("default", {}), ("default-no-tma", {"tma": False}), ("rows", {"rescore_by": "rows"})]
+        variants += [(f"default-subtiles-{n}", {"subtiles": n}) for n in args.subtiles]
         variants += [(f"tiles-{c}", {"tile_rescore": tuple(int(x) for x in c.split("x")), "rescore_by": "tiles"})
                      for c in args.tile_rescore]  # fmt: skip
         ref = None

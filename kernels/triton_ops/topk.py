@@ -627,11 +627,13 @@ def _rescore_config(br: int, bn: int, d: int) -> tuple[int, int, int, int]:
     return br, bn, min(d, 16), 4
 
 
-def _use_tma(k: torch.Tensor, bn: int) -> bool:
+def _use_tma(k: torch.Tensor, bm: int, subtiles: int) -> bool:
     """Phase 1 reads key tiles through a TMA descriptor on Hopper and later GPUs, where the key view
-    meets the descriptor's rules (16-byte aligned base and strides); 7-8% faster tile loops on an
-    H100 (benchmarks/probe_topk_tma.py). Not in the interpreter: the CPU tests force it."""
-    if interpreting() or k.device.type != "cuda" or TensorDescriptor is None:
+    meets the descriptor's rules (16-byte aligned base and strides), for whole tiles of up to 128
+    rows. H100 (benchmarks/probe_topk_phase2.py): phase 1 5.5% faster at the Llama-8B chunk (512 x
+    128K keys) and 1% for the embedded model's, but 16% slower with half tiles (512 x 32K) and 1%
+    with 256-row tiles (2048 x 128K). Not in the interpreter: the CPU tests force it."""
+    if interpreting() or k.device.type != "cuda" or TensorDescriptor is None or subtiles != 1 or bm > 128:
         return False
     if torch.cuda.get_device_capability(k.device)[0] < 9:
         return False
@@ -737,7 +739,7 @@ def score_topk_fwd(
     ieee = q.dtype == torch.float32
     args = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2))
     o_args = (out.stride(0), out.stride(1), out.stride(2))
-    tma = _use_tma(k, bn) if tma is None else tma
+    tma = _use_tma(k, bm, subtiles) if tma is None else tma
     k_desc = TensorDescriptor(k, list(k.shape), list(k.stride()), [1, bn, 1, d]) if tma and two_phase else k
     consts = {
         "H": h, "G": g, "D": d, "TOPK": top_k, "KP": kp, "BM": bm, "BN": bn, "IEEE": ieee, "SHIFT": shift is not None,
