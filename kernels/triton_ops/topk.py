@@ -607,12 +607,14 @@ _SUBTILE_MAX_KEYS = 32768
 
 
 def _subtiles(keys: int, bn: int) -> int:
-    """Phase 1's sub-tiles per tile by default (see `_tile_maxima`).
+    """Phase 1's sub-tiles per tile by default when phase 2 rescores by rows (see `_tile_maxima`).
 
     Two halve phase 2's reads (each row rescores its best half tiles) but make phase 1 about a third
     slower (the reshaped row maxima). Phase 2's cost does not grow with the keys and phase 1's does,
     so two pay only on short ranges (H100: 4-12% faster up to 32K keys, slower from 64K;
-    benchmarks/bench_topk_phases.py --subtiles, results/topk-subtiles-h100-83a1fcc.jsonl).
+    benchmarks/bench_topk_phases.py --subtiles, results/topk-subtiles-h100-83a1fcc.jsonl). By tiles,
+    phase 2 reads each distinct tile once, and one sub-tile was faster (Llama-8B chunk at 32K keys:
+    364 against 439 us; benchmarks/probe_topk_phase2.py --subtiles 1 2).
     """
     return 2 if keys <= _SUBTILE_MAX_KEYS and bn == 64 else 1
 
@@ -724,9 +726,10 @@ def score_topk_fwd(
     auto = two_phase is None
     two_phase = tq > 1 and (interpreting() or rows >= _TWO_PHASE_MIN_ROWS) if auto else two_phase
     bm, bn, warps, stages = config or _config(rows, q.dtype, two_phase)
-    subtiles = (_subtiles(tk_grid, bn) if two_phase else 1) if subtiles is None else subtiles
     if rescore_by is None:
-        rescore_by = _rescore_by(b * h * tq * g * top_k * (bn // subtiles) * d * q.element_size())
+        rescore_by = _rescore_by(b * h * tq * g * top_k * (bn // (subtiles or 1)) * d * q.element_size())
+    if subtiles is None:
+        subtiles = _subtiles(tk_grid, bn) if two_phase and rescore_by == "rows" else 1
     if rescore_by not in ("tiles", "rows"):
         raise ValueError(f"rescore_by must be 'tiles' or 'rows', got {rescore_by!r}")
     if subtiles not in (1, 2, 4) or bn % subtiles or (subtiles > 1 and not two_phase):
