@@ -27,6 +27,8 @@ from reattention_kernels.triton_ops.topk import score_topk_fwd
 SHAPES = {  # name: (TQ, HQ, H, D, keys)
     "llama8b-512x128K": (512, 32, 8, 128, 131072),
     "llama8b-512x32K": (512, 32, 8, 128, 32768),
+    "llama8b-2048x128K": (2048, 32, 8, 128, 131072),
+    "llama8b-1024x128K": (1024, 32, 8, 128, 131072),
     "smollm2-256x128K": (256, 9, 3, 64, 131072),
     "smollm2-256x1M": (256, 9, 3, 64, 1048576),
 }
