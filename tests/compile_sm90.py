@@ -78,7 +78,7 @@ def rescore_tiles(dtype: str, d: int, top_k: int, sub: int) -> ASTSource:
     ints = ("stride_qb", "stride_qt", "stride_qh", "stride_kb", "stride_kt", "stride_kh", "TK", "R", "NPAIR", "NT1")
     sig.update({name: "i32" for name in ints})
     consts = {
-        "H": 3, "G": 3, "D": d, "TOPK": top_k, "KP": triton.next_power_of_2(top_k), "W": topk._tile_rescore_config(64)[0],
+        "H": 3, "G": 3, "D": d, "TOPK": top_k, "KP": triton.next_power_of_2(top_k), "W": topk._tile_rescore_config()[0],
         "SUB": sub, "KB": max(sub, 16), "IEEE": dtype == "fp32", "SHIFT": True,
     }  # fmt: skip
     sig.update({name: "constexpr" for name in consts})
@@ -130,7 +130,7 @@ def main() -> int:
     ]
     sources += [(("tiles", 4), tiles(4), 4), (("place",), place(), 4)]
     sources += [
-        (("rescore_tiles", *v), rescore_tiles(*v), topk._tile_rescore_config(64)[1])
+        (("rescore_tiles", *v), rescore_tiles(*v), topk._tile_rescore_config()[1])
         for v in (("bf16", 64, 4, 32), ("bf16", 128, 8, 64), ("fp32", 64, 4, 32), ("bf16", 64, 4, 16))
     ]
     sources += [

@@ -659,12 +659,67 @@ def _rescore_by(gathered: int) -> str:
     return "tiles" if interpreting() or gathered >= _TILES_MIN_BYTES else "rows"
 
 
-def _tile_rescore_config(rows: int) -> tuple[int, int]:
+def _tile_rescore_config() -> tuple[int, int]:
     """Phase 2's (pairs per program, num_warps) when it rescores by tile: 16 pairs and 2 warps
     were the best or within 12% of it at the shapes of `_rescore_by` (benchmarks/probe_topk_phase2.py)."""
     if interpreting():
         return 16, 4
     return 16, 2
+
+
+def _rescore_by_tiles(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    ws_v: torch.Tensor,
+    ws_i: torch.Tensor,
+    out: torch.Tensor,
+    shift: torch.Tensor | None,
+    top_k: int,
+    tk: int,
+    sub: int,
+    br: int,
+    bc: int,
+    tile_rescore: tuple[int, int] | None,
+) -> None:
+    """Phase 2 by tile into ``out``, from phase 1's per-split tile sets ``ws_v, ws_i [B*H, R, NSPLIT,
+    top_k]`` over tiles of ``sub`` keys: pick each row's tiles, place the pairs by tile (a counting
+    sort), rescore, merge each row's tiles."""
+    b, tq, hq, d = q.shape
+    h = k.shape[2]
+    g, rows, kp = hq // h, tq * (hq // h), triton.next_power_of_2(top_k)
+    nt1 = triton.cdiv(k.shape[1], sub) + 1  # tiles, and one for "no tile"
+    # (row, tile) pairs as sort keys bh * nt1 + tile, each row's tiles ascending
+    key_dtype = torch.int32 if b * h * nt1 < 2**31 else torch.int64
+    keys = torch.empty((b * h, rows, top_k), device=q.device, dtype=key_dtype)
+    ranks = torch.empty((b * h, rows, top_k), device=q.device, dtype=torch.int32)
+    counts = torch.zeros(b * h * nt1, device=q.device, dtype=torch.int32)
+    score_topk_fwd_kernel_tiles[(triton.cdiv(rows, br), b * h)](
+        ws_v, ws_i, keys, counts, ranks, rows, ws_v.shape[2], nt1, TOPK=top_k, KP=kp, BR=br, BC=bc, num_warps=4
+    )
+    # a counting sort by key: pairs of one tile become neighbours, so a program of phase 2 loads
+    # each of its tiles once (the order among one tile's pairs does not matter)
+    npair = keys.numel()
+    sorted_keys = torch.empty(npair, device=q.device, dtype=key_dtype)
+    perm = torch.empty(npair, device=q.device, dtype=torch.int64)
+    bp = 1024
+    score_topk_fwd_kernel_place[(triton.cdiv(npair, bp),)](
+        keys, ranks, torch.cumsum(counts, 0, dtype=torch.int32), sorted_keys, perm, npair, BP=bp, num_warps=4
+    )
+    wp, twarps = tile_rescore or _tile_rescore_config()
+    # each pair's best keys of its tile, at [bh, r, the tile's rank among the row's tiles, :]
+    pv = torch.empty((b * h, rows, top_k, top_k), dtype=torch.float32, device=q.device)
+    pi = torch.empty((b * h, rows, top_k, top_k), dtype=torch.int32, device=q.device)
+    score_topk_fwd_kernel_rescore_tiles[(triton.cdiv(npair, wp),)](
+        q, k, sorted_keys, perm, pv, pi, out if shift is None else shift,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), tk, rows, npair, nt1,
+        H=h, G=g, D=d, TOPK=top_k, KP=kp, W=wp, SUB=sub, KB=max(sub, 16), IEEE=q.dtype == torch.float32,
+        SHIFT=shift is not None, num_warps=twarps,
+    )  # fmt: skip
+    # each row's top_k tiles are now top_k "splits" of top_k candidates, ascending: the split merge
+    score_topk_fwd_kernel_merge[(triton.cdiv(rows, br), b * h)](
+        pv, pi, out, out.stride(0), out.stride(1), out.stride(2), rows, top_k, H=h, G=g, TOPK=top_k, KP=kp, BR=br,
+        BC=triton.next_power_of_2(top_k * top_k), num_warps=4,
+    )  # fmt: skip
 
 
 def score_topk_fwd(
@@ -764,38 +819,7 @@ def score_topk_fwd(
     bc = min(32 if interpreting() else 256, triton.next_power_of_2(splits * top_k))
     br = min(16, triton.next_power_of_2(rows))
     if two_phase and rescore_by == "tiles":
-        sub = bn // subtiles  # phase 1 ranked sub-tiles of this many keys
-        nt1 = triton.cdiv(tk_grid, sub) + 1  # tiles, and one for "no tile"
-        # (row, tile) pairs as sort keys bh * nt1 + tile, each row's tiles ascending
-        key_dtype = torch.int32 if b * h * nt1 < 2**31 else torch.int64
-        keys = torch.empty((b * h, rows, top_k), device=q.device, dtype=key_dtype)
-        ranks = torch.empty((b * h, rows, top_k), device=q.device, dtype=torch.int32)
-        counts = torch.zeros(b * h * nt1, device=q.device, dtype=torch.int32)
-        score_topk_fwd_kernel_tiles[(triton.cdiv(rows, br), b * h)](
-            ws_v, ws_i, keys, counts, ranks, rows, splits, nt1, TOPK=top_k, KP=kp, BR=br, BC=bc, num_warps=4
-        )
-        # a counting sort by key: pairs of one tile become neighbours, so a program of phase 2 loads
-        # each of its tiles once (the order among one tile's pairs does not matter)
-        npair = keys.numel()
-        sorted_keys = torch.empty(npair, device=q.device, dtype=key_dtype)
-        perm = torch.empty(npair, device=q.device, dtype=torch.int64)
-        bp = 1024
-        score_topk_fwd_kernel_place[(triton.cdiv(npair, bp),)](
-            keys, ranks, torch.cumsum(counts, 0, dtype=torch.int32), sorted_keys, perm, npair, BP=bp, num_warps=4
-        )
-        wp, twarps = tile_rescore or _tile_rescore_config(rows)
-        ws_v = torch.empty((b * h, rows, top_k, top_k), dtype=torch.float32, device=q.device)
-        ws_i = torch.empty((b * h, rows, top_k, top_k), dtype=torch.int32, device=q.device)
-        score_topk_fwd_kernel_rescore_tiles[(triton.cdiv(npair, wp),)](
-            q, k, sorted_keys, perm, ws_v, ws_i, shift_arg, *args, tk, rows, npair, nt1,
-            H=h, G=g, D=d, TOPK=top_k, KP=kp, W=wp, SUB=sub, KB=max(sub, 16), IEEE=ieee, SHIFT=shift is not None,
-            num_warps=twarps,
-        )  # fmt: skip
-        # each row's TOPK tiles are now TOPK "splits" of TOPK candidates, ascending: the split merge
-        score_topk_fwd_kernel_merge[(triton.cdiv(rows, br), b * h)](
-            ws_v, ws_i, out, *o_args, rows, top_k, H=h, G=g, TOPK=top_k, KP=kp, BR=br,
-            BC=triton.next_power_of_2(top_k * top_k), num_warps=4,
-        )  # fmt: skip
+        _rescore_by_tiles(q, k, ws_v, ws_i, out, shift, top_k, tk, bn // subtiles, br, bc, tile_rescore)
         return out
     if two_phase:
         sub = bn // subtiles  # phase 1 ranked sub-tiles of this many keys
