@@ -192,6 +192,16 @@ def test_phase1_through_a_tensor_descriptor(b, tq, tk, hq, h, d, dtype, top_k, k
     assert not mismatch.any(), f"{int(mismatch.sum())} rows differ; first: {out[mismatch][0]} vs {ref[mismatch][0]}"
 
 
+def test_phase2_rescores_by_rows_for_small_chunks_and_by_tiles_for_large(monkeypatch):
+    """On a GPU the embedded model's chunks rescore by rows (faster there) and Llama-8B's by tile."""
+    from reattention_kernels.triton_ops import topk
+
+    monkeypatch.setattr(topk, "interpreting", lambda: False)  # the interpreter always takes tiles
+    # KV heads x rows x top-k x tile keys x head dim x bytes, as score_topk_fwd counts them
+    assert topk._rescore_by(3 * (256 * 3) * 4 * 64 * 64 * 2) == "rows"  # SmolLM2, 256-token chunk
+    assert topk._rescore_by(8 * (512 * 4) * 4 * 64 * 128 * 2) == "tiles"  # Llama-8B, 512-token chunk
+
+
 def test_rescore_by_must_be_tiles_or_rows(device):
     from reattention_kernels.triton_ops.topk import score_topk_fwd
 
