@@ -56,12 +56,12 @@ import triton
 import triton.language as tl
 
 from reattention_kernels.dispatch import interpreting
+from reattention_kernels.triton_ops.rows import group_rows, row_heads
 
 try:  # host-side tensor descriptors (TMA); Triton >= 3.4
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # pragma: no cover - older Triton: pointer loads only
     TensorDescriptor = None
-from reattention_kernels.triton_ops.rows import group_rows, row_heads
 
 # Splits cover a multiple of this many keys (a multiple of every BN).
 _SPLIT_ALIGN = 256
@@ -138,6 +138,14 @@ def _admit(
 
 
 @triton.jit
+def _qk(b_q, b_k, IEEE: tl.constexpr):
+    """``b_q [M, D] @ b_k [N, D]^T`` in fp32; exact fp32 products (no TF32) for fp32 inputs."""
+    if IEEE:
+        return tl.dot(b_q, tl.trans(b_k), input_precision="ieee")
+    return tl.dot(b_q, tl.trans(b_k))
+
+
+@triton.jit
 def _scores(b_q, p_k, n0, n_hi, o_c, MASK: tl.constexpr, IEEE: tl.constexpr):
     """Scores ``[BM, BN]`` of the queries ``b_q`` against the keys ``[n0, n0 + BN)``; -inf past ``n_hi``."""
     if MASK:
@@ -145,10 +153,7 @@ def _scores(b_q, p_k, n0, n_hi, o_c, MASK: tl.constexpr, IEEE: tl.constexpr):
         b_k = tl.load(p_k, mask=m_n[:, None], other=0.0)
     else:
         b_k = tl.load(p_k)
-    if IEEE:
-        b_s = tl.dot(b_q, tl.trans(b_k), input_precision="ieee")
-    else:
-        b_s = tl.dot(b_q, tl.trans(b_k))
+    b_s = _qk(b_q, b_k, IEEE)
     # [BM, BN]
     if MASK:
         b_s = tl.where(m_n[None, :], b_s, float("-inf"))
@@ -187,10 +192,8 @@ def _tile_maxima(b_q, p_k, n0, n_hi, o_c, b_v, b_i, b_kth, o_j, KP: tl.constexpr
     per-sub-tile maxima come from the same ``[BM, BN]`` scores, reshaped (no second dot)."""
     if b_k is None:
         b_s = _scores(b_q, p_k, n0, n_hi, o_c, MASK, IEEE)
-    elif IEEE:
-        b_s = tl.dot(b_q, tl.trans(b_k), input_precision="ieee")
     else:
-        b_s = tl.dot(b_q, tl.trans(b_k))
+        b_s = _qk(b_q, b_k, IEEE)
     SUB: tl.constexpr = BN // S
     i_t = n0 // SUB
     if S == 1:
@@ -550,12 +553,8 @@ def score_topk_fwd_kernel_rescore_tiles(
         # the next tile's load is issued before this tile's scores are used, to overlap its latency
         nxt = tl.min(tl.where(b_key > cur, b_key, 2**62))
         b_kn, n0n, m_nn = _pair_tile(k, nxt, o_c, o_d, TK, NT1, stride_kb, stride_kt, stride_kh, H, SUB)
-        if IEEE:
-            b_s = tl.dot(b_q, tl.trans(b_k), input_precision="ieee")
-        else:
-            b_s = tl.dot(b_q, tl.trans(b_k))
         # [W, KB]: only the pairs of this tile take its scores
-        b_s = tl.where((b_key == cur)[:, None] & m_n[None, :], b_s, float("-inf"))
+        b_s = tl.where((b_key == cur)[:, None] & m_n[None, :], _qk(b_q, b_k, IEEE), float("-inf"))
         b_v, b_i, b_kth = _admit(b_s, b_s, n0, b_v, b_i, b_kth, o_c, o_j, TOPK, KP, KB, False)
         cur, b_k, n0, m_n = nxt, b_kn, n0n, m_nn
     _store_sorted(b_v, b_i, o_j, ws_i + b_pi * TOPK, ws_v + b_pi * TOPK, m_p, TOPK, KP, True)
@@ -799,11 +798,12 @@ def score_topk_fwd(
     ieee = q.dtype == torch.float32
     args = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2))
     o_args = (out.stride(0), out.stride(1), out.stride(2))
-    tma = _use_tma(k, bm, subtiles) if tma is None else tma
-    k_desc = TensorDescriptor(k, list(k.shape), list(k.stride()), [1, bn, 1, d]) if tma and two_phase else k
+    # one pass (decode) never loads through a descriptor, so it skips the checks
+    tma = two_phase and (_use_tma(k, bm, subtiles) if tma is None else tma)
+    k_desc = TensorDescriptor(k, list(k.shape), list(k.stride()), [1, bn, 1, d]) if tma else k
     consts = {
         "H": h, "G": g, "D": d, "TOPK": top_k, "KP": kp, "BM": bm, "BN": bn, "IEEE": ieee, "SHIFT": shift is not None,
-        "TWO_PHASE": two_phase, "S": subtiles, "TMA": tma and two_phase, "num_warps": warps, "num_stages": stages,
+        "TWO_PHASE": two_phase, "S": subtiles, "TMA": tma, "num_warps": warps, "num_stages": stages,
     }  # fmt: skip
     if splits == 1 and not two_phase:
         score_topk_fwd_kernel_scan[(n_m, 1, b * h)](
