@@ -1,13 +1,14 @@
 """Where two-phase prefill scoring's time goes, kernel by kernel, for phase 2 by rows and by tiles (a design aid).
 
     python3 benchmarks/probe_topk_phase2.py [--shapes smollm2:256:16384 llama8b:512:131072 ...]
-                                            [--tile-rescore 16x4 ...] [--out FILE.jsonl]
+                                            [--tile-rescore 16x4 ...] [--subtiles 1 2] [--out FILE.jsonl]
 
-Runs ``score_topk_fwd`` (the package's two phases: as by default, by default without TMA loads in phase 1,
-``rescore_by="rows"`` and ``"tiles"`` with each ``--tile-rescore`` (pairs per program x warps)) under ``torch.profiler`` with the L2 flushed before every
-call, and prints each kernel's mean device time in microseconds per call: phase 1's scan, and phase 2's
-kernels (by rows one; by tiles the tile pick, the sort's kernels, the rescoring and the merge). i.i.d.
-keys and queries, bf16, top-4.
+Runs ``score_topk_fwd`` (the package's two phases: as by default; by default but without TMA loads in
+phase 1; ``rescore_by="rows"``; ``"tiles"`` with each ``--tile-rescore`` (pairs per program x warps); and
+by default with each ``--subtiles``) under ``torch.profiler`` with the L2 flushed before every call, and
+prints each kernel's mean device time in microseconds per call: phase 1's scan, and phase 2's kernels
+(by rows one; by tiles the tile pick with its counts, the prefix sum, the placing scatter, the
+rescoring and the merge). i.i.d. keys and queries, bf16, top-4.
 """
 
 from __future__ import annotations
