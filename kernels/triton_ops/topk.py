@@ -654,8 +654,12 @@ def _rescore_by(gathered: int) -> str:
     program instead, at a fixed cost of four more small kernels (H100, i.i.d. keys,
     benchmarks/probe_topk_phase2.py): by rows was faster up to 75 MB (the embedded model's chunks:
     28 against 33 us at 16K keys, 45 against 69 at 128K), by tile from 537 MB (Llama-8B's 512-token
-    chunk: 185 against 92 us at 32K keys, 350 against 208 at 128K; 2048 tokens: 1202 against 434)."""
-    return "tiles" if interpreting() or gathered >= _TILES_MIN_BYTES else "rows"
+    chunk: 185 against 92 us at 32K keys, 350 against 208 at 128K; 2048 tokens: 1202 against 434).
+
+    The interpreter follows the same rule, so its tiny shapes take rows, as a GPU's small chunks do
+    (by tile is several times slower there: it loops over each program's tiles in numpy); the
+    tests ask for tiles by name."""
+    return "tiles" if gathered >= _TILES_MIN_BYTES else "rows"
 
 
 def _tile_rescore_config() -> tuple[int, int]:

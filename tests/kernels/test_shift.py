@@ -16,9 +16,13 @@ def _shift(n: int, device: str) -> torch.Tensor:
     return torch.tensor([n], dtype=torch.int64, device=device)
 
 
-@pytest.mark.parametrize(("splits", "subtiles"), [(None, None), (1, None), (5, None), (1, 2), (5, 2)])
+@pytest.mark.parametrize(
+    ("splits", "subtiles", "rescore_by"),
+    [(None, None, None), (1, None, None), (5, None, None), (1, 2, None), (5, 2, None), (None, 1, "tiles"),
+     (5, 2, "tiles")],
+)  # fmt: skip
 @pytest.mark.parametrize("s", [0, 1, 37])
-def test_shifted_topk_scores_the_grown_middle_only(device, s, splits, subtiles):
+def test_shifted_topk_scores_the_grown_middle_only(device, s, splits, subtiles, rescore_by):
     g = torch.Generator().manual_seed(s)
     cap, length = 400, 200
     q = torch.randn(1, 2, 6, 64, generator=g).to(device)
@@ -28,8 +32,9 @@ def test_shifted_topk_scores_the_grown_middle_only(device, s, splits, subtiles):
     # sub-tiles need two phases, which a GPU takes by default only for more rows than these 12
     two_phase = True if subtiles else None
     got = score_topk_fwd(
-        q, k, 4, length=length, shift=_shift(s, device), splits=splits, subtiles=subtiles, two_phase=two_phase
-    )
+        q, k, 4, length=length, shift=_shift(s, device), splits=splits, subtiles=subtiles, two_phase=two_phase,
+        rescore_by=rescore_by,
+    )  # fmt: skip
     want = score_topk_ref(q, k[:, : length + s], 4)
     assert torch.equal(got, want)
     assert torch.equal(score_topk(q, k, 4, length=length, shift=_shift(s, device), backend="reference"), want)
