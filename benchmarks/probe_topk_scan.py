@@ -153,7 +153,9 @@ def main() -> None:
         q = torch.randn(1, tq, hq, d, device="cuda", dtype=torch.bfloat16, generator=gen)
         k = torch.randn(1, tk, h, d, device="cuda", dtype=torch.bfloat16, generator=gen)
         rows = tq * (hq // h)
-        configs = [tuple(int(x) for x in c.split("x")) for c in args.configs or []] or [T._config(rows, q.dtype, True)]
+        configs = [tuple(int(x) for x in c.split("x")) for c in args.configs or []] or [
+            T._config(rows, q.dtype, d, True)
+        ]
         for config in configs:
             probe(timer, args, model, q, k, config)
         del q, k

@@ -21,11 +21,14 @@ TARGET = GPUTarget("cuda", 90, 32)
 PTRS = ("q", "k", "o", "ws_v", "ws_i", "shift")
 
 
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
 def scan(
-    dtype: str, d: int, top_k: int, split: bool, two_phase: bool, subtiles: int = 1, tma: bool = False
+    dtype: str, d: int, top_k: int, split: bool, two_phase: bool, subtiles: int = 1, tma: bool = False, rows: int = 64
 ) -> ASTSource:
     fp = {"bf16": "*bf16", "fp32": "*fp32"}[dtype]
-    bm, bn, _, _ = topk._config(64, {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype], two_phase)
+    bm, bn, _, _ = topk._config(rows, DTYPES[dtype], d, two_phase)
     sig = {name: "*fp32" for name in PTRS}
     sig.update(q=fp, k=fp, o="*i64", ws_i="*i32", shift="*i64")
     # the descriptor argument: a tensor descriptor with TMA, else the key pointer again
@@ -48,7 +51,7 @@ def rescore(dtype: str, d: int, top_k: int) -> ASTSource:
     ints += ("stride_ob", "stride_ot", "stride_oh", "TK", "R", "NSPLIT")
     sig.update({name: "i32" for name in ints})
     # block shapes as `topk._config` and `topk._rescore_config` pick them
-    bn = topk._config(64, {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype], True)[1]
+    bn = topk._config(64, DTYPES[dtype], d, True)[1]
     br, sc, dc, _ = topk._rescore_config(16, bn, d)
     consts = {
         "H": 3, "G": 3, "D": d, "DC": dc, "TOPK": top_k, "KP": triton.next_power_of_2(top_k), "BR": br, "BC": 64,
@@ -119,11 +122,10 @@ def main() -> int:
         ("bf16", 64, 8, True, True, 4),
         ("bf16", 128, 4, True, True, 1, True),  # phase 1's key tiles through a TMA descriptor
         ("bf16", 64, 4, True, True, 2, True),
+        ("bf16", 64, 4, True, False, 1, False, 3),  # decode at head dim 64: 16 x 256 tiles
     ]
     # warps as `topk._config` picks them
-    sources = [
-        (v, scan(*v), topk._config(64, torch.bfloat16 if v[0] == "bf16" else torch.float32, v[4])[2]) for v in variants
-    ]
+    sources = [(v, scan(*v), topk._config(v[7] if len(v) > 7 else 64, DTYPES[v[0]], v[1], v[4])[2]) for v in variants]
     sources += [
         (("rescore", *v), rescore(*v), topk._rescore_config(16, 64, v[1])[3])
         for v in (("bf16", 64, 4), ("bf16", 128, 8), ("fp32", 64, 4))

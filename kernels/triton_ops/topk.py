@@ -585,8 +585,8 @@ def _key_splits(tk_grid: int, programs: int, device: torch.device, splits: int |
     return triton.cdiv(tk_grid, keys_per_split), keys_per_split
 
 
-def _config(rows: int, dtype: torch.dtype, two_phase: bool = False) -> tuple[int, int, int, int]:
-    """(BM, BN, num_warps, num_stages): rows of the GQA group per program, keys per tile.
+def _config(rows: int, dtype: torch.dtype, d: int, two_phase: bool = False) -> tuple[int, int, int, int]:
+    """(BM, BN, num_warps, num_stages): rows of the GQA group per program, keys per tile, for head dim ``d``.
 
     Measured on an H100: in one pass (benchmarks/bench_kernels.py --sweep) 64 x 128 tiles with 4
     warps beat 128-row tiles, whose extraction steps are taken whenever any of their rows improves;
@@ -600,7 +600,11 @@ def _config(rows: int, dtype: torch.dtype, two_phase: bool = False) -> tuple[int
         return min(64, max(16, triton.next_power_of_2(rows))), 32, 4, 2
     if two_phase:
         return (256 if rows >= 4096 else min(128, max(16, triton.next_power_of_2(rows)))), 64, 8, 3
-    return min(64, max(16, triton.next_power_of_2(rows))), 128, 4, 3
+    bm = min(64, max(16, triton.next_power_of_2(rows)))
+    # decode at head dim 64: 256-key tiles keep a tile's bytes (32 KB) in flight per step, as 128 keys do at
+    # head dim 128; a step costs about the same either way (H200, the embedded model at 1M keys: 0.115 against
+    # 0.132 ms per layer; 128K: 0.033 against 0.037; benchmarks/probe_decode_tiles.py)
+    return bm, (256 if d <= 64 and bm == 16 else 128), 4, 3
 
 
 # Up to this many keys, phase 1 ranks two sub-tiles per tile by default.
@@ -785,7 +789,7 @@ def score_topk_fwd(
     rows = tq * g
     auto = two_phase is None
     two_phase = tq > 1 and (interpreting() or rows >= _TWO_PHASE_MIN_ROWS) if auto else two_phase
-    bm, bn, warps, stages = config or _config(rows, q.dtype, two_phase)
+    bm, bn, warps, stages = config or _config(rows, q.dtype, d, two_phase)
     if rescore_by is None:
         rescore_by = _rescore_by(b * h * tq * g * top_k * (bn // (subtiles or 1)) * d * q.element_size())
     if subtiles is None:

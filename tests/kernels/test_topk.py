@@ -201,6 +201,19 @@ def test_phase2_rescores_by_rows_for_small_chunks_and_by_tiles_for_large():
     assert topk._rescore_by(8 * (512 * 4) * 4 * 64 * 128 * 2) == "tiles"  # Llama-8B, 512-token chunk
 
 
+def test_decode_tiles_hold_256_keys_at_head_dim_64(monkeypatch):
+    """On a GPU, one pass over a decode step's few rows takes 256-key tiles at head dim 64 (a tile's bytes
+    as at head dim 128, faster on an H200) and 128-key tiles otherwise."""
+    from reattention_kernels.triton_ops import topk
+
+    monkeypatch.setattr(topk, "interpreting", lambda: False)
+    assert topk._config(3, torch.bfloat16, 64) == (16, 256, 4, 3)  # the embedded model's decode step
+    assert topk._config(4, torch.bfloat16, 128) == (16, 128, 4, 3)  # Llama-8B's
+    assert topk._config(24, torch.float16, 64)[:2] == (32, 128)  # more rows: 128 keys
+    assert topk._config(3, torch.float32, 64)[1] == 32
+    assert topk._config(3, torch.bfloat16, 64, two_phase=True)[1] == 64
+
+
 def test_rescore_by_must_be_tiles_or_rows(device):
     from reattention_kernels.triton_ops.topk import score_topk_fwd
 
@@ -254,6 +267,7 @@ GPU_CASES = [
     (1, 64, 131072, 9, 3, 64, "bf16", 8, "int"),
     (2, 33, 131072, 32, 8, 128, "bf16", 8, "randn"),
     (1, 1, 1000003, 32, 8, 128, "fp16", 8, "dup"),
+    (1, 1, 1000003, 9, 3, 64, "bf16", 4, "dup"),  # the embedded model's decode step: 256-key tiles, a masked tail
     (1, 256, 1048576, 9, 3, 64, "bf16", 4, "randn"),  # the embedded model's prefill chunk at 1M
     (1, 1024, 65536, 32, 8, 128, "bf16", 8, "int"),  # 4096 rows per KV head: 256-row tiles, ties everywhere
     (1, 512, 32768, 32, 8, 128, "bf16", 8, "int"),  # up to 32K keys phase 1 ranks half tiles, ties everywhere
