@@ -239,7 +239,8 @@ class ReAttentionEngine:
                     "this package never downloads weights at run time unless transformers can."
                 ) from exc
             check_model_type(getattr(hf_config, "model_type", None))
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+            # the config just read: transformers would parse a GGUF file's metadata once more for it
+            model = AutoModelForCausalLM.from_pretrained(source, config=hf_config, dtype=dtype, **kwargs)
             tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
             if gguf_path is not None:
                 model_cache.save(model, tokenizer, gguf_path, dtype)

@@ -1,8 +1,8 @@
 """Converted GGUF checkpoints on disk, so that a GGUF model loads in a second instead of twenty.
 
 transformers reads a GGUF file by parsing its metadata and de-quantizing every tensor at every load,
-and `ReAttentionEngine.from_pretrained` parses it four times (config, model config, tensors,
-tokenizer): about 20 s for the embedded SmolLM2-135M on two CPU cores. The first load therefore
+and `ReAttentionEngine.from_pretrained` parses it three times (config, tensors, tokenizer): 20-30 s
+for the embedded SmolLM2-135M on two CPU cores. The first load therefore
 writes what it produced, the de-quantized weights in the load's dtype with the config and the
 tokenizer, to a folder of its own; later loads read that folder (about 0.3 s). The weights are the
 very tensors the GGUF load gave (safetensors, no re-quantization), so the model computes the same

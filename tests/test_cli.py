@@ -139,6 +139,7 @@ def shared_engine(embedded_engine, monkeypatch):
     return embedded_engine
 
 
+@pytest.mark.slow
 def test_ask_answers_from_the_corpus_and_reuses_it(tmp_path, capsys, shared_engine):
     # The README's main job: the default sample corpus (~7.8K tokens; the answer is ~7K tokens back).
     write_sample_corpus(tmp_path / "docs")

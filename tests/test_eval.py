@@ -483,6 +483,7 @@ def test_cli_parsing_and_report(tmp_path, tiny_engine, capsys):
 # -- one real cell -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_embedded_model_finds_a_2k_pass_key_under_reattention(embedded_engine, tmp_path):
     grid = NeedleGrid(tasks=("passkey",), lengths=(2048,), depths=(0.25,), modes=("reattention",), haystack="filler")
     report = run_grid(embedded_engine, grid, ResultsFile(tmp_path / "r.jsonl"), progress=False)

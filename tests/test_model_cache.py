@@ -128,6 +128,7 @@ def test_an_unwritable_cache_warns_and_returns_none(
 # -- the embedded model, end to end ------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_the_embedded_model_loads_from_its_conversion_with_identical_results(
     cache_root: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -223,6 +223,7 @@ def test_embedded_model_chat_context_is_a_stable_prefix(embedded_engine):
         assert ids[: len(prefix)] == prefix  # the corpus tokens exactly as a question's prompt has them
 
 
+@pytest.mark.slow
 def test_embedded_model_warm_answer_is_identical_to_cold(embedded_engine, monkeypatch, tmp_path):
     spy = LogitsSpy(monkeypatch)
     e = embedded_engine
