@@ -46,6 +46,30 @@ def test_built_wheel_installs_reattention_kernels_and_no_kernels_package(tmp_pat
     assert kernels_origin == "None" or not Path(kernels_origin).is_relative_to(target)
 
 
+def test_a_checkout_on_sys_path_never_imports_the_folder_as_kernels(tmp_path):
+    """With a checkout's root on ``sys.path`` (``python -m pytest`` puts it there), ``import kernels`` gives
+    Hugging Face's package where one is installed (transformers 5.25 requires it), submodules included, and
+    otherwise fails as if the folder were not there. ``-S``: no site-packages, so no real hub package."""
+    hub = tmp_path / "hub" / "kernels"
+    hub.mkdir(parents=True)
+    (hub / "__init__.py").write_text("WHO = 'hub'\n")
+    (hub / "layer.py").write_text("WHO = 'hub.layer'\n")
+
+    def probe(code: str, *path: Path) -> subprocess.CompletedProcess:
+        head = f"import sys; sys.path[:0] = {[str(p) for p in path]!r}; "
+        cmd = [sys.executable, "-S", "-c", head + code]
+        return subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, check=False)
+
+    found = probe("import kernels, kernels.layer; print(kernels.WHO, kernels.layer.WHO, kernels.__file__)", ROOT,
+                  hub.parent)  # fmt: skip
+    assert found.returncode == 0, found.stderr
+    who, layer, origin = found.stdout.split()
+    assert (who, layer) == ("hub", "hub.layer") and Path(origin).is_relative_to(hub)
+    missing = probe("import kernels", ROOT)
+    assert missing.returncode != 0 and "ModuleNotFoundError: No module named 'kernels'" in missing.stderr
+    assert "reattention_kernels" in missing.stderr
+
+
 def test_importing_the_engine_and_adapters_imports_neither_dynamo_nor_triton():
     """``torch._dynamo`` (which imports triton) loads only when compiled layers are used: triton read at import would
     fix ``TRITON_INTERPRET`` before the kernel tests set it, and costs every process start-up time."""

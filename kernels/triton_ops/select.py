@@ -32,8 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
-from reattention_kernels import _SELECT_MAX_TILE as MAX_TILE  # larger [K, block] tiles use the reference
 from reattention_kernels.dispatch import interpreting
+from reattention_kernels.ops import _SELECT_MAX_TILE as MAX_TILE  # larger [K, block] tiles use the reference
 
 # Most hits per program of the counting kernel and per tile of the top-key kernel.
 _BLOCK = 1024
