@@ -13,7 +13,10 @@ The folder is deliberately not importable as ``kernels``: that name belongs to H
 kernel-hub package, which transformers requires (from 5.25) and imports. An installed reattention maps
 the folder to ``reattention_kernels``; in a checkout whose root is on ``sys.path`` (``python -m pytest``,
 a script run from the root) Python would still find the folder as ``kernels``, so this file then hands
-that name to the hub package, or fails as if the folder were not there.
+that name to the hub package or, where none is installed, to an empty module with no file and no version:
+what transformers takes for a stray namespace folder, not an installed package (it imports whatever
+``find_spec("kernels")`` finds to read a version, and an import error there would break ``import
+transformers``).
 """
 
 from __future__ import annotations
@@ -23,20 +26,21 @@ if __name__ == "kernels":
     import importlib.util
     import os
     import sys
+    import types
 
     _checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     _path = [p for p in sys.path if os.path.abspath(p or os.curdir) != _checkout]
     _spec = importlib.machinery.PathFinder.find_spec("kernels", _path)
-    if _spec is None or _spec.loader is None:
-        raise ModuleNotFoundError(
-            "No module named 'kernels' (the folder kernels/ of this reattention checkout is the package "
-            "reattention_kernels, not Hugging Face's kernels)",
-            name="kernels",
-        )
     # the import system returns what sys.modules holds for the name once this file has run
-    _hub = importlib.util.module_from_spec(_spec)
-    sys.modules["kernels"] = _hub
-    _spec.loader.exec_module(_hub)
+    if _spec is None or _spec.loader is None:
+        sys.modules["kernels"] = types.ModuleType(
+            "kernels", "Not Hugging Face's kernels (not installed): the folder kernels/ of a reattention checkout "
+            "is the package reattention_kernels."
+        )
+    else:
+        _hub = importlib.util.module_from_spec(_spec)
+        sys.modules["kernels"] = _hub
+        _spec.loader.exec_module(_hub)
 else:
     from reattention_kernels.dispatch import resolve_backend
     from reattention_kernels.ops import (
