@@ -33,6 +33,7 @@ import torch
 
 from reattention_core.attention import plan_scope, shiftable
 from reattention_core.config import ReAttentionConfig
+from reattention_core.hf._compat import cache_argument
 from reattention_core.store import KVStore
 
 ENV_VAR = "REATTENTION_CUDA_GRAPHS"
@@ -125,7 +126,7 @@ class StepGraph:
         self.replays = 0
 
     def _forward(self, ids: torch.Tensor) -> torch.Tensor:
-        out = self.model(input_ids=ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        out = self.model(input_ids=ids, **cache_argument(self.model, self.cache), use_cache=True, logits_to_keep=1)
         return out.logits[:, -1].float()
 
     def step_token(self, token: int) -> torch.Tensor:

@@ -37,6 +37,7 @@ from reattention_core.errors import (
 from reattention_core.fingerprint import EngineFingerprint
 from reattention_core.generation import GenerationResult, Request, TextStream
 from reattention_core.hf import ReAttentionCache, enable_reattention
+from reattention_core.hf._compat import cache_argument
 from reattention_core.hf.architectures import check_model, check_model_type, pretraining_window
 from reattention_core.hf.compiled import FINGERPRINT as COMPILED_FINGERPRINT
 from reattention_core.hf.compiled import compiled_layers
@@ -650,7 +651,8 @@ class ReAttentionEngine:
         """fp32 logits ``[1, V]`` after feeding one token (through ``graph`` when given)."""
         if graph is not None:
             return graph.step_token(token)
-        out = self.model(input_ids=torch.tensor([[token]], device=self.device), past_key_values=cache, use_cache=True)
+        ids = torch.tensor([[token]], device=self.device)
+        out = self.model(input_ids=ids, **cache_argument(self.model, cache), use_cache=True)
         return out.logits[:, -1].float()
 
     def _decode_graph(

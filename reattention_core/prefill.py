@@ -17,6 +17,8 @@ from collections.abc import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from reattention_core.hf._compat import cache_argument
+
 # Below this many chunks a progress bar is noise.
 _PROGRESS_MIN_CHUNKS = 8
 
@@ -91,12 +93,13 @@ def run_prefill(
     chunks = [(s, e) for s, e in plan if s >= start]
     show = len(chunks) >= _PROGRESS_MIN_CHUNKS if progress is None else progress
     logits = None
+    kw = cache_argument(model, cache)
     with tqdm(total=n, initial=start, desc=desc, unit="tok", disable=not show, leave=False) as bar:
         for s, e in chunks:
             if graph is not None:
                 logits = graph.step(input_ids[:, s:e])  # type: ignore[attr-defined]
             else:
-                out = model(input_ids=input_ids[:, s:e], past_key_values=cache, use_cache=True, logits_to_keep=1)
+                out = model(input_ids=input_ids[:, s:e], **kw, use_cache=True, logits_to_keep=1)
                 logits = out.logits[:, -1]
             if on_chunk is not None:
                 on_chunk(e)

@@ -196,3 +196,28 @@ def test_warmup_runs_selection_for_every_query_shape_and_leaves_no_state(byte_to
     assert 8 in shapes and any(1 < t < 8 for t in shapes) and shapes.count(1) == 3 * layers
     assert engine.cache_info().memory == info_before.memory, "warm-up must bypass the prefix cache"
     assert engine.generate("warm " * 12, max_new_tokens=5).token_ids == before
+
+
+def test_the_cache_reaches_the_forward_under_the_name_it_takes():
+    from reattention_core.hf._compat import cache_argument
+
+    class Older(torch.nn.Module):
+        def forward(self, input_ids=None, past_key_values=None, use_cache=None): ...
+
+    class Newer(torch.nn.Module):
+        def forward(self, input_ids=None, cache=None, use_cache=None): ...
+
+    store = object()
+    assert cache_argument(Older(), store) == {"past_key_values": store}
+    assert cache_argument(Newer(), store) == {"cache": store}
+
+
+def test_generation_uses_no_deprecated_cache_argument(byte_tokenizer, recwarn, caplog):
+    """transformers 5.24 and later warn on ``past_key_values=`` (removed in 5.40); the engine passes what
+    the model's forward takes, so prefill and decode warn about neither name."""
+    cfg = ReAttentionConfig(sink_size=4, block_size=4, top_k=1, max_blocks=2, local_window=32, prefill_chunk_size=16)
+    engine = ReAttentionEngine(tiny_model("llama"), byte_tokenizer, cfg, cache=False)
+    with caplog.at_level("WARNING"):
+        assert engine.generate("x" * 60, max_new_tokens=3).completion_tokens == 3
+    said = [str(w.message) for w in recwarn] + [r.getMessage() for r in caplog.records]
+    assert not [m for m in said if "past_key_values" in m], said

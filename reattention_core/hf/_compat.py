@@ -1,6 +1,6 @@
 """Every place that depends on the transformers version lives here, and only here.
 
-Supported: transformers 5.x (tested on 5.17 and 5.23). The extension points used are public:
+Supported: transformers 5.x (tested on 5.17 and 5.23-5.25). The extension points used are public:
 `AttentionInterface.register`, `PreTrainedModel.set_attn_implementation`, `Cache` built from a list
 of `CacheLayerMixin` layers, and forward hooks. The one torch setting that has no public switch
 (`dynamo_layer_settings`) lives here too.
@@ -8,8 +8,11 @@ of `CacheLayerMixin` layers, and forward hooks. The one torch setting that has n
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from typing import Any
 
 import torch
 import transformers
@@ -56,6 +59,18 @@ def cache_classes() -> tuple[type, type]:
     from transformers.cache_utils import Cache, CacheLayerMixin
 
     return Cache, CacheLayerMixin
+
+
+@functools.cache
+def _cache_argument(model_class: type) -> str:
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
+def cache_argument(model: torch.nn.Module, cache: object) -> dict[str, Any]:
+    """The keyword argument that hands ``cache`` to ``model``'s forward: ``cache=`` where the forward takes it
+    (transformers 5.24 and later, where ``past_key_values=`` is deprecated, to be removed in 5.40), else
+    ``past_key_values=``."""
+    return {_cache_argument(type(model)): cache}
 
 
 def dynamo_layer_settings() -> AbstractContextManager:
