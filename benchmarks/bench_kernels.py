@@ -141,6 +141,11 @@ class Timer:
             out["host_us"] = round(self.host_us(fn), 1)
         return out
 
+    def copy_gbs(self) -> float:
+        """GB/s (bytes read + written) of a 1 GiB device-to-device copy: the bandwidth rows' roofline."""
+        src = self.torch.empty(1 << 30, dtype=self.torch.uint8, device="cuda")
+        return 2 * src.numel() / self.eager_ms(partial(self.torch.empty_like(src).copy_, src)) / 1e6
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -186,11 +191,10 @@ def main() -> None:
             f.write(json.dumps(row) + "\n")
 
     timer = Timer(torch)
-    src = torch.empty(1 << 30, dtype=torch.uint8, device=dev)
-    copy_gbs = 2 * src.numel() / timer.eager_ms(partial(torch.empty_like(src).copy_, src)) / 1e6
+    copy_gbs = timer.copy_gbs()
     mat = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
     mm_tflops = 2 * 8192**3 / timer.eager_ms(partial(torch.matmul, mat, mat.T.contiguous())) / 1e9
-    del src, mat
+    del mat
     nominal = next((v for k, v in HBM_NOMINAL.items() if k in name), float("nan"))
     emit(kind="roofline", copy_gbs=round(copy_gbs, 1), hbm_nominal_gbs=nominal, bf16_matmul_tflops=round(mm_tflops, 1))
 

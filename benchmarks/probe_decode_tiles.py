@@ -50,9 +50,7 @@ def main() -> None:
     args = ap.parse_args()
     out = None if args.out is None else Path(args.out)
     timer = Timer(torch)
-    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    copy_gbs = 2 * src.numel() / timer.eager_ms(partial(torch.empty_like(src).copy_, src)) / 1e6
-    del src
+    copy_gbs = timer.copy_gbs()  # as bench_kernels.py measures it
     gen = torch.Generator(device="cuda").manual_seed(0)
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
             "python": platform.python_version(), "commit": git_rev(), "copy_gbps": round(copy_gbs, 1)}  # fmt: skip
