@@ -26,9 +26,10 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 def scan(
     dtype: str, d: int, top_k: int, split: bool, two_phase: bool, subtiles: int = 1, tma: bool = False, rows: int = 64
-) -> ASTSource:
+) -> tuple[ASTSource, int]:
+    """The scan kernel's source and its num_warps, both as `topk._config` picks them for ``rows``."""
     fp = {"bf16": "*bf16", "fp32": "*fp32"}[dtype]
-    bm, bn, _, _ = topk._config(rows, DTYPES[dtype], d, two_phase)
+    bm, bn, warps, _ = topk._config(rows, DTYPES[dtype], d, two_phase)
     sig = {name: "*fp32" for name in PTRS}
     sig.update(q=fp, k=fp, o="*i64", ws_i="*i32", shift="*i64")
     # the descriptor argument: a tensor descriptor with TMA, else the key pointer again
@@ -41,7 +42,7 @@ def scan(
         "SPLIT": split, "IEEE": dtype == "fp32", "SHIFT": True, "TWO_PHASE": two_phase, "S": subtiles, "TMA": tma,
     }  # fmt: skip
     sig.update({name: "constexpr" for name in consts})
-    return ASTSource(fn=topk.score_topk_fwd_kernel_scan, signature=sig, constexprs=consts)
+    return ASTSource(fn=topk.score_topk_fwd_kernel_scan, signature=sig, constexprs=consts), warps
 
 
 def rescore(dtype: str, d: int, top_k: int) -> ASTSource:
@@ -124,8 +125,7 @@ def main() -> int:
         ("bf16", 64, 4, True, True, 2, True),
         ("bf16", 64, 4, True, False, 1, False, 3),  # decode at head dim 64: 16 x 256 tiles
     ]
-    # warps as `topk._config` picks them
-    sources = [(v, scan(*v), topk._config(v[7] if len(v) > 7 else 64, DTYPES[v[0]], v[1], v[4])[2]) for v in variants]
+    sources = [(v, *scan(*v)) for v in variants]
     sources += [
         (("rescore", *v), rescore(*v), topk._rescore_config(16, 64, v[1])[3])
         for v in (("bf16", 64, 4), ("bf16", 128, 8), ("fp32", 64, 4))
