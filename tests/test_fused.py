@@ -9,9 +9,10 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from reattention_core.hf import fused as fused_module
 from reattention_core.hf.architectures import decoder_layers
 from reattention_core.hf.compiled import compiled_layers
-from reattention_core.hf.fused import GROUPS, fused_projections
+from reattention_core.hf.fused import GROUPS, SINGLES, fused_projections
 from tests.helpers import random_ids, tiny_model
 
 _GEMMS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
@@ -33,8 +34,8 @@ def _gemms(model: nn.Module, ids: torch.Tensor) -> tuple[int, torch.Tensor]:
     return counter.count, logits
 
 
-def _projections(model: nn.Module) -> list[nn.Module]:
-    return [getattr(getattr(layer, p), n) for layer in decoder_layers(model) for p, names in GROUPS for n in names]
+def _projections(model: nn.Module, groups=GROUPS) -> list[nn.Module]:
+    return [getattr(getattr(layer, p), n) for layer in decoder_layers(model) for p, names in groups for n in names]
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mistral"])  # qwen2: q/k/v biases
@@ -59,6 +60,31 @@ def test_fused_groups_run_one_gemm_each_give_the_same_logits_and_are_undone(arch
     assert all(torch.equal(m.weight, v) for m, v in zip(after, values))
     assert [n for n, _ in model.named_parameters()] == names
     assert _gemms(model, ids)[0] == plain
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_one_row_products_become_reductions_up_to_the_size_limit(arch: str, monkeypatch) -> None:
+    model = tiny_model(arch)
+    layers = len(decoder_layers(model))
+    one, many = random_ids(1), random_ids(12)
+    everything = GROUPS + SINGLES
+    before = _projections(model, everything)
+    plain_one, want_one = _gemms(model, one)
+    plain_many, want_many = _gemms(model, many)
+    assert plain_one == plain_many == 7 * layers + 1  # the projections and the LM head
+    with fused_projections(model, row_reductions=True) as groups:
+        assert groups == 4 * layers  # two fused groups and two wrapped projections per layer
+        n_one, got_one = _gemms(model, one)
+        n_many, got_many = _gemms(model, many)
+        monkeypatch.setattr(fused_module, "ROW_REDUCTION_MAX_ELEMENTS", 0)  # every weight is over it
+        n_over, got_over = _gemms(model, one)
+    assert n_one == 1  # only the LM head, outside the decoder layers, is still a GEMM
+    assert n_many == 4 * layers + 1 and n_over == 4 * layers + 1
+    for got, want in ((got_one, want_one), (got_many, want_many), (got_over, want_one)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    after = _projections(model, everything)
+    assert all(a is b and type(a) is nn.Linear for a, b in zip(after, before))
+    assert len({m.weight.untyped_storage().data_ptr() for m in after}) == len(after)
 
 
 def test_a_part_called_on_another_input_computes_its_own_product() -> None:
@@ -94,12 +120,18 @@ def test_compiled_layers_run_the_fused_gemms() -> None:
     from torch._inductor.utils import run_and_get_code
 
     model = tiny_model("llama")
-    ids = random_ids(16)
+    ids, token = random_ids(16), random_ids(1)
     with torch.no_grad():
-        want = model(ids).logits
+        want, want_token = model(ids).logits, model(token).logits
         with compiled_layers(model):
             got, codes = run_and_get_code(model, ids)
-    calls = sum(len(re.findall(r"extern_kernels\.(?:mm|addmm|bmm)\(", code)) for code in codes)
-    assert calls == 4  # one graph serves every layer: q/k/v, o, gate/up, down
+            got_token, token_codes = run_and_get_code(model, token)
+
+    def calls(codes: list[str]) -> int:
+        return sum(len(re.findall(r"extern_kernels\.(?:mm|addmm|bmm)\(", code)) for code in codes)
+
+    assert calls(codes) == 4  # one graph serves every layer: q/k/v, o, gate/up, down
+    assert calls(token_codes) == 0 and token_codes  # one row: the four products are reductions
     torch.testing.assert_close(got.logits, want, rtol=1e-4, atol=1e-4)
-    assert all(type(m) is nn.Linear for m in _projections(model))
+    torch.testing.assert_close(got_token.logits, want_token, rtol=1e-4, atol=1e-4)
+    assert all(type(m) is nn.Linear for m in _projections(model, GROUPS + SINGLES))

@@ -13,7 +13,8 @@ run as they do eagerly (their Triton kernels, CUDA-graph shifts and offload hand
 One compiled graph serves all layers (their ``layer_idx`` is left unspecialised), for each step
 shape: a prefill chunk, a decode step, and one dynamic shape for a prompt's shorter chunks.
 Inside the block each layer's q/k/v and gate/up projections also run as one GEMM per group
-(`reattention_core.hf.fused`): seven GEMMs per layer become four.
+(`reattention_core.hf.fused`): seven GEMMs per layer become four; with one row (a decode step) and
+small weights, each is a fused reduction kernel instead of a GEMM.
 
 Inside the context manager every decoder layer's ``forward`` (and the final norm's) is an instance
 attribute wrapping `torch.compile`; on exit the attributes are deleted, so the model is exactly what
@@ -36,8 +37,9 @@ from reattention_core.hf.fused import fused_projections
 
 COMPILER = "inductor"
 # The prefix-cache fingerprint component of compiled layers: pages made by another compiled
-# computation (before the projections were fused: "inductor") are not reused.
-FINGERPRINT = "inductor+fused-projections"
+# computation (before the projections were fused: "inductor"; before one-row products became
+# reductions: "inductor+fused-projections") are not reused.
+FINGERPRINT = "inductor+fused-projections+row-reductions"
 
 
 @contextmanager
@@ -53,7 +55,7 @@ def compiled_layers(model: torch.nn.Module, enabled: bool = True) -> Iterator[No
     modules = [*decoder_layers(model), final_norm(model)]
     with ExitStack() as stack:
         stack.enter_context(_compat.dynamo_layer_settings())
-        stack.enter_context(fused_projections(model))
+        stack.enter_context(fused_projections(model, row_reductions=True))
         for module in modules:
             if "forward" in vars(module):  # already compiled by an enclosing block (or patched by someone else)
                 continue

@@ -14,6 +14,18 @@ them into one GEMM per group (seven become four), without touching the modeling 
   computes its own product (so a model that calls them differently stays correct, only slower);
 * on exit the original modules are put back, and their weights get storage of their own again.
 
+**One-row products as reductions** (``row_reductions=True``, which compiled layers ask for). A decode
+step multiplies one row by each matrix, and cuBLAS takes 3.7-4 us per such GEMM at the embedded model's
+sizes where reading the weights takes under 1 us. Written as a multiply and a sum in fp32,
+``(x * W).sum(-1)``, the product is a row reduction that Inductor compiles into one Triton kernel and
+fuses with the elementwise ops around it (the residual add after ``o_proj`` and ``down_proj``, the
+activation after ``gate_up``). So with it ``o_proj`` and ``down_proj`` are wrapped too, as groups of
+one, and every one-row product with a weight of at most `ROW_REDUCTION_MAX_ELEMENTS` takes that form;
+other shapes keep ``F.linear``. On an H200 the four projections of a layer went from 21.2 to 11.9 us
+per decode step at the embedded model's sizes, and from 126 to 175 us (slower) at Llama-3.1-8B's,
+hence the size limit (`benchmarks/probe_decode_gemv.py`). Eagerly the form would materialise the
+``[N, K]`` product, so only compiled layers use it.
+
 Only plain ``nn.Linear`` groups on one device and dtype, all with a bias or none, and without hooks,
 are fused; anything else (quantised or adapter-wrapped layers, accelerate's offload hooks) is left
 as it is. The fused product equals the separate ones up to how the GEMM library blocks its sums, so
@@ -37,16 +49,36 @@ GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("self_attn", ("q_proj", "k_proj", "v_proj")),
     ("mlp", ("gate_proj", "up_proj")),
 )
+# The other projections, wrapped as groups of one for their one-row products (``row_reductions``).
+SINGLES: tuple[tuple[str, tuple[str, ...]], ...] = (("self_attn", ("o_proj",)), ("mlp", ("down_proj",)))
+# Largest weight (elements) whose one-row product is a reduction: the embedded model's largest is 1.8M
+# (gate/up, 3072 x 576), faster as a reduction; Llama-3.1-8B's smallest, 16.8M (o_proj), was slower
+# (H200, benchmarks/probe_decode_gemv.py). Nothing in between was measured.
+ROW_REDUCTION_MAX_ELEMENTS = 1 << 22
+
+
+def _product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, row_reductions: bool) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``; with ``row_reductions``, a one-row ``x`` and a small enough
+    weight, the same product as a multiply and an fp32 sum (see the module doc)."""
+    if row_reductions and x.shape[:-1].numel() == 1 and weight.numel() <= ROW_REDUCTION_MAX_ELEMENTS:
+        y = (x.unsqueeze(-2).float() * weight.float()).sum(-1)
+        if bias is not None:
+            y = y + bias.float()
+        return y.to(x.dtype)
+    return F.linear(x, weight, bias)
 
 
 class _Fused(nn.Module):
     """The concatenated weight (and bias) of one group, and the slices of the last fused product."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, sections: list[int]) -> None:
+    def __init__(
+        self, weight: torch.Tensor, bias: torch.Tensor | None, sections: list[int], row_reductions: bool
+    ) -> None:
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.sections = sections
+        self.row_reductions = row_reductions
         # (input, slices) of the last fused product, until the group's last part has taken its slice
         self.pending: tuple[torch.Tensor, tuple[torch.Tensor, ...]] | None = None
 
@@ -63,7 +95,10 @@ class _Part(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fused = self.fused
         if self.index == 0:
-            parts = F.linear(x, fused.weight, fused.bias).split(fused.sections, dim=-1)
+            y = _product(x, fused.weight, fused.bias, fused.row_reductions)
+            if len(fused.sections) == 1:
+                return y
+            parts = y.split(fused.sections, dim=-1)
             fused.pending = (x, parts)
             return parts[0]
         pending = fused.pending
@@ -72,7 +107,7 @@ class _Part(nn.Module):
         if pending is not None and pending[0] is x:
             return pending[1][self.index]
         linear = self.original[0]
-        return F.linear(x, linear.weight, linear.bias)
+        return _product(x, linear.weight, linear.bias, fused.row_reductions)
 
 
 def _fusable(linears: list[nn.Module]) -> bool:
@@ -92,13 +127,13 @@ def _fusable(linears: list[nn.Module]) -> bool:
 
 
 @torch.no_grad()
-def _fuse(parent: nn.Module, names: tuple[str, ...]) -> list[nn.Linear] | None:
+def _fuse(parent: nn.Module, names: tuple[str, ...], row_reductions: bool) -> list[nn.Linear] | None:
     linears = [getattr(parent, n, None) for n in names]
     if any(m is None for m in linears) or not _fusable(linears):  # type: ignore[arg-type]
         return None
     weight = torch.cat([m.weight for m in linears])  # type: ignore[union-attr]
     bias = None if linears[0].bias is None else torch.cat([m.bias for m in linears])  # type: ignore[union-attr,misc]
-    fused = _Fused(weight, bias, [m.out_features for m in linears])  # type: ignore[union-attr]
+    fused = _Fused(weight, bias, [m.out_features for m in linears], row_reductions)  # type: ignore[union-attr]
     start = 0
     for i, (name, m) in enumerate(zip(names, linears)):
         end = start + m.out_features  # type: ignore[union-attr]
@@ -120,11 +155,12 @@ def _unfuse(parent: nn.Module, names: tuple[str, ...], linears: list[nn.Linear])
 
 
 @contextmanager
-def fused_projections(model: nn.Module, enabled: bool = True) -> Iterator[int]:
-    """Fuse each decoder layer's q/k/v and gate/up projections inside the block (see the module doc).
+def fused_projections(model: nn.Module, enabled: bool = True, row_reductions: bool = False) -> Iterator[int]:
+    """Fuse each decoder layer's q/k/v and gate/up projections inside the block (see the module doc);
+    with ``row_reductions``, also wrap ``o_proj`` and ``down_proj``, and take one-row products as reductions.
 
     Yields:
-        int: how many groups were fused (0 when nothing qualified, or not ``enabled``).
+        int: how many groups were fused or wrapped (0 when nothing qualified, or not ``enabled``).
     """
     if not enabled:
         yield 0
@@ -132,11 +168,11 @@ def fused_projections(model: nn.Module, enabled: bool = True) -> Iterator[int]:
     done: list[tuple[nn.Module, tuple[str, ...], list[nn.Linear]]] = []
     try:
         for layer in decoder_layers(model):
-            for parent_name, names in GROUPS:
+            for parent_name, names in GROUPS + (SINGLES if row_reductions else ()):
                 parent = getattr(layer, parent_name, None)
                 if parent is None or any(isinstance(getattr(parent, n, None), _Part) for n in names):
                     continue  # absent, or already fused by an enclosing block
-                linears = _fuse(parent, names)
+                linears = _fuse(parent, names, row_reductions)
                 if linears is not None:
                     done.append((parent, names, linears))
         yield len(done)
