@@ -17,9 +17,11 @@ memory, per-block key bounds on the GPU; ``--offload-budget/--offload-block/--of
 out of the graphs; see `reattention_core.hf.compiled`); ``on`` is an earlier experiment that compiles
 only every layer's RMSNorms and MLP (``nn.Module.compile``, undone afterwards).
 
-``--select default histogram`` (each timed in turn; Triton kernels only): how a decode step selects
-blocks from its hits: ``default`` in one kernel (pairwise votes, up to ``SMALL_HITS`` hits), or
-``histogram``, the path prefill chunks take (a vote histogram, tile reductions and a blocks kernel).
+``--select default fused separate histogram`` (each timed in turn; Triton kernels only): how a decode
+step selects blocks from its hits: ``default`` as the package is set; ``fused`` in the scoring
+kernel's last program (``topk.FUSE_DECODE_SELECTION``, where the hits fit); ``separate`` in a split
+merge and one selection kernel (pairwise votes, up to ``SMALL_HITS`` hits); or ``histogram``, the
+path prefill chunks take (a vote histogram, tile reductions and a blocks kernel).
 
 Models: the embedded SmolLM2-135M (default), ``--model llama8b-random`` (Llama-3.1-8B shapes,
 random bf16 weights, GPU only), or a model directory. Prompts are random token ids: speed does
@@ -103,13 +105,17 @@ def selecting(how: str):
     if how == "default":
         yield
         return
-    from reattention_kernels.triton_ops import select
+    from reattention_kernels.triton_ops import select, topk
 
-    saved, select.SMALL_HITS = select.SMALL_HITS, 0
+    saved = select.SMALL_HITS, topk.FUSE_DECODE_SELECTION
+    if how == "histogram":
+        select.SMALL_HITS, topk.FUSE_DECODE_SELECTION = 0, False
+    else:
+        topk.FUSE_DECODE_SELECTION = how == "fused"
     try:
         yield
     finally:
-        select.SMALL_HITS = saved
+        select.SMALL_HITS, topk.FUSE_DECODE_SELECTION = saved
 
 
 def sync() -> None:
@@ -275,9 +281,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fuse", nargs="+", default=["off"], choices=["on", "off", "layers"],
                     help="off: the model as it is; layers: compile_model=True; on: only norms and MLPs compiled "
                     "(an experiment); each is timed")
-    ap.add_argument("--select", nargs="+", default=["default"], choices=["default", "histogram"],
-                    help="decode-step selection: default (one kernel for few hits) or histogram (the path of "
-                    "prefill chunks); each is timed")
+    ap.add_argument("--select", nargs="+", default=["default"], choices=["default", "fused", "separate", "histogram"],
+                    help="decode-step selection: default (as the package is set), fused (in the scoring kernel), "
+                    "separate (a merge and one selection kernel) or histogram (the path of prefill chunks); each is timed")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
     overrides = parse_overrides(args.overrides)  # a bad field fails before the model loads

@@ -5,6 +5,7 @@ reference:
 
 * `score_topk` - exact per-row, per-head top-k of raw ``q . k`` over the middle of the store.
 * `select_from_hits` - votes, clip to ``max_blocks`` and widening to blocks, from the top-k hits.
+* `score_select` - both (one kernel for a decode step where it fits, with ``FUSE_DECODE_SELECTION``).
 * `scope_attention` - attention over ``[sink | selected | local]`` read by index from the pre-RoPE
   store, RoPE applied at fresh contiguous positions, bottom-right causal.
 * `append_kv` - a step's keys and values written into the store's buffers at a (shifted) length.
@@ -46,6 +47,7 @@ else:
     from reattention_kernels.ops import (
         append_kv,
         scope_attention,
+        score_select,
         score_topk,
         select_from_hits,
         shifted_steps_supported,
@@ -58,6 +60,7 @@ else:
         "resolve_backend",
         "scope_attention",
         "scope_attention_ref",
+        "score_select",
         "score_topk",
         "score_topk_ref",
         "select_from_hits",

@@ -122,6 +122,41 @@ def select_from_hits(
     return select_from_hits_ref(hits, middle_len + _host_shift(shift), max_blocks, block_size, offset)
 
 
+def score_select(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    top_k: int,
+    max_blocks: int,
+    block_size: int,
+    offset: int = 0,
+    *,
+    length: int | None = None,
+    shift: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`score_topk` of ``q`` over the middle ``k``, then `select_from_hits` of each batch row's hits
+    (``[B, TQ * HQ * top_k]``) over a middle of ``length`` (+ ``shift``) keys: ``(sel, n_sel)``.
+
+    On the Triton path, with ``triton_ops.topk.FUSE_DECODE_SELECTION`` on (off by default until timed
+    on a GPU), a decode step whose selection fits runs as one kernel (the scoring's last program
+    merges the key splits and selects); the result is the two ops' either way.
+    """
+    _check_shift(shift, length, "score_select")
+    middle_len = k.shape[1] if length is None else length
+    fits = _topk_covers(q.shape[-1], top_k) and _select_covers(
+        min(max_blocks, q.shape[1] * q.shape[2] * top_k), block_size
+    )
+    if resolve_backend(q, backend, supported=fits) == "triton" and fits:
+        from reattention_kernels.triton_ops.topk import score_select_triton
+
+        return score_select_triton(q, k, top_k, max_blocks, block_size, offset, length=length, shift=shift)
+    hits = score_topk(q, k, top_k, length=length, shift=shift, backend=backend)
+    return select_from_hits(
+        hits.reshape(hits.shape[0], -1), middle_len, max_blocks, block_size, offset, shift=shift,
+        max_middle_len=k.shape[1], backend=backend,
+    )  # fmt: skip
+
+
 def scope_attention(
     q: torch.Tensor,
     k: torch.Tensor,

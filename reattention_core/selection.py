@@ -1,8 +1,8 @@
 """Block selection: turn per-head top-k hits into the sorted token indices of the selected blocks.
 
 No step synchronises with the host, so on a GPU the whole selection stays on the device
-(`reattention_kernels.score_topk`, then `reattention_kernels.select_from_hits`: a fused Triton
-kernel on CUDA, the torch reference elsewhere):
+(`reattention_kernels.score_select`: `score_topk`, then `select_from_hits`, fused Triton kernels on
+CUDA, optionally one launch for a decode step; the torch reference elsewhere):
 
 1. **votes** - every hit ``(row, query head, slot)`` of a layer votes for its key position (in a
    prefill chunk, with ``prefill_vote_stride`` S > 1, only the rows `voting_rows` keeps);
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from reattention_kernels import score_topk, select_from_hits
+from reattention_kernels import score_select
 from reattention_kernels.reference.select import expand_blocks, vote_and_clip
 
 __all__ = ["expand_blocks", "select_blocks", "vote_and_clip", "voting_rows"]
@@ -59,9 +59,4 @@ def select_blocks(
         ``(sel, n_sel)`` as in `expand_blocks`, positions relative to the middle's start plus
         ``offset`` (padding entries equal ``offset``).
     """
-    middle_len = k_middle.shape[1] if length is None else length
-    hits = score_topk(q, k_middle, top_k, length=length, shift=shift, backend=backend)  # [B, TQ, HQ, top_k]
-    return select_from_hits(
-        hits.reshape(hits.shape[0], -1), middle_len, max_blocks, block_size, offset,
-        shift=shift, max_middle_len=k_middle.shape[1], backend=backend,
-    )  # fmt: skip
+    return score_select(q, k_middle, top_k, max_blocks, block_size, offset, length=length, shift=shift, backend=backend)

@@ -22,25 +22,34 @@ PTRS = ("q", "k", "o", "ws_v", "ws_i", "shift")
 
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+SELECT_CONSTS = ("HRP", "BC", "SBLOCK", "SKP", "BS", "BSP")
 
 
 def scan(
-    dtype: str, d: int, top_k: int, split: bool, two_phase: bool, subtiles: int = 1, tma: bool = False, rows: int = 64
-) -> tuple[ASTSource, int]:
-    """The scan kernel's source and its num_warps, both as `topk._config` picks them for ``rows``."""
+    dtype: str, d: int, top_k: int, split: bool, two_phase: bool, subtiles: int = 1, tma: bool = False, rows: int = 64,
+    selects: bool = False,
+) -> tuple[ASTSource, int]:  # fmt: skip
+    """The scan kernel's source and its num_warps, both as `topk._config` picks them for ``rows``; with
+    ``selects``, the decode epilogue that merges the splits and selects (the embedded preset's shapes)."""
     fp = {"bf16": "*bf16", "fp32": "*fp32"}[dtype]
     bm, bn, warps, _ = topk._config(rows, DTYPES[dtype], d, two_phase)
     sig = {name: "*fp32" for name in PTRS}
     sig.update(q=fp, k=fp, o="*i64", ws_i="*i32", shift="*i64")
     # the descriptor argument: a tensor descriptor with TMA, else the key pointer again
     sig = {"q": fp, "k": fp, "k_desc": f"tensordesc<{dtype}[1, {bn}, 1, {d}]>" if tma else fp, **sig}
+    sig.update(counter="*i32", sel="*i64", n_sel="*i64")
     ints = ("stride_qb", "stride_qt", "stride_qh", "stride_kb", "stride_kt", "stride_kh")
-    ints += ("stride_ob", "stride_ot", "stride_oh", "TK", "R", "NSPLIT", "keys_per_split")
+    ints += ("stride_ob", "stride_ot", "stride_oh", "TK", "R", "NSPLIT", "keys_per_split", "SK", "SW", "s_offset")
     sig.update({name: "i32" for name in ints})
     consts = {
         "H": 3, "G": 3, "D": d, "TOPK": top_k, "KP": triton.next_power_of_2(top_k), "BM": bm, "BN": bn,
         "SPLIT": split, "IEEE": dtype == "fp32", "SHIFT": True, "TWO_PHASE": two_phase, "S": subtiles, "TMA": tma,
     }  # fmt: skip
+    # the selecting epilogue's constants: 9 rows (3 KV heads x a group of 3) and 32 blocks of 32, as
+    # `topk._fused_selection` sets them; without it, the kernel's defaults
+    preset = {"HRP": 16, "BC": 256, "SBLOCK": 1024, "SKP": 32, "BS": 32, "BSP": 32}
+    sel = preset if selects else dict.fromkeys(SELECT_CONSTS, 1)
+    consts.update(SELECT=selects, **sel)
     sig.update({name: "constexpr" for name in consts})
     return ASTSource(fn=topk.score_topk_fwd_kernel_scan, signature=sig, constexprs=consts), warps
 
@@ -124,6 +133,8 @@ def main() -> int:
         ("bf16", 128, 4, True, True, 1, True),  # phase 1's key tiles through a TMA descriptor
         ("bf16", 64, 4, True, True, 2, True),
         ("bf16", 64, 4, True, False, 1, False, 3),  # decode at head dim 64: 16 x 256 tiles
+        ("bf16", 64, 4, True, False, 1, False, 3, True),  # ... selecting in its last program
+        ("fp32", 128, 8, True, False, 1, False, 8, True),
     ]
     sources = [(v, *scan(*v)) for v in variants]
     sources += [

@@ -56,7 +56,9 @@ import triton
 import triton.language as tl
 
 from reattention_kernels.dispatch import interpreting
+from reattention_kernels.triton_ops import select
 from reattention_kernels.triton_ops.rows import group_rows, row_heads
+from reattention_kernels.triton_ops.select import select_split_hits
 
 try:  # host-side tensor descriptors (TMA); Triton >= 3.4
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -234,7 +236,7 @@ def _store_sorted(b_v, b_i, o_j, p_o, p_wv, m_r, TOPK: tl.constexpr, KP: tl.cons
         b_i = tl.where(m_hit, 2**30, b_i)
 
 
-@triton.jit(do_not_specialize=["TK", "R", "NSPLIT", "keys_per_split"])
+@triton.jit(do_not_specialize=["TK", "R", "NSPLIT", "keys_per_split", "SK", "SW", "s_offset"])
 def score_topk_fwd_kernel_scan(
     q,
     k,
@@ -243,6 +245,9 @@ def score_topk_fwd_kernel_scan(
     ws_v,
     ws_i,
     shift,
+    counter,
+    sel,
+    n_sel,
     stride_qb,
     stride_qt,
     stride_qh,
@@ -256,6 +261,9 @@ def score_topk_fwd_kernel_scan(
     R,
     NSPLIT,
     keys_per_split,
+    SK,
+    SW,
+    s_offset,
     H: tl.constexpr,
     G: tl.constexpr,
     D: tl.constexpr,
@@ -269,10 +277,23 @@ def score_topk_fwd_kernel_scan(
     TWO_PHASE: tl.constexpr,
     S: tl.constexpr,
     TMA: tl.constexpr,
+    SELECT: tl.constexpr = False,
+    HRP: tl.constexpr = 1,
+    BC: tl.constexpr = 1,
+    SBLOCK: tl.constexpr = 1,
+    SKP: tl.constexpr = 1,
+    BS: tl.constexpr = 1,
+    BSP: tl.constexpr = 1,
 ):
     """Phase 1 of two (``TWO_PHASE``) or one pass, over one split of the keys. With ``TMA`` phase 1's
     full tiles come through ``k_desc``, a tensor descriptor of ``k`` ``[B, TK, H, D]`` with blocks
-    ``[1, BN, 1, D]`` (Hopper's tensor memory accelerator: no address math, asynchronous copies)."""
+    ``[1, BN, 1, D]`` (Hopper's tensor memory accelerator: no address math, asynchronous copies).
+
+    ``SELECT`` (one pass, split): the last program of a batch row to finish (an atomic count in
+    ``counter [B]``, zero before the launch and reset to zero by that program) merges the row's partial
+    sets and selects its blocks into ``sel [B, SW]`` and ``n_sel [B]`` (`select.select_split_hits`:
+    ``SK`` blocks of ``BS`` at most, positions plus ``s_offset``), so a decode step's scoring, merge and
+    selection take one launch instead of three."""
     i_m, i_s, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if SHIFT:  # the key count moved on the device since the launch was recorded (CUDA-graph replay)
         TK = TK + tl.load(shift).to(tl.int32)
@@ -315,6 +336,15 @@ def score_topk_fwd_kernel_scan(
         # partial set, best first -> ws[bh, r, split, :]
         o_w = (i_bh * R + o_r).to(tl.int64) * NSPLIT + i_s
         _store_sorted(b_v, b_i, o_j, ws_i + o_w * TOPK, ws_v + o_w * TOPK, m_r, TOPK, KP, True)
+        if SELECT:
+            # every thread's stores are issued before the count is released (acq_rel, GPU scope), so
+            # the program that takes the last count sees every split's partial set
+            tl.debug_barrier()
+            done = tl.atomic_add(counter + i_b, 1, sem="acq_rel", scope="gpu")
+            if done == tl.num_programs(0) * tl.num_programs(1) * H - 1:
+                tl.atomic_xchg(counter + i_b, 0, sem="relaxed", scope="gpu")  # ready for the next launch
+                select_split_hits(ws_v, ws_i, sel, n_sel, i_b, H * R, NSPLIT * TOPK, TK, SK, SW, s_offset, TOPK, HRP,
+                                  KP, BC, SBLOCK, SKP, BS, BSP)  # fmt: skip
     else:
         _store_sorted(b_v, b_i, o_j, o + i_b * stride_ob + o_t * stride_ot + o_hq * stride_oh, o, m_r, TOPK, KP, False)
 
@@ -729,6 +759,54 @@ def _rescore_by_tiles(
     )  # fmt: skip
 
 
+# A decode step's scoring kernel can also merge its splits and select the blocks (its last program; see
+# the scan kernel's ``SELECT``) where they fit, instead of the merge and `_select_small` as two more
+# launches. Off until a GPU has timed it against them (`benchmarks/probe_decode_select.py`, the
+# engine's `bench_engine.py --select fused separate`): it saves two launches per layer step but runs
+# the selection in one program of the scan's warps, after its last split. Its results equal the
+# separate kernels' (interpreter tests; the sm90 PTX takes the count with one thread after a barrier).
+FUSE_DECODE_SELECTION = False
+# The scan's arrival counts, one int32 per batch row, per device: zero between launches (the last
+# program resets its row's count). Never freed: a recorded CUDA graph keeps their addresses. Two
+# launches on different streams at the same time would share the counts (the engine uses one stream).
+_COUNTERS: dict[tuple[str, int | None], list[torch.Tensor]] = {}
+
+
+def _counter(device: torch.device, b: int) -> torch.Tensor | None:
+    """Zeroed arrival counts for ``b`` batch rows; None while a stream is being captured and none
+    exists yet (a count made there would be zeroed only when the graph replays)."""
+    kept = _COUNTERS.setdefault((device.type, device.index), [])
+    if kept and kept[-1].numel() >= b:
+        return kept[-1]
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return None
+    kept.append(torch.zeros(max(b, 1024), dtype=torch.int32, device=device))
+    return kept[-1]
+
+
+def _fused_selection(
+    device: torch.device, b: int, rows: int, top_k: int, max_blocks: int, block_size: int, offset: int
+):
+    """``(constexprs, counter, sel, n_sel, K, W)`` of the scan's selecting epilogue for ``rows`` rows
+    (KV heads x query tokens x group) per batch row of ``top_k`` hits each, or None where it does not
+    fit: more hits than `select._select_small` takes, a ``[K, block]`` tile over the selection
+    kernels' limit, or no arrival count to be had."""
+    hrp, kp = triton.next_power_of_2(rows), triton.next_power_of_2(top_k)
+    kk = min(max_blocks, rows * top_k)  # as `select.select_from_hits_triton` has it for rows x top_k hits
+    skp, bsp = triton.next_power_of_2(max(kk, 1)), triton.next_power_of_2(block_size)
+    if not FUSE_DECODE_SELECTION or hrp * kp > select.SMALL_HITS or kk < 1 or skp * bsp > select.MAX_TILE:
+        return None
+    counter = _counter(device, b)
+    if counter is None:
+        return None
+    width = kk * block_size
+    consts = {"HRP": hrp, "BC": 32 if interpreting() else 256, "SBLOCK": select._pad_block(width), "SKP": skp,
+              "BS": block_size, "BSP": bsp}  # fmt: skip
+    sel = torch.empty((b, width), dtype=torch.int64, device=device)
+    n_sel = torch.empty((b,), dtype=torch.int64, device=device)
+    return consts, counter, sel, n_sel, kk, width
+
+
 def score_topk_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -745,7 +823,8 @@ def score_topk_fwd(
     rescore_by: str | None = None,
     tile_rescore: tuple[int, int] | None = None,
     tma: bool | None = None,
-) -> torch.Tensor:
+    select_args: tuple[int, int, int] | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """`score_topk_triton` with optional forced key splits, (BM, BN, num_warps, num_stages), phases,
     phase 2's (rows per program, keys per step, head dims per step, num_warps) and the split
     merge's (rows per program, candidates per step, num_warps), and phase 1's sub-tiles per tile (1, 2
@@ -758,7 +837,11 @@ def score_topk_fwd(
     descriptor (default: where `_use_tma` allows).
 
     By default prefill (more than one query token) takes two phases from ``_TWO_PHASE_MIN_ROWS``
-    rows, decode one pass."""
+    rows, decode one pass.
+
+    ``select_args = (max_blocks, block_size, offset)``: where a decode step's selection fits in the
+    scan's epilogue (`_fused_selection`), return its ``(sel, n_sel)`` instead of the hits (see
+    `score_select_triton`)."""
     b, tq, hq, d = q.shape
     h = k.shape[2]
     # the grid covers every row of k; the kernel scores the first `length` (+ shift) of them
@@ -813,17 +896,29 @@ def score_topk_fwd(
         "H": h, "G": g, "D": d, "TOPK": top_k, "KP": kp, "BM": bm, "BN": bn, "IEEE": ieee, "SHIFT": shift is not None,
         "TWO_PHASE": two_phase, "S": subtiles, "TMA": tma, "num_warps": warps, "num_stages": stages,
     }  # fmt: skip
+    no_select = (out, out, out, 0, 0, 0)  # counter, sel, n_sel, SK, SW, s_offset: read only with SELECT
     if splits == 1 and not two_phase:
         score_topk_fwd_kernel_scan[(n_m, 1, b * h)](
-            q, k, k_desc, out, out, out, shift_arg, *args, *o_args, tk, rows, 1, keys_per_split, SPLIT=False, **consts
-        )
+            q, k, k_desc, out, out, out, shift_arg, *no_select[:3], *args, *o_args, tk, rows, 1, keys_per_split,
+            *no_select[3:], SPLIT=False, **consts,
+        )  # fmt: skip
         return out
     # each split's best (score, key) or, in two phases, (tile maximum, tile) per row
     ws_v = torch.empty((b * h, rows, splits, top_k), dtype=torch.float32, device=q.device)
     ws_i = torch.empty((b * h, rows, splits, top_k), dtype=torch.int32, device=q.device)
+    fused = None if two_phase or select_args is None else _fused_selection(q.device, b, h * rows, top_k, *select_args)
+    if fused is not None:
+        # decode: the scan's last program merges the splits and selects the blocks (one launch, not three)
+        sel_consts, counter, sel, n_sel, sk, sw = fused
+        score_topk_fwd_kernel_scan[(n_m, splits, b * h)](
+            q, k, k_desc, out, ws_v, ws_i, shift_arg, counter, sel, n_sel, *args, *o_args, tk, rows, splits,
+            keys_per_split, sk, sw, select_args[2], SPLIT=True, SELECT=True, **sel_consts, **consts,
+        )  # fmt: skip
+        return sel, n_sel
     score_topk_fwd_kernel_scan[(n_m, splits, b * h)](
-        q, k, k_desc, out, ws_v, ws_i, shift_arg, *args, *o_args, tk, rows, splits, keys_per_split, SPLIT=True, **consts
-    )
+        q, k, k_desc, out, ws_v, ws_i, shift_arg, *no_select[:3], *args, *o_args, tk, rows, splits, keys_per_split,
+        *no_select[3:], SPLIT=True, **consts,
+    )  # fmt: skip
     bc = min(32 if interpreting() else 256, triton.next_power_of_2(splits * top_k))
     br = min(16, triton.next_power_of_2(rows))
     if two_phase and rescore_by == "tiles":
@@ -868,3 +963,32 @@ def score_topk_triton(
         descending, index ascending on ties), ``-1`` in slots beyond the scored keys.
     """
     return score_topk_fwd(q, k, top_k, length=length, shift=shift)
+
+
+def score_select_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    top_k: int,
+    max_blocks: int,
+    block_size: int,
+    offset: int = 0,
+    *,
+    length: int | None = None,
+    shift: torch.Tensor | None = None,
+    **tuning,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`score_topk_triton`, then `select.select_from_hits_triton` of each batch row's hits over a
+    middle of ``length`` (+ ``shift``) keys of ``k``: ``(sel, n_sel)`` as that returns.
+
+    With ``FUSE_DECODE_SELECTION`` on, a decode step whose hits `select._select_small` takes runs as
+    one kernel: the scan's last program per batch row merges the splits and selects (``SELECT``);
+    anything else takes the separate kernels. ``tuning``: `score_topk_fwd`'s keyword arguments (tests and probes)."""
+    got = score_topk_fwd(q, k, top_k, length=length, shift=shift, select_args=(max_blocks, block_size, offset),
+                         **tuning)  # fmt: skip
+    if isinstance(got, tuple):
+        return got
+    middle_len = k.shape[1] if length is None else length
+    return select.select_from_hits_triton(
+        got.reshape(got.shape[0], -1), middle_len, max_blocks, block_size, offset, shift=shift,
+        max_middle_len=k.shape[1],
+    )  # fmt: skip

@@ -11,8 +11,17 @@ from tests.helpers import ByteTokenizer, tiny_model
 CFG = ReAttentionConfig(sink_size=4, block_size=8, top_k=2, max_blocks=3, local_window=24, prefill_chunk_size=16)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3"])
-def test_triton_and_reference_backends_agree_on_tokens(arch):
+@pytest.mark.parametrize(
+    ("arch", "fuse"), [("llama", False), ("qwen3", False), pytest.param("llama", True, id="llama-fused-selection")]
+)
+def test_triton_and_reference_backends_agree_on_tokens(arch, fuse, monkeypatch):
+    """``fuse``: decode steps select in the scoring kernel's last program (``topk.FUSE_DECODE_SELECTION``)."""
+    from reattention_kernels.triton_ops import topk
+
+    monkeypatch.setattr(topk, "FUSE_DECODE_SELECTION", fuse)
+    taken = []
+    real = topk._fused_selection
+    monkeypatch.setattr(topk, "_fused_selection", lambda *a: (got := real(*a), taken.append(got is not None))[0])
     model = tiny_model(arch, hidden_size=128, head_dim=32)  # the kernels need head dim >= 32
     if torch.cuda.is_available():
         model = model.cuda()
@@ -23,3 +32,4 @@ def test_triton_and_reference_backends_agree_on_tokens(arch):
         results[backend] = engine.generate(prompt, max_new_tokens=6).token_ids
     assert len(results["reference"]) == 6
     assert results["triton"] == results["reference"]
+    assert any(taken) == fuse  # the decode steps took the path asked for
