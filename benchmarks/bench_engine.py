@@ -17,11 +17,15 @@ memory, per-block key bounds on the GPU; ``--offload-budget/--offload-block/--of
 out of the graphs; see `reattention_core.hf.compiled`); ``on`` is an earlier experiment that compiles
 only every layer's RMSNorms and MLP (``nn.Module.compile``, undone afterwards).
 
-``--select default fused separate histogram`` (each timed in turn; Triton kernels only): how a decode
-step selects blocks from its hits: ``default`` as the package is set; ``fused`` in the scoring
-kernel's last program (``topk.FUSE_DECODE_SELECTION``, where the hits fit); ``separate`` in a split
-merge and one selection kernel (pairwise votes, up to ``SMALL_HITS`` hits); or ``histogram``, the
-path prefill chunks take (a vote histogram, tile reductions and a blocks kernel).
+``--select default histogram`` (each timed in turn; Triton kernels only): how a decode step selects
+blocks from its hits: ``default`` in one kernel (pairwise votes, up to ``SMALL_HITS`` hits), or
+``histogram``, the path prefill chunks take (a vote histogram, tile reductions and a blocks kernel).
+
+``--epilogues default on off`` (each timed in turn; Triton kernels only): ``on`` has a decode step's
+split kernels finish in their last program, the scoring kernel merging its splits and selecting
+the blocks (``topk.FUSE_DECODE_SELECTION``) and the scope attention merging its partial outputs
+(``attention.FUSE_DECODE_MERGE``); ``off`` runs the merge and selection kernels as launches of their
+own; ``default`` leaves the package's settings.
 
 Models: the embedded SmolLM2-135M (default), ``--model llama8b-random`` (Llama-3.1-8B shapes,
 random bf16 weights, GPU only), or a model directory. Prompts are random token ids: speed does
@@ -105,17 +109,29 @@ def selecting(how: str):
     if how == "default":
         yield
         return
-    from reattention_kernels.triton_ops import select, topk
+    from reattention_kernels.triton_ops import select
 
-    saved = select.SMALL_HITS, topk.FUSE_DECODE_SELECTION
-    if how == "histogram":
-        select.SMALL_HITS, topk.FUSE_DECODE_SELECTION = 0, False
-    else:
-        topk.FUSE_DECODE_SELECTION = how == "fused"
+    saved, select.SMALL_HITS = select.SMALL_HITS, 0
     try:
         yield
     finally:
-        select.SMALL_HITS, topk.FUSE_DECODE_SELECTION = saved
+        select.SMALL_HITS = saved
+
+
+@contextlib.contextmanager
+def epilogues(how: str):
+    """The decode step's split-kernel epilogues (see ``--epilogues``), for the block."""
+    if how == "default":
+        yield
+        return
+    from reattention_kernels.triton_ops import attention, topk
+
+    saved = topk.FUSE_DECODE_SELECTION, attention.FUSE_DECODE_MERGE
+    topk.FUSE_DECODE_SELECTION = attention.FUSE_DECODE_MERGE = how == "on"
+    try:
+        yield
+    finally:
+        topk.FUSE_DECODE_SELECTION, attention.FUSE_DECODE_MERGE = saved
 
 
 def sync() -> None:
@@ -281,9 +297,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fuse", nargs="+", default=["off"], choices=["on", "off", "layers"],
                     help="off: the model as it is; layers: compile_model=True; on: only norms and MLPs compiled "
                     "(an experiment); each is timed")
-    ap.add_argument("--select", nargs="+", default=["default"], choices=["default", "fused", "separate", "histogram"],
-                    help="decode-step selection: default (as the package is set), fused (in the scoring kernel), "
-                    "separate (a merge and one selection kernel) or histogram (the path of prefill chunks); each is timed")
+    ap.add_argument("--select", nargs="+", default=["default"], choices=["default", "histogram"],
+                    help="decode-step selection: default (one kernel for few hits) or histogram (the path of "
+                    "prefill chunks); each is timed")
+    ap.add_argument("--epilogues", nargs="+", default=["default"], choices=["default", "on", "off"],
+                    help="decode steps' split kernels merge (and select) in their last program (on) or in kernels "
+                    "of their own (off); default: as the package is set; each is timed")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
     overrides = parse_overrides(args.overrides)  # a bad field fails before the model loads
@@ -318,14 +337,16 @@ def main(argv: list[str] | None = None) -> int:
             for graphs in args.graphs:
                 for fuse in args.fuse:
                     for how in args.select:
-                        with fused(engine, fuse), selecting(how):
-                            run_engine(engine, base.replace(mode=mode), warm_ids, 5, graphs=graphs == "on")
-    runs = [(m, st, gr, fu, se) for m in args.modes for st in (args.stores if m != "hf" else ["resident"])
+                        for ep in args.epilogues:
+                            with fused(engine, fuse), selecting(how), epilogues(ep):
+                                run_engine(engine, base.replace(mode=mode), warm_ids, 5, graphs=graphs == "on")
+    runs = [(m, st, gr, fu, se, ep) for m in args.modes for st in (args.stores if m != "hf" else ["resident"])
             for gr in (args.graphs if m != "hf" else ["off"]) for fu in (args.fuse if m != "hf" else ["off"])
-            for se in (args.select if m != "hf" else ["default"])]
+            for se in (args.select if m != "hf" else ["default"])
+            for ep in (args.epilogues if m != "hf" else ["default"])]  # fmt: skip
     for tokens in args.tokens:
         ids = torch.randint(100, vocab - 100, (1, tokens), generator=torch.Generator().manual_seed(tokens)).to(engine.device)
-        for mode, store, graphs, fuse, how in runs:
+        for mode, store, graphs, fuse, how, ep in runs:
             engine.offload = stores[store]
             gc.collect()
             if torch.cuda.is_available():
@@ -337,6 +358,8 @@ def main(argv: list[str] | None = None) -> int:
                 row["overrides"] = ",".join(f"{k}={v}" for k, v in overrides)
             if how != "default":
                 row["select"] = how
+            if ep != "default":
+                row["epilogues"] = ep
             if fuse != "off":
                 row["fuse"] = {"on": "compiled norms+mlp", "layers": "compiled decoder layers"}[fuse]
             if store == "host":
@@ -348,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     cfg = base.replace(mode=mode)
                     row["config"] = cfg.to_dict()
-                    with fused(engine, fuse), selecting(how):
+                    with fused(engine, fuse), selecting(how), epilogues(ep):
                         row.update(run_engine(engine, cfg, ids, args.decode, args.progress, graphs == "on"))
                 row["prefill_tok_per_s"] = tokens / row["prefill_s"]
             except (torch.cuda.OutOfMemoryError, StoreMemoryError) as exc:  # full attention runs out first

@@ -7,15 +7,17 @@
 #       the GPU kernel, CUDA-graph and fused tests, then (only if they pass) the device's copy bandwidth
 #       and bf16 matmul rate, decode-scoring GB/s, prefill-scoring TFLOP/s and scope attention
 #       (bench_kernels.py), the package's prefill scoring at the engine's chunk shapes
-#       (probe_topk_splits.py with the default split count), and a decode step's scoring + selection
-#       with the selection in the scan's last program or in kernels of its own (probe_decode_select.py)
+#       (probe_topk_splits.py with the default split count), and a decode step's split kernels with
+#       their merges (and selection) in their last programs or in kernels of their own
+#       (probe_decode_epilogues.py)
 #   REATTENTION_COMMIT=abc1234 bash benchmarks/goals.sh llama8b
 #       Llama-3.1-8B shapes with random weights: 32K (a warm-up that compiles) and 128K prefill and decode,
 #       ReAttention (compiled layers, CUDA graphs) and transformers' one-shot SDPA, one process each
 #   REATTENTION_COMMIT=abc1234 bash benchmarks/goals.sh smollm2 /root/model/SmolLM2-135M-Instruct.Q4_1.gguf
 #       the embedded model (carried with ../shared/tools/device-model.sh): 128K twice (the first compiles)
-#       and 1M with the preset, each with the decode step's selection in separate kernels and fused into the
-#       scan, decode ms/token over the key-read floor, peak memory; transformers at 128K
+#       and 1M with the preset, each with the decode step's merges and selection in kernels of their own
+#       and in the split kernels' last programs (--epilogues off on), decode ms/token over the key-read
+#       floor, peak memory; transformers at 128K
 #
 # Each part prints a short table last (the device tool returns the end of the output).
 set -euo pipefail
@@ -36,7 +38,7 @@ for path in sys.argv[1:]:
     for line in open(path):
         r = json.loads(line)
         over = r.get("decode_over_floor")
-        print(f"{r['mode']:12} {r.get('select', ''):9} {r['tokens']:>8} tokens  prefill {r['prefill_s']:8.2f} s  decode "
+        print(f"{r['mode']:12} {r.get('epilogues', ''):3} {r['tokens']:>8} tokens  prefill {r['prefill_s']:8.2f} s  decode "
               f"{r['decode_ms_per_token']:7.2f} ms/token" + (f" = {over:.3f}x the key-read floor" if over else "")
               + f"  peak {r['peak_gpu_gib']:.1f} GiB")
 PY
@@ -54,14 +56,14 @@ kernels)
     tail -3 "$out/gpu-tests-$tag.log"
     python3 benchmarks/bench_kernels.py --skip-tests --out "$out" --tag "$tag"
     python3 benchmarks/probe_topk_splits.py --splits 0 --out "$out/probe-topk-splits-$tag.jsonl" | tail -8
-    python3 benchmarks/probe_decode_select.py --models SmolLM2-135M --warps 8 \
-        --out "$out/probe-decode-select-$tag.jsonl" >/dev/null
-    python3 - "$out/probe-decode-select-$tag.jsonl" <<'PY'
+    python3 benchmarks/probe_decode_epilogues.py --out "$out/probe-decode-epilogues-$tag.jsonl" >/dev/null
+    python3 - "$out/probe-decode-epilogues-$tag.jsonl" <<'PY'
 import json, sys
 for line in open(sys.argv[1]):
     r = json.loads(line)
-    print(f"decode selection {r['model']} {r['tokens']:>8} keys: scoring {r['scoring_ms']:.4f} ms, separate "
-          f"{r['separate_ms']:.4f}, fused {r['fused_ms']:.4f} (taken {r['fused_taken']}, equal {r['same_outputs']})")
+    parts = "  ".join(f"{p} {r[p + '_off_ms']:.4f} -> {r[p + '_on_ms']:.4f}" for p in ("select", "attention", "layer"))
+    print(f"epilogues {r['model']:12} {r['tokens']:>8} keys (ms, off -> on): {parts}  "
+          f"(selection fused {r['fused_taken']}, equal {r['same_selection']}, attention diff {r['attention_max_diff']:.1e})")
 PY
     tail -40 "$out/kernels-$tag.md"
     ;;
@@ -78,7 +80,7 @@ smollm2)
     gguf=${2:?"smollm2 needs the GGUF file's path"}
     m=(--model "$(dirname "$gguf")" --gguf-file "$(basename "$gguf")")
     python3 benchmarks/bench_engine.py "${m[@]}" --tokens 131072 131072 1048576 --modes reattention --graphs on \
-        --fuse layers --select separate fused --decode 32 --out "$out/engine-smollm2-reattention-$tag.jsonl"
+        --fuse layers --epilogues off on --decode 32 --out "$out/engine-smollm2-reattention-$tag.jsonl"
     python3 benchmarks/bench_engine.py "${m[@]}" --tokens 131072 --modes hf --decode 8 \
         --out "$out/engine-smollm2-hf-$tag.jsonl"
     table "$out"/engine-smollm2-*-"$tag".jsonl

@@ -7,11 +7,8 @@ Llama-3.1-8B's (32 / 8, 128, top-8), one query token over a middle of ``--tokens
 scoring alone (`score_topk`), then scoring + `select_from_hits` by each path of
 `reattention_kernels.triton_ops.select`: ``default`` (`_select_small` for up to ``SMALL_HITS``
 hits) and ``histogram`` (histogram, tile reduction, blocks), with each of ``--warps`` in the
-one-program kernels; then `score_select` (scoring and selection as the engine calls them) with the
-scan selecting in its last program (``fused``: ``topk.FUSE_DECODE_SELECTION`` on; ``fused_taken``
-says whether the shape fits it) against the split merge and ``_select_small`` as their own launches
-(``separate``). Every case is a CUDA-graph replay, as in the engine's decode step, timed with and
-without the L2 flushed; `torch.profiler` sums each kernel's device time per replay. The paths'
+one-program kernels. Every case is a CUDA-graph replay, as in the engine's decode step, timed with
+and without the L2 flushed; `torch.profiler` sums each kernel's device time per replay. The paths'
 outputs are checked equal first. One JSON line per shape (appended to ``--out`` as it goes).
 """
 
@@ -49,18 +46,6 @@ def path(how: str, warps: int):
         select.SMALL_WARPS, select.BLOCKS_WARPS = saved
 
 
-@contextlib.contextmanager
-def fusing(on: bool):
-    """``topk.FUSE_DECODE_SELECTION`` set to ``on`` for the block."""
-    from reattention_kernels.triton_ops import topk
-
-    saved, topk.FUSE_DECODE_SELECTION = topk.FUSE_DECODE_SELECTION, on
-    try:
-        yield
-    finally:
-        topk.FUSE_DECODE_SELECTION = saved
-
-
 def kernels(graph, reps: int = 20) -> dict[str, float]:
     """Device ms per replay of each kernel, largest first."""
     from torch.profiler import ProfilerActivity, profile
@@ -93,8 +78,7 @@ def main() -> int:
         sys.exit("needs a CUDA GPU")
     import triton
 
-    from reattention_kernels import score_select, score_topk, select_from_hits
-    from reattention_kernels.triton_ops import topk
+    from reattention_kernels import score_topk, select_from_hits
 
     flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
@@ -112,28 +96,12 @@ def main() -> int:
                 hits = scoring().reshape(1, -1)
                 return select_from_hits(hits, tk, 32, 32, 32, shift=shift, max_middle_len=tk, backend="triton")
 
-            selecting = partial(score_select, q, k, top_k, 32, 32, 32, length=tk, shift=shift, backend="triton")
             outs = []
             for how in ("default", "histogram"):
                 with path(how, 4):
                     outs.append(step())
-            taken, real = [], topk._fused_selection
-
-            def watched(*a, real=real, taken=taken):
-                got = real(*a)
-                taken.append(got is not None)
-                return got
-
-            topk._fused_selection = watched
-            try:
-                for on in (True, False):
-                    with fusing(on):
-                        outs.append(selecting())
-            finally:
-                topk._fused_selection = real
             row = {"model": model, "tokens": tk, "hits": hq * top_k, **meta}
-            row["same_outputs"] = all(torch.equal(a, b) for out in outs[1:] for a, b in zip(outs[0], out))
-            row["fused_taken"] = taken[0]
+            row["same_outputs"] = all(torch.equal(a, b) for a, b in zip(outs[0], outs[1]))
             row["scoring_ms"] = round(replay_ms(capture_graph(scoring), 50), 4)
             for how in ("default", "histogram"):
                 for warps in args.warps:
@@ -143,12 +111,6 @@ def main() -> int:
                     row[f"{name}_ms"] = round(replay_ms(g, 50), 4)
                     row[f"{name}_ms_l2_flushed"] = round(replay_ms(g, 50, flush), 4)
                     row[f"{name}_kernels"] = kernels(g)
-            for name, on in (("fused", True), ("separate", False)):
-                with fusing(on):
-                    g = capture_graph(selecting)
-                row[f"{name}_ms"] = round(replay_ms(g, 50), 4)
-                row[f"{name}_ms_l2_flushed"] = round(replay_ms(g, 50, flush), 4)
-                row[f"{name}_kernels"] = kernels(g)
             emit(row, args.out)
     return 0
 

@@ -1,4 +1,6 @@
-"""Compile the scoring and selection kernels for an H100 (sm_90) without a GPU; run as a script by the test.
+"""Compile the scoring, selection and scope attention kernels for an H100 (sm_90) without a GPU.
+
+Run as a script by ``tests/test_kernels_compile.py``.
 
 The interpreter (``TRITON_INTERPRET=1``) runs kernels as numpy and skips the compiler's checks, so a
 kernel can pass every CPU test and still fail to compile (for instance a loop-carried value whose
@@ -15,7 +17,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from reattention_kernels.triton_ops import select, topk
+from reattention_kernels.triton_ops import attention, select, topk
 
 TARGET = GPUTarget("cuda", 90, 32)
 PTRS = ("q", "k", "o", "ws_v", "ws_i", "shift")
@@ -122,6 +124,26 @@ def select_small(np_: int) -> ASTSource:
     return ASTSource(fn=select._select_small, signature=sig, constexprs=consts)
 
 
+def scope(dtype: str, d: int, merge: bool) -> tuple[ASTSource, int]:
+    """The scope attention kernel split for a decode step (the embedded model's 3 rows per KV head),
+    with or without the merge in its last program, and its num_warps as `attention._config` picks them."""
+    fp = {"bf16": "*bf16", "fp32": "*fp32"}[dtype]
+    bm, bn, warps, _ = attention._config(3, DTYPES[dtype], d)
+    sig = {"q": fp, "k": fp, "v": fp, "sel_idx": "*i64", "n_sel": "*i64", "cos_t": fp, "sin_t": fp, "o": fp}
+    sig.update(lse="*fp32", ws_o="*fp32", ws_lse="*fp32", shift="*i64", counts="*i32")
+    ints = ("stride_qb", "stride_qt", "stride_qh", "stride_kb", "stride_kt", "stride_kh", "stride_vb", "stride_vt")
+    ints += ("stride_vh", "stride_sb", "stride_ss", "stride_ob", "stride_ot", "stride_oh", "TQ", "T", "sink_len")
+    ints += ("local_start", "R", "NSPLIT", "pos_per_split")
+    sig.update({name: "i32" for name in ints})
+    sig["scale_log2"] = "fp32"
+    consts = {
+        "H": 3, "G": 3, "D": d, "BM": bm, "BN": bn, "SPLIT": True, "RETURN_LSE": False, "IEEE": dtype == "fp32",
+        "SHIFT": True, "MERGE": merge, "BS": 32,
+    }  # fmt: skip
+    sig.update({name: "constexpr" for name in consts})
+    return ASTSource(fn=attention.scope_attention_fwd_kernel, signature=sig, constexprs=consts), warps
+
+
 def main() -> int:
     variants = [
         ("bf16", 64, 4, True, True),
@@ -153,6 +175,8 @@ def main() -> int:
     sources.append((("blocks", 32, 32), blocks(32, 32), 4))
     # a decode step's selection in one program (the embedded preset has 36 hits)
     sources += [(("select_small", n), select_small(n), select.SMALL_WARPS) for n in (16, 64)]
+    # a decode step's split scope attention, merging in its last program or not
+    sources += [(("scope", *v), *scope(*v)) for v in (("bf16", 64, True), ("bf16", 64, False), ("fp32", 128, True))]
     for v, src, warps in sources:
         try:
             triton.compile(src, target=TARGET, options={"num_warps": warps, "num_stages": 3})

@@ -15,7 +15,8 @@ One program owns ``BM`` rows ``r = t * G + g`` of one (sequence, KV head), so a 
 whole GQA group; key tiles that all of its rows see in full run without masks. ``n_sel`` stays on
 the device: the loop bound is read in the kernel. When there are too few programs to fill the GPU
 (decode), the scope is split over programs and a second kernel merges the partial outputs by their
-log-sum-exp (flash-decoding).
+log-sum-exp (flash-decoding), or, with ``FUSE_DECODE_MERGE``, the last program of each (sequence, KV
+head) to finish merges them (`arrivals`).
 """
 
 from __future__ import annotations
@@ -28,10 +29,19 @@ import triton
 import triton.language as tl
 
 from reattention_kernels.dispatch import interpreting
+from reattention_kernels.triton_ops.arrivals import arrival_counts, last_arrival
 from reattention_kernels.triton_ops.rows import group_rows
 
 _LOG2E = 1.4426950408889634
 _MAX_SPLITS = 128
+# A split launch's last program per (sequence, KV head) can merge the partial outputs itself
+# (``MERGE``, `arrivals.last_arrival`) instead of the merge kernel as one more launch. Off until a GPU
+# has timed it against that kernel (`benchmarks/probe_decode_epilogues.py`, `bench_engine.py
+# --epilogues`): one launch fewer per layer step, but one program merges all of the group's rows.
+FUSE_DECODE_MERGE = False
+# Most rows per (sequence, KV head) that the last program merges alone: a decode step's GQA group
+# (the embedded model's 3, Llama-8B's 4); a split prefill chunk's hundreds of rows keep the merge kernel.
+_FUSED_MERGE_MAX_ROWS = 16
 
 
 @triton.jit(do_not_specialize=["P"])
@@ -124,6 +134,31 @@ def _scope_tile(
     return b_mn, b_l, b_acc
 
 
+@triton.jit
+def _merge_row(ws_o, ws_lse, o, lse, i_b, i_h, i_bh, i_r, stride_ob, stride_ot, stride_oh, TQ, R, NSPLIT,
+               H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
+               RETURN_LSE: tl.constexpr):  # fmt: skip
+    """Row ``i_r`` of (sequence ``i_b``, KV head ``i_h``): its ``NSPLIT`` partial outputs ``ws_o`` and
+    log2-domain log-sum-exps ``ws_lse`` merged by their weights into ``o`` (and ``lse``, natural log)."""
+    o_s = tl.arange(0, BS)
+    m_s = o_s < NSPLIT
+    o_d = tl.arange(0, D)
+    o_w = (i_bh * R + i_r).to(tl.int64) * NSPLIT + o_s
+    # [BS]; .cg: in a launch's last program, the other programs' partials are in the L2, not this SM's L1
+    b_lse = tl.load(ws_lse + o_w, mask=m_s, other=float("-inf"), cache_modifier=".cg")
+    b_mx = tl.max(b_lse, 0)
+    b_w = tl.exp2(b_lse - b_mx)
+    b_sw = tl.sum(b_w, 0)
+    # [BS, D]
+    b_o = tl.load(ws_o + o_w[:, None] * D + o_d[None, :], mask=m_s[:, None], other=0.0, cache_modifier=".cg")
+    b_o = tl.sum(b_o * (b_w / b_sw)[:, None], 0)
+    i_t = tl.cast(i_r // G, tl.int64)  # a cast, not .to(): the interpreter's loop counters are Python ints
+    i_hq = i_h * G + i_r % G
+    tl.store(o + i_b * stride_ob + i_t * stride_ot + i_hq * stride_oh + o_d, b_o.to(o.dtype.element_ty))
+    if RETURN_LSE:
+        tl.store(lse + (i_b * TQ + i_t) * (H * G) + i_hq, (b_mx + tl.log2(b_sw)) * 0.6931471805599453)
+
+
 @triton.jit(do_not_specialize=["TQ", "T", "sink_len", "local_start", "R", "NSPLIT", "pos_per_split"])
 def scope_attention_fwd_kernel(
     q,
@@ -138,6 +173,7 @@ def scope_attention_fwd_kernel(
     ws_o,
     ws_lse,
     shift,
+    counts,
     stride_qb,
     stride_qt,
     stride_qh,
@@ -169,7 +205,12 @@ def scope_attention_fwd_kernel(
     RETURN_LSE: tl.constexpr,
     IEEE: tl.constexpr,
     SHIFT: tl.constexpr,
+    MERGE: tl.constexpr = False,
+    BS: tl.constexpr = 1,
 ):
+    """One ``[BM]``-row block of one (sequence, KV head) over one split of the scope: its output, or
+    with ``SPLIT`` its partial output and log-sum-exp into ``ws_o``/``ws_lse``; with ``MERGE`` too,
+    the group's last program to finish (``counts [B * H]``, `arrivals.last_arrival`) merges them."""
     HALF: tl.constexpr = D // 2
     i_m, i_s, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
@@ -218,6 +259,11 @@ def scope_attention_fwd_kernel(
         o_w = (i_bh * R + o_r).to(tl.int64) * NSPLIT + i_s
         tl.store(ws_lse + o_w, b_lse2, mask=m_r)
         tl.store(ws_o + o_w[:, None] * D + o_d[None, :], b_o, mask=m_r[:, None])
+        if MERGE:  # noqa: SIM102  (nested: without MERGE, ``counts`` is no count tensor and is never touched)
+            if last_arrival(counts, i_bh, tl.num_programs(0) * tl.num_programs(1)):
+                for i_r in range(R):
+                    _merge_row(ws_o, ws_lse, o, lse, i_b, i_h, i_bh, i_r, stride_ob, stride_ot, stride_oh, TQ, R,
+                               NSPLIT, H, G, D, BS, RETURN_LSE)  # fmt: skip
     else:
         p_o = o + i_b * stride_ob + o_t[:, None] * stride_ot + o_hq[:, None] * stride_oh + o_d[None, :]
         tl.store(p_o, b_o.to(o.dtype.element_ty), mask=m_r[:, None])
@@ -246,23 +292,8 @@ def scope_attention_fwd_kernel_merge(
 ):
     i_r, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
-    o_s = tl.arange(0, BS)
-    m_s = o_s < NSPLIT
-    o_d = tl.arange(0, D)
-    o_w = (i_bh * R + i_r).to(tl.int64) * NSPLIT + o_s
-    # [BS]
-    b_lse = tl.load(ws_lse + o_w, mask=m_s, other=float("-inf"))
-    b_mx = tl.max(b_lse, 0)
-    b_w = tl.exp2(b_lse - b_mx)
-    b_sw = tl.sum(b_w, 0)
-    # [BS, D]
-    b_o = tl.load(ws_o + o_w[:, None] * D + o_d[None, :], mask=m_s[:, None], other=0.0)
-    b_o = tl.sum(b_o * (b_w / b_sw)[:, None], 0)
-    i_t = (i_r // G).to(tl.int64)
-    i_hq = i_h * G + i_r % G
-    tl.store(o + i_b * stride_ob + i_t * stride_ot + i_hq * stride_oh + o_d, b_o.to(o.dtype.element_ty))
-    if RETURN_LSE:
-        tl.store(lse + (i_b * TQ + i_t) * (H * G) + i_hq, (b_mx + tl.log2(b_sw)) * 0.6931471805599453)
+    _merge_row(ws_o, ws_lse, o, lse, i_b, i_h, i_bh, i_r, stride_ob, stride_ot, stride_oh, TQ, R, NSPLIT, H, G, D, BS,
+               RETURN_LSE)  # fmt: skip
 
 
 @functools.cache
@@ -418,23 +449,25 @@ def scope_attention_fwd(
     scale_log2 = float(scale) * _LOG2E
     if splits == 1:
         scope_attention_fwd_kernel[(n_m, 1, b * h)](
-            q, k, v, sel_idx, n_sel, cos_t, sin_t, o, lse_arg, o, o, shift_arg, *common, 1, pos_per_split, scale_log2,
-            H=h, G=g, D=d, BM=bm, BN=bn, SPLIT=False, RETURN_LSE=return_lse, IEEE=ieee, SHIFT=shift is not None,
+            q, k, v, sel_idx, n_sel, cos_t, sin_t, o, lse_arg, o, o, shift_arg, o, *common, 1, pos_per_split,
+            scale_log2, H=h, G=g, D=d, BM=bm, BN=bn, SPLIT=False, RETURN_LSE=return_lse, IEEE=ieee, SHIFT=shift is not None,
             num_warps=warps, num_stages=stages,
         )  # fmt: skip
         return o, lse
     ws_o = torch.empty((b * h, rows, splits, d), dtype=torch.float32, device=dev)
     ws_lse = torch.empty((b * h, rows, splits), dtype=torch.float32, device=dev)
+    bs = triton.next_power_of_2(splits)
+    counts = arrival_counts(dev, b * h) if FUSE_DECODE_MERGE and rows <= _FUSED_MERGE_MAX_ROWS else None
     scope_attention_fwd_kernel[(n_m, splits, b * h)](
-        q, k, v, sel_idx, n_sel, cos_t, sin_t, o, lse_arg, ws_o, ws_lse, shift_arg, *common, splits, pos_per_split,
-        scale_log2, H=h, G=g, D=d, BM=bm, BN=bn, SPLIT=True, RETURN_LSE=return_lse, IEEE=ieee,
-        SHIFT=shift is not None,
-        num_warps=warps, num_stages=stages,
+        q, k, v, sel_idx, n_sel, cos_t, sin_t, o, lse_arg, ws_o, ws_lse, shift_arg, o if counts is None else counts,
+        *common, splits, pos_per_split, scale_log2, H=h, G=g, D=d, BM=bm, BN=bn, SPLIT=True, RETURN_LSE=return_lse,
+        IEEE=ieee, SHIFT=shift is not None, MERGE=counts is not None, BS=bs, num_warps=warps, num_stages=stages,
     )  # fmt: skip
-    scope_attention_fwd_kernel_merge[(rows, b * h)](
-        ws_o, ws_lse, o, lse_arg, o.stride(0), o.stride(1), o.stride(2), tq, rows, splits,
-        H=h, G=g, D=d, BS=triton.next_power_of_2(splits), RETURN_LSE=return_lse, num_warps=4,
-    )  # fmt: skip
+    if counts is None:
+        scope_attention_fwd_kernel_merge[(rows, b * h)](
+            ws_o, ws_lse, o, lse_arg, o.stride(0), o.stride(1), o.stride(2), tq, rows, splits,
+            H=h, G=g, D=d, BS=bs, RETURN_LSE=return_lse, num_warps=4,
+        )  # fmt: skip
     return o, lse
 
 

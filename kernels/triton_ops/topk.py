@@ -57,6 +57,7 @@ import triton.language as tl
 
 from reattention_kernels.dispatch import interpreting
 from reattention_kernels.triton_ops import select
+from reattention_kernels.triton_ops.arrivals import arrival_counts, last_arrival
 from reattention_kernels.triton_ops.rows import group_rows, row_heads
 from reattention_kernels.triton_ops.select import select_split_hits
 
@@ -289,8 +290,8 @@ def score_topk_fwd_kernel_scan(
     full tiles come through ``k_desc``, a tensor descriptor of ``k`` ``[B, TK, H, D]`` with blocks
     ``[1, BN, 1, D]`` (Hopper's tensor memory accelerator: no address math, asynchronous copies).
 
-    ``SELECT`` (one pass, split): the last program of a batch row to finish (an atomic count in
-    ``counter [B]``, zero before the launch and reset to zero by that program) merges the row's partial
+    ``SELECT`` (one pass, split): the last program of a batch row to finish (`arrivals.last_arrival`
+    on ``counter [B]``, zero before the launch and after it) merges the row's partial
     sets and selects its blocks into ``sel [B, SW]`` and ``n_sel [B]`` (`select.select_split_hits`:
     ``SK`` blocks of ``BS`` at most, positions plus ``s_offset``), so a decode step's scoring, merge and
     selection take one launch instead of three."""
@@ -336,13 +337,9 @@ def score_topk_fwd_kernel_scan(
         # partial set, best first -> ws[bh, r, split, :]
         o_w = (i_bh * R + o_r).to(tl.int64) * NSPLIT + i_s
         _store_sorted(b_v, b_i, o_j, ws_i + o_w * TOPK, ws_v + o_w * TOPK, m_r, TOPK, KP, True)
-        if SELECT:
-            # every thread's stores are issued before the count is released (acq_rel, GPU scope), so
-            # the program that takes the last count sees every split's partial set
-            tl.debug_barrier()
-            done = tl.atomic_add(counter + i_b, 1, sem="acq_rel", scope="gpu")
-            if done == tl.num_programs(0) * tl.num_programs(1) * H - 1:
-                tl.atomic_xchg(counter + i_b, 0, sem="relaxed", scope="gpu")  # ready for the next launch
+        if SELECT:  # noqa: SIM102  (nested: without SELECT, ``counter`` is no count tensor)
+            # the batch row's last program to finish sees every split's partial set (`arrivals`)
+            if last_arrival(counter, i_b, tl.num_programs(0) * tl.num_programs(1) * H):
                 select_split_hits(ws_v, ws_i, sel, n_sel, i_b, H * R, NSPLIT * TOPK, TK, SK, SW, s_offset, TOPK, HRP,
                                   KP, BC, SBLOCK, SKP, BS, BSP)  # fmt: skip
     else:
@@ -766,24 +763,6 @@ def _rescore_by_tiles(
 # the selection in one program of the scan's warps, after its last split. Its results equal the
 # separate kernels' (interpreter tests; the sm90 PTX takes the count with one thread after a barrier).
 FUSE_DECODE_SELECTION = False
-# The scan's arrival counts, one int32 per batch row, per device: zero between launches (the last
-# program resets its row's count). Never freed: a recorded CUDA graph keeps their addresses. Two
-# launches on different streams at the same time would share the counts (the engine uses one stream).
-_COUNTERS: dict[tuple[str, int | None], list[torch.Tensor]] = {}
-
-
-def _counter(device: torch.device, b: int) -> torch.Tensor | None:
-    """Zeroed arrival counts for ``b`` batch rows; None while a stream is being captured and none
-    exists yet (a count made there would be zeroed only when the graph replays)."""
-    kept = _COUNTERS.setdefault((device.type, device.index), [])
-    if kept and kept[-1].numel() >= b:
-        return kept[-1]
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return None
-    kept.append(torch.zeros(max(b, 1024), dtype=torch.int32, device=device))
-    return kept[-1]
-
-
 def _fused_selection(
     device: torch.device, b: int, rows: int, top_k: int, max_blocks: int, block_size: int, offset: int
 ):
@@ -796,7 +775,7 @@ def _fused_selection(
     skp, bsp = triton.next_power_of_2(max(kk, 1)), triton.next_power_of_2(block_size)
     if not FUSE_DECODE_SELECTION or hrp * kp > select.SMALL_HITS or kk < 1 or skp * bsp > select.MAX_TILE:
         return None
-    counter = _counter(device, b)
+    counter = arrival_counts(device, b)  # one per batch row
     if counter is None:
         return None
     width = kk * block_size

@@ -12,16 +12,19 @@ CFG = ReAttentionConfig(sink_size=4, block_size=8, top_k=2, max_blocks=3, local_
 
 
 @pytest.mark.parametrize(
-    ("arch", "fuse"), [("llama", False), ("qwen3", False), pytest.param("llama", True, id="llama-fused-selection")]
+    ("arch", "fuse"), [("llama", False), ("qwen3", False), pytest.param("llama", True, id="llama-decode-epilogues")]
 )
 def test_triton_and_reference_backends_agree_on_tokens(arch, fuse, monkeypatch):
-    """``fuse``: decode steps select in the scoring kernel's last program (``topk.FUSE_DECODE_SELECTION``)."""
-    from reattention_kernels.triton_ops import topk
+    """``fuse``: decode steps select in the scoring kernel's last program and merge the split scope
+    attention in its last program (``topk.FUSE_DECODE_SELECTION``, ``attention.FUSE_DECODE_MERGE``)."""
+    from reattention_kernels.triton_ops import attention, topk
 
     monkeypatch.setattr(topk, "FUSE_DECODE_SELECTION", fuse)
-    taken = []
-    real = topk._fused_selection
+    monkeypatch.setattr(attention, "FUSE_DECODE_MERGE", fuse)
+    taken, merged = [], []
+    real, counts = topk._fused_selection, attention.arrival_counts
     monkeypatch.setattr(topk, "_fused_selection", lambda *a: (got := real(*a), taken.append(got is not None))[0])
+    monkeypatch.setattr(attention, "arrival_counts", lambda *a: (got := counts(*a), merged.append(got is not None))[0])
     model = tiny_model(arch, hidden_size=128, head_dim=32)  # the kernels need head dim >= 32
     if torch.cuda.is_available():
         model = model.cuda()
@@ -32,4 +35,4 @@ def test_triton_and_reference_backends_agree_on_tokens(arch, fuse, monkeypatch):
         results[backend] = engine.generate(prompt, max_new_tokens=6).token_ids
     assert len(results["reference"]) == 6
     assert results["triton"] == results["reference"]
-    assert any(taken) == fuse  # the decode steps took the path asked for
+    assert any(taken) == any(merged) == fuse  # the decode steps took the paths asked for

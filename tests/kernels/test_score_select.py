@@ -14,6 +14,7 @@ import torch
 
 from reattention_kernels import score_select
 from reattention_kernels.reference import score_topk_ref, select_from_hits_ref
+from reattention_kernels.triton_ops.arrivals import counts_are_zero
 from tests.kernels.test_topk import DTYPES, make_keys, make_queries
 
 
@@ -42,12 +43,6 @@ def no_separate_kernels(fused, monkeypatch):
 
     monkeypatch.setattr(topk, "score_topk_fwd_kernel_merge", Refused())
     monkeypatch.setattr(select, "_select_small", Refused())
-
-
-def counts_are_zero() -> bool:
-    from reattention_kernels.triton_ops import topk
-
-    return all(int(c.abs().sum()) == 0 for kept in topk._COUNTERS.values() for c in kept)
 
 
 # (B, TK, HQ, H, D, dtype, top_k, kind, splits, max_blocks, block, offset)
