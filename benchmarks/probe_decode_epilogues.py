@@ -37,8 +37,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_kernels import capture_graph, replay_ms
-from probe_decode_select import emit, kernels
+from bench_kernels import capture_graph
+from probe_decode_select import emit, time_graph
 
 # (HQ, H, D, top_k, max_blocks, block, sink, local)
 SHAPES = {"SmolLM2-135M": (9, 3, 64, 4, 32, 32, 64, 256), "Llama-3.1-8B": (32, 8, 128, 8, 127, 32, 32, 4096)}
@@ -125,10 +125,7 @@ def main() -> int:
                 for on in (True, False):
                     with epilogues(on):
                         g = capture_graph(fn)
-                    name = f"{part}_{'on' if on else 'off'}"
-                    row[f"{name}_ms"] = round(replay_ms(g, 50), 4)
-                    row[f"{name}_ms_l2_flushed"] = round(replay_ms(g, 50, flush), 4)
-                    row[f"{name}_kernels"] = kernels(g)
+                    time_graph(row, f"{part}_{'on' if on else 'off'}", g, flush)
             emit(row, args.out)
     return 0
 

@@ -58,6 +58,14 @@ def kernels(graph, reps: int = 20) -> dict[str, float]:
     return {k: round(us / reps / 1000, 4) for k, us in sorted(times.items(), key=lambda kv: -kv[1])}
 
 
+def time_graph(row: dict, name: str, graph, flush) -> None:
+    """``row[name + "_ms"]`` and ``..._ms_l2_flushed``: median replay ms of ``graph``, L2 warm and
+    flushed; ``..._kernels``: its kernels' device ms per replay."""
+    row[f"{name}_ms"] = round(replay_ms(graph, 50), 4)
+    row[f"{name}_ms_l2_flushed"] = round(replay_ms(graph, 50, flush), 4)
+    row[f"{name}_kernels"] = kernels(graph)
+
+
 def emit(row: dict, out: Path | None) -> None:
     """Print ``row`` as a JSON line and append it to ``out`` (if given) as it goes."""
     print(json.dumps(row), flush=True)
@@ -107,10 +115,7 @@ def main() -> int:
                 for warps in args.warps:
                     with path(how, warps):
                         g = capture_graph(step)
-                    name = f"{how}_w{warps}"
-                    row[f"{name}_ms"] = round(replay_ms(g, 50), 4)
-                    row[f"{name}_ms_l2_flushed"] = round(replay_ms(g, 50, flush), 4)
-                    row[f"{name}_kernels"] = kernels(g)
+                    time_graph(row, f"{how}_w{warps}", g, flush)
             emit(row, args.out)
     return 0
 
