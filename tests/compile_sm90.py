@@ -144,8 +144,9 @@ def scope(dtype: str, d: int, merge: bool) -> tuple[ASTSource, int]:
     return ASTSource(fn=attention.scope_attention_fwd_kernel, signature=sig, constexprs=consts), warps
 
 
-def main() -> int:
-    variants = [
+def variants() -> list[tuple[tuple, ASTSource, int]]:
+    """Every variant compiled here: ``(name, source, num_warps)``."""
+    scans = [
         ("bf16", 64, 4, True, True),
         ("bf16", 64, 4, False, True),
         ("bf16", 128, 8, True, False),
@@ -158,7 +159,7 @@ def main() -> int:
         ("bf16", 64, 4, True, False, 1, False, 3, True),  # ... selecting in its last program
         ("fp32", 128, 8, True, False, 1, False, 8, True),
     ]
-    sources = [(v, *scan(*v)) for v in variants]
+    sources = [(v, *scan(*v)) for v in scans]
     sources += [
         (("rescore", *v), rescore(*v), topk._rescore_config(16, 64, v[1])[3])
         for v in (("bf16", 64, 4), ("bf16", 128, 8), ("fp32", 64, 4))
@@ -172,12 +173,17 @@ def main() -> int:
         (("tile_top", h, blk), tile_top(h, blk, 32), 4 if blk >= 512 else 1)
         for h, blk in ((True, 1024), (False, 512), (True, 64))
     ]
-    sources.append((("blocks", 32, 32), blocks(32, 32), 4))
+    # the blocks of a chunk's selection: the embedded preset's 32, Llama-8B's 127 (a 128-slot tile)
+    sources += [(("blocks", kp, 32), blocks(kp, 32), select.BLOCKS_WARPS) for kp in (32, 128)]
     # a decode step's selection in one program (the embedded preset has 36 hits)
     sources += [(("select_small", n), select_small(n), select.SMALL_WARPS) for n in (16, 64)]
     # a decode step's split scope attention, merging in its last program or not
     sources += [(("scope", *v), *scope(*v)) for v in (("bf16", 64, True), ("bf16", 64, False), ("fp32", 128, True))]
-    for v, src, warps in sources:
+    return sources
+
+
+def main() -> int:
+    for v, src, warps in variants():
         try:
             triton.compile(src, target=TARGET, options={"num_warps": warps, "num_stages": 3})
         except Exception as exc:  # noqa: BLE001  (reported with the variant, then fail)

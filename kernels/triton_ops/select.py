@@ -84,6 +84,13 @@ def _tile_top(
 
 
 @triton.jit
+def _exclusive_max(a_l, b_l, a_r, b_r):
+    """Combine of an exclusive prefix maximum by `tl.associative_scan`: a run of values is summed up as
+    ``(largest of all but its last value, its last value)``."""
+    return tl.maximum(tl.maximum(a_l, b_l), a_r), b_r
+
+
+@triton.jit
 def _write_blocks(kept, sel, n_sel, i_b, M, K, W, offset, BLOCK: tl.constexpr, KP: tl.constexpr, BS: tl.constexpr,
                   BSP: tl.constexpr):  # fmt: skip
     """Widen the kept positions ``kept [KP]`` (ascending; ``M`` in unused slots) of row ``i_b`` to
@@ -95,8 +102,9 @@ def _write_blocks(kept, sel, n_sel, i_b, M, K, W, offset, BLOCK: tl.constexpr, K
     o_k = tl.arange(0, KP)
     start = kept - BS // 2
     ends = start + BS - 1
-    # kept is ascending, so the latest earlier end is the largest
-    prev_end = tl.max(tl.where(o_k[None, :] < o_k[:, None], ends[None, :], -1), 1)
+    # the latest end of the blocks before each: an exclusive prefix maximum in log2(KP) steps (a [KP, KP]
+    # masked maximum took all 255 registers and spilled at KP = 128, a Llama-8B prefill chunk's)
+    prev_end, _ = tl.associative_scan((tl.full([KP], -1, ends.dtype), ends), 0, _exclusive_max)
     lo = tl.maximum(tl.maximum(start, 0), prev_end + 1)
     hi = tl.minimum(ends, M - 1)
     row_n = tl.where((kept < M) & (o_k < K) & (hi >= lo), hi - lo + 1, 0)
