@@ -36,8 +36,8 @@ def _ptxas() -> str:
     return tool.path
 
 
-def resources(src, warps: int) -> dict:
-    kernel = triton.compile(src, target=compile_sm90.TARGET, options={"num_warps": warps, "num_stages": 3})
+def resources(src, warps: int, stages: int) -> dict:
+    kernel = triton.compile(src, target=compile_sm90.TARGET, options={"num_warps": warps, "num_stages": stages})
     with tempfile.TemporaryDirectory() as tmp:
         ptx, cubin = Path(tmp, "k.ptx"), Path(tmp, "k.cubin")
         ptx.write_text(kernel.asm["ptx"])
@@ -60,6 +60,7 @@ def resources(src, warps: int) -> dict:
         "stack_bytes": number(r"(\d+) bytes stack frame"),
         "sass_instructions": sum(1 for line in sass.splitlines() if re.search(r"/\*[0-9a-f]{4,}\*/\s+\S", line)),
         "num_warps": warps,
+        "num_stages": stages,
     }
 
 
@@ -73,11 +74,11 @@ def main() -> int:
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
     ).stdout.strip()
     meta = {"target": "sm_90 (compiled on a CPU)", "triton": triton.__version__, "commit": commit or "unknown"}
-    for name, src, warps in compile_sm90.variants():
+    for name, src, warps, stages in compile_sm90.variants():
         label = " ".join(map(str, name))
         if args.match and not any(word in label for word in args.match):
             continue
-        row = {"kernel": label, **resources(src, warps), **meta}
+        row = {"kernel": label, **resources(src, warps, stages), **meta}
         print(json.dumps(row), flush=True)
         if args.out:
             with args.out.open("a") as f:

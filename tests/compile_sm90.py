@@ -30,11 +30,11 @@ SELECT_CONSTS = ("HRP", "BC", "SBLOCK", "SKP", "BS", "BSP")
 def scan(
     dtype: str, d: int, top_k: int, split: bool, two_phase: bool, subtiles: int = 1, tma: bool = False, rows: int = 64,
     selects: bool = False,
-) -> tuple[ASTSource, int]:  # fmt: skip
-    """The scan kernel's source and its num_warps, both as `topk._config` picks them for ``rows``; with
+) -> tuple[ASTSource, int, int]:  # fmt: skip
+    """The scan kernel's source, num_warps and num_stages, as `topk._config` picks them for ``rows``; with
     ``selects``, the decode epilogue that merges the splits and selects (the embedded preset's shapes)."""
     fp = {"bf16": "*bf16", "fp32": "*fp32"}[dtype]
-    bm, bn, warps, _ = topk._config(rows, DTYPES[dtype], d, two_phase)
+    bm, bn, warps, stages = topk._config(rows, DTYPES[dtype], d, two_phase)
     sig = {name: "*fp32" for name in PTRS}
     sig.update(q=fp, k=fp, o="*i64", ws_i="*i32", shift="*i64")
     # the descriptor argument: a tensor descriptor with TMA, else the key pointer again
@@ -53,7 +53,7 @@ def scan(
     sel = preset if selects else dict.fromkeys(SELECT_CONSTS, 1)
     consts.update(SELECT=selects, **sel)
     sig.update({name: "constexpr" for name in consts})
-    return ASTSource(fn=topk.score_topk_fwd_kernel_scan, signature=sig, constexprs=consts), warps
+    return ASTSource(fn=topk.score_topk_fwd_kernel_scan, signature=sig, constexprs=consts), warps, stages
 
 
 def rescore(dtype: str, d: int, top_k: int) -> ASTSource:
@@ -124,11 +124,14 @@ def select_small(np_: int) -> ASTSource:
     return ASTSource(fn=select._select_small, signature=sig, constexprs=consts)
 
 
-def scope(dtype: str, d: int, merge: bool) -> tuple[ASTSource, int]:
-    """The scope attention kernel split for a decode step (the embedded model's 3 rows per KV head),
-    with or without the merge in its last program, and its num_warps as `attention._config` picks them."""
+def scope(
+    dtype: str, d: int, merge: bool, split: bool = True, rows: int = 3, config: tuple | None = None
+) -> tuple[ASTSource, int, int]:
+    """The scope attention kernel for ``rows`` rows per KV head (3: the embedded model's decode step),
+    split or not, with or without the merge in its last program, and its num_warps and num_stages, as
+    `attention._config` picks them (``config``: the block shape a device with more shared memory gets)."""
     fp = {"bf16": "*bf16", "fp32": "*fp32"}[dtype]
-    bm, bn, warps, _ = attention._config(3, DTYPES[dtype], d)
+    bm, bn, warps, stages = config or attention._config(rows, DTYPES[dtype], d)
     sig = {"q": fp, "k": fp, "v": fp, "sel_idx": "*i64", "n_sel": "*i64", "cos_t": fp, "sin_t": fp, "o": fp}
     sig.update(lse="*fp32", ws_o="*fp32", ws_lse="*fp32", shift="*i64", counts="*i32")
     ints = ("stride_qb", "stride_qt", "stride_qh", "stride_kb", "stride_kt", "stride_kh", "stride_vb", "stride_vt")
@@ -137,15 +140,25 @@ def scope(dtype: str, d: int, merge: bool) -> tuple[ASTSource, int]:
     sig.update({name: "i32" for name in ints})
     sig["scale_log2"] = "fp32"
     consts = {
-        "H": 3, "G": 3, "D": d, "BM": bm, "BN": bn, "SPLIT": True, "RETURN_LSE": False, "IEEE": dtype == "fp32",
+        "H": 3, "G": 3, "D": d, "BM": bm, "BN": bn, "SPLIT": split, "RETURN_LSE": False, "IEEE": dtype == "fp32",
         "SHIFT": True, "MERGE": merge, "BS": 32,
     }  # fmt: skip
     sig.update({name: "constexpr" for name in consts})
-    return ASTSource(fn=attention.scope_attention_fwd_kernel, signature=sig, constexprs=consts), warps
+    return ASTSource(fn=attention.scope_attention_fwd_kernel, signature=sig, constexprs=consts), warps, stages
 
 
-def variants() -> list[tuple[tuple, ASTSource, int]]:
-    """Every variant compiled here: ``(name, source, num_warps)``."""
+def _scan_name(dtype: str, d: int, top_k: int, split: bool, two_phase: bool, subtiles: int = 1, tma: bool = False,
+               rows: int = 64, selects: bool = False) -> tuple:  # fmt: skip
+    """A readable name of a `scan` variant (its arguments, in words)."""
+    name = ["scan", dtype, f"D{d}", f"top-{top_k}", "two-phase" if two_phase else "one-pass"]
+    name += ["split" if split else "unsplit", f"rows-{rows}"]
+    name += [f"subtiles-{subtiles}"] * (subtiles > 1) + ["tma"] * tma + ["selects"] * selects
+    return tuple(name)
+
+
+def variants() -> list[tuple[tuple, ASTSource, int, int]]:
+    """Every variant compiled here: ``(name, source, num_warps, num_stages)``; the scan and the scope
+    attention with the stages their configs pick, the others with 3."""
     scans = [
         ("bf16", 64, 4, True, True),
         ("bf16", 64, 4, False, True),
@@ -159,7 +172,7 @@ def variants() -> list[tuple[tuple, ASTSource, int]]:
         ("bf16", 64, 4, True, False, 1, False, 3, True),  # ... selecting in its last program
         ("fp32", 128, 8, True, False, 1, False, 8, True),
     ]
-    sources = [(v, *scan(*v)) for v in scans]
+    sources = [(_scan_name(*v), *scan(*v)) for v in scans]
     sources += [
         (("rescore", *v), rescore(*v), topk._rescore_config(16, 64, v[1])[3])
         for v in (("bf16", 64, 4), ("bf16", 128, 8), ("fp32", 64, 4))
@@ -179,13 +192,16 @@ def variants() -> list[tuple[tuple, ASTSource, int]]:
     sources += [(("select_small", n), select_small(n), select.SMALL_WARPS) for n in (16, 64)]
     # a decode step's split scope attention, merging in its last program or not
     sources += [(("scope", *v), *scope(*v)) for v in (("bf16", 64, True), ("bf16", 64, False), ("fp32", 128, True))]
-    return sources
+    # prefill chunks: the embedded preset's (256 tokens x 3 heads) and Llama-8B's (512 x 4) on an H100/H200
+    sources.append((("scope", "bf16", 64, "prefill", 768), *scope("bf16", 64, False, False, 768)))
+    sources.append((("scope", "bf16", 128, "prefill", 2048), *scope("bf16", 128, False, False, 2048, (128, 128, 8, 3))))
+    return [s if len(s) == 4 else (*s, 3) for s in sources]
 
 
 def main() -> int:
-    for v, src, warps in variants():
+    for v, src, warps, stages in variants():
         try:
-            triton.compile(src, target=TARGET, options={"num_warps": warps, "num_stages": 3})
+            triton.compile(src, target=TARGET, options={"num_warps": warps, "num_stages": stages})
         except Exception as exc:  # noqa: BLE001  (reported with the variant, then fail)
             print(f"FAILED {v}: {type(exc).__name__}: {exc}", flush=True)
             return 1
