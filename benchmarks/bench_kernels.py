@@ -18,9 +18,9 @@
    c. scope attention, decode and prefill (TQ 512) over ~1.3K and ~8K scopes, against torch SDPA
       on an already-gathered, already-rotated copy of the same scope, and against the unfused
       torch pipeline (gather + RoPE + SDPA).
-   ``--sweep [topk-prefill topk-decode attention]`` first times a few block configurations and
-   split counts of those parts (all three when none is named; a tuning aid); ``--sweep-only``
-   times only the sweep (and the rooflines).
+   ``--sweep [topk-prefill topk-decode attention attention-decode]`` first times a few block
+   configurations and split counts of those parts (all when none is named; a tuning aid);
+   ``--sweep-only`` times only the sweep (and the rooflines).
 4. Writes ``kernels-<tag>.json`` (one JSON object per line) and ``kernels-<tag>.md`` under ``--out``.
 """
 
@@ -41,7 +41,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = {"SmolLM2-135M": (9, 3, 64), "Llama-3.1-8B": (32, 8, 128)}
 HBM_NOMINAL = {"H100": 3350.0, "H200": 4800.0}  # GB/s, SXM datasheet values
-SWEEPS = ("topk-prefill", "topk-decode", "attention")
+SWEEPS = ("topk-prefill", "topk-decode", "attention", "attention-decode")
 
 
 def ensure_importable() -> dict[str, str]:
@@ -259,6 +259,18 @@ def main() -> None:
                 t = graph(partial(scope_attention_fwd, q, kst, vst, sel, n_sel, config=cfg, **kw))
                 tf = {"TFLOPs": round(4 * pairs * hq * d / t["graph_ms"] / 1e9, 1)} if "graph_ms" in t else {}
                 emit(kind="sweep_scope_prefill", model=model, TQ=tq, scope=scope, config=cfg or "default", **t, **tf)
+    if "attention-decode" in sweep:
+        # one query token over a scope of each preset's size (the embedded model's 1,344 positions, Llama-8B's
+        # 8,192), split as the package splits it; (16, 128, 4, 2), the default, spills registers at both head
+        # dims on sm_90 (benchmarks/kernel_resources.py), 64-key tiles and 8 warps do not
+        for model, scope in (("SmolLM2-135M", 1344), ("Llama-3.1-8B", 8192)):
+            hq, h, d = MODELS[model]
+            q, kst, vst, sel, n_sel, kw = scope_case(model, 1, scope, t_store=65536)
+            for cfg in (None, (16, 64, 4, 2), (16, 64, 4, 3), (16, 32, 4, 2), (16, 128, 8, 2), (16, 64, 8, 2),
+                        (16, 64, 2, 2)):  # fmt: skip
+                t = graph(partial(scope_attention_fwd, q, kst, vst, sel, n_sel, config=cfg, **kw))
+                bw = {"kv_GBps": round(2 * scope * h * d * 2 / t["graph_ms"] / 1e6, 1)} if "graph_ms" in t else {}
+                emit(kind="sweep_scope_decode", model=model, scope=scope, config=cfg or "default", **t, **bw)
     if args.sweep_only:
         return
 

@@ -5,8 +5,8 @@
 #
 #   REATTENTION_COMMIT=abc1234 bash benchmarks/goals.sh kernels
 #       the GPU kernel, CUDA-graph and fused tests, then (only if they pass) the device's copy bandwidth
-#       and bf16 matmul rate, decode-scoring GB/s, prefill-scoring TFLOP/s and scope attention
-#       (bench_kernels.py), the package's prefill scoring at the engine's chunk shapes
+#       and bf16 matmul rate, decode-scoring GB/s, prefill-scoring TFLOP/s and scope attention, with a sweep of
+#       decode scope attention's block shapes (bench_kernels.py), the package's prefill scoring at the engine's chunk shapes
 #       (probe_topk_splits.py with the default split count), and a decode step's split kernels with
 #       their merges (and selection) in their last programs or in kernels of their own
 #       (probe_decode_epilogues.py)
@@ -54,7 +54,14 @@ kernels)
         exit 1
     fi
     tail -3 "$out/gpu-tests-$tag.log"
-    python3 benchmarks/bench_kernels.py --skip-tests --out "$out" --tag "$tag"
+    python3 benchmarks/bench_kernels.py --skip-tests --sweep attention-decode --out "$out" --tag "$tag"
+    python3 - "$out/kernels-$tag.json" <<'PY'
+import json, sys
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    if r.get("kind") == "sweep_scope_decode":
+        print(f"scope attention decode {r['model']:12} {str(r['config']):16} {r.get('graph_ms', r.get('error'))} ms")
+PY
     python3 benchmarks/probe_topk_splits.py --splits 0 --out "$out/probe-topk-splits-$tag.jsonl" | tail -8
     python3 benchmarks/probe_decode_epilogues.py --out "$out/probe-decode-epilogues-$tag.jsonl" >/dev/null
     python3 - "$out/probe-decode-epilogues-$tag.jsonl" <<'PY'
