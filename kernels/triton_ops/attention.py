@@ -458,10 +458,12 @@ def scope_attention_fwd(
     ws_lse = torch.empty((b * h, rows, splits), dtype=torch.float32, device=dev)
     bs = triton.next_power_of_2(splits)
     counts = arrival_counts(dev, b * h) if FUSE_DECODE_MERGE and rows <= _FUSED_MERGE_MAX_ROWS else None
+    # BS only where the kernel reads it (with MERGE): each value of a constexpr is a variant to compile
     scope_attention_fwd_kernel[(n_m, splits, b * h)](
         q, k, v, sel_idx, n_sel, cos_t, sin_t, o, lse_arg, ws_o, ws_lse, shift_arg, o if counts is None else counts,
         *common, splits, pos_per_split, scale_log2, H=h, G=g, D=d, BM=bm, BN=bn, SPLIT=True, RETURN_LSE=return_lse,
-        IEEE=ieee, SHIFT=shift is not None, MERGE=counts is not None, BS=bs, num_warps=warps, num_stages=stages,
+        IEEE=ieee, SHIFT=shift is not None, MERGE=counts is not None, BS=1 if counts is None else bs,
+        num_warps=warps, num_stages=stages,
     )  # fmt: skip
     if counts is None:
         scope_attention_fwd_kernel_merge[(rows, b * h)](
