@@ -450,8 +450,8 @@ def scope_attention_fwd(
     if splits == 1:
         scope_attention_fwd_kernel[(n_m, 1, b * h)](
             q, k, v, sel_idx, n_sel, cos_t, sin_t, o, lse_arg, o, o, shift_arg, o, *common, 1, pos_per_split,
-            scale_log2, H=h, G=g, D=d, BM=bm, BN=bn, SPLIT=False, RETURN_LSE=return_lse, IEEE=ieee, SHIFT=shift is not None,
-            num_warps=warps, num_stages=stages,
+            scale_log2, H=h, G=g, D=d, BM=bm, BN=bn, SPLIT=False, RETURN_LSE=return_lse, IEEE=ieee,
+            SHIFT=shift is not None, num_warps=warps, num_stages=stages,
         )  # fmt: skip
         return o, lse
     ws_o = torch.empty((b * h, rows, splits, d), dtype=torch.float32, device=dev)

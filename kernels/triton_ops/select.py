@@ -157,57 +157,13 @@ def _clip_small(h, ok, K, M, KP: tl.constexpr, NP: tl.constexpr):
     return tl.where(tl.sum(at.to(tl.int32), 1) > 0, kept, M)
 
 
-_NO_KEY = tl.constexpr(-(2**63))
-
-
 @triton.jit
-def _order_keys(b_v, b_i):
-    """Unique int64 keys of (score, key index) candidates, larger for a higher score and, among equal
-    scores, a lower index (the kernels' order); ``_NO_KEY`` where the index is -1 (an empty slot)."""
-    b_v = b_v + 0.0  # -0.0 -> +0.0: the scoring kernels compare floats, which hold the two equal
-    bits = b_v.to(tl.int32, bitcast=True)
-    ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64)
-    return tl.where(b_i >= 0, (ordered << 32) | (0x7FFFFFFF - b_i).to(tl.int64), _NO_KEY)
-
-
-@triton.jit
-def split_hits(ws_v, ws_i, i_b, RT, NC, TOPK: tl.constexpr, HRP: tl.constexpr, KP: tl.constexpr, BC: tl.constexpr):
-    """Merge the split-K partial sets of one batch row into its hits: for each of its ``RT`` rows the
-    ``TOPK`` best of the ``NC`` candidates ``ws[(i_b * RT + r) * NC + c]`` (fp32 scores, int32 key
-    indices, -1 = empty), as key indices ``[HRP * KP]`` (-1 where a row has fewer, and in padding).
-
-    Each chunk of ``BC`` candidates is merged into the running ``[HRP, KP]`` best by ``TOPK`` rounds of
-    one row maximum over unique keys (`_order_keys`), so no tie rule is needed beyond the key's."""
-    o_r, o_c, o_j = tl.arange(0, HRP), tl.arange(0, BC), tl.arange(0, KP)
-    m_r = o_r < RT
-    base = (i_b * RT + o_r).to(tl.int64) * NC
-    best = tl.full([HRP, KP], _NO_KEY, tl.int64)
-    for c0 in range(0, NC, BC):
-        m = m_r[:, None] & ((c0 + o_c) < NC)[None, :]
-        p = base[:, None] + c0 + o_c[None, :]
-        # .cg: read at the L2, where the other programs' partial sets are (not a stale L1 line)
-        b_v = tl.load(ws_v + p, mask=m, other=0.0, cache_modifier=".cg")
-        b_i = tl.load(ws_i + p, mask=m, other=-1, cache_modifier=".cg")
-        keys = _order_keys(b_v, b_i)
-        merged = tl.full([HRP, KP], _NO_KEY, tl.int64)
-        for j in tl.static_range(TOPK):
-            top = tl.maximum(tl.max(keys, 1), tl.max(best, 1))
-            merged = tl.where(o_j[None, :] == j, top[:, None], merged)
-            keys = tl.where(keys == top[:, None], _NO_KEY, keys)
-            best = tl.where(best == top[:, None], _NO_KEY, best)
-        best = merged
-    hits = tl.where(best == _NO_KEY, -1, 0x7FFFFFFF - (best & 0xFFFFFFFF))
-    return tl.reshape(hits, [HRP * KP])
-
-
-@triton.jit
-def select_split_hits(ws_v, ws_i, sel, n_sel, i_b, RT, NC, M, K, W, offset, TOPK: tl.constexpr, HRP: tl.constexpr,
-                      KPH: tl.constexpr, BC: tl.constexpr, BLOCK: tl.constexpr, KP: tl.constexpr, BS: tl.constexpr,
-                      BSP: tl.constexpr):  # fmt: skip
-    """`split_hits`, then the whole selection of those hits (as `_select_small`), in the calling program:
-    the epilogue of a decode step's scoring kernel (``reattention_kernels.triton_ops.topk``)."""
-    h = split_hits(ws_v, ws_i, i_b, RT, NC, TOPK, HRP, KPH, BC)
-    kept = _clip_small(h, (h >= 0) & (h < M), K, M, KP, HRP * KPH)
+def select_row(h, ok, sel, n_sel, i_b, M, K, W, offset, NP: tl.constexpr, BLOCK: tl.constexpr, KP: tl.constexpr,
+               BS: tl.constexpr, BSP: tl.constexpr):  # fmt: skip
+    """The whole selection of row ``i_b``'s hits ``h [NP]`` (only where ``ok``) in the calling program:
+    votes and clip in registers, then the blocks into ``sel`` and ``n_sel``. `_select_small` and the
+    decode scan's last program (``reattention_kernels.triton_ops.topk``, ``SELECT``) both end here."""
+    kept = _clip_small(h, ok, K, M, KP, NP)
     _write_blocks(kept, sel, n_sel, i_b, M, K, W, offset, BLOCK, KP, BS, BSP)
 
 
@@ -220,8 +176,7 @@ def _select_small(hits, sel, n_sel, shift, stride_hb, N, M, K, W, offset, NP: tl
         M = M + tl.load(shift)
     o = tl.arange(0, NP)
     h = tl.load(hits + i_b * stride_hb + o, mask=o < N, other=-1)
-    kept = _clip_small(h, (o < N) & (h >= 0) & (h < M), K, M, KP, NP)
-    _write_blocks(kept, sel, n_sel, i_b, M, K, W, offset, BLOCK, KP, BS, BSP)
+    select_row(h, (o < N) & (h >= 0) & (h < M), sel, n_sel, i_b, M, K, W, offset, NP, BLOCK, KP, BS, BSP)
 
 
 def _pad_block(width: int) -> int:

@@ -59,7 +59,7 @@ from reattention_kernels.dispatch import interpreting
 from reattention_kernels.triton_ops import select
 from reattention_kernels.triton_ops.arrivals import arrival_counts, last_arrival
 from reattention_kernels.triton_ops.rows import group_rows, row_heads
-from reattention_kernels.triton_ops.select import select_split_hits
+from reattention_kernels.triton_ops.select import select_row
 
 try:  # host-side tensor descriptors (TMA); Triton >= 3.4
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -292,9 +292,9 @@ def score_topk_fwd_kernel_scan(
 
     ``SELECT`` (one pass, split): the last program of a batch row to finish (`arrivals.last_arrival`
     on ``counter [B]``, zero before the launch and after it) merges the row's partial
-    sets and selects its blocks into ``sel [B, SW]`` and ``n_sel [B]`` (`select.select_split_hits`:
-    ``SK`` blocks of ``BS`` at most, positions plus ``s_offset``), so a decode step's scoring, merge and
-    selection take one launch instead of three."""
+    sets (`_merge_splits`, as the merge kernel does) and selects its blocks into ``sel [B, SW]`` and
+    ``n_sel [B]`` (`select.select_row`: ``SK`` blocks of ``BS`` at most, positions plus ``s_offset``), so
+    a decode step's scoring, merge and selection take one launch instead of three."""
     i_m, i_s, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if SHIFT:  # the key count moved on the device since the launch was recorded (CUDA-graph replay)
         TK = TK + tl.load(shift).to(tl.int32)
@@ -340,25 +340,34 @@ def score_topk_fwd_kernel_scan(
         if SELECT:  # noqa: SIM102  (nested: without SELECT, ``counter`` is no count tensor)
             # the batch row's last program to finish sees every split's partial set (`arrivals`)
             if last_arrival(counter, i_b, tl.num_programs(0) * tl.num_programs(1) * H):
-                select_split_hits(ws_v, ws_i, sel, n_sel, i_b, H * R, NSPLIT * TOPK, TK, SK, SW, s_offset, TOPK, HRP,
-                                  KP, BC, SBLOCK, SKP, BS, BSP)  # fmt: skip
+                # the batch row's H * R rows, each with its TOPK best keys of all splits (order is no matter:
+                # the selection votes over the set); -1 in empty slots and padding
+                o_rb = tl.arange(0, HRP)
+                m_rb = o_rb < H * R
+                n_c = NSPLIT * TOPK
+                _, b_h = _merge_splits(ws_v, ws_i, (i_b * H * R + o_rb).to(tl.int64) * n_c, m_rb, n_c, tl.arange(0, BC),
+                                       o_j, HRP, TOPK, KP, BC, ".cg")  # fmt: skip
+                h = tl.reshape(tl.where(m_rb[:, None], b_h, -1), [HRP * KP]).to(tl.int64)
+                select_row(h, (h >= 0) & (h < TK), sel, n_sel, i_b, TK, SK, SW, s_offset, HRP * KP, SBLOCK, SKP, BS,
+                           BSP)  # fmt: skip
     else:
         _store_sorted(b_v, b_i, o_j, o + i_b * stride_ob + o_t * stride_ot + o_hq * stride_oh, o, m_r, TOPK, KP, False)
 
 
 @triton.jit
 def _merge_splits(ws_v, ws_i, o_w, m_r, n_c, o_c, o_j, BR: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr,
-                  BC: tl.constexpr):  # fmt: skip
+                  BC: tl.constexpr, CACHE: tl.constexpr = ""):  # fmt: skip
     """The best ``TOPK`` of the ``n_c`` candidates of each row (``ws[o_w + c]``, stored split after
     split, each split's best first): among equal values they come in ascending index order, as
-    the admission rule needs."""
+    the admission rule needs. ``CACHE``: the loads' cache modifier (``.cg`` in the launch that wrote
+    ``ws``: the other programs' sets are in the L2, not this SM's L1)."""
     b_v, b_i, b_kth = _empty_set(BR, KP, TOPK)
     for c0 in range(0, n_c, BC):
         m_w = m_r[:, None] & ((c0 + o_c) < n_c)[None, :]
         p_w = o_w[:, None] + c0 + o_c[None, :]
         # [BR, BC]
-        b_s = tl.load(ws_v + p_w, mask=m_w, other=float("-inf"))
-        b_ci = tl.load(ws_i + p_w, mask=m_w, other=-1)
+        b_s = tl.load(ws_v + p_w, mask=m_w, other=float("-inf"), cache_modifier=CACHE)
+        b_ci = tl.load(ws_i + p_w, mask=m_w, other=-1, cache_modifier=CACHE)
         b_v, b_i, b_kth = _admit(b_s, b_ci, c0, b_v, b_i, b_kth, o_c, o_j, TOPK, KP, BC, True)
     return b_v, b_i
 
@@ -758,11 +767,13 @@ def _rescore_by_tiles(
 
 # A decode step's scoring kernel can also merge its splits and select the blocks (its last program; see
 # the scan kernel's ``SELECT``) where they fit, instead of the merge and `_select_small` as two more
-# launches. Off until a GPU has timed it against them (`benchmarks/probe_decode_select.py`, the
-# engine's `bench_engine.py --select fused separate`): it saves two launches per layer step but runs
-# the selection in one program of the scan's warps, after its last split. Its results equal the
-# separate kernels' (interpreter tests; the sm90 PTX takes the count with one thread after a barrier).
+# launches. Off until a GPU has timed it against them (`benchmarks/probe_decode_epilogues.py`, the
+# engine's `bench_engine.py --epilogues off on`): it saves two launches per layer step but runs the
+# selection in one program of the scan's warps, after its last split. Its results equal the separate
+# kernels' (interpreter tests; the sm90 PTX takes the count with one thread after a barrier).
 FUSE_DECODE_SELECTION = False
+
+
 def _fused_selection(
     device: torch.device, b: int, rows: int, top_k: int, max_blocks: int, block_size: int, offset: int
 ):
@@ -961,7 +972,8 @@ def score_select_triton(
 
     With ``FUSE_DECODE_SELECTION`` on, a decode step whose hits `select._select_small` takes runs as
     one kernel: the scan's last program per batch row merges the splits and selects (``SELECT``);
-    anything else takes the separate kernels. ``tuning``: `score_topk_fwd`'s keyword arguments (tests and probes)."""
+    anything else takes the separate kernels. ``tuning``: `score_topk_fwd`'s keyword arguments (tests
+    and probes)."""
     got = score_topk_fwd(q, k, top_k, length=length, shift=shift, select_args=(max_blocks, block_size, offset),
                          **tuning)  # fmt: skip
     if isinstance(got, tuple):
