@@ -28,7 +28,6 @@ at most ``select.SMALL_HITS`` hits: Llama-8B's 256 do not). One JSON line per sh
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 from functools import partial
@@ -37,24 +36,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_engine import epilogues
 from bench_kernels import capture_graph
 from probe_decode_select import emit, time_graph
 
 # (HQ, H, D, top_k, max_blocks, block, sink, local)
 SHAPES = {"SmolLM2-135M": (9, 3, 64, 4, 32, 32, 64, 256), "Llama-3.1-8B": (32, 8, 128, 8, 127, 32, 32, 4096)}
-
-
-@contextlib.contextmanager
-def epilogues(on: bool):
-    """Both decode epilogues switched ``on`` or off for the block."""
-    from reattention_kernels.triton_ops import attention, topk
-
-    saved = topk.FUSE_DECODE_SELECTION, attention.FUSE_DECODE_MERGE
-    topk.FUSE_DECODE_SELECTION = attention.FUSE_DECODE_MERGE = on
-    try:
-        yield
-    finally:
-        topk.FUSE_DECODE_SELECTION, attention.FUSE_DECODE_MERGE = saved
 
 
 def main() -> int:
@@ -109,7 +96,7 @@ def main() -> int:
             topk._fused_selection = watched
             try:
                 for on in (True, False):
-                    with epilogues(on):
+                    with epilogues("on" if on else "off"):
                         outs[on] = (select(), attend())
             finally:
                 topk._fused_selection = real
@@ -123,7 +110,7 @@ def main() -> int:
                 continue
             for part, fn in (("select", select), ("attention", attend), ("layer", layer)):
                 for on in (True, False):
-                    with epilogues(on):
+                    with epilogues("on" if on else "off"):
                         g = capture_graph(fn)
                     time_graph(row, f"{part}_{'on' if on else 'off'}", g, flush)
             emit(row, args.out)

@@ -57,7 +57,9 @@ def test_the_last_program_merges_the_splits(
     kwargs["inv_freq"] = kwargs["inv_freq"].to(device)
     with monkeypatch.context() as m:
         m.setattr(attention, "FUSE_DECODE_MERGE", False)
-        want_o, want_lse = attention.scope_attention_fwd(q, k, v, sel, n, return_lse=return_lse, splits=splits, **kwargs)
+        want_o, want_lse = attention.scope_attention_fwd(
+            q, k, v, sel, n, return_lse=return_lse, splits=splits, **kwargs
+        )
     refuse_merge_kernel(monkeypatch, attention)
     for _ in range(2):  # a second launch starts from the counts the first left
         o, lse = attention.scope_attention_fwd(q, k, v, sel, n, return_lse=return_lse, splits=splits, **kwargs)
