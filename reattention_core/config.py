@@ -16,6 +16,10 @@ Vocabulary (used everywhere in this package, one name per concept):
 * **prefill chunk** - the step of chunked prefill, ``prefill_chunk_size`` tokens (at most the local
   window, so a chunk always fits in it). All of a chunk's rows vote for its selection, or with
   ``prefill_vote_stride`` S > 1 only every S-th row counting back from the chunk's last one.
+* **YaRN** - ``yarn_factor`` F rescales the model's RoPE frequencies (YaRN, Peng et al. 2023) so that
+  F times the pre-training window becomes usable; with ``mode="full"`` this is the usual way to
+  stretch a model's window (Qwen2.5's own advice past 32K is F = 4), the baseline ReAttention is
+  measured against.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ MODES: tuple[str, ...] = ("reattention", "full", "streaming")
 
 # Fields added after caches were saved, with their defaults: a config that leaves them there keeps
 # the fingerprint it had before they existed, so those caches stay valid.
-_LATER_FIELDS: dict[str, Any] = {"prefill_vote_stride": 1}
+_LATER_FIELDS: dict[str, Any] = {"prefill_vote_stride": 1, "yarn_factor": None}
 _NO_DEFAULT = object()
 
 
@@ -59,6 +63,9 @@ class ReAttentionConfig:
             an opt-in speed knob (benchmarks/README.md, "Prefill vote stride").
         max_context: largest prompt + completion the engine accepts, in tokens; ``None`` means
             bounded only by memory. Prompts over it raise `ContextLimitError` (never truncated).
+        yarn_factor: rescale the model's RoPE with YaRN by this factor (> 1) over its pre-training
+            window, as transformers' ``rope_type="yarn"`` does; ``None`` (default) keeps the model's
+            own RoPE. Meant for ``mode="full"``: full attention to ``factor x window`` positions.
     """
 
     mode: Mode = "reattention"
@@ -70,6 +77,7 @@ class ReAttentionConfig:
     prefill_chunk_size: int = 512
     prefill_vote_stride: int = 1
     max_context: int | None = None
+    yarn_factor: float | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -93,6 +101,13 @@ class ReAttentionConfig:
         if self.max_context is not None:
             if isinstance(self.max_context, bool) or not isinstance(self.max_context, int) or self.max_context < 1:
                 raise ConfigError(f"max_context must be a positive int or None, got {self.max_context!r}")
+        if self.yarn_factor is not None:
+            f = self.yarn_factor
+            if isinstance(f, bool) or not isinstance(f, (int, float)) or not f > 1.0 or f != f or f == float("inf"):
+                raise ConfigError(
+                    f"yarn_factor must be a number > 1 (e.g. 4.0 stretches a 32K window to 128K) or None, got {f!r}"
+                )
+            object.__setattr__(self, "yarn_factor", float(f))
 
     @property
     def scope_size(self) -> int | None:
@@ -102,19 +117,27 @@ class ReAttentionConfig:
         selected = self.max_blocks * self.block_size if self.mode == "reattention" else 0
         return self.sink_size + selected + self.local_window
 
+    def window_for(self, window: int) -> int:
+        """Positions usable under this config for a model pre-trained on ``window`` (YaRN stretches them)."""
+        return window if self.yarn_factor is None else int(window * self.yarn_factor)
+
     def check_window(self, window: int) -> None:
         """Raise `ConfigError` if the scope does not fit in the model's pre-training window.
 
         The whole point of ReAttention is that positions stay inside the range the model was
-        trained on; a scope larger than the window re-introduces unseen positions.
+        trained on; a scope larger than the window re-introduces unseen positions. With
+        ``yarn_factor`` the bound is the stretched window.
         """
+        usable = self.window_for(window)
         scope = self.scope_size
-        if scope is not None and scope > window:
+        if scope is not None and scope > usable:
+            blocks = self.max_blocks if self.mode == "reattention" else 0
+            stretched = "" if usable == window else f" (x{self.yarn_factor:g} with YaRN: {usable})"
             raise ConfigError(
-                f"attention scope {scope} tokens (sink {self.sink_size} + {self.max_blocks if self.mode == 'reattention' else 0} "
-                f"blocks x {self.block_size} + local {self.local_window}) exceeds the model's pre-training window of "
-                f"{window} positions. Lower max_blocks, block_size or local_window "
-                f"(ReAttentionConfig.for_window({window}) gives the paper's sizing)."
+                f"attention scope {scope} tokens (sink {self.sink_size} + {blocks} blocks x {self.block_size} + local "
+                f"{self.local_window}) exceeds the model's pre-training window of {window} positions{stretched}. "
+                f"Lower max_blocks, block_size or local_window (ReAttentionConfig.for_window({window}) gives the "
+                "paper's sizing)."
             )
 
     @classmethod

@@ -99,3 +99,28 @@ def test_long_window_models_get_the_papers_16k_scope():
     cfg = ReAttentionConfig.for_window(131072)
     assert (cfg.local_window, cfg.max_blocks, cfg.scope_size) == (8192, 256, 16416)
     assert ReAttentionConfig.for_window(32768).scope_size == 16416
+
+
+def test_yarn_factor_is_validated_stretches_the_window_and_keeps_saved_fingerprints():
+    import hashlib
+    import json
+
+    cfg = ReAttentionConfig(mode="full", yarn_factor=4)
+    assert cfg.yarn_factor == 4.0 and isinstance(cfg.yarn_factor, float)
+    assert cfg.window_for(32768) == 131072 and ReAttentionConfig().window_for(32768) == 32768
+    # a scope that needs the stretched window passes only with it
+    wide = ReAttentionConfig(sink_size=32, max_blocks=256, block_size=32, local_window=8192)
+    with pytest.raises(ConfigError, match="pre-training window of 8192"):
+        wide.check_window(8192)
+    with pytest.raises(ConfigError, match=r"window of 8192 positions \(x2 with YaRN: 16384\)"):
+        wide.replace(yarn_factor=2.0).check_window(8192)
+    wide.replace(yarn_factor=2.5).check_window(8192)
+    # the default hashes as configs did before the field existed, so saved caches stay valid
+    base = ReAttentionConfig(mode="full")
+    old = {k: v for k, v in base.to_dict().items() if k not in ("prefill_vote_stride", "yarn_factor")}
+    assert base.fingerprint() == hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]
+    assert cfg.fingerprint() != base.fingerprint() != cfg.replace(yarn_factor=2.0).fingerprint()
+    for bad in (1.0, 0.5, -2, True, "4", float("nan"), float("inf")):
+        with pytest.raises(ConfigError, match="yarn_factor"):
+            ReAttentionConfig(mode="full", yarn_factor=bad)
+    assert ReAttentionConfig.from_dict(cfg.to_dict()) == cfg

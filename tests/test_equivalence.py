@@ -131,3 +131,27 @@ def test_yarn_attention_scaling_matches_vanilla():
     assert rotary_module(model).attention_scaling != 1.0
     ids = random_ids(150)
     torch.testing.assert_close(run_chunked(model, ids, WIDE_BLOCKS, 16), vanilla(model, ids), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_yarn_full_mode_matches_the_model_loaded_with_yarn(arch):
+    """``mode="full", yarn_factor=F`` on a plain-RoPE model computes what transformers computes for the
+    same weights loaded with ``rope_type="yarn"`` (Qwen's recipe for contexts past 32K), past the window."""
+    plain = tiny_model(arch, max_position_embeddings=64)
+    yarn = tiny_model(arch, max_position_embeddings=256, rope_parameters={
+        "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64})
+    yarn.load_state_dict(plain.state_dict())
+    ids = random_ids(200)
+    cfg = ReAttentionConfig(mode="full", yarn_factor=4, local_window=64, prefill_chunk_size=32)
+    out = run_chunked(plain, ids, cfg, 32)
+    torch.testing.assert_close(out, vanilla(yarn, ids), atol=ATOL, rtol=0)
+    # and it is not the plain model's RoPE
+    assert (out - vanilla(plain, ids)).abs().max() > 1e-3
+
+
+def test_yarn_on_a_model_that_already_scales_its_rope_is_refused():
+    from reattention_core.errors import UnsupportedModelError
+
+    model = tiny_model("llama", rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0})
+    with pytest.raises(UnsupportedModelError, match="already scales its RoPE"):
+        run_chunked(model, random_ids(8), ReAttentionConfig(mode="full", yarn_factor=4.0), 8)

@@ -84,3 +84,32 @@ def dynamo_layer_settings() -> AbstractContextManager:
     import torch._dynamo
 
     return torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True)
+
+
+def yarn_rotary(model: torch.nn.Module, rotary: torch.nn.Module, factor: float) -> torch.nn.Module:
+    """A new rotary module of ``rotary``'s class for ``model``'s config with YaRN scaling by ``factor``.
+
+    The config copy says what Qwen's model cards advise adding to config.json (``rope_type="yarn"``,
+    ``factor``, ``original_max_position_embeddings`` = the pre-training window), and also raises
+    ``max_position_embeddings`` to the stretched window: transformers versions that derive the factor
+    from the ratio of the two then agree with those that read ``factor``.
+    """
+    import copy
+
+    config = copy.deepcopy(model.config)
+    params = getattr(config, "rope_parameters", None)
+    if not isinstance(params, dict):
+        raise UnsupportedModelError("this transformers version keeps no rope_parameters on the model config")
+    if params.get("rope_type", "default") != "default":
+        raise UnsupportedModelError(
+            f"the model already scales its RoPE ({params.get('rope_type')!r}); yarn_factor applies to plain RoPE only"
+        )
+    window = int(config.max_position_embeddings)
+    config.rope_parameters = {
+        **params,
+        "rope_type": "yarn",
+        "factor": float(factor),
+        "original_max_position_embeddings": window,
+    }
+    config.max_position_embeddings = int(window * factor)
+    return type(rotary)(config=config)

@@ -36,6 +36,14 @@ def _identity_rope(module: torch.nn.Module, args: object, output: tuple[torch.Te
     return torch.ones_like(cos), torch.zeros_like(sin)
 
 
+def model_rope(model: torch.nn.Module, config: ReAttentionConfig) -> RopeSpec:
+    """The RoPE that ``config`` runs ``model`` with: its own, or YaRN-scaled by ``config.yarn_factor``."""
+    rotary = rotary_module(model)
+    if config.yarn_factor is not None:
+        rotary = _compat.yarn_rotary(model, rotary, config.yarn_factor)
+    return RopeSpec.from_rotary(rotary)
+
+
 @contextmanager
 def enable_reattention(
     model: torch.nn.Module, config: ReAttentionConfig, *, backend: str | None = None
@@ -54,7 +62,7 @@ def enable_reattention(
     check_model(model)
     rotary = rotary_module(model)
     device = next(model.parameters()).device
-    runtime = LayerRuntime(config=config, rope=RopeSpec.from_rotary(rotary).to(device), backend=backend)
+    runtime = LayerRuntime(config=config, rope=model_rope(model, config).to(device), backend=backend)
     _compat.register_attention(ATTN_IMPLEMENTATION, registered_forward())
     previous = _compat.get_attn_implementation(model)
     modules = attention_modules(model)
