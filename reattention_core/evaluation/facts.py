@@ -29,17 +29,29 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from reattention_core.errors import InvalidInputError
-from reattention_core.evaluation.tasks import unique_words
 
 # Identifies this task design in result rows (the ``haystack`` of a QA row), so that rows of the
 # earlier design ("facts": people and companies, four mixed facts per record, no answer prefix)
 # never count as cells of this one.
 DESIGN = "facts-v2"
 _NUMBER = re.compile(r"\d+")
+_CONSONANTS = "bdfghklmnprstvz"
+_VOWELS = "aeiou"
+
+
+def unique_words(rng: random.Random, n: int, syllables: int = 3, exclude: Sequence[str] = ()) -> list[str]:
+    """``n`` distinct pronounceable synthetic words (no prior knowledge can help the model)."""
+    seen, out = set(exclude), []
+    while len(out) < n:
+        w = "".join(rng.choice(_CONSONANTS) + rng.choice(_VOWELS) for _ in range(syllables))
+        if w not in seen:
+            seen.add(w)
+            out.append(w)
+    return out
 
 
 @dataclass(frozen=True)

@@ -1,15 +1,20 @@
 """Haystacks: long text of an exact token length with needles inserted at chosen depths.
 
-Two kinds of text:
+Kinds of text:
 
-* ``"docs"``: natural text, the docstrings of a fixed list of Python standard-library modules,
-  collected at run time in a deterministic order (every machine that runs Python has them; their
-  wording changes a little between Python versions, so rows record `Haystack.fingerprint`).
+* ``"essays"``: Paul Graham's essays (`sources.essays_text`), the haystack of the usual
+  needle-in-a-haystack plots and of RULER's "essay" tasks.
+* ``"docs"``: the docstrings of a fixed list of Python standard-library modules, collected at run
+  time in a deterministic order (their wording changes a little between Python versions, so rows
+  record `Haystack.fingerprint`).
 * ``"filler"``: one repeated sentence group, the classic pass-key filler.
+* ``"noise"``: the same sentence group as lines, one per line, needles on lines of their own
+  (RULER's "noise" haystack).
 
-The text is cut into *pieces* (sentences, each carrying its leading whitespace), each piece is
-tokenized on its own, and the haystack is the concatenation of pieces: so a token count is a
-prefix sum, a cut at a piece boundary never splits a word, and a needle goes between two pieces.
+The text is cut into *pieces* (sentences, or lines for ``"noise"``, each carrying its leading
+whitespace), each piece is tokenized on its own, and the haystack is the concatenation of pieces:
+so a token count is a prefix sum, a cut at a piece boundary never splits a word, and a needle goes
+between two pieces.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from typing import Any
 from reattention_core.errors import InvalidInputError
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
-HAYSTACK_KINDS = ("docs", "filler")
+HAYSTACK_KINDS = ("essays", "docs", "filler", "noise")
 
 # Fixed and sorted: the order of the text must not depend on what else was imported.
 DOCSTRING_MODULES: tuple[str, ...] = (
@@ -90,6 +95,12 @@ def source_text(kind: str) -> str:
         return "\n\n".join(stdlib_docstrings())
     if kind == "filler":
         return " ".join([FILLER] * 64)
+    if kind == "noise":
+        return "".join([FILLER + "\n"] * 64)
+    if kind == "essays":
+        from reattention_core.evaluation.sources import essays_text
+
+        return essays_text()
     raise InvalidInputError(f"unknown haystack kind {kind!r}; choose one of {HAYSTACK_KINDS}")
 
 
@@ -108,17 +119,21 @@ class Haystack:
 
     Args:
         tokenizer: a Hugging Face tokenizer (called as ``tokenizer(text, add_special_tokens=False)``).
-        kind: ``"docs"`` or ``"filler"``.
+        kind: one of `HAYSTACK_KINDS`.
     """
 
     def __init__(self, tokenizer: Any, kind: str = "docs") -> None:
         self.kind = kind
         text = source_text(kind)
         self.fingerprint = hashlib.sha256(text.encode()).hexdigest()[:12]
-        # One pass of the source; later passes reuse its pieces. A separator between passes keeps
-        # the last sentence of one pass from running into the first of the next.
-        self._pieces = split_pieces(text)
-        self._pieces[0] = "\n\n" + self._pieces[0].lstrip()
+        self._lines = kind == "noise"
+        if self._lines:
+            self._pieces = text.splitlines(keepends=True)
+        else:
+            # One pass of the source; later passes reuse its pieces. A separator between passes keeps
+            # the last sentence of one pass from running into the first of the next.
+            self._pieces = split_pieces(text)
+            self._pieces[0] = "\n\n" + self._pieces[0].lstrip()
         self._ids = [list(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in self._pieces]
         self._tokenizer = tokenizer
         counts = [len(i) for i in self._ids]
@@ -173,10 +188,10 @@ class Haystack:
         out, pos = [], 0
         for at, _, text in cuts:
             out.append(self._text(pos, at))
-            out.append(" " + text.strip())
+            out.append(text.strip() + "\n" if self._lines else " " + text.strip())
             pos = at
         out.append(self._text(pos, tokens))
-        return "".join(out).lstrip()
+        return "".join(out).strip() if self._lines else "".join(out).lstrip()
 
 
 def fit_prompt(

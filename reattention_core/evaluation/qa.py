@@ -1,4 +1,4 @@
-"""Corpus QA: the whole corpus in context (ReAttention) vs BM25-RAG vs full attention truncated.
+"""Corpus QA: the whole corpus in context (ReAttention) vs BM25-RAG vs full attention truncated or YaRN.
 
 For each corpus size the same generated corpus (`facts.make_corpus`) and the same questions go
 to every mode, in the same prompt (`render_prompt`): context, blank line, question in one user
@@ -11,6 +11,8 @@ office"), which the model continues. Only the context differs:
   (`rag.rag_chain`).
 * ``full-truncated``: full attention over the records that fit the model's pre-training window
   (whole records from the start, leaving room for the question and answer).
+* ``yarn``: full attention with the model's RoPE stretched by YaRN (`QAGrid.yarn_factor`), over the
+  records that fit the stretched window.
 
 A two-step (multi-fact) question runs twice over the same context: the first step's answer
 prefix makes the model name the office, the second step's prefix repeats what it named and asks
@@ -24,16 +26,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from reattention_core.config import ReAttentionConfig
 from reattention_core.engine import CONTEXT_SEPARATOR
 from reattention_core.errors import InvalidInputError
 from reattention_core.evaluation.env import environment
 from reattention_core.evaluation.facts import DESIGN, FactCorpus, Question, corpus_of_size, hop_value
 from reattention_core.evaluation.results import ResultsFile, cell_key, offload_tag
-from reattention_core.evaluation.runner import RunReport
+from reattention_core.evaluation.runner import DEFAULT_YARN_FACTOR, RunReport, mode_config
 from reattention_core.evaluation.scoring import found
 from reattention_core.evaluation.tasks import render
 
-QA_MODES: tuple[str, ...] = ("reattention", "rag", "full-truncated")
+QA_MODES: tuple[str, ...] = ("reattention", "rag", "full-truncated", "yarn")
 # Room kept in the window for the chat template, the question, the answer prefixes and the answer
 # when truncating.
 _TRUNCATION_MARGIN = 200
@@ -41,7 +44,8 @@ _TRUNCATION_MARGIN = 200
 
 @dataclass(frozen=True)
 class QAGrid:
-    """Corpus sizes (tokens) x modes x questions. ``top_k``: records retrieved by ``rag``."""
+    """Corpus sizes (tokens) x modes x questions. ``top_k``: records retrieved by ``rag``;
+    ``yarn_factor``: the YaRN factor of the ``yarn`` mode."""
 
     sizes: tuple[int, ...]
     modes: tuple[str, ...] = QA_MODES
@@ -49,6 +53,7 @@ class QAGrid:
     seed: int = 0
     top_k: int = 4
     max_new_tokens: int | None = None
+    yarn_factor: float = DEFAULT_YARN_FACTOR
 
     def __post_init__(self) -> None:
         if not self.sizes or any(isinstance(s, bool) or not isinstance(s, int) or s < 256 for s in self.sizes):
@@ -60,6 +65,7 @@ class QAGrid:
             raise InvalidInputError(f"questions must be >= 1, got {self.questions}")
         if self.top_k < 1:
             raise InvalidInputError(f"top_k must be >= 1, got {self.top_k}")
+        ReAttentionConfig(mode="full", yarn_factor=self.yarn_factor)  # validates the factor
 
     @property
     def new_tokens(self) -> int:
@@ -129,7 +135,8 @@ def _run_qa(engine: Any, grid: QAGrid, results: ResultsFile, *, limit: int | Non
 
     def ident(size: int, mode: str, index: int) -> dict[str, Any]:
         return {"task": "qa", "haystack": DESIGN, "length": size, "depth": None, "index": index, "mode": mode,
-                "seed": grid.seed, "model": engine.model_name, "offload": offload_tag(engine)}
+                "seed": grid.seed, "model": engine.model_name, "offload": offload_tag(engine),
+                "yarn_factor": grid.yarn_factor if mode == "yarn" else None}
 
     todo = [(s, m, i) for s in grid.sizes for m in grid.modes for i in range(grid.questions)]
     pending = []
@@ -158,7 +165,7 @@ def _run_qa(engine: Any, grid: QAGrid, results: ResultsFile, *, limit: int | Non
             if mode == "rag":
                 from reattention_core.evaluation import rag
 
-                engine.config = base.replace(mode="reattention")
+                engine.config = mode_config(base, "reattention")
                 if size not in chains:
                     retriever = rag.make_retriever(corpus.records, grid.top_k)
                     model = rag.text_model(engine, grid.new_tokens)
@@ -173,14 +180,15 @@ def _run_qa(engine: Any, grid: QAGrid, results: ResultsFile, *, limit: int | Non
                          "pipeline": pipeline, **steps}
                 prompt_tokens = cached = None
             else:
-                if mode == "full-truncated":
-                    engine.config = base.replace(mode="full")
-                    kept, context = truncate_records(corpus.records, engine.window - _TRUNCATION_MARGIN - grid.new_tokens,
+                if mode in ("full-truncated", "yarn"):
+                    engine.config = mode_config(base, "full" if mode == "full-truncated" else "yarn", grid.yarn_factor)
+                    window = engine.config.window_for(engine.window)
+                    kept, context = truncate_records(corpus.records, window - _TRUNCATION_MARGIN - grid.new_tokens,
                                                      count)
                     extra = {"records_in_context": kept,
                              "support_in_context": sum(s < kept for s in q.support) / len(q.support)}
                 else:
-                    engine.config = base.replace(mode="reattention")
+                    engine.config = mode_config(base, "reattention")
                     context = corpus.text
                     extra = {"support_in_context": 1.0}
                 if not context:

@@ -4,7 +4,8 @@
 over ``rank_bm25.BM25Okapi``) returns the top passages for the question, they become the context
 of the same prompt the in-context modes build (``context + "\\n\\n" + question`` in one user
 message, the chat template's assistant turn opened, then the answer prefix), and the same engine
-continues it through `ReAttentionLLM` (text in, text out).
+continues it (a runnable over ``engine.generate``, greedy: text in, text out). Only
+``langchain-core`` is used, not this package's LangChain adapter.
 """
 
 from __future__ import annotations
@@ -70,14 +71,17 @@ def make_retriever(passages: Sequence[str], k: int = 4) -> Any:
 
 
 def text_model(engine: Any, max_new_tokens: int) -> Any:
-    """`reattention_integrations.langchain.ReAttentionLLM` over ``engine``: greedy, the prompt sent as is.
+    """A runnable continuing a prompt text with ``engine``, greedily: the prompt is sent as it is.
 
     The chain renders the chat template itself (`rag_chain`), so that the prompt can end with an
     answer prefix after the assistant turn start, as the in-context modes' prompts do.
     """
-    from reattention_integrations.langchain import ReAttentionLLM
+    from langchain_core.runnables import RunnableLambda
 
-    return ReAttentionLLM(engine=engine, max_tokens=max_new_tokens, temperature=0.0, chat_template=False)
+    def continue_text(prompt: str) -> str:
+        return engine.generate(prompt, max_new_tokens=max_new_tokens, progress=False).text
+
+    return RunnableLambda(continue_text, name="engine.generate")
 
 
 def rag_chain(retriever: Any, model: Any, render: Callable[[str, str, str], str]) -> Any:

@@ -14,30 +14,46 @@ from typing import Any
 
 from reattention_core.errors import InvalidInputError
 
-_MODE_ORDER = ("reattention", "full", "streaming", "rag", "full-truncated")
+_MODE_ORDER = ("reattention", "full", "full-truncated", "yarn", "streaming", "rag")
 
 
 def _order(values: Iterable[str]) -> list[str]:
-    vals = set(values)
-    return [m for m in _MODE_ORDER if m in vals] + sorted(vals - set(_MODE_ORDER))
+    def rank(mode: str) -> tuple[str, int, str]:
+        model, _, plain = mode.rpartition(": ")
+        base = plain.split(" ")[0]
+        return (model, _MODE_ORDER.index(base) if base in _MODE_ORDER else len(_MODE_ORDER), mode)
+
+    return sorted(set(values), key=rank)
 
 
 def usable(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     """Rows of this harness (rows of older result formats, without a score, are left out).
 
     Rows of a budgeted offload, and rows of a config override (``--set``), get their own mode
-    label, so they are never averaged with exact rows or with the preset's.
+    label, so they are never averaged with exact rows or with the preset's; so do the rows of
+    each model where rows of several models are reported together.
     """
+    rows = [r for r in rows if "score" in r and "length" in r and "task" in r and "mode" in r]
+    models = {_model(r) for r in rows}
     out = []
     for r in rows:
-        if "score" in r and "length" in r and "task" in r and "mode" in r:
-            mode = r["mode"]
-            if r.get("offload"):
-                mode += f" offload({r['offload']})"
-            if r.get("overrides"):
-                mode += f" [{r['overrides']}]"
-            out.append({**r, "mode": mode} if mode != r["mode"] else r)
+        mode = r["mode"]
+        if len(models) > 1:
+            mode = f"{_model(r)}: {mode}"
+        if r.get("yarn_factor"):
+            mode += f" x{float(r['yarn_factor']):g}"
+        if r.get("offload"):
+            mode += f" offload({r['offload']})"
+        if r.get("overrides"):
+            mode += f" [{r['overrides']}]"
+        out.append({**r, "mode": mode} if mode != r["mode"] else r)
     return out
+
+
+def _model(row: dict[str, Any]) -> str:
+    """A short model name: the last part of its path (a GGUF file's folder)."""
+    name = str(row.get("model") or (row.get("env") or {}).get("model") or "?").rstrip("/")
+    return name.rsplit("/", 1)[-1]
 
 
 def accuracy(rows: Sequence[dict[str, Any]]) -> float:

@@ -24,6 +24,7 @@ except ImportError:  # pragma: no cover - Windows
 # The coordinates that identify a cell; two rows with the same key are the same measurement.
 KEY_FIELDS: tuple[str, ...] = (
     "task", "haystack", "length", "depth", "index", "mode", "seed", "model", "jitter", "offload", "overrides",
+    "yarn_factor",
 )  # fmt: skip
 
 
@@ -44,7 +45,7 @@ def cell_key(row: dict[str, Any]) -> tuple:
             value = (row.get("env") or {}).get("model")
         if name == "jitter":  # rows written before the jitter existed had none
             value = float(value or 0.0)
-        if name in ("offload", "overrides"):  # exact rows and the preset's (older rows too) have none
+        if name in ("offload", "overrides", "yarn_factor"):  # exact rows and the preset's (older rows too) have none
             value = value or None
         out.append(round(value, 6) if isinstance(value, float) else value)
     return tuple(out)

@@ -19,19 +19,30 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from reattention_core.config import MODES
+from reattention_core.config import MODES, ReAttentionConfig
 from reattention_core.errors import InvalidInputError
 from reattention_core.evaluation.env import environment
 from reattention_core.evaluation.haystack import HAYSTACK_KINDS, Haystack
 from reattention_core.evaluation.results import ResultsFile, cell_key, offload_tag
 from reattention_core.evaluation.scoring import found
-from reattention_core.evaluation.tasks import DEPTHLESS, TASKS, Sample, make_sample, placed_depth
+from reattention_core.evaluation.tasks import DEPTHLESS, Sample, get_task, haystack_kind, make_sample, placed_depth
 
 # ReAttention config fields a grid may override (`NeedleGrid.overrides`).
 OVERRIDABLE = ("sink_size", "block_size", "top_k", "max_blocks", "local_window", "prefill_chunk_size",
                "prefill_vote_stride")  # fmt: skip
-# Enough new tokens for each task's full answer, and not many more (decode dominates short prompts).
-DEFAULT_MAX_NEW_TOKENS: dict[str, int] = {"passkey": 12, "multikey": 16, "multivalue": 48, "vartrack": 32, "cwe": 64}
+# The engine's modes and ``yarn``: full attention with the model's RoPE stretched by YaRN, the way a
+# user extends a model past its window without ReAttention (Qwen2.5's advice past 32K: factor 4).
+EVAL_MODES: tuple[str, ...] = (*MODES, "yarn")
+DEFAULT_YARN_FACTOR = 4.0
+
+
+def mode_config(base: ReAttentionConfig, mode: str, yarn_factor: float = DEFAULT_YARN_FACTOR) -> ReAttentionConfig:
+    """The engine config an evaluation mode runs with (``yarn``: full attention, YaRN-scaled RoPE)."""
+    if mode == "yarn":
+        return base.replace(mode="full", yarn_factor=yarn_factor)
+    if mode not in MODES:
+        raise InvalidInputError(f"unknown mode {mode!r}; choose from {EVAL_MODES}")
+    return base.replace(mode=mode, yarn_factor=None)
 
 
 def even_depths(count: int) -> tuple[float, ...]:
@@ -57,21 +68,23 @@ class NeedleGrid:
     """What to run.
 
     Args:
-        tasks: names from `TASKS`.
+        tasks: names from `TASKS` (aliases are resolved to their task's name).
         lengths: prompt lengths in tokens (chat template and question included).
         depths: needle depths in [0, 1] (ignored by depth-less tasks such as ``cwe``).
-        modes: attention modes (`reattention_core.config.MODES`).
+        modes: evaluation modes (`EVAL_MODES`).
         samples: samples (different needles, fixed seeds) per length x depth.
         jitter: move each sample's needle by a seeded offset in ``[-jitter, jitter]`` around its
             depth (see `make_sample`), so the samples of a cell are different placements; part of
             a cell's identity (rows without it count as ``0``).
-        haystack: ``"docs"`` (standard-library docstrings) or ``"filler"``.
+        haystack: the text haystack of every task that takes one (`HAYSTACK_KINDS`); ``None``: each
+            task's own (RULER's for RULER's tasks, the essays for ``niah``, docstrings for ``passkey``).
         seed: base seed; samples are derived from it and their coordinates only.
         max_new_tokens: per-task override of `DEFAULT_MAX_NEW_TOKENS`.
         mode_max_length: longest length each mode runs (e.g. ``{"full": 32768}``), absent: no cap.
         overrides: ``(field, value)`` pairs replacing fields of the engine's ReAttention config for
             this grid (`OVERRIDABLE`), e.g. ``(("top_k", 8),)`` to try a config on the same samples;
             part of a cell's identity, so such rows never count as (or average with) the preset's.
+        yarn_factor: the YaRN factor of the ``yarn`` mode.
     """
 
     tasks: tuple[str, ...]
@@ -80,25 +93,24 @@ class NeedleGrid:
     modes: tuple[str, ...] = MODES
     samples: int = 1
     jitter: float = 0.0
-    haystack: str = "docs"
+    haystack: str | None = None
     seed: int = 0
     max_new_tokens: int | None = None
     mode_max_length: Mapping[str, int] = field(default_factory=dict)
     overrides: tuple[tuple[str, int], ...] = ()
+    yarn_factor: float = DEFAULT_YARN_FACTOR
 
     def __post_init__(self) -> None:
         for name in ("tasks", "lengths", "depths", "modes"):
             if not getattr(self, name):
                 raise InvalidInputError(f"NeedleGrid.{name} is empty; give at least one")
-        bad = [t for t in self.tasks if t not in TASKS]
+        object.__setattr__(self, "tasks", tuple(dict.fromkeys(get_task(t).name for t in self.tasks)))
+        bad = [m for m in self.modes if m not in EVAL_MODES]
         if bad:
-            raise InvalidInputError(f"unknown tasks {bad}; choose from {TASKS}")
-        bad = [m for m in self.modes if m not in MODES]
+            raise InvalidInputError(f"unknown modes {bad}; choose from {EVAL_MODES}")
+        bad = [m for m in self.mode_max_length if m not in EVAL_MODES]
         if bad:
-            raise InvalidInputError(f"unknown modes {bad}; choose from {MODES}")
-        bad = [m for m in self.mode_max_length if m not in MODES]
-        if bad:
-            raise InvalidInputError(f"mode_max_length names unknown modes {bad}; choose from {MODES}")
+            raise InvalidInputError(f"mode_max_length names unknown modes {bad}; choose from {EVAL_MODES}")
         if any(isinstance(n, bool) or not isinstance(n, int) or n < 64 for n in self.lengths):
             raise InvalidInputError(f"lengths must be ints >= 64 tokens, got {self.lengths}")
         if any(not 0.0 <= d <= 1.0 for d in self.depths):
@@ -107,8 +119,11 @@ class NeedleGrid:
             raise InvalidInputError(f"samples must be >= 1, got {self.samples}")
         if not 0.0 <= self.jitter <= 0.5:
             raise InvalidInputError(f"jitter must be in [0, 0.5] (a fraction of the length), got {self.jitter}")
-        if self.haystack not in HAYSTACK_KINDS:
+        if self.haystack is not None and self.haystack not in HAYSTACK_KINDS:
             raise InvalidInputError(f"haystack must be one of {HAYSTACK_KINDS}, got {self.haystack!r}")
+        if self.haystack is not None and all(get_task(t).generated for t in self.tasks):
+            raise InvalidInputError(f"none of {self.tasks} takes a text haystack: run them without --haystack")
+        ReAttentionConfig(mode="full", yarn_factor=self.yarn_factor)  # validates the factor
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise InvalidInputError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         names = [name for name, _ in self.overrides]
@@ -135,7 +150,7 @@ class NeedleGrid:
         return out
 
     def new_tokens(self, task: str) -> int:
-        return self.max_new_tokens or DEFAULT_MAX_NEW_TOKENS[task]
+        return self.max_new_tokens or get_task(task).max_new_tokens
 
 
 def deepest_first(cells: Sequence[Cell], grid: NeedleGrid) -> list[Cell]:
@@ -167,10 +182,12 @@ class RunReport:
 
 
 def row_identity(grid: NeedleGrid, cell: Cell, model: str, offload: str | None = None) -> dict[str, Any]:
+    kind = haystack_kind(cell.task, grid.haystack)
     return {
-        "task": cell.task, "haystack": grid.haystack, "length": cell.length, "depth": cell.depth,
+        "task": cell.task, "haystack": kind, "length": cell.length, "depth": cell.depth,
         "index": cell.index, "mode": cell.mode, "seed": grid.seed, "model": model, "jitter": grid.jitter,
         "offload": offload, "overrides": grid.overrides_tag,
+        "yarn_factor": grid.yarn_factor if cell.mode == "yarn" else None,
     }  # fmt: skip
 
 
@@ -219,7 +236,7 @@ def _run_grid(
     pending = deepest_first(pending, grid)
     if limit is not None:
         pending = pending[: max(0, limit)]
-    haystack = Haystack(engine.tokenizer, grid.haystack) if pending else None
+    haystacks: dict[str, Haystack] = {}
     tally: dict[str, list[float]] = {}
     sample: Sample | None = None
     bar = tqdm(pending, desc="eval", unit="cell", disable=not progress, dynamic_ncols=True)
@@ -228,11 +245,15 @@ def _run_grid(
             if sample is None or (sample.task, sample.length, sample.depth, sample.index) != (
                 cell.task, cell.length, cell.depth, cell.index
             ):
+                kind = haystack_kind(cell.task, grid.haystack)
+                if not get_task(cell.task).generated and kind not in haystacks:
+                    haystacks[kind] = Haystack(engine.tokenizer, kind)
+                haystack = haystacks.get(kind)
                 sample = make_sample(
                     cell.task, engine.tokenizer, haystack, cell.length, cell.depth, cell.index, grid.seed,
                     jitter=grid.jitter,
                 )  # fmt: skip
-            engine.config = tuned.replace(mode=cell.mode)
+            engine.config = mode_config(tuned, cell.mode, grid.yarn_factor)
             bar.set_description(f"{cell.task} {cell.length} {cell.mode}")
             t0 = time.perf_counter()
             res = engine.generate(sample.prompt, max_new_tokens=grid.new_tokens(cell.task), progress=False)

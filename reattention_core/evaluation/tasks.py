@@ -1,57 +1,121 @@
-"""Synthetic long-context tasks: pass key and RULER-style tasks, generated locally from seeds.
+"""Synthetic long-context tasks, generated locally from seeds: a registry and the sample builder.
 
 Every sample is a function of ``(base seed, task, length, depth, index)`` only, never of the
 attention mode or of the rest of the grid, so every mode sees exactly the same prompts and a grid
 can be extended later without changing the samples already run.
 
-Tasks (needles follow the RULER templates, Hsieh et al. 2024):
+Tasks (`TASK_REGISTRY`):
 
-* ``passkey``: one 5-digit key; the prototype's needle and question.
-* ``multikey``: four keys with a 7-digit number each; the question asks for one of them (the
-  others are distractors). Target at ``depth``, distractors at seeded random depths.
-* ``multivalue``: one key with four numbers; the answer must list all four (scored by recall).
-  The first at ``depth``, the others at random depths.
-* ``vartrack``: variable tracking, ``VAR A = 12345``, ``VAR B = VAR A``, ... five variables;
-  the answer must name all five. The chain starts at ``depth`` and runs, in order, towards the end.
-* ``cwe``: common-word extraction; the haystack *is* a numbered list of synthetic words, ten of
-  which are much more frequent; the answer must name those ten. No depth.
+* ``passkey``: one 5-digit key in a haystack; the prototype's needle and question.
+* ``niah``: the classic needle in a haystack (Kamradt's: "The best thing to do in San Francisco
+  is eat a sandwich and sit in Dolores Park on a sunny day." in Paul Graham's essays), its
+  question and system prompt; scored by "sandwich" and "Dolores Park".
+* RULER's ``niah_single_1..3``, ``niah_multikey_1..3``, ``niah_multivalue``, ``niah_multiquery``,
+  ``vt`` and ``cwe``, in RULER's formats (`reattention_core.evaluation.ruler`). The earlier own-format
+  names remain as aliases: ``multikey``, ``multivalue``, ``vartrack``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import random
-import string
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from reattention_core.errors import InvalidInputError
+from reattention_core.evaluation import ruler
 from reattention_core.evaluation.haystack import Haystack, fit_prompt
+from reattention_core.evaluation.ruler import TaskSpec
 from reattention_core.evaluation.scoring import score
-
-TASKS: tuple[str, ...] = ("passkey", "multikey", "multivalue", "vartrack", "cwe")
-RULER_TASKS: tuple[str, ...] = ("multikey", "multivalue", "vartrack", "cwe")
-# Tasks whose haystack does not depend on a depth (one column in the heat map).
-DEPTHLESS: frozenset[str] = frozenset({"cwe"})
-
-_CONSONANTS = "bdfghklmnprstvz"
-_VOWELS = "aeiou"
 
 
 @dataclass(frozen=True)
-class TaskSpec:
-    """What a task draws for one sample, before the haystack is sized.
+class Task:
+    """A task of the registry.
 
-    ``body``: for tasks whose haystack is generated (``cwe``): ``budget tokens -> text``.
+    ``make(rng, depth, tokenizer, length) -> TaskSpec``; ``haystack``: the text haystack its needles
+    go into by default (a `HAYSTACK_KINDS` name), or, with ``generated``, a label for the haystack
+    the task generates itself; ``depthless``: one cell per length, no depth; ``max_new_tokens``:
+    enough for a full answer (decoding dominates short prompts).
     """
 
-    instruction: str
-    question: str
-    answer_prefix: str
-    expected: tuple[str, ...]
-    needles: tuple[tuple[float, str], ...] = ()
-    body: Callable[[int], str] | None = field(default=None, compare=False)
+    name: str
+    make: Callable[[random.Random, float | None, Any, int], TaskSpec]
+    haystack: str
+    max_new_tokens: int
+    depthless: bool = False
+    generated: bool = False
+
+
+def spec_passkey(rng: random.Random, depth: float, tokenizer: Any = None, length: int = 0) -> TaskSpec:
+    key = str(rng.randint(10_000, 99_999))
+    return TaskSpec(
+        before="There is a pass key hidden inside a lot of irrelevant text. Find it and memorize it.\n\n",
+        after="\n\nWhat is the pass key?",
+        answer_prefix="The pass key is",
+        expected=(key,),
+        needles=((depth, f"The pass key is {key}. Remember it. {key} is the pass key."),),
+    )
+
+
+NIAH_NEEDLE = "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day."
+
+
+def spec_niah(rng: random.Random, depth: float, tokenizer: Any = None, length: int = 0) -> TaskSpec:
+    """Kamradt's needle-in-a-haystack: one fixed needle, so samples differ only in where it sits."""
+    return TaskSpec(
+        before="",
+        after="\n\nWhat is the best thing to do in San Francisco? Don't give information outside the document or "
+        "repeat your findings",
+        answer_prefix="",
+        expected=("sandwich", "Dolores Park"),
+        needles=((depth, NIAH_NEEDLE),),
+        system="You are a helpful AI bot that answers questions for a user. Keep your response short and direct",
+    )
+
+
+def _niah(name: str) -> Callable[[random.Random, float | None, Any, int], TaskSpec]:
+    return lambda rng, depth, tokenizer, length: ruler.spec_niah(name, rng, depth, tokenizer)
+
+
+def _tasks() -> dict[str, Task]:
+    out = {
+        "passkey": Task("passkey", spec_passkey, "docs", 12),
+        "niah": Task("niah", spec_niah, "essays", 48),
+    }
+    for name, v in ruler.NIAH_VARIANTS.items():
+        per_value = 32 if v.value == "uuids" else 16
+        out[name] = Task(name, _niah(name), v.haystack, 8 + per_value * v.values * v.queries,
+                         generated=v.haystack == "needles")  # fmt: skip
+    out["vt"] = Task("vt", lambda rng, depth, tokenizer, length: ruler.spec_vt(rng, depth), "noise", 32)
+    out["cwe"] = Task("cwe", lambda rng, depth, tokenizer, length: ruler.spec_cwe(rng, tokenizer, length), "words", 96,
+                      depthless=True, generated=True)  # fmt: skip
+    return out
+
+
+TASK_REGISTRY: dict[str, Task] = _tasks()
+TASKS: tuple[str, ...] = tuple(TASK_REGISTRY)
+RULER_TASKS: tuple[str, ...] = (*ruler.NIAH_VARIANTS, "vt", "cwe")
+# The own-format task names before RULER's formats: they run RULER's tasks now.
+ALIASES: dict[str, str] = {"multikey": "niah_multikey_1", "multivalue": "niah_multivalue", "vartrack": "vt"}
+# Tasks whose haystack does not depend on a depth (one column in the heat map).
+DEPTHLESS: frozenset[str] = frozenset(n for n, t in TASK_REGISTRY.items() if t.depthless)
+
+
+def get_task(name: str) -> Task:
+    """The registry's task for ``name`` (aliases resolved); `InvalidInputError` for unknown names."""
+    name = ALIASES.get(name, name)
+    if name not in TASK_REGISTRY:
+        raise InvalidInputError(f"unknown task {name!r}; choose one of {TASKS} (or {tuple(ALIASES)})")
+    return TASK_REGISTRY[name]
+
+
+def haystack_kind(name: str, requested: str | None = None) -> str:
+    """The haystack task ``name`` runs on: ``requested`` where it takes a text haystack, else its own
+    (a `HAYSTACK_KINDS` name, or the label of the haystack it generates)."""
+    t = get_task(name)
+    return t.haystack if t.generated or requested is None else requested
 
 
 @dataclass(frozen=True)
@@ -90,140 +154,6 @@ def sample_seed(base_seed: int, task: str, length: int, depth: float | None, ind
     return int.from_bytes(hashlib.sha256(blob).digest()[:8], "big") >> 1
 
 
-def _word(rng: random.Random, syllables: int) -> str:
-    return "".join(rng.choice(_CONSONANTS) + rng.choice(_VOWELS) for _ in range(syllables))
-
-
-def unique_words(rng: random.Random, n: int, syllables: int = 3, exclude: Sequence[str] = ()) -> list[str]:
-    """``n`` distinct pronounceable synthetic words (no prior knowledge can help the model)."""
-    seen, out = set(exclude), []
-    while len(out) < n:
-        w = _word(rng, syllables)
-        if w not in seen:
-            seen.add(w)
-            out.append(w)
-    return out
-
-
-def _number(rng: random.Random, digits: int) -> str:
-    return str(rng.randint(10 ** (digits - 1), 10**digits - 1))
-
-
-def _distinct_numbers(rng: random.Random, n: int, digits: int) -> list[str]:
-    out: list[str] = []
-    while len(out) < n:
-        v = _number(rng, digits)
-        if v not in out:
-            out.append(v)
-    return out
-
-
-_MAGIC_INTRO = (
-    "Some special magic numbers are hidden within the following text. Make sure to memorize it. "
-    "I will quiz you about the numbers afterwards."
-)
-
-
-def spec_passkey(rng: random.Random, depth: float) -> TaskSpec:
-    key = _number(rng, 5)
-    return TaskSpec(
-        instruction="There is a pass key hidden inside a lot of irrelevant text. Find it and memorize it.",
-        question="What is the pass key?",
-        answer_prefix="The pass key is",
-        expected=(key,),
-        needles=((depth, f"The pass key is {key}. Remember it. {key} is the pass key."),),
-    )
-
-
-def spec_multikey(rng: random.Random, depth: float, keys: int = 4) -> TaskSpec:
-    names = unique_words(rng, keys)
-    values = _distinct_numbers(rng, keys, 7)
-    depths = [depth] + [rng.random() for _ in range(keys - 1)]
-    needles = tuple(
-        (d, f"One of the special magic numbers for {k} is: {v}.") for d, k, v in zip(depths, names, values)
-    )
-    return TaskSpec(
-        instruction=_MAGIC_INTRO,
-        question=f"What is the special magic number for {names[0]} mentioned in the provided text?",
-        answer_prefix=f"The special magic number for {names[0]} mentioned in the provided text is",
-        expected=(values[0],),
-        needles=needles,
-    )
-
-
-def spec_multivalue(rng: random.Random, depth: float, values: int = 4) -> TaskSpec:
-    (name,) = unique_words(rng, 1)
-    nums = _distinct_numbers(rng, values, 7)
-    depths = [depth] + [rng.random() for _ in range(values - 1)]
-    needles = tuple((d, f"One of the special magic numbers for {name} is: {v}.") for d, v in zip(depths, nums))
-    return TaskSpec(
-        instruction=_MAGIC_INTRO,
-        question=f"What are all the special magic numbers for {name} mentioned in the provided text?",
-        answer_prefix=f"The special magic numbers for {name} mentioned in the provided text are",
-        expected=tuple(nums),
-        needles=needles,
-    )
-
-
-def spec_vartrack(rng: random.Random, depth: float, hops: int = 4) -> TaskSpec:
-    names: list[str] = []
-    while len(names) < hops + 1:
-        v = "".join(rng.choice(string.ascii_uppercase) for _ in range(5))
-        if v not in names:
-            names.append(v)
-    value = _number(rng, 5)
-    depths = [depth] + sorted(depth + (1.0 - depth) * rng.random() for _ in range(hops))
-    lines = [f"VAR {names[0]} = {value}."] + [f"VAR {names[i]} = VAR {names[i - 1]}." for i in range(1, hops + 1)]
-    return TaskSpec(
-        instruction="Memorize and track the chain(s) of variable assignment hidden in the following text.",
-        question=f"Find all variables that are assigned the value {value} in the text above.",
-        answer_prefix=(
-            f"Answer: According to the chain(s) of variable assignment in the text above, {hops + 1} variables "
-            f"are assigned the value {value}, they are:"
-        ),
-        expected=tuple(names),
-        needles=tuple(zip(depths, lines)),
-    )
-
-
-def spec_cwe(rng: random.Random, tokenizer: Any, common: int = 10) -> TaskSpec:
-    words = unique_words(rng, common, syllables=2)
-    list_seed = rng.getrandbits(63)
-    probe = [f"{i + 1}. {w}" for i, w in enumerate(unique_words(random.Random(list_seed), 64, exclude=words))]
-    per_entry = max(1.0, sum(len(tokenizer(p + "\n", add_special_tokens=False)["input_ids"]) for p in probe) / len(probe))
-
-    def body(budget: int) -> str:
-        # The list's composition depends on the budget only; the fit loop calls this a few times.
-        r = random.Random(list_seed)
-        entries = max(common * 2, int(budget / per_entry))
-        freq = max(2, min(30, entries // (common * 3)))  # RULER: 30 for common words, 3 for the rest
-        rare_freq = max(1, min(3, freq - 1))
-        n_rare = max(0, (entries - common * freq) // rare_freq)
-        rare = unique_words(r, n_rare, exclude=words)
-        items = [w for w in words for _ in range(freq)] + [w for w in rare for _ in range(rare_freq)]
-        r.shuffle(items)
-        return "\n".join(f"{i + 1}. {w}" for i, w in enumerate(items))
-
-    return TaskSpec(
-        instruction="Below is a numbered list of words. In these words, some appear more often than others.",
-        question=f"What are the {common} most common words in the above list?",
-        answer_prefix=f"Answer: The top {common} words that appear most often in the list are:",
-        expected=tuple(words),
-        body=body,
-    )
-
-
-def task_spec(task: str, rng: random.Random, depth: float | None, tokenizer: Any) -> TaskSpec:
-    if task == "cwe":
-        return spec_cwe(rng, tokenizer)
-    if depth is None:
-        raise InvalidInputError(f"task {task!r} needs a depth in [0, 1]")
-    makers = {"passkey": spec_passkey, "multikey": spec_multikey, "multivalue": spec_multivalue, "vartrack": spec_vartrack}
-    if task not in makers:
-        raise InvalidInputError(f"unknown task {task!r}; choose one of {TASKS}")
-    return makers[task](rng, depth)
-
-
 def render(tokenizer: Any, messages: Sequence[dict[str, str]], answer_prefix: str) -> str:
     """Chat template with the assistant turn opened, then the answer prefix (plain text without a template)."""
     if getattr(tokenizer, "chat_template", None):
@@ -237,6 +167,7 @@ def placed_depth(
 ) -> float | None:
     """Where `make_sample` puts the sample's (first) needle: ``depth``, moved by the seeded jitter
     (``None`` for depth-less tasks). Cheap: the runner orders cells by it without building prompts."""
+    task = ALIASES.get(task, task)
     if task in DEPTHLESS or depth is None:
         return None
     if jitter <= 0:
@@ -250,7 +181,7 @@ def placed_depth(
 def make_sample(
     task: str,
     tokenizer: Any,
-    haystack: Haystack,
+    haystack: Haystack | None,
     length: int,
     depth: float | None,
     index: int,
@@ -260,26 +191,34 @@ def make_sample(
 ) -> Sample:
     """The sample at these coordinates, with a prompt of ``length`` tokens (exact where possible).
 
-    The prompt is ``instruction + haystack (with needles) + question`` in one user message; the
-    haystack budget is corrected until the rendered prompt has ``length`` tokens (to within a
-    few tokens when no cut gives the exact count).
+    The prompt is the task's text around the haystack (with its needles) in one user message (after
+    the task's system message, if any); the haystack budget is corrected until the rendered prompt
+    has ``length`` tokens (to within a few tokens when no cut gives the exact count). ``haystack``
+    is the text the needles go into (`haystack_kind` says which); ``None`` for tasks that generate
+    their own.
 
     ``jitter``: move the (first) needle by a seeded offset drawn uniformly from ``[-jitter,
     jitter]`` around ``depth`` (clipped to [0, 1]), so the samples of one cell sit at different
     places of the haystack rather than only holding different keys. The needle's text (the key)
     is the same as without jitter.
     """
-    if task in DEPTHLESS:
+    t = get_task(task)
+    if t.depthless:
         depth = None
+    elif depth is None:
+        raise InvalidInputError(f"task {t.name!r} needs a depth in [0, 1]")
     if not 0.0 <= jitter <= 0.5:
         raise InvalidInputError(f"jitter must be in [0, 0.5], got {jitter}")
-    seed = sample_seed(base_seed, task, length, depth, index)
-    needle_depth = placed_depth(task, length, depth, index, base_seed, jitter=jitter)
-    spec = task_spec(task, random.Random(seed), needle_depth, tokenizer)
+    seed = sample_seed(base_seed, t.name, length, depth, index)
+    needle_depth = placed_depth(t.name, length, depth, index, base_seed, jitter=jitter)
+    spec = t.make(random.Random(seed), needle_depth, tokenizer, length)
+    if spec.body is None and haystack is None:
+        raise InvalidInputError(f"task {t.name!r} needs a Haystack (kind {t.haystack!r} by default)")
 
     def messages_for(budget: int) -> list[dict[str, str]]:
         text = spec.body(budget) if spec.body is not None else haystack.build(budget, spec.needles)
-        return [{"role": "user", "content": f"{spec.instruction}\n\n{text}\n\n{spec.question}"}]
+        system = [{"role": "system", "content": spec.system}] if spec.system else []
+        return [*system, {"role": "user", "content": spec.before + text + spec.after}]
 
     def count(prompt: str) -> int:
         return len(tokenizer(prompt)["input_ids"])
@@ -289,7 +228,7 @@ def make_sample(
         lambda b: render(tokenizer, messages_for(b), spec.answer_prefix), count, length, overhead
     )
     return Sample(
-        task=task,
+        task=t.name,
         length=length,
         depth=depth,
         index=index,
