@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -167,7 +168,8 @@ class ReAttentionConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> ReAttentionConfig:
-        """A measured preset by name (see `PRESETS` for how each one was chosen)."""
+        """A measured preset by name (see `PRESETS` for how each one was chosen; `preset_for` finds a
+        model's)."""
         if name not in PRESETS:
             raise ConfigError(f"unknown preset {name!r}; known presets: {sorted(PRESETS)}")
         return dataclasses.replace(PRESETS[name], **overrides)
@@ -217,3 +219,13 @@ PRESETS: dict[str, ReAttentionConfig] = {
         sink_size=64, block_size=32, top_k=4, max_blocks=32, local_window=256, prefill_chunk_size=256
     ),
 }
+
+
+def preset_for(name_or_path: str | None) -> str | None:
+    """The name of the measured preset for a model known by ``name_or_path`` (a hub id, a folder or
+    a GGUF file's path), if there is one: a `PRESETS` name found in it, case, spaces and underscores
+    aside. ``None`` stands for the embedded model."""
+    if name_or_path is None:
+        return "smollm2-135m"
+    text = re.sub(r"[\s_]+", "-", str(name_or_path).lower())
+    return next((name for name in PRESETS if name in text), None)

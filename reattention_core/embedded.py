@@ -31,10 +31,3 @@ def embedded_model_file() -> Path:
             f"    pip install --force-reinstall {INSTALL_COMMAND.removeprefix('pip install ')}"
         )
     return path
-
-
-def preset_for(name_or_path: str | None) -> str | None:
-    """Name of the measured preset for a model, if there is one."""
-    if name_or_path is None:
-        return EMBEDDED_PRESET
-    return EMBEDDED_PRESET if "smollm2-135m" in str(name_or_path).lower() else None

@@ -23,10 +23,10 @@ from typing import Any
 import torch
 
 from reattention_core import model_cache, tokenization
-from reattention_core.config import ReAttentionConfig
+from reattention_core.config import ReAttentionConfig, preset_for
 from reattention_core.cuda_graph import StepGraph, graphs_enabled
 from reattention_core.decoding import Sampler, SamplingParams, TextAssembler
-from reattention_core.embedded import EMBEDDED_NAME, embedded_model_file, preset_for
+from reattention_core.embedded import EMBEDDED_NAME, embedded_model_file
 from reattention_core.errors import (
     CacheError,
     ContextLimitError,
@@ -247,7 +247,7 @@ class ReAttentionEngine:
                 model_cache.save(model, tokenizer, gguf_path, dtype)
         model = model.to(device)
         if config is None:
-            preset = preset_for(name)
+            preset = preset_for(f"{name}/{gguf_file}" if gguf_file and name_or_path is not None else name)
             if preset:
                 config = ReAttentionConfig.preset(preset)
         return cls(

@@ -124,3 +124,13 @@ def test_yarn_factor_is_validated_stretches_the_window_and_keeps_saved_fingerpri
         with pytest.raises(ConfigError, match="yarn_factor"):
             ReAttentionConfig(mode="full", yarn_factor=bad)
     assert ReAttentionConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_preset_for_finds_a_preset_named_in_a_model_path():
+    from reattention_core.config import preset_for
+
+    assert preset_for(None) == "smollm2-135m"  # the embedded model
+    assert preset_for("HuggingFaceTB/SmolLM2-135M-Instruct") == "smollm2-135m"
+    assert preset_for("/models/SmolLM2_135M/model.gguf") == "smollm2-135m"  # underscores and case aside
+    assert preset_for("meta-llama/Llama-3.1-8B") is None
+    assert all(preset_for(f"/models/{name.upper()}-instruct/x.gguf") == name for name in PRESETS)

@@ -163,6 +163,7 @@ def cmd_qa(args: argparse.Namespace) -> int:
     grid = QAGrid(
         sizes=tuple(args.sizes), modes=tuple(args.modes), questions=args.questions, seed=args.seed,
         top_k=args.top_k, max_new_tokens=args.max_new_tokens, yarn_factor=args.yarn_factor,
+        overrides=parse_overrides(args.set),
     )
     # The corpus is reused across questions through the in-memory prefix cache; nothing on disk.
     engine = _engine(args, cache=CacheConfig(disk=False))
@@ -253,6 +254,8 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     q.add_argument("--modes", nargs="+", choices=QA_MODES, default=list(QA_MODES))
     q.add_argument("--questions", type=int, default=12, help="questions per corpus size (half single-, half multi-fact)")
     q.add_argument("--top-k", type=int, default=4, help="passages BM25 retrieves for the rag mode")
+    q.add_argument("--set", nargs="+", metavar="FIELD=INT",
+                   help="another ReAttention config for the reattention and rag modes, e.g. top_k=8 max_blocks=48")
     q.set_defaults(func=cmd_qa)
 
     rep = evsub.add_parser("report", help="accuracy table (and figure) of results files")

@@ -32,7 +32,13 @@ from reattention_core.errors import InvalidInputError
 from reattention_core.evaluation.env import environment
 from reattention_core.evaluation.facts import DESIGN, FactCorpus, Question, corpus_of_size, hop_value
 from reattention_core.evaluation.results import ResultsFile, cell_key, offload_tag
-from reattention_core.evaluation.runner import DEFAULT_YARN_FACTOR, RunReport, mode_config
+from reattention_core.evaluation.runner import (
+    DEFAULT_YARN_FACTOR,
+    RunReport,
+    check_overrides,
+    mode_config,
+    overrides_tag,
+)
 from reattention_core.evaluation.scoring import found
 from reattention_core.evaluation.tasks import render
 
@@ -45,7 +51,9 @@ _TRUNCATION_MARGIN = 200
 @dataclass(frozen=True)
 class QAGrid:
     """Corpus sizes (tokens) x modes x questions. ``top_k``: records retrieved by ``rag``;
-    ``yarn_factor``: the YaRN factor of the ``yarn`` mode."""
+    ``yarn_factor``: the YaRN factor of the ``yarn`` mode; ``overrides``: ReAttention config fields
+    to change for the ``reattention`` and ``rag`` modes (`NeedleGrid.overrides`), part of their rows'
+    identity."""
 
     sizes: tuple[int, ...]
     modes: tuple[str, ...] = QA_MODES
@@ -54,6 +62,7 @@ class QAGrid:
     top_k: int = 4
     max_new_tokens: int | None = None
     yarn_factor: float = DEFAULT_YARN_FACTOR
+    overrides: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self) -> None:
         if not self.sizes or any(isinstance(s, bool) or not isinstance(s, int) or s < 256 for s in self.sizes):
@@ -66,6 +75,11 @@ class QAGrid:
         if self.top_k < 1:
             raise InvalidInputError(f"top_k must be >= 1, got {self.top_k}")
         ReAttentionConfig(mode="full", yarn_factor=self.yarn_factor)  # validates the factor
+        check_overrides(self.overrides)
+
+    def overrides_for(self, mode: str) -> str | None:
+        """The overrides tag of ``mode``'s rows (modes that run ReAttention only)."""
+        return overrides_tag(self.overrides) if mode in ("reattention", "rag") else None
 
     @property
     def new_tokens(self) -> int:
@@ -128,6 +142,7 @@ def _run_qa(engine: Any, grid: QAGrid, results: ResultsFile, *, limit: int | Non
         rag._require()  # fail before the first prefill, not after
     env = environment(engine)
     base = engine.config
+    tuned = base.replace(**dict(grid.overrides))  # an invalid override fails here, before any question
     report = RunReport()
 
     def count(text: str) -> int:
@@ -136,7 +151,7 @@ def _run_qa(engine: Any, grid: QAGrid, results: ResultsFile, *, limit: int | Non
     def ident(size: int, mode: str, index: int) -> dict[str, Any]:
         return {"task": "qa", "haystack": DESIGN, "length": size, "depth": None, "index": index, "mode": mode,
                 "seed": grid.seed, "model": engine.model_name, "offload": offload_tag(engine),
-                "yarn_factor": grid.yarn_factor if mode == "yarn" else None}
+                "yarn_factor": grid.yarn_factor if mode == "yarn" else None, "overrides": grid.overrides_for(mode)}
 
     todo = [(s, m, i) for s in grid.sizes for m in grid.modes for i in range(grid.questions)]
     pending = []
@@ -165,7 +180,7 @@ def _run_qa(engine: Any, grid: QAGrid, results: ResultsFile, *, limit: int | Non
             if mode == "rag":
                 from reattention_core.evaluation import rag
 
-                engine.config = mode_config(base, "reattention")
+                engine.config = mode_config(tuned, "reattention")
                 if size not in chains:
                     retriever = rag.make_retriever(corpus.records, grid.top_k)
                     model = rag.text_model(engine, grid.new_tokens)
@@ -188,7 +203,7 @@ def _run_qa(engine: Any, grid: QAGrid, results: ResultsFile, *, limit: int | Non
                     extra = {"records_in_context": kept,
                              "support_in_context": sum(s < kept for s in q.support) / len(q.support)}
                 else:
-                    engine.config = mode_config(base, "reattention")
+                    engine.config = mode_config(tuned, "reattention")
                     context = corpus.text
                     extra = {"support_in_context": 1.0}
                 if not context:

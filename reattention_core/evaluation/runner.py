@@ -54,6 +54,21 @@ def even_depths(count: int) -> tuple[float, ...]:
     return tuple(round(0.05 + 0.9 * i / (count - 1), 4) for i in range(count))
 
 
+def check_overrides(overrides: tuple[tuple[str, int], ...]) -> None:
+    """`InvalidInputError` unless ``overrides`` names fields of `OVERRIDABLE` once each, with int values."""
+    names = [name for name, _ in overrides]
+    bad = [name for name in names if name not in OVERRIDABLE]
+    if bad or len(set(names)) != len(names):
+        raise InvalidInputError(f"overrides must name each of {OVERRIDABLE} at most once, got {names}")
+    if any(isinstance(v, bool) or not isinstance(v, int) for _, v in overrides):
+        raise InvalidInputError(f"override values must be ints, got {dict(overrides)}")
+
+
+def overrides_tag(overrides: tuple[tuple[str, int], ...]) -> str | None:
+    """``"field=value,..."`` (sorted) naming a config's overrides in rows and reports; ``None`` for none."""
+    return ",".join(f"{k}={v}" for k, v in sorted(overrides)) or None
+
+
 @dataclass(frozen=True)
 class Cell:
     task: str
@@ -126,17 +141,12 @@ class NeedleGrid:
         ReAttentionConfig(mode="full", yarn_factor=self.yarn_factor)  # validates the factor
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise InvalidInputError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        names = [name for name, _ in self.overrides]
-        bad = [name for name in names if name not in OVERRIDABLE]
-        if bad or len(set(names)) != len(names):
-            raise InvalidInputError(f"overrides must name each of {OVERRIDABLE} at most once, got {names}")
-        if any(isinstance(v, bool) or not isinstance(v, int) for _, v in self.overrides):
-            raise InvalidInputError(f"override values must be ints, got {dict(self.overrides)}")
+        check_overrides(self.overrides)
 
     @property
     def overrides_tag(self) -> str | None:
         """``"field=value,..."`` (sorted) for the rows of an overridden config, ``None`` for the preset."""
-        return ",".join(f"{k}={v}" for k, v in sorted(self.overrides)) or None
+        return overrides_tag(self.overrides)
 
     def cells(self) -> list[Cell]:
         out = []
