@@ -23,9 +23,10 @@
 #   REATTENTION_COMMIT=abc1234 bash benchmarks/goals.sh eval-niah /root/qwen2.5-coder-1.5b/model.gguf
 #   REATTENTION_COMMIT=abc1234 bash benchmarks/goals.sh eval-ruler-qa /root/qwen2.5-coder-1.5b/model.gguf
 #       issue 1/4's evaluation of a capable reader (Qwen2.5-Coder, carried with ../shared/tools/capable-model.sh):
-#       eval-sweep: corpus QA at 4K in full attention (can the model pass the task in its window?), then ReAttention
-#       scopes from the paper's sizing down to SmolLM2's on the same 64K needles (niah_single_2, niah_multikey_2);
-#       it writes the best scope (most needles, then the smallest) to $RESULTS/chosen-scope for the next parts.
+#       eval-sweep: corpus QA at 4K in full attention (can the model pass the task in its window?), then three
+#       ReAttention scopes, SmolLM2's, a middle one and the paper's sizing for a 32K window, on the same 64K needles
+#       (niah_single_2, niah_multikey_2); it writes the best scope (most needles, then the smallest) to
+#       $RESULTS/chosen-scope for the next parts.
 #       eval-niah: RULER's NIAH on Paul Graham's essays at 32K-128K (20 needles a length) with the chosen scope,
 #       full attention at 32K and 64K, YaRN x4 at 64K and 128K.
 #       eval-ruler-qa: RULER multi-key / multi-value / vt / cwe at 64K and 128K against full attention at 16K,
@@ -123,10 +124,9 @@ eval-sweep|eval-niah|eval-ruler-qa)
         [ "$t" -gt 20 ] || { echo "skipped (time): $*"; return 0; }
         timeout --signal=TERM "$t" "${E[@]}" "$@" "${M[@]}" >/dev/null || echo "stopped or failed ($?): $*"
     }
-    scopes=("sink_size=32 top_k=4 max_blocks=256 block_size=32 local_window=8192 prefill_chunk_size=512"
-            "sink_size=128 top_k=4 max_blocks=128 block_size=32 local_window=4096 prefill_chunk_size=512"
+    scopes=("sink_size=128 top_k=4 max_blocks=32 block_size=32 local_window=256 prefill_chunk_size=256"
             "sink_size=128 top_k=4 max_blocks=64 block_size=32 local_window=1024 prefill_chunk_size=512"
-            "sink_size=128 top_k=4 max_blocks=32 block_size=32 local_window=256 prefill_chunk_size=256")
+            "sink_size=32 top_k=4 max_blocks=256 block_size=32 local_window=8192 prefill_chunk_size=512")
     case "$part" in
     eval-sweep)
         run qa --sizes 4K --questions 12 --modes full-truncated --out "$res/qa-4k-full.jsonl"
