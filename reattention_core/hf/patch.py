@@ -29,6 +29,8 @@ from reattention_core.hf.attention_fn import (
     registered_forward,
 )
 from reattention_core.rope import RopeSpec
+from reattention_kernels import KernelOptions
+from reattention_kernels.options import with_backend
 
 
 def _identity_rope(module: torch.nn.Module, args: object, output: tuple[torch.Tensor, torch.Tensor]):
@@ -38,7 +40,11 @@ def _identity_rope(module: torch.nn.Module, args: object, output: tuple[torch.Te
 
 @contextmanager
 def enable_reattention(
-    model: torch.nn.Module, config: ReAttentionConfig, *, backend: str | None = None
+    model: torch.nn.Module,
+    config: ReAttentionConfig,
+    *,
+    backend: str | None = None,
+    kernel_options: KernelOptions | None = None,
 ) -> Iterator[LayerRuntime]:
     """Run ``model`` under ReAttention inside a ``with`` block (use a `ReAttentionCache`).
 
@@ -46,6 +52,8 @@ def enable_reattention(
         model: a supported ``*ForCausalLM`` (Llama, Mistral, Qwen2, Qwen3).
         config: ReAttention settings.
         backend: kernel backend override (``"triton"``, ``"reference"`` or ``None`` for auto).
+        kernel_options: the kernels' settings (`reattention_kernels.KernelOptions`; ``backend`` sets
+            its backend).
 
     Yields:
         The `LayerRuntime` shared by all attention layers.
@@ -54,7 +62,8 @@ def enable_reattention(
     check_model(model)
     rotary = rotary_module(model)
     device = next(model.parameters()).device
-    runtime = LayerRuntime(config=config, rope=RopeSpec.from_rotary(rotary).to(device), backend=backend)
+    options = with_backend(kernel_options, backend)
+    runtime = LayerRuntime(config=config, rope=RopeSpec.from_rotary(rotary).to(device), kernel_options=options)
     _compat.register_attention(ATTN_IMPLEMENTATION, registered_forward())
     previous = _compat.get_attn_implementation(model)
     modules = attention_modules(model)
