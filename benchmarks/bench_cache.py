@@ -17,9 +17,9 @@ the tokens still prefilled (the tail after the last full page before the final t
 whether the first token equals the cold run's.
 
     python benchmarks/bench_cache.py --tokens 32768 --out benchmarks/results/cache-cpu.jsonl
-    # GPU machine (source benchmarks/device_env.sh first):
+    # GPU machine (eval "$(bash benchmarks/goals.sh env)" first):
     python3 benchmarks/bench_cache.py --model /root/model --gguf-file SmolLM2-135M-Instruct.Q4_1.gguf \\
-        --tokens 131072 1048576 --out benchmarks/results/cache-h100.jsonl
+        --tokens 131072 1048576 --out $OUT/cache.jsonl
 
 ``--offload host`` (with ``--offload-budget B``: the approximate store) or ``--offload values`` runs every
 phase with that offloaded store; ``--map-pages on off`` then runs each disk phase once per setting of
@@ -42,6 +42,16 @@ back to back, sharing the folders and the output file::
         --cache-dir $D --work-dir $D --out $D/cache.jsonl
     python3 benchmarks/bench_cache.py $M --tokens 1048576 --phases disk disk-cold \
         --cache-dir $D --work-dir $D --out $D/cache.jsonl && cp $D/cache.jsonl $OUT/
+
+``--restore-profile PAGES`` (GPU) instead profiles a restore from disk, no model loaded: ``PAGES``
+synthetic pages shaped like the embedded model's (``--layers/--heads/--head-dim``, bf16, 1024 tokens a
+page; 1024 pages = 1M tokens = 24 GB) written with `DiskCache.save`, then, each over all pages, timed:
+``read`` (threads reading the files into pinned buffers: the page-cache read floor), ``read+crc`` (the
+same plus a CRC-32 of every byte), ``load`` (`DiskCache.load(pin=True)`: reads, header checks, CRCs),
+``restore`` (load + `KVStore.extend` of every layer into a CUDA store, the main thread's time split
+into waiting for pages and launching copies) and ``restore-cold`` (after ``posix_fadvise(DONTNEED)``)::
+
+    python3 benchmarks/bench_cache.py --restore-profile 1024 --cache-dir /root/prof --out $OUT/restore.json
 """
 
 from __future__ import annotations
@@ -263,6 +273,105 @@ def previous_cold(out: Path, key: dict) -> dict | None:
     return found
 
 
+def _drop_page_cache(paths: list[Path]) -> None:
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def _read_all(paths: list[Path], workers: int, crc: bool) -> int:
+    """Read every file into a pinned buffer of its own (and CRC-32 it) on ``workers`` threads; bytes read."""
+    import zlib
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(path: Path) -> int:
+        buf = torch.empty(path.stat().st_size, dtype=torch.uint8, pin_memory=torch.cuda.is_available())
+        with open(path, "rb", buffering=0) as f:
+            f.readinto(memoryview(buf.numpy()))
+        if crc:
+            zlib.crc32(buf.numpy())
+        return buf.numel()
+
+    with ThreadPoolExecutor(workers) as pool:
+        return sum(pool.map(one, paths))
+
+
+def _restore(cache, fp, refs, layers: int, dtype: torch.dtype) -> dict:
+    """Load every page and extend a CUDA store with it: total seconds, and the main thread's waits and launches."""
+    from reattention_core.store import KVStore
+
+    store = KVStore(layers)
+    store.reserve(sum(r.tokens for r in refs))
+    torch.cuda.synchronize()
+    wait = launch = 0.0
+    t0 = time.perf_counter()
+    pages = cache.load(fp, refs, num_layers=layers, dtype=dtype, pin=True)
+    while True:
+        a = time.perf_counter()
+        page = next(pages, None)
+        b = time.perf_counter()
+        wait += b - a
+        if page is None:
+            break
+        keys, values = page
+        for layer in range(layers):
+            store.extend(layer, keys[layer].unsqueeze(0), values[layer].unsqueeze(0), device="cuda", dtype=dtype)
+        launch += time.perf_counter() - b
+    torch.cuda.synchronize()
+    return {"s": time.perf_counter() - t0, "wait_s": wait, "launch_s": launch}
+
+
+def restore_profile(args: argparse.Namespace) -> int:
+    """`--restore-profile`: where the time of a disk-cache restore goes (see the module docstring)."""
+    from reattention_core.disk_cache import DiskCache, PageRef, page_file_name
+    from reattention_core.fingerprint import FORMAT_VERSION, EngineFingerprint
+
+    if not torch.cuda.is_available():
+        raise SystemExit("--restore-profile needs a CUDA device")
+    folder = args.cache_dir or Path(tempfile.mkdtemp(prefix="reattention-restore-"))
+    shutil.rmtree(folder, ignore_errors=True)
+    dtype, page_size, layers = torch.bfloat16, 1024, args.layers
+    cache = DiskCache(folder, 1 << 50, workers=args.workers)
+    fp = EngineFingerprint({"format": str(FORMAT_VERSION), "model": "synthetic"})
+    ns = cache.namespace_dir(fp)
+    names = [f"{i:064x}" for i in range(1, args.restore_profile + 1)]
+    refs = [PageRef(ns / page_file_name(i, k), k, p, i, page_size)
+            for i, (k, p) in enumerate(zip(names, [fp.root] + names[:-1]))]  # fmt: skip
+    row = {"bench": "restore_profile", **environment(), "cpus": os.cpu_count(), "workers": args.workers,
+           "pages": len(refs), "page_size": page_size, "shape": [layers, args.heads, args.head_dim]}  # fmt: skip
+    base = torch.randn(page_size, args.heads, args.head_dim, generator=torch.Generator().manual_seed(0)).to(dtype)
+    t0 = time.perf_counter()
+    for i, ref in enumerate(refs):  # distinct bytes per page and layer
+        keys, values = [base + (i + j) for j in range(layers)], [base - (i + j) for j in range(layers)]
+        assert cache.save(fp, ref, keys, values) == "written"
+    row["write_s"] = round(time.perf_counter() - t0, 3)
+    paths = [r.path for r in refs]
+    row["bytes"] = sum(p.stat().st_size for p in paths)
+    gb = row["bytes"] / 1e9
+    for phase in ("read", "read+crc", "load", "restore", "restore", "restore-cold"):
+        t0 = time.perf_counter()
+        if phase.startswith("read"):
+            _read_all(paths, args.workers, crc=phase == "read+crc")
+            result = {"s": time.perf_counter() - t0}
+        elif phase == "load":
+            assert sum(1 for _ in cache.load(fp, refs, num_layers=layers, dtype=dtype, pin=True)) == len(refs)
+            result = {"s": time.perf_counter() - t0}
+        else:
+            if phase == "restore-cold":
+                _drop_page_cache(paths)
+            result = _restore(cache, fp, refs, layers, dtype)
+        result = {"phase": phase, **{k: round(v, 3) for k, v in result.items()}, "GB_per_s": round(gb / result["s"], 2)}
+        row.setdefault("phases", []).append(result)
+        print(json.dumps(result), flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(row, indent=1) + "\n")
+    shutil.rmtree(folder, ignore_errors=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="embedded")
@@ -279,9 +388,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--decode", type=int, default=0, help="disk phases: also time this many decode steps")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--restore-profile", type=int, default=None, metavar="PAGES",
+                    help="profile a restore of PAGES synthetic pages instead (see above)")
+    ap.add_argument("--layers", type=int, default=30, help="--restore-profile: the pages' layers")
+    ap.add_argument("--heads", type=int, default=3, help="--restore-profile: KV heads")
+    ap.add_argument("--head-dim", type=int, default=64, help="--restore-profile: head dim")
+    ap.add_argument("--workers", type=int, default=16, help="--restore-profile: reading threads")
     args = ap.parse_args(argv)
     if args.child:
         return child_main(json.loads(args.child))
+    if args.restore_profile:
+        return restore_profile(args)
 
     tmp_root = Path(tempfile.mkdtemp(prefix="reattention-bench-cache-"))
     cache_root = args.cache_dir or tmp_root / "cache"

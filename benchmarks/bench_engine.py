@@ -12,31 +12,27 @@ Stores (``--stores``, each timed in turn): ``resident`` (the KV store on the GPU
 on the GPU, values in pinned host memory: `OffloadConfig(keys="device")`), ``host`` (both in host
 memory, per-block key bounds on the GPU; ``--offload-budget/--offload-block/--offload-approximate``).
 
-``--fuse off on layers`` (each timed in turn): ``layers`` is the engine's ``compile_model=True``
-(each whole decoder layer compiled with ``torch.compile``, the cache update and attention call left
-out of the graphs; see `reattention_core.hf.compiled`); ``on`` is an earlier experiment that compiles
-only every layer's RMSNorms and MLP (``nn.Module.compile``, undone afterwards).
+``--fuse off layers`` (each timed in turn): ``layers`` is the engine's ``compile_model=True``
+(each whole decoder layer compiled with ``torch.compile``; see `reattention_core.hf.compiled`).
 
-``--select default histogram`` (each timed in turn; Triton kernels only): how a decode step selects
-blocks from its hits: ``default`` in one kernel (pairwise votes, up to ``SMALL_HITS`` hits), or
-``histogram``, the path prefill chunks take (a vote histogram, tile reductions and a blocks kernel).
+``--select default histogram`` and ``--epilogues off on`` (Triton kernels only) set the engine's
+`KernelOptions`: a decode step selects in one program (``default``) or through the histogram path of
+prefill chunks (``small_selection=False``); its split kernels merge (and select) in their last program
+(``on``: ``fuse_decode_selection`` and ``fuse_decode_merge``) or in kernels of their own (``off``, the
+default). Each ``--select`` is timed in turn; the ``--epilogues`` settings share one prefill (run with
+the first) and each times its own decode steps after it.
 
-``--epilogues default on off`` (each timed in turn; Triton kernels only): ``on`` has a decode step's
-split kernels finish in their last program, the scoring kernel merging its splits and selecting
-the blocks (``topk.FUSE_DECODE_SELECTION``) and the scope attention merging its partial outputs
-(``attention.FUSE_DECODE_MERGE``); ``off`` runs the merge and selection kernels as launches of their
-own; ``default`` leaves the package's settings.
-
-Models: the embedded SmolLM2-135M (default), ``--model llama8b-random`` (Llama-3.1-8B shapes,
-random bf16 weights, GPU only), or a model directory. Prompts are random token ids: speed does
-not depend on the text. Every row records device, versions and commit.
+Models: the embedded SmolLM2-135M (default), ``--model llama8b-random`` (Llama-3.1-8B shapes) or
+``qwen1.5b-random`` (Qwen2.5-Coder-1.5B shapes: 28 layers, 12 / 2 heads of dim 128), random bf16
+weights, GPU only; or a model directory. Prompts are random token ids: speed does not depend on the
+text. Every row records device, versions and commit.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
+import itertools
 import json
 import os
 import platform
@@ -53,7 +49,7 @@ from reattention_core import ReAttentionCache, ReAttentionConfig, ReAttentionEng
 from reattention_core.evaluation.cli import parse_overrides
 from reattention_core.offload import OffloadConfig, OffloadedStore
 from reattention_core.prefill import run_prefill
-
+from reattention_kernels import KernelOptions
 
 STORES = ("resident", "values", "host")
 
@@ -66,72 +62,36 @@ def llama8b_random(device: str) -> ReAttentionEngine:
         num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
         rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                          "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
-    )
+    )  # fmt: skip
     with torch.device(device):
         model = LlamaForCausalLM(cfg).to(torch.bfloat16)
     model.config._attn_implementation_internal = "sdpa"
     return ReAttentionEngine(model, tokenizer=None, model_name="llama-3.1-8b-shaped-random")
 
 
-@contextlib.contextmanager
-def fused(engine: ReAttentionEngine, how: str):
-    """``on``: every decoder layer's norms and MLP (and the final norm) compiled for the block (an
-    experiment); ``layers``: the engine's own ``compile_model`` (whole decoder layers compiled)."""
-    if how == "layers":
-        engine.compile_model = True
-        try:
-            yield
-        finally:
-            engine.compile_model = False
-        return
-    if how == "off":
-        yield
-        return
-    import torch._dynamo
+def qwen15b_random(device: str) -> ReAttentionEngine:
+    """Qwen2.5-Coder-1.5B's shapes (its config.json), random bf16 weights: 28 layers, 12 query and 2 KV
+    heads of dim 128, a 32K pre-training window (the engine's config: `ReAttentionConfig.for_window`)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    # one graph serves every layer (parameters are inputs); the limit only has to cover shapes
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    body = engine.model.model
-    mods = [m for layer in body.layers for m in (layer.input_layernorm, layer.post_attention_layernorm, layer.mlp)]
-    mods.append(body.norm)
-    for m in mods:
-        m.compile()
-    try:
-        yield
-    finally:
-        for m in mods:
-            m._compiled_call_impl = None
+    cfg = Qwen2Config(
+        vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+        num_key_value_heads=2, max_position_embeddings=32768, rms_norm_eps=1e-6, tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+    )  # fmt: skip
+    with torch.device(device):
+        model = Qwen2ForCausalLM(cfg).to(torch.bfloat16)
+    model.config._attn_implementation_internal = "sdpa"
+    return ReAttentionEngine(model, tokenizer=None, model_name="qwen2.5-coder-1.5b-shaped-random")
 
 
-@contextlib.contextmanager
-def selecting(how: str):
-    """The decode step's selection path (see ``--select``), for the block."""
-    if how == "default":
-        yield
-        return
-    from reattention_kernels.triton_ops import select
-
-    saved, select.SMALL_HITS = select.SMALL_HITS, 0
-    try:
-        yield
-    finally:
-        select.SMALL_HITS = saved
+RANDOM_MODELS = {"llama8b-random": llama8b_random, "qwen1.5b-random": qwen15b_random}
 
 
-@contextlib.contextmanager
-def epilogues(how: str):
-    """The decode step's split-kernel epilogues (see ``--epilogues``), for the block."""
-    if how == "default":
-        yield
-        return
-    from reattention_kernels.triton_ops import attention, topk
-
-    saved = topk.FUSE_DECODE_SELECTION, attention.FUSE_DECODE_MERGE
-    topk.FUSE_DECODE_SELECTION = attention.FUSE_DECODE_MERGE = how == "on"
-    try:
-        yield
-    finally:
-        topk.FUSE_DECODE_SELECTION, attention.FUSE_DECODE_MERGE = saved
+def kernel_options(base: KernelOptions, select: str, epilogues: str) -> KernelOptions:
+    """``base`` with the decode step's selection path and epilogues of ``--select`` and ``--epilogues``."""
+    fuse = epilogues == "on"
+    return base.replace(small_selection=select == "default", fuse_decode_selection=fuse, fuse_decode_merge=fuse)
 
 
 def sync() -> None:
@@ -146,39 +106,51 @@ def run_engine(
     decode: int,
     progress: bool = False,
     graphs: bool = True,
-) -> dict:
-    """Prefill ``ids``, then time ``decode`` greedy steps, through the engine's CUDA graphs (where
-    they apply) or without them."""
+    decode_options: list[KernelOptions] | None = None,
+) -> list[dict]:
+    """Prefill ``ids`` (with the engine's `KernelOptions`), then time ``decode`` greedy steps with each
+    of ``decode_options`` in turn (default: the engine's), through the engine's CUDA graphs (where they
+    apply) or without them: one row per options, sharing the prefill."""
     model = engine.model
-    with torch.inference_mode(), engine._running(cfg):  # compiled layers too, with compile_model
-        # the engine's own store: on the device, or offloaded (--stores values | host)
-        max_length = ids.shape[1] + decode + 1
-        store = engine._fresh_store(max_length)
-        cache = ReAttentionCache(store)
-        chunks = engine._prefill_graph(cache, ids.shape[1], max_length, cfg) if graphs else None
-        sync()
-        t0 = time.perf_counter()
-        logits = run_prefill(model, ids, cache, cfg.prefill_chunk_size, progress=progress, graph=chunks)
-        sync()
-        prefill = time.perf_counter() - t0
-        prefill_graph = chunks is not None and chunks.replays > 0
-        del chunks  # its memory pool goes before decoding
-        graph = engine._decode_graph(cache, max_length, decode + 1, cfg) if graphs else None
-        step_ms = time_engine_decode(engine, cache, logits, decode, graph)
-    row = {"prefill_s": prefill, "decode_ms_per_token": step_ms, "prefill_graph": prefill_graph,
-           "cuda_graph": graph is not None and graph.replays > 0,
-           "kv_bytes": store.nbytes(), "kv_host_bytes": store.nbytes("cpu") if engine.device.type == "cuda" else None}
-    if isinstance(store, OffloadedStore) and store.bounds:  # the share of bounded blocks that selections read
-        row["offload_read_share"] = store.fetched_blocks / max(1, store.bounded_blocks)
-    if cfg.mode != "full" and engine.device.type == "cuda":
-        row.update(key_read_floor(store, cfg, ids.shape[1]))
-        row["decode_over_floor"] = step_ms / row["key_read_floor_ms"]
-    return row
+    options = decode_options or [engine.kernel_options]
+    max_length = ids.shape[1] + len(options) * (decode + 1) + 1
+    rows = []
+    with torch.inference_mode():
+        with engine._running(cfg):  # compiled layers too, with compile_model
+            # the engine's own store: on the device, or offloaded (--stores values | host)
+            store = engine._fresh_store(max_length)
+            cache = ReAttentionCache(store)
+            chunks = engine._prefill_graph(cache, ids.shape[1], max_length, cfg) if graphs else None
+            sync()
+            t0 = time.perf_counter()
+            logits = run_prefill(model, ids, cache, cfg.prefill_chunk_size, progress=progress, graph=chunks)
+            sync()
+            prefill = time.perf_counter() - t0
+            prefill_graph = chunks is not None and chunks.replays > 0
+            del chunks  # its memory pool goes before decoding
+        for opts in options:
+            engine.kernel_options = opts
+            with engine._running(cfg):
+                graph = engine._decode_graph(cache, max_length, decode + 1, cfg) if graphs else None
+                step_ms, logits = time_engine_decode(engine, cache, logits, decode, graph)
+            row = {"prefill_s": prefill, "decode_ms_per_token": step_ms, "prefill_graph": prefill_graph,
+                   "cuda_graph": graph is not None and graph.replays > 0, "kv_bytes": store.nbytes(),
+                   "kv_host_bytes": store.nbytes("cpu") if engine.device.type == "cuda" else None}  # fmt: skip
+            if isinstance(store, OffloadedStore) and store.bounds:  # the share of bounded blocks selections read
+                row["offload_read_share"] = store.fetched_blocks / max(1, store.bounded_blocks)
+            if cfg.mode != "full" and engine.device.type == "cuda":
+                row.update(key_read_floor(store, cfg, ids.shape[1]))
+                row["decode_over_floor"] = step_ms / row["key_read_floor_ms"]
+            rows.append(row)
+            del graph
+    return rows
 
 
-def time_engine_decode(engine: ReAttentionEngine, cache: object, logits: torch.Tensor, steps: int, graph) -> float:
+def time_engine_decode(
+    engine: ReAttentionEngine, cache: object, logits: torch.Tensor, steps: int, graph
+) -> tuple[float, torch.Tensor]:
     """Milliseconds per greedy decode step of the engine's own step (a CUDA graph when ``graph``),
-    after one untimed step (which records the graph)."""
+    after one untimed step (which records the graph); and the last logits."""
     token = int(logits.reshape(-1, logits.shape[-1])[-1].argmax())
     logits = engine._decode_step(token, cache, graph)
     sync()
@@ -186,7 +158,7 @@ def time_engine_decode(engine: ReAttentionEngine, cache: object, logits: torch.T
     for _ in range(steps):
         logits = engine._decode_step(int(logits[0].argmax()), cache, graph)
     sync()
-    return (time.perf_counter() - t0) / max(1, steps) * 1000
+    return (time.perf_counter() - t0) / max(1, steps) * 1000, logits
 
 
 _COPY_GBPS: float | None = None
@@ -277,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="embedded")
     ap.add_argument("--gguf-file", default=None)
     ap.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384])
-    ap.add_argument("--modes", nargs="+", default=["reattention", "full"], choices=["reattention", "full", "streaming", "hf"])
+    ap.add_argument("--modes", nargs="+", default=["reattention", "full"],
+                    choices=["reattention", "full", "streaming", "hf"])
     ap.add_argument("--decode", type=int, default=16, help="decode steps timed after prefill")
     ap.add_argument("--prefill-chunk", type=int, default=None, help="override the config's prefill chunk")
     ap.add_argument("--backend", default=None, choices=["triton", "reference"])
@@ -293,30 +266,33 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--graphs", nargs="+", default=["on"], choices=["on", "off"],
                     help="decode through a CUDA graph (on, where it applies) or eager steps (off); each is timed")
     ap.add_argument("--set", nargs="+", default=None, metavar="FIELD=INT", dest="overrides",
-                    help="ReAttention config fields to change, e.g. top_k=6 max_blocks=48 (as `reattention eval --set`)")
-    ap.add_argument("--fuse", nargs="+", default=["off"], choices=["on", "off", "layers"],
-                    help="off: the model as it is; layers: compile_model=True; on: only norms and MLPs compiled "
-                    "(an experiment); each is timed")
+                    help="ReAttention config fields to change, e.g. top_k=6 max_blocks=48 (as `reattention eval "
+                    "--set`)")
+    ap.add_argument("--fuse", nargs="+", default=["off"], choices=["off", "layers"],
+                    help="off: the model as it is; layers: compile_model=True; each is timed")
     ap.add_argument("--select", nargs="+", default=["default"], choices=["default", "histogram"],
                     help="decode-step selection: default (one kernel for few hits) or histogram (the path of "
                     "prefill chunks); each is timed")
-    ap.add_argument("--epilogues", nargs="+", default=["default"], choices=["default", "on", "off"],
+    ap.add_argument("--epilogues", nargs="+", default=["off"], choices=["on", "off"],
                     help="decode steps' split kernels merge (and select) in their last program (on) or in kernels "
-                    "of their own (off); default: as the package is set; each is timed")
+                    "of their own (off, the default); each is timed")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
     overrides = parse_overrides(args.overrides)  # a bad field fails before the model loads
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.model == "llama8b-random":
-        engine = llama8b_random(device)
+    if args.model in RANDOM_MODELS:
+        engine = RANDOM_MODELS[args.model](device)
     else:
-        engine = ReAttentionEngine.from_pretrained(None if args.model == "embedded" else args.model, gguf_file=args.gguf_file)
-    engine.backend = args.backend
+        model = None if args.model == "embedded" else args.model
+        engine = ReAttentionEngine.from_pretrained(model, gguf_file=args.gguf_file)
+    base_options = KernelOptions(backend=args.backend)
     stores = {
         "resident": None,
         "values": OffloadConfig(keys="device"),
-        "host": OffloadConfig(block=args.offload_block, budget=args.offload_budget, refine=not args.offload_approximate),
+        "host": OffloadConfig(
+            block=args.offload_block, budget=args.offload_budget, refine=not args.offload_approximate
+        ),
     }
     base = engine.config
     if args.prefill_chunk:
@@ -331,57 +307,59 @@ def main(argv: list[str] | None = None) -> int:
     chunk = base.prefill_chunk_size
     warm = base.sink_size + max(base.local_window, chunk) + 6 * chunk + 64
     warm_ids = torch.randint(100, vocab - 100, (1, warm)).to(engine.device)
+    decode_options = {how: [kernel_options(base_options, how, ep) for ep in args.epilogues] for how in args.select}
     for mode in args.modes:
         for store in args.stores if mode != "hf" else ():
             engine.offload = stores[store]
-            for graphs in args.graphs:
-                for fuse in args.fuse:
-                    for how in args.select:
-                        for ep in args.epilogues:
-                            with fused(engine, fuse), selecting(how), epilogues(ep):
-                                run_engine(engine, base.replace(mode=mode), warm_ids, 5, graphs=graphs == "on")
-    runs = [(m, st, gr, fu, se, ep) for m in args.modes for st in (args.stores if m != "hf" else ["resident"])
-            for gr in (args.graphs if m != "hf" else ["off"]) for fu in (args.fuse if m != "hf" else ["off"])
-            for se in (args.select if m != "hf" else ["default"])
-            for ep in (args.epilogues if m != "hf" else ["default"])]  # fmt: skip
+            for graphs, fuse, how in itertools.product(args.graphs, args.fuse, args.select):
+                engine.kernel_options, engine.compile_model = decode_options[how][0], fuse == "layers"
+                run_engine(engine, base.replace(mode=mode), warm_ids, 5, graphs=graphs == "on",
+                           decode_options=decode_options[how])  # fmt: skip
+    runs = [("hf", "resident", "off", "off", "default")] if "hf" in args.modes else []
+    runs = [r for m in args.modes if m != "hf"
+            for r in itertools.product([m], args.stores, args.graphs, args.fuse, args.select)] + runs  # fmt: skip
     for tokens in args.tokens:
-        ids = torch.randint(100, vocab - 100, (1, tokens), generator=torch.Generator().manual_seed(tokens)).to(engine.device)
-        for mode, store, graphs, fuse, how, ep in runs:
+        gen = torch.Generator().manual_seed(tokens)
+        ids = torch.randint(100, vocab - 100, (1, tokens), generator=gen).to(engine.device)
+        for mode, store, graphs, fuse, how in runs:
             engine.offload = stores[store]
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
-            row = {"model": engine.model_name, "tokens": tokens, "mode": mode, **env}
-            row["store"] = store
+            row = {"model": engine.model_name, "tokens": tokens, "mode": mode, **env, "store": store}
             if overrides:
                 row["overrides"] = ",".join(f"{k}={v}" for k, v in overrides)
             if how != "default":
                 row["select"] = how
-            if ep != "default":
-                row["epilogues"] = ep
             if fuse != "off":
-                row["fuse"] = {"on": "compiled norms+mlp", "layers": "compiled decoder layers"}[fuse]
+                row["fuse"] = "compiled decoder layers"
             if store == "host":
                 row["offload"] = {"block": engine.offload.block, "budget": engine.offload.budget,
-                                  "refine": engine.offload.refine}
+                                  "refine": engine.offload.refine}  # fmt: skip
             try:
                 if mode == "hf":
-                    row.update(run_hf(engine, ids, args.decode))
+                    results = [run_hf(engine, ids, args.decode)]
                 else:
                     cfg = base.replace(mode=mode)
                     row["config"] = cfg.to_dict()
-                    with fused(engine, fuse), selecting(how), epilogues(ep):
-                        row.update(run_engine(engine, cfg, ids, args.decode, args.progress, graphs == "on"))
-                row["prefill_tok_per_s"] = tokens / row["prefill_s"]
+                    engine.kernel_options, engine.compile_model = decode_options[how][0], fuse == "layers"
+                    results = run_engine(engine, cfg, ids, args.decode, args.progress, graphs == "on",
+                                         decode_options=decode_options[how])  # fmt: skip
+                    for result, ep in zip(results, args.epilogues):
+                        result["epilogues"] = ep
             except (torch.cuda.OutOfMemoryError, StoreMemoryError) as exc:  # full attention runs out first
-                row["error"] = f"out of memory: {str(exc).splitlines()[0]}"
-            if torch.cuda.is_available():
-                row["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
-            with args.out.open("a") as f:
-                f.write(json.dumps(row) + "\n")
-            shown = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items() if k not in env and k != "config"}
-            print(json.dumps(shown), flush=True)
+                results = [{"error": f"out of memory: {str(exc).splitlines()[0]}"}]
+            peak = {"peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30} if torch.cuda.is_available() else {}
+            for result in results:
+                full = {**row, **result, **peak}
+                if "prefill_s" in full:
+                    full["prefill_tok_per_s"] = tokens / full["prefill_s"]
+                with args.out.open("a") as f:
+                    f.write(json.dumps(full) + "\n")
+                shown = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in full.items()
+                         if k not in env and k != "config"}  # fmt: skip
+                print(json.dumps(shown), flush=True)
     return 0
 
 

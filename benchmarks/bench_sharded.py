@@ -6,8 +6,9 @@ Run one process per GPU under torchrun (NCCL); rank 0 writes one JSON line:
     torchrun --nproc-per-node 2 benchmarks/bench_sharded.py $M --tokens 262144 --check-single --out $OUT/sharded.jsonl
 
 The prompt is `reattention eval passkey`'s (repeated filler, the key at ``--depth``). Prefill is the
-time from the job's start to the first decode step; decode is timed over the later steps (each step
-runs every layer on every rank and combines the shards with two collectives per layer).
+time from the job's start to its first piece of text (the first token, sampled from the prefill);
+decode is the time from there to the last piece over the tokens generated after the first (each
+step runs every layer on every rank and combines the shards with two collectives per layer).
 ``--check-single`` then answers the same prompt with the ordinary engine on rank 0's GPU (the
 whole store resident there, CUDA graphs on) and compares the token ids.
 """
@@ -34,21 +35,16 @@ from reattention_core.evaluation.tasks import make_sample
 from reattention_core.generation import TextStream
 
 
-class StepClock:
-    """Wraps the engine's decode step: when the first step started, when the last one ended."""
-
-    def __init__(self, engine: ReAttentionEngine) -> None:
-        self.inner, self.first, self.last, self.steps = engine._decode_step, None, None, 0
-        engine._decode_step = self  # type: ignore[method-assign]  # benchmark instrumentation only
-
-    def __call__(self, *args, **kwargs):
-        if self.first is None:
-            sync()
-            self.first = time.perf_counter()
-        out = self.inner(*args, **kwargs)
+def timed(run, marks: list[float]):
+    """``run`` (a generation's pieces of text), appending the time each piece arrived to ``marks``."""
+    while True:
+        try:
+            piece = next(run)
+        except StopIteration as done:
+            return done.value
         sync()
-        self.last, self.steps = time.perf_counter(), self.steps + 1
-        return out
+        marks.append(time.perf_counter())
+        yield piece
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,12 +72,12 @@ def main(argv: list[str] | None = None) -> int:
             "passkey", engine.tokenizer, Haystack(engine.tokenizer, "filler"), args.tokens, args.depth, args.index
         )
         request = engine.prepare(sample.prompt, max_new_tokens=args.new_tokens)
-        clock = StepClock(engine)
+        marks: list[float] = []
         sync()
         t0 = time.perf_counter()
-        res = TextStream(sharded.run(list(request.ids), request.params)).collect()
-        decode_ms = (clock.last - clock.first) / max(1, clock.steps) * 1000 if clock.steps else None
-        engine._decode_step = clock.inner  # type: ignore[method-assign]
+        res = TextStream(timed(sharded.run(list(request.ids), request.params), marks)).collect()
+        steps = res.completion_tokens - 1
+        decode_ms = (marks[-1] - marks[0]) / steps * 1000 if marks and steps > 0 else None
         hits = found(res.text, sample.expected)
         row = {
             "bench": "sharded",
@@ -94,9 +90,9 @@ def main(argv: list[str] | None = None) -> int:
             "answer": res.text,
             "hit": len(hits) == len(sample.expected),
             "token_ids": list(res.token_ids),
-            "prefill_s": round(clock.first - t0, 3) if clock.first else None,
+            "prefill_s": round(marks[0] - t0, 3) if marks else None,
             "decode_ms_per_token": round(decode_ms, 3) if decode_ms else None,
-            "decode_steps": clock.steps,
+            "decode_steps": steps,
         }
     else:
         sharded.follow(once=True)

@@ -1,23 +1,9 @@
 """ReAttention kernels (import name ``reattention_kernels``; the source folder is ``kernels/``).
 
-Public ops (`reattention_kernels.ops`), each dispatched (see `dispatch`) to a Triton kernel or its PyTorch
-reference:
-
-* `score_topk` - exact per-row, per-head top-k of raw ``q . k`` over the middle of the store.
-* `select_from_hits` - votes, clip to ``max_blocks`` and widening to blocks, from the top-k hits.
-* `score_select` - both (one kernel for a decode step where it fits, with ``FUSE_DECODE_SELECTION``).
-* `scope_attention` - attention over ``[sink | selected | local]`` read by index from the pre-RoPE
-  store, RoPE applied at fresh contiguous positions, bottom-right causal.
-* `append_kv` - a step's keys and values written into the store's buffers at a (shifted) length.
-
-The folder is deliberately not importable as ``kernels``: that name belongs to Hugging Face's
-kernel-hub package, which transformers requires (from 5.25) and imports. An installed reattention maps
-the folder to ``reattention_kernels``; in a checkout whose root is on ``sys.path`` (``python -m pytest``,
-a script run from the root) Python would still find the folder as ``kernels``, so this file then hands
-that name to the hub package or, where none is installed, to an empty module with no file and no version:
-what transformers takes for a stray namespace folder, not an installed package (it imports whatever
-``find_spec("kernels")`` finds to read a version, and an import error there would break ``import
-transformers``).
+Public ops (`ops`): `score_topk`, `select_from_hits`, `score_select`, `scope_attention`, `append_kv`,
+each a Triton kernel beside its PyTorch reference (`reference`), chosen per call by `KernelOptions`.
+Imported as ``kernels`` (a checkout's root on ``sys.path``), this file hands that name to Hugging
+Face's kernel-hub package, or to an empty module where none is installed (kernels/README.md says why).
 """
 
 from __future__ import annotations
@@ -52,9 +38,11 @@ else:
         select_from_hits,
         shifted_steps_supported,
     )
+    from reattention_kernels.options import KernelOptions
     from reattention_kernels.reference import append_kv_ref, scope_attention_ref, score_topk_ref, select_from_hits_ref
 
     __all__ = [
+        "KernelOptions",
         "append_kv",
         "append_kv_ref",
         "resolve_backend",

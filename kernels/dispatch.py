@@ -1,9 +1,9 @@
 """Backend choice for every op: Triton on CUDA, the PyTorch reference elsewhere.
 
-``REATTENTION_KERNELS`` overrides the choice: ``auto`` (default), ``triton`` or ``reference``.
-Nothing here imports Triton unless the Triton backend is actually chosen, so the CPU reference
-path works on machines without Triton. Under ``TRITON_INTERPRET=1`` the Triton backend also runs
-on CPU tensors (slowly): that is how CI tests the kernels.
+`resolve_backend` is the one place a backend is decided; a request of ``None`` (no
+`KernelOptions.backend`) reads ``REATTENTION_KERNELS`` (``auto``, ``triton`` or ``reference``) here.
+Nothing here imports Triton, so the reference path works without it. Under ``TRITON_INTERPRET=1``
+the Triton backend also runs on CPU tensors (slowly): that is how the kernels are tested on CPU.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ import os
 
 import torch
 
-BACKENDS = ("auto", "triton", "reference")
+from reattention_kernels.options import BACKENDS
+
 ENV_VAR = "REATTENTION_KERNELS"
 
 
@@ -38,9 +39,9 @@ def requested_backend() -> str:
 def resolve_backend(tensor: torch.Tensor, backend: str | None = None, *, supported: bool = True) -> str:
     """``"triton"`` or ``"reference"`` for an op on ``tensor``.
 
-    ``backend`` (or the environment override) ``"triton"`` forces Triton and fails loudly where it
-    cannot run; ``"auto"`` picks Triton for CUDA tensors when it is installed and the op's kernel
-    covers the shape (``supported``).
+    ``backend`` (``None``: ``REATTENTION_KERNELS``, else ``"auto"``) ``"triton"`` forces Triton and
+    fails loudly where it cannot run; ``"auto"`` picks Triton for CUDA tensors when it is installed
+    and the op's kernel covers the shape (``supported``).
     """
     choice = backend or requested_backend()
     if choice not in BACKENDS:

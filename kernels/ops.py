@@ -1,12 +1,8 @@
-"""The public ops of `reattention_kernels`, each dispatched (see `dispatch`) to a Triton kernel or its
-PyTorch reference; the package re-exports them (see its docstring for what each does).
+"""The public ops of `reattention_kernels`, each dispatched (`dispatch.resolve_backend`, with the
+backend of the `KernelOptions` passed) to a Triton kernel or its PyTorch reference.
 
-**Shifted lengths (for CUDA graphs).** Each op also takes ``shift``: an int64 ``[1]`` tensor on the
-device holding how many tokens the store has gained since the host computed the lengths it passes
-(``length``, ``middle_len``, ``local_start``). The Triton kernels add it on the device, so one
-recorded launch (a CUDA graph of a decode step or prefill chunk) stays right at every later store length; the
-tensors are then the store's whole buffers, and the grids cover them. The references read the
-shift on the host (they never run inside a graph) and compute the same result.
+Each op takes ``shift`` for CUDA graphs: an int64 ``[1]`` device tensor of the tokens the store has
+gained since the host computed the lengths it passes (kernels/README.md, "Shifted lengths").
 """
 
 from __future__ import annotations
@@ -14,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from reattention_kernels.dispatch import resolve_backend
+from reattention_kernels.options import DEFAULT_OPTIONS, KernelOptions
 from reattention_kernels.reference import (
     append_kv_ref,
     scope_attention_ref,
@@ -23,10 +20,6 @@ from reattention_kernels.reference import (
 
 # Largest [max_blocks, block_size] register tile of the fused selection kernel (powers of two).
 _SELECT_MAX_TILE = 16384
-# The fused selection kernel equals the reference in Triton's interpreter and on an H100 at real shapes
-# (tests/kernels/test_select.py); it cut select_blocks' host time from 1166 to 279 us there and 128K
-# prefill from 41.3 to 24.2 s (benchmarks/README.md). Kept as a switch to compare the two paths.
-_SELECT_TRITON_BY_DEFAULT = True
 
 
 def _pow2(d: int, least: int) -> bool:
@@ -47,23 +40,28 @@ def _topk_covers(head_dim: int, top_k: int) -> bool:
     return _pow2(head_dim, 16) and 1 <= top_k <= 8
 
 
-def _select_covers(max_blocks: int, block_size: int) -> bool:
+def _select_covers(max_blocks: int, block_size: int, options: KernelOptions) -> bool:
     tile = (1 << max(max_blocks - 1, 0).bit_length()) * (1 << max(block_size - 1, 0).bit_length())
-    return tile <= _SELECT_MAX_TILE and _SELECT_TRITON_BY_DEFAULT
+    return tile <= _SELECT_MAX_TILE and options.triton_selection
 
 
 def _attention_covers(head_dim: int) -> bool:
     return _pow2(head_dim, 32)
 
 
-def shifted_steps_supported(head_dim: int, top_k: int, max_blocks: int, block_size: int) -> bool:
+def shifted_steps_supported(
+    head_dim: int, top_k: int, max_blocks: int, block_size: int, kernel_options: KernelOptions | None = None
+) -> bool:
     """Whether every kernel takes its Triton path for these shapes, as a recorded CUDA-graph step needs.
 
     Shifted steps (``shift=``) read the shift on the device in the Triton kernels; the reference
     fallbacks read it on the host, which a stream under capture does not allow.
     """
+    options = kernel_options or DEFAULT_OPTIONS
     return (
-        _topk_covers(head_dim, top_k) and _select_covers(max_blocks, block_size) and _attention_covers(head_dim)
+        _topk_covers(head_dim, top_k)
+        and _select_covers(max_blocks, block_size, options)
+        and _attention_covers(head_dim)
     )
 
 
@@ -74,7 +72,7 @@ def score_topk(
     *,
     length: int | None = None,
     shift: torch.Tensor | None = None,
-    backend: str | None = None,
+    kernel_options: KernelOptions | None = None,
 ) -> torch.Tensor:
     """Per-row, per-query-head top-k key indices; see `reference.topk.score_topk_ref` for the spec.
 
@@ -83,7 +81,8 @@ def score_topk(
     power of two >= 16, top_k > 8); an explicit ``"triton"`` request raises instead.
     """
     _check_shift(shift, length, "score_topk")
-    if resolve_backend(q, backend, supported=_topk_covers(q.shape[-1], top_k)) == "triton":
+    options = kernel_options or DEFAULT_OPTIONS
+    if resolve_backend(q, options.backend, supported=_topk_covers(q.shape[-1], top_k)) == "triton":
         from reattention_kernels.triton_ops.topk import score_topk_triton
 
         return score_topk_triton(q, k, top_k, length=length, shift=shift)
@@ -101,24 +100,26 @@ def select_from_hits(
     *,
     shift: torch.Tensor | None = None,
     max_middle_len: int | None = None,
-    backend: str | None = None,
+    kernel_options: KernelOptions | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Selected positions from top-k hits; see `reference.select.select_from_hits_ref` for the spec.
 
     With ``shift``, the middle is ``middle_len + shift`` long, at most ``max_middle_len``.
 
-    ``auto`` uses the fused kernel on CUDA, and the reference elsewhere or when
-    ``max_blocks x block_size`` (rounded up to powers of two) is over the kernel's register tile;
-    an explicit ``"triton"`` request uses the fused kernel.
+    ``auto`` uses the fused kernel on CUDA (unless ``triton_selection`` is off), and the reference
+    elsewhere or when ``max_blocks x block_size`` (rounded up to powers of two) is over the kernel's
+    register tile; an explicit ``"triton"`` request uses the fused kernel.
     """
     _check_shift(shift, middle_len, "select_from_hits")
-    supported = _select_covers(min(max_blocks, hits.shape[-1]), block_size)
-    if resolve_backend(hits, backend, supported=supported) == "triton":
+    options = kernel_options or DEFAULT_OPTIONS
+    supported = _select_covers(min(max_blocks, hits.shape[-1]), block_size, options)
+    if resolve_backend(hits, options.backend, supported=supported) == "triton":
         from reattention_kernels.triton_ops.select import select_from_hits_triton
 
         return select_from_hits_triton(
-            hits, middle_len, max_blocks, block_size, offset, shift=shift, max_middle_len=max_middle_len
-        )
+            hits, middle_len, max_blocks, block_size, offset, shift=shift, max_middle_len=max_middle_len,
+            small=options.small_selection,
+        )  # fmt: skip
     return select_from_hits_ref(hits, middle_len + _host_shift(shift), max_blocks, block_size, offset)
 
 
@@ -132,28 +133,32 @@ def score_select(
     *,
     length: int | None = None,
     shift: torch.Tensor | None = None,
-    backend: str | None = None,
+    kernel_options: KernelOptions | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`score_topk` of ``q`` over the middle ``k``, then `select_from_hits` of each batch row's hits
     (``[B, TQ * HQ * top_k]``) over a middle of ``length`` (+ ``shift``) keys: ``(sel, n_sel)``.
 
-    On the Triton path, with ``triton_ops.topk.FUSE_DECODE_SELECTION`` on (off by default until timed
-    on a GPU), a decode step whose selection fits runs as one kernel (the scoring's last program
-    merges the key splits and selects); the result is the two ops' either way.
+    On the Triton path, with ``fuse_decode_selection``, a decode step whose selection fits runs as
+    one kernel (the scoring's last program merges the key splits and selects); the result is the
+    two ops' either way.
     """
     _check_shift(shift, length, "score_select")
+    options = kernel_options or DEFAULT_OPTIONS
     middle_len = k.shape[1] if length is None else length
     fits = _topk_covers(q.shape[-1], top_k) and _select_covers(
-        min(max_blocks, q.shape[1] * q.shape[2] * top_k), block_size
+        min(max_blocks, q.shape[1] * q.shape[2] * top_k), block_size, options
     )
-    if resolve_backend(q, backend, supported=fits) == "triton" and fits:
+    if resolve_backend(q, options.backend, supported=fits) == "triton" and fits:
         from reattention_kernels.triton_ops.topk import score_select_triton
 
-        return score_select_triton(q, k, top_k, max_blocks, block_size, offset, length=length, shift=shift)
-    hits = score_topk(q, k, top_k, length=length, shift=shift, backend=backend)
+        return score_select_triton(
+            q, k, top_k, max_blocks, block_size, offset, length=length, shift=shift,
+            fuse_selection=options.fuse_decode_selection, small_selection=options.small_selection,
+        )  # fmt: skip
+    hits = score_topk(q, k, top_k, length=length, shift=shift, kernel_options=options)
     return select_from_hits(
         hits.reshape(hits.shape[0], -1), middle_len, max_blocks, block_size, offset, shift=shift,
-        max_middle_len=k.shape[1], backend=backend,
+        max_middle_len=k.shape[1], kernel_options=options,
     )  # fmt: skip
 
 
@@ -172,7 +177,7 @@ def scope_attention(
     return_lse: bool = False,
     length: int | None = None,
     shift: torch.Tensor | None = None,
-    backend: str | None = None,
+    kernel_options: KernelOptions | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Sparse-scope attention; see `reference.attention.scope_attention_ref` for the spec.
 
@@ -182,6 +187,7 @@ def scope_attention(
     ``auto`` falls back to the reference when the head dim is not a power of two >= 32.
     """
     _check_shift(shift, length, "scope_attention")
+    options = kernel_options or DEFAULT_OPTIONS
     kwargs = dict(
         sink_len=sink_len,
         local_start=local_start,
@@ -190,10 +196,12 @@ def scope_attention(
         scale=scale,
         return_lse=return_lse,
     )
-    if resolve_backend(q, backend, supported=_attention_covers(q.shape[-1])) == "triton":
+    if resolve_backend(q, options.backend, supported=_attention_covers(q.shape[-1])) == "triton":
         from reattention_kernels.triton_ops.attention import scope_attention_triton
 
-        return scope_attention_triton(q, k, v, sel_idx, n_sel, length=length, shift=shift, **kwargs)
+        return scope_attention_triton(
+            q, k, v, sel_idx, n_sel, length=length, shift=shift, fuse_merge=options.fuse_decode_merge, **kwargs
+        )
     if length is not None or shift is not None:
         s = _host_shift(shift)
         end = (k.shape[1] if length is None else length) + s
@@ -210,13 +218,13 @@ def append_kv(
     start: int,
     *,
     shift: torch.Tensor | None = None,
-    backend: str | None = None,
+    kernel_options: KernelOptions | None = None,
 ) -> None:
     """Write ``k, v`` ``[B, T, H, D]`` at rows ``start (+ shift)`` of ``keys, values``; see
     `reference.store.append_kv_ref`. Both paths read ``shift`` on the device (graph-safe)."""
     if shift is not None and (shift.dtype != torch.int64 or shift.numel() != 1):
         raise ValueError("append_kv needs an int64 shift tensor of one element")
-    if resolve_backend(keys, backend) == "triton":
+    if resolve_backend(keys, (kernel_options or DEFAULT_OPTIONS).backend) == "triton":
         from reattention_kernels.triton_ops.store import append_kv_triton
 
         append_kv_triton(keys, values, k, v, start, shift)

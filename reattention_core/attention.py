@@ -13,7 +13,7 @@ import torch
 from reattention_core.config import ReAttentionConfig
 from reattention_core.rope import RopeSpec
 from reattention_core.selection import select_blocks, voting_rows
-from reattention_kernels import scope_attention
+from reattention_kernels import KernelOptions, scope_attention
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,7 @@ def select_for_plan(
     plan: ScopePlan,
     cfg: ReAttentionConfig,
     *,
-    backend: str | None = None,
+    kernel_options: KernelOptions | None = None,
     shift: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Store positions ``(sel [B, NS], n_sel [B])`` selected for ``plan`` from the key store ``k``
@@ -81,7 +81,7 @@ def select_for_plan(
     end = plan.local_start if shift is None else k.shape[1] - (plan.total - plan.local_start)
     return select_blocks(
         voting_rows(q, cfg.prefill_vote_stride), k[:, plan.sink_len : end], top_k=cfg.top_k,
-        max_blocks=cfg.max_blocks, block_size=cfg.block_size, offset=plan.sink_len, backend=backend,
+        max_blocks=cfg.max_blocks, block_size=cfg.block_size, offset=plan.sink_len, kernel_options=kernel_options,
         length=None if shift is None else plan.middle_len, shift=shift,
     )  # fmt: skip
 
@@ -94,7 +94,7 @@ def reattention_attention(
     rope: RopeSpec,
     scale: float,
     *,
-    backend: str | None = None,
+    kernel_options: KernelOptions | None = None,
     total: int | None = None,
     shift: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -118,13 +118,13 @@ def reattention_attention(
     """
     if shift is None:
         plan = plan_scope(cfg, k.shape[1], q.shape[1])
-        sel, n_sel = select_for_plan(q, k, plan, cfg, backend=backend)
+        sel, n_sel = select_for_plan(q, k, plan, cfg, kernel_options=kernel_options)
     else:
         assert total is not None, "a shifted step needs the stored tokens at recording time"
         plan = plan_scope(cfg, total, q.shape[1])
         if not shiftable(plan):
             raise ValueError("a scope without sink and local window (full attention) cannot be shifted")
-        sel, n_sel = select_for_plan(q, k, plan, cfg, backend=backend, shift=shift)
+        sel, n_sel = select_for_plan(q, k, plan, cfg, kernel_options=kernel_options, shift=shift)
     out, _ = scope_attention(
         q,
         k,
@@ -136,7 +136,7 @@ def reattention_attention(
         inv_freq=rope.inv_freq,
         attention_scaling=rope.attention_scaling,
         scale=scale,
-        backend=backend,
+        kernel_options=kernel_options,
         length=None if shift is None else plan.total,
         shift=shift,
     )

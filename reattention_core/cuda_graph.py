@@ -2,7 +2,7 @@
 
 A decode step of the embedded model launches about 400 kernels (30 layers of norms, projections,
 selection, scope attention, MLP) through Python, and the host, not the GPU, sets the pace: on an
-H100 at 128K tokens the GPU was busy 4.4 ms of a 46 ms step (`benchmarks/profile_step.py`). A
+H100 at 128K tokens the GPU was busy 4.4 ms of a 46 ms step (`benchmarks/profiling.py step`). A
 CUDA graph replays all those launches from one call.
 
 A graph replays fixed launches with fixed arguments, but every step stores one more token. Three

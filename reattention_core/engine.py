@@ -34,7 +34,7 @@ from reattention_core.errors import (
     ModelNotFoundError,
     UnsupportedModelError,
 )
-from reattention_core.fingerprint import EngineFingerprint
+from reattention_core.fingerprint import EngineFingerprint, kernels_fingerprint
 from reattention_core.generation import GenerationResult, Request, TextStream
 from reattention_core.hf import ReAttentionCache, enable_reattention
 from reattention_core.hf._compat import cache_argument
@@ -45,7 +45,8 @@ from reattention_core.offload import OffloadConfig, OffloadedStore
 from reattention_core.prefill import run_prefill
 from reattention_core.prefix_cache import CacheConfig, CacheInfo, PrefixCache, PrefixRun, default_memory_bytes
 from reattention_core.store import KVStore
-from reattention_kernels import resolve_backend, shifted_steps_supported
+from reattention_kernels import KernelOptions, resolve_backend, shifted_steps_supported
+from reattention_kernels.options import with_backend
 
 log = logging.getLogger("reattention")
 
@@ -94,7 +95,10 @@ class ReAttentionEngine:
         config: ReAttention settings; default: the measured preset for a known model, else the
             paper's sizing for the model's pre-training window (`ReAttentionConfig.for_window`).
         model_name: a display name (defaults to the model's ``name_or_path``).
-        backend: kernel backend override: ``"triton"``, ``"reference"`` or ``None`` (auto).
+        backend: kernel backend override: ``"triton"``, ``"reference"`` or ``None`` (auto); short for
+            ``kernel_options=KernelOptions(backend=...)``.
+        kernel_options: the kernels' settings (`reattention_kernels.KernelOptions`: backend and
+            optional kernel paths); default: ``KernelOptions()``.
         cache: prefix cache settings (`CacheConfig`); ``None``/``True``: on, in memory and on disk
             in the default directory; ``False``: off.
         offload: keep the KV store (``OffloadConfig(keys="device")``: only the values) in host
@@ -132,6 +136,7 @@ class ReAttentionEngine:
         cache: CacheConfig | bool | None = None,
         offload: OffloadConfig | None = None,
         compile_model: bool = False,
+        kernel_options: KernelOptions | None = None,
     ) -> None:
         check_model(model)
         self.model = model.eval()
@@ -145,7 +150,12 @@ class ReAttentionEngine:
             raise InvalidInputError(f"config must be a ReAttentionConfig, got {type(config).__name__}")
         config.check_window(self.window)
         self.config = config
-        self.backend = backend
+        if kernel_options is not None and not isinstance(kernel_options, KernelOptions):
+            raise InvalidInputError(f"kernel_options must be a KernelOptions, got {type(kernel_options).__name__}")
+        try:
+            self.kernel_options = with_backend(kernel_options, backend)
+        except ValueError as exc:
+            raise InvalidInputError(str(exc)) from exc
         if not isinstance(compile_model, bool):
             raise InvalidInputError(f"compile_model must be True or False, got {compile_model!r}")
         self.compile_model = compile_model
@@ -188,6 +198,7 @@ class ReAttentionEngine:
         cache: CacheConfig | bool | None = None,
         offload: OffloadConfig | None = None,
         compile_model: bool = False,
+        kernel_options: KernelOptions | None = None,
     ) -> ReAttentionEngine:
         """Load a model and its tokenizer.
 
@@ -203,6 +214,7 @@ class ReAttentionEngine:
             cache: prefix cache settings (see the class docstring).
             offload: host-memory KV store (see the class docstring).
             compile_model: compile the decoder layers (see the class docstring).
+            backend, kernel_options: the kernels' settings (see the class docstring).
         """
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -252,12 +264,21 @@ class ReAttentionEngine:
                 config = ReAttentionConfig.preset(preset)
         return cls(
             model, tokenizer, config, model_name=name, backend=backend, cache=cache, offload=offload,
-            compile_model=compile_model,
+            compile_model=compile_model, kernel_options=kernel_options,
         )
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @property
+    def backend(self) -> str | None:
+        """The kernel backend asked for (``kernel_options.backend``; ``None``: auto)."""
+        return self.kernel_options.backend
+
+    @backend.setter
+    def backend(self, value: str | None) -> None:
+        self.kernel_options = self.kernel_options.replace(backend=value)
 
     def encode(self, prompt: Prompt, *, context: str | None = None) -> list[int]:
         """Token ids of a plain-text prompt, or of a chat (message list) with its template applied.
@@ -505,17 +526,19 @@ class ReAttentionEngine:
     @contextmanager
     def _running(self, config: ReAttentionConfig) -> Iterator[None]:
         """The model under ReAttention with ``config`` (and compiled layers, with ``compile_model``)."""
-        with enable_reattention(self.model, config, backend=self.backend), compiled_layers(
+        with enable_reattention(self.model, config, kernel_options=self.kernel_options), compiled_layers(
             self.model, self.compile_model
         ):
             yield
 
     def _fingerprint(self) -> EngineFingerprint:
         assert self._prefix is not None
-        return self._prefix.fingerprint(
+        fp = self._prefix.fingerprint(
             self.model, self.tokenizer, self.config, self.backend, self.model_name,
             compiled=COMPILED_FINGERPRINT if self.compile_model else None,
         )
+        kernels = kernels_fingerprint(self.kernel_options, fp.components["backend"])
+        return fp if kernels is None else fp.with_component("kernels", kernels)
 
     def _begin(
         self, ids: list[int], *, reserve: int, num_pages: int | None = None, boundary: int | None = None
@@ -693,7 +716,9 @@ class ReAttentionEngine:
             return False
         mc = self.model.config
         head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
-        if not shifted_steps_supported(head_dim, config.top_k, config.max_blocks, config.block_size):
+        if not shifted_steps_supported(
+            head_dim, config.top_k, config.max_blocks, config.block_size, self.kernel_options
+        ):
             return False  # a fallback kernel would read the step's shift on the host, inside the capture
         return resolve_backend(torch.empty(0, device=self.device), self.backend) == "triton"
 

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from reattention_core.config import ReAttentionConfig
+from reattention_kernels.options import KernelOptions
 
 # Version of the on-disk page format and of the hash chain. Bump it whenever either changes: pages
 # of another version then live under another fingerprint and age out through LRU eviction.
@@ -127,6 +128,16 @@ def resolved_backend(device: torch.device, backend: str | None) -> str:
         return f"unresolved:{backend}:{exc.__class__.__name__}"
 
 
+def kernels_fingerprint(kernel_options: KernelOptions, backend: str) -> str | None:
+    """The component of kernel settings (`KernelOptions`) that change keys and
+    values on ``backend`` (resolved), or ``None``. Only the decode merge epilogue: it equals the merge
+    kernel only up to the order of its sums. The selection paths give identical outputs (tested bit
+    for bit), so they share pages with the default settings."""
+    if backend == "triton" and kernel_options.fuse_decode_merge:
+        return "decode-merge-epilogue"
+    return None
+
+
 @dataclass(frozen=True)
 class EngineFingerprint:
     """Every input that decides the keys and values of a prompt, and their combined ``root``.
@@ -151,6 +162,10 @@ class EngineFingerprint:
     def namespace(self) -> str:
         """Directory name of this fingerprint's pages in the disk cache."""
         return self.root[:32]
+
+    def with_component(self, name: str, value: str) -> EngineFingerprint:
+        """This fingerprint with one more component (a new root)."""
+        return EngineFingerprint({**self.components, name: value}, self.model_name, self.details)
 
     def differences(self, other: dict[str, Any]) -> list[str]:
         """Names of the components whose values differ from ``other`` (a manifest's components)."""

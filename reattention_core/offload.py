@@ -57,7 +57,7 @@ from reattention_core.rope import RopeSpec
 from reattention_core.segments import TokenSegments
 from reattention_core.selection import voting_rows
 from reattention_core.store import KVStore
-from reattention_kernels import scope_attention, score_topk, select_from_hits
+from reattention_kernels import KernelOptions, scope_attention, score_topk, select_from_hits
 
 # fp32 rounding of a D-term dot product is far below this share of sum_d |q_d| * max|k_d|.
 _MARGIN = 1e-4
@@ -241,7 +241,7 @@ def candidate_topk(
     refine: bool = True,
     lo: int = 0,
     hi: int | None = None,
-    backend: str | None = None,
+    kernel_options: KernelOptions | None = None,
 ) -> CandidateResult:
     """Top-k keys of ``q`` over ``keys[:, lo:hi]`` (host or device) reading only candidate blocks.
 
@@ -282,7 +282,7 @@ def candidate_topk(
         idx = (blocks[:, None] * s + torch.arange(s, device=keys.device)).reshape(-1)
         idx = idx[(idx >= lo) & (idx < hi)]
         sub = _gather_to(keys, idx, q.device)
-        local = score_topk(q, sub, top_k, backend=backend)
+        local = score_topk(q, sub, top_k, kernel_options=kernel_options)
         idx = idx.to(q.device) - lo
         hits = torch.where(local >= 0, idx[local.clamp(min=0)], local)
         if reach is None or bool(fetched.all()):
@@ -477,7 +477,7 @@ def offloaded_attention(
     rope: RopeSpec,
     scale: float,
     *,
-    backend: str | None = None,
+    kernel_options: KernelOptions | None = None,
 ) -> torch.Tensor:
     """`reattention_core.attention.reattention_attention` over an offloaded store.
 
@@ -499,16 +499,17 @@ def offloaded_attention(
         res = candidate_topk(
             voting_rows(q, cfg.prefill_vote_stride), keys, store.bounds[layer], cfg.top_k,
             budget=store.config.budget, refine=store.config.refine, lo=plan.sink_len, hi=plan.local_start,
-            backend=backend,
+            kernel_options=kernel_options,
         )  # fmt: skip
         s = store.config.block
         store.fetched_blocks += res.fetched
         store.bounded_blocks += (plan.local_start - 1) // s - plan.sink_len // s + 1
         sel, n_sel = select_from_hits(
-            res.hits.reshape(b, -1), plan.middle_len, cfg.max_blocks, cfg.block_size, plan.sink_len, backend=backend
-        )
+            res.hits.reshape(b, -1), plan.middle_len, cfg.max_blocks, cfg.block_size, plan.sink_len,
+            kernel_options=kernel_options,
+        )  # fmt: skip
     else:  # keys on the device: the resident selection
-        sel, n_sel = select_for_plan(q, keys, plan, cfg, backend=backend)
+        sel, n_sel = select_for_plan(q, keys, plan, cfg, kernel_options=kernel_options)
     ns = sel.shape[1]
     # host buffers need host indices: one copy (which waits for the selection) serves keys and values
     on = {sel.device: sel}
@@ -527,7 +528,8 @@ def offloaded_attention(
     out, _ = scope_attention(
         q, k_scope, v_scope, sel_scope, n_sel,
         sink_len=plan.sink_len, local_start=k_scope.shape[1] - (total - plan.local_start),
-        inv_freq=rope.inv_freq, attention_scaling=rope.attention_scaling, scale=scale, backend=backend,
+        inv_freq=rope.inv_freq, attention_scaling=rope.attention_scaling, scale=scale,
+        kernel_options=kernel_options,
     )  # fmt: skip
     return out
 

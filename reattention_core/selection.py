@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from reattention_kernels import score_select
+from reattention_kernels import KernelOptions, score_select
 from reattention_kernels.reference.select import expand_blocks, vote_and_clip
 
 __all__ = ["expand_blocks", "select_blocks", "vote_and_clip", "voting_rows"]
@@ -41,7 +41,7 @@ def select_blocks(
     max_blocks: int,
     block_size: int,
     offset: int = 0,
-    backend: str | None = None,
+    kernel_options: KernelOptions | None = None,
     length: int | None = None,
     shift: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,4 +59,6 @@ def select_blocks(
         ``(sel, n_sel)`` as in `expand_blocks`, positions relative to the middle's start plus
         ``offset`` (padding entries equal ``offset``).
     """
-    return score_select(q, k_middle, top_k, max_blocks, block_size, offset, length=length, shift=shift, backend=backend)
+    return score_select(
+        q, k_middle, top_k, max_blocks, block_size, offset, length=length, shift=shift, kernel_options=kernel_options
+    )

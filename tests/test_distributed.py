@@ -20,7 +20,10 @@ from reattention_core import ReAttentionConfig, ReAttentionEngine
 from reattention_core.attention import plan_scope, reattention_attention
 from reattention_core.rope import RopeSpec
 from reattention_core.selection import select_blocks, voting_rows
+from reattention_kernels import KernelOptions
 from tests.helpers import ByteTokenizer, tiny_model
+
+REFERENCE = KernelOptions(backend="reference")
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 
@@ -179,13 +182,13 @@ def test_sharded_store_equals_single_process(world, tmp_path, single_process, on
 
     for i, (case, got) in enumerate(zip(LAYER_CASES, results["layer"], strict=True)):
         q, k, v, cfg = _layer_inputs(case, i)
-        want = reattention_attention(q, k, v, cfg, _rope(q.shape[-1]), 0.25, backend="reference")
+        want = reattention_attention(q, k, v, cfg, _rope(q.shape[-1]), 0.25, kernel_options=REFERENCE)
         torch.testing.assert_close(torch.tensor(got["out"]), want, rtol=1e-5, atol=1e-5)
         plan = plan_scope(cfg, k.shape[1], q.shape[1])
         if plan.select:
             voters = voting_rows(q, cfg.prefill_vote_stride)
             sel, n_sel = select_blocks(voters, k[:, plan.sink_len : plan.local_start], top_k=cfg.top_k,
-                                       max_blocks=cfg.max_blocks, block_size=cfg.block_size, backend="reference")
+                                       max_blocks=cfg.max_blocks, block_size=cfg.block_size, kernel_options=REFERENCE)
             ref = [(row[: int(n)] + plan.sink_len).tolist() for row, n in zip(sel, n_sel, strict=True)]
             assert got["sel"] == ref, f"case {i}: the merged selection differs from the single-process one"
             assert all(len(r) > 0 for r in ref)

@@ -8,6 +8,7 @@ import torch
 from reattention_core.attention import plan_scope, select_for_plan
 from reattention_core.config import ReAttentionConfig
 from reattention_core.selection import expand_blocks, select_blocks, vote_and_clip, voting_rows
+from reattention_kernels import KernelOptions
 from reattention_kernels.reference import score_topk_ref
 from reattention_kernels.reference.attention import scope_indices
 
@@ -149,7 +150,7 @@ def test_a_prefill_vote_stride_selects_what_only_the_voting_rows_point_at():
     plan = plan_scope(cfg, t, 6)
 
     def picked(c, rows=q):
-        sel, n = select_for_plan(rows, k, plan, c, backend="reference")
+        sel, n = select_for_plan(rows, k, plan, c, kernel_options=KernelOptions(backend="reference"))
         return set(sel[0, : int(n[0])].tolist())
 
     every, strided = picked(cfg), picked(cfg.replace(prefill_vote_stride=2))

@@ -1,22 +1,6 @@
-"""Reference sparse-scope attention: gather the scope, apply RoPE at fresh positions, attend.
-
-The scope of one sequence ``b`` is, in this order::
-
-    sink      tokens [0, sink_len)                       -> positions 0 .. sink_len-1
-    selected  sel_idx[b, :n_sel[b]] (ascending)          -> positions sink_len .. sink_len+n_sel-1
-    local     tokens [local_start, T)                    -> the next T-local_start positions
-
-so a scope of ``L`` keys gets the contiguous positions ``0 .. L-1`` and the ``TQ`` queries (the
-last ``TQ`` tokens of the local window) get ``L-TQ .. L-1``. Causality is bottom-right aligned
-(flash-attention's convention for ``TQ != L``)::
-
-    keys  ->  s s s | sel sel | l l l l          query i may see scope key j  iff  j <= L - TQ + i
-    q0        x x x    x   x    x x . .          (only the local window is ever cut off)
-    q1        x x x    x   x    x x x .
-    q2        x x x    x   x    x x x x
-
-RoPE follows Hugging Face (``rotate_half`` convention, cos/sin computed in fp32 from
-``inv_freq`` and multiplied by ``attention_scaling``, then cast to the input dtype).
+"""Reference sparse-scope attention: gather ``[sink | selected | local]``, apply RoPE at the scope
+positions ``0 .. L-1`` (Hugging Face's ``rotate_half`` convention, fp32 cos/sin), attend with
+bottom-right causality. The specification of `triton_ops.attention` (kernels/README.md).
 """
 
 from __future__ import annotations

@@ -1,15 +1,6 @@
-"""Reference block selection from top-k hits: votes, clip to ``max_blocks``, widen to blocks.
-
-The specification of `reattention_kernels.triton_ops.select` (see `reattention_core.selection`
-for where it sits in the algorithm):
-
-1. **votes** - every hit ``(row, query head, slot)`` of a layer votes for its key position;
-2. **clip** - the ``max_blocks`` positions with most votes are kept (ties: lower position first);
-3. **blocks** - each kept position ``p`` becomes ``[p - block//2, p + ceil(block/2) - 1]``, clipped
-   (not shifted) to the middle; overlapping blocks merge; the result is sorted ascending, i.e. in
-   original order.
-
-Batched tensor ops only, no host synchronisation.
+"""Reference block selection from top-k hits: votes, clip to ``max_blocks`` (ties: lower position),
+widen to blocks, merge, keep original order; batched tensor ops, no host synchronisation. The
+specification of `triton_ops.select` (kernels/README.md; `reattention_core.selection` for context).
 """
 
 from __future__ import annotations

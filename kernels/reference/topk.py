@@ -1,14 +1,6 @@
-"""Reference position-agnostic top-k scoring (the first, position-free attention of ReAttention).
-
-Spec (the Triton kernel must agree with it exactly, up to fp32 accumulation order):
-
-* Each query row ``t`` and query head ``hq`` scores every key of the middle with the raw dot
-  product ``q[t, hq] . k[j, hq // G]`` (``G = HQ // H``; no RoPE, no scaling, no softmax: none of
-  them changes a per-row ranking), accumulated in fp32.
-* It keeps the ``top_k`` keys under the total order *score descending, then index ascending*, so
-  exact ties (identical keys are common in layer 0, where a repeated token has a repeated key)
-  resolve the same way on every backend.
-* Result: indices into the middle, best first, ``-1`` where the middle has fewer than ``top_k`` keys.
+"""Reference position-agnostic top-k scoring: raw ``q . k`` per (row, query head) over the middle,
+accumulated in fp32, best ``top_k`` by (score descending, index ascending), ``-1`` where the middle
+is shorter. The specification of `triton_ops.topk`, which must agree exactly (kernels/README.md).
 """
 
 from __future__ import annotations

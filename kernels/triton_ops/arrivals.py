@@ -1,20 +1,9 @@
 """Arrival counts: the last program of a group to finish runs the group's epilogue in the same launch.
 
-A split kernel (decode scoring over key splits, decode attention over scope splits) writes partial
-results that a second kernel used to combine. Instead, each program of a group adds one to the
-group's count after its stores; the program that takes the last count sees every partial result and
-combines them, then puts the count back to zero for the next launch. One launch fewer per op and
-layer step, and no wait between the two kernels.
-
-Memory order: the program's threads finish their stores, meet at a barrier, then one thread adds with
-acquire-release semantics at GPU scope (Triton issues a scalar atomic from one thread and broadcasts
-its result through shared memory after another barrier). The release covers the stores the barrier
-ordered before it, and the acquire of the last program covers every earlier release in the count's
-modification order, so its loads (through the L2: ``.cg``) see all partial results.
-
-The counts are int32 tensors kept per device and never freed: a recorded CUDA graph holds their
-addresses. Launches on one stream run one after another and leave every count at zero, so all
-kernels share them; two launches on different streams at once would not (the engine uses one).
+Each program adds one to its group's int32 count after its stores (a barrier, then one acq_rel atomic
+at GPU scope); the one that takes the last count combines the partial results (loads through the L2)
+and zeroes the count for the next launch (kernels/README.md, "Epilogues"). The counts are kept per
+device and never freed: a recorded CUDA graph holds their addresses.
 """
 
 from __future__ import annotations

@@ -1,28 +1,14 @@
 """Sparse-scope attention: flash attention over ``[sink | selected | local]`` read from the store.
 
-The scope is never gathered. Scope position ``p`` of sequence ``b`` reads store row::
-
-    p                                        if p < sink_len
-    sel_idx[b, p - sink_len]                 if p < sink_len + n_sel[b]
-    local_start + p - sink_len - n_sel[b]    otherwise
-
-and its key is rotated on the fly at position ``p``, in the input dtype (the two halves of the row are
-loaded apart, ``rotate_half`` convention); queries are rotated once, in fp32, at ``L - TQ + t``. cos/sin come from a
-``[L, D/2]`` table built by a small kernel per call (fp32 math, scaled, cast to the input dtype as
-Hugging Face does), which every head and program shares through L2.
-
-One program owns ``BM`` rows ``r = t * G + g`` of one (sequence, KV head), so a K/V tile serves the
-whole GQA group; key tiles that all of its rows see in full run without masks. ``n_sel`` stays on
-the device: the loop bound is read in the kernel. When there are too few programs to fill the GPU
-(decode), the scope is split over programs and a second kernel merges the partial outputs by their
-log-sum-exp (flash-decoding), or, with ``FUSE_DECODE_MERGE``, the last program of each (sequence, KV
-head) to finish merges them (`arrivals`).
+The scope is never gathered: each scope position reads its store row by index and its key is
+rotated on the fly at the position (kernels/README.md). One program owns ``BM`` rows ``r = t * G +
+g`` of one (sequence, KV head). A decode step splits the scope over programs and merges the partial
+outputs by their log-sum-exp: in a merge kernel, or in the last program to finish (``fuse_merge``).
 """
 
 from __future__ import annotations
 
 import functools
-from collections import OrderedDict
 
 import torch
 import triton
@@ -30,46 +16,14 @@ import triton.language as tl
 
 from reattention_kernels.dispatch import interpreting
 from reattention_kernels.triton_ops.arrivals import arrival_counts, last_arrival
+from reattention_kernels.triton_ops.rope import cached_rope_table, rotated_queries
 from reattention_kernels.triton_ops.rows import group_rows
 
 _LOG2E = 1.4426950408889634
 _MAX_SPLITS = 128
-# A split launch's last program per (sequence, KV head) can merge the partial outputs itself
-# (``MERGE``, `arrivals.last_arrival`) instead of the merge kernel as one more launch. Off until a GPU
-# has timed it against that kernel (`benchmarks/probe_decode_epilogues.py`, `bench_engine.py
-# --epilogues`): one launch fewer per layer step, but one program merges all of the group's rows.
-FUSE_DECODE_MERGE = False
-# Most rows per (sequence, KV head) that the last program merges alone: a decode step's GQA group
-# (the embedded model's 3, Llama-8B's 4); a split prefill chunk's hundreds of rows keep the merge kernel.
+# Most rows per (sequence, KV head) that the last program merges alone (``fuse_merge``): a decode
+# step's GQA group; a split prefill chunk's hundreds of rows keep the merge kernel.
 _FUSED_MERGE_MAX_ROWS = 16
-
-
-@triton.jit(do_not_specialize=["P"])
-def rope_table_kernel(inv_freq, cos_t, sin_t, P, scaling, HALF: tl.constexpr, BP: tl.constexpr):
-    i_p = tl.program_id(0)
-    o_p = i_p * BP + tl.arange(0, BP)
-    m_p = o_p < P
-    o_f = tl.arange(0, HALF)
-    b_f = tl.load(inv_freq + o_f).to(tl.float32)
-    # [BP, HALF]
-    b_x = o_p.to(tl.float32)[:, None] * b_f[None, :]
-    o_t = o_p.to(tl.int64)[:, None] * HALF + o_f[None, :]
-    tl.store(cos_t + o_t, (tl.cos(b_x) * scaling).to(cos_t.dtype.element_ty), mask=m_p[:, None])
-    tl.store(sin_t + o_t, (tl.sin(b_x) * scaling).to(sin_t.dtype.element_ty), mask=m_p[:, None])
-
-
-@triton.jit
-def rotated_queries(p_q, b_qpos, m_r, cos_t, sin_t, HALF: tl.constexpr):
-    """Queries rotated at ``b_qpos [BM]``, in fp32 then cast back: the halves ``[BM, HALF]`` of the
-    rows ``p_q [BM, 1]`` points at (rows where ``m_r`` is false read as zeros)."""
-    o_h = tl.arange(0, HALF)
-    b_q1 = tl.load(p_q + o_h[None, :], mask=m_r[:, None], other=0.0)
-    b_q2 = tl.load(p_q + HALF + o_h[None, :], mask=m_r[:, None], other=0.0)
-    o_tq = b_qpos.to(tl.int64)[:, None] * HALF + o_h[None, :]
-    b_cq = tl.load(cos_t + o_tq, mask=m_r[:, None], other=0.0).to(tl.float32)
-    b_sq = tl.load(sin_t + o_tq, mask=m_r[:, None], other=0.0).to(tl.float32)
-    b_q1f, b_q2f = b_q1.to(tl.float32), b_q2.to(tl.float32)
-    return (b_q1f * b_cq - b_q2f * b_sq).to(b_q1.dtype), (b_q2f * b_cq + b_q1f * b_sq).to(b_q1.dtype)
 
 
 @triton.jit
@@ -105,7 +59,7 @@ def _scope_tile(
         b_ck = tl.load(cos_t + o_tk)
         b_sk = tl.load(sin_t + o_tk)
     # [BN, HALF] rotated in the input dtype, rounded after each product as transformers' apply_rotary_pos_emb
-    # is (and as the reference is); fp32 math costs two conversions per element (5-10% of a prefill chunk's time)
+    # is (and as the reference is); fp32 math would cost four conversions per element
     b_k1r = b_k1 * b_ck - b_k2 * b_sk
     b_k2r = b_k2 * b_ck + b_k1 * b_sk
     if IEEE:
@@ -231,7 +185,7 @@ def scope_attention_fwd_kernel(
     p_lo = i_s * pos_per_split
     p_hi = tl.minimum(tl.minimum(p_lo + pos_per_split, L), L - TQ + t_hi + 1)
     # Tiles wholly before the program's first query position are seen in full by all its rows: they
-    # run without masks or predicated loads (1.13-1.19x faster for a Llama-8B prefill chunk over a 16K scope)
+    # run without masks or predicated loads
     p_free = L - TQ + (i_m * BM) // G + 1
     p_free = p_lo + tl.maximum(tl.minimum(p_free, p_hi) - p_lo, 0) // BN * BN
     k_base = k + i_b * stride_kb + i_h * stride_kh
@@ -303,15 +257,12 @@ def _num_sms(index: int) -> int:
 
 @functools.cache
 def _large_smem(index: int) -> bool:
-    """Whether a program may use ~200 KB of shared memory (H100/H200: 227 KB; A100: 163 KB)."""
+    """Whether a program may use ~200 KB of shared memory (compute capability 9.0 offers 227 KB, 8.0 163 KB)."""
     return torch.cuda.get_device_properties(index).shared_memory_per_block_optin >= 200 * 1024
 
 
 def _config(rows: int, dtype: torch.dtype, d: int, device: torch.device | None = None) -> tuple[int, int, int, int]:
-    """(BM, BN, num_warps, num_stages): rows of the GQA group per program, scope keys per tile.
-
-    Measured on an H100 (benchmarks/bench_kernels.py --sweep, benchmarks/probe_scope_attention.py).
-    """
+    """(BM, BN, num_warps, num_stages): rows of the GQA group per program, scope keys per tile."""
     if interpreting():
         return 16, 16, 4, 1
     if (
@@ -322,8 +273,7 @@ def _config(rows: int, dtype: torch.dtype, d: int, device: torch.device | None =
         and device.type == "cuda"
         and _large_smem(device.index if device.index is not None else torch.cuda.current_device())
     ):
-        # each key tile is rotated once for 128 rows instead of 64: 0.50 ms against 0.63 for a Llama-8B
-        # prefill chunk over a 16K scope (H100, benchmarks/probe_scope_attention.py --two-loops)
+        # each key tile is rotated once for 128 rows instead of 64 (needs ~200 KB of shared memory)
         return 128, 128, 8, 3
     bm = min(128 if d <= 64 else 64, max(16, triton.next_power_of_2(rows)))
     if dtype == torch.float32:
@@ -331,49 +281,6 @@ def _config(rows: int, dtype: torch.dtype, d: int, device: torch.device | None =
     if bm <= 16:
         return bm, 128, 4, 2
     return bm, 64, (8 if bm >= 128 else 4), 2
-
-
-def rope_table(inv_freq: torch.Tensor, length: int, attention_scaling: float, dtype: torch.dtype, device) -> tuple:
-    """cos/sin ``[length, D/2]`` in ``dtype`` for positions ``0 .. length-1`` (one kernel)."""
-    half = inv_freq.numel()
-    inv_freq = inv_freq.to(device=device, dtype=torch.float32).contiguous()
-    cos_t = torch.empty((max(length, 1), half), dtype=dtype, device=device)
-    sin_t = torch.empty_like(cos_t)
-    bp = 64 if interpreting() else max(1, 4096 // half)
-    rope_table_kernel[(triton.cdiv(max(length, 1), bp),)](
-        inv_freq, cos_t, sin_t, length, float(attention_scaling), HALF=half, BP=bp
-    )
-    return cos_t, sin_t
-
-
-# Every layer of a step attends over a scope of the same length with the same RoPE settings, so the
-# table is computed once and sliced (row p does not depend on the table's length): one launch and two
-# allocations fewer per layer step. Entries hold their inv_freq tensor, so its id is not reused.
-_TABLES: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = OrderedDict()
-_TABLE_ENTRIES = 8
-_TABLE_MAX_POSITIONS = 1 << 16  # longer scopes (full attention over a long context) are computed each time
-
-
-def cached_rope_table(
-    inv_freq: torch.Tensor, length: int, attention_scaling: float, dtype: torch.dtype, device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`rope_table`, reusing a longer table made earlier for the same ``inv_freq`` tensor and settings."""
-    if length > _TABLE_MAX_POSITIONS:
-        return rope_table(inv_freq, length, attention_scaling, dtype, device)
-    # Inference tensors (the engine's RopeSpec is made under torch.inference_mode on GPUs) keep no
-    # version counter; nothing in the package writes to them, so their identity is the key.
-    version = None if inv_freq.is_inference() else inv_freq._version
-    key = (id(inv_freq), version, float(attention_scaling), dtype, torch.device(device))
-    hit = _TABLES.get(key)
-    if hit is None or hit[0] is not inv_freq or hit[1].shape[0] < max(length, 1):
-        size = min(_TABLE_MAX_POSITIONS, max(256, triton.next_power_of_2(max(length, 1))))
-        hit = (inv_freq, *rope_table(inv_freq, size, attention_scaling, dtype, device))
-        _TABLES[key] = hit
-        while len(_TABLES) > _TABLE_ENTRIES:
-            _TABLES.popitem(last=False)
-    _TABLES.move_to_end(key)
-    n = max(length, 1)
-    return hit[1][:n], hit[2][:n]
 
 
 def scope_attention_fwd(
@@ -391,6 +298,7 @@ def scope_attention_fwd(
     return_lse: bool = False,
     length: int | None = None,
     shift: torch.Tensor | None = None,
+    fuse_merge: bool = False,
     splits: int | None = None,
     config: tuple[int, int, int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -432,8 +340,8 @@ def scope_attention_fwd(
             splits = triton.cdiv(4, base)
         else:
             sms = _num_sms(torch.cuda.current_device() if dev.index is None else dev.index)
-            # Programs for half the SMs or more run unsplit: a Llama-8B prefill chunk (128 programs on
-            # an H100's 132 SMs) took 0.52 ms in one pass against 0.56 split in three and merged
+            # programs for half the SMs or more run unsplit: a split and its merge cost more than the
+            # idle SMs give
             splits = 1 if 2 * base >= sms else triton.cdiv(2 * sms, base)
     splits = max(1, min(splits, _MAX_SPLITS, triton.cdiv(l_max, bn)))
     pos_per_split = triton.cdiv(triton.cdiv(l_max, splits), bn) * bn
@@ -457,7 +365,7 @@ def scope_attention_fwd(
     ws_o = torch.empty((b * h, rows, splits, d), dtype=torch.float32, device=dev)
     ws_lse = torch.empty((b * h, rows, splits), dtype=torch.float32, device=dev)
     bs = triton.next_power_of_2(splits)
-    counts = arrival_counts(dev, b * h) if FUSE_DECODE_MERGE and rows <= _FUSED_MERGE_MAX_ROWS else None
+    counts = arrival_counts(dev, b * h) if fuse_merge and rows <= _FUSED_MERGE_MAX_ROWS else None
     # BS only where the kernel reads it (with MERGE): each value of a constexpr is a variant to compile
     scope_attention_fwd_kernel[(n_m, splits, b * h)](
         q, k, v, sel_idx, n_sel, cos_t, sin_t, o, lse_arg, ws_o, ws_lse, shift_arg, o if counts is None else counts,
@@ -488,6 +396,7 @@ def scope_attention_triton(
     return_lse: bool = False,
     length: int | None = None,
     shift: torch.Tensor | None = None,
+    fuse_merge: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attention of pre-RoPE queries over their scope ``[sink | selected | local]``, fused.
 
@@ -510,6 +419,8 @@ def scope_attention_triton(
             longer buffers).
         shift (torch.Tensor | None): int64 ``[1]`` on the device, added there to ``length`` and
             ``local_start`` (see `reattention_kernels.scope_attention`).
+        fuse_merge (bool): a split launch of few rows per KV head (a decode step) merges its partial
+            outputs in its last program instead of a merge kernel. Default: ``False``.
 
     Returns:
         ``(o, lse)``: ``o [B, TQ, HQ, D]`` in ``q.dtype``; ``lse [B, TQ, HQ]`` fp32 or ``None``.
@@ -517,7 +428,8 @@ def scope_attention_triton(
     return scope_attention_fwd(
         q, k, v, sel_idx, n_sel, sink_len=sink_len, local_start=local_start, inv_freq=inv_freq,
         attention_scaling=attention_scaling, scale=scale, return_lse=return_lse, length=length, shift=shift,
+        fuse_merge=fuse_merge,
     )  # fmt: skip
 
 
-__all__ = ["cached_rope_table", "rope_table", "scope_attention_fwd", "scope_attention_triton"]
+__all__ = ["scope_attention_fwd", "scope_attention_triton"]

@@ -1,29 +1,8 @@
-"""Fused block selection from top-k hits: votes, clip and blocks in one launch for a decode step, a few for a chunk.
+"""Fused block selection from top-k hits: votes, clip to ``max_blocks`` and blocks (kernels/README.md).
 
-The reference (`reattention_kernels.reference.select`) is about 25 small torch ops, two of them
-sorts: about 1 ms of host time per layer step on an H100 host, more than the scoring kernel
-itself (``benchmarks/profile_host.py``).
-
-A decode step has few hits (36 for the embedded preset): ``_select_small`` (one program per batch
-row) counts each hit's votes by comparing all hits pairwise in registers, ranks the distinct
-positions by (votes, lower position), keeps the ``K`` best and writes their blocks. More hits (a
-prefill chunk) take the histogram path:
-
-1. ``_count_votes`` (one program per tile of hits) adds every valid hit into a zeroed histogram
-   ``[B, M]`` of int32 (atomics; M is the middle length, so 4 MB at 1M tokens).
-2. ``_tile_top`` (one program per tile) takes each hit's count with an atomic exchange against 0,
-   so exactly one hit per distinct position reads it (and the histogram is left clean); its key is
-   ``votes * (M + 1) + (M - position)``: unique, larger for more votes and, on ties, for the lower
-   position (the reference's order). The program sorts its tile's keys and keeps the ``KP`` largest.
-   While more than one tile's worth of kept keys remains, the same kernel reduces them again
-   (a 256-token chunk of the embedded preset: 9216 hits, 9 tiles, then one).
-3. ``_blocks`` (one program per batch row) turns the ``K = min(max_blocks, N)`` largest keys into
-   positions, sorts them back to ascending order, widens them to blocks, merges each with the
-   blocks before it and compacts the result, exactly as the reference does (`_write_blocks`).
-
-The clip used to be K rounds of "largest key below the last" over all N keys in one program:
-K x N/1024 dependent passes, 0.15 ms per layer step of a prefill chunk (23% of a chunk's GPU time
-at 128K tokens, ``benchmarks/profile_graphs.py``); the tiles now sort in parallel.
+A row of few hits (a decode step) is selected in one program (`_select_small`: pairwise votes in
+registers); more hits take the histogram path: `_count_votes`, `_tile_top` (repeated until one tile
+of keys is left) and `_blocks`. Both give the reference's outputs bit for bit.
 """
 
 from __future__ import annotations
@@ -37,12 +16,10 @@ from reattention_kernels.ops import _SELECT_MAX_TILE as MAX_TILE  # larger [K, b
 
 # Most hits per program of the counting kernel and per tile of the top-key kernel.
 _BLOCK = 1024
-# Most hits per row that `_select_small` takes (pairwise votes in registers, NP x NP compares): a
-# decode step of the embedded preset has 36 (9 heads x top-4). On an H100 it selects them in 5.3 us
-# against 8-9 us for the four kernels of the histogram path; 256 hits (Llama-3.1-8B's 32 heads x
-# top-8) took 330 us, so larger steps keep the histogram (benchmarks/probe_decode_select.py).
+# Most hits per row that `_select_small` takes: its pairwise votes cost NP x NP compares in registers,
+# cheaper than the histogram's four launches for a decode step's few dozen hits, far dearer for hundreds.
 SMALL_HITS = 64
-# Warps of `_select_small` and `_blocks` (fastest of 1, 2, 4 and 8 in the same probe).
+# Warps of `_select_small` and `_blocks`.
 SMALL_WARPS = 8
 BLOCKS_WARPS = 4
 
@@ -103,7 +80,7 @@ def _write_blocks(kept, sel, n_sel, i_b, M, K, W, offset, BLOCK: tl.constexpr, K
     start = kept - BS // 2
     ends = start + BS - 1
     # the latest end of the blocks before each: an exclusive prefix maximum in log2(KP) steps (a [KP, KP]
-    # masked maximum took all 255 registers and spilled at KP = 128, a Llama-8B prefill chunk's)
+    # masked maximum spills registers at KP = 128)
     prev_end, _ = tl.associative_scan((tl.full([KP], -1, ends.dtype), ends), 0, _exclusive_max)
     lo = tl.maximum(tl.maximum(start, 0), prev_end + 1)
     hi = tl.minimum(ends, M - 1)
@@ -192,11 +169,13 @@ def select_from_hits_triton(
     *,
     shift: torch.Tensor | None = None,
     max_middle_len: int | None = None,
+    small: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused `select_from_hits_ref`: same inputs, bit-identical outputs.
 
-    Up to ``SMALL_HITS`` hits per row (a decode step) take one kernel (`_select_small`); more take
-    the histogram, the tile reduction and `_blocks`.
+    With ``small``, up to ``SMALL_HITS`` hits per row (a decode step) take one kernel
+    (`_select_small`); more hits, or any number without ``small``, take the histogram, the tile
+    reduction and `_blocks`.
 
     Args:
         hits (torch.Tensor): int64 ``[B, N]`` positions in ``[0, middle_len)``; ``-1`` = no hit.
@@ -228,7 +207,7 @@ def select_from_hits_triton(
     shift_arg = hits if shift is None else shift  # any tensor: the kernels read it only with SHIFT
     sel = torch.empty((b, width), dtype=torch.int64, device=dev)
     n_sel = torch.empty((b,), dtype=torch.int64, device=dev)
-    if n <= SMALL_HITS:
+    if small and n <= SMALL_HITS:
         np_ = triton.next_power_of_2(n)
         _select_small[(b,)](
             hits, sel, n_sel, shift_arg, hits.stride(0), n, middle_len, kk, width, offset, NP=np_,

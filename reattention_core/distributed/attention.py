@@ -30,7 +30,7 @@ from reattention_core.attention import ScopePlan, no_selection, plan_scope
 from reattention_core.config import ReAttentionConfig
 from reattention_core.rope import RopeSpec
 from reattention_core.selection import voting_rows
-from reattention_kernels import score_topk, select_from_hits
+from reattention_kernels import KernelOptions, score_topk, select_from_hits
 from reattention_kernels.reference import apply_rope_ref, rope_cos_sin
 
 
@@ -49,7 +49,7 @@ def all_gather_stack(x: torch.Tensor, group: dist.ProcessGroup | None = None) ->
 
 
 def shard_candidates(
-    q: torch.Tensor, k_middle: torch.Tensor, offset: int, top_k: int, *, backend: str | None = None
+    q: torch.Tensor, k_middle: torch.Tensor, offset: int, top_k: int, *, kernel_options: KernelOptions | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """This rank's top-k middle keys per (row, query head), with their scores.
 
@@ -66,7 +66,7 @@ def shard_candidates(
     if k_middle.shape[1] == 0:
         return (q.new_full((b, tq, hq, top_k), float("-inf"), dtype=torch.float32),
                 torch.full((b, tq, hq, top_k), -1, dtype=torch.int64, device=q.device))
-    local = score_topk(q, k_middle, top_k, backend=backend)  # [B, TQ, HQ, top_k], -1 = none
+    local = score_topk(q, k_middle, top_k, kernel_options=kernel_options)  # [B, TQ, HQ, top_k], -1 = none
     g = hq // k_middle.shape[2]
     # Score the few candidates again, in fp32, to rank them against the other ranks' candidates.
     bi = torch.arange(b, device=q.device)[:, None, None, None]
@@ -101,7 +101,7 @@ def sharded_select(
     cfg: ReAttentionConfig,
     *,
     group: dist.ProcessGroup | None = None,
-    backend: str | None = None,
+    kernel_options: KernelOptions | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Selected middle tokens (absolute positions, ascending) and their counts: ``([B, NS], [B])``."""
     b = q.shape[0]
@@ -109,14 +109,16 @@ def sharded_select(
     hi = min(plan.local_start, shard_start + k.shape[1])
     k_mid = k[:, lo - shard_start : max(lo, hi) - shard_start]
     scores, positions = shard_candidates(
-        voting_rows(q, cfg.prefill_vote_stride), k_mid, lo - plan.sink_len, cfg.top_k, backend=backend
-    )
+        voting_rows(q, cfg.prefill_vote_stride), k_mid, lo - plan.sink_len, cfg.top_k,
+        kernel_options=kernel_options,
+    )  # fmt: skip
     packed = torch.stack([scores.double(), positions.double()], dim=-1)  # one collective for both
     gathered = all_gather_stack(packed, group)
     hits = merge_candidates(gathered[..., 0].float(), gathered[..., 1].long(), cfg.top_k)
     return select_from_hits(
-        hits.reshape(b, -1), plan.middle_len, cfg.max_blocks, cfg.block_size, plan.sink_len, backend=backend
-    )
+        hits.reshape(b, -1), plan.middle_len, cfg.max_blocks, cfg.block_size, plan.sink_len,
+        kernel_options=kernel_options,
+    )  # fmt: skip
 
 
 def partial_scope_attention(
@@ -198,7 +200,7 @@ def sharded_reattention_attention(
     shard_start: int,
     total: int,
     group: dist.ProcessGroup | None = None,
-    backend: str | None = None,
+    kernel_options: KernelOptions | None = None,
 ) -> torch.Tensor:
     """`reattention_attention` with the store's sequence split across the ranks of ``group``.
 
@@ -208,14 +210,14 @@ def sharded_reattention_attention(
             ``[shard_start, shard_start + S)``; shards are disjoint, contiguous and cover
             ``[0, total)`` together (a shard may be empty).
         total: tokens in the whole store (the same on every rank).
-        cfg, rope, scale, backend: as in `reattention_attention`.
+        cfg, rope, scale, kernel_options: as in `reattention_attention`.
 
     Returns:
         ``[B, TQ, HQ, D]`` in ``q.dtype``, the same on every rank.
     """
     plan = plan_scope(cfg, total, q.shape[1])
     if plan.select:
-        sel, n_sel = sharded_select(q, k, shard_start, plan, cfg, group=group, backend=backend)
+        sel, n_sel = sharded_select(q, k, shard_start, plan, cfg, group=group, kernel_options=kernel_options)
     else:
         sel, n_sel = no_selection(q.shape[0], q.device)
     o, lse = partial_scope_attention(q, k, v, shard_start, plan, sel, n_sel, rope, scale)

@@ -206,7 +206,9 @@ class ShardedEngine:
         reserve = len(ids) + params.max_new_tokens
         store = ShardedKVStore(eng.model.config.num_hidden_layers, ShardLayout.balanced(reserve, self.rank, self.world))
         store.reserve(reserve)
-        with eng._lock, enable_sharded_reattention(eng.model, eng.config, store, group=self.group, backend=eng.backend):
+        with eng._lock, enable_sharded_reattention(
+            eng.model, eng.config, store, group=self.group, kernel_options=eng.kernel_options
+        ):
             cache = ReAttentionCache(store)  # type: ignore[arg-type] - a ShardedKVStore has the KVStore methods it calls
             input_ids = torch.tensor([ids], device=eng.device)
             logits = self._guarded(run_prefill, eng.model, input_ids, cache, eng.config.prefill_chunk_size,

@@ -21,6 +21,7 @@ from reattention_core.distributed.store import ShardedKVStore
 from reattention_core.hf import _compat, enable_reattention
 from reattention_core.hf.architectures import attention_modules
 from reattention_core.hf.attention_fn import ATTN_IMPLEMENTATION, RUNTIME_ATTR, LayerRuntime
+from reattention_kernels import KernelOptions
 
 SHARDED_IMPLEMENTATION = "reattention_sharded"
 SHARD_ATTR = "reattention_shard"
@@ -60,7 +61,7 @@ def sharded_attention_forward(
         shard_start=shard.store.layout.start,
         total=shard.store.length(shard.layer_idx),
         group=shard.group,
-        backend=runtime.backend,
+        kernel_options=runtime.kernel_options,
     )
     return out, None
 
@@ -72,14 +73,14 @@ def enable_sharded_reattention(
     store: ShardedKVStore,
     *,
     group: dist.ProcessGroup | None = None,
-    backend: str | None = None,
+    kernel_options: KernelOptions | None = None,
 ) -> Iterator[LayerRuntime]:
     """Run ``model`` under ReAttention over ``store`` (wrap it in a `ReAttentionCache`).
 
     Every rank of ``group`` must run the same forward passes in the same order: each attention
     layer runs two collectives.
     """
-    with enable_reattention(model, config, backend=backend) as runtime:
+    with enable_reattention(model, config, kernel_options=kernel_options) as runtime:
         _compat.register_attention(SHARDED_IMPLEMENTATION, sharded_attention_forward)
         modules = attention_modules(model)
         try:

@@ -16,6 +16,7 @@ from reattention_core import cuda_graph, offload
 from reattention_core.attention import reattention_attention
 from reattention_core.config import ReAttentionConfig
 from reattention_core.rope import RopeSpec
+from reattention_kernels import KernelOptions
 
 ATTN_IMPLEMENTATION = "reattention"
 RUNTIME_ATTR = "reattention_runtime"
@@ -27,7 +28,7 @@ class LayerRuntime:
 
     config: ReAttentionConfig
     rope: RopeSpec
-    backend: str | None = None
+    kernel_options: KernelOptions = KernelOptions()
 
 
 def reattention_attention_forward(
@@ -51,8 +52,9 @@ def reattention_attention_forward(
     if handed is not None:  # the store is in host memory: select and gather the scope from there
         store, layer = handed
         out = offload.offloaded_attention(
-            query.transpose(1, 2), store, layer, runtime.config, runtime.rope, scaling, backend=runtime.backend
-        )
+            query.transpose(1, 2), store, layer, runtime.config, runtime.rope, scaling,
+            kernel_options=runtime.kernel_options,
+        )  # fmt: skip
         return out, None
     step = cuda_graph.current()
     out = reattention_attention(
@@ -62,7 +64,7 @@ def reattention_attention_forward(
         runtime.config,
         runtime.rope,
         scaling,
-        backend=runtime.backend,
+        kernel_options=runtime.kernel_options,
         total=None if step is None else step.total,
         shift=None if step is None else step.shift,
     )

@@ -23,7 +23,7 @@ activation after ``gate_up``). So with it ``o_proj`` and ``down_proj`` are wrapp
 one, and every one-row product with a weight of at most `ROW_REDUCTION_MAX_ELEMENTS` takes that form;
 other shapes keep ``F.linear``. On an H200 the four projections of a layer went from 21.2 to 11.9 us
 per decode step at the embedded model's sizes, and from 126 to 175 us (slower) at Llama-3.1-8B's,
-hence the size limit (`benchmarks/probe_decode_gemv.py`). Eagerly the form would materialise the
+hence the size limit (docs/design-notes.md). Eagerly the form would materialise the
 ``[N, K]`` product, so only compiled layers use it.
 
 Only plain ``nn.Linear`` groups on one device and dtype, all with a bias or none, and without hooks,
@@ -53,7 +53,7 @@ GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
 SINGLES: tuple[tuple[str, tuple[str, ...]], ...] = (("self_attn", ("o_proj",)), ("mlp", ("down_proj",)))
 # Largest weight (elements) whose one-row product is a reduction: the embedded model's largest is 1.8M
 # (gate/up, 3072 x 576), faster as a reduction; Llama-3.1-8B's smallest, 16.8M (o_proj), was slower
-# (H200, benchmarks/probe_decode_gemv.py). Nothing in between was measured.
+# (H200; docs/design-notes.md). Nothing in between was measured.
 ROW_REDUCTION_MAX_ELEMENTS = 1 << 22
 
 

@@ -29,6 +29,8 @@ from reattention_core.hf.attention_fn import (
     registered_forward,
 )
 from reattention_core.rope import RopeSpec
+from reattention_kernels import KernelOptions
+from reattention_kernels.options import with_backend
 
 
 def _identity_rope(module: torch.nn.Module, args: object, output: tuple[torch.Tensor, torch.Tensor]):
@@ -46,7 +48,11 @@ def model_rope(model: torch.nn.Module, config: ReAttentionConfig) -> RopeSpec:
 
 @contextmanager
 def enable_reattention(
-    model: torch.nn.Module, config: ReAttentionConfig, *, backend: str | None = None
+    model: torch.nn.Module,
+    config: ReAttentionConfig,
+    *,
+    backend: str | None = None,
+    kernel_options: KernelOptions | None = None,
 ) -> Iterator[LayerRuntime]:
     """Run ``model`` under ReAttention inside a ``with`` block (use a `ReAttentionCache`).
 
@@ -54,6 +60,8 @@ def enable_reattention(
         model: a supported ``*ForCausalLM`` (Llama, Mistral, Qwen2, Qwen3).
         config: ReAttention settings.
         backend: kernel backend override (``"triton"``, ``"reference"`` or ``None`` for auto).
+        kernel_options: the kernels' settings (`reattention_kernels.KernelOptions`; ``backend`` sets
+            its backend).
 
     Yields:
         The `LayerRuntime` shared by all attention layers.
@@ -62,7 +70,8 @@ def enable_reattention(
     check_model(model)
     rotary = rotary_module(model)
     device = next(model.parameters()).device
-    runtime = LayerRuntime(config=config, rope=model_rope(model, config).to(device), backend=backend)
+    options = with_backend(kernel_options, backend)
+    runtime = LayerRuntime(config=config, rope=model_rope(model, config).to(device), kernel_options=options)
     _compat.register_attention(ATTN_IMPLEMENTATION, registered_forward())
     previous = _compat.get_attn_implementation(model)
     modules = attention_modules(model)

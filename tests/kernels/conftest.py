@@ -95,11 +95,9 @@ def device() -> str:
 
 
 @pytest.fixture(params=["default", "histogram"])
-def selection_path(request, monkeypatch) -> str:
-    """Both paths of the Triton selection: by default pairwise votes in one program up to
-    ``SMALL_HITS`` hits and the histogram above; then the histogram for every size."""
-    if request.param == "histogram":
-        from reattention_kernels.triton_ops import select
+def selection_path(request):
+    """The Triton backend's options for both paths of its selection: by default pairwise votes in one
+    program up to ``SMALL_HITS`` hits and the histogram above; then the histogram for every size."""
+    from reattention_kernels import KernelOptions
 
-        monkeypatch.setattr(select, "SMALL_HITS", 0)
-    return request.param
+    return KernelOptions(backend="triton", small_selection=request.param == "default")

@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from reattention_kernels import scope_attention
+from reattention_kernels import KernelOptions, scope_attention
 from reattention_kernels.reference import scope_attention_ref
+
+TRITON = KernelOptions(backend="triton")
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 TOL = {
@@ -34,7 +36,7 @@ def make_inputs(b, tq, t, hq, h, d, dtype, sink, local_start, n_sel, ns, device,
 def check(b, tq, t, hq, h, d, dtype, sink, local_start, n_sel, ns, return_lse, device):
     torch.manual_seed(0)
     q, k, v, sel, n, kwargs = make_inputs(b, tq, t, hq, h, d, dtype, sink, local_start, n_sel, ns, device)
-    o, lse = scope_attention(q, k, v, sel, n, return_lse=return_lse, backend="triton", **kwargs)
+    o, lse = scope_attention(q, k, v, sel, n, return_lse=return_lse, kernel_options=TRITON, **kwargs)
     ro, rlse = scope_attention_ref(q, k, v, sel, n, return_lse=return_lse, **kwargs)
     assert o.dtype == q.dtype and o.shape == q.shape
     torch.testing.assert_close(o, ro, **TOL[dtype])
@@ -114,7 +116,7 @@ def test_scope_attention_unmasked_tiles(dtype, splits, device):
 def test_scope_attention_rejects_short_window(device):
     q, k, v, sel, n, kwargs = make_inputs(1, 4, 20, 4, 1, 64, "fp32", 2, 18, (0,), 0, device)
     with pytest.raises(ValueError):
-        scope_attention(q, k, v, sel, n, backend="triton", **kwargs)
+        scope_attention(q, k, v, sel, n, kernel_options=TRITON, **kwargs)
 
 
 GPU_CASES = [
@@ -140,17 +142,17 @@ def test_scope_attention_gpu(b, tq, t, hq, h, d, dtype, sink, local_start, n_sel
 @pytest.mark.gpu
 def test_scope_attention_gpu_no_sync():
     q, k, v, sel, n, kwargs = make_inputs(1, 1, 65536, 32, 8, 128, "bf16", 4, 65000, (2048,), 2048, "cuda")
-    scope_attention(q, k, v, sel, n, backend="triton", **kwargs)  # compile and autotune first
+    scope_attention(q, k, v, sel, n, kernel_options=TRITON, **kwargs)  # compile and autotune first
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        scope_attention(q, k, v, sel, n, backend="triton", **kwargs)
+        scope_attention(q, k, v, sel, n, kernel_options=TRITON, **kwargs)
     finally:
         torch.cuda.set_sync_debug_mode("default")
 
 
 def test_cached_rope_tables_equal_fresh_ones_and_follow_their_inputs(device):
-    from reattention_kernels.triton_ops import attention as ops
+    from reattention_kernels.triton_ops import rope as ops
 
     ops._TABLES.clear()
     inv_freq = 1.0 / (10000.0 ** (torch.arange(0, 64, 2, device=device).float() / 64))
@@ -170,7 +172,7 @@ def test_cached_rope_tables_equal_fresh_ones_and_follow_their_inputs(device):
 
 def test_cached_rope_tables_accept_inference_tensors(device):
     # The engine builds its RopeSpec under torch.inference_mode: such tensors have no version counter.
-    from reattention_kernels.triton_ops import attention as ops
+    from reattention_kernels.triton_ops import rope as ops
 
     ops._TABLES.clear()
     with torch.inference_mode():

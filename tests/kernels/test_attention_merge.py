@@ -1,6 +1,6 @@
 """Split scope attention whose last program per (sequence, KV head) merges the partial outputs.
 
-With ``attention.FUSE_DECODE_MERGE`` on (off by default until a GPU has timed it), a split launch of
+With ``fuse_merge`` (`KernelOptions.fuse_decode_merge`, off by default), a split launch of
 at most ``_FUSED_MERGE_MAX_ROWS`` rows per KV head merges in its last program (`arrivals`) instead
 of the merge kernel: outputs and log-sum-exps must equal the merge kernel's and the reference's, the
 merge kernel must not run, and every arrival count must be back at zero after each launch.
@@ -17,10 +17,10 @@ from tests.kernels.test_attention import TOL, make_inputs
 
 
 @pytest.fixture
-def merge_in_the_last_program(monkeypatch):
+def merge_in_the_last_program():
+    """The Triton attention module; the tests ask it for ``fuse_merge=True``."""
     from reattention_kernels.triton_ops import attention
 
-    monkeypatch.setattr(attention, "FUSE_DECODE_MERGE", True)
     return attention
 
 
@@ -55,14 +55,12 @@ def test_the_last_program_merges_the_splits(
     q, k, v, sel, n, kwargs = make_inputs(b, tq, 300, hq, h, d, dtype, 4, 260, n_sel, 40, "cpu")
     q, k, v, sel, n = (x.to(device) for x in (q, k, v, sel, n))
     kwargs["inv_freq"] = kwargs["inv_freq"].to(device)
-    with monkeypatch.context() as m:
-        m.setattr(attention, "FUSE_DECODE_MERGE", False)
-        want_o, want_lse = attention.scope_attention_fwd(
-            q, k, v, sel, n, return_lse=return_lse, splits=splits, **kwargs
-        )
+    want_o, want_lse = attention.scope_attention_fwd(q, k, v, sel, n, return_lse=return_lse, splits=splits, **kwargs)
     refuse_merge_kernel(monkeypatch, attention)
     for _ in range(2):  # a second launch starts from the counts the first left
-        o, lse = attention.scope_attention_fwd(q, k, v, sel, n, return_lse=return_lse, splits=splits, **kwargs)
+        o, lse = attention.scope_attention_fwd(
+            q, k, v, sel, n, return_lse=return_lse, fuse_merge=True, splits=splits, **kwargs
+        )
         assert counts_are_zero()
         # the same merge arithmetic in another program: equal up to the reduction's order
         torch.testing.assert_close(o, want_o, atol=1e-6, rtol=1e-6)
@@ -84,7 +82,7 @@ def test_a_shifted_step_merges_over_the_moved_window(device, merge_in_the_last_p
     for grown in (0, 1, 40):
         shift = torch.tensor([grown], dtype=torch.int64, device=device)
         o, lse = attention.scope_attention_fwd(
-            q, k, v, sel, n, return_lse=True, length=250, shift=shift, splits=6, **kwargs
+            q, k, v, sel, n, return_lse=True, length=250, shift=shift, fuse_merge=True, splits=6, **kwargs
         )
         moved = dict(kwargs, local_start=200 + grown)
         ro, rlse = scope_attention_ref(q, k[:, : 250 + grown], v[:, : 250 + grown], sel, n, return_lse=True, **moved)
@@ -99,14 +97,14 @@ def test_other_launches_keep_the_merge_kernel(case, device, monkeypatch) -> None
     old paths even with the switch on; with it off, every split launch takes the merge kernel."""
     from reattention_kernels.triton_ops import attention
 
-    monkeypatch.setattr(attention, "FUSE_DECODE_MERGE", case != "switched off")
     asked = []
     real = attention.arrival_counts
     monkeypatch.setattr(attention, "arrival_counts", lambda *a: asked.append(a) or real(*a))
     tq, splits = {"many rows": (7, 3), "one split": (1, 1), "switched off": (1, 3)}[case]
     torch.manual_seed(2)
     q, k, v, sel, n, kwargs = make_inputs(1, tq, 120, 8, 2, 64, "fp32", 4, 90, (20,), 20, device)
-    o, lse = attention.scope_attention_fwd(q, k, v, sel, n, return_lse=True, splits=splits, **kwargs)
+    fuse = case != "switched off"
+    o, lse = attention.scope_attention_fwd(q, k, v, sel, n, return_lse=True, fuse_merge=fuse, splits=splits, **kwargs)
     ro, rlse = scope_attention_ref(q, k, v, sel, n, return_lse=True, **kwargs)
     torch.testing.assert_close(o, ro, **TOL["fp32"])
     torch.testing.assert_close(lse, rlse, atol=1e-4, rtol=1e-4)
@@ -125,7 +123,9 @@ def test_graph_replays_merge_in_the_last_program_on_the_gpu(dtype, merge_in_the_
     shift = torch.zeros(1, dtype=torch.int64, device="cuda")
 
     def step():
-        return attention.scope_attention_fwd(q, k, v, sel, n, return_lse=True, length=30_256, shift=shift, **kwargs)
+        return attention.scope_attention_fwd(
+            q, k, v, sel, n, return_lse=True, length=30_256, shift=shift, fuse_merge=True, **kwargs
+        )
 
     step()  # compiles (and makes the counts) outside the capture
     graph = torch.cuda.CUDAGraph()

@@ -1,7 +1,7 @@
 """`score_select`: a decode step's scoring, split merge and selection in one kernel, against the references.
 
 The fused path (the scan's last program per batch row merges the key splits and selects the blocks;
-``topk.FUSE_DECODE_SELECTION``, off by default, switched on here) must give exactly what
+``fuse_selection`` / `KernelOptions.fuse_decode_selection`, off by default, asked for here) must give exactly what
 `select_from_hits_ref(score_topk_ref(...))` gives; the separate merge and selection kernels must not
 run where it applies, and its arrival counts must be back at zero after every launch (the next
 launch, or a graph replay, starts from them).
@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from reattention_kernels import score_select
+from reattention_kernels import KernelOptions, score_select
 from reattention_kernels.reference import score_topk_ref, select_from_hits_ref
 from reattention_kernels.triton_ops.arrivals import counts_are_zero
 from tests.kernels.test_topk import DTYPES, make_keys, make_queries
@@ -25,23 +25,16 @@ def reference(q, k, top_k, max_blocks, block, offset, length=None):
 
 
 @pytest.fixture
-def fused(monkeypatch):
-    """The scan's selecting epilogue switched on (off by default until a GPU has timed it)."""
-    from reattention_kernels.triton_ops import topk
-
-    monkeypatch.setattr(topk, "FUSE_DECODE_SELECTION", True)
-
-
-@pytest.fixture
-def no_separate_kernels(fused, monkeypatch):
-    """Switch the fused path on and make the split merge and the one-program selection fail if launched."""
-    from reattention_kernels.triton_ops import select, topk
+def no_separate_kernels(monkeypatch):
+    """Make the split merge and the one-program selection fail if launched (the tests ask for the fused path)."""
+    from reattention_kernels.triton_ops import select
+    from reattention_kernels.triton_ops.topk import merge
 
     class Refused:
         def __getitem__(self, grid):
             raise AssertionError("a separate merge or selection kernel ran where the scan should select")
 
-    monkeypatch.setattr(topk, "score_topk_fwd_kernel_merge", Refused())
+    monkeypatch.setattr(merge, "score_topk_fwd_kernel_merge", Refused())
     monkeypatch.setattr(select, "_select_small", Refused())
 
 
@@ -63,13 +56,15 @@ CASES = [
 def test_a_decode_step_selects_in_the_scan(
     b, tk, hq, h, d, dtype, top_k, kind, splits, max_blocks, block, offset, device, no_separate_kernels
 ):
-    from reattention_kernels.triton_ops.topk import score_select_triton
+    from reattention_kernels.triton_ops.topk import TopkTuning, score_select_triton
 
     for seed in range(2):
         torch.manual_seed(seed)
         q = make_queries(b, 1, hq, d, DTYPES[dtype], device, kind)
         k = make_keys(b, tk, h, d, DTYPES[dtype], device, kind)
-        sel, n_sel = score_select_triton(q, k, top_k, max_blocks, block, offset, splits=splits)
+        sel, n_sel = score_select_triton(
+            q, k, top_k, max_blocks, block, offset, fuse_selection=True, tuning=TopkTuning(splits=splits)
+        )
         want_sel, want_n = reference(q, k, top_k, max_blocks, block, offset)
         assert sel.shape == want_sel.shape and sel.dtype == n_sel.dtype == torch.int64
         assert torch.equal(n_sel, want_n) and torch.equal(sel, want_sel), f"seed {seed}"
@@ -78,14 +73,16 @@ def test_a_decode_step_selects_in_the_scan(
 
 def test_a_shifted_step_selects_over_the_shifted_middle(device, no_separate_kernels) -> None:
     """A CUDA-graph step's launch: the grid covers the whole buffer, the middle ends ``shift`` rows later."""
-    from reattention_kernels.triton_ops.topk import score_select_triton
+    from reattention_kernels.triton_ops.topk import TopkTuning, score_select_triton
 
     torch.manual_seed(3)
     q = make_queries(1, 1, 9, 64, torch.float32, device, "randn")
     k = make_keys(1, 500, 3, 64, torch.float32, device, "dup")
     for grown in (0, 1, 57):
         shift = torch.tensor([grown], dtype=torch.int64, device=device)
-        sel, n_sel = score_select_triton(q, k, 4, 32, 32, 64, length=400, shift=shift, splits=4)
+        sel, n_sel = score_select_triton(
+            q, k, 4, 32, 32, 64, length=400, shift=shift, fuse_selection=True, tuning=TopkTuning(splits=4)
+        )
         want_sel, want_n = reference(q, k, 4, 32, 32, 64, length=400 + grown)
         assert torch.equal(n_sel, want_n) and torch.equal(sel, want_sel), f"shift {grown}"
     assert counts_are_zero()
@@ -93,17 +90,17 @@ def test_a_shifted_step_selects_over_the_shifted_middle(device, no_separate_kern
 
 @pytest.mark.parametrize("case", ["prefill", "many hits", "switched off"])
 def test_other_steps_take_the_separate_kernels_and_agree(case, device, monkeypatch) -> None:
-    from reattention_kernels.triton_ops import topk
+    from reattention_kernels.triton_ops.topk import plan
 
     calls = []
-    real = topk._fused_selection
-    monkeypatch.setattr(topk, "_fused_selection", lambda *a: calls.append(real(*a)) or calls[-1])
+    real = plan.fused_selection
+    monkeypatch.setattr(plan, "fused_selection", lambda *a: calls.append(real(*a)) or calls[-1])
     tq, hq, h, top_k = {"prefill": (5, 6, 2, 4), "many hits": (1, 32, 8, 8), "switched off": (1, 9, 3, 4)}[case]
-    monkeypatch.setattr(topk, "FUSE_DECODE_SELECTION", case != "switched off")
+    options = KernelOptions(backend="triton", fuse_decode_selection=case != "switched off")
     torch.manual_seed(1)
     q = make_queries(1, tq, hq, 64, torch.float32, device, "dup")
     k = make_keys(1, 300, h, 64, torch.float32, device, "dup")
-    got = score_select(q, k, top_k, 32, 8, 0, backend="triton")
+    got = score_select(q, k, top_k, 32, 8, 0, kernel_options=options)
     want = reference(q, k, top_k, 32, 8, 0)
     assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
     assert all(c is None for c in calls)  # asked (decode) and declined, or never asked (two phases)
@@ -136,7 +133,7 @@ def test_the_embedded_models_decode_step_selects_in_the_scan_at_1m_keys(dtype, n
     length = 999_000
 
     def step():
-        return score_select_triton(q, k, 4, 32, 32, 64, length=length, shift=shift)
+        return score_select_triton(q, k, 4, 32, 32, 64, length=length, shift=shift, fuse_selection=True)
 
     step()  # compiles outside the capture
     graph = torch.cuda.CUDAGraph()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from reattention_kernels import select_from_hits
+from reattention_kernels import KernelOptions, select_from_hits
 from reattention_kernels.reference import select_from_hits_ref
 
 
@@ -40,11 +40,10 @@ def test_fused_selection_equals_the_reference(
 ):
     for seed in range(3):
         hits = random_hits(b, n, middle, distinct=distinct, empty=empty, seed=seed, device=device)
-        sel, n_sel = select_from_hits(hits, middle, max_blocks, block, offset, backend="triton")
+        sel, n_sel = select_from_hits(hits, middle, max_blocks, block, offset, kernel_options=selection_path)
         ref_sel, ref_n = select_from_hits_ref(hits, middle, max_blocks, block, offset)
         assert sel.dtype == n_sel.dtype == torch.int64 and sel.shape == ref_sel.shape
         assert torch.equal(n_sel, ref_n) and torch.equal(sel, ref_sel), f"seed {seed}"
-
 
 
 @pytest.mark.gpu
@@ -54,6 +53,6 @@ def test_fused_selection_at_real_shapes(n, middle):
     Llama-8B-shaped chunk (32 query heads): the GPU's atomics, not the interpreter's."""
     for seed in range(3):
         hits = random_hits(1, n, middle, distinct=n // 3, empty=0.01, seed=seed, device="cuda")
-        got = select_from_hits(hits, middle, 32, 32, 32, backend="triton")
+        got = select_from_hits(hits, middle, 32, 32, 32, kernel_options=KernelOptions(backend="triton"))
         want = select_from_hits_ref(hits, middle, 32, 32, 32)
         assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])

@@ -7,9 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from reattention_kernels import scope_attention, score_topk, select_from_hits
+from reattention_kernels import KernelOptions, scope_attention, score_topk, select_from_hits
 from reattention_kernels.reference import scope_attention_ref, score_topk_ref, select_from_hits_ref
-from reattention_kernels.triton_ops.topk import score_topk_fwd
+from reattention_kernels.triton_ops.topk import TopkTuning, score_topk_fwd
+
+TRITON, REFERENCE = KernelOptions(backend="triton"), KernelOptions(backend="reference")
 
 
 def _shift(n: int, device: str) -> torch.Tensor:
@@ -31,13 +33,11 @@ def test_shifted_topk_scores_the_grown_middle_only(device, s, splits, subtiles, 
     k[:, length + s :] = q[:, :1, :1].reshape(1, 1, 1, 64) * 10
     # sub-tiles need two phases, which a GPU takes by default only for more rows than these 12
     two_phase = True if subtiles else None
-    got = score_topk_fwd(
-        q, k, 4, length=length, shift=_shift(s, device), splits=splits, subtiles=subtiles, two_phase=two_phase,
-        rescore_by=rescore_by,
-    )  # fmt: skip
+    tuning = TopkTuning(splits=splits, subtiles=subtiles, two_phase=two_phase, rescore_by=rescore_by)
+    got = score_topk_fwd(q, k, 4, length=length, shift=_shift(s, device), tuning=tuning)
     want = score_topk_ref(q, k[:, : length + s], 4)
     assert torch.equal(got, want)
-    assert torch.equal(score_topk(q, k, 4, length=length, shift=_shift(s, device), backend="reference"), want)
+    assert torch.equal(score_topk(q, k, 4, length=length, shift=_shift(s, device), kernel_options=REFERENCE), want)
 
 
 @pytest.mark.parametrize("s", [0, 3, 120])
@@ -49,10 +49,12 @@ def test_shifted_selection_clips_blocks_to_the_grown_middle(device, s, selection
     hits[:, :4] = grown - 1  # most votes at the very end: its block is clipped there
     hits[1, 10:20] = -1
     hits = hits.to(device)
-    got = select_from_hits(hits, middle, 8, 16, 32, shift=_shift(s, device), max_middle_len=cap, backend="triton")
+    got = select_from_hits(
+        hits, middle, 8, 16, 32, shift=_shift(s, device), max_middle_len=cap, kernel_options=selection_path
+    )
     want = select_from_hits_ref(hits, grown, 8, 16, 32)
     assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
-    ref = select_from_hits(hits, middle, 8, 16, 32, shift=_shift(s, device), backend="reference")
+    ref = select_from_hits(hits, middle, 8, 16, 32, shift=_shift(s, device), kernel_options=REFERENCE)
     assert torch.equal(ref[0], want[0]) and torch.equal(ref[1], want[1])
 
 
@@ -69,7 +71,7 @@ def test_shifted_scope_attention_reads_the_moved_local_window(device, s):
     kw = dict(sink_len=4, inv_freq=inv_freq, attention_scaling=1.0, scale=0.125)
     got, lse = scope_attention(
         q, k, v, sel, n_sel, local_start=t - local, length=t, shift=_shift(s, device), return_lse=True,
-        backend="triton", **kw,
+        kernel_options=TRITON, **kw,
     )  # fmt: skip
     want, want_lse = scope_attention_ref(
         q, k[:, : t + s], v[:, : t + s], sel, n_sel, local_start=t + s - local, return_lse=True, **kw
@@ -77,7 +79,7 @@ def test_shifted_scope_attention_reads_the_moved_local_window(device, s):
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(lse, want_lse, atol=1e-3, rtol=1e-4)
     ref, _ = scope_attention(
-        q, k, v, sel, n_sel, local_start=t - local, length=t, shift=_shift(s, device), backend="reference", **kw
+        q, k, v, sel, n_sel, local_start=t - local, length=t, shift=_shift(s, device), kernel_options=REFERENCE, **kw
     )
     torch.testing.assert_close(ref, want, atol=1e-6, rtol=1e-5)
 

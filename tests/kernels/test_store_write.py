@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from reattention_kernels import append_kv
+from reattention_kernels import KernelOptions, append_kv
 from reattention_kernels.reference import append_kv_ref
 
 
@@ -26,7 +26,7 @@ def test_the_write_equals_the_reference(device, b, t, h, d, shift, src, dst) -> 
     before = keys.clone()
     want_k, want_v = keys.clone(), values.clone()
     append_kv_ref(want_k, want_v, k, v, start, s)
-    append_kv(keys, values, k, v, start, shift=s, backend="triton")
+    append_kv(keys, values, k, v, start, shift=s, kernel_options=KernelOptions(backend="triton"))
     assert torch.equal(keys, want_k) and torch.equal(values, want_v)
     row = start + (shift or 0)
     assert torch.equal(keys[:, row : row + t], k.to(dst)) and torch.equal(values[:, row : row + t], v.to(dst))
@@ -36,5 +36,6 @@ def test_the_write_equals_the_reference(device, b, t, h, d, shift, src, dst) -> 
 def test_a_shift_must_be_one_int64() -> None:
     keys = torch.zeros(1, 8, 1, 16)
     k = torch.ones(1, 1, 1, 16)
+    reference = KernelOptions(backend="reference")
     with pytest.raises(ValueError, match="int64"):
-        append_kv(keys, keys.clone(), k, k, 0, shift=torch.tensor([1.0]), backend="reference")
+        append_kv(keys, keys.clone(), k, k, 0, shift=torch.tensor([1.0]), kernel_options=reference)
