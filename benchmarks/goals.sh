@@ -150,8 +150,8 @@ eval-sweep|eval-niah|eval-ruler-qa)
         run qa --sizes 4K --questions 12 --modes full-truncated --out "$res/qa-4k-full.jsonl"
         for s in "${scopes[@]}"; do
             # shellcheck disable=SC2086
-            run ruler --tasks niah_single_2 niah_multikey_2 --lengths "$L_SWEEP" --depths 5 --samples 2 --jitter 0.02 \
-                --modes reattention --set $s --out "$res/sweep-64k.jsonl"
+            run ruler --tasks niah_single_2 niah_multikey_2 --lengths "$L_SWEEP" --depths 5 \
+                --samples "${SWEEP_SAMPLES:-2}" --jitter 0.02 --modes reattention --set $s --out "$res/sweep-64k.jsonl"
         done
         python3 - "$res" <<'PY'
 import json, sys
