@@ -9,6 +9,7 @@ event loop only validates, tokenises (in a thread) and relays pieces.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import json
 import time
@@ -100,7 +101,7 @@ def create_app(engine: ReAttentionEngine, config: AppConfig | None = None, *, ba
     async def _auth(request: Request, call_next):
         if config.api_key and request.url.path.startswith("/v1/"):
             given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {config.api_key}".encode()):
+            if not key_matches(given, config.api_key):
                 err = APIError(401, "missing or wrong API key (send Authorization: Bearer <key>)",
                                type="authentication_error", code="invalid_api_key")
                 return JSONResponse(err.body(), status_code=401)
@@ -193,6 +194,18 @@ async def _sse(job: Job, events: asyncio.Queue[Event], shape: ResponseShape, inc
         # Starlette cancels this generator when the client disconnects; the worker then closes
         # the engine's generator in its own thread and moves on.
         job.cancel.set()
+
+
+def key_matches(authorization: str, api_key: str) -> bool:
+    """Whether an ``Authorization`` header carries ``api_key``, in time independent of both.
+
+    `hmac.compare_digest` takes constant time only for inputs of equal length (it returns at once
+    on a length mismatch, which tells a prober the key's length): the two sides are hashed to
+    fixed-length digests first.
+    """
+    given = hashlib.sha256(authorization.encode("utf-8", "surrogateescape")).digest()
+    wanted = hashlib.sha256(f"Bearer {api_key}".encode("utf-8", "surrogateescape")).digest()
+    return hmac.compare_digest(given, wanted)
 
 
 def _data(obj: dict[str, Any]) -> str:
