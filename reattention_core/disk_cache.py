@@ -105,6 +105,15 @@ _MAX_HEADER = 100 << 20
 _HEADER_GUESS = 64 << 10
 
 
+# Why a page write failed, in words, for the errors a full or constrained disk gives.
+_WRITE_HINTS = {
+    errno.ENOSPC: " (the disk is full)",
+    errno.EDQUOT: " (the disk quota is used up)",
+    errno.EFBIG: " (the file size limit is reached)",
+    errno.EROFS: " (the file system is read-only)",
+}
+
+
 def default_cache_dir() -> Path:
     """``$REATTENTION_CACHE_DIR``, else ``$XDG_CACHE_HOME/reattention``, else ``~/.cache/reattention``."""
     env = os.environ.get(ENV_DIR)
@@ -218,7 +227,7 @@ def _read_header(path: Path) -> dict[str, Any]:
             raise ValueError("header too large")
         header = loads_json(fh.read(n))
     if not isinstance(header, dict):
-        raise ValueError("header is not an object")
+        raise ValueError("header is not an object")  # noqa: TRY004 - a parse error, as json.loads raises
     return header
 
 
@@ -406,7 +415,7 @@ class DiskCache:
         except Exception as exc:  # noqa: BLE001 - a cache must never break generation
             if not self._warned_write:
                 self._warned_write = True
-                hint = " (the disk is full)" if isinstance(exc, OSError) and exc.errno == errno.ENOSPC else ""
+                hint = _WRITE_HINTS.get(exc.errno, "") if isinstance(exc, OSError) else ""
                 log.warning(
                     "prefix cache: could not write %s%s: %s; pages are kept in memory only. Free space, "
                     "lower the cap or set another cache directory (REATTENTION_CACHE_DIR)",
@@ -490,7 +499,7 @@ class DiskCache:
                     return
                 except PageError:
                     raise
-                except Exception as exc:  # noqa: BLE001 - whatever a crafted file provokes, it is a bad page
+                except Exception as exc:  # whatever a crafted file provokes, it is a bad page
                     raise PageError(f"unreadable ({type(exc).__name__}: {exc})", str(ref.path)) from exc
                 nxt = next(todo, None)
                 if nxt is not None:

@@ -19,7 +19,7 @@ from pathlib import Path
 _PRELOAD = ["tests.faults.preload"]
 
 # A small scope and small pages: many pages, many writes, a fraction of a second per prefill.
-CONFIG = dict(sink_size=4, block_size=4, top_k=2, max_blocks=4, local_window=32, prefill_chunk_size=16)
+CONFIG = {"sink_size": 4, "block_size": 4, "top_k": 2, "max_blocks": 4, "local_window": 32, "prefill_chunk_size": 16}
 PAGE = 16
 QUESTION = "Which word comes up most often?"
 
@@ -77,3 +77,36 @@ def page_files(folder: Path) -> list[Path]:
 
 def temp_files(folder: Path) -> list[Path]:
     return sorted(folder.glob("*/.tmp-*"))
+
+
+def start(ctx: BaseContext, target, *args, duplex: bool = False):
+    """Start ``target(conn, *args)`` in a child; returns the process and the parent's end of the pipe."""
+    mine, theirs = ctx.Pipe(duplex=duplex)
+    proc = ctx.Process(target=target, args=(theirs, *args), daemon=True)
+    proc.start()
+    theirs.close()
+    return proc, mine
+
+
+def call(ctx: BaseContext, target, *args, timeout: float = 120.0):
+    """Run ``target(conn, *args)`` in a child and return the one object it sends."""
+    proc, conn = start(ctx, target, *args)
+    try:
+        return receive(proc, conn, timeout)
+    finally:
+        proc.join(timeout)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+
+
+def receive(proc, conn, timeout: float = 120.0):
+    """The next object a child sends; a clear error if it dies or says nothing in time."""
+    if not conn.poll(timeout):
+        raise TimeoutError(f"child {proc.name} sent nothing within {timeout:.0f}s")
+    try:
+        return conn.recv()
+    except EOFError:
+        proc.join(10)
+        raise RuntimeError(f"child {proc.name} died (exit code {proc.exitcode}); its traceback is on stderr") from None
+

@@ -43,7 +43,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.faults.common import QUESTION, child_setup, corpus, page_files, process_context, temp_files, tiny_engine
+from tests.faults.common import (
+    QUESTION,
+    call,
+    child_setup,
+    corpus,
+    page_files,
+    process_context,
+    start,
+    temp_files,
+    tiny_engine,
+)
 
 CORPUS = corpus(1000, seed=33)  # about 63 pages of 16 tokens and a tail page
 NEW_TOKENS = 8
@@ -268,35 +278,14 @@ def _drain(conn, log: list[tuple]) -> None:
             return
 
 
-def _start(ctx, target, *args):
-    recv, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=target, args=(send, *args), daemon=True)
-    proc.start()
-    send.close()
-    return proc, recv
-
-
-def _result_of(ctx, target, *args, timeout: float = _WAIT_S):
-    proc, conn = _start(ctx, target, *args)
-    try:
-        if not conn.poll(timeout):
-            raise TimeoutError(f"{target.__name__} gave no result within {timeout:.0f}s")
-        return conn.recv()
-    finally:
-        proc.join(timeout)
-        if proc.is_alive():
-            proc.kill()
-            proc.join()
-
-
 def _snapshot(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in page_files(folder)}
 
 
 def reference_run(ctx, folder: Path) -> Reference:
     """The cold answer (cache off) and an uninterrupted cached run into ``folder``."""
-    cold = _result_of(ctx, _cold_child)
-    proc, conn = _start(ctx, _generating_child, str(folder), None)
+    cold = call(ctx, _cold_child)
+    proc, conn = start(ctx, _generating_child, str(folder), None)
     log: list[tuple] = []
     try:
         done = _receive(conn, proc, {"done"}, _WAIT_S, log)
@@ -346,7 +335,7 @@ def _covered(indices: set[int], boundary: int, page: int) -> int:
 def run_trial(ctx, plan: Plan, folder: Path, reference: Reference, page: int) -> TrialResult:
     if plan.preseed:
         _preseed(reference, folder, plan.preseed)
-    proc, conn = _start(ctx, _generating_child, str(folder), asdict(plan))
+    proc, conn = start(ctx, _generating_child, str(folder), asdict(plan))
     log: list[tuple] = []
     stalled = None
     try:
@@ -374,7 +363,7 @@ def run_trial(ctx, plan: Plan, folder: Path, reference: Reference, page: int) ->
     present = {int(name[1:7]) for name in after_kill}
     lost = len(acknowledged - present)
 
-    tokens, reused, temp_reads = _result_of(ctx, _answering_child, str(folder))
+    tokens, reused, temp_reads = call(ctx, _answering_child, str(folder))
     final = _snapshot(folder)
     ends = [min((i + 1) * page, reference.boundary) for i in range(len(reference.pages))]
     return TrialResult(

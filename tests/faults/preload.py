@@ -3,6 +3,6 @@
 import torch  # noqa: F401
 import transformers.models.llama.modeling_llama  # noqa: F401
 
-import reattention_core  # noqa: F401
+import reattention_core
 import reattention_core.disk_cache  # noqa: F401
 import tests.helpers  # noqa: F401

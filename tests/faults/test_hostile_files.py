@@ -140,7 +140,7 @@ def test_a_crafted_page_is_rejected_and_recomputed(tmp_path, genuine, cold, capl
 
 def test_the_genuine_pages_pass_the_same_checks(genuine):
     for path in page_files(genuine):
-        keys, values = dc._read_page(_ref(path), dc._read_header(path)["__metadata__"]["fingerprint"], 2,
+        keys, _values = dc._read_page(_ref(path), dc._read_header(path)["__metadata__"]["fingerprint"], 2,
                                      torch.float32, kv_shape=KV_SHAPE)
         assert keys[0].shape == (PAGE, *KV_SHAPE)
 
