@@ -110,3 +110,46 @@ def receive(proc, conn, timeout: float = 120.0):
         proc.join(10)
         raise RuntimeError(f"child {proc.name} died (exit code {proc.exitcode}); its traceback is on stderr") from None
 
+
+_CHAT_TEMPLATE = (
+    "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+
+
+def _byte_chars() -> list[str]:
+    """The printable character byte-level BPE uses for each byte 0..255 (GPT-2's table)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), ord("\xff") + 1)]
+    chars, extra = [], 0
+    for b in range(256):
+        if b in keep:
+            chars.append(chr(b))
+        else:
+            chars.append(chr(256 + extra))
+            extra += 1
+    return chars
+
+
+def write_checkpoint(folder: Path) -> Path:
+    """The tiny Llama (seed 0) as a Hugging Face folder `ReAttentionEngine.from_pretrained` loads.
+
+    Its tokenizer is a fast byte-level one built here (no merges: one token per byte, ids
+    ``byte + 3`` after ``<pad>``, ``<s>``, ``</s>``), with a chat template, so ``reattention
+    serve --model FOLDER`` runs it without downloading anything.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from tests.helpers import tiny_model
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(_byte_chars())}}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    tokenizer.chat_template = _CHAT_TEMPLATE
+    folder.mkdir(parents=True, exist_ok=True)
+    tiny_model("llama").save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+

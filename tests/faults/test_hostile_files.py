@@ -333,7 +333,7 @@ def test_the_api_key_is_compared_in_time_independent_of_its_length(monkeypatch):
     from fastapi.testclient import TestClient
 
     from reattention_core.serving import AppConfig, create_app
-    from reattention_core.serving.app import key_matches
+    from reattention_core.serving.guards import key_matches
 
     compared: list[tuple[int, int]] = []
     real = hmac.compare_digest
