@@ -125,14 +125,24 @@ def default_cache_dir() -> Path:
 
 
 def parse_bytes(value: str | int) -> int:
-    """``123``, ``"64G"``, ``"500M"``, ``"1.5T"`` -> bytes (binary units)."""
-    if isinstance(value, int):
+    """``123``, ``"64G"``, ``"500M"``, ``"1.5T"`` -> bytes (binary units).
+
+    Raises:
+        TypeError: neither an int nor a string.
+        ValueError: a string that is no byte count.
+    """
+    if isinstance(value, int) and not isinstance(value, bool):
         return value
+    if not isinstance(value, str):
+        raise TypeError(f"a byte count must be an int or a string like '64G', got {type(value).__name__}")
     text = value.strip().upper().removesuffix("B").removesuffix("I")
     units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    if text and text[-1] in units:
-        return int(float(text[:-1]) * units[text[-1]])
-    return int(text)
+    try:
+        if text and text[-1] in units:
+            return int(float(text[:-1]) * units[text[-1]])
+        return int(text)
+    except OverflowError:  # "infG"
+        raise ValueError(f"not a byte count: {value!r}") from None
 
 
 def default_max_bytes() -> int:

@@ -112,6 +112,11 @@ class CacheConfig:
     disk_bytes: int | str | None = None
 
     def __post_init__(self) -> None:
+        for name in ("enabled", "disk"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"CacheConfig.{name} must be True or False, got {getattr(self, name)!r}")
+        if self.dir is not None and not isinstance(self.dir, (str, os.PathLike)):
+            raise ConfigError(f"CacheConfig.dir must be a folder path or None, got {self.dir!r}")
         for name in ("page_size", "memory_bytes"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
