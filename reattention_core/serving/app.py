@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from reattention_core.engine import ReAttentionEngine
 from reattention_core.errors import ContextLimitError, DistributedError, InvalidInputError, StoreMemoryError
-from reattention_core.serving.guards import ApiKeyCheck, BodyLimit
+from reattention_core.serving.guards import ApiKeyCheck, BodyLimit, PromptBound
 from reattention_core.serving.protocol import (
     APIError,
     ChatCompletionRequest,
@@ -80,6 +80,7 @@ def create_app(engine: ReAttentionEngine, config: AppConfig | None = None, *, ba
     config = config or AppConfig()
     model_name = config.model_name or engine.model_name
     worker = GenerationWorker(engine, max_pending=config.max_pending, backend=backend)
+    bound = PromptBound(engine.tokenizer)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -135,7 +136,9 @@ def create_app(engine: ReAttentionEngine, config: AppConfig | None = None, *, ba
         _check_model(body.model, model_name)
         kwargs = body.engine_kwargs(config.default_max_tokens)
         kwargs["prompt"] = prompt
-        try:  # tokenising a long corpus takes a while: keep the event loop free
+        try:
+            bound.check(_chars(prompt) + len(kwargs["context"] or ""), kwargs["max_new_tokens"], engine.config.max_context)
+            # tokenising a long corpus takes a while: keep the event loop free
             ids, params = await asyncio.to_thread(params_for, engine, kwargs)
         except ContextLimitError as exc:
             raise APIError(400, str(exc), param="messages", code="context_length_exceeded") from None
@@ -193,6 +196,11 @@ async def _sse(job: Job, events: asyncio.Queue[Event], shape: ResponseShape, inc
         # Starlette cancels this generator when the client disconnects; the worker then closes
         # the engine's generator in its own thread and moves on.
         job.cancel.set()
+
+
+def _chars(prompt: str | list[dict[str, str]]) -> int:
+    """Characters of a prompt's text (a string, or the contents of chat messages)."""
+    return len(prompt) if isinstance(prompt, str) else sum(len(m["content"]) for m in prompt)
 
 
 def _data(obj: dict[str, Any]) -> str:

@@ -1,16 +1,18 @@
 """What stands between a client and the application: the API key and the request body's size.
 
-Both are plain ASGI middleware (Starlette's ``BaseHTTPMiddleware`` logs a traceback whenever a
-client hangs up before its body is complete, which under load is often):
+The first two are plain ASGI middleware (Starlette's ``BaseHTTPMiddleware`` logs a traceback
+whenever a client hangs up before its body is complete, which under load is often):
 
 * `ApiKeyCheck`: ``/v1/`` routes need ``Authorization: Bearer <key>``, compared in time that
   depends on neither the key nor what was sent (`key_matches`);
 * `BodyLimit`: uvicorn and FastAPI read a whole body into memory before validating it, whatever
   its size; a client sending gigabytes (by mistake or not) would grow the server until the OOM
-  killer ends it, taking every other client's generation with it. `BodyLimit` keeps at most
-  ``limit`` bytes: a larger body gets a 413 (the rest of it, up to 16 MiB, is read and dropped
-  first, so that the client, still uploading, gets the answer rather than a reset), and a body
-  within the limit reaches the application unchanged.
+  killer ends it, taking every other client's generation with it. `BodyLimit` reads at most
+  ``limit`` bytes: a ``Content-Length`` over it is refused at once (413), a chunked body as soon
+  as it passes it, and a body within the limit reaches the application unchanged;
+* `PromptBound`: a prompt within the body limit may still be far over ``--max-context``, and
+  tokenising it to find out costs far more memory than its text (a 1.5 MB prompt kept 900 MiB
+  of a server's memory). Such prompts are refused before they are tokenised.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import hmac
 import json
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
+
+from reattention_core.errors import ContextLimitError
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -73,8 +77,6 @@ class BodyLimit:
             await _error(send, 400, "the Content-Length header is not a number")
             return
         if declared is not None and declared > self.limit:
-            if declared - self.limit <= _DRAIN_BYTES and not await _drain(receive, _DRAIN_BYTES):
-                return  # the client went away
             await _error(send, 413, self._too_large(declared))
             return
         chunks: list[bytes] = []
@@ -86,8 +88,6 @@ class BodyLimit:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.limit:
-                if message.get("more_body", False) and not await _drain(receive, _DRAIN_BYTES):
-                    return
                 await _error(send, 413, self._too_large(size, at_least=True))
                 return
             chunks.append(chunk)
@@ -99,23 +99,6 @@ class BodyLimit:
     def _too_large(self, size: int, *, at_least: bool = False) -> str:
         return (f"the request body has {'more than ' if at_least else ''}{size:,} bytes, over this server's limit of "
                 f"{self.limit:,} (reattention serve --max-request-bytes)")
-
-
-# Past the limit, up to this many more bytes are read and dropped before the 413 is sent: a client
-# that is still uploading when the server answers and closes may see a reset instead of the answer.
-_DRAIN_BYTES = 16 << 20
-
-
-async def _drain(receive: Receive, budget: int) -> bool:
-    """Read and drop the rest of a request body (at most ``budget`` bytes); False if the client left."""
-    while budget > 0:
-        message = await receive()
-        if message["type"] != "http.request":
-            return False
-        budget -= len(message.get("body", b""))
-        if not message.get("more_body", False):
-            return True
-    return True
 
 
 def _content_length(scope: Scope) -> int | None:
@@ -150,3 +133,38 @@ async def _error(send: Send, status: int, message: str, *, kind: str = "invalid_
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                             (b"connection", b"close")]})
     await send({"type": "http.response.body", "body": body})
+
+
+class PromptBound:
+    """Refuses, without tokenising it, a prompt that cannot fit in ``max_context`` tokens.
+
+    A token stands for at most as many characters as its longest vocabulary entry has (one per
+    byte in byte-level BPE, where the entry spells its bytes), so a text of ``C`` characters has
+    at least ``C / longest`` tokens. The bound is taken with a 4x margin, for normalizers that
+    shrink a text before it is split (Unicode composition): only prompts four times hopeless are
+    refused here, every other one is tokenised and checked exactly by the engine.
+
+    Args:
+        tokenizer: the engine's tokenizer (without ``get_vocab``: nothing is refused here).
+    """
+
+    MARGIN = 4
+
+    def __init__(self, tokenizer: Any) -> None:
+        try:
+            vocab = tokenizer.get_vocab()
+            self.chars_per_token: int | None = self.MARGIN * max(len(str(t)) for t in vocab) if vocab else None
+        except (AttributeError, TypeError, ValueError, NotImplementedError):
+            self.chars_per_token = None
+
+    def check(self, chars: int, max_new_tokens: int, max_context: int | None) -> None:
+        """`ContextLimitError` if ``chars`` characters of prompt cannot fit beside ``max_new_tokens``."""
+        if max_context is None or self.chars_per_token is None:
+            return
+        least = -(-chars // self.chars_per_token)
+        if least + max_new_tokens > max_context:
+            raise ContextLimitError(
+                f"the prompt has {chars:,} characters, at least {least:,} tokens, and {max_new_tokens} more were "
+                f"requested, over the configured max_context of {max_context}; shorten the prompt or lower max_tokens"
+            )
+

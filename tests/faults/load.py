@@ -124,7 +124,7 @@ class Server:
                    TOKENIZERS_PARALLELISM="false", PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
         args = [sys.executable, "-m", "reattention_core.cli", "serve", "--model", str(checkpoint), "--model-name", MODEL,
                 "--port", str(self.port), "--max-context", str(MAX_CONTEXT), "--max-tokens", "16",
-                "--no-warmup"]
+                "--max-request-bytes", str(MAX_REQUEST), "--no-warmup"]
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(args, cwd=workdir, env=env, stdout=self._log, stderr=subprocess.STDOUT)
         self.base_url = f"http://127.0.0.1:{self.port}/v1"

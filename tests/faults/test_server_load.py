@@ -36,8 +36,8 @@ def test_a_loaded_server_answers_right_and_never_fails(tmp_path, record_property
 
 
 def test_an_oversize_body_gets_its_413_over_a_real_socket():
-    """The server answers 413 while the client is still uploading: the client must get the answer, not a reset
-    (declared length and chunked), and a body within the limit still works."""
+    """Over a real socket, with the client still uploading when the server answers: 413 for a declared length
+    and for a chunked body, with an OpenAI error body; a body within the limit still works."""
     import httpx
 
     from reattention_core.serving import AppConfig, BackgroundServer
@@ -53,3 +53,28 @@ def test_an_oversize_body_gets_its_413_over_a_real_socket():
         assert r.status_code == 413 and "more than" in r.json()["error"]["message"]
         ok = httpx.post(f"{srv.base_url}/completions", json={"model": "m", "prompt": "hi " * 100, "max_tokens": 2})
         assert ok.status_code == 200
+
+
+def test_a_prompt_far_over_the_context_limit_is_refused_before_tokenising(monkeypatch):
+    """A prompt within the body limit but far over --max-context (1.5 MB for 2048 tokens) once kept 900 MiB of
+    the server's memory while it was tokenised only to be refused; it is now refused from its length alone."""
+    from fastapi.testclient import TestClient
+
+    from reattention_core import tokenization
+    from reattention_core.serving import AppConfig, create_app
+    from tests.faults.common import tiny_engine
+
+    engine = tiny_engine(None, cache=False)
+    engine.config = engine.config.replace(max_context=2048)
+    tokenised: list[int] = []
+    real = tokenization.encode
+    monkeypatch.setattr(tokenization, "encode", lambda tok, text, **kw: tokenised.append(len(text)) or real(tok, text, **kw))
+    engine.tokenizer.get_vocab = lambda: {bytes([b]).decode("latin-1"): b + 3 for b in range(256)}  # as a real one has
+    with TestClient(create_app(engine, AppConfig(model_name="m")), raise_server_exceptions=False) as client:
+        for prompt in ("x" * 1_500_000, "x" * 3000):  # far over: refused from its length; just over: tokenised
+            r = client.post("/v1/completions", json={"model": "m", "prompt": prompt, "max_tokens": 4})
+            assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+        chat = {"model": "m", "messages": [{"role": "user", "content": "y" * 600_000}], "max_tokens": 4}
+        assert client.post("/v1/chat/completions", json=chat).status_code == 400
+        assert client.post("/v1/completions", json={"model": "m", "prompt": "hi", "max_tokens": 2}).status_code == 200
+    assert max(tokenised) < 10_000, "a hopeless prompt was tokenised"
