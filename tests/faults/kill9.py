@@ -55,7 +55,7 @@ from tests.faults.common import (
     tiny_engine,
 )
 
-CORPUS = corpus(1000, seed=33)  # about 63 pages of 16 tokens and a tail page
+CORPUS = corpus(1005, seed=33)  # rendered: 63 pages of 16 tokens and a tail page of 5
 NEW_TOKENS = 8
 MODES = ("timed", "mid-write", "before-rename", "after-rename")
 # Trial i uses _ROTATION[i % len(_ROTATION)]: half timed kills, half aimed into the write path.
