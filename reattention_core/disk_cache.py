@@ -176,9 +176,9 @@ def sweep_temporaries(folder: Path) -> int:
 
     Hold `DiskCache.locked`: writers create their temporary files under it (see `safe_files`).
     """
-    removed = 0
     if folder.is_symlink():  # not this cache's folder: nothing in it is deleted
         return 0
+    removed = 0
     with contextlib.suppress(OSError):
         for entry in os.scandir(folder):
             if entry.name.startswith(TMP_PREFIX) and abandoned(entry.path, stale_s=STALE_TMP_S):

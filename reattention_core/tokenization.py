@@ -57,6 +57,8 @@ def check_text(text: str) -> None:
     JSON and Python strings may carry lone surrogates (``"\\ud800"``); tokenizers fail on them with
     an untyped error, so they are rejected here with the position.
     """
+    if text.isascii():  # a flag of the string: no scan
+        return
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:

@@ -61,7 +61,9 @@ def child(
             "barrier": [str(barrier[0]), barrier[1]] if barrier else None,
         }
     )
-    env = dict(os.environ, PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    # the checkout first, then whatever the parent had: the child imports what this process imports
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, PYTHONPATH=path, TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
     return subprocess.Popen(
         [sys.executable, "-c", CHILD, args],
         cwd=ROOT,
