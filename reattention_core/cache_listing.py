@@ -9,9 +9,7 @@ per file with its token count and parent key in the header) and removes through
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,14 +17,16 @@ from typing import Any
 from reattention_core.disk_cache import (
     MANIFEST,
     PAGE_SUFFIX,
-    TMP_PREFIX,
     DiskCache,
-    _read_header,
     default_cache_dir,
     default_max_bytes,
+    namespace_folders,
+    page_metadata,
+    page_name_parts,
 )
 from reattention_core.errors import CacheError
 from reattention_core.fingerprint import EngineFingerprint
+from reattention_core.safe_files import read_json
 
 UNKNOWN_MODEL = "(no manifest)"
 
@@ -62,33 +62,31 @@ class CacheNamespace:
         return fp if fp.namespace == self.namespace else None
 
 
-def _page_meta(path: Path) -> dict[str, str]:
-    """The safetensors metadata of a page file (``{}`` if the header cannot be read)."""
-    with contextlib.suppress(OSError, ValueError, struct.error):
-        header = _read_header(path)
-        meta = header.get("__metadata__") if isinstance(header, dict) else None
-        if isinstance(meta, dict):
-            return meta
-    return {}
-
-
 def _read_manifest(folder: Path) -> dict[str, Any] | None:
     with contextlib.suppress(OSError, ValueError):
-        data = json.loads((folder / MANIFEST).read_text())
+        data = read_json(folder / MANIFEST)
         if isinstance(data, dict):
             return data
     return None
 
 
+def _printable(text: str, limit: int = 200) -> str:
+    """``text`` safe to print on a terminal: control characters (escape sequences) become ``?``."""
+    return "".join(c if c.isprintable() else "?" for c in text[:limit])
+
+
 def _settings(manifest: dict[str, Any] | None) -> dict[str, str]:
     if not manifest:
         return {}
-    comps = manifest.get("components") or {}
-    config = (manifest.get("details") or {}).get("config") or {}
-    out = {"mode": str(config.get("mode", "?"))}
+    comps = manifest.get("components")
+    comps = comps if isinstance(comps, dict) else {}
+    details = manifest.get("details")
+    config = details.get("config") if isinstance(details, dict) else None
+    config = config if isinstance(config, dict) else {}
+    out = {"mode": _printable(str(config.get("mode", "?")))}
     for name in ("dtype", "device", "page_size"):
         if name in comps:
-            out[name] = str(comps[name])
+            out[name] = _printable(str(comps[name]))
     return out
 
 
@@ -101,23 +99,25 @@ def scan_namespace(folder: Path) -> CacheNamespace:
     newest = 0.0
     with contextlib.suppress(OSError):
         for entry in os.scandir(folder):
-            if not entry.name.endswith(PAGE_SUFFIX) or entry.name.startswith(TMP_PREFIX):
+            if page_name_parts(entry.name) is None:
                 continue
             try:
-                st = entry.stat()
+                if not entry.is_file(follow_symlinks=False):
+                    continue  # a link in a page's place is never followed
+                st = entry.stat(follow_symlinks=False)
             except OSError:
                 continue  # removed meanwhile by another process
-            meta = _page_meta(Path(entry.path))
+            meta = page_metadata(Path(entry.path))
             keys.add(entry.name.removesuffix(PAGE_SUFFIX).split("-", 1)[-1])
-            if "parent" in meta:
+            if isinstance(meta.get("parent"), str):
                 parents.add(meta["parent"])
-            with contextlib.suppress(KeyError, ValueError):
+            with contextlib.suppress(KeyError, TypeError, ValueError):
                 tokens += int(meta["tokens"])
             size += st.st_size
             newest = max(newest, st.st_mtime)
     return CacheNamespace(
         namespace=folder.name,
-        model_name=str(manifest.get("model_name") or "?") if manifest else UNKNOWN_MODEL,
+        model_name=_printable(str(manifest.get("model_name") or "?")) if manifest else UNKNOWN_MODEL,
         settings=_settings(manifest),
         entries=len(keys - parents),
         pages=len(keys),
@@ -133,7 +133,7 @@ def list_cache(directory: str | Path | None = None) -> list[CacheNamespace]:
     root = Path(directory).expanduser() if directory is not None else default_cache_dir()
     if not root.is_dir():
         return []
-    found = [scan_namespace(p) for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    found = [scan_namespace(p) for p in namespace_folders(root)]
     found = [ns for ns in found if ns.pages or ns.manifest is not None]
     return sorted(found, key=lambda ns: (-ns.last_used, ns.namespace))
 

@@ -182,6 +182,10 @@ def cmd_cache_rm(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    if not 0.0 <= args.depth <= 1.0:  # also refuses nan
+        raise InvalidInputError(f"--depth is where the pass key goes, a fraction in [0, 1]; got {args.depth}")
+    if args.tokens < 1:
+        raise InvalidInputError(f"--tokens must be at least 1, got {args.tokens}")
     engine = _load(args)
     key = str(random.Random(args.seed).randint(10000, 99999))
     per = len(engine.tokenizer(FILLER)["input_ids"])

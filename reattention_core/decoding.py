@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -34,14 +35,19 @@ class SamplingParams:
         n = self.max_new_tokens
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise InvalidInputError(f"max_new_tokens must be an int >= 1, got {n!r}")
-        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) or self.temperature < 0:
-            raise InvalidInputError(f"temperature must be a number >= 0, got {self.temperature!r}")
+        t = self.temperature
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t < math.inf:
+            raise InvalidInputError(f"temperature must be a finite number >= 0, got {t!r}")
         if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
             raise InvalidInputError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
             raise InvalidInputError(f"top_k must be an int >= 0, got {self.top_k!r}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise InvalidInputError(f"seed must be an int or None, got {self.seed!r}")
+        if self.seed is not None and (
+            isinstance(self.seed, bool) or not isinstance(self.seed, int) or not -(2**63) <= self.seed < 2**64
+        ):
+            raise InvalidInputError(f"seed must be an int in [-2**63, 2**64) or None, got {self.seed!r}")
+        if not isinstance(self.stop, tuple):
+            raise InvalidInputError(f"stop must be a tuple of strings (see normalize_stop), got {self.stop!r}")
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 raise InvalidInputError(f"stop sequences must be non-empty strings, got {s!r}")

@@ -20,7 +20,16 @@ Guarantees:
 
 * **Atomic writes**: a page is written to a temporary file in the same folder, fsync'ed and
   renamed over its final name (then the folder is fsync'ed), so a crash, Ctrl-C or a full disk
-  never leaves a half page under a page name; stale temporary files are swept by eviction.
+  never leaves a half page under a page name. The writer creates its temporary file under the
+  directory lock and holds an exclusive ``flock`` on it until the rename, so a temporary file
+  nobody holds is the leftover of a killed process: the next process to read or write that
+  folder deletes it (`sweep_temporaries`, under the directory lock).
+* **Private, and only its own files**: the folders it creates are ``0700`` and its files ``0600``
+  (pages hold what a model computed from the user's documents). It reads, evicts and deletes only
+  regular files named like its pages (``p<6 digits>-<64 hex>.safetensors``), its manifests and its
+  temporary files, in folders named like namespaces (32 hex digits), and never follows a symbolic
+  link below the cache directory: a link in place of a page is a bad page (dropped, not read), a
+  linked folder is not its own (left alone), so files outside the cache are never read or deleted.
 * **Verified reads**: files are memory-mapped (private mappings; for a GPU store they are read
   straight into pinned staging buffers instead, one ``readinto`` per file); the header must parse,
   cover the file exactly, name the expected fingerprint, key, parent and index, describe every
@@ -45,6 +54,7 @@ import errno
 import json
 import logging
 import os
+import re
 import secrets
 import struct
 import threading
@@ -55,11 +65,21 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
 from reattention_core.fingerprint import FORMAT_VERSION, EngineFingerprint
+from reattention_core.safe_files import (
+    abandoned,
+    create_temporary,
+    is_regular,
+    loads_json,
+    make_private_dir,
+    open_private,
+    open_regular,
+    read_json,
+)
 
 try:  # POSIX; on other systems the cache still works for one process at a time
     import fcntl
@@ -75,11 +95,23 @@ MANIFEST = "manifest.json"
 LOCK = ".lock"
 PAGE_SUFFIX = ".safetensors"
 TMP_PREFIX = ".tmp-"
-# Temporary files older than this are leftovers of a killed process.
+# Without flock (non-POSIX), temporary files older than this are leftovers of a killed process.
 STALE_TMP_S = 3600.0
+# The names this cache gives its folders and pages; nothing else below its directory is touched.
+_NAMESPACE_NAME = re.compile(r"[0-9a-f]{32}")
+_PAGE_NAME = re.compile(r"p(\d{6,})-([0-9a-f]{64})\.safetensors")
 # Largest safetensors header accepted, and the bytes read at first hoping to cover it.
 _MAX_HEADER = 100 << 20
 _HEADER_GUESS = 64 << 10
+
+
+# Why a page write failed, in words, for the errors a full or constrained disk gives.
+_WRITE_HINTS = {
+    errno.ENOSPC: " (the disk is full)",
+    errno.EDQUOT: " (the disk quota is used up)",
+    errno.EFBIG: " (the file size limit is reached)",
+    errno.EROFS: " (the file system is read-only)",
+}
 
 
 def default_cache_dir() -> Path:
@@ -93,14 +125,24 @@ def default_cache_dir() -> Path:
 
 
 def parse_bytes(value: str | int) -> int:
-    """``123``, ``"64G"``, ``"500M"``, ``"1.5T"`` -> bytes (binary units)."""
-    if isinstance(value, int):
+    """``123``, ``"64G"``, ``"500M"``, ``"1.5T"`` -> bytes (binary units).
+
+    Raises:
+        TypeError: neither an int nor a string.
+        ValueError: a string that is no byte count.
+    """
+    if isinstance(value, int) and not isinstance(value, bool):
         return value
+    if not isinstance(value, str):
+        raise TypeError(f"a byte count must be an int or a string like '64G', got {type(value).__name__}")
     text = value.strip().upper().removesuffix("B").removesuffix("I")
     units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    if text and text[-1] in units:
-        return int(float(text[:-1]) * units[text[-1]])
-    return int(text)
+    try:
+        if text and text[-1] in units:
+            return int(float(text[:-1]) * units[text[-1]])
+        return int(text)
+    except OverflowError:  # "infG"
+        raise ValueError(f"not a byte count: {value!r}") from None
 
 
 def default_max_bytes() -> int:
@@ -111,6 +153,41 @@ def default_max_bytes() -> int:
 
 def page_file_name(index: int, key: str) -> str:
     return f"p{index:06d}-{key}{PAGE_SUFFIX}"
+
+
+def page_name_parts(name: str) -> tuple[int, str] | None:
+    """``(index, key)`` of a page file name, or ``None`` for any other name."""
+    m = _PAGE_NAME.fullmatch(name)
+    return (int(m.group(1)), m.group(2)) if m else None
+
+
+def namespace_folders(directory: Path) -> list[Path]:
+    """The namespace folders of a cache directory: real folders (not links) named like one."""
+    found = []
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(directory):
+            if _NAMESPACE_NAME.fullmatch(entry.name) and entry.is_dir(follow_symlinks=False):
+                found.append(Path(entry.path))
+    return sorted(found)
+
+
+def sweep_temporaries(folder: Path) -> int:
+    """Delete the temporary files in ``folder`` whose writer is gone (`safe_files.abandoned`); returns how many.
+
+    Hold `DiskCache.locked`: writers create their temporary files under it (see `safe_files`).
+    """
+    if folder.is_symlink():  # not this cache's folder: nothing in it is deleted
+        return 0
+    removed = 0
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(folder):
+            if entry.name.startswith(TMP_PREFIX) and abandoned(entry.path, stale_s=STALE_TMP_S):
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+                    removed += 1
+    if removed:
+        log.info("prefix cache: removed %d temporary file(s) left in %s by a process that was killed", removed, folder)
+    return removed
 
 
 class PageError(Exception):
@@ -153,11 +230,15 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _read_header(path: Path) -> dict[str, Any]:
-    with open(path, "rb") as fh:
+    """A page file's safetensors header (`ValueError` if unreadable; `OSError` for a link or non-file)."""
+    with os.fdopen(open_regular(path), "rb") as fh:
         (n,) = struct.unpack("<Q", fh.read(8))
         if n > _MAX_HEADER:
             raise ValueError("header too large")
-        return json.loads(fh.read(n))
+        header = loads_json(fh.read(n))
+    if not isinstance(header, dict):
+        raise ValueError("header is not an object")  # noqa: TRY004 - a parse error, as json.loads raises
+    return header
 
 
 class DiskCache:
@@ -179,6 +260,7 @@ class DiskCache:
         self._explained: set[str] = set()
         self._estimate: int | None = None  # running total of page bytes (rescanned under the lock)
         self._warned_write = False
+        self._swept: set[str] = set()  # namespaces whose leftover temporary files this process removed
 
     # -- paths, lock, manifest ---------------------------------------------------------------
 
@@ -202,8 +284,8 @@ class DiskCache:
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
         """Exclusive inter-process lock on the cache directory."""
-        self.dir.mkdir(parents=True, exist_ok=True)
-        with open(self.dir / LOCK, "a+b") as fh:
+        make_private_dir(self.dir)
+        with open_private(self.dir / LOCK) as fh:
             if fcntl is not None:
                 fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
             try:
@@ -224,16 +306,20 @@ class DiskCache:
     def ensure_manifest(self, fp: EngineFingerprint) -> Path:
         """Create (or repair) the manifest of ``fp``'s namespace; returns the namespace folder."""
         ns = self.namespace_dir(fp)
-        if fp.root in self._manifest_ok and (ns / MANIFEST).is_file():
+        if fp.root in self._manifest_ok and is_regular(ns / MANIFEST):
             return ns
         with self.locked():
-            ns.mkdir(parents=True, exist_ok=True)
+            if ns.is_symlink():
+                raise OSError(errno.ELOOP, "the namespace folder is a symbolic link (not followed)", str(ns))
+            make_private_dir(ns)
             path = ns / MANIFEST
             reason = None
-            if path.is_file():
+            if os.path.lexists(path):
                 try:
-                    data = json.loads(path.read_text())
-                    if data.get("fingerprint") != fp.root or data.get("format") != FORMAT_VERSION:
+                    data = read_json(path)
+                    if not isinstance(data, dict):
+                        reason = "it is not a JSON object"
+                    elif data.get("fingerprint") != fp.root or data.get("format") != FORMAT_VERSION:
                         reason = "it names another fingerprint"
                 except (OSError, ValueError) as exc:
                     reason = f"it is unreadable ({exc})"
@@ -249,11 +335,11 @@ class DiskCache:
     def _atomic_write_bytes(self, path: Path, data: bytes) -> None:
         tmp = path.with_name(f"{TMP_PREFIX}{path.name}-{os.getpid()}-{secrets.token_hex(4)}")
         try:
-            with open(tmp, "wb") as fh:
+            with create_temporary(tmp) as fh:  # renamed while still locked: never seen complete and unheld
                 fh.write(data)
                 fh.flush()
                 os.fsync(fh.fileno())
-            os.replace(tmp, path)
+                os.replace(tmp, path)
             _fsync_dir(path.parent)
         finally:
             with contextlib.suppress(FileNotFoundError):
@@ -264,18 +350,18 @@ class DiskCache:
         if fp.root in self._explained:
             return
         self._explained.add(fp.root)
-        if (self.namespace_dir(fp) / MANIFEST).is_file():
+        if is_regular(self.namespace_dir(fp) / MANIFEST):
             log.info("prefix cache: no page on disk for this prompt (fingerprint %s)", fp.namespace[:12])
             return
         others = []
-        if self.dir.is_dir():
-            for manifest in self.dir.glob(f"*/{MANIFEST}"):
-                try:
-                    data = json.loads(manifest.read_text())
-                except (OSError, ValueError):
-                    continue
-                comps = data.get("components") or {}
-                others.append((fp.differences(comps), data, manifest.parent.name))
+        for folder in namespace_folders(self.dir):
+            try:
+                data = read_json(folder / MANIFEST)
+            except (OSError, ValueError):
+                continue
+            comps = data.get("components") if isinstance(data, dict) else None
+            if isinstance(comps, dict):
+                others.append((fp.differences(comps), data, folder.name))
         if not others:
             log.info("prefix cache: %s holds no pages yet", self.dir)
             return
@@ -311,14 +397,14 @@ class DiskCache:
             fit under ``max_bytes`` even after evicting every page not in ``pinned``); or
             ``"error"`` (the write failed, e.g. a full disk; logged once, nothing left behind).
         """
-        if ref.path.is_file():
+        if is_regular(ref.path):
             return "exists"
         size = sum(t.numel() * t.element_size() for t in (*keys, *values)) + 8192
         over = self._estimate is None or self._estimate + size > self.max_bytes
-        if over and not self.evict(pinned, reserve=size):
-            return "cap"
         tmp = None
         try:
+            if over and not self.evict(pinned, reserve=size):
+                return "cap"
             ns = self.ensure_manifest(fp)
             meta = {
                 "format": str(FORMAT_VERSION),
@@ -328,15 +414,18 @@ class DiskCache:
                 "index": str(ref.index),
             }
             tmp = ns / f"{TMP_PREFIX}{ref.key[:16]}-{os.getpid()}-{secrets.token_hex(4)}{PAGE_SUFFIX}"
-            _write_page_file(tmp, keys, values, meta)
-            written = tmp.stat().st_size
-            os.replace(tmp, ref.path)
+            with self.locked():  # no sweeper may see it before it is locked
+                fh = create_temporary(tmp)
+            with fh:  # locked until renamed: a sweeper never takes it for a leftover
+                _write_page_file(fh, keys, values, meta)
+                written = os.fstat(fh.fileno()).st_size
+                os.replace(tmp, ref.path)
             tmp = None
             _fsync_dir(ns)
         except Exception as exc:  # noqa: BLE001 - a cache must never break generation
             if not self._warned_write:
                 self._warned_write = True
-                hint = " (the disk is full)" if isinstance(exc, OSError) and exc.errno == errno.ENOSPC else ""
+                hint = _WRITE_HINTS.get(exc.errno, "") if isinstance(exc, OSError) else ""
                 log.warning(
                     "prefix cache: could not write %s%s: %s; pages are kept in memory only. Free space, "
                     "lower the cap or set another cache directory (REATTENTION_CACHE_DIR)",
@@ -369,19 +458,34 @@ class DiskCache:
         num_layers: int,
         dtype: torch.dtype,
         pin: bool = False,
+        kv_shape: tuple[int, int] | None = None,
     ) -> Iterator[tuple[list[torch.Tensor], list[torch.Tensor]]]:
         """Yield the verified ``(keys, values)`` of consecutive pages of ``refs`` until one is missing or bad.
+
+        ``kv_shape``: ``(H, D)``, the KV heads and head dim every page tensor must have.
 
         Tensors are ``[ref.tokens, H, D]`` CPU views of the memory-mapped file (``pin=True``: copies
         in pinned memory, made on the worker threads, for fast copies to a GPU). They own their memory:
         a mapped view stays valid and unchanged after the file is evicted (a private mapping of
         the deleted file), so a store may keep them instead of copying them out
-        (`reattention_core.offload.OffloadedStore.adopt`). A bad page is logged, deleted and
-        ends the iteration.
+        (`reattention_core.offload.OffloadedStore.adopt`). A bad page (any failure to read or
+        verify it) is logged, deleted and ends the iteration.
         """
+        if not refs:
+            return
+        ns = refs[0].path.parent
+        if ns.is_symlink():
+            if fp.namespace not in self._swept:
+                self._swept.add(fp.namespace)
+                log.warning("prefix cache: %s is a symbolic link; not following it (remove it to cache there)", ns)
+            return
+        if fp.namespace not in self._swept and ns.is_dir():  # leftovers of a killed writer, once per process
+            self._swept.add(fp.namespace)
+            with contextlib.suppress(OSError), self.locked():
+                sweep_temporaries(ns)
         count = 0
         for ref in refs:
-            if not ref.path.is_file():
+            if not os.path.lexists(ref.path):  # anything under a page's name is read (and checked)
                 break
             count += 1
         if count == 0:
@@ -389,30 +493,35 @@ class DiskCache:
                 self.explain_miss(fp)
             return
         pool = self._executor()
-        window: deque[Future] = deque()
+        window: deque[tuple[PageRef, Future]] = deque()
         todo = iter(refs[:count])
-        args = (fp.root, num_layers, dtype, pin)
+        args = (fp.root, num_layers, dtype, pin, kv_shape)
         try:
             for ref in todo:
-                window.append(pool.submit(_read_page, ref, *args))
+                window.append((ref, pool.submit(_read_page, ref, *args)))
                 if len(window) > self.workers:
                     break
             while window:
+                ref, fut = window.popleft()
                 try:
-                    page = window.popleft().result()
+                    page = fut.result()
                 except PageMissing:  # evicted by another process meanwhile: a plain miss
                     return
+                except PageError:
+                    raise
+                except Exception as exc:  # whatever a crafted file provokes, it is a bad page
+                    raise PageError(f"unreadable ({type(exc).__name__}: {exc})", str(ref.path)) from exc
                 nxt = next(todo, None)
                 if nxt is not None:
-                    window.append(pool.submit(_read_page, nxt, *args))
+                    window.append((nxt, pool.submit(_read_page, nxt, *args)))
                 yield page
         except PageError as exc:
             reason, path = exc.args
             log.warning("prefix cache: dropping %s: %s; it will be recomputed", path, reason)
             with contextlib.suppress(OSError):
-                Path(path).unlink()
+                Path(path).unlink()  # a link is removed, never what it points to
         finally:
-            for fut in window:
+            for _ref, fut in window:
                 fut.cancel()
 
     def touch(self, refs: Sequence[PageRef]) -> None:
@@ -420,38 +529,33 @@ class DiskCache:
         now = time.time_ns()
         for ref in refs:
             t = now - ref.index * 1000
-            with contextlib.suppress(OSError):
-                os.utime(ref.path, ns=(t, t))
+            with contextlib.suppress(OSError, NotImplementedError):
+                os.utime(ref.path, ns=(t, t), follow_symlinks=False)
 
     # -- size cap, info, clearing -------------------------------------------------------------
 
-    def _scan(self) -> list[tuple[int, int, int, Path]]:
-        """``(mtime_ns, -index, size, path)`` of every page file; sweeps stale temporary files."""
+    def _scan(self, sweep: bool = False) -> list[tuple[int, int, int, Path]]:
+        """``(mtime_ns, -index, size, path)`` of every page file; ``sweep`` (under `locked`): also
+        delete abandoned temporary files.
+
+        Only regular files named like pages, in folders named like namespaces, count (see the module doc).
+        """
         pages = []
-        if not self.dir.is_dir():
-            return pages
-        now = time.time()
-        for ns in self.dir.iterdir():
-            if not ns.is_dir():
-                continue
+        for ns in namespace_folders(self.dir):
+            if sweep:
+                sweep_temporaries(ns)
             with contextlib.suppress(OSError):
                 for entry in os.scandir(ns):
-                    name = entry.name
+                    parts = page_name_parts(entry.name)
+                    if parts is None:
+                        continue
                     try:
-                        st = entry.stat()
+                        if not entry.is_file(follow_symlinks=False):
+                            continue
+                        st = entry.stat(follow_symlinks=False)
                     except OSError:
                         continue
-                    if name.startswith(TMP_PREFIX):
-                        if now - st.st_mtime > STALE_TMP_S:
-                            with contextlib.suppress(OSError):
-                                os.unlink(entry.path)
-                        continue
-                    if name.endswith(PAGE_SUFFIX) and name.startswith("p"):
-                        try:
-                            index = int(name[1:7])
-                        except ValueError:
-                            index = 0
-                        pages.append((st.st_mtime_ns, -index, st.st_size, Path(entry.path)))
+                    pages.append((st.st_mtime_ns, -parts[0], st.st_size, Path(entry.path)))
         return pages
 
     def evict(self, pinned: set[str] | frozenset[str] = frozenset(), *, reserve: int = 0) -> bool:
@@ -460,14 +564,14 @@ class DiskCache:
         Pages whose key is in ``pinned`` are kept. Returns whether it now fits.
         """
         with self.locked():
-            pages = self._scan()
+            pages = self._scan(sweep=True)
             total = sum(p[2] for p in pages)
             removed = 0
             if total + reserve > self.max_bytes:
                 for _mtime, _neg, size, path in sorted(pages):
                     if total + reserve <= self.max_bytes:
                         break
-                    if path.stem.split("-", 1)[-1] in pinned:
+                    if path.name[:-len(PAGE_SUFFIX)].split("-", 1)[-1] in pinned:
                         continue
                     with contextlib.suppress(FileNotFoundError):
                         path.unlink()
@@ -487,11 +591,12 @@ class DiskCache:
         keys: set[str] = set()
         tokens = 0
         for _m, _i, _s, path in mine:
-            keys.add(path.stem.split("-", 1)[-1])
-            page_tokens = page_size  # tail pages are shorter: their header says by how much
-            with contextlib.suppress(OSError, ValueError, KeyError, struct.error):
-                meta = _read_header(path)["__metadata__"]
+            keys.add(path.name[: -len(PAGE_SUFFIX)].split("-", 1)[-1])
+            meta = page_metadata(path)
+            if isinstance(meta.get("parent"), str):
                 parents.add(meta["parent"])
+            page_tokens = page_size  # tail pages are shorter: their header says by how much
+            with contextlib.suppress(KeyError, TypeError, ValueError):
                 page_tokens = int(meta["tokens"])
             tokens += page_tokens
         return DiskStats(
@@ -505,24 +610,38 @@ class DiskCache:
         )
 
     def clear(self, fp: EngineFingerprint | None = None) -> int:
-        """Delete the pages (and manifest) of ``fp``, or of every fingerprint; returns files deleted."""
+        """Delete the pages (and manifest) of ``fp``, or of every fingerprint; returns files deleted.
+
+        Only this cache's own files go: page files, manifests and abandoned temporary files, in
+        namespace folders that are not links (other files in the folder are left alone).
+        """
         if not self.dir.is_dir():
             return 0
         removed = 0
         with self.locked():
-            folders = [self.namespace_dir(fp)] if fp is not None else [p for p in self.dir.iterdir() if p.is_dir()]
+            folders = namespace_folders(self.dir)
+            if fp is not None:
+                folders = [ns for ns in folders if ns.name == fp.namespace]
             for ns in folders:
-                if not ns.is_dir():
-                    continue
+                sweep_temporaries(ns)
                 for entry in os.scandir(ns):
-                    if entry.name.endswith(PAGE_SUFFIX) or entry.name == MANIFEST:
+                    if page_name_parts(entry.name) is not None or entry.name == MANIFEST:
                         with contextlib.suppress(FileNotFoundError):
-                            os.unlink(entry.path)
+                            os.unlink(entry.path)  # a link is removed, never what it points to
                             removed += 1
             self._estimate = None
         self._manifest_ok.clear()
         self._explained.clear()
         return removed
+
+
+def page_metadata(path: Path) -> dict[str, Any]:
+    """The ``__metadata__`` of a page file's header, or ``{}`` if it cannot be read (nothing is followed)."""
+    try:
+        meta = _read_header(path).get("__metadata__")
+    except (OSError, ValueError, struct.error):
+        return {}
+    return meta if isinstance(meta, dict) else {}
 
 
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
@@ -540,8 +659,10 @@ def _parse_header(raw: bytes, size: int, path: str) -> tuple[dict[str, Any], int
         raise PageError(f"header length {n} does not fit a {size}-byte file", path)
     if len(raw) < 8 + n:
         raise PageError(f"truncated header ({len(raw) - 8} of {n} bytes)", path)
+    if (8 + n) % 8:  # the writer pads the header so that the data section is aligned for any dtype
+        raise PageError(f"header length {n} leaves the data section unaligned", path)
     try:
-        header = json.loads(raw[8 : 8 + n])
+        header = loads_json(raw[8 : 8 + n])
     except ValueError as exc:
         raise PageError(f"unreadable header ({exc})", path) from exc
     if not isinstance(header, dict):
@@ -557,7 +678,7 @@ def _map_page(path: str) -> tuple[dict[str, Any], torch.Tensor]:
     """
     import mmap
 
-    with open(path, "rb") as fh:
+    with os.fdopen(open_regular(path), "rb") as fh:
         size = os.fstat(fh.fileno()).st_size
         if size < 8:
             raise PageError(f"truncated ({size} bytes)", path)
@@ -586,7 +707,7 @@ def _read_page_pinned(path: str) -> tuple[dict[str, Any], torch.Tensor] | None:
     the machines measured). Returns ``None`` when no pinned memory can be had (the caller maps
     the file instead).
     """
-    with open(path, "rb", buffering=0) as fh:
+    with os.fdopen(open_regular(path), "rb", buffering=0) as fh:
         size = os.fstat(fh.fileno()).st_size
         head = fh.read(min(size, 8 + _HEADER_GUESS))
         if len(head) >= 8:
@@ -609,9 +730,16 @@ def _read_page_pinned(path: str) -> tuple[dict[str, Any], torch.Tensor] | None:
 
 
 def _read_page(
-    ref: PageRef, root: str, num_layers: int, dtype: torch.dtype, pin: bool = False
+    ref: PageRef,
+    root: str,
+    num_layers: int,
+    dtype: torch.dtype,
+    pin: bool = False,
+    kv_shape: tuple[int, int] | None = None,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Open, check and checksum one page (runs on the loader's thread pool).
+
+    ``kv_shape``: the ``(H, D)`` every tensor must have (``None``: any, as long as all agree).
 
     Returns views of the memory-mapped file, or (``pin=True``) of one pinned host buffer that the
     data section was read into, ready for asynchronous copies to a GPU.
@@ -624,7 +752,9 @@ def _read_page(
         raise PageMissing(path) from exc
     except (OSError, ValueError, struct.error) as exc:
         raise PageError(f"unreadable or truncated ({exc})", path) from exc
-    meta = header.pop("__metadata__", None) or {}
+    meta = header.pop("__metadata__", None)
+    if not isinstance(meta, dict):
+        raise PageError("no metadata object in the header", path)
     expected = {f"{kind}.{i}" for kind in "kv" for i in range(num_layers)}
     if set(header) != expected:
         raise PageError(f"holds tensors {sorted(header)[:4]}..., expected k.0..k.{num_layers - 1}, v.*", path)
@@ -641,17 +771,19 @@ def _read_page(
             raise PageError(f"metadata {name}={meta.get(name)!r}, expected {want!r}", path)
     try:
         crc = int(meta["crc32"])
-    except (KeyError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError) as exc:
         raise PageError("no readable checksum", path) from exc
     # Layout checks before touching the data: dtype, shape, and the extents of `_page_layout`.
     shape = (ref.tokens, *_page_shape(header, path)[1:])
+    if kv_shape is not None and shape[1:] != tuple(kv_shape):
+        raise PageError(f"tensors of {shape[1:]} (heads, head dim), this model has {tuple(kv_shape)}", path)
     layout = _page_layout(num_layers, shape, dtype)
     for name, (begin, stop) in layout.items():
         info = header[name]
         try:
             t_dtype, t_shape = _SAFETENSORS_DTYPES.get(info["dtype"]), tuple(int(x) for x in info["shape"])
             extent = tuple(int(x) for x in info["data_offsets"])
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise PageError(f"malformed entry for {name}", path) from exc
         if t_dtype != dtype:
             raise PageError(f"{name} has dtype {info['dtype']}, expected {dtype}", path)
@@ -688,17 +820,17 @@ def _page_layout(num_layers: int, shape: tuple[int, ...], dtype: torch.dtype) ->
 def _page_shape(header: dict[str, Any], path: str) -> tuple[int, ...]:
     try:
         shape = tuple(int(x) for x in header["k.0"]["shape"])
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:
         raise PageError("malformed entry for k.0", path) from exc
-    if len(shape) != 3:
+    if len(shape) != 3 or min(shape) < 1:
         raise PageError(f"k.0 has shape {shape}", path)
     return shape
 
 
 def _write_page_file(
-    path: Path, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], meta: dict[str, str]
+    fh: BinaryIO, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], meta: dict[str, str]
 ) -> None:
-    """Write one page file (safetensors, `_page_layout`) with its token count and data CRC-32 in ``meta``.
+    """Write one page (safetensors, `_page_layout`) with its token count and data CRC-32 in ``meta`` to ``fh``.
 
     The tensors (``[T, H, D]`` each, any device) are stacked where they live and copied to the
     host in one transfer; the file is written and fsync'ed (the caller renames it into place).
@@ -718,12 +850,11 @@ def _write_page_file(
     header["__metadata__"] = {**meta, "tokens": str(shape[0]), "crc32": str(zlib.crc32(data))}
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-(8 + len(raw)) % 8)  # the data section starts 8-byte aligned, as safetensors does
-    with open(path, "xb") as fh:
-        fh.write(struct.pack("<Q", len(raw)))
-        fh.write(raw)
-        fh.write(memoryview(data))
-        fh.flush()
-        os.fsync(fh.fileno())
+    fh.write(struct.pack("<Q", len(raw)))
+    fh.write(raw)
+    fh.write(memoryview(data))
+    fh.flush()
+    os.fsync(fh.fileno())
 
 
 def _describe(diff: list[str], fp: EngineFingerprint, data: dict[str, Any]) -> str:
@@ -731,10 +862,11 @@ def _describe(diff: list[str], fp: EngineFingerprint, data: dict[str, Any]) -> s
         return "nothing recorded (an older format?)"
     parts = []
     theirs = data.get("components") or {}
-    their_details = data.get("details") or {}
+    their_details = data.get("details") if isinstance(data.get("details"), dict) else {}
     for name in diff:
         if name == "config":
             a, b = their_details.get("config") or {}, fp.details.get("config") or {}
+            a = a if isinstance(a, dict) else {}
             fields = [f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
             parts.append("config" + (f" ({', '.join(fields)})" if fields else ""))
         elif name in ("model", "tokenizer"):

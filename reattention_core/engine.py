@@ -557,6 +557,7 @@ class ReAttentionEngine:
             reserve=reserve,
             num_pages=num_pages,
             boundary=boundary,
+            kv_shape=_kv_shape(self.model.config),
         )
 
     def prefill(
@@ -753,6 +754,14 @@ def _with_context(prompt: Prompt, context: str, *, marker: str = "") -> list[dic
             messages[i] = {"role": "user", "content": context + CONTEXT_SEPARATOR + marker + m["content"]}
             return messages
     raise InvalidInputError("context= needs a user message to attach to; add {'role': 'user', 'content': question}")
+
+
+def _kv_shape(config: Any) -> tuple[int, int]:
+    """``(KV heads, head dim)`` of a model config: the shape of each token's cached keys and values."""
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return int(kv_heads), int(head_dim)
 
 
 def _generation_eos(model: torch.nn.Module) -> Any:

@@ -33,6 +33,8 @@ from pathlib import Path
 
 import torch
 
+from reattention_core.safe_files import is_regular, read_json
+
 log = logging.getLogger("reattention")
 
 ENV_DIR = "REATTENTION_MODEL_CACHE"
@@ -101,13 +103,28 @@ def find(gguf: Path, dtype: torch.dtype) -> Path | None:
 
 
 def _manifest(folder: Path) -> dict | None:
-    """A conversion folder's manifest (``source`` and ``files``, both dicts), or ``None`` if it has none."""
+    """A conversion folder's manifest (``source`` and ``files``, both dicts), or ``None`` if it has none.
+
+    A folder that is a symbolic link, or a manifest naming anything but plain file names in its
+    own folder (``../x``, ``/etc/x``) with integer sizes, is not a conversion: never followed.
+    """
+    if folder.is_symlink():
+        return None
     try:
-        manifest = json.loads((folder / MANIFEST).read_text())
+        manifest = read_json(folder / MANIFEST)
     except (OSError, ValueError):
         return None
     ok = isinstance(manifest, dict) and all(isinstance(manifest.get(k), dict) for k in ("source", "files"))
-    return manifest if ok else None
+    if not ok or not all(_plain_name(n) and type(v) is int and v >= 0 for n, v in manifest["files"].items()):
+        return None
+    return manifest
+
+
+def _plain_name(name: object) -> bool:
+    """Whether ``name`` names a file directly inside a folder (no separator, not ``.`` or ``..``)."""
+    if not isinstance(name, str) or name in ("", ".", "..") or "\0" in name:
+        return False
+    return not any(sep and sep in name for sep in ("/", os.sep, os.altsep))
 
 
 def _complete(folder: Path, source: ConversionSource) -> bool:
@@ -116,7 +133,10 @@ def _complete(folder: Path, source: ConversionSource) -> bool:
     if manifest is None or manifest["source"] != asdict(source):
         return False
     try:
-        return all((folder / name).stat().st_size == size for name, size in manifest["files"].items())
+        return all(
+            is_regular(folder / name) and (folder / name).stat().st_size == size
+            for name, size in manifest["files"].items()
+        )
     except (OSError, TypeError):
         return False
 
@@ -132,6 +152,11 @@ class Conversion:
     bytes: int
 
 
+def _printable(text: str, limit: int = 500) -> str:
+    """``text`` safe to print on a terminal: control characters (escape sequences) become ``?``."""
+    return "".join(c if c.isprintable() else "?" for c in text[:limit])
+
+
 def list_conversions() -> list[Conversion]:
     """Every complete conversion in the cache folder, by source path."""
     root = model_cache_dir()
@@ -145,7 +170,8 @@ def list_conversions() -> list[Conversion]:
         src = manifest["source"]
         try:
             size = sum(int(n) for n in manifest["files"].values())
-            found.append(Conversion(entry, str(src["path"]), str(src["dtype"]), str(src["transformers"]), size))
+            shown = [_printable(str(src[k])) for k in ("path", "dtype", "transformers")]
+            found.append(Conversion(entry, *shown, size))
         except (KeyError, TypeError, ValueError):
             continue
     return sorted(found, key=lambda c: (c.source, c.dtype, c.folder.name))
@@ -160,7 +186,11 @@ def remove_conversions() -> list[Conversion]:
 
 
 def discard(folder: Path) -> None:
-    """Remove one conversion (e.g. one that failed to load)."""
+    """Remove one conversion (e.g. one that failed to load); a link in its place is removed, not followed."""
+    if folder.is_symlink():
+        with contextlib.suppress(OSError):
+            folder.unlink()
+        return
     with contextlib.suppress(OSError):
         (folder / MANIFEST).unlink()
     shutil.rmtree(folder, ignore_errors=True)
@@ -234,7 +264,7 @@ def _sweep(root: Path, source: ConversionSource) -> None:
     """Drop stale temporary folders, and conversions of this GGUF path that its current contents replaced."""
     now = time.time()
     for entry in root.iterdir():
-        if not entry.is_dir():
+        if entry.is_symlink() or not entry.is_dir():
             continue
         if entry.name.startswith(TMP_PREFIX):
             with contextlib.suppress(OSError):

@@ -429,6 +429,14 @@ def _pages_upto(pages: list[tuple[torch.Tensor, torch.Tensor]], tokens: int) -> 
     return kept
 
 
+def _size(nbytes: int) -> str:
+    """``nbytes`` in the largest binary unit that keeps it at 1 or more (``"1.50 GiB"``, ``"135.3 KiB"``)."""
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if nbytes >= 1 << shift:
+            return f"{nbytes / (1 << shift):.{2 if unit == 'GiB' else 1}f} {unit}"
+    return f"{nbytes} bytes"
+
+
 def _mapped_buffer(folder: str, which: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """An empty host tensor backed by a new, already unlinked file in ``folder`` (disk space reserved)."""
     numel = torch.Size(shape).numel()
@@ -443,7 +451,7 @@ def _mapped_buffer(folder: str, which: str, shape: tuple[int, ...], dtype: torch
                 os.ftruncate(fd, nbytes)
             else:
                 raise StoreMemoryError(
-                    f"the KV store could not reserve {nbytes / 2**30:.2f} GiB in {folder} for one layer's {which} "
+                    f"the KV store could not reserve {_size(nbytes)} in {folder} for one layer's {which} "
                     f"({shape[1]:,} tokens): {exc.strerror or exc}. Free disk space there, choose another "
                     "spill_dir, or shorten the context."
                 ) from exc

@@ -112,6 +112,11 @@ class CacheConfig:
     disk_bytes: int | str | None = None
 
     def __post_init__(self) -> None:
+        for name in ("enabled", "disk"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"CacheConfig.{name} must be True or False, got {getattr(self, name)!r}")
+        if self.dir is not None and not isinstance(self.dir, (str, os.PathLike)):
+            raise ConfigError(f"CacheConfig.dir must be a folder path or None, got {self.dir!r}")
         for name in ("page_size", "memory_bytes"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -371,14 +376,16 @@ class PrefixCache:
         reserve: int,
         num_pages: int | None = None,
         boundary: int | None = None,
+        kv_shape: tuple[int, int] | None = None,
     ) -> PrefixRun:
         """Start a run over ``ids``: restore its longest cached prefix into a store.
 
         ``num_pages``: pages of ``ids`` to cache (default: those ending before the last token).
         ``boundary``: the corpus ends there (``context=`` prompts): cache the pages before it and
         its tail page instead; prefill must break its chunk schedule at ``boundary``.
+        ``kv_shape``: ``(KV heads, head dim)`` of the model; a page file of another shape is a bad page.
         """
-        run = PrefixRun(self, ids, fp, page_size, num_layers, device, dtype, num_pages, boundary)
+        run = PrefixRun(self, ids, fp, page_size, num_layers, device, dtype, num_pages, boundary, kv_shape)
         try:
             run.restore(reserve)
         except BaseException:  # Ctrl-C while pages load: keep the complete ones, nothing half-done
@@ -415,9 +422,10 @@ class PrefixRun:
         dtype: torch.dtype,
         num_pages: int | None,
         boundary: int | None = None,
+        kv_shape: tuple[int, int] | None = None,
     ) -> None:
         self.cache, self.fp, self.page_size = cache, fp, page_size
-        self.num_layers, self.device, self.dtype = num_layers, device, dtype
+        self.num_layers, self.device, self.dtype, self.kv_shape = num_layers, device, dtype, kv_shape
         if boundary is not None:
             if not 0 < boundary <= len(ids):
                 raise ValueError(f"boundary={boundary} is outside the {len(ids)}-token prompt")
@@ -448,7 +456,8 @@ class PrefixRun:
             refs = disk.refs(self.fp, self.keys, self.ends, n_mem)
             # a store that maps pages keeps the loader's mapped views (no pinned copies to make)
             pin = self.device.type == "cuda" and not self.store.maps_pages
-            pages = disk.load(self.fp, refs, num_layers=self.num_layers, dtype=self.dtype, pin=pin)
+            pages = disk.load(self.fp, refs, num_layers=self.num_layers, dtype=self.dtype, pin=pin,
+                              kv_shape=self.kv_shape)
             for keys, values in pages:
                 for layer in range(self.num_layers):
                     k, v = keys[layer].unsqueeze(0), values[layer].unsqueeze(0)
@@ -506,4 +515,7 @@ class PrefixRun:
         if disk is not None and pages:
             disk.touch(disk.refs(self.fp, self.keys[:pages], self.ends))
             if self._wrote:  # other processes may have written too: check the cap once per run
-                disk.evict(self.pinned)
+                try:
+                    disk.evict(self.pinned)
+                except OSError as exc:  # the answer is computed: a folder gone bad must not lose it
+                    log.warning("prefix cache: could not check the disk cache's size cap in %s: %s", disk.dir, exc)

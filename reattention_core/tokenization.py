@@ -21,6 +21,8 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+from reattention_core.errors import InvalidInputError
+
 # Texts shorter than this are encoded in one call; longer ones in pieces of about this size.
 PIECE_CHARS = 1 << 16
 # No cut within this many characters of ``cut`` (the piece holding it is encoded with offsets).
@@ -41,11 +43,30 @@ def encode(
             the tokenizer gives no offsets), else ``None``.
         piece_chars: target piece length (tests use small ones).
     """
+    check_text(text)
     if len(text) >= 2 * piece_chars and getattr(tokenizer, "is_fast", False) and _spaceless_specials(tokenizer):
         cuts = _cuts(text, piece_chars, cut)
         if cuts and _cuts_are_exact(tokenizer, text, cuts):
             return _encode_pieces(tokenizer, text, cuts, add_special_tokens, cut)
     return _encode_whole(tokenizer, text, add_special_tokens, cut)
+
+
+def check_text(text: str) -> None:
+    """`InvalidInputError` unless ``text`` is valid Unicode (UTF-8 encodable: no lone surrogate).
+
+    JSON and Python strings may carry lone surrogates (``"\\ud800"``); tokenizers fail on them with
+    an untyped error, so they are rejected here with the position.
+    """
+    if text.isascii():  # a flag of the string: no scan
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidInputError(
+            f"the prompt holds a lone surrogate (U+{ord(text[exc.start]):04X}, character {exc.start} of the text as "
+            "rendered), which is not valid Unicode; fix the encoding of the input (e.g. decode bytes with "
+            "errors='replace')"
+        ) from None
 
 
 def _encode_whole(tokenizer: Any, text: str, add_special_tokens: bool, cut: int | None) -> tuple[list[int], int | None]:

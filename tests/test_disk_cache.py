@@ -19,6 +19,7 @@ import torch
 from reattention_core import CacheConfig, KVStore, ReAttentionConfig, ReAttentionEngine
 from reattention_core import disk_cache as dc
 from reattention_core.fingerprint import model_fingerprint, tokenizer_fingerprint
+from reattention_core.safe_files import create_temporary
 from tests.helpers import ByteTokenizer, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,7 +61,9 @@ def child(
             "barrier": [str(barrier[0]), barrier[1]] if barrier else None,
         }
     )
-    env = dict(os.environ, PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    # the checkout first, then whatever the parent had: the child imports what this process imports
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, PYTHONPATH=path, TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
     return subprocess.Popen(
         [sys.executable, "-c", CHILD, args],
         cwd=ROOT,
@@ -342,10 +345,9 @@ def test_ctrl_c_while_pages_load_keeps_the_engine_consistent(tmp_path, cold_ids,
 def test_a_failed_page_write_leaves_nothing_behind(tmp_path, cold_ids, monkeypatch, caplog, failure):
     real = dc._write_page_file
 
-    def broken(path, keys, values, meta):
-        real(path, keys, values, meta)
-        data = Path(path).read_bytes()
-        Path(path).write_bytes(data[: len(data) // 2])
+    def broken(fh, keys, values, meta):
+        real(fh, keys, values, meta)
+        fh.truncate(fh.tell() // 2)
         if failure == "disk full":
             raise OSError(errno.ENOSPC, "No space left on device")
         raise KeyboardInterrupt
@@ -367,16 +369,22 @@ def test_a_failed_page_write_leaves_nothing_behind(tmp_path, cold_ids, monkeypat
 
 
 def test_stale_temporary_files_are_ignored_and_swept(tmp_path):
+    """A temporary file nobody holds a lock on is a killed writer's leftover, however young; one whose
+    writer still holds its lock stays (the kill -9 trials of tests/faults exercise this for real)."""
     engine = make_engine(tmp_path)
     engine.generate(PROMPT, max_new_tokens=1)
     ns = pages(tmp_path)[0].parent
     stale = ns / ".tmp-deadbeef-1-0000.safetensors"
     stale.write_bytes(b"partial")
     os.utime(stale, (1, 1))
-    fresh_tmp = ns / ".tmp-cafe-2-0000.safetensors"
-    fresh_tmp.write_bytes(b"being written")
-    engine._prefix.disk.evict()
-    assert not stale.exists() and fresh_tmp.exists()
+    left = ns / ".tmp-beef-3-0000.safetensors"
+    left.write_bytes(b"a writer killed a moment ago")
+    held = ns / ".tmp-cafe-2-0000.safetensors"
+    with create_temporary(held) as writing:
+        writing.write(b"being written")
+        writing.flush()
+        engine._prefix.disk.evict()
+        assert not stale.exists() and not left.exists() and held.exists()
 
 
 def test_default_cache_dir(monkeypatch, tmp_path):

@@ -289,8 +289,10 @@ def test_a_spill_folder_must_exist_and_a_full_disk_is_a_typed_error(tmp_path, mo
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(os, "posix_fallocate", full)
-    with pytest.raises(StoreMemoryError, match=r"could not reserve .* GiB in .* No space left on device"):
+    with pytest.raises(StoreMemoryError, match=r"could not reserve 64.0 KiB in .* No space left on device"):
         _mapped_buffer(str(tmp_path), "values", (1, 1024, 2, 8), torch.float32)
+    with pytest.raises(StoreMemoryError, match=r"could not reserve 2.00 GiB in .* No space left on device"):
+        _mapped_buffer(str(tmp_path), "values", (1, 1 << 20, 2, 256), torch.float32)
     assert list(tmp_path.iterdir()) == []  # the half-made file is gone too
 
 

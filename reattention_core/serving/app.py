@@ -9,7 +9,6 @@ event loop only validates, tokenises (in a thread) and relays pieces.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import time
 from collections.abc import AsyncIterator
@@ -23,7 +22,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from reattention_core.engine import ReAttentionEngine
-from reattention_core.errors import ContextLimitError, DistributedError, InvalidInputError
+from reattention_core.errors import ContextLimitError, DistributedError, InvalidInputError, StoreMemoryError
+from reattention_core.serving.guards import ApiKeyCheck, BodyLimit, PromptBound
 from reattention_core.serving.protocol import (
     APIError,
     ChatCompletionRequest,
@@ -53,16 +53,23 @@ class AppConfig:
         api_key: when set, requests must send ``Authorization: Bearer <api_key>``.
         default_max_tokens: completion length when a chat request gives no ``max_tokens``.
         max_pending: requests that may wait for the running generation (then 429).
+        max_request_bytes: largest request body accepted (then 413); the default, 64 MiB, holds a
+            ``context`` of several million tokens.
     """
 
     model_name: str | None = None
     api_key: str | None = None
     default_max_tokens: int = 256
     max_pending: int = 16
+    max_request_bytes: int = 64 << 20
 
     def __post_init__(self) -> None:
-        if self.default_max_tokens < 1 or self.max_pending < 0:
-            raise InvalidInputError("default_max_tokens must be >= 1 and max_pending >= 0")
+        for name, low in (("default_max_tokens", 1), ("max_pending", 0), ("max_request_bytes", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise InvalidInputError(f"AppConfig.{name} must be an int >= {low}, got {value!r}")
+        if self.api_key is not None and (not isinstance(self.api_key, str) or not self.api_key):
+            raise InvalidInputError("AppConfig.api_key must be a non-empty string or None")
 
 
 def create_app(engine: ReAttentionEngine, config: AppConfig | None = None, *, backend: Backend | None = None) -> FastAPI:
@@ -73,6 +80,7 @@ def create_app(engine: ReAttentionEngine, config: AppConfig | None = None, *, ba
     config = config or AppConfig()
     model_name = config.model_name or engine.model_name
     worker = GenerationWorker(engine, max_pending=config.max_pending, backend=backend)
+    bound = PromptBound(engine.tokenizer)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -80,6 +88,9 @@ def create_app(engine: ReAttentionEngine, config: AppConfig | None = None, *, ba
         await asyncio.to_thread(worker.close)
 
     app = FastAPI(title="reattention", version="0.1.0", lifespan=lifespan)
+    app.add_middleware(BodyLimit, limit=config.max_request_bytes)
+    if config.api_key:  # added last, so it runs first: no body is read for a request without the key
+        app.add_middleware(ApiKeyCheck, api_key=config.api_key)
     app.state.worker = worker
     app.state.model_name = model_name
 
@@ -95,16 +106,6 @@ def create_app(engine: ReAttentionEngine, config: AppConfig | None = None, *, ba
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return JSONResponse(APIError(exc.status_code, str(exc.detail), type=kind).body(), status_code=exc.status_code)
-
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        if config.api_key and request.url.path.startswith("/v1/"):
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {config.api_key}".encode()):
-                err = APIError(401, "missing or wrong API key (send Authorization: Bearer <key>)",
-                               type="authentication_error", code="invalid_api_key")
-                return JSONResponse(err.body(), status_code=401)
-        return await call_next(request)
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -135,7 +136,9 @@ def create_app(engine: ReAttentionEngine, config: AppConfig | None = None, *, ba
         _check_model(body.model, model_name)
         kwargs = body.engine_kwargs(config.default_max_tokens)
         kwargs["prompt"] = prompt
-        try:  # tokenising a long corpus takes a while: keep the event loop free
+        try:
+            bound.check(_chars(prompt) + len(kwargs["context"] or ""), kwargs["max_new_tokens"], engine.config.max_context)
+            # tokenising a long corpus takes a while: keep the event loop free
             ids, params = await asyncio.to_thread(params_for, engine, kwargs)
         except ContextLimitError as exc:
             raise APIError(400, str(exc), param="messages", code="context_length_exceeded") from None
@@ -195,6 +198,11 @@ async def _sse(job: Job, events: asyncio.Queue[Event], shape: ResponseShape, inc
         job.cancel.set()
 
 
+def _chars(prompt: str | list[dict[str, str]]) -> int:
+    """Characters of a prompt's text (a string, or the contents of chat messages)."""
+    return len(prompt) if isinstance(prompt, str) else sum(len(m["content"]) for m in prompt)
+
+
 def _data(obj: dict[str, Any]) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
@@ -210,6 +218,9 @@ def _hand_over(loop: asyncio.AbstractEventLoop, events: asyncio.Queue[Event], ev
 def _failure(error: BaseException) -> APIError:
     if isinstance(error, InvalidInputError):
         return APIError(400, str(error))
+    if isinstance(error, StoreMemoryError):  # prompt + max_tokens is more than this server can hold
+        return APIError(400, f"this request does not fit in the server's memory: {error} Lower max_tokens or "
+                        "shorten the prompt.", param="max_tokens", code="context_length_exceeded")
     if isinstance(error, DistributedError):
         return APIError(503, str(error), type="server_error", code="worker_failed")
     return APIError(500, f"generation failed: {type(error).__name__}: {error}", type="server_error")

@@ -24,6 +24,8 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
     p.add_argument("--max-context", type=int, default=None, help="reject prompt + max_tokens above this (400)")
     p.add_argument("--max-tokens", type=int, default=256, help="completion length when a request gives none")
+    p.add_argument("--max-request-bytes", default="64M", metavar="SIZE",
+                   help="refuse request bodies larger than this with 413 (default 64M)")
     p.add_argument("--no-warmup", action="store_true", help="skip compiling kernels before listening")
     p.set_defaults(func=cmd_serve)
 
@@ -36,6 +38,15 @@ def _require_extra() -> None:
         )
 
 
+def _size(text: str) -> int:
+    from reattention_core.disk_cache import parse_bytes
+
+    try:
+        return parse_bytes(text)
+    except ValueError:
+        raise InvalidInputError(f"--max-request-bytes takes a size like 64M or 1048576, got {text!r}") from None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     _require_extra()
     from reattention_core.cli import _load
@@ -43,7 +54,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from reattention_core.serving.server import ServeConfig, serve
 
     config = ServeConfig(host=args.host, port=args.port)  # validate before loading the model
-    app_config = AppConfig(model_name=args.model_name, api_key=args.api_key, default_max_tokens=args.max_tokens)
+    app_config = AppConfig(model_name=args.model_name, api_key=args.api_key, default_max_tokens=args.max_tokens,
+                           max_request_bytes=_size(args.max_request_bytes))
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return _serve_sharded(args, config, app_config)
     engine = _load(args)

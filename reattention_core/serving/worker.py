@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 from reattention_core.decoding import SamplingParams
 from reattention_core.engine import GenerationResult, ReAttentionEngine
-from reattention_core.errors import DistributedError
+from reattention_core.errors import DistributedError, ReAttentionError
 from reattention_core.generation import Request
 
 log = logging.getLogger("reattention")
@@ -165,6 +165,7 @@ class GenerationWorker:
         try:
             gen = self.backend.run(job.ids, job.params)
         except Exception as exc:  # noqa: BLE001 - reported to the request, the worker keeps serving
+            _log_failure(exc)
             self._note(exc)
             job.emit(Failed(exc))
             return
@@ -176,8 +177,8 @@ class GenerationWorker:
                     event = Done(stop.value)
                     break
                 job.emit(Piece(piece))
-        except Exception as exc:
-            log.exception("generation failed")
+        except Exception as exc:  # noqa: BLE001 - reported to the request, the worker keeps serving
+            _log_failure(exc)
             event = Failed(exc)
         finally:
             gen.close()  # in this thread: releases the engine lock, restores the cached store
@@ -200,6 +201,14 @@ class GenerationWorker:
     def _note(self, exc: Exception) -> None:
         if isinstance(exc, DistributedError):
             self.broken = exc  # the store is incomplete from now on: refuse everything
+
+
+def _log_failure(exc: Exception) -> None:
+    """A typed error (a request too large for memory, a lost rank) is logged as such; anything else with its traceback."""
+    if isinstance(exc, ReAttentionError):
+        log.warning("generation failed: %s: %s", type(exc).__name__, exc)
+    else:
+        log.exception("generation failed")
 
 
 def params_for(engine: ReAttentionEngine, kwargs: dict[str, Any]) -> tuple[list[int], SamplingParams]:
