@@ -301,7 +301,7 @@ def _read_all(paths: list[Path], workers: int, crc: bool) -> int:
 
 def _restore(cache, fp, refs, layers: int, dtype: torch.dtype) -> dict:
     """Load every page and extend a CUDA store with it: total seconds, and the main thread's waits and launches."""
-    from reattention_core.store import KVStore
+    from reattention_core.store.resident import KVStore
 
     store = KVStore(layers)
     store.reserve(sum(r.tokens for r in refs))
@@ -326,8 +326,8 @@ def _restore(cache, fp, refs, layers: int, dtype: torch.dtype) -> dict:
 
 def restore_profile(args: argparse.Namespace) -> int:
     """`--restore-profile`: where the time of a disk-cache restore goes (see the module docstring)."""
-    from reattention_core.disk_cache import DiskCache, PageRef, page_file_name
-    from reattention_core.fingerprint import FORMAT_VERSION, EngineFingerprint
+    from reattention_core.cache.disk import DiskCache, PageRef, page_file_name
+    from reattention_core.cache.fingerprint import FORMAT_VERSION, EngineFingerprint
 
     if not torch.cuda.is_available():
         raise SystemExit("--restore-profile needs a CUDA device")

@@ -47,8 +47,8 @@ import transformers
 
 from reattention_core import ReAttentionCache, ReAttentionConfig, ReAttentionEngine, StoreMemoryError
 from reattention_core.evaluation.cli import parse_overrides
-from reattention_core.offload import OffloadConfig, OffloadedStore
-from reattention_core.prefill import run_prefill
+from reattention_core.store.offloaded import OffloadConfig, OffloadedStore
+from reattention_core.generation.prefill import run_prefill
 from reattention_kernels import KernelOptions
 
 STORES = ("resident", "values", "host")

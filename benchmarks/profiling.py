@@ -44,8 +44,8 @@ from bench_engine import RANDOM_MODELS, environment, key_read_floor, sync
 from bench_kernels import cuda_kernel_times
 
 from reattention_core import ReAttentionCache, ReAttentionEngine
-from reattention_core.cuda_graph import StepGraph
-from reattention_core.prefill import run_prefill
+from reattention_core.generation.cuda_graph import StepGraph
+from reattention_core.generation.prefill import run_prefill
 
 
 def load(model: str | None, gguf_file: str | None) -> ReAttentionEngine:
@@ -173,7 +173,7 @@ def _empty(a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, i0, i1, i2, i3, i4, i5, 
 
 
 def host(args: argparse.Namespace) -> dict:
-    from reattention_core.selection import select_blocks
+    from reattention_core.attention.selection import select_blocks
     from reattention_kernels import KernelOptions, scope_attention, score_topk
 
     dev, dt = torch.device("cuda"), torch.bfloat16

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import torch
 
-import reattention_core.attention as attention_mod
-import reattention_core.selection as selection_mod
+import reattention_core.attention.layer as attention_mod
+import reattention_core.attention.selection as selection_mod
 from reattention_core import ReAttentionEngine
 from reattention_core.evaluation.haystack import Haystack
 from reattention_core.evaluation.tasks import make_sample

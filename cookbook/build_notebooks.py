@@ -98,7 +98,7 @@ the same tokens and its prefill resumes where the document ends (memory, then di
 question prefills only its own tokens.
 """),
     code('''
-from reattention_core.sample_corpus import module_document
+from reattention_core.app.sample_corpus import module_document
 
 doc = module_document("heapq") + module_document("bisect")  # two modules' docstrings, ~1.5K tokens
 for question in ("What does heapq.heappush do?", "What does heapq.heappop do?"):
@@ -127,8 +127,8 @@ This notebook uses a cache folder of its own, so the first run is really cold.
 os.environ["REATTENTION_CACHE_DIR"] = cache_dir = tempfile.mkdtemp(prefix="reattention-persist-")
 work = tempfile.mkdtemp(prefix="reattention-corpus-")'''),
     code('''
-from reattention_core.corpus import load_corpus
-from reattention_core.sample_corpus import write_sample_corpus
+from reattention_core.app.corpus import load_corpus
+from reattention_core.app.sample_corpus import write_sample_corpus
 
 write_sample_corpus(work, ["bisect", "heapq", "textwrap"])   # Python's own docstrings: ~2.6K tokens
 corpus = load_corpus([work]).text
@@ -184,7 +184,7 @@ plt.tight_layout()
 '''),
     md("## What is on disk"),
     code('''
-from reattention_core.cache_listing import list_cache
+from reattention_core.cache.listing import list_cache
 
 for ns in list_cache(cache_dir):
     print(ns.model_name, ns.settings, f"{ns.entries} entries, {ns.pages} pages, {ns.tokens} tokens, "
@@ -209,8 +209,8 @@ last, so the second question reuses the cached corpus: `usage_metadata` reports 
     code(SETUP),
     code('''
 import tempfile
-from reattention_core.corpus import load_corpus
-from reattention_core.sample_corpus import write_sample_corpus
+from reattention_core.app.corpus import load_corpus
+from reattention_core.app.sample_corpus import write_sample_corpus
 
 folder = tempfile.mkdtemp(prefix="reattention-docs-")
 write_sample_corpus(folder, ["bisect", "heapq"])        # Python's own docstrings: ~1.5K tokens
@@ -344,7 +344,7 @@ read the corpus from the prefix cache.
     code('''
 from llama_index.core import Document, Settings, SummaryIndex
 from llama_index.core.callbacks import CallbackManager, LlamaDebugHandler
-from reattention_core.sample_corpus import module_document
+from reattention_core.app.sample_corpus import module_document
 from reattention_integrations.llama_index import ReAttentionLLM
 
 Settings.embed_model = None                        # SummaryIndex needs no embedding model

@@ -3,7 +3,7 @@
 It owns a model, its tokenizer and a `ReAttentionConfig`, and runs its own loop: chunked prefill
 under `enable_reattention`, then one token at a time, each step selecting its scope afresh.
 
-It also owns a prefix cache (`reattention_core.prefix_cache`): the keys and values of every prompt
+It also owns a prefix cache (`reattention_core.cache.prefix`): the keys and values of every prompt
 it prefills are kept in pages, in memory and on disk, so a later prompt that starts with the same
 tokens (the same corpus, another question) prefills only what follows.
 """
@@ -24,8 +24,8 @@ import torch
 
 from reattention_core import model_cache, tokenization
 from reattention_core.config import ReAttentionConfig, preset_for
-from reattention_core.cuda_graph import StepGraph, graphs_enabled
-from reattention_core.decoding import Sampler, SamplingParams, TextAssembler
+from reattention_core.generation.cuda_graph import StepGraph, graphs_enabled
+from reattention_core.generation.sampling import Sampler, SamplingParams, TextAssembler
 from reattention_core.embedded import EMBEDDED_NAME, embedded_model_file
 from reattention_core.errors import (
     CacheError,
@@ -34,17 +34,17 @@ from reattention_core.errors import (
     ModelNotFoundError,
     UnsupportedModelError,
 )
-from reattention_core.fingerprint import EngineFingerprint, kernels_fingerprint
-from reattention_core.generation import GenerationResult, Request, TextStream
+from reattention_core.cache.fingerprint import EngineFingerprint, kernels_fingerprint
+from reattention_core.generation.request import GenerationResult, Request, TextStream
 from reattention_core.hf import ReAttentionCache, enable_reattention
 from reattention_core.hf._compat import cache_argument
 from reattention_core.hf.architectures import check_model, check_model_type, pretraining_window
 from reattention_core.hf.compiled import FINGERPRINT as COMPILED_FINGERPRINT
 from reattention_core.hf.compiled import compiled_layers
-from reattention_core.offload import OffloadConfig, OffloadedStore
-from reattention_core.prefill import run_prefill
-from reattention_core.prefix_cache import CacheConfig, CacheInfo, PrefixCache, PrefixRun, default_memory_bytes
-from reattention_core.store import KVStore
+from reattention_core.store.offloaded import OffloadConfig, OffloadedStore
+from reattention_core.generation.prefill import run_prefill
+from reattention_core.cache.prefix import CacheConfig, CacheInfo, PrefixCache, PrefixRun, default_memory_bytes
+from reattention_core.store.resident import KVStore
 from reattention_kernels import KernelOptions, resolve_backend, shifted_steps_supported
 from reattention_kernels.options import with_backend
 
@@ -103,7 +103,7 @@ class ReAttentionEngine:
             in the default directory; ``False``: off.
         offload: keep the KV store (``OffloadConfig(keys="device")``: only the values) in host
             memory, or in memory-mapped files (``spill_dir``), and copy only each step's scope to the
-            device (`OffloadConfig`; see `reattention_core.offload`), for contexts whose KV store
+            device (`OffloadConfig`; see `reattention_core.store.offloaded`), for contexts whose KV store
             does not fit on the GPU. With ``keys="host", map_pages=True``, a prefix restored from the
             disk cache stays in its page files (mapped), not copied into host memory. Exact settings
             (``keys="device"``, or ``refine=True``, the default) give output identical to the

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 from reattention_core.engine import GenerationResult, Prompt, ReAttentionEngine
 from reattention_core.errors import InvalidInputError
-from reattention_core.generation import TextStream
+from reattention_core.generation.request import TextStream
 
 T = TypeVar("T")
 # Starts a generation when called (in the thread that will drive it): text pieces, then the result.

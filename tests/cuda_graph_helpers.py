@@ -1,14 +1,14 @@
 """Prefill and decode a tiny model three ways (eager steps, emulated replays, recorded CUDA graphs)
-for the step-graph tests in `tests/test_cuda_graph.py` and `tests/kernels/test_cuda_graph_kernels.py`."""
+for the step-graph tests in `tests/generation/test_cuda_graph.py` and `tests/kernels/test_cuda_graph_kernels.py`."""
 
 from __future__ import annotations
 
 import torch
 
 from reattention_core import ReAttentionCache, ReAttentionConfig, enable_reattention
-from reattention_core.cuda_graph import StepGraph
-from reattention_core.prefill import run_prefill
-from reattention_core.store import KVStore
+from reattention_core.generation.cuda_graph import StepGraph
+from reattention_core.generation.prefill import run_prefill
+from reattention_core.store.resident import KVStore
 
 CFG = ReAttentionConfig(sink_size=4, block_size=4, top_k=2, max_blocks=3, local_window=12, prefill_chunk_size=8)
 

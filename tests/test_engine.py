@@ -174,7 +174,7 @@ def test_a_stream_closed_early_releases_the_engine(byte_tokenizer):
 
 
 def test_warmup_runs_selection_for_every_query_shape_and_leaves_no_state(byte_tokenizer, monkeypatch):
-    from reattention_core import attention
+    from reattention_core.attention import layer as attention
 
     cfg = ReAttentionConfig(sink_size=2, block_size=4, top_k=2, max_blocks=3, local_window=16, prefill_chunk_size=8)
     # pages of 8 tokens: anything that went through the prefix cache would leave pages behind

@@ -10,7 +10,7 @@
 from reattention_core.distributed.attention import sharded_reattention_attention
 from reattention_core.distributed.engine import ShardedEngine, init_from_env
 from reattention_core.distributed.patch import enable_sharded_reattention
-from reattention_core.distributed.store import ShardedKVStore, ShardLayout
+from reattention_core.store.sharded import ShardedKVStore, ShardLayout
 
 __all__ = [
     "ShardLayout",

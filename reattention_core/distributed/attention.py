@@ -2,7 +2,7 @@
 
 Every rank holds the same queries (all ranks run the whole model) and one contiguous shard
 ``[shard_start, shard_start + S)`` of the layer's pre-RoPE key/value store. The layer then runs
-in three steps, each exact, so the output equals `reattention_core.attention.reattention_attention`
+in three steps, each exact, so the output equals `reattention_core.attention.layer.reattention_attention`
 on the whole store (up to float summation order):
 
 1. **score** - each rank takes the per-(row, query head) top-k of its part of the middle and
@@ -26,10 +26,10 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from reattention_core.attention import ScopePlan, no_selection, plan_scope
+from reattention_core.attention.layer import ScopePlan, no_selection, plan_scope
 from reattention_core.config import ReAttentionConfig
-from reattention_core.rope import RopeSpec
-from reattention_core.selection import voting_rows
+from reattention_core.attention.rope import RopeSpec
+from reattention_core.attention.selection import voting_rows
 from reattention_kernels import KernelOptions, score_topk, select_from_hits
 from reattention_kernels.reference import apply_rope_ref, rope_cos_sin
 

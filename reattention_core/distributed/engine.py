@@ -23,13 +23,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from reattention_core.decoding import Sampler, SamplingParams, TextAssembler
+from reattention_core.generation.sampling import Sampler, SamplingParams, TextAssembler
 from reattention_core.distributed.patch import enable_sharded_reattention
-from reattention_core.distributed.store import ShardedKVStore, ShardLayout
+from reattention_core.store.sharded import ShardedKVStore, ShardLayout
 from reattention_core.engine import GenerationResult, ReAttentionEngine
 from reattention_core.errors import DistributedError, ReAttentionError
 from reattention_core.hf import ReAttentionCache
-from reattention_core.prefill import run_prefill
+from reattention_core.generation.prefill import run_prefill
 
 # First element of every job broadcast.
 _RUN, _SKIP, _IDLE, _SHUTDOWN = "run", "skip", "idle", "shutdown"

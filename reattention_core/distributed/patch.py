@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from reattention_core.config import ReAttentionConfig
 from reattention_core.distributed.attention import sharded_reattention_attention
-from reattention_core.distributed.store import ShardedKVStore
+from reattention_core.store.sharded import ShardedKVStore
 from reattention_core.hf import _compat, enable_reattention
 from reattention_core.hf.architectures import attention_modules
 from reattention_core.hf.attention_fn import ATTN_IMPLEMENTATION, RUNTIME_ATTR, LayerRuntime

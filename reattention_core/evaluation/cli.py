@@ -1,4 +1,4 @@
-"""``reattention eval ...``: the evaluation subcommands (plugged into `reattention_core.cli`).
+"""``reattention eval ...``: the evaluation subcommands (plugged into `reattention_core.app.cli`).
 
     reattention eval passkey --lengths 2K 4K 8K --depths 3 --out results/passkey.jsonl --plot results/passkey.png
     reattention eval niah --lengths 32K 64K --depths 10 --modes reattention full yarn --out results/niah.jsonl
@@ -84,7 +84,7 @@ def _stop_on_term() -> None:
 
 
 def _engine(args: argparse.Namespace, *, cache):
-    from reattention_core.cli import offload_config
+    from reattention_core.app.cli import offload_config
     from reattention_core.engine import ReAttentionEngine
 
     offload = offload_config(args)  # ``--offload values|host``, ``--offload-budget N`` (approximate, marked apart)
@@ -143,7 +143,7 @@ def cmd_needles(args: argparse.Namespace) -> int:
     # Needle prompts share their haystack up to the needle, and the runner orders them so that each
     # starts like the one before: the in-memory prefix cache then prefills only from the needle on.
     # Exact (warm equals cold bit for bit); nothing on disk, where these pages would only pile up.
-    from reattention_core.prefix_cache import CacheConfig
+    from reattention_core.cache.prefix import CacheConfig
 
     engine = _engine(args, cache=False if args.no_prefix_cache else CacheConfig(disk=False))
     results = ResultsFile(args.out)
@@ -155,7 +155,7 @@ def cmd_needles(args: argparse.Namespace) -> int:
 def cmd_qa(args: argparse.Namespace) -> int:
     from reattention_core.evaluation.qa import QAGrid, run_qa
     from reattention_core.evaluation.results import ResultsFile
-    from reattention_core.prefix_cache import CacheConfig
+    from reattention_core.cache.prefix import CacheConfig
 
     _check_plot(args.plot)
     if args.mode:

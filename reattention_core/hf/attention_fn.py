@@ -12,10 +12,11 @@ from dataclasses import dataclass
 
 import torch
 
-from reattention_core import cuda_graph, offload
-from reattention_core.attention import reattention_attention
+from reattention_core.generation import cuda_graph
+from reattention_core.store import offloaded as offload
+from reattention_core.attention.layer import reattention_attention
 from reattention_core.config import ReAttentionConfig
-from reattention_core.rope import RopeSpec
+from reattention_core.attention.rope import RopeSpec
 from reattention_kernels import KernelOptions
 
 ATTN_IMPLEMENTATION = "reattention"

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import torch
 
-from reattention_core import cuda_graph, offload
+from reattention_core.generation import cuda_graph
+from reattention_core.store import offloaded as offload
 from reattention_core.hf import _compat
-from reattention_core.store import KVStore
+from reattention_core.store.resident import KVStore
 
 _Cache, _CacheLayerMixin = _compat.cache_classes()
 

@@ -28,7 +28,7 @@ from reattention_core.hf.attention_fn import (
     LayerRuntime,
     registered_forward,
 )
-from reattention_core.rope import RopeSpec
+from reattention_core.attention.rope import RopeSpec
 from reattention_kernels import KernelOptions
 from reattention_kernels.options import with_backend
 

@@ -156,7 +156,7 @@ class _StallingFile:
 
 
 def _install_stall(conn, plan: dict[str, Any]) -> None:
-    from reattention_core import disk_cache as dc
+    from reattention_core.cache import disk as dc
 
     real_write, real_fsync_dir = dc._write_page_file, dc._fsync_dir
     armed = {"renamed": False}
@@ -188,7 +188,7 @@ def _install_stall(conn, plan: dict[str, Any]) -> None:
 def _generating_child(conn, folder: str, plan: dict[str, Any] | None) -> None:
     """Generate over the corpus with the cache in ``folder``; report pages written, then the result."""
     child_setup()
-    from reattention_core import disk_cache as dc
+    from reattention_core.cache import disk as dc
 
     engine = tiny_engine(folder)
     real_save = dc.DiskCache.save
@@ -221,7 +221,7 @@ def _cold_child(conn) -> None:
 def _answering_child(conn, folder: str) -> None:
     """A fresh process answering from ``folder``; records every temporary file opened for reading."""
     child_setup()
-    from reattention_core import disk_cache as dc
+    from reattention_core.cache import disk as dc
 
     temp_reads: list[str] = []
 

@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from reattention_core import CacheConfig, OffloadConfig, ReAttentionConfig, ReAttentionEngine
-from reattention_core.decoding import SamplingParams
+from reattention_core.generation.sampling import SamplingParams
 from reattention_core.errors import ReAttentionError
 from tests.faults.common import write_checkpoint
 
@@ -200,7 +200,7 @@ ARGV = st.tuples(
 
 def test_command_lines(tmp_path, monkeypatch):
     pytest.importorskip("fastapi")
-    from reattention_core import cli
+    from reattention_core.app import cli
     from reattention_core.serving import server
     from tests.faults.common import tiny_engine
 

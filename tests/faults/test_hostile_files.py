@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from reattention_core import disk_cache as dc
+from reattention_core.cache import disk as dc
 from reattention_core import model_cache
-from reattention_core.cache_listing import list_cache, remove_cache
-from reattention_core.cli import main as cli_main
+from reattention_core.cache.listing import list_cache, remove_cache
+from reattention_core.app.cli import main as cli_main
 from tests.faults.common import PAGE, corpus, page_files, tiny_engine
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -333,7 +333,7 @@ def test_the_api_key_is_compared_in_time_independent_of_its_length(monkeypatch):
     from fastapi.testclient import TestClient
 
     from reattention_core.serving import AppConfig, create_app
-    from reattention_core.serving.guards import key_matches
+    from reattention_core.app.serving.guards import key_matches
 
     compared: list[tuple[int, int]] = []
     real = hmac.compare_digest

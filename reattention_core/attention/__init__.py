@@ -1,0 +1,1 @@
+"""One layer of ReAttention: the scope plan, block selection, RoPE and the attention function."""

@@ -1,0 +1,1 @@
+"""One generation: sampling, chunked prefill, the decode loop and CUDA-graph steps."""

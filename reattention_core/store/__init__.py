@@ -1,0 +1,1 @@
+"""Where every layer's pre-RoPE keys and values live: resident, offloaded or sharded stores."""
