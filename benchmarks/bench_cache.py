@@ -326,7 +326,8 @@ def _restore(cache, fp, refs, layers: int, dtype: torch.dtype) -> dict:
 
 def restore_profile(args: argparse.Namespace) -> int:
     """`--restore-profile`: where the time of a disk-cache restore goes (see the module docstring)."""
-    from reattention_core.cache.disk import DiskCache, PageRef, page_file_name
+    from reattention_core.cache.disk import DiskCache
+    from reattention_core.cache.page_file import PageRef, page_file_name
     from reattention_core.cache.fingerprint import FORMAT_VERSION, EngineFingerprint
 
     if not torch.cuda.is_available():

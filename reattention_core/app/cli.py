@@ -121,7 +121,7 @@ def cmd_cache_ls(args: argparse.Namespace) -> int:
     import json
 
     from reattention_core.cache.listing import list_cache
-    from reattention_core.cache.disk import default_cache_dir, default_max_bytes
+    from reattention_core.cache.directory import default_cache_dir, default_max_bytes
 
     from reattention_core.model_cache import list_conversions, model_cache_dir
 
@@ -154,7 +154,7 @@ def cmd_cache_ls(args: argparse.Namespace) -> int:
 
 def cmd_cache_rm(args: argparse.Namespace) -> int:
     from reattention_core.cache.listing import remove_cache
-    from reattention_core.cache.disk import default_cache_dir
+    from reattention_core.cache.directory import default_cache_dir
 
     if args.models:
         from reattention_core.model_cache import remove_conversions

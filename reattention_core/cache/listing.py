@@ -3,7 +3,7 @@
 Backs ``reattention cache ls|rm``. It reads the layout `reattention_core.cache.disk` writes (one
 folder per fingerprint, a ``manifest.json`` naming the model and settings, one safetensors page
 per file with its token count and parent key in the header) and removes through
-`DiskCache.clear`, so removal takes the same inter-process lock as the engines that write.
+`CacheDirectory.clear`, so removal takes the same inter-process lock as the engines that write.
 """
 
 from __future__ import annotations
@@ -14,18 +14,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from reattention_core.cache.disk import (
+from reattention_core.cache.directory import (
     MANIFEST,
-    PAGE_SUFFIX,
-    DiskCache,
+    CacheDirectory,
     default_cache_dir,
     default_max_bytes,
     namespace_folders,
-    page_metadata,
-    page_name_parts,
 )
-from reattention_core.errors import CacheError
 from reattention_core.cache.fingerprint import EngineFingerprint
+from reattention_core.cache.page_file import PAGE_SUFFIX, page_metadata, page_name_parts
+from reattention_core.errors import CacheError
 from reattention_core.safe_files import read_json
 
 UNKNOWN_MODEL = "(no manifest)"
@@ -154,7 +152,7 @@ def remove_cache(directory: str | Path | None = None, model: str | None = None) 
     """
     root = Path(directory).expanduser() if directory is not None else default_cache_dir()
     present = list_cache(root)
-    disk = DiskCache(root, default_max_bytes())
+    disk = CacheDirectory(root, default_max_bytes())
     if model is None:
         disk.clear(None)
         return present

@@ -50,7 +50,8 @@ import numpy as np
 import torch
 
 from reattention_core.config import ReAttentionConfig
-from reattention_core.cache.disk import DiskCache, DiskStats, default_cache_dir, default_max_bytes, parse_bytes
+from reattention_core.cache.directory import default_cache_dir, default_max_bytes, parse_bytes
+from reattention_core.cache.disk import DiskCache, DiskStats
 from reattention_core.errors import ConfigError
 from reattention_core.cache.fingerprint import (
     EngineFingerprint,

@@ -17,8 +17,9 @@ import pytest
 import torch
 
 from reattention_core import CacheConfig, KVStore, ReAttentionConfig, ReAttentionEngine
-from reattention_core.cache import disk as dc
+from reattention_core.cache import directory, disk, page_file
 from reattention_core.cache.fingerprint import model_fingerprint, tokenizer_fingerprint
+from reattention_core.errors import PageError
 from reattention_core.safe_files import create_temporary
 from tests.helpers import ByteTokenizer, tiny_model
 
@@ -105,9 +106,9 @@ def temp_files(cache_dir: Path) -> list[Path]:
 def verify_all(cache_dir: Path) -> None:
     """Every page file on disk passes the loader's full verification."""
     for path in pages(cache_dir):
-        meta = dc._read_header(path)["__metadata__"]
-        ref = dc.PageRef(path, meta["key"], meta["parent"], int(meta["index"]), int(meta["tokens"]))
-        dc._read_page(ref, meta["fingerprint"], 2, torch.float32)
+        meta = page_file.read_header(path)["__metadata__"]
+        ref = page_file.PageRef(path, meta["key"], meta["parent"], int(meta["index"]), int(meta["tokens"]))
+        page_file.read_page(ref, meta["fingerprint"], 2, torch.float32)
 
 
 PROMPT = text(5 * PAGE + 20, seed=1)  # 5 cacheable pages
@@ -221,20 +222,20 @@ def test_the_staging_reader_checks_pages_like_the_mapping_reader(tmp_path, monke
     """GPU stores read pages with ``readinto`` into pinned buffers; plain buffers stand in for them here."""
     make_engine(tmp_path).generate(PROMPT, max_new_tokens=1)
     path = next(tmp_path.glob("*/p000001-*"))
-    meta = dc._read_header(path)["__metadata__"]
-    ref = dc.PageRef(path, meta["key"], meta["parent"], int(meta["index"]), int(meta["tokens"]))
+    meta = page_file.read_header(path)["__metadata__"]
+    ref = page_file.PageRef(path, meta["key"], meta["parent"], int(meta["index"]), int(meta["tokens"]))
     staged: list[int] = []
-    monkeypatch.setattr(dc, "_staging_buffer", lambda n: staged.append(n) or torch.empty(n, dtype=torch.uint8))
-    monkeypatch.setattr(dc, "_HEADER_GUESS", 64)  # also take the path where the header needs a second read
+    monkeypatch.setattr(page_file, "_staging_buffer", lambda n: staged.append(n) or torch.empty(n, dtype=torch.uint8))
+    monkeypatch.setattr(page_file, "_HEADER_GUESS", 64)  # also take the path where the header needs a second read
     if how is None:
-        mapped = dc._read_page(ref, meta["fingerprint"], 2, torch.float32)
-        read = dc._read_page(ref, meta["fingerprint"], 2, torch.float32, pin=True)
+        mapped = page_file.read_page(ref, meta["fingerprint"], 2, torch.float32)
+        read = page_file.read_page(ref, meta["fingerprint"], 2, torch.float32, pin=True)
         assert staged and all(torch.equal(a, b) for a, b in zip(mapped[0] + mapped[1], read[0] + read[1], strict=True))
         return
     _corrupt(path, how)
     for pin in (False, True):
-        with pytest.raises(dc.PageError):
-            dc._read_page(ref, meta["fingerprint"], 2, torch.float32, pin=pin)
+        with pytest.raises(PageError):
+            page_file.read_page(ref, meta["fingerprint"], 2, torch.float32, pin=pin)
 
 
 def test_eviction_keeps_the_cache_under_its_cap_and_cuts_chains_from_the_end(tmp_path, caplog):
@@ -343,7 +344,7 @@ def test_ctrl_c_while_pages_load_keeps_the_engine_consistent(tmp_path, cold_ids,
 
 @pytest.mark.parametrize("failure", ["disk full", "ctrl-c"])
 def test_a_failed_page_write_leaves_nothing_behind(tmp_path, cold_ids, monkeypatch, caplog, failure):
-    real = dc._write_page_file
+    real = page_file.write_page_file
 
     def broken(fh, keys, values, meta):
         real(fh, keys, values, meta)
@@ -352,7 +353,7 @@ def test_a_failed_page_write_leaves_nothing_behind(tmp_path, cold_ids, monkeypat
             raise OSError(errno.ENOSPC, "No space left on device")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(dc, "_write_page_file", broken)
+    monkeypatch.setattr(disk, "write_page_file", broken)
     caplog.set_level(logging.WARNING, logger="reattention")
     model = tiny_model("llama")
     engine = make_engine(tmp_path, model=model)
@@ -363,7 +364,7 @@ def test_a_failed_page_write_leaves_nothing_behind(tmp_path, cold_ids, monkeypat
         with pytest.raises(KeyboardInterrupt):
             engine.generate(PROMPT, max_new_tokens=4)
     assert not pages(tmp_path) and not temp_files(tmp_path)
-    monkeypatch.setattr(dc, "_write_page_file", real)
+    monkeypatch.setattr(disk, "write_page_file", real)
     assert engine.generate(PROMPT, max_new_tokens=4).token_ids == cold_ids
     assert make_engine(tmp_path, model=model).generate(PROMPT, max_new_tokens=4).token_ids == cold_ids
 
@@ -389,13 +390,13 @@ def test_stale_temporary_files_are_ignored_and_swept(tmp_path):
 
 def test_default_cache_dir(monkeypatch, tmp_path):
     monkeypatch.setenv("REATTENTION_CACHE_DIR", str(tmp_path / "x"))
-    assert dc.default_cache_dir() == tmp_path / "x"
+    assert directory.default_cache_dir() == tmp_path / "x"
     monkeypatch.delenv("REATTENTION_CACHE_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert dc.default_cache_dir() == tmp_path / "xdg" / "reattention"
+    assert directory.default_cache_dir() == tmp_path / "xdg" / "reattention"
     monkeypatch.delenv("XDG_CACHE_HOME")
-    assert dc.default_cache_dir() == Path.home() / ".cache" / "reattention"
-    assert dc.parse_bytes("64G") == 64 << 30 and dc.parse_bytes("512MiB") == 512 << 20 and dc.parse_bytes(10) == 10
+    assert directory.default_cache_dir() == Path.home() / ".cache" / "reattention"
+    assert directory.parse_bytes("64G") == 64 << 30 and directory.parse_bytes("512MiB") == 512 << 20 and directory.parse_bytes(10) == 10
     monkeypatch.setenv("REATTENTION_CACHE_MAX_BYTES", "2G")
     assert CacheConfig().resolved_disk_bytes() == 2 << 30
 
@@ -423,7 +424,7 @@ def test_a_corpus_tail_page_is_reused_from_disk_and_verified(tmp_path, caplog):
     assert first.generate("what now?", context=corpus, max_new_tokens=4).cached_tokens == 0
     files = pages(tmp_path)
     assert len(files) == 6 and files[-1].name.startswith("p000005-")
-    assert dc._read_header(files[-1])["__metadata__"]["tokens"] == str(b - 5 * PAGE)
+    assert page_file.read_header(files[-1])["__metadata__"]["tokens"] == str(b - 5 * PAGE)
     verify_all(tmp_path)
     fresh = make_engine(tmp_path, model=model)  # nothing in memory: all of it from disk
     assert fresh.cache_info().disk.tokens == b

@@ -70,7 +70,8 @@ def child_setup() -> None:
 
 def page_files(folder: Path) -> list[Path]:
     """The cache's page files under ``folder`` (named like pages, in real namespace folders)."""
-    from reattention_core.cache.disk import namespace_folders, page_name_parts
+    from reattention_core.cache.directory import namespace_folders
+    from reattention_core.cache.page_file import page_name_parts
 
     return sorted(p for ns in namespace_folders(folder) for p in ns.iterdir() if page_name_parts(p.name))
 

@@ -158,7 +158,7 @@ class _StallingFile:
 def _install_stall(conn, plan: dict[str, Any]) -> None:
     from reattention_core.cache import disk as dc
 
-    real_write, real_fsync_dir = dc._write_page_file, dc._fsync_dir
+    real_write, real_fsync_dir = dc.write_page_file, dc.fsync_dir
     armed = {"renamed": False}
 
     def stall(where: str) -> None:
@@ -181,8 +181,8 @@ def _install_stall(conn, plan: dict[str, Any]) -> None:
             stall("renamed into place, folder not yet fsync'ed")
         return real_fsync_dir(path)
 
-    dc._write_page_file = write
-    dc._fsync_dir = fsync_dir
+    dc.write_page_file = write
+    dc.fsync_dir = fsync_dir
 
 
 def _generating_child(conn, folder: str, plan: dict[str, Any] | None) -> None:
@@ -236,14 +236,14 @@ def _answering_child(conn, folder: str) -> None:
             temp_reads.append(path)
 
     sys.addaudithook(audit)
-    real_read = dc._read_page
+    real_read = dc.read_page
 
     def read_page(ref, *args, **kwargs):
         if ref.path.name.startswith(dc.TMP_PREFIX):
             temp_reads.append(str(ref.path))
         return real_read(ref, *args, **kwargs)
 
-    dc._read_page = read_page
+    dc.read_page = read_page
     result = tiny_engine(folder).generate(QUESTION, context=CORPUS, max_new_tokens=NEW_TOKENS, progress=False)
     conn.send((list(result.token_ids), result.cached_tokens, temp_reads))
 

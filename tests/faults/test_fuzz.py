@@ -19,8 +19,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from reattention_core import CacheConfig, OffloadConfig, ReAttentionConfig, ReAttentionEngine
-from reattention_core.generation.sampling import SamplingParams
 from reattention_core.errors import ReAttentionError
+from reattention_core.generation.sampling import SamplingParams
 from tests.faults.common import write_checkpoint
 
 FUZZ = settings(max_examples=120, deadline=None, derandomize=True, database=None,

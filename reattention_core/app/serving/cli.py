@@ -39,7 +39,7 @@ def _require_extra() -> None:
 
 
 def _size(text: str) -> int:
-    from reattention_core.cache.disk import parse_bytes
+    from reattention_core.cache.directory import parse_bytes
 
     try:
         return parse_bytes(text)
