@@ -22,7 +22,7 @@ from reattention_core.errors import (
 from reattention_core.generation.request import GenerationResult, Request, TextStream
 from reattention_core.hf import ReAttentionCache, enable_reattention
 from reattention_core.store.offloaded import OffloadConfig
-from reattention_core.cache.prefix import CacheConfig, CacheInfo
+from reattention_core.cache import CacheConfig, CacheInfo
 from reattention_core.store.resident import KVStore
 
 __version__ = "0.1.0"

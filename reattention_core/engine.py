@@ -43,7 +43,7 @@ from reattention_core.hf.compiled import FINGERPRINT as COMPILED_FINGERPRINT
 from reattention_core.hf.compiled import compiled_layers
 from reattention_core.store.offloaded import OffloadConfig, OffloadedStore
 from reattention_core.generation.prefill import run_prefill
-from reattention_core.cache.prefix import CacheConfig, CacheInfo, PrefixCache, PrefixRun, default_memory_bytes
+from reattention_core.cache import CacheConfig, CacheInfo, PrefixCache, PrefixRun, default_memory_bytes
 from reattention_core.store.resident import KVStore
 from reattention_kernels import KernelOptions, resolve_backend, shifted_steps_supported
 from reattention_kernels.options import with_backend

@@ -143,7 +143,7 @@ def cmd_needles(args: argparse.Namespace) -> int:
     # Needle prompts share their haystack up to the needle, and the runner orders them so that each
     # starts like the one before: the in-memory prefix cache then prefills only from the needle on.
     # Exact (warm equals cold bit for bit); nothing on disk, where these pages would only pile up.
-    from reattention_core.cache.prefix import CacheConfig
+    from reattention_core.cache import CacheConfig
 
     engine = _engine(args, cache=False if args.no_prefix_cache else CacheConfig(disk=False))
     results = ResultsFile(args.out)
@@ -155,7 +155,7 @@ def cmd_needles(args: argparse.Namespace) -> int:
 def cmd_qa(args: argparse.Namespace) -> int:
     from reattention_core.evaluation.qa import QAGrid, run_qa
     from reattention_core.evaluation.results import ResultsFile
-    from reattention_core.cache.prefix import CacheConfig
+    from reattention_core.cache import CacheConfig
 
     _check_plot(args.plot)
     if args.mode:

@@ -20,7 +20,8 @@ from reattention_core import (
     enable_reattention,
 )
 from reattention_core.generation.prefill import plan_prefill, run_prefill
-from reattention_core.cache.prefix import cacheable_pages, default_page_size, page_keys
+from reattention_core.cache.chain import cacheable_pages, page_keys
+from reattention_core.cache.config import default_page_size
 from tests.helpers import ByteTokenizer, random_ids, tiny_model
 
 CFG = ReAttentionConfig(sink_size=4, block_size=4, top_k=2, max_blocks=4, local_window=32, prefill_chunk_size=16)

@@ -517,7 +517,7 @@ def test_needles_run_deepest_first_and_reuse_the_haystack_before_each_needle(tmp
     """With the prefix cache on, each prompt prefills only from about its needle on (the runner puts
     the deepest needle first, so every prompt starts like the one before), and every answer is the
     one a cold run gives."""
-    from reattention_core.cache.prefix import CacheConfig
+    from reattention_core.cache import CacheConfig
 
     config = ReAttentionConfig(sink_size=4, block_size=8, top_k=2, max_blocks=4, local_window=64, prefill_chunk_size=64)
     grid = _grid(lengths=(1024,), depths=(0.3, 0.8), samples=3, jitter=0.05, modes=("reattention", "streaming"))

@@ -66,7 +66,7 @@ def test_engine_warmup_records_graphs_on_cuda():
 def test_prefix_cache_reuse_through_graphs_gives_the_cold_tokens():
     """What `reattention eval` does: prompts that share their text up to a needle, the shared pages
     reused from the in-memory cache and the rest prefilled through graphs, answer as cold runs do."""
-    from reattention_core.cache.prefix import CacheConfig
+    from reattention_core.cache import CacheConfig
 
     model = _model()
     haystack = "the quick brown fox jumps over the lazy dog; " * 12

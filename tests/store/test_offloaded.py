@@ -298,7 +298,7 @@ def test_a_spill_folder_must_exist_and_a_full_disk_is_a_typed_error(tmp_path, mo
 
 def test_the_memory_cache_cap_counts_the_keys_a_split_store_keeps_on_the_device(tmp_path):
     from reattention_core import CacheConfig
-    from reattention_core.cache.prefix import default_memory_bytes
+    from reattention_core.cache import default_memory_bytes
 
     model = tiny_model("llama")
     split = ReAttentionEngine(model, ByteTokenizer(), CFG, cache=CacheConfig(disk=False), offload=OffloadConfig(keys="device"))
