@@ -48,7 +48,7 @@ synthetic pages shaped like the embedded model's (``--layers/--heads/--head-dim`
 page; 1024 pages = 1M tokens = 24 GB) written with `DiskCache.save`, then, each over all pages, timed:
 ``read`` (threads reading the files into pinned buffers: the page-cache read floor), ``read+crc`` (the
 same plus a CRC-32 of every byte), ``load`` (`DiskCache.load(pin=True)`: reads, header checks, CRCs),
-``restore`` (load + `KVStore.extend` of every layer into a CUDA store, the main thread's time split
+``restore`` (load + `ResidentStore.extend` of every layer into a CUDA store, the main thread's time split
 into waiting for pages and launching copies) and ``restore-cold`` (after ``posix_fadvise(DONTNEED)``)::
 
     python3 benchmarks/bench_cache.py --restore-profile 1024 --cache-dir /root/prof --out $OUT/restore.json
@@ -301,9 +301,9 @@ def _read_all(paths: list[Path], workers: int, crc: bool) -> int:
 
 def _restore(cache, fp, refs, layers: int, dtype: torch.dtype) -> dict:
     """Load every page and extend a CUDA store with it: total seconds, and the main thread's waits and launches."""
-    from reattention_core.store.resident import KVStore
+    from reattention_core.store import ResidentStore
 
-    store = KVStore(layers)
+    store = ResidentStore(layers)
     store.reserve(sum(r.tokens for r in refs))
     torch.cuda.synchronize()
     wait = launch = 0.0

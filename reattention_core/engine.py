@@ -23,9 +23,9 @@ from typing import Any
 import torch
 
 from reattention_core import model_cache, tokenization
+from reattention_core.cache import CacheConfig, CacheInfo, PrefixCache, PrefixRun, default_memory_bytes
+from reattention_core.cache.fingerprint import EngineFingerprint, kernels_fingerprint
 from reattention_core.config import ReAttentionConfig, preset_for
-from reattention_core.generation.cuda_graph import StepGraph, graphs_enabled
-from reattention_core.generation.sampling import Sampler, SamplingParams, TextAssembler
 from reattention_core.embedded import EMBEDDED_NAME, embedded_model_file
 from reattention_core.errors import (
     CacheError,
@@ -34,17 +34,16 @@ from reattention_core.errors import (
     ModelNotFoundError,
     UnsupportedModelError,
 )
-from reattention_core.cache.fingerprint import EngineFingerprint, kernels_fingerprint
+from reattention_core.generation.cuda_graph import StepGraph, graphs_enabled
+from reattention_core.generation.prefill import run_prefill
 from reattention_core.generation.request import GenerationResult, Request, TextStream
+from reattention_core.generation.sampling import Sampler, SamplingParams, TextAssembler
 from reattention_core.hf import ReAttentionCache, enable_reattention
 from reattention_core.hf._compat import cache_argument
 from reattention_core.hf.architectures import check_model, check_model_type, pretraining_window
 from reattention_core.hf.compiled import FINGERPRINT as COMPILED_FINGERPRINT
 from reattention_core.hf.compiled import compiled_layers
-from reattention_core.store.offloaded import OffloadConfig, OffloadedStore
-from reattention_core.generation.prefill import run_prefill
-from reattention_core.cache import CacheConfig, CacheInfo, PrefixCache, PrefixRun, default_memory_bytes
-from reattention_core.store.resident import KVStore
+from reattention_core.store import CachedStore, KVStore, OffloadConfig, OffloadedStore, ResidentStore
 from reattention_kernels import KernelOptions, resolve_backend, shifted_steps_supported
 from reattention_kernels.options import with_backend
 
@@ -713,7 +712,7 @@ class ReAttentionEngine:
         offloaded store or with ``mode="full"``."""
         if config.mode == "full" or self.device.type != "cuda":
             return False
-        if type(store) is not KVStore or not graphs_enabled():
+        if store.graph_steps() is None or not graphs_enabled():
             return False
         mc = self.model.config
         head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
@@ -723,12 +722,12 @@ class ReAttentionEngine:
             return False  # a fallback kernel would read the step's shift on the host, inside the capture
         return resolve_backend(torch.empty(0, device=self.device), self.backend) == "triton"
 
-    def _new_store(self, num_layers: int) -> KVStore:
+    def _new_store(self, num_layers: int) -> CachedStore:
         if self.offload is None:
-            return KVStore(num_layers)
+            return ResidentStore(num_layers)
         return OffloadedStore(num_layers, self.offload, self.device)
 
-    def _fresh_store(self, reserve: int) -> KVStore:
+    def _fresh_store(self, reserve: int) -> CachedStore:
         store = self._new_store(self.model.config.num_hidden_layers)
         store.reserve(reserve)
         return store

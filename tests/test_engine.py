@@ -174,7 +174,7 @@ def test_a_stream_closed_early_releases_the_engine(byte_tokenizer):
 
 
 def test_warmup_runs_selection_for_every_query_shape_and_leaves_no_state(byte_tokenizer, monkeypatch):
-    from reattention_core.attention import layer as attention
+    from reattention_core.attention import selection
 
     cfg = ReAttentionConfig(sink_size=2, block_size=4, top_k=2, max_blocks=3, local_window=16, prefill_chunk_size=8)
     # pages of 8 tokens: anything that went through the prefix cache would leave pages behind
@@ -183,13 +183,13 @@ def test_warmup_runs_selection_for_every_query_shape_and_leaves_no_state(byte_to
     info_before = engine.cache_info()
     assert info_before.memory.tokens > 0
     shapes = []
-    real = attention.select_blocks
+    real = selection.select_blocks
 
     def counting(q, k_middle, **kw):
         shapes.append(q.shape[1])
         return real(q, k_middle, **kw)
 
-    monkeypatch.setattr(attention, "select_blocks", counting)
+    monkeypatch.setattr(selection, "select_blocks", counting)
     assert engine.warmup(decode_steps=2) > 0
     layers = engine.model.config.num_hidden_layers
     # a full chunk, the partial chunk, the last token alone and two decode steps, in every layer

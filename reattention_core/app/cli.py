@@ -120,9 +120,8 @@ def _size(n: int) -> str:
 def cmd_cache_ls(args: argparse.Namespace) -> int:
     import json
 
-    from reattention_core.cache.listing import list_cache
     from reattention_core.cache.directory import default_cache_dir, default_max_bytes
-
+    from reattention_core.cache.listing import list_cache
     from reattention_core.model_cache import list_conversions, model_cache_dir
 
     folder = args.dir or default_cache_dir()
@@ -153,8 +152,8 @@ def cmd_cache_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_cache_rm(args: argparse.Namespace) -> int:
-    from reattention_core.cache.listing import remove_cache
     from reattention_core.cache.directory import default_cache_dir
+    from reattention_core.cache.listing import remove_cache
 
     if args.models:
         from reattention_core.model_cache import remove_conversions

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from reattention_core.store.resident import KVStore
+from reattention_core.store import CachedStore, ResidentStore
 
 log = logging.getLogger("reattention")
 
@@ -42,7 +42,7 @@ def _common_prefix(a: Sequence[str], b: Sequence[str]) -> int:
 class _Segment:
     __slots__ = ("ends", "keys", "last_used", "store")
 
-    def __init__(self, store: KVStore, keys: list[str], ends: list[int]) -> None:
+    def __init__(self, store: CachedStore, keys: list[str], ends: list[int]) -> None:
         self.store, self.keys, self.ends, self.last_used = store, keys, ends, time.monotonic()
 
     @property
@@ -53,7 +53,7 @@ class _Segment:
 class MemoryCache:
     """Stores of recently prefilled prompts, each with the keys of the pages it holds."""
 
-    def __init__(self, max_bytes: int, new_store: Callable[[int], KVStore] = KVStore) -> None:
+    def __init__(self, max_bytes: int, new_store: Callable[[int], CachedStore] = ResidentStore) -> None:
         self.new_store = new_store  # num_layers -> an empty store (host memory under offload)
         self.max_bytes = max_bytes
         self._segments: list[_Segment] = []
@@ -62,7 +62,7 @@ class MemoryCache:
 
     def acquire(
         self, keys: Sequence[str], ends: Sequence[int], num_layers: int, reserve: int
-    ) -> tuple[KVStore, int]:
+    ) -> tuple[CachedStore, int]:
         """A store holding the longest cached prefix of ``keys`` and that prefix's length in pages.
 
         ``ends[i]``: the token offset where page ``i`` ends. The store is the caller's until `release`.
@@ -90,7 +90,7 @@ class MemoryCache:
             store.share_prefix(best.store, tokens)  # adopted cache pages are shared, the rest copied
             return store, n
 
-    def release(self, store: KVStore, keys: list[str], ends: list[int], epoch: int) -> None:
+    def release(self, store: CachedStore, keys: list[str], ends: list[int], epoch: int) -> None:
         """Keep ``store`` (truncated to ``keys``' pages, which end at ``ends``) as a segment; evict beyond the cap."""
         store.truncate(ends[-1] if keys else 0)
         with self._lock:

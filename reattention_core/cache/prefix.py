@@ -37,7 +37,7 @@ from reattention_core.cache.fingerprint import (
 )
 from reattention_core.cache.memory import MemoryCache, MemoryStats
 from reattention_core.config import ReAttentionConfig
-from reattention_core.store.resident import KVStore
+from reattention_core.store import CachedStore, ResidentStore
 
 log = logging.getLogger("reattention")
 
@@ -83,7 +83,7 @@ class PrefixCache:
         self,
         config: CacheConfig,
         device: torch.device,
-        new_store: Callable[[int], KVStore] = KVStore,
+        new_store: Callable[[int], CachedStore] = ResidentStore,
         selection: str | None = None,
     ) -> None:
         """``new_store``: ``num_layers -> empty store``; ``device``: where those stores live (their

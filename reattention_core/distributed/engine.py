@@ -2,7 +2,7 @@
 
 Every rank loads the same model and runs every forward pass; only the KV store is sharded
 (`ShardedKVStore`), and each attention layer combines the shards with two collectives
-(`sharded_reattention_attention`), so the logits, and the tokens, equal the single-device
+(`reattention_core.store.sharded.ShardLayer`), so the logits, and the tokens, equal the single-device
 engine's. Rank 0 leads: it tokenises and validates the prompt, broadcasts the token ids and the
 sampling settings, samples every token and broadcasts it with a "go on" flag; the other ranks
 follow. Launch one process per GPU with ``torchrun`` (NCCL), or per CPU process (gloo)::
@@ -23,13 +23,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from reattention_core.generation.sampling import Sampler, SamplingParams, TextAssembler
-from reattention_core.distributed.patch import enable_sharded_reattention
-from reattention_core.store.sharded import ShardedKVStore, ShardLayout
 from reattention_core.engine import GenerationResult, ReAttentionEngine
 from reattention_core.errors import DistributedError, ReAttentionError
-from reattention_core.hf import ReAttentionCache
 from reattention_core.generation.prefill import run_prefill
+from reattention_core.generation.sampling import Sampler, SamplingParams, TextAssembler
+from reattention_core.hf import ReAttentionCache, enable_reattention
+from reattention_core.store.sharded import ShardedKVStore, ShardLayout
 
 # First element of every job broadcast.
 _RUN, _SKIP, _IDLE, _SHUTDOWN = "run", "skip", "idle", "shutdown"
@@ -204,12 +203,11 @@ class ShardedEngine:
         """Hold the engine, shard a fresh store, prefill ``ids``; yields ``(cache, logits)``."""
         eng = self.engine
         reserve = len(ids) + params.max_new_tokens
-        store = ShardedKVStore(eng.model.config.num_hidden_layers, ShardLayout.balanced(reserve, self.rank, self.world))
+        layout = ShardLayout.balanced(reserve, self.rank, self.world)
+        store = ShardedKVStore(eng.model.config.num_hidden_layers, layout, self.group)
         store.reserve(reserve)
-        with eng._lock, enable_sharded_reattention(
-            eng.model, eng.config, store, group=self.group, kernel_options=eng.kernel_options
-        ):
-            cache = ReAttentionCache(store)  # type: ignore[arg-type] - a ShardedKVStore has the KVStore methods it calls
+        with eng._lock, enable_reattention(eng.model, eng.config, kernel_options=eng.kernel_options):
+            cache = ReAttentionCache(store)
             input_ids = torch.tensor([ids], device=eng.device)
             logits = self._guarded(run_prefill, eng.model, input_ids, cache, eng.config.prefill_chunk_size,
                                    progress=progress, breaks=() if boundary is None else (boundary,))

@@ -12,59 +12,25 @@ things make one recording serve all steps:
 * a step's size does not change: decode steps are one token, prefill chunks ``prefill_chunk_size``
   (a prompt's shorter chunks, and its last token, run eagerly);
 * every length that changes lives on the device: the step is recorded at store length ``n0``, and
-  before each replay ``shift`` (an int64 ``[1]`` tensor) is set to ``n - n0``. The cache layer writes
-  the new tokens at ``n0 + shift`` (`KVStore.append_shifted`) and the kernels add ``shift`` to the
-  middle's length and the local window's start (see `reattention_kernels`). The scope keeps its
-  length (sink + selected blocks + local window), so the grids stay right.
-
-While a step is being run this way, `current` returns its `ShiftedStep`; the cache layer and the
-attention function read it (a context variable, so other threads are unaffected).
+  before each replay ``shift`` (an int64 ``[1]`` tensor) is set to ``n - n0``. Inside the recording
+  the cache carries the shift (`ReAttentionCache.shifted`): the store writes the new tokens at
+  ``n0 + shift`` and the kernels add ``shift`` to the middle's length and the local window's start
+  (see `reattention_kernels`). The scope keeps its length (sink + selected blocks + local window), so
+  the grids stay right.
 """
 
 from __future__ import annotations
 
-import contextvars
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 
-from reattention_core.attention.layer import plan_scope, shiftable
+from reattention_core.attention import plan_scope, shiftable
 from reattention_core.config import ReAttentionConfig
+from reattention_core.hf import ReAttentionCache
 from reattention_core.hf._compat import cache_argument
-from reattention_core.store.resident import KVStore
 
 ENV_VAR = "REATTENTION_CUDA_GRAPHS"
-
-
-@dataclass
-class ShiftedStep:
-    """The step being recorded (or run eagerly the same way): its shift tensor, and the stored
-    tokens of the layer whose cache update ran last (the attention call after it reads them)."""
-
-    shift: torch.Tensor
-    total: int = 0
-
-
-_current: contextvars.ContextVar[ShiftedStep | None] = contextvars.ContextVar("reattention_shifted_step", default=None)
-
-
-def current() -> ShiftedStep | None:
-    """The shifted step in progress on this thread, if any."""
-    return _current.get()
-
-
-@contextmanager
-def shifted(shift: torch.Tensor) -> Iterator[ShiftedStep]:
-    """Run the model's forward passes inside as shifted steps (see the module doc)."""
-    step = ShiftedStep(shift)
-    token = _current.set(step)
-    try:
-        yield step
-    finally:
-        _current.reset(token)
 
 
 def graphs_enabled() -> bool:
@@ -76,7 +42,7 @@ def graphs_enabled() -> bool:
 
 
 class StepGraph:
-    """Forward steps of ``tokens`` tokens of ``model`` over ``cache``'s resident `KVStore`, replayed
+    """Forward steps of ``tokens`` tokens of ``model`` over ``cache``'s store, replayed
     from a CUDA graph: one-token decode steps, or the full-size chunks of a prefill.
 
     The first step whose scope can shift (the store then holds more than sink + local window) runs
@@ -88,7 +54,7 @@ class StepGraph:
 
     Args:
         model: the model, under `enable_reattention`.
-        cache: its `ReAttentionCache` (over a plain `KVStore`).
+        cache: its `ReAttentionCache`, over a store that runs graph steps (`KVStore.graph_steps`).
         config: the ReAttention settings the model runs with.
         max_length: the most tokens the store will hold; it is reserved before recording.
         tokens: tokens per recorded step (1 for decode, the prefill chunk size for prefill).
@@ -98,16 +64,16 @@ class StepGraph:
     def __init__(
         self,
         model: torch.nn.Module,
-        cache: object,
+        cache: ReAttentionCache,
         config: ReAttentionConfig,
         max_length: int,
         *,
         tokens: int = 1,
         record: bool = True,
     ) -> None:
-        store = cache.store  # type: ignore[attr-defined]
-        if type(store) is not KVStore:
-            raise TypeError(f"step graphs need a resident KVStore, got {type(store).__name__}")
+        store = cache.store.graph_steps()
+        if store is None:
+            raise TypeError(f"step graphs need a resident KVStore (its buffers stay put), not {type(cache.store).__name__}")
         if tokens < 1:
             raise ValueError(f"tokens must be >= 1, got {tokens}")
         self.model, self.cache, self.store, self.config = model, cache, store, config
@@ -163,7 +129,7 @@ class StepGraph:
             self.base = n
         self.store.truncate(self.base)
         self.shift.fill_(n - self.base)
-        with shifted(self.shift):
+        with self.cache.shifted(self.shift):
             logits = self._forward(self.ids)
         self.store.advance(n - self.base)
         self.replays += 1
@@ -177,15 +143,15 @@ class StepGraph:
         # tokens at n, which the first replay writes again.
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side), shifted(self.shift):
+        with torch.cuda.stream(side), self.cache.shifted(self.shift):
             self._forward(self.ids)
         torch.cuda.current_stream(self.device).wait_stream(side)
         self.store.truncate(n)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph), shifted(self.shift):
+        with torch.cuda.graph(graph), self.cache.shifted(self.shift):
             self.logits = self._forward(self.ids)
         self.store.truncate(n)  # recording launched nothing: the lengths it counted are not stored
         self.graph, self.base = graph, n
 
 
-__all__ = ["ShiftedStep", "StepGraph", "current", "graphs_enabled", "shifted"]
+__all__ = ["StepGraph", "graphs_enabled"]

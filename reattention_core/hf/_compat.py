@@ -39,6 +39,13 @@ def register_attention(name: str, fn: Callable) -> None:
     AttentionInterface.register(name, fn)
 
 
+def registered_attention(name: str) -> Callable | None:
+    """The function registered under ``name`` in the global attention registry, if any."""
+    from transformers import AttentionInterface
+
+    return AttentionInterface().get(name)
+
+
 def get_attn_implementation(model: torch.nn.Module) -> str | None:
     return getattr(model.config, "_attn_implementation", None)
 
@@ -64,6 +71,12 @@ def cache_classes() -> tuple[type, type]:
 @functools.cache
 def _cache_argument(model_class: type) -> str:
     return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
+def layer_cache(kwargs: dict[str, Any]) -> Any:
+    """The cache a decoder layer hands its attention module, from the module's keyword arguments: ``cache=``
+    (transformers 5.24 and later) or ``past_key_values=``."""
+    return kwargs.get("cache", kwargs.get("past_key_values"))
 
 
 def cache_argument(model: torch.nn.Module, cache: object) -> dict[str, Any]:

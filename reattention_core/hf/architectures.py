@@ -67,6 +67,11 @@ def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [layer.self_attn for layer in backbone(model).layers]
 
 
+def layer_index(attention: torch.nn.Module) -> int:
+    """The index of an attention module's layer (what it passes to ``cache.update``)."""
+    return int(vars(attention)["layer_idx"])
+
+
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return list(backbone(model).layers)
 

@@ -49,11 +49,13 @@ def compiled_layers(model: torch.nn.Module, enabled: bool = True) -> Iterator[No
         yield
         return
     cache.keep_out_of_graphs()
-    attention_fn.keep_out_of_graphs()
-    # `enable_reattention` may have registered the plain function before this block began
-    _compat.register_attention(attention_fn.ATTN_IMPLEMENTATION, attention_fn.registered_forward())
     modules = [*decoder_layers(model), final_norm(model)]
     with ExitStack() as stack:
+        # the compiled layers call the attention function as it is (a graph break); the plain one is back after
+        previous = _compat.registered_attention(attention_fn.ATTN_IMPLEMENTATION)
+        _compat.register_attention(attention_fn.ATTN_IMPLEMENTATION, attention_fn.compiled_forward())
+        if previous is not None:
+            stack.callback(_compat.register_attention, attention_fn.ATTN_IMPLEMENTATION, previous)
         stack.enter_context(_compat.dynamo_layer_settings())
         stack.enter_context(fused_projections(model, row_reductions=True))
         for module in modules:

@@ -1,4 +1,4 @@
-"""`KVStore`: every layer's pre-RoPE keys and values, in preallocated, growing buffers.
+"""`ResidentStore`: every layer's pre-RoPE keys and values, in preallocated, growing device buffers.
 
 ReAttention keeps the whole sequence (selection may pick any old token), so the store grows with
 the context. Appends write into spare capacity (index assignment, no ``torch.cat``); when the
@@ -15,9 +15,16 @@ lengths and capacities count them.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from reattention_core.attention import ScopePlan, Selection, attend_scope
+from reattention_core.attention.selection import select_in_keys
+from reattention_core.attention.step import LayerStep
 from reattention_core.errors import StoreMemoryError
+from reattention_core.store.protocol import CachedStore
+from reattention_core.store.segments import TokenSegments
 from reattention_kernels import append_kv
 
 _MIN_CAPACITY = 256
@@ -45,8 +52,8 @@ def _memory_advice(
     return head + "Host memory is full: shorten the context, or run on a machine with more memory."
 
 
-class KVStore:
-    """Per-layer pre-RoPE key/value buffers of shape ``[B, capacity, H, D]``.
+class ResidentStore:
+    """Per-layer pre-RoPE key/value buffers of shape ``[B, capacity, H, D]`` (a `KVStore`).
 
     Args:
         num_layers: number of attention layers.
@@ -68,6 +75,21 @@ class KVStore:
     # Whether `adopt` keeps restored cache pages by reference (`reattention_core.store.offloaded.OffloadedStore`).
     maps_pages = False
 
+    def graph_steps(self) -> ResidentStore | None:
+        """Itself: its buffers stay put once reserved, so steps can be recorded and replayed with a shift."""
+        return self
+
+    def layer(self, layer: int, *, shift: torch.Tensor | None = None) -> ResidentLayer:
+        """``layer``'s tokens for the attention step; under a ``shift``, its whole buffers (the kernels
+        read the stored rows through the shifted lengths)."""
+        if shift is None:
+            keys, values = self.buffer_view(layer)
+        else:
+            keys, values = self._keys[layer], self._values[layer]
+            if keys is None or values is None:
+                raise RuntimeError(f"layer {layer} holds no tokens yet")
+        return ResidentLayer(keys, values, self._lengths[layer])
+
     def length(self, layer: int = 0) -> int:
         """Tokens stored for ``layer``."""
         return self._lengths[layer]
@@ -84,14 +106,23 @@ class KVStore:
             if self._keys[layer] is not None and self.capacity(layer) < tokens:
                 self._grow(layer, tokens - self._base[layer])
 
-    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def append(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor, *, shift: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Append ``k, v`` (``[B, TQ, H, D]``) to ``layer`` and return views of all stored tokens.
 
+        ``shift`` (inside a recorded CUDA-graph step, `reattention_core.generation.cuda_graph`): write at
+        ``length + shift[0]`` (a device index); the host length advances as if the write happened at
+        ``length``, and the graph runner keeps the host lengths right at replay time (`advance`).
+
         Returns:
-            ``(keys, values)``, each a ``[B, T, H, D]`` view (no copy) with ``T`` the new length.
+            ``(keys, values)``, each a ``[B, T, H, D]`` view (no copy) with ``T`` the new length; under
+            a ``shift``, the layer's whole buffers ``[B, capacity, H, D]``.
         """
+        if shift is not None:
+            return self._append_shifted(layer, k, v, shift)
         self._write(layer, k, v, k.device, k.dtype)
-        return self.view(layer)
+        return self.buffer_view(layer)
 
     def extend(
         self, layer: int, k: torch.Tensor, v: torch.Tensor, *, device: torch.device, dtype: torch.dtype
@@ -129,7 +160,7 @@ class KVStore:
         """Append restored cache pages ``[B, T, H, D]``: copied here, as `extend` does (see `maps_pages`)."""
         self.extend(layer, k, v, device=device, dtype=dtype)
 
-    def share_prefix(self, source: KVStore, tokens: int) -> None:
+    def share_prefix(self, source: CachedStore, tokens: int) -> None:
         """Start this empty store with a copy of ``source``'s first ``tokens`` tokens (every layer)."""
         self._require_empty("share_prefix")
         for layer in range(self.num_layers):
@@ -140,18 +171,9 @@ class KVStore:
         if any(self._lengths):
             raise RuntimeError(f"{what} needs an empty store")
 
-    def append_shifted(
+    def _append_shifted(
         self, layer: int, k: torch.Tensor, v: torch.Tensor, shift: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`append` inside a recorded CUDA-graph step: write at ``length + shift[0]`` (device index).
-
-        The host length advances as if the write happened at ``length``; the graph runner
-        (`reattention_core.generation.cuda_graph`) keeps the host lengths right at replay time (`advance`).
-
-        Returns:
-            ``(keys, values)``: the layer's whole buffers ``[B, capacity, H, D]`` (the attention reads
-            the stored rows through shifted lengths).
-        """
         keys, values = self._keys[layer], self._values[layer]
         start, tq = self._lengths[layer], k.shape[1]
         if keys is None or values is None or start + tq > keys.shape[1]:
@@ -166,8 +188,13 @@ class KVStore:
             raise RuntimeError(f"advancing by {tokens} tokens would pass the store's capacity")
         self._lengths = [n + tokens for n in self._lengths]
 
-    def view(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(keys, values)`` views ``[B, T, H, D]`` of what ``layer`` holds."""
+    def view(self, layer: int) -> tuple[torch.Tensor | TokenSegments, torch.Tensor | TokenSegments]:
+        """``(keys, values)`` views ``[B, T, H, D]`` of what ``layer`` holds (`TokenSegments` in a store
+        that keeps adopted cache pages apart, `reattention_core.store.offloaded`)."""
+        return self.buffer_view(layer)
+
+    def buffer_view(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(keys, values)`` views ``[B, T, H, D]`` of the layer's buffers (the stored tokens in them)."""
         keys, values = self._keys[layer], self._values[layer]
         if keys is None or values is None:
             raise RuntimeError(f"layer {layer} holds no tokens yet")
@@ -215,3 +242,29 @@ class KVStore:
         new_v[:, :n] = old_v[:, :n]
         self._keys[layer], self._values[layer] = new_k, new_v
         self.grow_events += 1
+
+
+@dataclass(frozen=True)
+class ResidentLayer:
+    """A layer's keys and values on the queries' device (a `reattention_core.attention.LayerKV`).
+
+    Attributes:
+        keys, values: ``[B, T, H, D]`` stored tokens; under a shift, the whole buffers.
+        total: tokens stored (the host's count under a shift).
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    total: int
+
+    def select(self, q: torch.Tensor, plan: ScopePlan, step: LayerStep) -> Selection:
+        return select_in_keys(
+            q, self.keys, plan, step.config, kernel_options=step.kernel_options, shift=step.shift,
+            keep_hits=step.observer is not None,
+        )  # fmt: skip
+
+    def attend(self, q: torch.Tensor, plan: ScopePlan, selection: Selection, step: LayerStep) -> torch.Tensor:
+        return attend_scope(
+            q, self.keys, self.values, selection, step, sink_len=plan.sink_len, local_start=plan.local_start,
+            length=None if step.shift is None else plan.total,
+        )  # fmt: skip

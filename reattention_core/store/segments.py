@@ -79,7 +79,7 @@ class TokenSegments:
         """The whole sequence as one new tensor ``[B, T, H, D]`` (a copy)."""
         return torch.cat(self.parts, dim=1)
 
-    def __getitem__(self, item: object) -> torch.Tensor | TokenSegments:
+    def __getitem__(self, item: object) -> torch.Tensor:
         if isinstance(item, tuple) and len(item) != 2:
             raise IndexError("TokenSegments supports x[rows, token_range] only")
         rows, tokens = item if isinstance(item, tuple) else (item, slice(None))

@@ -15,8 +15,13 @@ import torch
 from reattention_core import CacheConfig, ReAttentionConfig, ReAttentionEngine
 from reattention_core.app import cli
 from reattention_core.app.corpus import load_corpus
+from reattention_core.app.sample_corpus import (
+    SAMPLE_ANSWER_WORDS,
+    SAMPLE_QUESTION,
+    module_document,
+    write_sample_corpus,
+)
 from reattention_core.errors import CorpusError
-from reattention_core.app.sample_corpus import SAMPLE_ANSWER_WORDS, SAMPLE_QUESTION, module_document, write_sample_corpus
 from tests.helpers import ByteTokenizer, tiny_model
 
 

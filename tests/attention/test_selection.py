@@ -5,9 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from reattention_core.attention.layer import plan_scope, select_for_plan
+from reattention_core.attention import plan_scope
+from reattention_core.attention.selection import (
+    expand_blocks,
+    select_blocks,
+    select_in_keys,
+    vote_and_clip,
+    voting_rows,
+)
 from reattention_core.config import ReAttentionConfig
-from reattention_core.attention.selection import expand_blocks, select_blocks, vote_and_clip, voting_rows
 from reattention_kernels import KernelOptions
 from reattention_kernels.reference import score_topk_ref
 from reattention_kernels.reference.attention import scope_indices
@@ -150,8 +156,9 @@ def test_a_prefill_vote_stride_selects_what_only_the_voting_rows_point_at():
     plan = plan_scope(cfg, t, 6)
 
     def picked(c, rows=q):
-        sel, n = select_for_plan(rows, k, plan, c, kernel_options=KernelOptions(backend="reference"))
-        return set(sel[0, : int(n[0])].tolist())
+        voting = voting_rows(rows, c.prefill_vote_stride)
+        picked = select_in_keys(voting, k, plan, c, kernel_options=KernelOptions(backend="reference"))
+        return set(picked.sel[0, : int(picked.n_sel[0])].tolist())
 
     every, strided = picked(cfg), picked(cfg.replace(prefill_vote_stride=2))
     assert {10, 30} <= every and 10 in strided and 30 not in strided

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from reattention_core import CacheConfig, KVStore, ReAttentionConfig, ReAttentionEngine
+from reattention_core import CacheConfig, ReAttentionConfig, ReAttentionEngine, ResidentStore
 from reattention_core.cache import directory, disk, page_file
 from reattention_core.cache.fingerprint import model_fingerprint, tokenizer_fingerprint
 from reattention_core.errors import PageError
@@ -31,7 +31,7 @@ PAGE = 64
 CHILD = r"""
 import json, os, pathlib, sys, time
 from tests.helpers import ByteTokenizer, tiny_model
-from reattention_core import CacheConfig, KVStore, ReAttentionConfig, ReAttentionEngine
+from reattention_core import CacheConfig, ReAttentionConfig, ReAttentionEngine
 a = json.loads(sys.argv[1])
 engine = ReAttentionEngine(tiny_model("llama"), ByteTokenizer(), ReAttentionConfig(**a["config"]),
                            cache=CacheConfig(page_size=a["page"], dir=a["dir"], disk_bytes=a["cap"]))
@@ -323,7 +323,7 @@ def test_ctrl_c_while_pages_load_keeps_the_engine_consistent(tmp_path, cold_ids,
     model = tiny_model("llama")
     make_engine(tmp_path, model=model).generate(PROMPT, max_new_tokens=4)
     engine = make_engine(tmp_path, model=model)
-    real, calls = KVStore.extend, {"n": 0}
+    real, calls = ResidentStore.extend, {"n": 0}
 
     def extend(self, *args, **kwargs):
         calls["n"] += 1
@@ -331,10 +331,10 @@ def test_ctrl_c_while_pages_load_keeps_the_engine_consistent(tmp_path, cold_ids,
             raise KeyboardInterrupt
         return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(KVStore, "extend", extend)
+    monkeypatch.setattr(ResidentStore, "extend", extend)
     with pytest.raises(KeyboardInterrupt):
         engine.generate(PROMPT, max_new_tokens=4)
-    monkeypatch.setattr(KVStore, "extend", real)
+    monkeypatch.setattr(ResidentStore, "extend", real)
     (seg,) = engine._prefix.memory._segments
     assert len(seg.keys) == 2 and [seg.store.length(i) for i in range(2)] == [2 * PAGE, 2 * PAGE]
     res = engine.generate(PROMPT, max_new_tokens=4)

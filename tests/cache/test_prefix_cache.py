@@ -13,15 +13,15 @@ from reattention_core import (
     CacheConfig,
     CacheError,
     ConfigError,
-    KVStore,
     ReAttentionCache,
     ReAttentionConfig,
     ReAttentionEngine,
+    ResidentStore,
     enable_reattention,
 )
-from reattention_core.generation.prefill import plan_prefill, run_prefill
 from reattention_core.cache.chain import cacheable_pages, page_keys
 from reattention_core.cache.config import default_page_size
+from reattention_core.generation.prefill import plan_prefill, run_prefill
 from tests.helpers import ByteTokenizer, random_ids, tiny_model
 
 CFG = ReAttentionConfig(sink_size=4, block_size=4, top_k=2, max_blocks=4, local_window=32, prefill_chunk_size=16)
@@ -87,9 +87,9 @@ def test_resuming_prefill_at_a_page_boundary_is_bit_identical(tiny_arch):
     model = tiny_model(tiny_arch)
     ids = random_ids(301, seed=3)
     with enable_reattention(model, CFG):
-        cold = KVStore(2)
+        cold = ResidentStore(2)
         logits_cold = run_prefill(model, ids, ReAttentionCache(cold), 16)
-        warm = KVStore(2)
+        warm = ResidentStore(2)
         for layer in range(2):
             k, v = cold.view(layer)
             warm.append(layer, k[:, :256].clone(), v[:, :256].clone())
@@ -98,7 +98,7 @@ def test_resuming_prefill_at_a_page_boundary_is_bit_identical(tiny_arch):
     for layer in range(2):
         assert torch.equal(cold.view(layer)[0], warm.view(layer)[0])
     with pytest.raises(ValueError, match="chunk boundary"):
-        run_prefill(model, ids, ReAttentionCache(KVStore(2)), 16, start=250)
+        run_prefill(model, ids, ReAttentionCache(ResidentStore(2)), 16, start=250)
 
 
 @pytest.mark.parametrize("length", [PAGE * 5 + 1, PAGE * 5, PAGE * 5 + 37])

@@ -1,7 +1,7 @@
 """Sharded KV store on torch.distributed (gloo, 2 and 4 CPU processes) equals the single process.
 
 Each world size spawns its processes once and runs every check inside them (process start-up
-dominates the cost): the layer on random tensors against `reattention_attention`, then whole
+dominates the cost): the layer on random tensors against one resident store, then whole
 greedy generations on tiny models against `ReAttentionEngine.generate`.
 """
 
@@ -17,9 +17,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from reattention_core import ReAttentionConfig, ReAttentionEngine
-from reattention_core.attention.layer import plan_scope, reattention_attention
+from reattention_core.attention import LayerStep, plan_scope, reattention_attention
 from reattention_core.attention.rope import RopeSpec
 from reattention_core.attention.selection import select_blocks, voting_rows
+from reattention_core.store import ResidentStore
 from reattention_kernels import KernelOptions
 from tests.helpers import ByteTokenizer, tiny_model
 
@@ -64,6 +65,17 @@ def _rope(d: int) -> RopeSpec:
                     rope_type="default")
 
 
+def _step(cfg: ReAttentionConfig, d: int, options: KernelOptions = KernelOptions()) -> LayerStep:
+    return LayerStep(config=cfg, rope=_rope(d), scale=0.25, kernel_options=options)
+
+
+def _single_device(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: ReAttentionConfig) -> torch.Tensor:
+    """`reattention_attention` over one resident store holding ``k, v``."""
+    store = ResidentStore(1)
+    store.append(0, k, v)
+    return reattention_attention(q, store.layer(0), _step(cfg, q.shape[-1], REFERENCE))
+
+
 def _layer_inputs(case: tuple, seed: int):
     b, t, tq, hq, h, d, mode, *stride = case
     g = torch.Generator().manual_seed(seed)
@@ -82,8 +94,7 @@ def _bounds(t: int, world: int, seed: int) -> list[int]:
 
 
 def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    from reattention_core.distributed import ShardedEngine, sharded_reattention_attention
-    from reattention_core.distributed.attention import sharded_select
+    from reattention_core.distributed import ShardedEngine, ShardLayer
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -93,13 +104,13 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
             q, k, v, cfg = _layer_inputs(case, i)
             bounds = _bounds(k.shape[1], world, i)
             s, e = bounds[rank], bounds[rank + 1]
-            out = sharded_reattention_attention(q, k[:, s:e], v[:, s:e], cfg, _rope(q.shape[-1]), 0.25,
-                                                shard_start=s, total=k.shape[1])
+            shard = ShardLayer(k[:, s:e], v[:, s:e], shard_start=s, total=k.shape[1])
+            out = reattention_attention(q, shard, _step(cfg, q.shape[-1]))
             plan = plan_scope(cfg, k.shape[1], q.shape[1])
             sel = None
             if plan.select:
-                sel, n_sel = sharded_select(q, k[:, s:e], s, plan, cfg)
-                sel = [row[: int(n)].tolist() for row, n in zip(sel, n_sel, strict=True)]
+                picked = shard.select(voting_rows(q, cfg.prefill_vote_stride), plan, _step(cfg, q.shape[-1]))
+                sel = [row[: int(n)].tolist() for row, n in zip(picked.sel, picked.n_sel, strict=True)]
             layer.append({"out": out.tolist(), "sel": sel, "bounds": bounds})
         results: dict = {"layer": layer, "generations": {}}
         for arch in ARCHS:
@@ -182,7 +193,7 @@ def test_sharded_store_equals_single_process(world, tmp_path, single_process, on
 
     for i, (case, got) in enumerate(zip(LAYER_CASES, results["layer"], strict=True)):
         q, k, v, cfg = _layer_inputs(case, i)
-        want = reattention_attention(q, k, v, cfg, _rope(q.shape[-1]), 0.25, kernel_options=REFERENCE)
+        want = _single_device(q, k, v, cfg)
         torch.testing.assert_close(torch.tensor(got["out"]), want, rtol=1e-5, atol=1e-5)
         plan = plan_scope(cfg, k.shape[1], q.shape[1])
         if plan.select:
@@ -236,8 +247,8 @@ def _serve_worker(rank: int, world: int, init_file: str, port: int, stop_file: s
     import datetime
     import time
 
-    from reattention_core.distributed import ShardedEngine
     from reattention_core.app.serving import AppConfig, BackgroundServer, ServeConfig
+    from reattention_core.distributed import ShardedEngine
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,

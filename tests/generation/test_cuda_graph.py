@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from reattention_core import ReAttentionEngine
-from reattention_core.generation.cuda_graph import StepGraph, current, graphs_enabled, shifted
+from reattention_core.generation.cuda_graph import StepGraph, graphs_enabled
 from tests.cuda_graph_helpers import CFG, assert_same_store, decode
 from tests.helpers import ByteTokenizer, random_ids, tiny_model
 
@@ -40,11 +40,15 @@ def test_emulated_replays_equal_eager_decode(tiny_arch, n, steps):
 
 
 def test_shifted_context_is_scoped():
+    from reattention_core import ReAttentionCache
+    from reattention_core.store import ResidentStore
+
     shift = torch.zeros(1, dtype=torch.int64)
-    assert current() is None
-    with shifted(shift) as step:
-        assert current() is step and step.shift is shift
-    assert current() is None
+    cache = ReAttentionCache(ResidentStore(2))
+    assert cache.step.shift is None
+    with cache.shifted(shift) as step:
+        assert cache.step is step and step.shift is shift and step.store is cache.store
+    assert cache.step.shift is None
 
 
 def test_graph_switch_reads_the_environment(monkeypatch):
@@ -60,11 +64,11 @@ def test_graph_switch_reads_the_environment(monkeypatch):
 def test_recording_needs_cuda_and_a_resident_store():
     model = tiny_model("llama")
     from reattention_core import ReAttentionCache
+    from reattention_core.store import ResidentStore
     from reattention_core.store.offloaded import OffloadConfig, OffloadedStore
-    from reattention_core.store.resident import KVStore
 
     with pytest.raises(ValueError, match="CUDA"):
-        StepGraph(model, ReAttentionCache(KVStore(2)), CFG, 64)
+        StepGraph(model, ReAttentionCache(ResidentStore(2)), CFG, 64)
     with pytest.raises(TypeError, match="resident KVStore"):
         StepGraph(model, ReAttentionCache(OffloadedStore(2, OffloadConfig(), torch.device("cpu"))), CFG, 64)
 
@@ -72,18 +76,18 @@ def test_recording_needs_cuda_and_a_resident_store():
 def test_engine_uses_no_graph_off_cuda():
     engine = ReAttentionEngine(tiny_model("llama"), ByteTokenizer(), CFG, backend="reference")
     from reattention_core import ReAttentionCache
-    from reattention_core.store.resident import KVStore
+    from reattention_core.store import ResidentStore
 
-    assert engine._decode_graph(ReAttentionCache(KVStore(2)), 100, 50) is None
-    assert engine._prefill_graph(ReAttentionCache(KVStore(2)), 1000, 1100) is None
+    assert engine._decode_graph(ReAttentionCache(ResidentStore(2)), 100, 50) is None
+    assert engine._prefill_graph(ReAttentionCache(ResidentStore(2)), 1000, 1100) is None
 
 
 def test_a_graph_runs_steps_of_its_own_size_only():
     model = tiny_model("llama")
     from reattention_core import ReAttentionCache
-    from reattention_core.store.resident import KVStore
+    from reattention_core.store import ResidentStore
 
-    graph = StepGraph(model, ReAttentionCache(KVStore(2)), CFG, 64, tokens=8, record=False)
+    graph = StepGraph(model, ReAttentionCache(ResidentStore(2)), CFG, 64, tokens=8, record=False)
     with pytest.raises(ValueError, match="8 tokens"):
         graph.step_token(5)
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from reattention_core.generation.sampling import Sampler, SamplingParams, TextAssembler
 from reattention_core.errors import InvalidInputError
+from reattention_core.generation.sampling import Sampler, SamplingParams, TextAssembler
 from tests.helpers import ByteTokenizer
 
 

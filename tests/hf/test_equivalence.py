@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from reattention_core import KVStore, ReAttentionCache, ReAttentionConfig, ReAttentionEngine, enable_reattention
+from reattention_core import ReAttentionCache, ReAttentionConfig, ReAttentionEngine, ResidentStore, enable_reattention
 from reattention_core.hf.architectures import attention_modules, rotary_module
 from tests.helpers import random_ids, tiny_model
 
@@ -20,7 +20,7 @@ ATOL = 2e-5
 def run_chunked(model, ids: torch.Tensor, cfg: ReAttentionConfig, chunk: int) -> torch.Tensor:
     """Logits of every position, prefilled ``chunk`` tokens at a time under ReAttention."""
     with torch.no_grad(), enable_reattention(model, cfg):
-        cache = ReAttentionCache(KVStore(model.config.num_hidden_layers))
+        cache = ReAttentionCache(ResidentStore(model.config.num_hidden_layers))
         outs = [
             model(input_ids=ids[:, s : s + chunk], past_key_values=cache, use_cache=True).logits
             for s in range(0, ids.shape[1], chunk)

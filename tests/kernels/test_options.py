@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from reattention_core import ReAttentionConfig, ReAttentionEngine
-from reattention_core.errors import InvalidInputError
 from reattention_core.cache import CacheConfig
+from reattention_core.errors import InvalidInputError
 from reattention_kernels import KernelOptions
 from reattention_kernels.options import with_backend
 from tests.helpers import ByteTokenizer, tiny_model

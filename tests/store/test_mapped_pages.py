@@ -9,7 +9,8 @@ import torch
 
 from reattention_core import CacheConfig, OffloadConfig, ReAttentionConfig, ReAttentionEngine
 from reattention_core.errors import InvalidInputError
-from reattention_core.store.offloaded import KeyBounds, OffloadedStore
+from reattention_core.store.bounds import KeyBounds
+from reattention_core.store.offloaded import OffloadedStore
 from reattention_core.store.segments import TokenSegments
 from tests.helpers import ByteTokenizer, tiny_model
 

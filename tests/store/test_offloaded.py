@@ -7,9 +7,10 @@ import torch
 
 from reattention_core import OffloadConfig, ReAttentionConfig, ReAttentionEngine
 from reattention_core.errors import InvalidInputError
-from reattention_core.hf import ReAttentionCache, enable_reattention
-from reattention_core.store.offloaded import KeyBounds, OffloadedStore, candidate_topk
 from reattention_core.generation.prefill import run_prefill
+from reattention_core.hf import ReAttentionCache, enable_reattention
+from reattention_core.store.bounds import KeyBounds, candidate_topk
+from reattention_core.store.offloaded import OffloadedStore
 from reattention_kernels.reference import score_topk_ref
 from tests.helpers import ByteTokenizer, random_ids, tiny_model
 
@@ -279,7 +280,7 @@ def test_a_spill_folder_must_exist_and_a_full_disk_is_a_typed_error(tmp_path, mo
     import os
 
     from reattention_core import StoreMemoryError
-    from reattention_core.store.offloaded import _mapped_buffer
+    from reattention_core.store.spill import spill_buffer
 
     with pytest.raises(InvalidInputError, match="is not an existing folder"):
         OffloadConfig(spill_dir=tmp_path / "missing")
@@ -290,9 +291,9 @@ def test_a_spill_folder_must_exist_and_a_full_disk_is_a_typed_error(tmp_path, mo
 
     monkeypatch.setattr(os, "posix_fallocate", full)
     with pytest.raises(StoreMemoryError, match=r"could not reserve 64.0 KiB in .* No space left on device"):
-        _mapped_buffer(str(tmp_path), "values", (1, 1024, 2, 8), torch.float32)
+        spill_buffer(str(tmp_path), "values", (1, 1024, 2, 8), torch.float32)
     with pytest.raises(StoreMemoryError, match=r"could not reserve 2.00 GiB in .* No space left on device"):
-        _mapped_buffer(str(tmp_path), "values", (1, 1 << 20, 2, 256), torch.float32)
+        spill_buffer(str(tmp_path), "values", (1, 1 << 20, 2, 256), torch.float32)
     assert list(tmp_path.iterdir()) == []  # the half-made file is gone too
 
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from reattention_core import KVStore
+from reattention_core import ResidentStore
 
 
 def _kv(n: int, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -14,7 +14,7 @@ def _kv(n: int, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def test_append_returns_views_of_everything_stored():
-    store = KVStore(num_layers=2)
+    store = ResidentStore(num_layers=2)
     store.append(0, *_kv(3))
     keys, values = store.append(0, *_kv(2, start=3))
     assert keys.shape == (1, 5, 2, 4) and store.length(0) == 5 and store.length(1) == 0
@@ -25,7 +25,7 @@ def test_append_returns_views_of_everything_stored():
 
 
 def test_growth_is_geometric_not_per_step():
-    store = KVStore(num_layers=1)
+    store = ResidentStore(num_layers=1)
     steps = 5000
     for i in range(steps):
         store.append(0, *_kv(1, start=i))
@@ -35,7 +35,7 @@ def test_growth_is_geometric_not_per_step():
 
 
 def test_reserve_avoids_every_copy():
-    store = KVStore(num_layers=3)
+    store = ResidentStore(num_layers=3)
     store.reserve(4000)
     for layer in range(3):
         for i in range(0, 4000, 100):
@@ -44,7 +44,7 @@ def test_reserve_avoids_every_copy():
 
 
 def test_truncate_forgets_the_tail():
-    store = KVStore(num_layers=1)
+    store = ResidentStore(num_layers=1)
     store.append(0, *_kv(10))
     store.truncate(4)
     keys, _ = store.append(0, *_kv(2, start=100))
@@ -52,7 +52,7 @@ def test_truncate_forgets_the_tail():
 
 
 def test_nbytes_counts_all_buffers_or_those_on_one_device_type():
-    store = KVStore(2)
+    store = ResidentStore(2)
     k = torch.zeros(1, 10, 2, 4)
     store.append(0, k, k)
     store.append(1, k, k)
@@ -63,7 +63,7 @@ def test_nbytes_counts_all_buffers_or_those_on_one_device_type():
 def test_a_store_that_cannot_grow_raises_a_typed_error_with_advice():
     from reattention_core import StoreMemoryError
 
-    store = KVStore(1)
+    store = ResidentStore(1)
     k = torch.zeros(1, 4, 2, 4)
     store.append(0, k, k)
     with pytest.raises(StoreMemoryError, match=r"could not allocate .* GiB in cpu for one layer's keys") as info:

@@ -21,8 +21,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from reattention_core.engine import ReAttentionEngine
-from reattention_core.errors import ContextLimitError, DistributedError, InvalidInputError, StoreMemoryError
 from reattention_core.app.serving.guards import ApiKeyCheck, BodyLimit, PromptBound
 from reattention_core.app.serving.protocol import (
     APIError,
@@ -42,6 +40,8 @@ from reattention_core.app.serving.worker import (
     QueueFull,
     params_for,
 )
+from reattention_core.engine import ReAttentionEngine
+from reattention_core.errors import ContextLimitError, DistributedError, InvalidInputError, StoreMemoryError
 
 
 @dataclass(frozen=True)

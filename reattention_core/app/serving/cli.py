@@ -71,11 +71,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def _serve_sharded(args: argparse.Namespace, config, app_config) -> int:
     """Under torchrun: every rank loads the model, rank 0 serves, the others follow its generations."""
+    from reattention_core.app.cli import offload_config
+    from reattention_core.app.serving.server import serve
     from reattention_core.distributed import ShardedEngine, init_from_env
     from reattention_core.engine import ReAttentionEngine
-    from reattention_core.app.serving.server import serve
-
-    from reattention_core.app.cli import offload_config
 
     if offload_config(args) is not None:
         raise InvalidInputError("--offload works with one process; a sharded store (torchrun) keeps its shards on the GPUs")

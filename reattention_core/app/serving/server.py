@@ -9,10 +9,10 @@ import time
 import warnings
 from dataclasses import dataclass
 
-from reattention_core.engine import ReAttentionEngine
-from reattention_core.errors import InvalidInputError
 from reattention_core.app.serving.app import AppConfig, create_app
 from reattention_core.app.serving.worker import Backend
+from reattention_core.engine import ReAttentionEngine
+from reattention_core.errors import InvalidInputError
 
 LOOPBACK = "127.0.0.1"
 

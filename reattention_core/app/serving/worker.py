@@ -17,10 +17,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from reattention_core.generation.sampling import SamplingParams
 from reattention_core.engine import GenerationResult, ReAttentionEngine
 from reattention_core.errors import DistributedError, ReAttentionError
 from reattention_core.generation.request import Request
+from reattention_core.generation.sampling import SamplingParams
 
 log = logging.getLogger("reattention")
 
