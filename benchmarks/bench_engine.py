@@ -31,6 +31,7 @@ text. Every row records device, versions and commit.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import itertools
 import json
@@ -47,8 +48,10 @@ import transformers
 
 from reattention_core import ReAttentionCache, ReAttentionConfig, ReAttentionEngine, StoreMemoryError
 from reattention_core.evaluation.cli import parse_overrides
-from reattention_core.store.offloaded import OffloadConfig, OffloadedStore
+from reattention_core.generation.cuda_graph import GraphPolicy
+from reattention_core.generation.loop import ModelSteps
 from reattention_core.generation.prefill import run_prefill
+from reattention_core.store.offloaded import OffloadConfig, OffloadedStore
 from reattention_kernels import KernelOptions
 
 STORES = ("resident", "values", "host")
@@ -116,11 +119,12 @@ def run_engine(
     max_length = ids.shape[1] + len(options) * (decode + 1) + 1
     rows = []
     with torch.inference_mode():
-        with engine._running(cfg):  # compiled layers too, with compile_model
+        with engine._runner.running(dataclasses.replace(engine._settings(), config=cfg)):  # compiled layers too
             # the engine's own store: on the device, or offloaded (--stores values | host)
-            store = engine._fresh_store(max_length)
+            store = engine._runner.fresh_store(max_length)
             cache = ReAttentionCache(store)
-            chunks = engine._prefill_graph(cache, ids.shape[1], max_length, cfg) if graphs else None
+            policy = GraphPolicy(model, cfg, engine.kernel_options)
+            chunks = policy.prefill(cache, ids.shape[1], max_length) if graphs else None
             sync()
             t0 = time.perf_counter()
             logits = run_prefill(model, ids, cache, cfg.prefill_chunk_size, progress=progress, graph=chunks)
@@ -130,8 +134,8 @@ def run_engine(
             del chunks  # its memory pool goes before decoding
         for opts in options:
             engine.kernel_options = opts
-            with engine._running(cfg):
-                graph = engine._decode_graph(cache, max_length, decode + 1, cfg) if graphs else None
+            with engine._runner.running(dataclasses.replace(engine._settings(), config=cfg)):
+                graph = GraphPolicy(model, cfg, opts).decode(cache, max_length, decode + 1) if graphs else None
                 step_ms, logits = time_engine_decode(engine, cache, logits, decode, graph)
             row = {"prefill_s": prefill, "decode_ms_per_token": step_ms, "prefill_graph": prefill_graph,
                    "cuda_graph": graph is not None and graph.replays > 0, "kv_bytes": store.nbytes(),
@@ -152,11 +156,12 @@ def time_engine_decode(
     """Milliseconds per greedy decode step of the engine's own step (a CUDA graph when ``graph``),
     after one untimed step (which records the graph); and the last logits."""
     token = int(logits.reshape(-1, logits.shape[-1])[-1].argmax())
-    logits = engine._decode_step(token, cache, graph)
+    forward = ModelSteps(engine.model, cache, engine.config.prefill_chunk_size, decode_graph=graph)
+    logits = forward.decode(token)
     sync()
     t0 = time.perf_counter()
     for _ in range(steps):
-        logits = engine._decode_step(int(logits[0].argmax()), cache, graph)
+        logits = forward.decode(int(logits[0].argmax()))
     sync()
     return (time.perf_counter() - t0) / max(1, steps) * 1000, logits
 

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from reattention_core.errors import ConfigError
+from reattention_kernels.options import KernelOptions
 
 Mode = Literal["reattention", "full", "streaming"]
 MODES: tuple[str, ...] = ("reattention", "full", "streaming")
@@ -229,3 +230,20 @@ def preset_for(name_or_path: str | None) -> str | None:
         return "smollm2-135m"
     text = re.sub(r"[\s_]+", "-", str(name_or_path).lower())
     return next((name for name in PRESETS if name in text), None)
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """An engine's settings for one generation (an engine may change them between generations).
+
+    Attributes:
+        config: the ReAttention settings.
+        kernel_options: the kernels' settings.
+        cuda_graphs: replay steps from CUDA graphs where they apply.
+        compile_model: run the decoder layers compiled (their pages get a fingerprint of their own).
+    """
+
+    config: ReAttentionConfig
+    kernel_options: KernelOptions = KernelOptions()
+    cuda_graphs: bool = True
+    compile_model: bool = False

@@ -19,7 +19,9 @@ from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from reattention_core.engine import GenerationResult, Prompt, ReAttentionEngine
+from reattention_core.engine import ReAttentionEngine
+from reattention_core.generation.request import GenerationResult
+from reattention_core.prompts import Prompt
 from reattention_core.errors import InvalidInputError
 from reattention_core.generation.request import TextStream
 

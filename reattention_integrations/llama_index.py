@@ -45,7 +45,8 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess by th
     ) from exc
 from pydantic import ConfigDict
 
-from reattention_core.engine import GenerationResult, Prompt
+from reattention_core.generation.request import GenerationResult
+from reattention_core.prompts import Prompt
 from reattention_integrations._fields import AdapterFields
 from reattention_integrations._generation import (
     EventSource,

@@ -15,8 +15,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TextIO
 
-from reattention_core.engine import PrefillResult
 from reattention_core.errors import CacheError, InvalidInputError
+from reattention_core.generation.request import PrefillResult
 
 # Wrapped around every question (after the corpus, so changing it never invalidates a cached
 # corpus). The bare question: on the sample corpus the embedded 135M model answered more questions

@@ -7,6 +7,14 @@
 """
 
 from reattention_core.cache.config import CacheConfig, default_memory_bytes, default_page_size
-from reattention_core.cache.prefix import CacheInfo, PrefixCache, PrefixRun
+from reattention_core.cache.prefix import CacheInfo, PageSource, PrefixCache, PrefixRun
 
-__all__ = ["CacheConfig", "CacheInfo", "PrefixCache", "PrefixRun", "default_memory_bytes", "default_page_size"]
+__all__ = [
+    "CacheConfig",
+    "CacheInfo",
+    "PageSource",
+    "PrefixCache",
+    "PrefixRun",
+    "default_memory_bytes",
+    "default_page_size",
+]

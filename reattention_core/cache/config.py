@@ -10,7 +10,7 @@ import torch
 
 from reattention_core.cache.directory import default_cache_dir, default_max_bytes, parse_bytes
 from reattention_core.config import ReAttentionConfig
-from reattention_core.errors import ConfigError
+from reattention_core.errors import ConfigError, InvalidInputError
 
 # Pages are at least this many tokens by default (rounded up to a multiple of the prefill chunk).
 DEFAULT_PAGE_TOKENS = 1024
@@ -75,6 +75,17 @@ class CacheConfig:
                 raise ConfigError(
                     f"CacheConfig.disk_bytes must be a byte count like 34359738368 or '32G', got {self.disk_bytes!r}"
                 )
+
+    @classmethod
+    def of(cls, value: CacheConfig | bool | None) -> CacheConfig:
+        """``value`` as a `CacheConfig`: ``None``/``True`` the defaults (on), ``False`` off."""
+        if value is None or value is True:
+            return cls()
+        if value is False:
+            return cls(enabled=False)
+        if not isinstance(value, CacheConfig):
+            raise InvalidInputError(f"cache must be a CacheConfig or a bool, got {type(value).__name__}")
+        return value
 
     def page_size_for(self, config: ReAttentionConfig) -> int:
         """The page size under ``config``; `ConfigError` if it is not a multiple of the prefill chunk."""

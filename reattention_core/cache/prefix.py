@@ -18,6 +18,7 @@ cold run bit for bit.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -31,13 +32,16 @@ from reattention_core.cache.disk import DiskCache, DiskStats
 from reattention_core.cache.fingerprint import (
     EngineFingerprint,
     engine_fingerprint,
+    kernels_fingerprint,
     model_fingerprint,
     resolved_backend,
     tokenizer_fingerprint,
 )
 from reattention_core.cache.memory import MemoryCache, MemoryStats
-from reattention_core.config import ReAttentionConfig
-from reattention_core.store import CachedStore, ResidentStore
+from reattention_core.config import RunSettings
+from reattention_core.hf.architectures import kv_shape
+from reattention_core.hf.compiled import FINGERPRINT as COMPILED_FINGERPRINT
+from reattention_core.store import CachedStore, OffloadConfig, ResidentStore
 
 log = logging.getLogger("reattention")
 
@@ -76,34 +80,75 @@ class CacheInfo:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class PageSource:
+    """What computed the keys and values a prefix cache holds: a model and its tokenizer.
+
+    Attributes:
+        model: the model (its weights are fingerprinted by samples, `model_fingerprint`).
+        tokenizer: its tokenizer.
+        model_name: a display name for the disk cache's manifest.
+    """
+
+    model: torch.nn.Module
+    tokenizer: Any
+    model_name: str = ""
+
+
 class PrefixCache:
-    """An engine's prefix cache: memory segments, the optional disk store and the fingerprints."""
+    """An engine's prefix cache: memory segments, the optional disk store and the fingerprints.
+
+    Args:
+        config: the cache's settings.
+        source: the model whose keys and values it holds.
+        device: where its stores live (their memory sizes the default cap).
+        new_store: ``num_layers -> an empty store``.
+        selection: a fingerprint component for an approximate selection (``None``: exact).
+    """
 
     def __init__(
         self,
         config: CacheConfig,
+        source: PageSource,
         device: torch.device,
         new_store: Callable[[int], CachedStore] = ResidentStore,
         selection: str | None = None,
     ) -> None:
-        """``new_store``: ``num_layers -> empty store``; ``device``: where those stores live (their
-        memory sizes the default cap); ``selection``: a fingerprint component for approximate
-        selection (``None``: exact)."""
         self.config = config
+        self.source = source
         self.memory = MemoryCache(config.memory_bytes or default_memory_bytes(device), new_store)
         self.selection = selection
         self.disk = DiskCache(config.resolved_dir(), config.resolved_disk_bytes()) if config.disk else None
         self._hashes: dict[tuple, str] = {}
 
-    def fingerprint(
-        self,
-        model: torch.nn.Module,
-        tokenizer: Any,
-        config: ReAttentionConfig,
-        backend: str | None,
-        model_name: str,
-        compiled: str | None = None,
-    ) -> EngineFingerprint:
+    @classmethod
+    def for_engine(
+        cls,
+        config: CacheConfig,
+        source: PageSource,
+        new_store: Callable[[int], CachedStore],
+        offload: OffloadConfig | None = None,
+    ) -> PrefixCache | None:
+        """An engine's prefix cache (``None`` when ``config`` turns it off), its stores made by
+        ``new_store``: on the model's device, or in host memory under ``offload``."""
+        if not config.enabled:
+            return None
+        device = next(source.model.parameters()).device
+        if offload is None:
+            return cls(config, source, device, new_store)
+        # a budgeted (approximate) selection caches under its own fingerprint
+        selection = None if offload.exact else f"offload(block={offload.block},budget={offload.budget})"
+        if offload.keys == "device" and config.memory_bytes is None:
+            # half of each kept store is keys on the device: cap the total so that neither the
+            # device's nor the host's share passes a third of that memory (the resident default)
+            both = min(default_memory_bytes(device), default_memory_bytes(torch.device("cpu")))
+            config = dataclasses.replace(config, memory_bytes=2 * both)
+        return cls(config, source, torch.device("cpu"), new_store, selection)
+
+    def fingerprint(self, settings: RunSettings) -> EngineFingerprint:
+        """The fingerprint of the source model under ``settings`` (model and tokenizer hashed once)."""
+        config, kernel_options = settings.config, settings.kernel_options
+        model, tokenizer = self.source.model, self.source.tokenizer
         param = next(model.parameters())
         mkey = ("model", id(model), param.dtype, param.device)
         if mkey not in self._hashes:
@@ -111,41 +156,43 @@ class PrefixCache:
         tkey = ("tokenizer", id(tokenizer))
         if tkey not in self._hashes:
             self._hashes[tkey] = tokenizer_fingerprint(tokenizer)
-        return engine_fingerprint(
+        backend = resolved_backend(param.device, kernel_options.backend)
+        fp = engine_fingerprint(
             model_hash=self._hashes[mkey],
             tokenizer_hash=self._hashes[tkey],
             config=config,
             dtype=param.dtype,
             device=param.device,
-            backend=resolved_backend(param.device, backend),
+            backend=backend,
             page_size=self.config.page_size_for(config),
-            model_name=model_name,
+            model_name=self.source.model_name,
             selection=self.selection,
-            compiled=compiled,
+            compiled=COMPILED_FINGERPRINT if settings.compile_model else None,
         )
+        kernels = kernels_fingerprint(kernel_options, backend)
+        return fp if kernels is None else fp.with_component("kernels", kernels)
 
     def begin(
         self,
         ids: Sequence[int],
-        fp: EngineFingerprint,
+        settings: RunSettings,
         *,
-        page_size: int,
-        num_layers: int,
-        device: torch.device,
-        dtype: torch.dtype,
         reserve: int,
         num_pages: int | None = None,
         boundary: int | None = None,
-        kv_shape: tuple[int, int] | None = None,
     ) -> PrefixRun:
-        """Start a run over ``ids``: restore its longest cached prefix into a store.
+        """Start a run over ``ids``: restore its longest cached prefix into a store with room for ``reserve``.
 
         ``num_pages``: pages of ``ids`` to cache (default: those ending before the last token).
         ``boundary``: the corpus ends there (``context=`` prompts): cache the pages before it and
         its tail page instead; prefill must break its chunk schedule at ``boundary``.
-        ``kv_shape``: ``(KV heads, head dim)`` of the model; a page file of another shape is a bad page.
+        A page file whose tensors have another shape than the model's keys is a bad page.
         """
-        run = PrefixRun(self, ids, fp, page_size, num_layers, device, dtype, num_pages, boundary, kv_shape)
+        model = self.source.model
+        param = next(model.parameters())
+        fp, page_size = self.fingerprint(settings), self.config.page_size_for(settings.config)
+        layers, shape = model.config.num_hidden_layers, kv_shape(model.config)
+        run = PrefixRun(self, ids, fp, page_size, layers, param.device, param.dtype, num_pages, boundary, shape)
         try:
             run.restore(reserve)
         except BaseException:  # Ctrl-C while pages load: keep the complete ones, nothing half-done
@@ -153,14 +200,18 @@ class PrefixCache:
             raise
         return run
 
-    def info(self, fp: EngineFingerprint, page_size: int) -> CacheInfo:
+    def info(self, settings: RunSettings) -> CacheInfo:
+        """Entries, pages, tokens and bytes in memory, and on disk under ``settings``' fingerprint."""
+        page_size = self.config.page_size_for(settings.config)
+        fp = self.fingerprint(settings)
         disk = self.disk.stats(fp, page_size) if self.disk is not None else None
         return CacheInfo(page_size=page_size, memory=self.memory.stats(), disk=disk)
 
-    def clear(self, fp: EngineFingerprint | None, *, disk: bool = True, all_fingerprints: bool = False) -> None:
+    def clear(self, settings: RunSettings, *, disk: bool = True, all_fingerprints: bool = False) -> None:
+        """Forget every prefix in memory, and on disk ``settings``' pages (or every fingerprint's)."""
         self.memory.clear()
         if disk and self.disk is not None:
-            self.disk.clear(None if all_fingerprints else fp)
+            self.disk.clear(None if all_fingerprints else self.fingerprint(settings))
 
 
 class PrefixRun:

@@ -15,20 +15,24 @@ The prefix cache is not used here: a sharded corpus is prefilled on every reques
 from __future__ import annotations
 
 import datetime
+import functools
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from reattention_core.engine import GenerationResult, ReAttentionEngine
 from reattention_core.errors import DistributedError, ReAttentionError
-from reattention_core.generation.prefill import run_prefill
-from reattention_core.generation.sampling import Sampler, SamplingParams, TextAssembler
+from reattention_core.generation.loop import ModelSteps, Steps, decode_tokens, sampled
+from reattention_core.generation.sampling import Sampler, SamplingParams
+from reattention_core.generation.text import TextAssembler
 from reattention_core.hf import ReAttentionCache, enable_reattention
 from reattention_core.store.sharded import ShardedKVStore, ShardLayout
+
+T = TypeVar("T")
 
 # First element of every job broadcast.
 _RUN, _SKIP, _IDLE, _SHUTDOWN = "run", "skip", "idle", "shutdown"
@@ -88,7 +92,13 @@ class ShardedEngine:
     # -- whole generations, called on every rank --------------------------------------------------
 
     def generate(
-        self, prompt: Any = None, *, context: str | None = None, progress: bool | None = None, **sampling: Any
+        self,
+        prompt: Any = None,
+        *,
+        sampling: SamplingParams | None = None,
+        context: str | None = None,
+        progress: bool | None = None,
+        **options: Any,
     ) -> GenerationResult | None:
         """Generate on every rank; rank 0's arguments count (`ReAttentionEngine.generate`'s).
 
@@ -99,7 +109,7 @@ class ShardedEngine:
             self.follow(once=True)
             return None
         try:
-            request = self.engine.prepare(prompt, context=context, **_sampling_args(sampling))
+            request = self.engine.prepare(prompt, sampling=sampling, context=context, **options)
             ids, params = list(request.ids), request.params
         except ReAttentionError:
             self._broadcast_job((_SKIP,))
@@ -143,25 +153,13 @@ class ShardedEngine:
     def _lead(
         self, ids: list[int], params: SamplingParams, progress: bool | None, boundary: int | None
     ) -> Iterator[str]:
-        sampler, text = Sampler(params), TextAssembler(self.engine.tokenizer, params.stop)
-        finish = "length"
-        with self._session(ids, params, progress, boundary) as (cache, logits):
+        text = TextAssembler(self.engine.tokenizer, params.stop)
+        with self._session(ids, params, progress, boundary) as (steps, logits):
             told = False
             try:
-                for step in range(params.max_new_tokens):
-                    token = sampler(logits[0])
-                    if token in self.engine._eos_ids:
-                        finish = "stop"
-                        break
-                    delta = text.push(token)
-                    if delta:
-                        yield delta
-                    if text.stopped:
-                        finish = "stop"
-                        break
-                    if step + 1 < params.max_new_tokens:
-                        self._send(token, more=True)
-                        logits = self._guarded(self.engine._decode_step, token, cache)
+                choose = sampled(Sampler(params), self.engine._eos_ids)
+                tell = functools.partial(self._send, more=True)  # the followers feed the same token
+                yield from text.stream(decode_tokens(steps, logits, choose, params.max_new_tokens, before_decode=tell))
                 self._send(0, more=False)
                 told = True
             finally:
@@ -170,8 +168,7 @@ class ShardedEngine:
         tail = text.finish()
         if tail:
             yield tail
-        return GenerationResult(text=text.text, prompt_tokens=len(ids), completion_tokens=len(text.ids),
-                                finish_reason=finish, token_ids=tuple(text.ids), cached_tokens=0)
+        return text.result(prompt_tokens=len(ids), cached_tokens=0, max_new_tokens=params.max_new_tokens)
 
     # -- followers ---------------------------------------------------------------------------------
 
@@ -185,12 +182,9 @@ class ShardedEngine:
                 continue
             if job[0] == _RUN:
                 _, ids, params, boundary = job
-                with self._session(ids, params, False, boundary) as (cache, _):
-                    while True:
-                        token, more = self._recv()
-                        if not more:
-                            break
-                        self._guarded(self.engine._decode_step, token, cache)
+                with self._session(ids, params, False, boundary) as (steps, logits):
+                    for _ in decode_tokens(steps, logits, self._leaders_token, params.max_new_tokens):
+                        pass
             if once:
                 return
 
@@ -199,21 +193,26 @@ class ShardedEngine:
     @contextmanager
     def _session(
         self, ids: list[int], params: SamplingParams, progress: bool | None, boundary: int | None = None
-    ) -> Iterator[tuple[ReAttentionCache, torch.Tensor]]:
-        """Hold the engine, shard a fresh store, prefill ``ids``; yields ``(cache, logits)``."""
+    ) -> Iterator[tuple[Steps, torch.Tensor]]:
+        """Hold the engine, shard a fresh store, prefill ``ids``; yields the steps and the prompt's logits."""
         eng = self.engine
         reserve = len(ids) + params.max_new_tokens
         layout = ShardLayout.balanced(reserve, self.rank, self.world)
         store = ShardedKVStore(eng.model.config.num_hidden_layers, layout, self.group)
         store.reserve(reserve)
         with eng._lock, enable_reattention(eng.model, eng.config, kernel_options=eng.kernel_options):
-            cache = ReAttentionCache(store)
+            steps = _GuardedSteps(ModelSteps(eng.model, ReAttentionCache(store), eng.config.prefill_chunk_size), self)
             input_ids = torch.tensor([ids], device=eng.device)
-            logits = self._guarded(run_prefill, eng.model, input_ids, cache, eng.config.prefill_chunk_size,
-                                   progress=progress, breaks=() if boundary is None else (boundary,))
-            yield cache, logits
+            logits = steps.prefill(input_ids, progress=progress, breaks=() if boundary is None else (boundary,))
+            assert logits is not None  # the last prompt token runs alone
+            yield steps, logits
 
-    def _guarded(self, fn, *args: Any, **kwargs: Any) -> Any:
+    def _leaders_token(self, logits: torch.Tensor) -> int | None:
+        """A follower's choice: the token rank 0 sends (``None`` once it says the generation is over)."""
+        token, more = self._recv()
+        return token if more else None
+
+    def _guarded(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run a step that includes collectives; a failure poisons the engine (the group is unusable)."""
         self._check()
         try:
@@ -248,11 +247,14 @@ class ShardedEngine:
         return int(ctrl[0]), bool(ctrl[1])
 
 
-def _sampling_args(sampling: dict[str, Any]) -> dict[str, Any]:
-    allowed = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop")
-    unknown = set(sampling) - set(allowed)
-    if unknown:
-        raise TypeError(f"unexpected arguments: {', '.join(sorted(unknown))}")
-    defaults: dict[str, Any] = {"max_new_tokens": 256, "temperature": 0.0, "top_p": 1.0, "top_k": 0, "seed": None,
-                                "stop": None}
-    return {**defaults, **sampling}
+class _GuardedSteps:
+    """`Steps` whose forward passes (each runs collectives) go through `ShardedEngine._guarded`."""
+
+    def __init__(self, steps: ModelSteps, owner: ShardedEngine) -> None:
+        self.steps, self.owner = steps, owner
+
+    def prefill(self, ids: torch.Tensor, **kwargs: Any) -> torch.Tensor | None:
+        return self.owner._guarded(self.steps.prefill, ids, **kwargs)
+
+    def decode(self, token: int) -> torch.Tensor:
+        return self.owner._guarded(self.steps.decode, token)

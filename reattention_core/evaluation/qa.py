@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from reattention_core.config import ReAttentionConfig
-from reattention_core.engine import CONTEXT_SEPARATOR
+from reattention_core.prompts import CONTEXT_SEPARATOR
 from reattention_core.errors import InvalidInputError
 from reattention_core.evaluation.env import environment
 from reattention_core.evaluation.facts import DESIGN, FactCorpus, Question, corpus_of_size, hop_value

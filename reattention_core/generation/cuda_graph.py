@@ -1,9 +1,8 @@
 """Decode steps and prefill chunks as CUDA graphs: record a step once, replay it for every later one.
 
-A decode step of the embedded model launches about 400 kernels (30 layers of norms, projections,
-selection, scope attention, MLP) through Python, and the host, not the GPU, sets the pace: on an
-H100 at 128K tokens the GPU was busy 4.4 ms of a 46 ms step (`benchmarks/profiling.py step`). A
-CUDA graph replays all those launches from one call.
+A decode step launches hundreds of small kernels (every layer's norms, projections, selection,
+scope attention, MLP) through Python, so the host, not the GPU, sets its pace; a CUDA graph replays
+all those launches from one call. `GraphPolicy` decides where graphs apply.
 
 A graph replays fixed launches with fixed arguments, but every step stores one more token. Three
 things make one recording serve all steps:
@@ -22,6 +21,7 @@ things make one recording serve all steps:
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -29,12 +29,17 @@ from reattention_core.attention import plan_scope, shiftable
 from reattention_core.config import ReAttentionConfig
 from reattention_core.hf import ReAttentionCache
 from reattention_core.hf._compat import cache_argument
+from reattention_core.store import KVStore
+from reattention_kernels import KernelOptions, resolve_backend, shifted_steps_supported
 
 ENV_VAR = "REATTENTION_CUDA_GRAPHS"
+# A step graph costs about three eager steps (warm-up, recording, first replay); fewer steps run eagerly.
+MIN_STEPS = 4
 
 
 def graphs_enabled() -> bool:
-    """``REATTENTION_CUDA_GRAPHS=0`` turns step graphs off (default: on where they apply)."""
+    """``REATTENTION_CUDA_GRAPHS=0`` turns step graphs off: the default of an engine's ``cuda_graphs``
+    (the only place the variable is read)."""
     value = os.environ.get(ENV_VAR, "1").strip().lower()
     if value not in ("0", "1", "off", "on", "false", "true", ""):
         raise ValueError(f"{ENV_VAR}={value!r}: use 1 (default) or 0")
@@ -73,7 +78,8 @@ class StepGraph:
     ) -> None:
         store = cache.store.graph_steps()
         if store is None:
-            raise TypeError(f"step graphs need a resident KVStore (its buffers stay put), not {type(cache.store).__name__}")
+            kind = type(cache.store).__name__
+            raise TypeError(f"step graphs need a resident KVStore (its buffers stay put), not {kind}")
         if tokens < 1:
             raise ValueError(f"tokens must be >= 1, got {tokens}")
         self.model, self.cache, self.store, self.config = model, cache, store, config
@@ -154,4 +160,44 @@ class StepGraph:
         self.graph, self.base = graph, n
 
 
-__all__ = ["StepGraph", "graphs_enabled"]
+@dataclass(frozen=True)
+class GraphPolicy:
+    """Where a generation's steps replay CUDA graphs (`StepGraph`), and the graphs for them.
+
+    Graphs apply on CUDA, for a store that runs graph steps, where every kernel takes its Triton path
+    for the model's shapes (a fallback kernel would read a step's shift on the host, inside the
+    capture), and not with ``mode="full"`` or when ``enabled`` is off.
+    """
+
+    model: torch.nn.Module
+    config: ReAttentionConfig
+    kernel_options: KernelOptions
+    enabled: bool = True
+
+    def applies(self, store: KVStore) -> bool:
+        device = next(self.model.parameters()).device
+        cfg = self.config
+        if not self.enabled or cfg.mode == "full" or device.type != "cuda" or store.graph_steps() is None:
+            return False
+        mc = self.model.config
+        head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
+        if not shifted_steps_supported(head_dim, cfg.top_k, cfg.max_blocks, cfg.block_size, self.kernel_options):
+            return False
+        return resolve_backend(torch.empty(0, device=device), self.kernel_options.backend) == "triton"
+
+    def prefill(self, cache: ReAttentionCache, num_tokens: int, max_length: int) -> StepGraph | None:
+        """A graph for the full-size chunks of a ``num_tokens`` prefill, where enough of them can shift."""
+        chunk = self.config.prefill_chunk_size
+        shiftable_from = self.config.sink_size + max(self.config.local_window, chunk)
+        if (num_tokens - shiftable_from) // chunk < MIN_STEPS or not self.applies(cache.store):
+            return None
+        return StepGraph(self.model, cache, self.config, max_length, tokens=chunk)
+
+    def decode(self, cache: ReAttentionCache, max_length: int, steps: int) -> StepGraph | None:
+        """A one-token graph for ``steps`` decode steps, where there are enough of them."""
+        if steps < MIN_STEPS or not self.applies(cache.store):
+            return None
+        return StepGraph(self.model, cache, self.config, max_length, tokens=1)
+
+
+__all__ = ["GraphPolicy", "StepGraph", "graphs_enabled"]

@@ -1,4 +1,5 @@
-"""What one generation is made of: a validated request, its text stream, and its result.
+"""What one generation is made of: a validated request, its text stream, and its result (and what a
+cache warm-up returns).
 
 `ReAttentionEngine.prepare` turns a prompt and sampling arguments into a `Request` (tokenised and
 checked: bad input raises there, before any work). `ReAttentionEngine.start` runs a request and
@@ -37,6 +38,23 @@ class GenerationResult:
     finish_reason: str
     token_ids: tuple[int, ...] = ()
     cached_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class PrefillResult:
+    """What `ReAttentionEngine.prefill` returns.
+
+    Attributes:
+        prompt_tokens: tokens of the text as rendered.
+        cached_tokens: of those, tokens that were already cached (memory or disk).
+        stored_tokens: tokens now cached (whole pages; the tail after the last full page is not).
+        prefilled_tokens: tokens computed by this call.
+    """
+
+    prompt_tokens: int
+    cached_tokens: int
+    stored_tokens: int
+    prefilled_tokens: int
 
 
 @dataclass(frozen=True)
@@ -108,4 +126,4 @@ class TextStream(Iterator[str]):
         self.close()
 
 
-__all__ = ["GenerationResult", "Request", "TextStream"]
+__all__ = ["GenerationResult", "PrefillResult", "Request", "TextStream"]

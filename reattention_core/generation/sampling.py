@@ -1,14 +1,27 @@
-"""Sampling, stop strings and incremental detokenisation for the engine's decode loop."""
+"""How the next token is picked: `SamplingParams` (validated once per request) and the `Sampler`."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Any, TypedDict
 
 import torch
 
 from reattention_core.errors import InvalidInputError
+
+
+class SamplingOptions(TypedDict, total=False):
+    """The sampling keyword arguments of `ReAttentionEngine.generate`, ``stream`` and ``prepare``."""
+
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int | None
+    stop: str | Sequence[str] | None
 
 
 @dataclass(frozen=True)
@@ -52,8 +65,27 @@ class SamplingParams:
             if not isinstance(s, str) or not s:
                 raise InvalidInputError(f"stop sequences must be non-empty strings, got {s!r}")
 
+    @classmethod
+    def of(cls, sampling: SamplingParams | None = None, **options: Any) -> SamplingParams:
+        """``sampling``, or the params the keyword ``options`` (`SamplingOptions`) describe; not both.
+
+        Unknown keywords raise `TypeError`, as they would in a signature that lists them.
+        """
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - names)
+        if unknown:
+            raise TypeError(f"unexpected keyword argument(s): {', '.join(unknown)}")
+        if sampling is not None:
+            if not isinstance(sampling, SamplingParams):
+                raise InvalidInputError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
+            if options:
+                raise InvalidInputError(f"pass sampling=SamplingParams(...) or {', '.join(sorted(options))}=, not both")
+            return sampling
+        stop = cls.normalize_stop(options.pop("stop", None))
+        return dataclasses.replace(cls(stop=stop), **options)
+
     @staticmethod
-    def normalize_stop(stop: str | Sequence[str] | None) -> tuple[str, ...]:
+    def normalize_stop(stop: object) -> tuple[str, ...]:
         if stop is None:
             return ()
         if isinstance(stop, str):
@@ -92,57 +124,3 @@ class Sampler:
             logits[order[drop]] = float("-inf")
         probs = logits.softmax(-1)
         return int(torch.multinomial(probs, 1, generator=self.generator))
-
-
-class TextAssembler:
-    """Turns generated token ids into safe-to-emit text deltas, honouring stop strings.
-
-    Text that could still become a stop string, and a trailing incomplete UTF-8 character, is
-    held back until it is resolved.
-    """
-
-    def __init__(self, tokenizer: object, stop: tuple[str, ...]) -> None:
-        self.tokenizer = tokenizer
-        self.stop = stop
-        self.ids: list[int] = []
-        self.emitted = 0
-        self.text = ""
-        self.stopped = False
-
-    def push(self, token_id: int) -> str:
-        """Add a token; return the new text that is safe to show (maybe empty)."""
-        self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):
-            return ""
-        self.text = text
-        cut = self._first_stop(text)
-        if cut is not None:
-            self.stopped = True
-            self.text = text[:cut]
-            return self._emit(cut)
-        return self._emit(len(text) - self._held_back(text))
-
-    def finish(self) -> str:
-        """Everything not yet emitted (call once generation has ended)."""
-        return self._emit(len(self.text))
-
-    def _emit(self, end: int) -> str:
-        if end <= self.emitted:
-            return ""
-        delta = self.text[self.emitted : end]
-        self.emitted = end
-        return delta
-
-    def _first_stop(self, text: str) -> int | None:
-        hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
-        return min(hits) if hits else None
-
-    def _held_back(self, text: str) -> int:
-        longest = 0
-        for s in self.stop:
-            for n in range(min(len(s) - 1, len(text)), longest, -1):
-                if text.endswith(s[:n]):
-                    longest = n
-                    break
-        return longest

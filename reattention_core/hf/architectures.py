@@ -8,6 +8,7 @@ and the registered attention function: that is the seam ReAttention uses.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -78,6 +79,14 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 def final_norm(model: torch.nn.Module) -> torch.nn.Module:
     return backbone(model).norm
+
+
+def kv_shape(config: Any) -> tuple[int, int]:
+    """``(KV heads, head dim)`` of a model config: the shape of each token's keys and values."""
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return int(kv_heads), int(head_dim)
 
 
 def pretraining_window(config: object) -> int:

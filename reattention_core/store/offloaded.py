@@ -310,3 +310,8 @@ def _pages_upto(pages: list[tuple[torch.Tensor, torch.Tensor]], tokens: int) -> 
         kept.append((k[:, :n], v[:, :n]))
         at += n
     return kept
+
+
+def make_store(num_layers: int, offload: OffloadConfig | None, device: torch.device) -> ResidentStore:
+    """An empty store for a model on ``device``: resident, or offloaded as ``offload`` says."""
+    return ResidentStore(num_layers) if offload is None else OffloadedStore(num_layers, offload, device)

@@ -419,7 +419,7 @@ def test_a_corpus_tail_page_is_reused_from_disk_and_verified(tmp_path, caplog):
     corpus = text(5 * PAGE + 20, seed=3)
     cold = ReAttentionEngine(model, ByteTokenizer(), CFG, cache=False)
     first = make_engine(tmp_path, model=model)
-    b = len(first._context_prefix_ids(corpus))
+    b = len(first.prompts.context_prefix_ids(corpus))
     assert b // PAGE == 5 and b % PAGE
     assert first.generate("what now?", context=corpus, max_new_tokens=4).cached_tokens == 0
     files = pages(tmp_path)

@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-import reattention_core.engine as engine_mod
+import reattention_core.generation.loop as loop_mod
 from reattention_core import (
     CacheConfig,
     CacheError,
@@ -48,7 +48,7 @@ class LogitsSpy:
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.logits: list[torch.Tensor] = []
-        real = engine_mod.run_prefill
+        real = loop_mod.run_prefill
 
         def spy(*args, **kwargs):
             out = real(*args, **kwargs)
@@ -56,7 +56,7 @@ class LogitsSpy:
                 self.logits.append(out.clone())
             return out
 
-        monkeypatch.setattr(engine_mod, "run_prefill", spy)
+        monkeypatch.setattr(loop_mod, "run_prefill", spy)
 
 
 def test_page_keys_form_a_hash_chain():
@@ -124,7 +124,7 @@ def test_questions_never_modify_the_cached_corpus(monkeypatch):
     engine.generate("first question?", context=corpus, max_new_tokens=12)
     seg = engine._prefix.memory._segments[0]
     snapshot = [tuple(t.clone() for t in seg.store.view(layer)) for layer in range(2)]
-    b = len(engine._context_prefix_ids(corpus))  # the corpus is cached to its last token
+    b = len(engine.prompts.context_prefix_ids(corpus))  # the corpus is cached to its last token
     for q in ("a much longer second question " * 6, "third?"):
         res = engine.generate(q, context=corpus, max_new_tokens=12, temperature=1.0, seed=5)
         assert res.cached_tokens == b
@@ -173,7 +173,7 @@ def test_prefill_warms_the_context_and_reports_cached_tokens():
     engine = make_engine(model=model)
     corpus = text(500, seed=4)
     first = engine.prefill(context=corpus, progress=False)
-    assert first.prompt_tokens == len(engine._context_prefix_ids(corpus))
+    assert first.prompt_tokens == len(engine.prompts.context_prefix_ids(corpus))
     assert first.stored_tokens == first.prompt_tokens and first.prefilled_tokens == first.stored_tokens
     again = engine.prefill(context=corpus, progress=False)
     assert again.cached_tokens == again.stored_tokens and again.prefilled_tokens == 0
@@ -210,7 +210,7 @@ def test_context_goes_first_and_system_messages_stay_before_it():
     msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "Q?"}]
     ids = engine.encode(msgs, context="DOC")
     assert ByteTokenizer().decode(ids) == "<system>be brief\n<user>DOC\n\nQ?\n<assistant>"
-    prefix = engine._context_prefix_ids("DOC")
+    prefix = engine.prompts.context_prefix_ids("DOC")
     assert engine.encode("other question", context="DOC")[: len(prefix)] == prefix
     with pytest.raises(Exception, match="needs a user message"):
         engine.encode([{"role": "system", "content": "x"}], context="DOC")
@@ -218,7 +218,7 @@ def test_context_goes_first_and_system_messages_stay_before_it():
 
 def test_embedded_model_chat_context_is_a_stable_prefix(embedded_engine):
     corpus = "The lighthouse keeper counted ships every night. " * 40
-    prefix = embedded_engine._context_prefix_ids(corpus)
+    prefix = embedded_engine.prompts.context_prefix_ids(corpus)
     for q in ("Who counted ships?", "What did the keeper count, and when?"):
         ids = embedded_engine.encode(q, context=corpus)
         assert ids[: len(prefix)] == prefix  # the corpus tokens exactly as a question's prompt has them
@@ -232,7 +232,7 @@ def test_embedded_model_warm_answer_is_identical_to_cold(embedded_engine, monkey
     warm_engine = ReAttentionEngine(e.model, e.tokenizer, e.config, model_name=e.model_name, cache=cache)
     cold_engine = ReAttentionEngine(e.model, e.tokenizer, e.config, model_name=e.model_name, cache=False)
     corpus = "Mira keeps bees on the hill behind the mill; the hives face east. " * 40
-    assert len(e._context_prefix_ids(corpus)) > 512
+    assert len(e.prompts.context_prefix_ids(corpus)) > 512
     stored = warm_engine.prefill(context=corpus, progress=False).stored_tokens
     assert stored >= 512
     spy.logits.clear()
@@ -277,7 +277,7 @@ def test_each_question_over_a_cached_corpus_prefills_only_itself(arch, monkeypat
     model = tiny_model(arch)
     corpus = text(450, seed=12)
     engine = make_engine(model=model)
-    b = len(engine._context_prefix_ids(corpus))
+    b = len(engine.prompts.context_prefix_ids(corpus))
     assert b % PAGE and b % CFG.prefill_chunk_size  # the corpus ends inside a page and inside a chunk
     assert engine.generate("Which word comes first?", context=corpus, max_new_tokens=6).cached_tokens == 0
     cold_engine = make_engine(model=model, cache=False)

@@ -202,7 +202,7 @@ def _generating_child(conn, folder: str, plan: dict[str, Any] | None) -> None:
     dc.DiskCache.save = save
     if plan is not None and plan["mode"] != "timed":
         _install_stall(conn, plan)
-    boundary = len(engine._context_prefix_ids(CORPUS))
+    boundary = len(engine.prompts.context_prefix_ids(CORPUS))
     conn.send(("ready", boundary))
     t0 = time.perf_counter()
     result = engine.generate(QUESTION, context=CORPUS, max_new_tokens=NEW_TOKENS, progress=False)

@@ -78,8 +78,9 @@ def test_engine_uses_no_graph_off_cuda():
     from reattention_core import ReAttentionCache
     from reattention_core.store import ResidentStore
 
-    assert engine._decode_graph(ReAttentionCache(ResidentStore(2)), 100, 50) is None
-    assert engine._prefill_graph(ReAttentionCache(ResidentStore(2)), 1000, 1100) is None
+    graphs = engine._graphs()
+    assert graphs.decode(ReAttentionCache(ResidentStore(2)), 100, 50) is None
+    assert graphs.prefill(ReAttentionCache(ResidentStore(2)), 1000, 1100) is None
 
 
 def test_a_graph_runs_steps_of_its_own_size_only():
@@ -102,3 +103,17 @@ def test_graphs_are_used_only_where_every_kernel_has_its_triton_path():
     assert not shifted_steps_supported(48, 4, 32, 32)  # not a power of two
     assert not shifted_steps_supported(64, 9, 32, 32)  # top_k over the kernel's 8
     assert not shifted_steps_supported(64, 4, 512, 64)  # selection tile over the register budget
+
+
+def test_cuda_graphs_is_an_engine_argument_whose_default_the_environment_sets(monkeypatch):
+    model = tiny_model("llama")
+    monkeypatch.setenv("REATTENTION_CUDA_GRAPHS", "0")
+    assert ReAttentionEngine(model, ByteTokenizer(), CFG, cache=False).cuda_graphs is False
+    monkeypatch.delenv("REATTENTION_CUDA_GRAPHS")
+    assert ReAttentionEngine(model, ByteTokenizer(), CFG, cache=False).cuda_graphs is True
+    engine = ReAttentionEngine(model, ByteTokenizer(), CFG, cache=False, cuda_graphs=False)
+    assert engine.cuda_graphs is False and not engine._graphs().enabled
+    from reattention_core import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match="cuda_graphs"):
+        ReAttentionEngine(model, ByteTokenizer(), CFG, cache=False, cuda_graphs="no")

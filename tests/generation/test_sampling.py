@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from reattention_core.errors import InvalidInputError
-from reattention_core.generation.sampling import Sampler, SamplingParams, TextAssembler
+from reattention_core.generation.sampling import Sampler, SamplingParams
+from reattention_core.generation.text import TextAssembler
 from tests.helpers import ByteTokenizer
 
 
@@ -76,3 +77,29 @@ def test_top_k_and_top_p_restrict_the_candidates():
 def test_bad_sampling_params_raise_typed_errors(kwargs, match):
     with pytest.raises(InvalidInputError, match=match):
         SamplingParams(**kwargs)
+
+
+def test_sampling_options_come_once_as_params_or_as_keywords():
+    params = SamplingParams.of(max_new_tokens=5, temperature=0.5, stop="x")
+    assert params == SamplingParams(max_new_tokens=5, temperature=0.5, stop=("x",))
+    assert SamplingParams.of(params) is params
+    with pytest.raises(InvalidInputError, match="not both"):
+        SamplingParams.of(params, top_k=3)
+    with pytest.raises(TypeError, match="max_tokens"):
+        SamplingParams.of(max_tokens=5)
+    with pytest.raises(InvalidInputError, match="temperature"):
+        SamplingParams.of(temperature=-1.0)
+
+
+def test_the_engine_takes_sampling_params_as_its_keywords():
+    from reattention_core import ReAttentionConfig, ReAttentionEngine
+    from tests.helpers import tiny_model
+
+    cfg = ReAttentionConfig(sink_size=4, block_size=4, top_k=1, max_blocks=2, local_window=32, prefill_chunk_size=16)
+    engine = ReAttentionEngine(tiny_model("llama"), ByteTokenizer(), cfg, cache=False)
+    by_keywords = engine.generate("abc " * 20, max_new_tokens=4, temperature=0.8, seed=3)
+    by_params = engine.generate("abc " * 20, sampling=SamplingParams(max_new_tokens=4, temperature=0.8, seed=3))
+    assert by_params.token_ids == by_keywords.token_ids and by_params.completion_tokens == 4
+    assert engine.prepare("abc", sampling=SamplingParams(max_new_tokens=2)).params.max_new_tokens == 2
+    with pytest.raises(TypeError, match="max_tokens"):
+        engine.stream("abc", max_tokens=4)

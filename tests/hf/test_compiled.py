@@ -68,7 +68,7 @@ def test_a_compiling_engine_caches_under_its_own_fingerprint(tmp_path) -> None:
     model = tiny_model("llama")
     eager = ReAttentionEngine(model, ByteTokenizer(), CFG, cache=True)
     compiled = ReAttentionEngine(model, ByteTokenizer(), CFG, cache=True, compile_model=True)
-    a, b = eager._fingerprint(), compiled._fingerprint()
+    a, b = eager._prefix.fingerprint(eager._settings()), compiled._prefix.fingerprint(compiled._settings())
     assert "compiled" not in a.components  # eager engines keep the fingerprints (and pages) they had
     assert b.components["compiled"] == "inductor+fused-projections+row-reductions" and a.root != b.root
     assert b.differences(a.components) == ["compiled"]

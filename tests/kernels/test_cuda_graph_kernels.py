@@ -46,12 +46,12 @@ def test_recorded_graph_replays_equal_emulated_replays(arch, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("cache", [False, True])
-def test_engine_generates_the_same_text_with_and_without_graphs(monkeypatch, cache):
+def test_engine_generates_the_same_text_with_and_without_graphs(cache):
     model = _model()
     prompt = "the quick brown fox jumps over the lazy dog; " * 3
-    engine = ReAttentionEngine(model, ByteTokenizer(), CFG, backend="triton", cache=cache)
+    engine = ReAttentionEngine(model, ByteTokenizer(), CFG, backend="triton", cache=cache, cuda_graphs=True)
     with_graphs = engine.generate(prompt, max_new_tokens=20)
-    monkeypatch.setenv("REATTENTION_CUDA_GRAPHS", "0")
+    engine.cuda_graphs = False
     without = engine.generate(prompt, max_new_tokens=20)
     assert with_graphs.token_ids == without.token_ids and len(without.token_ids) == 20
 

@@ -72,7 +72,7 @@ def test_only_the_merge_epilogue_changes_the_fingerprint():
     def root(**options) -> str:
         engine = ReAttentionEngine(model, ByteTokenizer(), CFG, kernel_options=KernelOptions(**options),
                                    cache=CacheConfig(disk=False))  # fmt: skip
-        return engine._fingerprint().root
+        return engine._prefix.fingerprint(engine._settings()).root
 
     plain = root(backend="triton")
     assert root(backend="triton", fuse_decode_selection=True) == plain

@@ -91,7 +91,7 @@ CFG = ReAttentionConfig(sink_size=4, block_size=4, top_k=2, max_blocks=6, local_
 
 
 def _logits(engine: ReAttentionEngine, ids: list[int]) -> tuple[torch.Tensor, object]:
-    store = engine._fresh_store(len(ids) + 1)
+    store = engine._runner.fresh_store(len(ids) + 1)
     with enable_reattention(engine.model, engine.config, backend=engine.backend):
         cache = ReAttentionCache(store)
         ids_t = torch.tensor([ids], device=engine.device)
@@ -143,7 +143,7 @@ def test_the_offload_budget_reads_fewer_blocks_and_refinement_reads_more():
         engine = ReAttentionEngine(
             model, ByteTokenizer(), CFG, cache=False, offload=OffloadConfig(block=8, budget=3, refine=refine, pin=False)
         )
-        store = engine._fresh_store(len(ids) + 1)
+        store = engine._runner.fresh_store(len(ids) + 1)
         stores[refine] = store
         with enable_reattention(engine.model, engine.config):
             run_prefill(engine.model, torch.tensor([ids]), ReAttentionCache(store), 16)
@@ -263,7 +263,7 @@ def test_a_store_spilled_to_mapped_files_computes_the_same_and_leaves_no_files(t
     model = tiny_model("llama")
     resident, spilled = _engines(model, CFG, keys=keys, spill_dir=tmp_path)
     ids = random_ids(300, seed=8)[0].tolist()
-    store = spilled._fresh_store(16)  # small: it must grow (into new mapped files) while prefilling
+    store = spilled._runner.fresh_store(16)  # small: it must grow (into new mapped files) while prefilling
     with enable_reattention(model, CFG):
         got = run_prefill(model, torch.tensor([ids]), ReAttentionCache(store), CFG.prefill_chunk_size)
     want, _ = _logits(resident, ids)
