@@ -5,6 +5,7 @@
     reattention eval ruler --tasks niah_multikey_1 vt --lengths 4K 16K --out results/ruler.jsonl
     reattention eval qa --sizes 2K 8K --questions 12 --out results/qa.jsonl --plot results/qa.png
     reattention eval report results/passkey.jsonl --plot results/passkey.png
+    reattention eval trace --length 128K --depth 0.5 0.49 --check-reference --out trace.json
 """
 
 from __future__ import annotations
@@ -262,3 +263,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     rep.add_argument("results", type=Path, nargs="+")
     rep.add_argument("--plot", type=Path, default=None)
     rep.set_defaults(func=cmd_report)
+
+    from reattention_core.evaluation.trace import register as register_trace
+
+    register_trace(evsub, common)
