@@ -289,7 +289,7 @@ class ReAttentionEngine:
             ids = self.prompts.context_prefix_ids(context)
         elif isinstance(prompt, str):
             ids = self.encode(prompt)
-        else:
+        elif prompt is not None:
             ids = self.prompts.encode_messages(prompt, add_generation_prompt=False)
         page = self.cache_config.page_size_for(self.config)
         # A corpus (context=) is cached to its last token, tail page included, so that each later

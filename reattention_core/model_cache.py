@@ -30,6 +30,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -196,7 +197,7 @@ def discard(folder: Path) -> None:
     shutil.rmtree(folder, ignore_errors=True)
 
 
-def save(model: torch.nn.Module, tokenizer: object, gguf: Path, dtype: torch.dtype) -> Path | None:
+def save(model: torch.nn.Module, tokenizer: Any, gguf: Path, dtype: torch.dtype) -> Path | None:
     """Write ``model`` and ``tokenizer``, just loaded from ``gguf`` at ``dtype``; returns the folder.
 
     Never raises for a cache that cannot be written: it logs a warning and returns ``None``.
@@ -243,7 +244,7 @@ def save(model: torch.nn.Module, tokenizer: object, gguf: Path, dtype: torch.dty
         return None
 
 
-def _write(model: torch.nn.Module, tokenizer: object, folder: Path) -> None:
+def _write(model: torch.nn.Module, tokenizer: Any, folder: Path) -> None:
     from safetensors.torch import save_model
 
     # transformers refuses to `save_pretrained` a GGUF-loaded model (it counts as quantized), so the
@@ -257,7 +258,7 @@ def _write(model: torch.nn.Module, tokenizer: object, folder: Path) -> None:
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(folder)
     save_model(model, str(folder / WEIGHTS), metadata={"format": "pt"})  # tied weights are written once
-    tokenizer.save_pretrained(folder)  # type: ignore[attr-defined]
+    tokenizer.save_pretrained(folder)
 
 
 def _sweep(root: Path, source: ConversionSource) -> None:

@@ -59,7 +59,7 @@ from reattention_integrations.errors import UnsupportedMessageError
 
 # What `metadata.context_window` reports when the config sets no `max_context`. ReAttention has no
 # context limit other than memory (keys and values grow by a fixed size per token); this is the
-# longest context the package has been measured at (1M tokens, benchmarks/README.md), large enough
+# longest context the package has been measured at (1M tokens), large enough
 # that LlamaIndex never splits a corpus that fits in memory. Set `config={"max_context": N}` to
 # advertise (and enforce) a smaller one.
 MEMORY_BOUND_CONTEXT_WINDOW = 1 << 20

@@ -227,8 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--offload-block", type=int, default=64, metavar="TOKENS",
                         help="tokens per bounded block of the host store (default 64)")
     common.add_argument("--compile", action="store_true",
-                        help="compile the model's decoder layers with torch.compile: faster steps on GPUs (about "
-                        "1.4x decode at 128K on an H100) after a first call that compiles for tens of seconds")
+                        help="compile the model's decoder layers with torch.compile: faster steps on GPUs, after a "
+                        "first call that compiles for tens of seconds")
     common.add_argument("--spill-dir", default=None, metavar="DIR",
                         help="with --offload: keep the host side in memory-mapped files in DIR (beyond RAM)")
     sub = ap.add_subparsers(dest="command", required=True)

@@ -22,11 +22,12 @@ from reattention_kernels import scope_attention
 class LayerKV(Protocol):
     """One layer's stored keys and values, as the attention step reads them.
 
-    Attributes:
-        total: tokens stored, the step's own queries included (the host's count under a shift).
     """
 
-    total: int
+    @property
+    def total(self) -> int:
+        """Tokens stored, the step's own queries included (the host's count under a shift)."""
+        ...
 
     def select(self, q: torch.Tensor, plan: ScopePlan, step: LayerStep) -> Selection:
         """Score the middle's keys with the voting rows ``q [B, TQ, HQ, D]`` (exact top-k per row and

@@ -259,7 +259,7 @@ class CacheDirectory:
 
         Only regular files named like pages, in folders named like namespaces, count (see the module doc).
         """
-        pages = []
+        pages: list[tuple[int, int, int, Path]] = []
         for ns in namespace_folders(self.dir):
             if sweep:
                 sweep_temporaries(ns)

@@ -146,9 +146,8 @@ def _read_page_pinned(path: str) -> tuple[dict[str, Any], torch.Tensor] | None:
     """Read a page file's data section straight into a pinned host buffer (for a GPU store).
 
     One ``readinto`` per file instead of mapping it and copying the mapping into pinned memory:
-    that halves the host memory traffic and avoids a page fault per 4 KiB (about 2x faster on
-    the machines measured). Returns ``None`` when no pinned memory can be had (the caller maps
-    the file instead).
+    that halves the host memory traffic and avoids a page fault per 4 KiB. Returns ``None`` when
+    no pinned memory can be had (the caller maps the file instead).
     """
     with os.fdopen(open_regular(path), "rb", buffering=0) as fh:
         size = os.fstat(fh.fileno()).st_size

@@ -17,7 +17,7 @@ from __future__ import annotations
 import datetime
 import functools
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -89,8 +89,6 @@ class ShardedEngine:
     def is_leader(self) -> bool:
         return self.rank == 0
 
-    # -- whole generations, called on every rank --------------------------------------------------
-
     def generate(
         self,
         prompt: Any = None,
@@ -121,11 +119,9 @@ class ShardedEngine:
             except StopIteration as done:
                 return done.value
 
-    # -- leader ------------------------------------------------------------------------------------
-
     def run(
         self, ids: list[int], params: SamplingParams, *, progress: bool | None = None, boundary: int | None = None
-    ) -> Iterator[str]:
+    ) -> Generator[str, None, GenerationResult]:
         """Rank 0: broadcast a validated job, then generate it (a generator like `ReAttentionEngine.start`'s stream).
 
         Text deltas are yielded; the `GenerationResult` is the ``StopIteration`` value. Closing
@@ -152,7 +148,7 @@ class ShardedEngine:
 
     def _lead(
         self, ids: list[int], params: SamplingParams, progress: bool | None, boundary: int | None
-    ) -> Iterator[str]:
+    ) -> Generator[str, None, GenerationResult]:
         text = TextAssembler(self.engine.tokenizer, params.stop)
         with self._session(ids, params, progress, boundary) as (steps, logits):
             told = False
@@ -170,8 +166,6 @@ class ShardedEngine:
             yield tail
         return text.result(prompt_tokens=len(ids), cached_tokens=0, max_new_tokens=params.max_new_tokens)
 
-    # -- followers ---------------------------------------------------------------------------------
-
     def follow(self, *, once: bool = False) -> None:
         """Ranks > 0: run rank 0's jobs until it shuts down (``once``: a single job)."""
         while True:
@@ -187,8 +181,6 @@ class ShardedEngine:
                         pass
             if once:
                 return
-
-    # -- shared ------------------------------------------------------------------------------------
 
     @contextmanager
     def _session(

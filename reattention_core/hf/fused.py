@@ -2,9 +2,8 @@
 
 A decoder layer projects its normed input three times for attention (``q_proj``, ``k_proj``,
 ``v_proj``) and twice for the MLP (``gate_proj``, ``up_proj``). At decode, with one token, each is a
-tiny latency-bound GEMM: on an H100 the embedded model's seven GEMMs per layer took 0.72 ms of a
-6.4 ms 1M-token decode step (`benchmarks/README.md`). Concatenating the weights of each group turns
-them into one GEMM per group (seven become four), without touching the modeling code:
+tiny latency-bound GEMM. Concatenating the weights of each group turns them into one GEMM per group
+(seven become four), without touching the modeling code:
 
 * each group's weights are copied into one ``[sum(out), in]`` tensor, and the original
   ``nn.Linear`` modules' weights become views of it (no second copy stays in memory);
@@ -15,16 +14,14 @@ them into one GEMM per group (seven become four), without touching the modeling 
 * on exit the original modules are put back, and their weights get storage of their own again.
 
 **One-row products as reductions** (``row_reductions=True``, which compiled layers ask for). A decode
-step multiplies one row by each matrix, and cuBLAS takes 3.7-4 us per such GEMM at the embedded model's
-sizes where reading the weights takes under 1 us. Written as a multiply and a sum in fp32,
+step multiplies one row by each matrix, and a GEMM library takes several times longer for it than
+reading a small weight does. Written as a multiply and a sum in fp32,
 ``(x * W).sum(-1)``, the product is a row reduction that Inductor compiles into one Triton kernel and
 fuses with the elementwise ops around it (the residual add after ``o_proj`` and ``down_proj``, the
 activation after ``gate_up``). So with it ``o_proj`` and ``down_proj`` are wrapped too, as groups of
 one, and every one-row product with a weight of at most `ROW_REDUCTION_MAX_ELEMENTS` takes that form;
-other shapes keep ``F.linear``. On an H200 the four projections of a layer went from 21.2 to 11.9 us
-per decode step at the embedded model's sizes, and from 126 to 175 us (slower) at Llama-3.1-8B's,
-hence the size limit (docs/design-notes.md). Eagerly the form would materialise the
-``[N, K]`` product, so only compiled layers use it.
+other shapes keep ``F.linear`` (larger weights were slower as reductions; docs/design-notes.md).
+Eagerly the form would materialise the ``[N, K]`` product, so only compiled layers use it.
 
 Only plain ``nn.Linear`` groups on one device and dtype, all with a bias or none, and without hooks,
 are fused; anything else (quantised or adapter-wrapped layers, accelerate's offload hooks) is left
@@ -35,7 +32,7 @@ already round differently from eager ones and carry a prefix-cache fingerprint o
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -53,7 +50,7 @@ GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
 SINGLES: tuple[tuple[str, tuple[str, ...]], ...] = (("self_attn", ("o_proj",)), ("mlp", ("down_proj",)))
 # Largest weight (elements) whose one-row product is a reduction: the embedded model's largest is 1.8M
 # (gate/up, 3072 x 576), faster as a reduction; Llama-3.1-8B's smallest, 16.8M (o_proj), was slower
-# (H200; docs/design-notes.md). Nothing in between was measured.
+# (docs/design-notes.md). Nothing in between was measured.
 ROW_REDUCTION_MAX_ELEMENTS = 1 << 22
 
 
@@ -110,7 +107,7 @@ class _Part(nn.Module):
         return _product(x, linear.weight, linear.bias, fused.row_reductions)
 
 
-def _fusable(linears: list[nn.Module]) -> bool:
+def _fusable(linears: Sequence[nn.Module]) -> bool:
     if not all(type(m) is nn.Linear for m in linears):
         return False
     first = linears[0].weight
@@ -128,26 +125,27 @@ def _fusable(linears: list[nn.Module]) -> bool:
 
 @torch.no_grad()
 def _fuse(parent: nn.Module, names: tuple[str, ...], row_reductions: bool) -> list[nn.Linear] | None:
-    linears = [getattr(parent, n, None) for n in names]
-    if any(m is None for m in linears) or not _fusable(linears):  # type: ignore[arg-type]
+    linears = [m for m in (getattr(parent, n, None) for n in names) if isinstance(m, nn.Linear)]
+    if len(linears) != len(names) or not _fusable(linears):
         return None
-    weight = torch.cat([m.weight for m in linears])  # type: ignore[union-attr]
-    bias = None if linears[0].bias is None else torch.cat([m.bias for m in linears])  # type: ignore[union-attr,misc]
-    fused = _Fused(weight, bias, [m.out_features for m in linears], row_reductions)  # type: ignore[union-attr]
+    weight = torch.cat([m.weight for m in linears])
+    biases = [m.bias for m in linears if m.bias is not None]  # all or none (`_fusable`)
+    bias = torch.cat(biases) if biases else None
+    fused = _Fused(weight, bias, [m.out_features for m in linears], row_reductions)
     start = 0
-    for i, (name, m) in enumerate(zip(names, linears)):
-        end = start + m.out_features  # type: ignore[union-attr]
-        m.weight.data = fused.weight.data[start:end]  # type: ignore[union-attr]
-        if bias is not None:
-            m.bias.data = fused.bias.data[start:end]  # type: ignore[union-attr]
+    for i, (name, m) in enumerate(zip(names, linears, strict=True)):
+        end = start + m.out_features
+        m.weight.data = fused.weight.data[start:end]
+        if m.bias is not None and fused.bias is not None:
+            m.bias.data = fused.bias.data[start:end]
         start = end
-        setattr(parent, name, _Part(fused, i, m))  # type: ignore[arg-type]
-    return linears  # type: ignore[return-value]
+        setattr(parent, name, _Part(fused, i, m))
+    return linears
 
 
 @torch.no_grad()
 def _unfuse(parent: nn.Module, names: tuple[str, ...], linears: list[nn.Linear]) -> None:
-    for name, m in zip(names, linears):
+    for name, m in zip(names, linears, strict=True):
         setattr(parent, name, m)
         m.weight.data = m.weight.data.clone()
         if m.bias is not None:

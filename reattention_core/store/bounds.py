@@ -87,7 +87,7 @@ class KeyBounds:
         self.kmax[:, span] = torch.maximum(self.kmax[:, span], hi)
         self.tokens += t
 
-    def truncate(self, tokens: int, keys: torch.Tensor) -> None:
+    def truncate(self, tokens: int, keys: torch.Tensor | TokenSegments) -> None:
         """Forget tokens from ``tokens`` on; ``keys`` ``[B, >= tokens, H, D]`` rebuild the last partial block."""
         if tokens >= self.tokens:
             return
@@ -136,7 +136,7 @@ class CandidateResult:
 
 def candidate_topk(
     q: torch.Tensor,
-    keys: torch.Tensor,
+    keys: torch.Tensor | TokenSegments,
     bounds: KeyBounds,
     top_k: int,
     *,

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from reattention_core.attention import ScopePlan, Selection, attend_scope
+from reattention_core.attention import LayerKV, ScopePlan, Selection, attend_scope
 from reattention_core.attention.selection import select_from_middle_hits, select_in_keys
 from reattention_core.attention.step import LayerStep
 from reattention_core.errors import InvalidInputError
@@ -53,10 +53,9 @@ class OffloadConfig:
         map_pages: with ``keys="host"``, a prefix restored from the persistent cache's page files
             stays in those files (memory-mapped, read-only, see `OffloadedStore`) instead of being
             copied into pinned host buffers: restoring a corpus costs no host memory of its own,
-            and the store may be larger than RAM. The same results either way, but slower steps:
-            on an H100 at 128K tokens (budget 64) restoring took 3.5 s instead of 7.2 s while
-            decode took 284 instead of 133 ms/token (read from many page mappings; see
-            benchmarks/README.md). Off by default: turn it on for corpora that do not fit in RAM.
+            and the store may be larger than RAM. The same results either way, but faster restores
+            and slower steps (selection reads from many page mappings). Off by default: turn it on
+            for corpora that do not fit in RAM.
     """
 
     keys: str = "host"
@@ -132,7 +131,7 @@ class OffloadedStore(ResidentStore):
         """None: steps copy their scope from host memory, which a recorded graph cannot replay."""
         return None
 
-    def layer(self, layer: int, *, shift: torch.Tensor | None = None) -> OffloadedLayer:
+    def layer(self, layer: int, *, shift: torch.Tensor | None = None) -> LayerKV:
         if shift is not None:
             raise RuntimeError("an offloaded store runs no CUDA-graph steps (its graph_steps() is None)")
         return OffloadedLayer(self, layer)

@@ -69,8 +69,10 @@ class ShiftableStore(KVStore, Protocol):
 class CachedStore(KVStore, Protocol):
     """A store the prefix cache keeps between prompts and restores pages into."""
 
-    #: whether `adopt` keeps restored page tensors by reference (memory-mapped files) instead of copying them
-    maps_pages: bool
+    @property
+    def maps_pages(self) -> bool:
+        """Whether `adopt` keeps restored page tensors by reference (mapped files) instead of copying them."""
+        ...
 
     def capacity(self, layer: int = 0) -> int:
         """Tokens ``layer`` holds before its buffers grow."""

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from reattention_core.attention import ScopePlan, Selection, attend_scope
+from reattention_core.attention import LayerKV, ScopePlan, Selection, attend_scope
 from reattention_core.attention.selection import select_in_keys
 from reattention_core.attention.step import LayerStep
 from reattention_core.errors import StoreMemoryError
@@ -72,23 +72,25 @@ class ResidentStore:
         self._reserved = 0
         self.grow_events = 0  # number of reallocations, exposed for tests and benchmarks
 
-    # Whether `adopt` keeps restored cache pages by reference (`reattention_core.store.offloaded.OffloadedStore`).
-    maps_pages = False
+    @property
+    def maps_pages(self) -> bool:
+        """Whether `adopt` keeps restored cache pages by reference (`reattention_core.store.offloaded`): no."""
+        return False
 
     def graph_steps(self) -> ResidentStore | None:
         """Itself: its buffers stay put once reserved, so steps can be recorded and replayed with a shift."""
         return self
 
-    def layer(self, layer: int, *, shift: torch.Tensor | None = None) -> ResidentLayer:
+    def layer(self, layer: int, *, shift: torch.Tensor | None = None) -> LayerKV:
         """``layer``'s tokens for the attention step; under a ``shift``, its whole buffers (the kernels
         read the stored rows through the shifted lengths)."""
         if shift is None:
             keys, values = self.buffer_view(layer)
-        else:
-            keys, values = self._keys[layer], self._values[layer]
-            if keys is None or values is None:
-                raise RuntimeError(f"layer {layer} holds no tokens yet")
-        return ResidentLayer(keys, values, self._lengths[layer])
+            return ResidentLayer(keys, values, self._lengths[layer])
+        whole_keys, whole_values = self._keys[layer], self._values[layer]
+        if whole_keys is None or whole_values is None:
+            raise RuntimeError(f"layer {layer} holds no tokens yet")
+        return ResidentLayer(whole_keys, whole_values, self._lengths[layer])
 
     def length(self, layer: int = 0) -> int:
         """Tokens stored for ``layer``."""
@@ -143,9 +145,10 @@ class ResidentStore:
             self._values[layer] = self._new_buffer("values", (v.shape[0], cap, v.shape[2], v.shape[3]), dtype, device)
         start = self._lengths[layer] - base  # buffer rows
         end = start + tq
-        rows = self._keys[layer].shape[1]
-        if end > rows:
-            self._grow(layer, max(end, 2 * rows))
+        allocated = self._keys[layer]
+        assert allocated is not None
+        if end > allocated.shape[1]:
+            self._grow(layer, max(end, 2 * allocated.shape[1]))
         keys, values = self._keys[layer], self._values[layer]
         assert keys is not None and values is not None
         # Pages restored from disk arrive in pinned host memory: copy them asynchronously, so the

@@ -46,8 +46,6 @@ class TokenSegments:
         self.dtype = first.dtype
         self.device = first.device
 
-    # -- tensor-like attributes ------------------------------------------------------------------
-
     @property
     def is_cuda(self) -> bool:
         return self.device.type == "cuda"
@@ -66,8 +64,6 @@ class TokenSegments:
 
     def __repr__(self) -> str:
         return f"TokenSegments(shape={tuple(self.shape)}, parts={len(self.parts)}, dtype={self.dtype})"
-
-    # -- reading ---------------------------------------------------------------------------------
 
     def row(self, i: int) -> TokenSegments:
         """Batch row ``i`` as a ``[1, T, H, D]`` sequence (views, no copy)."""

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from reattention_core.attention import ScopePlan, Selection
+from reattention_core.attention import LayerKV, ScopePlan, Selection
 from reattention_core.attention.rope import RopeSpec
 from reattention_core.attention.selection import select_from_middle_hits
 from reattention_core.attention.step import LayerStep
@@ -93,7 +93,7 @@ class ShardedKVStore:
     def min_length(self) -> int:
         return min(self._global) if self._global else 0
 
-    def layer(self, layer: int, *, shift: torch.Tensor | None = None) -> ShardLayer:
+    def layer(self, layer: int, *, shift: torch.Tensor | None = None) -> LayerKV:
         if shift is not None:
             raise RuntimeError("a sharded store runs no CUDA-graph steps (its graph_steps() is None)")
         keys, values = self.local.buffer_view(layer)
