@@ -21,6 +21,7 @@ from reattention_core.errors import (
     UnsupportedModelError,
 )
 from reattention_core.generation.request import GenerationResult, Request, TextStream
+from reattention_core.generation.sampling import SamplingParams
 from reattention_core.hf import ReAttentionCache, enable_reattention
 from reattention_core.store import KVStore, OffloadConfig, ResidentStore
 
@@ -45,6 +46,7 @@ __all__ = [
     "ReAttentionError",
     "Request",
     "ResidentStore",
+    "SamplingParams",
     "StoreMemoryError",
     "TextStream",
     "UnsupportedModelError",
