@@ -52,16 +52,12 @@ class ReAttentionEngine:
             optional kernel paths); default: ``KernelOptions()``.
         cache: prefix cache settings (`CacheConfig`); ``None``/``True``: on, in memory and on disk
             in the default directory; ``False``: off.
-        offload: keep the KV store (``OffloadConfig(keys="device")``: only the values) in host
-            memory, or in memory-mapped files (``spill_dir``), and copy only each step's scope to the
-            device (`reattention_core.store.offloaded`), for contexts whose KV store does not fit on
-            the GPU. Exact settings (``keys="device"``, or ``refine=True``, the default) give output
-            identical to the resident engine's, and share its cache pages; ``refine=False`` caches
-            under its own fingerprint.
-        compile_model: run the model's decoder layers through ``torch.compile`` (`hf.compiled`),
-            their q/k/v and gate/up projections as one GEMM each (`hf.fused`). The first call of each
-            step shape compiles (tens of seconds per process). Output equals the eager model's to
-            float rounding, so its prefix-cache pages live under their own fingerprint.
+        offload: keep the KV store (``keys="device"``: only the values) in host memory or mapped files
+            and copy each step's scope to the device (`reattention_core.store.offloaded`); exact settings
+            give the resident engine's output and share its cache pages.
+        compile_model: run the decoder layers through ``torch.compile`` (`hf.compiled`); each step shape
+            compiles on first use. Output equals the eager model's to float rounding, so its prefix-cache
+            pages live under their own fingerprint.
         cuda_graphs: replay full-size prefill chunks and decode steps from CUDA graphs where they
             apply (`reattention_core.generation.cuda_graph`); default: on, unless the environment
             sets ``REATTENTION_CUDA_GRAPHS=0``. The attribute of that name can be changed later.
@@ -132,7 +128,12 @@ class ReAttentionEngine:
         config: ReAttentionConfig | None = None,
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
-        **engine_options: Any,
+        backend: str | None = None,
+        cache: CacheConfig | bool | None = None,
+        offload: OffloadConfig | None = None,
+        compile_model: bool = False,
+        kernel_options: KernelOptions | None = None,
+        cuda_graphs: bool | None = None,
     ) -> ReAttentionEngine:
         """Load a model and its tokenizer (`reattention_core.loading`).
 
@@ -145,12 +146,14 @@ class ReAttentionEngine:
             config: ReAttention settings (default: see the class docstring).
             device: ``"cuda"`` when available, else ``"cpu"``.
             dtype: bf16 on GPU, fp32 on CPU by default.
-            engine_options: ``backend``, ``kernel_options``, ``cache``, ``offload``,
-                ``compile_model``, ``cuda_graphs`` (see the class docstring).
+            backend, kernel_options, cache, offload, compile_model, cuda_graphs: see the class docstring.
         """
         loaded = load_pretrained(name_or_path, gguf_file=gguf_file, device=device, dtype=dtype)
         config = config if config is not None else loaded.config
-        return cls(loaded.model, loaded.tokenizer, config, model_name=loaded.name, **engine_options)
+        return cls(
+            loaded.model, loaded.tokenizer, config, model_name=loaded.name, backend=backend, cache=cache,
+            offload=offload, compile_model=compile_model, kernel_options=kernel_options, cuda_graphs=cuda_graphs,
+        )  # fmt: skip
 
     @property
     def device(self) -> torch.device:
@@ -283,20 +286,12 @@ class ReAttentionEngine:
         """
         if self._prefix is None:
             raise CacheError("the prefix cache is off for this engine; create it with cache=True (the default)")
-        if (prompt is None) == (context is None):
-            raise InvalidInputError("pass the prompt to cache, or context=..., not both")
-        if context is not None:
-            ids = self.prompts.context_prefix_ids(context)
-        elif isinstance(prompt, str):
-            ids = self.encode(prompt)
-        elif prompt is not None:
-            ids = self.prompts.encode_messages(prompt, add_generation_prompt=False)
-        page = self.cache_config.page_size_for(self.config)
+        ids = self.prompts.prefix_ids(prompt, context=context)
         # A corpus (context=) is cached to its last token, tail page included, so that each later
         # question prefills only itself; a plain prefix is cached by whole pages.
+        page = self.cache_config.page_size_for(self.config)
         stored = len(ids) if context is not None else len(ids) // page * page
-        pages = None if context is not None else stored // page
-        boundary = stored if context is not None else None
+        pages, boundary = (None, stored) if context is not None else (stored // page, None)
         with self._runner.session(ids, self._settings(), reserve=stored, boundary=boundary, num_pages=pages) as s:
             run = s.run
             assert run is not None

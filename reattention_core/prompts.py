@@ -56,6 +56,18 @@ class PromptRenderer:
             return tokenization.encode(self.tokenizer, prompt, add_special_tokens=True)[0]
         return self.encode_messages(prompt, add_generation_prompt=True)
 
+    def prefix_ids(self, prompt: Prompt | None = None, *, context: str | None = None) -> list[int]:
+        """Token ids of what later prompts start with: ``context=``'s corpus as a question's prompt renders
+        it (`context_prefix_ids`), or a prompt (text, or messages without the assistant turn opened)."""
+        if (prompt is None) == (context is None):
+            raise InvalidInputError("pass the prompt to cache, or context=..., not both")
+        if context is not None:
+            return self.context_prefix_ids(context)
+        if isinstance(prompt, str):
+            return self.encode(prompt)
+        assert prompt is not None
+        return self.encode_messages(prompt, add_generation_prompt=False)
+
     def encode_messages(self, prompt: Prompt, *, add_generation_prompt: bool) -> list[int]:
         if isinstance(prompt, Sequence) and not isinstance(prompt, (str, bytes, bytearray)):
             messages = _check_messages(prompt)
