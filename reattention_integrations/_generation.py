@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from reattention_core.engine import ReAttentionEngine
-from reattention_core.generation.request import GenerationResult
-from reattention_core.prompts import Prompt
 from reattention_core.errors import InvalidInputError
-from reattention_core.generation.request import TextStream
+from reattention_core.generation.request import GenerationResult, TextStream
+from reattention_core.generation.sampling import SamplingParams
+from reattention_core.prompts import Prompt
 
 T = TypeVar("T")
 # Starts a generation when called (in the thread that will drive it): text pieces, then the result.
@@ -44,15 +44,16 @@ class Sampling:
     seed: int | None = None
     stop: tuple[str, ...] = ()
 
-    def engine_kwargs(self) -> dict[str, Any]:
-        return {
-            "max_new_tokens": self.max_tokens,
-            "temperature": self.temperature,
-            "top_p": self.top_p,
-            "top_k": self.top_k,
-            "seed": self.seed,
-            "stop": list(self.stop) or None,
-        }
+    def params(self) -> SamplingParams:
+        """The engine's `SamplingParams` for these settings (validated there)."""
+        return SamplingParams(
+            max_new_tokens=self.max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            seed=self.seed,
+            stop=self.stop,
+        )
 
 
 def merge_stop(*sources: str | Iterable[str] | None) -> tuple[str, ...]:
@@ -105,7 +106,7 @@ def generation_events(
     The prompt is encoded and checked now (bad input raises here, before any iteration). Drive
     the iterator to the end or close it, from one thread.
     """
-    request = engine.prepare(prompt, context=context, **sampling.engine_kwargs())
+    request = engine.prepare(prompt, sampling=sampling.params(), context=context)
     return _then_result(engine.start(request, progress=progress))
 
 

@@ -194,7 +194,7 @@ class ChatReAttention(_LangChainFields, BaseChatModel):
     ) -> ChatResult:
         chat = to_chat_messages(messages)
         sampling, run = self._prepare(stop, kwargs)
-        return self._chat_result(self.get_engine().generate(chat, **sampling.engine_kwargs(), **run))
+        return self._chat_result(self.get_engine().generate(chat, sampling=sampling.params(), **run))
 
     async def _agenerate(
         self,
@@ -205,7 +205,7 @@ class ChatReAttention(_LangChainFields, BaseChatModel):
     ) -> ChatResult:
         chat = to_chat_messages(messages)
         sampling, run = self._prepare(stop, kwargs)
-        result = await call_in_thread(lambda: self.get_engine().generate(chat, **sampling.engine_kwargs(), **run))
+        result = await call_in_thread(lambda: self.get_engine().generate(chat, sampling=sampling.params(), **run))
         return self._chat_result(result)
 
     def _stream(
@@ -304,7 +304,7 @@ class ReAttentionLLM(_LangChainFields, BaseLLM):
         **kwargs: Any,
     ) -> LLMResult:
         sampling, run = self._prepare(stop, kwargs)
-        results = [self.get_engine().generate(self._prompt(p), **sampling.engine_kwargs(), **run) for p in prompts]
+        results = [self.get_engine().generate(self._prompt(p), sampling=sampling.params(), **run) for p in prompts]
         return self._llm_result(results)
 
     async def _agenerate(
@@ -316,7 +316,7 @@ class ReAttentionLLM(_LangChainFields, BaseLLM):
     ) -> LLMResult:
         sampling, run = self._prepare(stop, kwargs)
         results = [
-            await call_in_thread(lambda p=p: self.get_engine().generate(self._prompt(p), **sampling.engine_kwargs(), **run))
+            await call_in_thread(lambda p=p: self.get_engine().generate(self._prompt(p), sampling=sampling.params(), **run))
             for p in prompts
         ]
         return self._llm_result(results)

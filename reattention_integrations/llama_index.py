@@ -220,11 +220,11 @@ class ReAttentionLLM(AdapterFields, CustomLLM):
     def _generate(self, prompt: Any, kwargs: dict[str, Any]) -> GenerationResult:
         """``prompt`` is a callable: rendering a completion prompt may need the engine (tokenizer)."""
         sampling, run = self._options(kwargs)
-        return self.get_engine().generate(prompt(), **sampling.engine_kwargs(), **run)
+        return self.get_engine().generate(prompt(), sampling=sampling.params(), **run)
 
     async def _agenerate(self, prompt: Any, kwargs: dict[str, Any]) -> GenerationResult:
         sampling, run = self._options(kwargs)
-        return await call_in_thread(lambda: self.get_engine().generate(prompt(), **sampling.engine_kwargs(), **run))
+        return await call_in_thread(lambda: self.get_engine().generate(prompt(), sampling=sampling.params(), **run))
 
     def _events(self, prompt: Any, kwargs: dict[str, Any]) -> EventSource:
         """Validate the options now; the returned factory loads the engine and starts generating."""
