@@ -36,3 +36,24 @@ def test_the_kernels_compile_for_sm90():
     # rows, 2 + 6 by tiles, 4 of the tile top-keys kernel, 3 of blocks, 2 of the one-program selection, 6 of
     # decode scope attention (4 merging) and 4 of prefill scope attention
     assert run.stdout.count("compiled") == 46, run.stdout
+
+
+def test_nested_jit_helpers_take_no_default_constexprs():
+    """A jit helper called from a kernel gets every constexpr argument from its caller: Triton 3.6 (the GPU
+    machine's) passes a nested call's default string on unwrapped and fails to compile the kernel ("'str' object
+    has no attribute 'type'"), which the interpreter and newer Tritons accept. Kernels launched from the host
+    may keep defaults; ``None`` defaults (optional tensors) are fine in both."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1] / "kernels" / "triton_ops"
+    offenders = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.FunctionDef) or "kernel" in node.name:
+                continue
+            if not any("jit" in ast.unparse(d) for d in node.decorator_list):
+                continue
+            bad = [ast.unparse(d) for d in node.args.defaults if not (isinstance(d, ast.Constant) and d.value is None)]
+            if bad:
+                offenders.append(f"{path.relative_to(root)}:{node.lineno} {node.name} defaults {bad}")
+    assert not offenders, offenders

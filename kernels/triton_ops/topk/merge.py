@@ -11,11 +11,12 @@ from reattention_kernels.triton_ops.topk.sets import _admit, _empty_set, _store_
 
 @triton.jit
 def _merge_splits(ws_v, ws_i, o_w, m_r, n_c, o_c, o_j, BR: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr,
-                  BC: tl.constexpr, CACHE: tl.constexpr = ""):  # fmt: skip
+                  BC: tl.constexpr, CACHE: tl.constexpr):  # fmt: skip
     """The best ``TOPK`` of the ``n_c`` candidates of each row (``ws[o_w + c]``, stored split after
     split, each split's best first): among equal values they come in ascending index order, as
     the admission rule needs. ``CACHE``: the loads' cache modifier (``.cg`` in the launch that wrote
-    ``ws``: the other programs' sets are in the L2, not this SM's L1)."""
+    ``ws``: the other programs' sets are in the L2, not this SM's L1; ``""`` elsewhere). Callers pass it:
+    Triton 3.6 hands a nested call's default string on unwrapped and fails to compile."""
     b_v, b_i, b_kth = _empty_set(BR, KP, TOPK)
     for c0 in range(0, n_c, BC):
         m_w = m_r[:, None] & ((c0 + o_c) < n_c)[None, :]
@@ -53,6 +54,6 @@ def score_topk_fwd_kernel_merge(
     o_j = tl.arange(0, KP)
     n_c = NSPLIT * TOPK
     b_v, b_i = _merge_splits(ws_v, ws_i, (i_bh * R + o_r).to(tl.int64) * n_c, m_r, n_c, tl.arange(0, BC), o_j,
-                             BR, TOPK, KP, BC)  # fmt: skip
+                             BR, TOPK, KP, BC, "")  # fmt: skip
     o_t, o_hq = row_heads(o_r, i_h, G)
     _store_sorted(b_v, b_i, o_j, o + i_b * stride_ob + o_t * stride_ot + o_hq * stride_oh, o, m_r, TOPK, KP, False)

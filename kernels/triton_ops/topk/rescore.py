@@ -66,7 +66,7 @@ def score_topk_fwd_kernel_rescore(
     n_c = NSPLIT * TOPK
     # [BR, KP] tile indices, -1 where a row has fewer than TOPK tiles
     _, b_tiles = _merge_splits(ws_v, ws_i, (i_bh * R + o_r).to(tl.int64) * n_c, m_r, n_c, tl.arange(0, BC), o_j,
-                             BR, TOPK, KP, BC)  # fmt: skip
+                             BR, TOPK, KP, BC, "")  # fmt: skip
     b_tiles = tl.where((o_j[None, :] < TOPK) & (b_tiles >= 0), b_tiles, _NO_TILE)
     o_t, o_hq = row_heads(o_r, i_h, G)
     p_q = q + i_b * stride_qb + o_t[:, None] * stride_qt + o_hq[:, None] * stride_qh
@@ -118,7 +118,7 @@ def score_topk_fwd_kernel_tiles(
     o_j = tl.arange(0, KP)
     n_c = NSPLIT * TOPK
     o_w = (i_bh * R + o_r).to(tl.int64)
-    _, b_tiles = _merge_splits(ws_v, ws_i, o_w * n_c, m_r, n_c, tl.arange(0, BC), o_j, BR, TOPK, KP, BC)
+    _, b_tiles = _merge_splits(ws_v, ws_i, o_w * n_c, m_r, n_c, tl.arange(0, BC), o_j, BR, TOPK, KP, BC, "")
     b_tiles = tl.where((o_j[None, :] < TOPK) & (b_tiles >= 0), b_tiles, _NO_TILE)
     p_o = keys + o_w * TOPK
     for j in tl.static_range(TOPK):
