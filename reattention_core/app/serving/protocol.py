@@ -21,13 +21,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from reattention_core.errors import ReAttentionError
 from reattention_core.generation.request import GenerationResult
 
 # OpenAI's "developer" role is its newer name for "system".
 _ROLE_ALIASES = {"developer": "system"}
 
 
-class APIError(Exception):
+class APIError(ReAttentionError):
     """An error answered with an OpenAI-style body ``{"error": {...}}`` and an HTTP status."""
 
     def __init__(

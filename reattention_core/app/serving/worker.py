@@ -59,7 +59,7 @@ class Job:
     cancel: threading.Event = field(default_factory=threading.Event)
 
 
-class QueueFull(Exception):
+class QueueFull(ReAttentionError):
     """More jobs are waiting than the worker accepts."""
 
 
