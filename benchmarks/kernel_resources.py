@@ -2,7 +2,7 @@
 
     python benchmarks/kernel_resources.py [--match blocks scope] [--out FILE.jsonl]
 
-Compiles every variant that ``tests/compile_sm90.py`` lists (or those whose name contains a
+Compiles every variant that ``tests/kernels/compile_sm90.py`` lists (or those whose name contains a
 ``--match`` word) as a GPU would, then reports what ptxas says of the PTX Triton emitted (registers
 per thread, spill stores and loads, stack frame) and the SASS instructions in the cubin. These are
 static numbers, not timings: a kernel at 255 registers that spills is a lead to time on a GPU, and a
@@ -23,7 +23,7 @@ from pathlib import Path
 import triton
 from triton.backends.nvidia import compiler as nvidia
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "kernels"))
 import compile_sm90  # the variant list lives with its compile test
 
 

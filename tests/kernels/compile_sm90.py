@@ -1,6 +1,6 @@
 """Compile the scoring, selection and scope attention kernels for sm_90 without a GPU.
 
-Run as a script by ``tests/test_kernels_compile.py``.
+Run as a script by ``tests/kernels/test_compile.py``.
 
 The interpreter (``TRITON_INTERPRET=1``) runs kernels as numpy and skips the compiler's checks, so a
 kernel can pass every CPU test and still fail to compile (for instance a loop-carried value whose

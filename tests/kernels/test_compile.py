@@ -1,7 +1,7 @@
 """The scoring, selection and scope attention kernels compile for sm_90 on a machine without a GPU.
 
 The kernel tests on CPU run Triton's interpreter, which skips the compiler; this runs
-`tests/compile_sm90.py` in a fresh process (without ``TRITON_INTERPRET``) so that a kernel which
+`tests/kernels/compile_sm90.py` in a fresh process (without ``TRITON_INTERPRET``) so that a kernel which
 only the compiler rejects fails here, not first on the GPU machine. It checks the installed Triton
 version only: a construct that one version accepts and another rejects is caught only on that one.
 """
@@ -45,7 +45,7 @@ def test_nested_jit_helpers_take_no_default_constexprs():
     may keep defaults; ``None`` defaults (optional tensors) are fine in both."""
     import ast
 
-    root = Path(__file__).resolve().parents[1] / "kernels" / "triton_ops"
+    root = Path(__file__).resolve().parents[2] / "kernels" / "triton_ops"
     offenders = []
     for path in sorted(root.rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
