@@ -15,7 +15,7 @@ from pathlib import Path
 
 from reattention_core.errors import CorpusError
 
-# About 8K tokens (SmolLM2 tokenizer, Python 3.12): 30-60 s of prefill on 2 CPU cores.
+# About 8K tokens (SmolLM2 tokenizer, Python 3.12): small enough to prefill on a CPU.
 DEFAULT_MODULES: tuple[str, ...] = ("bisect", "csv", "fnmatch", "functools", "heapq", "json", "string", "textwrap")
 # A question whose answer is in the sample corpus (bisect.md, the first document, about 7K tokens
 # before the question) and which the embedded SmolLM2-135M answers from it, e.g. "The

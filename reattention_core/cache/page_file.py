@@ -236,7 +236,7 @@ def read_page(
     if stop != data.numel():
         raise PageError(f"the data section has {data.numel()} bytes, the header describes {stop}", path)
     # One checksum over the whole data section: one call that releases the GIL, where one per
-    # tensor made the loader threads queue for the GIL (about 5x slower restores at 16 threads).
+    # tensor made the loader threads queue for the GIL.
     if zlib.crc32(data.numpy()) != crc:
         raise PageError("checksum mismatch (corrupted file)", path)
     both = data.view(dtype).view(2, num_layers, *shape)
