@@ -81,14 +81,79 @@ PHASES = ("cold", "memory", "disk", "disk-cold")
 QUESTION = "Which function in the documentation above returns the greatest common divisor of integers?"
 # Standard-library modules whose pydoc text makes the corpus (cycled when more text is needed).
 MODULES = (
-    "math", "collections", "functools", "itertools", "os", "pathlib", "re", "json", "typing", "argparse",
-    "logging", "subprocess", "threading", "datetime", "decimal", "fractions", "statistics", "random",
-    "string", "textwrap", "shutil", "tarfile", "zipfile", "sqlite3", "socket", "csv", "configparser",
-    "dataclasses", "enum", "heapq", "bisect", "contextlib", "abc", "io", "pickle", "copy", "pprint",
-    "difflib", "calendar", "glob", "tempfile", "hashlib", "base64", "struct", "codecs", "inspect",
-    "unittest", "doctest", "asyncio", "http.client", "urllib.request", "email.message", "xml.etree.ElementTree",
-    "concurrent.futures", "queue", "sched", "selectors", "signal", "ssl", "uuid", "zlib", "gzip", "bz2",
-    "lzma", "operator", "weakref", "types", "ast", "dis", "tokenize", "traceback", "warnings", "timeit",
+    "math",
+    "collections",
+    "functools",
+    "itertools",
+    "os",
+    "pathlib",
+    "re",
+    "json",
+    "typing",
+    "argparse",
+    "logging",
+    "subprocess",
+    "threading",
+    "datetime",
+    "decimal",
+    "fractions",
+    "statistics",
+    "random",
+    "string",
+    "textwrap",
+    "shutil",
+    "tarfile",
+    "zipfile",
+    "sqlite3",
+    "socket",
+    "csv",
+    "configparser",
+    "dataclasses",
+    "enum",
+    "heapq",
+    "bisect",
+    "contextlib",
+    "abc",
+    "io",
+    "pickle",
+    "copy",
+    "pprint",
+    "difflib",
+    "calendar",
+    "glob",
+    "tempfile",
+    "hashlib",
+    "base64",
+    "struct",
+    "codecs",
+    "inspect",
+    "unittest",
+    "doctest",
+    "asyncio",
+    "http.client",
+    "urllib.request",
+    "email.message",
+    "xml.etree.ElementTree",
+    "concurrent.futures",
+    "queue",
+    "sched",
+    "selectors",
+    "signal",
+    "ssl",
+    "uuid",
+    "zlib",
+    "gzip",
+    "bz2",
+    "lzma",
+    "operator",
+    "weakref",
+    "types",
+    "ast",
+    "dis",
+    "tokenize",
+    "traceback",
+    "warnings",
+    "timeit",
 )
 
 
@@ -116,15 +181,23 @@ def corpus_text(tokenizer, tokens: int) -> str:
 
 def environment() -> dict:
     # $REATTENTION_COMMIT first: an exported copy (the GPU machine) may sit inside an unrelated checkout
-    commit = os.environ.get("REATTENTION_COMMIT") or subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
-    ).stdout.strip()
+    commit = (
+        os.environ.get("REATTENTION_COMMIT")
+        or subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+        ).stdout.strip()
+    )
     if torch.cuda.is_available():
         device = torch.cuda.get_device_name()
     else:
         device = f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-    return {"device": device, "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version(), "commit": commit or "unknown"}
+    return {
+        "device": device,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "commit": commit or "unknown",
+    }
 
 
 def sync() -> None:
@@ -156,7 +229,12 @@ def load_engine(
 
 def host_memory() -> dict:
     """This process's resident host memory by kind, in GiB (Linux ``/proc/self/status``)."""
-    fields = {"RssAnon": "rss_anon_gib", "RssFile": "rss_file_gib", "RssShmem": "rss_shmem_gib", "VmHWM": "peak_rss_gib"}
+    fields = {
+        "RssAnon": "rss_anon_gib",
+        "RssFile": "rss_file_gib",
+        "RssShmem": "rss_shmem_gib",
+        "VmHWM": "peak_rss_gib",
+    }
     out = {}
     with contextlib.suppress(OSError):
         for line in Path("/proc/self/status").read_text().splitlines():
@@ -384,13 +462,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--progress", action="store_true", help="show prefill progress bars")
     ap.add_argument("--offload", choices=("none", "values", "host"), default="none", help="the engine's KV store")
     ap.add_argument("--offload-budget", type=int, default=None, help="with --offload host: blocks read (approximate)")
-    ap.add_argument("--map-pages", nargs="+", choices=("on", "off"), default=["on"],
-                    help="with --offload host: run each disk phase with these map_pages settings")
+    ap.add_argument(
+        "--map-pages",
+        nargs="+",
+        choices=("on", "off"),
+        default=["on"],
+        help="with --offload host: run each disk phase with these map_pages settings",
+    )
     ap.add_argument("--decode", type=int, default=0, help="disk phases: also time this many decode steps")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--restore-profile", type=int, default=None, metavar="PAGES",
-                    help="profile a restore of PAGES synthetic pages instead (see above)")
+    ap.add_argument(
+        "--restore-profile",
+        type=int,
+        default=None,
+        metavar="PAGES",
+        help="profile a restore of PAGES synthetic pages instead (see above)",
+    )
     ap.add_argument("--layers", type=int, default=30, help="--restore-profile: the pages' layers")
     ap.add_argument("--heads", type=int, default=3, help="--restore-profile: KV heads")
     ap.add_argument("--head-dim", type=int, default=64, help="--restore-profile: head dim")
@@ -415,15 +503,28 @@ def main(argv: list[str] | None = None) -> int:
         for tokens in args.tokens:
             cache_dir = cache_root / f"n{tokens}"
             kv = kv_bytes_estimate(engine, tokens + 4096)
-            cached_engine = ReAttentionEngine(engine.model, engine.tokenizer, engine.config, offload=offload,
-                                              model_name=engine.model_name, cache=cache_config(cache_dir, kv))
+            cached_engine = ReAttentionEngine(
+                engine.model,
+                engine.tokenizer,
+                engine.config,
+                offload=offload,
+                model_name=engine.model_name,
+                cache=cache_config(cache_dir, kv),
+            )
             corpus_file = work / f"corpus-{tokens}.txt"
             if not corpus_file.is_file():
                 corpus_file.write_text(corpus_text(engine.tokenizer, tokens))
             corpus = corpus_file.read_text()
-            base = {"bench": "cache", "model": engine.model_name, "tokens": tokens, **env, "offload": args.offload,
-                    "offload_budget": args.offload_budget,
-                    "config": engine.config.to_dict(), "page_size": cached_engine.cache_config.page_size_for(engine.config)}
+            base = {
+                "bench": "cache",
+                "model": engine.model_name,
+                "tokens": tokens,
+                **env,
+                "offload": args.offload,
+                "offload_budget": args.offload_budget,
+                "config": engine.config.to_dict(),
+                "page_size": cached_engine.cache_config.page_size_for(engine.config),
+            }
             cold = previous_cold(args.out, {k: base[k] for k in ("model", "tokens", "device")})
             cold_ttft = cold["ttft_s"] if cold else None
             cold_token = cold["first_token"] if cold else None
@@ -458,7 +559,9 @@ def main(argv: list[str] | None = None) -> int:
                     result["page_write_s"] = writes["s"]
                     cold_ttft, cold_token = ttft, result["first_token"]
                     info = cached_engine.cache_info()
-                    result.update(disk_bytes=info.disk.bytes if info.disk else 0, disk_pages=info.disk.pages if info.disk else 0)
+                    result.update(
+                        disk_bytes=info.disk.bytes if info.disk else 0, disk_pages=info.disk.pages if info.disk else 0
+                    )
                 elif phase == "memory":
                     result, ttft = ask(cached_engine, corpus, args.progress)
                 else:
@@ -469,11 +572,23 @@ def main(argv: list[str] | None = None) -> int:
                     if phase == "disk-cold":
                         result_files = drop_page_cache(cache_dir)
                         row["page_cache_dropped_files"] = result_files
-                    spec = {"model": args.model, "gguf_file": args.gguf_file, "cache_dir": str(cache_dir),
-                            "kv_bytes": kv, "corpus_file": str(corpus_file), "offload": args.offload,
-                            "offload_budget": args.offload_budget, "map_pages": map_pages, "decode": args.decode}
-                    proc = subprocess.run([sys.executable, __file__, "--out", str(args.out), "--child", json.dumps(spec)],
-                                          capture_output=True, text=True, check=False)
+                    spec = {
+                        "model": args.model,
+                        "gguf_file": args.gguf_file,
+                        "cache_dir": str(cache_dir),
+                        "kv_bytes": kv,
+                        "corpus_file": str(corpus_file),
+                        "offload": args.offload,
+                        "offload_budget": args.offload_budget,
+                        "map_pages": map_pages,
+                        "decode": args.decode,
+                    }
+                    proc = subprocess.run(
+                        [sys.executable, __file__, "--out", str(args.out), "--child", json.dumps(spec)],
+                        capture_output=True,
+                        text=True,
+                        check=False,
+                    )
                     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
                     if proc.returncode != 0 or not lines:
                         raise RuntimeError(f"the fresh process failed:\n{proc.stderr[-4000:]}")
@@ -485,10 +600,28 @@ def main(argv: list[str] | None = None) -> int:
                     row["same_first_token_as_cold"] = result["first_token"] == cold_token
                 with args.out.open("a") as fh:
                     fh.write(json.dumps(row) + "\n")
-                shown = {k: row[k] for k in ("tokens", "phase", "map_pages", "ttft_s", "cached_tokens", "prefilled_tokens",
-                                             "restore_s", "load_s", "warmup_s", "speedup_vs_cold", "same_first_token_as_cold",
-                                             "rss_anon_gib", "rss_file_gib", "store_host_bytes", "mapped_tokens", "decode_ms")
-                         if k in row}
+                shown = {
+                    k: row[k]
+                    for k in (
+                        "tokens",
+                        "phase",
+                        "map_pages",
+                        "ttft_s",
+                        "cached_tokens",
+                        "prefilled_tokens",
+                        "restore_s",
+                        "load_s",
+                        "warmup_s",
+                        "speedup_vs_cold",
+                        "same_first_token_as_cold",
+                        "rss_anon_gib",
+                        "rss_file_gib",
+                        "store_host_bytes",
+                        "mapped_tokens",
+                        "decode_ms",
+                    )
+                    if k in row
+                }
                 print(json.dumps(shown), flush=True)
     finally:
         shutil.rmtree(tmp_root, ignore_errors=True)  # holds only what was not given a folder

@@ -232,9 +232,10 @@ def run_hf(engine: ReAttentionEngine, ids: torch.Tensor, decode: int) -> dict:
 
 def environment() -> dict:
     # REATTENTION_COMMIT names the commit where the tree has no .git (an exported copy on the GPU machine)
-    commit = os.environ.get("REATTENTION_COMMIT") or subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
+    commit = (
+        os.environ.get("REATTENTION_COMMIT")
+        or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    )
     if torch.cuda.is_available():
         device = torch.cuda.get_device_name()
     else:
@@ -245,8 +246,13 @@ def environment() -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    return {"device": device, "torch": torch.__version__, "triton": triton_version,
-            "transformers": transformers.__version__, "commit": commit or "unknown"}
+    return {
+        "device": device,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "transformers": transformers.__version__,
+        "commit": commit or "unknown",
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -254,33 +260,72 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="embedded")
     ap.add_argument("--gguf-file", default=None)
     ap.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384])
-    ap.add_argument("--modes", nargs="+", default=["reattention", "full"],
-                    choices=["reattention", "full", "streaming", "hf"])
+    ap.add_argument(
+        "--modes", nargs="+", default=["reattention", "full"], choices=["reattention", "full", "streaming", "hf"]
+    )
     ap.add_argument("--decode", type=int, default=16, help="decode steps timed after prefill")
     ap.add_argument("--prefill-chunk", type=int, default=None, help="override the config's prefill chunk")
     ap.add_argument("--backend", default=None, choices=["triton", "reference"])
     ap.add_argument("--progress", action="store_true", help="show a prefill progress bar (stderr)")
-    ap.add_argument("--stores", nargs="+", default=["resident"], choices=list(STORES),
-                    help="where the KV store lives: resident (GPU), values (keys on the GPU, values in pinned host "
-                    "memory), host (both in host memory, bounded blocks on the GPU); each is timed in turn")
-    ap.add_argument("--offload-budget", type=int, default=64, metavar="BLOCKS",
-                    help="host store: bounded blocks read first per layer step")
+    ap.add_argument(
+        "--stores",
+        nargs="+",
+        default=["resident"],
+        choices=list(STORES),
+        help="where the KV store lives: resident (GPU), values (keys on the GPU, values in pinned host "
+        "memory), host (both in host memory, bounded blocks on the GPU); each is timed in turn",
+    )
+    ap.add_argument(
+        "--offload-budget",
+        type=int,
+        default=64,
+        metavar="BLOCKS",
+        help="host store: bounded blocks read first per layer step",
+    )
     ap.add_argument("--offload-block", type=int, default=64, metavar="TOKENS", help="host store: tokens per block")
-    ap.add_argument("--offload-approximate", action="store_true",
-                    help="host store: read only the budget (no refinement to the exact top-k)")
-    ap.add_argument("--graphs", nargs="+", default=["on"], choices=["on", "off"],
-                    help="decode through a CUDA graph (on, where it applies) or eager steps (off); each is timed")
-    ap.add_argument("--set", nargs="+", default=None, metavar="FIELD=INT", dest="overrides",
-                    help="ReAttention config fields to change, e.g. top_k=6 max_blocks=48 (as `reattention eval "
-                    "--set`)")
-    ap.add_argument("--fuse", nargs="+", default=["off"], choices=["off", "layers"],
-                    help="off: the model as it is; layers: compile_model=True; each is timed")
-    ap.add_argument("--select", nargs="+", default=["default"], choices=["default", "histogram"],
-                    help="decode-step selection: default (one kernel for few hits) or histogram (the path of "
-                    "prefill chunks); each is timed")
-    ap.add_argument("--epilogues", nargs="+", default=["off"], choices=["on", "off"],
-                    help="decode steps' split kernels merge (and select) in their last program (on) or in kernels "
-                    "of their own (off, the default); each is timed")
+    ap.add_argument(
+        "--offload-approximate",
+        action="store_true",
+        help="host store: read only the budget (no refinement to the exact top-k)",
+    )
+    ap.add_argument(
+        "--graphs",
+        nargs="+",
+        default=["on"],
+        choices=["on", "off"],
+        help="decode through a CUDA graph (on, where it applies) or eager steps (off); each is timed",
+    )
+    ap.add_argument(
+        "--set",
+        nargs="+",
+        default=None,
+        metavar="FIELD=INT",
+        dest="overrides",
+        help="ReAttention config fields to change, e.g. top_k=6 max_blocks=48 (as `reattention eval --set`)",
+    )
+    ap.add_argument(
+        "--fuse",
+        nargs="+",
+        default=["off"],
+        choices=["off", "layers"],
+        help="off: the model as it is; layers: compile_model=True; each is timed",
+    )
+    ap.add_argument(
+        "--select",
+        nargs="+",
+        default=["default"],
+        choices=["default", "histogram"],
+        help="decode-step selection: default (one kernel for few hits) or histogram (the path of "
+        "prefill chunks); each is timed",
+    )
+    ap.add_argument(
+        "--epilogues",
+        nargs="+",
+        default=["off"],
+        choices=["on", "off"],
+        help="decode steps' split kernels merge (and select) in their last program (on) or in kernels "
+        "of their own (off, the default); each is timed",
+    )
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
     overrides = parse_overrides(args.overrides)  # a bad field fails before the model loads

@@ -70,9 +70,12 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     os.environ.pop("TRITON_INTERPRET", None)
-    commit = os.environ.get("REATTENTION_COMMIT") or subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
-    ).stdout.strip()
+    commit = (
+        os.environ.get("REATTENTION_COMMIT")
+        or subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+        ).stdout.strip()
+    )
     meta = {"target": "sm_90 (compiled on a CPU)", "triton": triton.__version__, "commit": commit or "unknown"}
     for name, src, warps, stages in compile_sm90.variants():
         label = " ".join(map(str, name))

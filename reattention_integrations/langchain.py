@@ -76,9 +76,13 @@ def to_chat_messages(messages: Sequence[BaseMessage]) -> list[dict[str, str]]:
     for i, message in enumerate(messages):
         role = _ROLES.get(message.type)
         if message.type == "chat":
-            role = {"user": "user", "human": "user", "assistant": "assistant", "ai": "assistant", "system": "system"}.get(
-                str(getattr(message, "role", "")).lower()
-            )
+            role = {
+                "user": "user",
+                "human": "user",
+                "assistant": "assistant",
+                "ai": "assistant",
+                "system": "system",
+            }.get(str(getattr(message, "role", "")).lower())
         if role is None:
             raise UnsupportedMessageError(
                 f"message {i} is a {type(message).__name__} (type {message.type!r}); this model reads system, human "
@@ -179,8 +183,15 @@ class ChatReAttention(_LangChainFields, BaseChatModel):
 
     @property
     def _identifying_params(self) -> dict[str, Any]:
-        return {"model_name": self.model_name, "config": self.config, "max_tokens": self.max_tokens,
-                "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k, "seed": self.seed}
+        return {
+            "model_name": self.model_name,
+            "config": self.config,
+            "max_tokens": self.max_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "seed": self.seed,
+        }
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
         return self._ls_params("chat", stop, kwargs)
@@ -285,8 +296,13 @@ class ReAttentionLLM(_LangChainFields, BaseLLM):
 
     @property
     def _identifying_params(self) -> dict[str, Any]:
-        return {"model_name": self.model_name, "config": self.config, "chat_template": self.chat_template,
-                "max_tokens": self.max_tokens, "temperature": self.temperature}
+        return {
+            "model_name": self.model_name,
+            "config": self.config,
+            "chat_template": self.chat_template,
+            "max_tokens": self.max_tokens,
+            "temperature": self.temperature,
+        }
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
         return self._ls_params("llm", stop, kwargs)
@@ -316,7 +332,9 @@ class ReAttentionLLM(_LangChainFields, BaseLLM):
     ) -> LLMResult:
         sampling, run = self._prepare(stop, kwargs)
         results = [
-            await call_in_thread(lambda p=p: self.get_engine().generate(self._prompt(p), sampling=sampling.params(), **run))
+            await call_in_thread(
+                lambda p=p: self.get_engine().generate(self._prompt(p), sampling=sampling.params(), **run)
+            )
             for p in prompts
         ]
         return self._llm_result(results)

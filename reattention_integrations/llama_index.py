@@ -180,9 +180,7 @@ class ReAttentionLLM(AdapterFields, CustomLLM):
         return CompletionResponse(text=result.text, raw=_raw(result, self.model_name))
 
     @llm_completion_callback()
-    async def astream_complete(
-        self, prompt: str, formatted: bool = False, **kwargs: Any
-    ) -> CompletionResponseAsyncGen:
+    async def astream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseAsyncGen:
         events = self._events(lambda: self._completion_prompt(prompt, formatted), kwargs)
         return _aresponses(iterate_in_thread(events), self.model_name, chat=False)
 
@@ -192,7 +190,9 @@ class ReAttentionLLM(AdapterFields, CustomLLM):
     def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
         chat = to_chat_messages(messages)
         result = self._generate(lambda: chat, kwargs)
-        return ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=result.text), raw=_raw(result, self.model_name))
+        return ChatResponse(
+            message=ChatMessage(role=MessageRole.ASSISTANT, content=result.text), raw=_raw(result, self.model_name)
+        )
 
     @llm_chat_callback()
     def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
@@ -203,7 +203,9 @@ class ReAttentionLLM(AdapterFields, CustomLLM):
     async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
         chat = to_chat_messages(messages)
         result = await self._agenerate(lambda: chat, kwargs)
-        return ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=result.text), raw=_raw(result, self.model_name))
+        return ChatResponse(
+            message=ChatMessage(role=MessageRole.ASSISTANT, content=result.text), raw=_raw(result, self.model_name)
+        )
 
     @llm_chat_callback()
     async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
@@ -242,7 +244,9 @@ def _responses(events: Iterator[str | GenerationResult], model_name: str, *, cha
         events.close()  # even when the consumer stops early: the engine lock needs the same thread
 
 
-async def _aresponses(events: AsyncIterator[str | GenerationResult], model_name: str, *, chat: bool) -> AsyncIterator[Any]:
+async def _aresponses(
+    events: AsyncIterator[str | GenerationResult], model_name: str, *, chat: bool
+) -> AsyncIterator[Any]:
     respond = _responder(model_name, chat=chat)
     async for item in events:
         yield respond(item)

@@ -43,7 +43,13 @@ def decode(model, ids: torch.Tensor, steps: int, how: str, *, backend: str, cfg:
             else:
                 logits = graph.step_token(token)
             rows.append(logits[0].clone())
-    return tokens, torch.stack(rows), store, 0 if graph is None else graph.replays, 0 if chunks is None else chunks.replays
+    return (
+        tokens,
+        torch.stack(rows),
+        store,
+        0 if graph is None else graph.replays,
+        0 if chunks is None else chunks.replays,
+    )
 
 
 def assert_same_store(a: ResidentStore, b: ResidentStore, **tol) -> None:

@@ -90,8 +90,12 @@ def ask(
         warm = engine.prefill(context=corpus, progress=progress)
         note = f"{warm.cached_tokens:,} from the cache, {warm.prefilled_tokens:,} prefilled and cached"
     except CacheError:  # an engine built with cache=False: the answer below prefills the whole prompt
-        warm = PrefillResult(prompt_tokens=len(engine.encode(prompt, context=corpus)), cached_tokens=0,
-                             stored_tokens=0, prefilled_tokens=0)
+        warm = PrefillResult(
+            prompt_tokens=len(engine.encode(prompt, context=corpus)),
+            cached_tokens=0,
+            stored_tokens=0,
+            prefilled_tokens=0,
+        )
         note = "the prefix cache is off for this engine"
     prefill_s = time.perf_counter() - t0
     print(f"corpus: {warm.prompt_tokens:,} tokens, {note} ({prefill_s:.1f}s)", file=err, flush=True)

@@ -71,8 +71,9 @@ def _load(args: argparse.Namespace):
 def cmd_generate(args: argparse.Namespace) -> int:
     engine = _load(args)
     prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
-    for piece in engine.stream(prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                               seed=args.seed, stop=args.stop or None):
+    for piece in engine.stream(
+        prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed, stop=args.stop or None
+    ):
         print(piece, end="", flush=True)
     print()
     return 0
@@ -141,13 +142,17 @@ def cmd_cache_ls(args: argparse.Namespace) -> int:
     if not found:
         print("nothing cached")
         return 0
-    print(f"{'model':<28} {'mode':<12} {'dtype':<9} {'device':<6} {'entries':>7} {'tokens':>10} {'size':>10}  "
-          f"{'last used':<16}  namespace")
+    print(
+        f"{'model':<28} {'mode':<12} {'dtype':<9} {'device':<6} {'entries':>7} {'tokens':>10} {'size':>10}  "
+        f"{'last used':<16}  namespace"
+    )
     for ns in found:
         s = ns.settings
         used = datetime.fromtimestamp(ns.last_used).strftime("%Y-%m-%d %H:%M") if ns.last_used else "-"
-        print(f"{ns.model_name:<28} {s.get('mode', '?'):<12} {s.get('dtype', '?'):<9} {s.get('device', '?'):<6} "
-              f"{ns.entries:>7} {ns.tokens:>10,} {_size(ns.bytes):>10}  {used:<16}  {ns.namespace[:12]}")
+        print(
+            f"{ns.model_name:<28} {s.get('mode', '?'):<12} {s.get('dtype', '?'):<9} {s.get('device', '?'):<6} "
+            f"{ns.entries:>7} {ns.tokens:>10,} {_size(ns.bytes):>10}  {used:<16}  {ns.namespace[:12]}"
+        )
     return 0
 
 
@@ -175,8 +180,10 @@ def cmd_cache_rm(args: argparse.Namespace) -> int:
     if not removed:
         print(f"nothing cached in {folder}")
     for ns in removed:
-        print(f"removed {ns.model_name} [{ns.namespace[:12]}]: {ns.pages} page(s), {ns.tokens:,} tokens, "
-              f"{_size(ns.bytes)}")
+        print(
+            f"removed {ns.model_name} [{ns.namespace[:12]}]: {ns.pages} page(s), {ns.tokens:,} tokens, "
+            f"{_size(ns.bytes)}"
+        )
     return 0
 
 
@@ -191,13 +198,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     n = max(2, args.tokens // per)
     at = int(n * args.depth)
     text = FILLER * at + f" The pass key is {key}. Remember it. {key} is the pass key. " + FILLER * (n - at)
-    messages = [{"role": "user", "content": "There is a pass key hidden in this text.\n\n" + text + "\n\nWhat is the pass key?"}]
+    messages = [
+        {"role": "user", "content": "There is a pass key hidden in this text.\n\n" + text + "\n\nWhat is the pass key?"}
+    ]
     prompt = engine.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     prompt += "The pass key is"
     modes = ["reattention", "full"] if args.compare_full else [engine.config.mode]
     base = engine.config
-    print(f"pass key {key} hidden at depth {args.depth:.0%} of ~{args.tokens} tokens "
-          f"(the model's pre-training window is {engine.window})", flush=True)
+    print(
+        f"pass key {key} hidden at depth {args.depth:.0%} of ~{args.tokens} tokens "
+        f"(the model's pre-training window is {engine.window})",
+        flush=True,
+    )
     found_all = True
     for mode in modes:
         engine.config = base.replace(mode=mode)
@@ -206,9 +218,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
         ok = key in res.text
         found_all &= ok or mode != "reattention"
         scope = engine.config.scope_size
-        print(f"{mode:>12}: {res.prompt_tokens} prompt tokens, scope {scope or 'all'} -> "
-              f"'The pass key is{res.text}' [{'found' if ok else 'missed'}] ({time.perf_counter() - t0:.1f}s)",
-              flush=True)
+        print(
+            f"{mode:>12}: {res.prompt_tokens} prompt tokens, scope {scope or 'all'} -> "
+            f"'The pass key is{res.text}' [{'found' if ok else 'missed'}] ({time.perf_counter() - t0:.1f}s)",
+            flush=True,
+        )
     return 0 if found_all else 1
 
 
@@ -218,19 +232,39 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--model", default=None, help="model id or directory (default: embedded SmolLM2-135M)")
     common.add_argument("--gguf-file", default=None, help="GGUF file inside --model")
     common.add_argument("--mode", choices=MODES, default=None, help="attention mode (default: reattention)")
-    common.add_argument("--offload", choices=("values", "host"), default=None,
-                        help="keep the KV store off the GPU: values (keys stay, values in host memory; exact) or "
-                        "host (keys and values in host memory, key bounds on the GPU)")
-    common.add_argument("--offload-budget", type=int, default=None, metavar="BLOCKS",
-                        help="host store reading only this many bounded blocks per layer step (approximate; "
-                        "implies --offload host)")
-    common.add_argument("--offload-block", type=int, default=64, metavar="TOKENS",
-                        help="tokens per bounded block of the host store (default 64)")
-    common.add_argument("--compile", action="store_true",
-                        help="compile the model's decoder layers with torch.compile: faster steps on GPUs, after a "
-                        "first call that compiles for tens of seconds")
-    common.add_argument("--spill-dir", default=None, metavar="DIR",
-                        help="with --offload: keep the host side in memory-mapped files in DIR (beyond RAM)")
+    common.add_argument(
+        "--offload",
+        choices=("values", "host"),
+        default=None,
+        help="keep the KV store off the GPU: values (keys stay, values in host memory; exact) or "
+        "host (keys and values in host memory, key bounds on the GPU)",
+    )
+    common.add_argument(
+        "--offload-budget",
+        type=int,
+        default=None,
+        metavar="BLOCKS",
+        help="host store reading only this many bounded blocks per layer step (approximate; implies --offload host)",
+    )
+    common.add_argument(
+        "--offload-block",
+        type=int,
+        default=64,
+        metavar="TOKENS",
+        help="tokens per bounded block of the host store (default 64)",
+    )
+    common.add_argument(
+        "--compile",
+        action="store_true",
+        help="compile the model's decoder layers with torch.compile: faster steps on GPUs, after a "
+        "first call that compiles for tens of seconds",
+    )
+    common.add_argument(
+        "--spill-dir",
+        default=None,
+        metavar="DIR",
+        help="with --offload: keep the host side in memory-mapped files in DIR (beyond RAM)",
+    )
     sub = ap.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", parents=[common], help="complete a prompt (streamed)")
@@ -246,9 +280,13 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("paths", nargs="*", metavar="PATH", help="text files or folders (recursive; hidden ones skipped)")
     a.add_argument("-q", "--question", default=None, help="the question (with --chat: the first one)")
     a.add_argument("--chat", action="store_true", help="ask questions interactively over the same corpus")
-    a.add_argument("--sample-corpus", metavar="DIR", default=None,
-                   help="write Python standard library docstrings into DIR and add it to the corpus "
-                        "(without -q: ask a question whose answer is in it)")
+    a.add_argument(
+        "--sample-corpus",
+        metavar="DIR",
+        default=None,
+        help="write Python standard library docstrings into DIR and add it to the corpus "
+        "(without -q: ask a question whose answer is in it)",
+    )
     a.add_argument("--max-new-tokens", type=int, default=256)
     a.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
     a.add_argument("--top-p", type=float, default=1.0)
@@ -258,15 +296,22 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("cache", help="list or remove the disk prefix cache")
     csub = c.add_subparsers(dest="cache_command", required=True)
     ls = csub.add_parser("ls", help="cached prefixes, tokens and bytes per model fingerprint")
-    ls.add_argument("--dir", default=None, help="cache folder (default: $REATTENTION_CACHE_DIR or ~/.cache/reattention)")
+    ls.add_argument(
+        "--dir", default=None, help="cache folder (default: $REATTENTION_CACHE_DIR or ~/.cache/reattention)"
+    )
     ls.add_argument("--json", action="store_true", help="machine-readable output")
     ls.set_defaults(func=cmd_cache_ls)
     rm = csub.add_parser("rm", help="remove one model's cached pages, or all of them (no confirmation)")
     rm.add_argument("model", nargs="?", default=None, help="model name as `cache ls` shows it, or a namespace prefix")
     rm.add_argument("--all", action="store_true", help="remove every cached page")
-    rm.add_argument("--models", action="store_true",
-                    help="remove the converted copies of GGUF models instead (the next load converts again)")
-    rm.add_argument("--dir", default=None, help="cache folder (default: $REATTENTION_CACHE_DIR or ~/.cache/reattention)")
+    rm.add_argument(
+        "--models",
+        action="store_true",
+        help="remove the converted copies of GGUF models instead (the next load converts again)",
+    )
+    rm.add_argument(
+        "--dir", default=None, help="cache folder (default: $REATTENTION_CACHE_DIR or ~/.cache/reattention)"
+    )
     rm.set_defaults(func=cmd_cache_rm)
 
     d = sub.add_parser("demo", parents=[common], help="find a pass key hidden in a long text")

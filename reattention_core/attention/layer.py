@@ -20,9 +20,7 @@ from reattention_kernels import scope_attention
 
 
 class LayerKV(Protocol):
-    """One layer's stored keys and values, as the attention step reads them.
-
-    """
+    """One layer's stored keys and values, as the attention step reads them."""
 
     @property
     def total(self) -> int:

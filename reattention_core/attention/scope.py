@@ -39,9 +39,7 @@ def plan_scope(cfg: ReAttentionConfig, total: int, num_queries: int) -> ScopePla
     local = max(cfg.local_window, num_queries)
     if cfg.mode == "full" or total <= cfg.sink_size + local:
         return ScopePlan(sink_len=0, local_start=0, total=total, select=False)
-    return ScopePlan(
-        sink_len=cfg.sink_size, local_start=total - local, total=total, select=cfg.mode == "reattention"
-    )
+    return ScopePlan(sink_len=cfg.sink_size, local_start=total - local, total=total, select=cfg.mode == "reattention")
 
 
 def shiftable(plan: ScopePlan) -> bool:

@@ -290,7 +290,7 @@ class CacheDirectory:
                 for _mtime, _neg, size, path in sorted(pages):
                     if total + reserve <= self.max_bytes:
                         break
-                    if path.name[:-len(PAGE_SUFFIX)].split("-", 1)[-1] in pinned:
+                    if path.name[: -len(PAGE_SUFFIX)].split("-", 1)[-1] in pinned:
                         continue
                     with contextlib.suppress(FileNotFoundError):
                         path.unlink()

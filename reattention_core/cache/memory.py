@@ -103,8 +103,9 @@ class MemoryCache:
                 lru = min(self._segments, key=lambda s: s.last_used)
                 self._segments.remove(lru)
                 total -= lru.store.nbytes()
-                log.info("prefix cache: dropped a %d-token prefix from memory (cap %d bytes)",
-                         lru.tokens, self.max_bytes)
+                log.info(
+                    "prefix cache: dropped a %d-token prefix from memory (cap %d bytes)", lru.tokens, self.max_bytes
+                )
 
     def stats(self) -> MemoryStats:
         with self._lock:

@@ -51,7 +51,6 @@ def page_name_parts(name: str) -> tuple[int, str] | None:
     return (int(m.group(1)), m.group(2)) if m else None
 
 
-
 @dataclass(frozen=True)
 class PageRef:
     """Where one page of a prompt's chain lives and what it must contain."""
@@ -61,7 +60,6 @@ class PageRef:
     parent: str
     index: int
     tokens: int  # tokens it holds: the page size, or fewer for a corpus's tail page
-
 
 
 def read_header(path: Path) -> dict[str, Any]:
@@ -76,7 +74,6 @@ def read_header(path: Path) -> dict[str, Any]:
     return header
 
 
-
 def page_metadata(path: Path) -> dict[str, Any]:
     """The ``__metadata__`` of a page file's header, or ``{}`` if it cannot be read (nothing is followed)."""
     try:
@@ -84,7 +81,6 @@ def page_metadata(path: Path) -> dict[str, Any]:
     except (OSError, ValueError, struct.error):
         return {}
     return meta if isinstance(meta, dict) else {}
-
 
 
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
@@ -297,5 +293,3 @@ def write_page_file(
     fh.write(memoryview(data))
     fh.flush()
     os.fsync(fh.fileno())
-
-

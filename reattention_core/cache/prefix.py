@@ -267,8 +267,9 @@ class PrefixRun:
             refs = disk.refs(self.fp, self.keys, self.ends, n_mem)
             # a store that maps pages keeps the loader's mapped views (no pinned copies to make)
             pin = self.device.type == "cuda" and not self.store.maps_pages
-            pages = disk.load(self.fp, refs, num_layers=self.num_layers, dtype=self.dtype, pin=pin,
-                              kv_shape=self.kv_shape)
+            pages = disk.load(
+                self.fp, refs, num_layers=self.num_layers, dtype=self.dtype, pin=pin, kv_shape=self.kv_shape
+            )
             for keys, values in pages:
                 for layer in range(self.num_layers):
                     k, v = keys[layer].unsqueeze(0), values[layer].unsqueeze(0)
@@ -281,7 +282,9 @@ class PrefixRun:
         if self.cached_tokens:
             log.info(
                 "prefix cache: restored %d tokens (%d from memory, %d from disk)",
-                self.cached_tokens, self.from_memory, self.from_disk,
+                self.cached_tokens,
+                self.from_memory,
+                self.from_disk,
             )
 
     def on_chunk(self, end: int) -> None:
@@ -309,7 +312,8 @@ class PrefixRun:
             log.warning(
                 "prefix cache: this prompt alone outgrows the disk cache cap (%d bytes); its pages after token %d "
                 "are kept in memory only. Raise CacheConfig(disk_bytes=...) or REATTENTION_CACHE_MAX_BYTES",
-                disk.max_bytes, a,
+                disk.max_bytes,
+                a,
             )
             self._disk_ok = False
         elif result == "error":

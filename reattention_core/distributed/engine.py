@@ -50,8 +50,7 @@ def init_from_env(backend: str | None = None, timeout_s: float = 1800.0) -> torc
     if not dist.is_initialized():
         if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
             raise DistributedError("no process group: launch with torchrun (it sets RANK, WORLD_SIZE, MASTER_ADDR)")
-        dist.init_process_group(backend or ("nccl" if cuda else "gloo"),
-                                timeout=datetime.timedelta(seconds=timeout_s))
+        dist.init_process_group(backend or ("nccl" if cuda else "gloo"), timeout=datetime.timedelta(seconds=timeout_s))
     return device
 
 

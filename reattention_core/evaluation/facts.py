@@ -145,19 +145,24 @@ def make_corpus(n_people: int, n_questions: int, seed: int) -> FactCorpus:
         if j < n_single and j % 2 == 0:
             q = Question(f"Which office does {p} work in?", str(o), "single", (where[p],), f"{p}, office")
         elif j < n_single:
-            q = Question(f"What is the door code of office {o}?", str(code[o]), "single", (where[o],),
-                         f"Office {o}, door code")
+            q = Question(
+                f"What is the door code of office {o}?", str(code[o]), "single", (where[o],), f"Office {o}, door code"
+            )
         else:
-            q = Question(f"What is the door code of the office that {p} works in?", str(code[o]), "multi",
-                         (where[p], where[o]), f"{p}, office",
-                         follow_up=f"{p}, office {{office}}. Office {{office}}, door code", hop_answer=str(o))
+            q = Question(
+                f"What is the door code of the office that {p} works in?",
+                str(code[o]),
+                "multi",
+                (where[p], where[o]),
+                f"{p}, office",
+                follow_up=f"{p}, office {{office}}. Office {{office}}, door code",
+                hop_answer=str(o),
+            )
         questions.append(q)
     return FactCorpus(tuple(records), tuple(questions))
 
 
-def corpus_of_size(
-    tokens: int, n_questions: int, seed: int, count: Callable[[str], int]
-) -> tuple[FactCorpus, int]:
+def corpus_of_size(tokens: int, n_questions: int, seed: int, count: Callable[[str], int]) -> tuple[FactCorpus, int]:
     """A corpus of about ``tokens`` tokens (people scaled to fit, measured with ``count``).
 
     Returns:

@@ -120,8 +120,13 @@ def answer_question(ask: Callable[[str], str], q: Question) -> tuple[str, dict[s
         return first, {"answer_prefix": q.answer_prefix}
     hop = hop_value(first)
     prefix = q.follow_up.format(office=hop)
-    return ask(prefix), {"answer_prefix": prefix, "first_step": first, "hop": hop,
-                         "hop_expected": q.hop_answer, "hop_correct": hop == q.hop_answer}
+    return ask(prefix), {
+        "answer_prefix": prefix,
+        "first_step": first,
+        "hop": hop,
+        "hop_expected": q.hop_answer,
+        "hop_correct": hop == q.hop_answer,
+    }
 
 
 def run_qa(
@@ -149,9 +154,19 @@ def _run_qa(engine: Any, grid: QAGrid, results: ResultsFile, *, limit: int | Non
         return len(engine.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def ident(size: int, mode: str, index: int) -> dict[str, Any]:
-        return {"task": "qa", "haystack": DESIGN, "length": size, "depth": None, "index": index, "mode": mode,
-                "seed": grid.seed, "model": engine.model_name, "offload": offload_tag(engine),
-                "yarn_factor": grid.yarn_factor if mode == "yarn" else None, "overrides": grid.overrides_for(mode)}
+        return {
+            "task": "qa",
+            "haystack": DESIGN,
+            "length": size,
+            "depth": None,
+            "index": index,
+            "mode": mode,
+            "seed": grid.seed,
+            "model": engine.model_name,
+            "offload": offload_tag(engine),
+            "yarn_factor": grid.yarn_factor if mode == "yarn" else None,
+            "overrides": grid.overrides_for(mode),
+        }
 
     todo = [(s, m, i) for s in grid.sizes for m in grid.modes for i in range(grid.questions)]
     pending = []
@@ -190,18 +205,28 @@ def _run_qa(engine: Any, grid: QAGrid, results: ResultsFile, *, limit: int | Non
                 got = [d.metadata["id"] for d in retriever.invoke(question)]
                 answer, steps = answer_question(
                     lambda prefix, chain=chain, question=question: chain.invoke(
-                        {"question": question, "answer_prefix": prefix}), q)
-                extra = {"retrieved": got, "support_in_context": sum(s in got for s in q.support) / len(q.support),
-                         "pipeline": pipeline, **steps}
+                        {"question": question, "answer_prefix": prefix}
+                    ),
+                    q,
+                )
+                extra = {
+                    "retrieved": got,
+                    "support_in_context": sum(s in got for s in q.support) / len(q.support),
+                    "pipeline": pipeline,
+                    **steps,
+                }
                 prompt_tokens = cached = None
             else:
                 if mode in ("full-truncated", "yarn"):
                     engine.config = mode_config(base, "full" if mode == "full-truncated" else "yarn", grid.yarn_factor)
                     window = engine.config.window_for(engine.window)
-                    kept, context = truncate_records(corpus.records, window - _TRUNCATION_MARGIN - grid.new_tokens,
-                                                     count)
-                    extra = {"records_in_context": kept,
-                             "support_in_context": sum(s < kept for s in q.support) / len(q.support)}
+                    kept, context = truncate_records(
+                        corpus.records, window - _TRUNCATION_MARGIN - grid.new_tokens, count
+                    )
+                    extra = {
+                        "records_in_context": kept,
+                        "support_in_context": sum(s < kept for s in q.support) / len(q.support),
+                    }
                 else:
                     engine.config = mode_config(tuned, "reattention")
                     context = corpus.text
@@ -210,8 +235,9 @@ def _run_qa(engine: Any, grid: QAGrid, results: ResultsFile, *, limit: int | Non
                     raise InvalidInputError("the window is too small to hold a single record")
                 results_of: list[Any] = []
 
-                def ask(prefix: str, context: str = context, question: str = question,
-                        results_of: list[Any] = results_of) -> str:
+                def ask(
+                    prefix: str, context: str = context, question: str = question, results_of: list[Any] = results_of
+                ) -> str:
                     prompt = render_prompt(engine.tokenizer, context, question, prefix)
                     res = engine.generate(prompt, max_new_tokens=grid.new_tokens, progress=False)
                     results_of.append(res)

@@ -120,8 +120,9 @@ def heatmap(rows: Sequence[dict[str, Any]], path: str | Path, title: str | None 
 
     tasks = sorted({r["task"] for r in rows})
     modes = _order(r["mode"] for r in rows)
-    fig, axes = plt.subplots(len(tasks), len(modes), figsize=(3.4 * len(modes) + 1, 2.8 * len(tasks) + 0.4),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        len(tasks), len(modes), figsize=(3.4 * len(modes) + 1, 2.8 * len(tasks) + 0.4), squeeze=False
+    )
     cmap = plt.get_cmap("RdYlGn").with_extremes(bad="#dddddd")  # grey: cell not run
     image = None
     for i, task in enumerate(tasks):

@@ -253,7 +253,10 @@ def _run_grid(
     try:
         for cell in bar:
             if sample is None or (sample.task, sample.length, sample.depth, sample.index) != (
-                cell.task, cell.length, cell.depth, cell.index
+                cell.task,
+                cell.length,
+                cell.depth,
+                cell.index,
             ):
                 kind = haystack_kind(cell.task, grid.haystack)
                 if not get_task(cell.task).generated and kind not in haystacks:

@@ -206,9 +206,7 @@ class OffloadedStore(ResidentStore):
                 keys, values = source.view(layer)
                 self.append(layer, keys[:, at:tokens], values[:, at:tokens])
 
-    def _new_buffer(
-        self, which: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
-    ) -> torch.Tensor:
+    def _new_buffer(self, which: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         if which == "keys" and self.keys_on_device:  # through the base class: a full device is a StoreMemoryError
             return super()._new_buffer(which, shape, dtype, self.compute_device)
         if self.config.spill_dir is not None:
@@ -234,6 +232,7 @@ class OffloadedStore(ResidentStore):
                 self.bounds[layer] = KeyBounds(bounds.block, bounds.device)
             elif bounds.tokens > self.length(layer):
                 bounds.truncate(self.length(layer), self.view(layer)[0])
+
 
 class OffloadedLayer:
     """One layer of an `OffloadedStore` for one attention step (a `reattention_core.attention.LayerKV`).

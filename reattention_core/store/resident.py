@@ -40,15 +40,21 @@ def _memory_advice(
 ) -> str:
     gib = torch.Size(shape).numel() * dtype.itemsize / 2**30
     where = "pinned host memory" if pin else str(device)
-    head = (f"the KV store could not allocate {gib:.2f} GiB in {where} for one layer's {which} "
-            f"({shape[1]:,} tokens): {str(exc).splitlines()[0]}. ")
+    head = (
+        f"the KV store could not allocate {gib:.2f} GiB in {where} for one layer's {which} "
+        f"({shape[1]:,} tokens): {str(exc).splitlines()[0]}. "
+    )
     if device.type == "cuda":
-        return head + ("Keep the store off the GPU: offload=OffloadConfig(keys=\"device\") keeps only the keys there "
-                       "(half the memory, exact), OffloadConfig() keeps keys and values in host memory "
-                       "(CLI: --offload values | host); or shorten the context.")
+        return head + (
+            'Keep the store off the GPU: offload=OffloadConfig(keys="device") keeps only the keys there '
+            "(half the memory, exact), OffloadConfig() keeps keys and values in host memory "
+            "(CLI: --offload values | host); or shorten the context."
+        )
     if pin:
-        return head + ("Pinned memory is scarcer than host memory: OffloadConfig(pin=False) uses ordinary host "
-                       "memory (slower copies to the GPU); or shorten the context.")
+        return head + (
+            "Pinned memory is scarcer than host memory: OffloadConfig(pin=False) uses ordinary host "
+            "memory (slower copies to the GPU); or shorten the context."
+        )
     return head + "Host memory is full: shorten the context, or run on a machine with more memory."
 
 
@@ -126,9 +132,7 @@ class ResidentStore:
         self._write(layer, k, v, k.device, k.dtype)
         return self.buffer_view(layer)
 
-    def extend(
-        self, layer: int, k: torch.Tensor, v: torch.Tensor, *, device: torch.device, dtype: torch.dtype
-    ) -> None:
+    def extend(self, layer: int, k: torch.Tensor, v: torch.Tensor, *, device: torch.device, dtype: torch.dtype) -> None:
         """Append ``k, v`` (``[B, T, H, D]``) that may live elsewhere (e.g. CPU pages read from disk).
 
         The buffers are allocated on ``device`` with ``dtype`` if the layer is still empty, and the
@@ -222,9 +226,7 @@ class ResidentStore:
                 total += buf.numel() * buf.element_size()
         return total
 
-    def _new_buffer(
-        self, which: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
-    ) -> torch.Tensor:
+    def _new_buffer(self, which: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """An empty ``"keys"`` or ``"values"`` buffer; subclasses may place the two apart."""
         pin = self.pin and device.type == "cpu"
         try:

@@ -205,8 +205,10 @@ def shard_candidates(
     """
     b, tq, hq = q.shape[:3]
     if k_middle.shape[1] == 0:
-        return (q.new_full((b, tq, hq, top_k), float("-inf"), dtype=torch.float32),
-                torch.full((b, tq, hq, top_k), -1, dtype=torch.int64, device=q.device))
+        return (
+            q.new_full((b, tq, hq, top_k), float("-inf"), dtype=torch.float32),
+            torch.full((b, tq, hq, top_k), -1, dtype=torch.int64, device=q.device),
+        )
     local = score_topk(q, k_middle, top_k, kernel_options=kernel_options)  # [B, TQ, HQ, top_k], -1 = none
     g = hq // k_middle.shape[2]
     # Score the few candidates again, in fp32, to rank them against the other ranks' candidates.

@@ -57,7 +57,10 @@ def test_corpus_is_sorted_with_headers_and_skips_hidden_and_binary(tmp_path):
         (lambda p: (p / "x.bin").write_bytes(b"abc\x00def") and p / "x.bin", "binary file"),
         (lambda p: (p / "x.txt").write_bytes(b"caf\xe9 latin-1") and p / "x.txt", "not UTF-8"),
         (lambda p: (p / "x.md").write_text("\n\n") and p / "x.md", "is empty"),
-        (lambda p: (p / "d").mkdir() or (p / "d" / "pic.jpg").write_bytes(b"\xff\xd8\x00") and p / "d", "no text found"),
+        (
+            lambda p: (p / "d").mkdir() or (p / "d" / "pic.jpg").write_bytes(b"\xff\xd8\x00") and p / "d",
+            "no text found",
+        ),
     ],
     ids=["missing", "binary", "latin1", "empty-file", "no-text"],
 )
@@ -86,7 +89,10 @@ def test_sample_corpus_holds_the_answer_and_is_stable(tmp_path):
     files = write_sample_corpus(tmp_path / "s", ["bisect", "heapq"])
     assert [f.name for f in files] == ["bisect.md", "heapq.md"]
     text = files[0].read_text()
-    assert text.startswith("# The bisect module") and "## bisect.bisect_left\nReturn the index where to insert item x" in text
+    assert (
+        text.startswith("# The bisect module")
+        and "## bisect.bisect_left\nReturn the index where to insert item x" in text
+    )
     assert all(word in text.lower() for word in SAMPLE_ANSWER_WORDS)
     assert module_document("bisect") == text  # deterministic: a second run reuses the cache
     with pytest.raises(CorpusError, match="cannot import"):
@@ -98,8 +104,13 @@ def test_sample_corpus_holds_the_answer_and_is_stable(tmp_path):
 
 def _fill_cache(directory, name: str, seed: int) -> ReAttentionEngine:
     config = ReAttentionConfig(sink_size=4, block_size=4, top_k=2, max_blocks=4, local_window=32, prefill_chunk_size=16)
-    engine = ReAttentionEngine(tiny_model("llama", seed=seed), ByteTokenizer(), config, model_name=name,
-                               cache=CacheConfig(page_size=64, dir=directory))
+    engine = ReAttentionEngine(
+        tiny_model("llama", seed=seed),
+        ByteTokenizer(),
+        config,
+        model_name=name,
+        cache=CacheConfig(page_size=64, dir=directory),
+    )
     engine.prefill("x" * 200, progress=False)  # 3 pages of 64 tokens
     engine.prefill("x" * 128 + "y" * 72, progress=False)  # shares 2 pages, adds 1: a second entry
     return engine
@@ -164,8 +175,9 @@ def test_ask_answers_from_the_corpus_and_reuses_it(tmp_path, capsys, shared_engi
 def test_chat_answers_each_question_over_the_cached_corpus(tmp_path, capsys, monkeypatch, shared_engine):
     (tmp_path / "facts.md").write_text("The secret color of the castle door is turquoise.\n" * 3)
     monkeypatch.setattr("sys.stdin", io.StringIO("What color is the castle door?\n\nexit\nnever asked\n"))
-    code, out, err = run(capsys, "ask", str(tmp_path), "--chat", "-q", "What is the secret color?",
-                         "--max-new-tokens", "16")
+    code, out, err = run(
+        capsys, "ask", str(tmp_path), "--chat", "-q", "What is the secret color?", "--max-new-tokens", "16"
+    )
     assert code == 0
     answers = [line for line in out.split("question> ") if line.strip()]
     assert len(answers) == 2 and all("turquoise" in a.lower() for a in answers), out
@@ -211,16 +223,30 @@ def test_commands_work_without_the_optional_extras(tmp_path, argv):
 
 
 def test_serve_without_its_extra_exits_2_with_the_install_command(tmp_path):
-    done = subprocess.run([sys.executable, "-c", _WITHOUT_EXTRAS, "serve", "--model", str(tmp_path)],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_EXTRAS, "serve", "--model", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2, done.stderr
     assert "pip install 'reattention[serve]'" in done.stderr
 
 
 def test_eval_plot_without_matplotlib_is_refused_before_the_run(tmp_path):
     out = tmp_path / "rows.jsonl"
-    argv = ["eval", "passkey", "--model", str(tmp_path / "no-model"), "--lengths", "2K", "--out", str(out),
-            "--plot", str(tmp_path / "f.png")]
+    argv = [
+        "eval",
+        "passkey",
+        "--model",
+        str(tmp_path / "no-model"),
+        "--lengths",
+        "2K",
+        "--out",
+        str(out),
+        "--plot",
+        str(tmp_path / "f.png"),
+    ]
     done = subprocess.run([sys.executable, "-c", _WITHOUT_EXTRAS, *argv], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr
     assert "--plot needs matplotlib" in done.stderr and "eval report" in done.stderr
@@ -234,7 +260,10 @@ def test_eval_plot_without_matplotlib_is_refused_before_the_run(tmp_path):
         (["--offload", "values"], dict(keys="device", refine=True)),
         (["--offload", "host"], dict(keys="host", refine=True, block=64)),
         (["--offload-budget", "8"], dict(keys="host", refine=False, budget=8, block=64)),
-        (["--offload", "host", "--offload-budget", "8", "--offload-block", "32"], dict(keys="host", budget=8, block=32)),
+        (
+            ["--offload", "host", "--offload-budget", "8", "--offload-block", "32"],
+            dict(keys="host", budget=8, block=32),
+        ),
         (["--offload", "values", "--spill-dir", "."], dict(keys="device", spill_dir=".")),
     ],
 )

@@ -18,14 +18,16 @@ from reattention_core.app.serving import AppConfig, BackgroundServer, ServeConfi
 from tests.helpers import ByteTokenizer, tiny_model
 
 MODEL = "tiny-llama"
-CFG = ReAttentionConfig(sink_size=4, block_size=4, top_k=2, max_blocks=4, local_window=32, prefill_chunk_size=16,
-                        max_context=400)
+CFG = ReAttentionConfig(
+    sink_size=4, block_size=4, top_k=2, max_blocks=4, local_window=32, prefill_chunk_size=16, max_context=400
+)
 
 
 @pytest.fixture(scope="module")
 def engine() -> ReAttentionEngine:
-    return ReAttentionEngine(tiny_model("llama"), ByteTokenizer(), CFG, model_name=MODEL,
-                             cache=CacheConfig(page_size=32, disk=False))
+    return ReAttentionEngine(
+        tiny_model("llama"), ByteTokenizer(), CFG, model_name=MODEL, cache=CacheConfig(page_size=32, disk=False)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +68,11 @@ def test_completion_endpoint_and_default_length(client, engine):
 def test_streamed_chat_equals_the_whole_answer(client):
     messages = _chat("Count the waves: one, two, three. " * 2)
     whole = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10)
-    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, stream=True,
-                                                 stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL, messages=messages, max_tokens=10, stream=True, stream_options={"include_usage": True}
+        )
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     texts = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
     assert len(texts) > 1, "the answer must arrive in several chunks"
@@ -91,10 +96,18 @@ def test_streamed_completion_raw_sse_ends_with_done(server):
 
 def test_context_extension_reports_cached_tokens(client):
     corpus = "The lighthouse keeper counted ships every night. " * 6  # 300 bytes: several 32-token pages
-    first = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Who counted?"}],
-                                           max_tokens=3, extra_body={"context": corpus})
-    second = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "What was counted?"}],
-                                            max_tokens=3, extra_body={"context": corpus})
+    first = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Who counted?"}],
+        max_tokens=3,
+        extra_body={"context": corpus},
+    )
+    second = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "What was counted?"}],
+        max_tokens=3,
+        extra_body={"context": corpus},
+    )
     assert first.usage.prompt_tokens_details.cached_tokens == 0
     assert second.usage.prompt_tokens_details.cached_tokens >= 256
 
@@ -134,8 +147,9 @@ def test_malformed_chat_requests_get_openai_errors(server, patch, status, needle
 def test_malformed_completion_and_json(server):
     r = httpx.post(f"{server.base_url}/completions", json={"model": MODEL, "prompt": ["a", "b"]}, timeout=30)
     assert r.status_code == 400 and "one string" in r.json()["error"]["message"]
-    r = httpx.post(f"{server.base_url}/completions", content=b"{not json", timeout=30,
-                   headers={"content-type": "application/json"})
+    r = httpx.post(
+        f"{server.base_url}/completions", content=b"{not json", timeout=30, headers={"content-type": "application/json"}
+    )
     assert r.status_code == 400 and "error" in r.json()
 
 
@@ -199,6 +213,9 @@ def test_serve_subcommand_is_registered():
 def test_embedded_model_answers_through_the_server(embedded_engine):
     with BackgroundServer(embedded_engine) as srv:
         c = openai.OpenAI(base_url=srv.base_url, api_key="x", max_retries=0, timeout=120)
-        resp = c.chat.completions.create(model=embedded_engine.model_name, max_tokens=12,
-                                         messages=[{"role": "user", "content": "What is the capital of France?"}])
+        resp = c.chat.completions.create(
+            model=embedded_engine.model_name,
+            max_tokens=12,
+            messages=[{"role": "user", "content": "What is the capital of France?"}],
+        )
     assert "Paris" in resp.choices[0].message.content

@@ -190,7 +190,10 @@ def _corrupt(path: Path, how: str) -> None:
         data = bytearray(next(path.parent.glob("p000002-*")).read_bytes())
     elif how == "layers swapped in the header":  # same bytes, same CRC: only the layout check can tell
         meta = json.loads(bytes(data[8 : 8 + header]))
-        meta["k.0"]["data_offsets"], meta["k.1"]["data_offsets"] = meta["k.1"]["data_offsets"], meta["k.0"]["data_offsets"]
+        meta["k.0"]["data_offsets"], meta["k.1"]["data_offsets"] = (
+            meta["k.1"]["data_offsets"],
+            meta["k.0"]["data_offsets"],
+        )
         raw = json.dumps(meta, separators=(",", ":")).encode().ljust(header)
         assert len(raw) == header
         data[8 : 8 + header] = raw
@@ -396,7 +399,11 @@ def test_default_cache_dir(monkeypatch, tmp_path):
     assert directory.default_cache_dir() == tmp_path / "xdg" / "reattention"
     monkeypatch.delenv("XDG_CACHE_HOME")
     assert directory.default_cache_dir() == Path.home() / ".cache" / "reattention"
-    assert directory.parse_bytes("64G") == 64 << 30 and directory.parse_bytes("512MiB") == 512 << 20 and directory.parse_bytes(10) == 10
+    assert (
+        directory.parse_bytes("64G") == 64 << 30
+        and directory.parse_bytes("512MiB") == 512 << 20
+        and directory.parse_bytes(10) == 10
+    )
     monkeypatch.setenv("REATTENTION_CACHE_MAX_BYTES", "2G")
     assert CacheConfig().resolved_disk_bytes() == 2 << 30
 

@@ -22,7 +22,9 @@ def test_pages_written_by_the_earlier_code_are_restored_and_answer_as_it_did(tmp
         tiny_model("llama"), ByteTokenizer(), CFG, cache=CacheConfig(dir=folder, page_size=32, disk_bytes=1 << 20)
     )
     assert FORMAT_VERSION == 2
-    assert (folder / engine._prefix.fingerprint(engine._settings()).namespace).is_dir()  # the same fingerprint names the same folder
+    assert (
+        folder / engine._prefix.fingerprint(engine._settings()).namespace
+    ).is_dir()  # the same fingerprint names the same folder
     res = engine.generate(expected["question"], context=expected["corpus"], max_new_tokens=expected["max_new_tokens"])
     assert res.cached_tokens == expected["stored_tokens"]  # every page restored from disk, none rejected
     assert list(res.token_ids) == expected["token_ids"]

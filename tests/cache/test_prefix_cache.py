@@ -31,7 +31,9 @@ PAGE = 64
 def make_engine(arch: str = "llama", *, seed: int = 0, cache: CacheConfig | bool | None = None, model=None):
     if cache is None:
         cache = CacheConfig(page_size=PAGE, disk=False)
-    return ReAttentionEngine(model if model is not None else tiny_model(arch, seed=seed), ByteTokenizer(), CFG, cache=cache)
+    return ReAttentionEngine(
+        model if model is not None else tiny_model(arch, seed=seed), ByteTokenizer(), CFG, cache=cache
+    )
 
 
 def text(n: int, seed: int) -> str:

@@ -32,7 +32,6 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
 CFG = ReAttentionConfig(sink_size=4, block_size=4, top_k=2, max_blocks=4, local_window=16, prefill_chunk_size=8)
 
 
-
 def _random_text(seed: int, n: int = 72) -> str:
     chars = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,;:!?"
     g = torch.Generator().manual_seed(seed)
@@ -61,8 +60,9 @@ LAYER_CASES = [
 
 
 def _rope(d: int) -> RopeSpec:
-    return RopeSpec(inv_freq=1.0 / (10000 ** (torch.arange(0, d, 2).float() / d)), attention_scaling=1.0,
-                    rope_type="default")
+    return RopeSpec(
+        inv_freq=1.0 / (10000 ** (torch.arange(0, d, 2).float() / d)), attention_scaling=1.0, rope_type="default"
+    )
 
 
 def _step(cfg: ReAttentionConfig, d: int, options: KernelOptions = KernelOptions()) -> LayerStep:
@@ -187,8 +187,9 @@ def test_sharded_store_equals_single_process(world, tmp_path, single_process, on
     # model classes loaded by `single_process`), which saves ~10 s per process on 2 busy cores.
     # Safe here as in DataLoader workers: no process group exists in the parent, and each child
     # runs on one thread.
-    mp.start_processes(_worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world, join=True,
-                       start_method="fork")
+    mp.start_processes(
+        _worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world, join=True, start_method="fork"
+    )
     results = json.loads((tmp_path / "results.json").read_text())
 
     for i, (case, got) in enumerate(zip(LAYER_CASES, results["layer"], strict=True)):
@@ -198,8 +199,14 @@ def test_sharded_store_equals_single_process(world, tmp_path, single_process, on
         plan = plan_scope(cfg, k.shape[1], q.shape[1])
         if plan.select:
             voters = voting_rows(q, cfg.prefill_vote_stride)
-            sel, n_sel = select_blocks(voters, k[:, plan.sink_len : plan.local_start], top_k=cfg.top_k,
-                                       max_blocks=cfg.max_blocks, block_size=cfg.block_size, kernel_options=REFERENCE)
+            sel, n_sel = select_blocks(
+                voters,
+                k[:, plan.sink_len : plan.local_start],
+                top_k=cfg.top_k,
+                max_blocks=cfg.max_blocks,
+                block_size=cfg.block_size,
+                kernel_options=REFERENCE,
+            )
             ref = [(row[: int(n)] + plan.sink_len).tolist() for row, n in zip(sel, n_sel, strict=True)]
             assert got["sel"] == ref, f"case {i}: the merged selection differs from the single-process one"
             assert all(len(r) > 0 for r in ref)
@@ -251,8 +258,9 @@ def _serve_worker(rank: int, world: int, init_file: str, port: int, stop_file: s
     from reattention_core.distributed import ShardedEngine
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=8))
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=8)
+    )
     # keepalive well below the 8 s timeout: the parent takes seconds between requests
     sharded = ShardedEngine(ReAttentionEngine(tiny_model("llama"), ByteTokenizer(), CFG, cache=False), keepalive_s=1.0)
     if rank == 0:
@@ -271,6 +279,7 @@ def test_sharded_server_answers_like_one_process_and_fails_loudly_when_a_rank_di
     import time
 
     import httpx
+
     openai = pytest.importorskip("openai")
     pytest.importorskip("fastapi")
 
@@ -278,9 +287,12 @@ def test_sharded_server_answers_like_one_process_and_fails_loudly_when_a_rank_di
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     stop = tmp_path / "stop"
-    engine = ReAttentionEngine(tiny_model("llama"), ByteTokenizer(), CFG, cache=False)  # before the fork: shared imports
-    ctx = mp.start_processes(_serve_worker, args=(2, str(tmp_path / "init"), port, str(stop)), nprocs=2,
-                             join=False, start_method="fork")
+    engine = ReAttentionEngine(
+        tiny_model("llama"), ByteTokenizer(), CFG, cache=False
+    )  # before the fork: shared imports
+    ctx = mp.start_processes(
+        _serve_worker, args=(2, str(tmp_path / "init"), port, str(stop)), nprocs=2, join=False, start_method="fork"
+    )
     try:
         base = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 60
@@ -361,8 +373,9 @@ def test_sharded_store_on_two_gpus_over_nccl_equals_one_gpu(tmp_path):
         engine = ReAttentionEngine(tiny_model(arch).to("cuda:0"), ByteTokenizer(), CFG, cache=False)
         for j, prompt in enumerate(PROMPTS):
             single[f"{arch}/{j}"] = list(engine.generate(prompt, max_new_tokens=MAX_NEW, progress=False).token_ids)
-    mp.start_processes(_nccl_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True,
-                       start_method="spawn")
+    mp.start_processes(
+        _nccl_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True, start_method="spawn"
+    )
     got = json.loads((tmp_path / "nccl.json").read_text())
     assert got == single
     assert any(len(t) == MAX_NEW for t in single.values()), "no generation ran to length: too weak a check"

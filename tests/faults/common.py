@@ -41,8 +41,9 @@ def tiny_engine(cache_dir: str | Path | None, *, offload=None, cache: bool = Tru
 
     config = ReAttentionConfig(**CONFIG)
     settings = CacheConfig(**{"page_size": PAGE, "dir": cache_dir, **cache_kw}) if cache else False
-    return ReAttentionEngine(tiny_model("llama"), ByteTokenizer(), config, cache=settings, offload=offload,
-                             model_name="tiny-llama")
+    return ReAttentionEngine(
+        tiny_model("llama"), ByteTokenizer(), config, cache=settings, offload=offload, model_name="tiny-llama"
+    )
 
 
 def process_context() -> BaseContext:
@@ -153,4 +154,3 @@ def write_checkpoint(folder: Path) -> Path:
     tiny_model("llama").save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
-

@@ -213,8 +213,9 @@ def _generating_child(conn, folder: str, plan: dict[str, Any] | None) -> None:
 
 def _cold_child(conn) -> None:
     child_setup()
-    result = tiny_engine(None, cache=False).generate(QUESTION, context=CORPUS, max_new_tokens=NEW_TOKENS,
-                                                     progress=False)
+    result = tiny_engine(None, cache=False).generate(
+        QUESTION, context=CORPUS, max_new_tokens=NEW_TOKENS, progress=False
+    )
     conn.send(list(result.token_ids))
 
 
@@ -304,14 +305,16 @@ def make_plans(trials: int, seed: int, pages: int, run_s: float) -> list[Plan]:
     for i in range(trials):
         mode = _ROTATION[i % len(_ROTATION)]
         preseed = rng.randrange(1, pages // 2) if rng.random() < 0.25 else 0
-        plans.append(Plan(
-            trial=i,
-            mode=mode,
-            delay=round(rng.uniform(0.0, 1.15 * run_s), 4) if mode == "timed" else 0.0,
-            page=rng.randrange(preseed, pages),
-            fraction=round(rng.random(), 4),
-            preseed=preseed,
-        ))
+        plans.append(
+            Plan(
+                trial=i,
+                mode=mode,
+                delay=round(rng.uniform(0.0, 1.15 * run_s), 4) if mode == "timed" else 0.0,
+                page=rng.randrange(preseed, pages),
+                fraction=round(rng.random(), 4),
+                preseed=preseed,
+            )
+        )
     return plans
 
 
@@ -405,8 +408,7 @@ def run(workdir: Path, *, trials: int = 24, seed: int = 0, page: int = 16, progr
         pages_reused=sum(r.reused_pages for r in results),
         answers_checked=len(results),
         wrong_answers=sum(not r.correct for r in results),
-        lost_pages=sum(r.lost_pages for r in results)
-        + sum(r.reused_tokens < r.expected_reuse for r in results),
+        lost_pages=sum(r.lost_pages for r in results) + sum(r.reused_tokens < r.expected_reuse for r in results),
         damaged_pages=sum(r.damaged_pages for r in results),
         temporary_files_read=sum(len(r.temp_reads) for r in results),
         temporary_files_left=sum(r.temps_left for r in results),

@@ -92,9 +92,18 @@ def _craft(raw: bytes, how: str) -> bytes:
 
 
 CRAFTS = [
-    "header length 2**64-1", "header length past the end", "unaligned data section", "overlapping offsets",
-    "offsets past the end", "negative offsets", "infinite shape", "metadata not an object",
-    "header nested 100000 deep", "header is a list", "zero heads, no data", "heads and head dim reshaped",
+    "header length 2**64-1",
+    "header length past the end",
+    "unaligned data section",
+    "overlapping offsets",
+    "offsets past the end",
+    "negative offsets",
+    "infinite shape",
+    "metadata not an object",
+    "header nested 100000 deep",
+    "header is a list",
+    "zero heads, no data",
+    "heads and head dim reshaped",
     "dtype relabelled",
 ]
 
@@ -128,7 +137,9 @@ def test_a_crafted_page_is_rejected_and_recomputed(tmp_path, genuine, cold, capl
     original = victim.read_bytes()
     ref, root = _ref(victim), page_file.read_header(victim)["__metadata__"]["fingerprint"]
     victim.write_bytes(_craft(original, how))
-    monkeypatch.setattr(page_file, "_staging_buffer", lambda n: torch.empty(n, dtype=torch.uint8))  # the GPU reader on CPU
+    monkeypatch.setattr(
+        page_file, "_staging_buffer", lambda n: torch.empty(n, dtype=torch.uint8)
+    )  # the GPU reader on CPU
     for pin in (False, True):
         with pytest.raises(PageError):
             page_file.read_page(ref, root, 2, torch.float32, pin=pin, kv_shape=KV_SHAPE)
@@ -141,8 +152,9 @@ def test_a_crafted_page_is_rejected_and_recomputed(tmp_path, genuine, cold, capl
 
 def test_the_genuine_pages_pass_the_same_checks(genuine):
     for path in page_files(genuine):
-        keys, _values = page_file.read_page(_ref(path), page_file.read_header(path)["__metadata__"]["fingerprint"], 2,
-                                     torch.float32, kv_shape=KV_SHAPE)
+        keys, _values = page_file.read_page(
+            _ref(path), page_file.read_header(path)["__metadata__"]["fingerprint"], 2, torch.float32, kv_shape=KV_SHAPE
+        )
         assert keys[0].shape == (PAGE, *KV_SHAPE)
 
 
@@ -321,8 +333,16 @@ def test_nothing_in_the_package_unpickles():
     found = {str(p.relative_to(ROOT)): hits for p in sources if (hits := _unpickling_lines(p.read_text()))}
     assert not found, f"code that can unpickle: {found}"
     # the patterns catch what they must (so the test above can fail)
-    for bad in ("import pickle", "from joblib import load", "x = pickle.loads(b)", "torch.load(path)",
-                "np.load(f, allow_pickle=True)", "pd.read_pickle(p)", "shelve.open(p)", "marshal.load(fh)"):
+    for bad in (
+        "import pickle",
+        "from joblib import load",
+        "x = pickle.loads(b)",
+        "torch.load(path)",
+        "np.load(f, allow_pickle=True)",
+        "pd.read_pickle(p)",
+        "shelve.open(p)",
+        "marshal.load(fh)",
+    ):
         assert _unpickling_lines(bad), bad
 
 

@@ -34,9 +34,13 @@ def vanilla(model, ids: torch.Tensor) -> torch.Tensor:
 
 
 # Scope covers everything because the whole input fits in sink + local window.
-WIDE_LOCAL = ReAttentionConfig(sink_size=4, block_size=8, top_k=2, max_blocks=2, local_window=256, prefill_chunk_size=64)
+WIDE_LOCAL = ReAttentionConfig(
+    sink_size=4, block_size=8, top_k=2, max_blocks=2, local_window=256, prefill_chunk_size=64
+)
 # Scope covers everything through selection: any hit's block spans the whole middle.
-WIDE_BLOCKS = ReAttentionConfig(sink_size=4, block_size=512, top_k=1, max_blocks=1, local_window=16, prefill_chunk_size=16)
+WIDE_BLOCKS = ReAttentionConfig(
+    sink_size=4, block_size=512, top_k=1, max_blocks=1, local_window=16, prefill_chunk_size=16
+)
 
 
 @pytest.mark.parametrize(
@@ -53,7 +57,9 @@ def test_prefill_logits_match_vanilla(tiny, cfg, chunk):
 
 def test_full_mode_matches_vanilla_beyond_the_window(tiny):
     ids = random_ids(150)
-    cfg = ReAttentionConfig(mode="full", sink_size=4, block_size=4, top_k=1, max_blocks=1, local_window=16, prefill_chunk_size=16)
+    cfg = ReAttentionConfig(
+        mode="full", sink_size=4, block_size=4, top_k=1, max_blocks=1, local_window=16, prefill_chunk_size=16
+    )
     torch.testing.assert_close(run_chunked(tiny, ids, cfg, 16), vanilla(tiny, ids), atol=ATOL, rtol=0)
 
 
@@ -73,15 +79,22 @@ def test_decode_steps_match_vanilla(tiny, byte_tokenizer, cfg):
     ids = torch.tensor([engine.encode(prompt)])
     with torch.no_grad():
         hf = tiny.generate(
-            ids, max_new_tokens=8, do_sample=False, output_logits=True, return_dict_in_generate=True,
-            eos_token_id=None, pad_token_id=0,
+            ids,
+            max_new_tokens=8,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+            eos_token_id=None,
+            pad_token_id=0,
         )
-    hf_tokens = hf.sequences[0, ids.shape[1]:].tolist()
+    hf_tokens = hf.sequences[0, ids.shape[1] :].tolist()
     res = engine.generate(prompt, max_new_tokens=8)
     assert list(res.token_ids) == [t for t in hf_tokens if t != 2][: len(res.token_ids)]
     # step-by-step logits under ReAttention against vanilla on the same growing sequence
     seq = torch.cat([ids, torch.tensor([hf_tokens])], dim=1)
-    torch.testing.assert_close(run_chunked(tiny, seq, cfg, cfg.prefill_chunk_size), vanilla(tiny, seq), atol=ATOL, rtol=0)
+    torch.testing.assert_close(
+        run_chunked(tiny, seq, cfg, cfg.prefill_chunk_size), vanilla(tiny, seq), atol=ATOL, rtol=0
+    )
 
 
 def test_enable_reattention_is_reversible(tiny):
@@ -113,8 +126,12 @@ def test_llama3_rope_scaling_matches_vanilla():
     model = tiny_model(
         "llama",
         rope_parameters={
-            "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0, "original_max_position_embeddings": 128,
+            "rope_type": "llama3",
+            "rope_theta": 10000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 128,
         },
     )
     assert rotary_module(model).rope_type == "llama3"
@@ -126,7 +143,12 @@ def test_yarn_attention_scaling_matches_vanilla():
     """YaRN multiplies cos/sin by an attention scaling != 1, which must be re-applied too."""
     model = tiny_model(
         "qwen2",
-        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 256},
+        rope_parameters={
+            "rope_type": "yarn",
+            "rope_theta": 10000.0,
+            "factor": 4.0,
+            "original_max_position_embeddings": 256,
+        },
     )
     assert rotary_module(model).attention_scaling != 1.0
     ids = random_ids(150)
@@ -138,8 +160,16 @@ def test_yarn_full_mode_matches_the_model_loaded_with_yarn(arch):
     """``mode="full", yarn_factor=F`` on a plain-RoPE model computes what transformers computes for the
     same weights loaded with ``rope_type="yarn"`` (Qwen's recipe for contexts past 32K), past the window."""
     plain = tiny_model(arch, max_position_embeddings=64)
-    yarn = tiny_model(arch, max_position_embeddings=256, rope_parameters={
-        "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64})
+    yarn = tiny_model(
+        arch,
+        max_position_embeddings=256,
+        rope_parameters={
+            "rope_type": "yarn",
+            "rope_theta": 10000.0,
+            "factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+    )
     yarn.load_state_dict(plain.state_dict())
     ids = random_ids(200)
     cfg = ReAttentionConfig(mode="full", yarn_factor=4, local_window=64, prefill_chunk_size=32)

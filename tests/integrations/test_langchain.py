@@ -256,9 +256,7 @@ def test_lcel_chain_over_documents_reuses_the_cached_corpus(shared_embedded_engi
     prompt = ChatPromptTemplate.from_messages([("system", SYSTEM_TEMPLATE), ("human", "{question}")])
     chain = prompt | ChatReAttention(max_tokens=16) | StrOutputParser()
     recorder = _Recorder()
-    answers = [
-        chain.invoke({"docs": joined(), "question": q}, config={"callbacks": [recorder]}) for q, _ in QUESTIONS
-    ]
+    answers = [chain.invoke({"docs": joined(), "question": q}, config={"callbacks": [recorder]}) for q, _ in QUESTIONS]
     for answer, (_, expected) in zip(answers, QUESTIONS):
         assert expected.lower() in answer.lower(), answers
     usage = [r.generations[0][0].message.usage_metadata for r in recorder.results]

@@ -200,8 +200,14 @@ def variants() -> list[tuple[tuple, ASTSource, int, int]]:
     sources += [(("tiles", 4), tiles(4), 4), (("place",), place(), 4)]
     sources += [
         (("rescore_tiles", *v), rescore_tiles(*v), plan.tile_rescore_config()[1])
-        for v in (("bf16", 64, 4, 32), ("bf16", 128, 8, 64), ("fp32", 64, 4, 32), ("bf16", 64, 4, 16),
-                  ("bf16", 128, 4, 64, "qwen1.5b"), ("bf16", 64, 4, 64, "qwen0.5b"))  # fmt: skip
+        for v in (
+            ("bf16", 64, 4, 32),
+            ("bf16", 128, 8, 64),
+            ("fp32", 64, 4, 32),
+            ("bf16", 64, 4, 16),
+            ("bf16", 128, 4, 64, "qwen1.5b"),
+            ("bf16", 64, 4, 64, "qwen0.5b"),
+        )  # fmt: skip
     ]
     sources += [
         (("tile_top", h, blk), tile_top(h, blk, 32), 4 if blk >= 512 else 1)

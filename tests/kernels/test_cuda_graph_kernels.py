@@ -70,7 +70,10 @@ def test_prefix_cache_reuse_through_graphs_gives_the_cold_tokens():
 
     model = _model()
     haystack = "the quick brown fox jumps over the lazy dog; " * 12
-    prompts = [haystack[:480] + "pass key 12345. " + haystack[480:], haystack[:200] + "pass key 67890. " + haystack[200:]]
+    prompts = [
+        haystack[:480] + "pass key 12345. " + haystack[480:],
+        haystack[:200] + "pass key 67890. " + haystack[200:],
+    ]
     cold = ReAttentionEngine(model, ByteTokenizer(), CFG, backend="triton", cache=False)
     warm = ReAttentionEngine(model, ByteTokenizer(), CFG, backend="triton", cache=CacheConfig(disk=False, page_size=32))
     for prompt, cached in zip(prompts, (0, 192)):

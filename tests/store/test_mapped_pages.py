@@ -34,8 +34,14 @@ def test_token_segments_read_like_the_joined_tensor():
     g = torch.Generator().manual_seed(1)
     unsorted = (torch.randint(0, 22, (40,), generator=g), torch.arange(21, -1, -1), torch.tensor([12, 12, 0]))
     # sorted ones take the cut-at-part-bounds path: blocks, duplicates, part edges, one part only
-    ordered = (torch.arange(22), torch.tensor([0, 4, 5, 11, 12, 13, 21]), torch.tensor([3, 3, 3, 14, 14]),
-               torch.tensor([13, 14, 15, 21]), torch.tensor([4]), torch.randint(0, 22, (30,), generator=g).sort().values)
+    ordered = (
+        torch.arange(22),
+        torch.tensor([0, 4, 5, 11, 12, 13, 21]),
+        torch.tensor([3, 3, 3, 14, 14]),
+        torch.tensor([13, 14, 15, 21]),
+        torch.tensor([4]),
+        torch.randint(0, 22, (30,), generator=g).sort().values,
+    )
     for idx in (*unsorted, *ordered):
         assert torch.equal(seg.index_select(1, idx), whole.index_select(1, idx))
         out = torch.empty(1, idx.numel(), 3, 4)
@@ -188,7 +194,9 @@ def test_on_a_gpu_mapped_pages_feed_the_bounds_and_the_scope_and_answer_like_the
     cfg = CacheConfig(dir=tmp_path, page_size=64)
     resident = ReAttentionEngine(model, ByteTokenizer(), CFG, cache=cfg)
     first = resident.generate("Which key?", context=corpus, max_new_tokens=12)
-    mapped = ReAttentionEngine(model, ByteTokenizer(), CFG, cache=cfg, offload=OffloadConfig(block=8, budget=2, map_pages=True))
+    mapped = ReAttentionEngine(
+        model, ByteTokenizer(), CFG, cache=cfg, offload=OffloadConfig(block=8, budget=2, map_pages=True)
+    )
     res = mapped.generate("Which key?", context=corpus, max_new_tokens=12)
     assert res.cached_tokens > 0 and res.token_ids == first.token_ids
     store = _segment_store(mapped)

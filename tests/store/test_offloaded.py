@@ -122,7 +122,9 @@ def test_an_offloaded_engine_computes_exactly_what_the_resident_one_does(arch, m
     else:  # no bounds: the keys are where the selection runs
         assert store.bounds == [] and store.fetched_blocks == 0
     prompt = "the quick brown fox jumps over the lazy dog. " * 8
-    assert offloaded.generate(prompt, max_new_tokens=8).token_ids == resident.generate(prompt, max_new_tokens=8).token_ids
+    assert (
+        offloaded.generate(prompt, max_new_tokens=8).token_ids == resident.generate(prompt, max_new_tokens=8).token_ids
+    )
 
 
 def test_an_offloaded_engine_votes_with_the_same_strided_rows():
@@ -188,7 +190,9 @@ def test_an_offloaded_engine_shares_exact_cache_pages_with_resident_engines(tmp_
         off = OffloadConfig(block=8, budget=2, pin=False, **offload) if offload else None
         return ReAttentionEngine(model, ByteTokenizer(), CFG, cache=cfg, offload=off)
 
-    cold = ReAttentionEngine(model, ByteTokenizer(), CFG, cache=False).generate("Who?", context=corpus, max_new_tokens=6)
+    cold = ReAttentionEngine(model, ByteTokenizer(), CFG, cache=False).generate(
+        "Who?", context=corpus, max_new_tokens=6
+    )
     resident = engine()
     first = resident.generate("Who?", context=corpus, max_new_tokens=6)
     assert first.token_ids == cold.token_ids and first.cached_tokens == 0
@@ -220,7 +224,10 @@ def test_offload_on_a_gpu_places_the_store_and_equals_the_resident_engine(keys):
     k, v = store.view(0)
     assert k.is_cuda == (keys == "device") and not v.is_cuda and v.is_pinned()
     prompt = "the quick brown fox jumps over the lazy dog. " * 20
-    assert offloaded.generate(prompt, max_new_tokens=12).token_ids == resident.generate(prompt, max_new_tokens=12).token_ids
+    assert (
+        offloaded.generate(prompt, max_new_tokens=12).token_ids
+        == resident.generate(prompt, max_new_tokens=12).token_ids
+    )
 
 
 @pytest.mark.gpu
@@ -244,8 +251,9 @@ def test_evaluation_rows_record_the_store_and_exact_offload_reuses_resident_cell
     from reattention_core.evaluation.results import read_rows
 
     model = tiny_model("llama")
-    grid = NeedleGrid(tasks=("passkey",), lengths=(256,), depths=(0.5,), modes=("reattention",), haystack="filler",
-                      max_new_tokens=3)
+    grid = NeedleGrid(
+        tasks=("passkey",), lengths=(256,), depths=(0.5,), modes=("reattention",), haystack="filler", max_new_tokens=3
+    )
 
     def engine(offload):
         return ReAttentionEngine(model, ByteTokenizer(), CFG, model_name="tiny", cache=False, offload=offload)
@@ -253,7 +261,10 @@ def test_evaluation_rows_record_the_store_and_exact_offload_reuses_resident_cell
     out = tmp_path / "r.jsonl"
     assert run_grid(engine(OffloadConfig(keys="device", pin=False)), grid, ResultsFile(out), progress=False).ran == 1
     assert run_grid(engine(None), grid, ResultsFile(out), progress=False).ran == 0  # exact: the same cell
-    assert run_grid(engine(OffloadConfig(budget=1, refine=False, pin=False)), grid, ResultsFile(out), progress=False).ran == 1
+    assert (
+        run_grid(engine(OffloadConfig(budget=1, refine=False, pin=False)), grid, ResultsFile(out), progress=False).ran
+        == 1
+    )
     stores = [r["env"]["store"] for r in read_rows(out)]
     assert stores == ["offload(keys=device)", "offload(keys=host,block=64,budget=1,refine=False)"]
 
@@ -302,10 +313,16 @@ def test_the_memory_cache_cap_counts_the_keys_a_split_store_keeps_on_the_device(
     from reattention_core.cache import default_memory_bytes
 
     model = tiny_model("llama")
-    split = ReAttentionEngine(model, ByteTokenizer(), CFG, cache=CacheConfig(disk=False), offload=OffloadConfig(keys="device"))
+    split = ReAttentionEngine(
+        model, ByteTokenizer(), CFG, cache=CacheConfig(disk=False), offload=OffloadConfig(keys="device")
+    )
     both = min(default_memory_bytes(split.device), default_memory_bytes(torch.device("cpu")))
     assert split._prefix.memory.max_bytes == 2 * both  # each half (keys, values) within a third of its memory
     mine = ReAttentionEngine(
-        model, ByteTokenizer(), CFG, cache=CacheConfig(disk=False, memory_bytes=1 << 20), offload=OffloadConfig(keys="device")
+        model,
+        ByteTokenizer(),
+        CFG,
+        cache=CacheConfig(disk=False, memory_bytes=1 << 20),
+        offload=OffloadConfig(keys="device"),
     )
     assert mine._prefix.memory.max_bytes == 1 << 20  # a cap the user set is kept

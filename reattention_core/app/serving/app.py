@@ -72,7 +72,9 @@ class AppConfig:
             raise InvalidInputError("AppConfig.api_key must be a non-empty string or None")
 
 
-def create_app(engine: ReAttentionEngine, config: AppConfig | None = None, *, backend: Backend | None = None) -> FastAPI:
+def create_app(
+    engine: ReAttentionEngine, config: AppConfig | None = None, *, backend: Backend | None = None
+) -> FastAPI:
     """An OpenAI-compatible app serving ``engine``; its worker thread stops at app shutdown.
 
     ``backend``: see `GenerationWorker` (a sharded deployment passes its `ShardedEngine` on rank 0).
@@ -110,9 +112,15 @@ def create_app(engine: ReAttentionEngine, config: AppConfig | None = None, *, ba
     @app.get("/health")
     async def health() -> JSONResponse:
         status = "dead" if not worker.alive else "broken" if worker.broken else "ok"
-        body = {"status": status, "model": model_name, "error": str(worker.broken) if worker.broken else None,
-                "busy": worker.busy, "pending": worker.pending,
-                "completed": worker.completed, "cancelled": worker.cancelled}
+        body = {
+            "status": status,
+            "model": model_name,
+            "error": str(worker.broken) if worker.broken else None,
+            "busy": worker.busy,
+            "pending": worker.pending,
+            "completed": worker.completed,
+            "cancelled": worker.cancelled,
+        }
         return JSONResponse(body, status_code=200 if status == "ok" else 503)
 
     @app.get("/v1/models")
@@ -137,7 +145,9 @@ def create_app(engine: ReAttentionEngine, config: AppConfig | None = None, *, ba
         kwargs = body.engine_kwargs(config.default_max_tokens)
         kwargs["prompt"] = prompt
         try:
-            bound.check(_chars(prompt) + len(kwargs["context"] or ""), kwargs["max_new_tokens"], engine.config.max_context)
+            bound.check(
+                _chars(prompt) + len(kwargs["context"] or ""), kwargs["max_new_tokens"], engine.config.max_context
+            )
             # tokenising a long corpus takes a while: keep the event loop free
             ids, params = await asyncio.to_thread(params_for, engine, kwargs)
         except ContextLimitError as exc:
@@ -157,7 +167,8 @@ def create_app(engine: ReAttentionEngine, config: AppConfig | None = None, *, ba
             raise APIError(429, str(exc), type="rate_limit_error") from None
         if body.stream:
             return StreamingResponse(
-                _sse(job, events, shape, body.include_usage()), media_type="text/event-stream",
+                _sse(job, events, shape, body.include_usage()),
+                media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
         try:
@@ -219,8 +230,12 @@ def _failure(error: BaseException) -> APIError:
     if isinstance(error, InvalidInputError):
         return APIError(400, str(error))
     if isinstance(error, StoreMemoryError):  # prompt + max_tokens is more than this server can hold
-        return APIError(400, f"this request does not fit in the server's memory: {error} Lower max_tokens or "
-                        "shorten the prompt.", param="max_tokens", code="context_length_exceeded")
+        return APIError(
+            400,
+            f"this request does not fit in the server's memory: {error} Lower max_tokens or shorten the prompt.",
+            param="max_tokens",
+            code="context_length_exceeded",
+        )
     if isinstance(error, DistributedError):
         return APIError(503, str(error), type="server_error", code="worker_failed")
     return APIError(500, f"generation failed: {type(error).__name__}: {error}", type="server_error")
@@ -228,8 +243,12 @@ def _failure(error: BaseException) -> APIError:
 
 def _check_model(requested: str, served: str) -> None:
     if requested != served:
-        raise APIError(404, f"model {requested!r} is not served here; this server serves {served!r} (see /v1/models)",
-                       param="model", code="model_not_found")
+        raise APIError(
+            404,
+            f"model {requested!r} is not served here; this server serves {served!r} (see /v1/models)",
+            param="model",
+            code="model_not_found",
+        )
 
 
 def _model_card(name: str) -> dict[str, Any]:

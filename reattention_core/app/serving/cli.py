@@ -24,8 +24,12 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
     p.add_argument("--max-context", type=int, default=None, help="reject prompt + max_tokens above this (400)")
     p.add_argument("--max-tokens", type=int, default=256, help="completion length when a request gives none")
-    p.add_argument("--max-request-bytes", default="64M", metavar="SIZE",
-                   help="refuse request bodies larger than this with 413 (default 64M)")
+    p.add_argument(
+        "--max-request-bytes",
+        default="64M",
+        metavar="SIZE",
+        help="refuse request bodies larger than this with 413 (default 64M)",
+    )
     p.add_argument("--no-warmup", action="store_true", help="skip compiling kernels before listening")
     p.set_defaults(func=cmd_serve)
 
@@ -33,9 +37,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
 def _require_extra() -> None:
     missing = [name for name in ("fastapi", "uvicorn") if importlib.util.find_spec(name) is None]
     if missing:
-        raise InvalidInputError(
-            f"reattention serve needs {' and '.join(missing)}: pip install 'reattention[serve]'"
-        )
+        raise InvalidInputError(f"reattention serve needs {' and '.join(missing)}: pip install 'reattention[serve]'")
 
 
 def _size(text: str) -> int:
@@ -54,8 +56,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from reattention_core.app.serving.server import ServeConfig, serve
 
     config = ServeConfig(host=args.host, port=args.port)  # validate before loading the model
-    app_config = AppConfig(model_name=args.model_name, api_key=args.api_key, default_max_tokens=args.max_tokens,
-                           max_request_bytes=_size(args.max_request_bytes))
+    app_config = AppConfig(
+        model_name=args.model_name,
+        api_key=args.api_key,
+        default_max_tokens=args.max_tokens,
+        max_request_bytes=_size(args.max_request_bytes),
+    )
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return _serve_sharded(args, config, app_config)
     engine = _load(args)
@@ -63,8 +69,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         engine.config = engine.config.replace(max_context=args.max_context)
     if not args.no_warmup and hasattr(engine, "warmup"):
         print(f"warming up ({engine.warmup():.1f}s)", file=sys.stderr, flush=True)
-    print(f"serving {args.model_name or engine.model_name} at http://{config.host}:{config.port}/v1",
-          file=sys.stderr, flush=True)
+    print(
+        f"serving {args.model_name or engine.model_name} at http://{config.host}:{config.port}/v1",
+        file=sys.stderr,
+        flush=True,
+    )
     serve(engine, config, app_config)
     return 0
 
@@ -77,7 +86,9 @@ def _serve_sharded(args: argparse.Namespace, config, app_config) -> int:
     from reattention_core.engine import ReAttentionEngine
 
     if offload_config(args) is not None:
-        raise InvalidInputError("--offload works with one process; a sharded store (torchrun) keeps its shards on the GPUs")
+        raise InvalidInputError(
+            "--offload works with one process; a sharded store (torchrun) keeps its shards on the GPUs"
+        )
     if args.compile:
         raise InvalidInputError("--compile works with one process; drop it to serve a sharded store (torchrun)")
     device = init_from_env()
@@ -90,8 +101,12 @@ def _serve_sharded(args: argparse.Namespace, config, app_config) -> int:
     if not sharded.is_leader:
         sharded.follow()
         return 0
-    print(f"serving {args.model_name or engine.model_name} at http://{config.host}:{config.port}/v1, "
-          f"KV store sharded over {sharded.world} ranks", file=sys.stderr, flush=True)
+    print(
+        f"serving {args.model_name or engine.model_name} at http://{config.host}:{config.port}/v1, "
+        f"KV store sharded over {sharded.world} ranks",
+        file=sys.stderr,
+        flush=True,
+    )
     try:
         serve(engine, config, app_config, backend=sharded)
     finally:

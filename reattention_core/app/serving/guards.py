@@ -55,8 +55,13 @@ class ApiKeyCheck:
         if scope["type"] == "http" and scope.get("path", "").startswith("/v1/"):
             given = next((v for k, v in scope.get("headers", ()) if k == b"authorization"), b"")
             if not key_matches(given.decode("latin-1"), self.api_key):
-                await _error(send, 401, "missing or wrong API key (send Authorization: Bearer <key>)",
-                             kind="authentication_error", code="invalid_api_key")
+                await _error(
+                    send,
+                    401,
+                    "missing or wrong API key (send Authorization: Bearer <key>)",
+                    kind="authentication_error",
+                    code="invalid_api_key",
+                )
                 return
         await self.app(scope, receive, send)
 
@@ -97,8 +102,10 @@ class BodyLimit:
         await self.app(scope, _replay([body], receive), send)
 
     def _too_large(self, size: int, *, at_least: bool = False) -> str:
-        return (f"the request body has {'more than ' if at_least else ''}{size:,} bytes, over this server's limit of "
-                f"{self.limit:,} (reattention serve --max-request-bytes)")
+        return (
+            f"the request body has {'more than ' if at_least else ''}{size:,} bytes, over this server's limit of "
+            f"{self.limit:,} (reattention serve --max-request-bytes)"
+        )
 
 
 def _content_length(scope: Scope) -> int | None:
@@ -125,13 +132,22 @@ def _replay(messages: list[Message], receive: Receive) -> Receive:
     return replayed
 
 
-async def _error(send: Send, status: int, message: str, *, kind: str = "invalid_request_error",
-                 code: str | None = None) -> None:
+async def _error(
+    send: Send, status: int, message: str, *, kind: str = "invalid_request_error", code: str | None = None
+) -> None:
     code = code or ("request_too_large" if status == 413 else None)
     body = json.dumps({"error": {"message": message, "type": kind, "param": None, "code": code}}).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            (b"connection", b"close")]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 
@@ -167,4 +183,3 @@ class PromptBound:
                 f"the prompt has {chars:,} characters, at least {least:,} tokens, and {max_new_tokens} more were "
                 f"requested, over the configured max_context of {max_context}; shorten the prompt or lower max_tokens"
             )
-

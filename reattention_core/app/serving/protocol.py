@@ -32,7 +32,12 @@ class APIError(ReAttentionError):
     """An error answered with an OpenAI-style body ``{"error": {...}}`` and an HTTP status."""
 
     def __init__(
-        self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
         code: str | None = None,
     ) -> None:
         super().__init__(message)
@@ -219,8 +224,12 @@ class ResponseShape:
 
     def full(self, result: GenerationResult) -> dict[str, Any]:
         if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": result.text},
-                      "finish_reason": result.finish_reason, "logprobs": None}
+            choice = {
+                "index": 0,
+                "message": {"role": "assistant", "content": result.text},
+                "finish_reason": result.finish_reason,
+                "logprobs": None,
+            }
             body = self._envelope("chat.completion", [choice])
         else:
             choice = {"index": 0, "text": result.text, "finish_reason": result.finish_reason, "logprobs": None}

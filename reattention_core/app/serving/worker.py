@@ -188,7 +188,6 @@ class GenerationWorker:
             self.completed += isinstance(event, Done)
             job.emit(event)
 
-
     def _keepalive(self) -> None:
         if self.broken is not None:
             return
