@@ -12,7 +12,8 @@ cut to N tokens), with the corpus passed as ``context=`` and a short question:
 
 TTFT is the wall time of ``generate(question, context=corpus, max_new_tokens=1)`` (prefill, cache
 restore and sampling the first token); the fresh process's model loading and warm-up
-(`ReAttentionEngine.warmup`: one-time CUDA/Triton start-up costs) are reported apart (``load_s``, ``warmup_s``). Every row records device, versions, commit, the tokens restored from the cache and
+(`ReAttentionEngine.warmup`: one-time CUDA/Triton start-up costs) are reported apart (``load_s``,
+``warmup_s``). Every row records device, versions, commit, the tokens restored from the cache and
 the tokens still prefilled (the tail after the last full page before the final token), and
 whether the first token equals the cold run's.
 
@@ -405,8 +406,8 @@ def _restore(cache, fp, refs, layers: int, dtype: torch.dtype) -> dict:
 def restore_profile(args: argparse.Namespace) -> int:
     """`--restore-profile`: where the time of a disk-cache restore goes (see the module docstring)."""
     from reattention_core.cache.disk import DiskCache
-    from reattention_core.cache.page_file import PageRef, page_file_name
     from reattention_core.cache.fingerprint import FORMAT_VERSION, EngineFingerprint
+    from reattention_core.cache.page_file import PageRef, page_file_name
 
     if not torch.cuda.is_available():
         raise SystemExit("--restore-profile needs a CUDA device")
@@ -418,7 +419,7 @@ def restore_profile(args: argparse.Namespace) -> int:
     ns = cache.namespace_dir(fp)
     names = [f"{i:064x}" for i in range(1, args.restore_profile + 1)]
     refs = [PageRef(ns / page_file_name(i, k), k, p, i, page_size)
-            for i, (k, p) in enumerate(zip(names, [fp.root] + names[:-1]))]  # fmt: skip
+            for i, (k, p) in enumerate(zip(names, [fp.root] + names[:-1], strict=True))]  # fmt: skip
     row = {"bench": "restore_profile", **environment(), "cpus": os.cpu_count(), "workers": args.workers,
            "pages": len(refs), "page_size": page_size, "shape": [layers, args.heads, args.head_dim]}  # fmt: skip
     base = torch.randn(page_size, args.heads, args.head_dim, generator=torch.Generator().manual_seed(0)).to(dtype)

@@ -396,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
                     engine.kernel_options, engine.compile_model = decode_options[how][0], fuse == "layers"
                     results = run_engine(engine, cfg, ids, args.decode, args.progress, graphs == "on",
                                          decode_options=decode_options[how])  # fmt: skip
-                    for result, ep in zip(results, args.epilogues):
+                    for result, ep in zip(results, args.epilogues, strict=False):
                         result["epilogues"] = ep
             except (torch.cuda.OutOfMemoryError, StoreMemoryError) as exc:  # full attention runs out first
                 results = [{"error": f"out of memory: {str(exc).splitlines()[0]}"}]

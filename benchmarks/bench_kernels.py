@@ -533,7 +533,7 @@ class Cases:
                     outs.append(fn())
                     row[f"{path}_ms"] = round(self.timer.graph_ms(fn), 4)
                     row[f"{path}_kernels"] = self.timer.kernels(fn)
-                row["same"] = all(self.torch.equal(a, b) for a, b in zip(*outs))
+                row["same"] = all(self.torch.equal(a, b) for a, b in zip(*outs, strict=True))
                 self.emit(**row)
 
     def sweep_decode_epilogues(self) -> None:
@@ -573,7 +573,9 @@ class Cases:
                     "model": model,
                     "tokens": tokens,
                     "hits": hq * top_k,
-                    "same_selection": all(self.torch.equal(a, b) for a, b in zip(outs[True][0], outs[False][0])),
+                    "same_selection": all(
+                        self.torch.equal(a, b) for a, b in zip(outs[True][0], outs[False][0], strict=True)
+                    ),
                     "attention_max_diff": float((outs[True][1].float() - outs[False][1].float()).abs().max()),
                 }
                 for part in ("select", "attention", "layer"):

@@ -55,5 +55,5 @@ def decode(model, ids: torch.Tensor, steps: int, how: str, *, backend: str, cfg:
 def assert_same_store(a: ResidentStore, b: ResidentStore, **tol) -> None:
     assert a.min_length() == b.min_length() and a.length(0) == b.length(0)
     for layer in range(a.num_layers):
-        for x, y in zip(a.view(layer), b.view(layer)):
+        for x, y in zip(a.view(layer), b.view(layer), strict=True):
             torch.testing.assert_close(x, y, **tol)

@@ -157,9 +157,9 @@ def cmd_needles(args: argparse.Namespace) -> int:
 
 
 def cmd_qa(args: argparse.Namespace) -> int:
+    from reattention_core.cache import CacheConfig
     from reattention_core.evaluation.qa import QAGrid, run_qa
     from reattention_core.evaluation.results import ResultsFile
-    from reattention_core.cache import CacheConfig
 
     _check_plot(args.plot)
     if args.mode:

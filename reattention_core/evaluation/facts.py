@@ -122,7 +122,7 @@ def make_corpus(n_people: int, n_questions: int, seed: int) -> FactCorpus:
         used.update(name.lower().split())
         people.append(name)
     offices = _distinct(rng, n_office, digits)
-    code = dict(zip(offices, _distinct(rng, n_office, digits + 1)))
+    code = dict(zip(offices, _distinct(rng, n_office, digits + 1), strict=True))
     office = {p: rng.choice(offices) for p in people}
     home = {p: rng.choice(cities) for p in people}
 

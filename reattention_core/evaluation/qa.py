@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from reattention_core.config import ReAttentionConfig
-from reattention_core.prompts import CONTEXT_SEPARATOR
 from reattention_core.errors import InvalidInputError
 from reattention_core.evaluation.env import environment
 from reattention_core.evaluation.facts import DESIGN, FactCorpus, Question, corpus_of_size, hop_value
@@ -41,6 +40,7 @@ from reattention_core.evaluation.runner import (
 )
 from reattention_core.evaluation.scoring import found
 from reattention_core.evaluation.tasks import render
+from reattention_core.prompts import CONTEXT_SEPARATOR
 
 QA_MODES: tuple[str, ...] = ("reattention", "rag", "full-truncated", "yarn")
 # Room kept in the window for the chat template, the question, the answer prefixes and the answer

@@ -109,7 +109,9 @@ def test_scope_invariants_on_random_inputs(seed):
     idx = scope_indices(plan.sink_len, sel[0, : int(n_sel[0])] + plan.sink_len, plan.local_start, total).tolist()
     assert idx[:4] == [0, 1, 2, 3]
     assert idx[-24:] == list(range(total - 24, total))
-    assert all(a < b for a, b in zip(idx, idx[1:])), "scope must keep the original order, without duplicates"
+    assert all(a < b for a, b in zip(idx, idx[1:], strict=False)), (
+        "scope must keep the original order, without duplicates"
+    )
     assert len(idx) <= cfg.scope_size
     # every selected token lies in the middle and within a block of a top-voted hit
     middle = idx[4:-24]

@@ -68,7 +68,9 @@ def test_page_keys_form_a_hash_chain():
     assert page_keys("00" * 32, ids[:128] + [7] * 172, 64, 4)[:2] == a[:2]
     changed = ids.copy()
     changed[3] = 999
-    assert all(x != y for x, y in zip(page_keys("00" * 32, changed, 64, 4), a)), "a change in page 0 renames every page"
+    assert all(x != y for x, y in zip(page_keys("00" * 32, changed, 64, 4), a, strict=True)), (
+        "a change in page 0 renames every page"
+    )
     assert page_keys("11" * 32, ids, 64, 4)[0] != a[0], "the fingerprint is the root"
 
 

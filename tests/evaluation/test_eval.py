@@ -419,7 +419,9 @@ def test_render_prompt_ends_with_the_answer_prefix_after_the_assistant_turn(embe
 
 
 def test_corpus_of_size_and_truncation_follow_token_counts():
-    count = lambda text: len(text.encode())
+    def count(text: str) -> int:
+        return len(text.encode())
+
     corpus, n = corpus_of_size(6000, 6, seed=0, count=count)
     assert abs(n - 6000) < 600 and n == count(corpus.text)
     kept, text = truncate_records(corpus.records, 2000, count)
@@ -433,7 +435,8 @@ def test_in_context_prompts_hold_every_supporting_record_once_and_whole():
     # question, and truncation keeps exactly the records it reports.
     from reattention_core.evaluation.qa import render_prompt
 
-    count = lambda text: len(text.encode())
+    def count(text: str) -> int:
+        return len(text.encode())
 
     class Plain:  # no chat template: render_prompt joins context, question and prefix
         chat_template = None
@@ -564,8 +567,11 @@ def test_needles_run_deepest_first_and_reuse_the_haystack_before_each_needle(tmp
 
     cold = run(False, "cold.jsonl")
     warm = run(CacheConfig(disk=False, page_size=128), "warm.jsonl")
+
     # The same cells with the same answers (that warm equals cold bit for bit is test_prefix_cache's).
-    key = lambda r: (r["depth"], r["index"], r["mode"])
+    def key(r: dict) -> tuple:
+        return r["depth"], r["index"], r["mode"]
+
     assert {key(r): r["answer"] for r in warm} == {key(r): r["answer"] for r in cold}
     assert all(r["cached_tokens"] == 0 for r in cold)
 

@@ -10,8 +10,7 @@ import pytest
 
 from reattention_core import ReAttentionConfig, ReAttentionEngine
 from reattention_core.errors import InvalidInputError
-from reattention_core.evaluation import NeedleGrid, ResultsFile, make_sample, read_rows, run_grid
-from reattention_core.evaluation import sources
+from reattention_core.evaluation import NeedleGrid, ResultsFile, make_sample, read_rows, run_grid, sources
 from reattention_core.evaluation.haystack import Haystack
 from reattention_core.evaluation.ruler import NIAH_VARIANTS, NOISE
 from reattention_core.evaluation.runner import EVAL_MODES, mode_config

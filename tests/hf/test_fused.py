@@ -55,9 +55,9 @@ def test_fused_groups_run_one_gemm_each_give_the_same_logits_and_are_undone(arch
     assert plain - fused == 3 * layers  # seven GEMMs per layer become four
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     after = _projections(model)
-    assert all(a is b and type(a) is nn.Linear for a, b in zip(after, before))
+    assert all(a is b and type(a) is nn.Linear for a, b in zip(after, before, strict=True))
     assert len({m.weight.untyped_storage().data_ptr() for m in after}) == len(after)  # own storage again
-    assert all(torch.equal(m.weight, v) for m, v in zip(after, values))
+    assert all(torch.equal(m.weight, v) for m, v in zip(after, values, strict=True))
     assert [n for n, _ in model.named_parameters()] == names
     assert _gemms(model, ids)[0] == plain
 
@@ -83,7 +83,7 @@ def test_one_row_products_become_reductions_up_to_the_size_limit(arch: str, monk
     for got, want in ((got_one, want_one), (got_many, want_many), (got_over, want_one)):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     after = _projections(model, everything)
-    assert all(a is b and type(a) is nn.Linear for a, b in zip(after, before))
+    assert all(a is b and type(a) is nn.Linear for a, b in zip(after, before, strict=True))
     assert len({m.weight.untyped_storage().data_ptr() for m in after}) == len(after)
 
 

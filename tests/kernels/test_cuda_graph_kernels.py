@@ -1,5 +1,5 @@
-"""Step graphs (prefill chunks and decode steps) on the Triton kernels: emulated replays (interpreter on CPU) and, on a GPU, real
-recordings give the tokens of ordinary decode steps."""
+"""Step graphs (prefill chunks and decode steps) on the Triton kernels: emulated replays (interpreter on CPU)
+and, on a GPU, real recordings give the tokens of ordinary decode steps."""
 
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ def test_prefix_cache_reuse_through_graphs_gives_the_cold_tokens():
     ]
     cold = ReAttentionEngine(model, ByteTokenizer(), CFG, backend="triton", cache=False)
     warm = ReAttentionEngine(model, ByteTokenizer(), CFG, backend="triton", cache=CacheConfig(disk=False, page_size=32))
-    for prompt, cached in zip(prompts, (0, 192)):
+    for prompt, cached in zip(prompts, (0, 192), strict=True):
         w, c = warm.generate(prompt, max_new_tokens=16), cold.generate(prompt, max_new_tokens=16)
         assert w.cached_tokens == cached and c.cached_tokens == 0
         assert w.token_ids == c.token_ids and len(c.token_ids) == 16

@@ -203,7 +203,8 @@ class GenerationWorker:
 
 
 def _log_failure(exc: Exception) -> None:
-    """A typed error (a request too large for memory, a lost rank) is logged as such; anything else with its traceback."""
+    """A typed error (a request too large for memory, a lost rank) is logged as such; anything else with its
+    traceback."""
     if isinstance(exc, ReAttentionError):
         log.warning("generation failed: %s: %s", type(exc).__name__, exc)
     else:
