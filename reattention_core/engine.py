@@ -27,7 +27,7 @@ from reattention_core.generation.runner import Runner
 from reattention_core.generation.sampling import Sampler, SamplingParams
 from reattention_core.generation.text import TextAssembler
 from reattention_core.generation.warmup import warmup_decode_steps, warmup_ids
-from reattention_core.hf.architectures import check_model, pretraining_window
+from reattention_core.hf.architectures import check_model, model_config, pretraining_window
 from reattention_core.loading import default_config, eos_ids, load_pretrained
 from reattention_core.prompts import Prompt, PromptRenderer
 from reattention_core.store import OffloadConfig
@@ -309,7 +309,7 @@ class ReAttentionEngine:
         layers compile here for every step shape (the longest part of a warm-up)."""
         settings = self._settings()
         graphs = self._graphs().applies(self._runner.new_store(1))
-        ids = warmup_ids(self.config, int(self.model.config.vocab_size), graphs=graphs)
+        ids = warmup_ids(self.config, int(model_config(self.model).vocab_size), graphs=graphs)
         tokens = warmup_decode_steps(decode_steps, graphs=graphs) + 1
         t0 = time.perf_counter()
         with self._runner.session(ids, settings, reserve=len(ids) + tokens, cached=False) as s:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -96,7 +96,7 @@ def load_pretrained(
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
         if gguf_path is not None:
             model_cache.save(model, tokenizer, gguf_path, dtype)
-    model = model.to(device)
+    model = cast(Any, model).to(device)
     preset = preset_for(f"{name}/{gguf_file}" if gguf_file and name_or_path is not None else name)
     return Pretrained(model, tokenizer, name, ReAttentionConfig.preset(preset) if preset else None)
 

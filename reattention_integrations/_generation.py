@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Generator, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -27,7 +27,8 @@ from reattention_core.prompts import Prompt
 
 T = TypeVar("T")
 # Starts a generation when called (in the thread that will drive it): text pieces, then the result.
-EventSource = Callable[[], Iterator["str | GenerationResult"]]
+Events = Generator["str | GenerationResult", None, None]
+EventSource = Callable[[], Events]
 
 # Call-level options an adapter accepts (e.g. ``llm.invoke(q, max_tokens=8, context=corpus)``).
 CALL_OPTIONS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "context", "progress")
@@ -100,7 +101,7 @@ def generation_events(
     sampling: Sampling,
     context: str | None = None,
     progress: bool | None = None,
-) -> Iterator[str | GenerationResult]:
+) -> Events:
     """Text pieces as they are generated, then one `GenerationResult` (usage, finish reason, cache).
 
     The prompt is encoded and checked now (bad input raises here, before any iteration). Drive
@@ -110,7 +111,7 @@ def generation_events(
     return _then_result(engine.start(request, progress=progress))
 
 
-def _then_result(stream: TextStream) -> Iterator[str | GenerationResult]:
+def _then_result(stream: TextStream) -> Events:
     with stream:  # closing this generator closes the stream, in the same thread
         yield from stream
     assert stream.result is not None
@@ -176,6 +177,7 @@ async def call_in_thread(fn: Callable[[], T]) -> T:
             future.set_exception(value) if failed else future.set_result(value)
 
     def work() -> None:
+        value: T | BaseException
         try:
             value, failed = fn(), False
         except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task

@@ -24,6 +24,7 @@ tokens served from the cache. Passing ``context=corpus`` per call does the same 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
@@ -331,12 +332,11 @@ class ReAttentionLLM(_LangChainFields, BaseLLM):
         **kwargs: Any,
     ) -> LLMResult:
         sampling, run = self._prepare(stop, kwargs)
-        results = [
-            await call_in_thread(
-                lambda p=p: self.get_engine().generate(self._prompt(p), sampling=sampling.params(), **run)
-            )
-            for p in prompts
-        ]
+
+        def generate(text: str) -> GenerationResult:
+            return self.get_engine().generate(self._prompt(text), sampling=sampling.params(), **run)
+
+        results = [await call_in_thread(functools.partial(generate, p)) for p in prompts]
         return self._llm_result(results)
 
     def _stream(

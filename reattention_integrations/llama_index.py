@@ -20,7 +20,7 @@ has no such bound, so the whole corpus goes into one prompt whose stable prefix 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Generator, Sequence
 from typing import Any
 
 try:
@@ -49,6 +49,7 @@ from reattention_core.generation.request import GenerationResult
 from reattention_core.prompts import Prompt
 from reattention_integrations._fields import AdapterFields
 from reattention_integrations._generation import (
+    Events,
     EventSource,
     Sampling,
     call_in_thread,
@@ -234,7 +235,7 @@ class ReAttentionLLM(AdapterFields, CustomLLM):
         return lambda: generation_events(self.get_engine(), prompt(), sampling=sampling, **run)
 
 
-def _responses(events: Iterator[str | GenerationResult], model_name: str, *, chat: bool) -> Iterator[Any]:
+def _responses(events: Events, model_name: str, *, chat: bool) -> Generator[Any, None, None]:
     """Streamed responses (cumulative text + delta; usage on the last), closing ``events`` in this thread."""
     respond = _responder(model_name, chat=chat)
     try:
@@ -246,7 +247,7 @@ def _responses(events: Iterator[str | GenerationResult], model_name: str, *, cha
 
 async def _aresponses(
     events: AsyncIterator[str | GenerationResult], model_name: str, *, chat: bool
-) -> AsyncIterator[Any]:
+) -> AsyncGenerator[Any, None]:
     respond = _responder(model_name, chat=chat)
     async for item in events:
         yield respond(item)

@@ -8,6 +8,7 @@ them; plain RoPE has scaling 1). They are read from the model's rotary module on
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 
@@ -36,7 +37,7 @@ class RopeSpec:
         # `original_inv_freq` is the unscaled table even after a dynamic-RoPE module rescaled itself.
         inv_freq = getattr(rotary, "original_inv_freq", None)
         if inv_freq is None:
-            inv_freq = rotary.inv_freq
+            inv_freq = cast(torch.Tensor, rotary.inv_freq)
         return cls(
             inv_freq=inv_freq.detach().float().clone(),
             attention_scaling=float(getattr(rotary, "attention_scaling", 1.0)),

@@ -332,7 +332,8 @@ def _describe(diff: list[str], fp: EngineFingerprint, data: dict[str, Any]) -> s
         return "nothing recorded (an older format?)"
     parts = []
     theirs = data.get("components") or {}
-    their_details = data.get("details") if isinstance(data.get("details"), dict) else {}
+    details = data.get("details")
+    their_details = details if isinstance(details, dict) else {}
     for name in diff:
         if name == "config":
             a, b = their_details.get("config") or {}, fp.details.get("config") or {}

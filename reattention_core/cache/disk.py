@@ -145,7 +145,7 @@ class DiskCache(CacheDirectory):
         except Exception as exc:  # noqa: BLE001 - a cache must never break generation
             if not self._warned_write:
                 self._warned_write = True
-                hint = _WRITE_HINTS.get(exc.errno, "") if isinstance(exc, OSError) else ""
+                hint = _WRITE_HINTS.get(exc.errno or 0, "") if isinstance(exc, OSError) else ""
                 log.warning(
                     "prefix cache: could not write %s%s: %s; pages are kept in memory only. Free space, "
                     "lower the cap or set another cache directory (REATTENTION_CACHE_DIR)",

@@ -75,8 +75,8 @@ def model_fingerprint(model: torch.nn.Module, samples: int = MODEL_SAMPLES) -> s
     cfg = getattr(model, "config", None)
     if cfg is not None:
         h.update(_json({k: getattr(cfg, k, None) for k in _MODEL_CONFIG_KEYS}))
-    tensors = dict(model.named_parameters(remove_duplicate=False))
-    tensors.update(dict(model.named_buffers(remove_duplicate=False)))
+    tensors: dict[str, torch.Tensor] = dict(model.named_parameters(remove_duplicate=False))
+    tensors.update(model.named_buffers(remove_duplicate=False))
     picked: list[torch.Tensor] = []
     for name in sorted(tensors):
         t = tensors[name]

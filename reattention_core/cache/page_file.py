@@ -156,7 +156,7 @@ def _read_page_pinned(path: str) -> tuple[dict[str, Any], torch.Tensor] | None:
         data = _staging_buffer(size - offset)
         if data is None:
             return None
-        view = memoryview(data.numpy())
+        view = data.numpy().data
         view[: len(head) - offset] = head[offset:]
         done = len(head) - offset
         while done < len(view):  # regular files rarely return short reads, but they may
@@ -233,7 +233,7 @@ def read_page(
         raise PageError(f"the data section has {data.numel()} bytes, the header describes {stop}", path)
     # One checksum over the whole data section: one call that releases the GIL, where one per
     # tensor made the loader threads queue for the GIL.
-    if zlib.crc32(data.numpy()) != crc:
+    if zlib.crc32(data.numpy().data) != crc:
         raise PageError("checksum mismatch (corrupted file)", path)
     both = data.view(dtype).view(2, num_layers, *shape)
     return list(both[0].unbind(0)), list(both[1].unbind(0))
@@ -280,7 +280,7 @@ def write_page_file(
     dtype, shape = both.dtype, tuple(both.shape[1:])
     if dtype not in _DTYPE_NAMES:
         raise ValueError(f"pages of dtype {dtype} are not supported (use float32, float16 or bfloat16)")
-    data = both.view(torch.uint8).reshape(-1).numpy()
+    data = both.view(torch.uint8).reshape(-1).numpy().data
     header: dict[str, Any] = {
         name: {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": list(extent)}
         for name, extent in _page_layout(len(keys), shape, dtype).items()
@@ -290,6 +290,6 @@ def write_page_file(
     raw += b" " * (-(8 + len(raw)) % 8)  # the data section starts 8-byte aligned, as safetensors does
     fh.write(struct.pack("<Q", len(raw)))
     fh.write(raw)
-    fh.write(memoryview(data))
+    fh.write(data)
     fh.flush()
     os.fsync(fh.fileno())

@@ -39,7 +39,7 @@ from reattention_core.cache.fingerprint import (
 )
 from reattention_core.cache.memory import MemoryCache, MemoryStats
 from reattention_core.config import RunSettings
-from reattention_core.hf.architectures import kv_shape
+from reattention_core.hf.architectures import kv_shape, model_config
 from reattention_core.hf.compiled import FINGERPRINT as COMPILED_FINGERPRINT
 from reattention_core.store import CachedStore, OffloadConfig, ResidentStore
 
@@ -191,7 +191,8 @@ class PrefixCache:
         model = self.source.model
         param = next(model.parameters())
         fp, page_size = self.fingerprint(settings), self.config.page_size_for(settings.config)
-        layers, shape = model.config.num_hidden_layers, kv_shape(model.config)
+        config = model_config(model)
+        layers, shape = config.num_hidden_layers, kv_shape(config)
         run = PrefixRun(self, ids, fp, page_size, layers, param.device, param.dtype, num_pages, boundary, shape)
         try:
             run.restore(reserve)

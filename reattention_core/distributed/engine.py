@@ -30,6 +30,7 @@ from reattention_core.generation.loop import ModelSteps, Steps, decode_tokens, s
 from reattention_core.generation.sampling import Sampler, SamplingParams
 from reattention_core.generation.text import TextAssembler
 from reattention_core.hf import ReAttentionCache, enable_reattention
+from reattention_core.hf.architectures import model_config
 from reattention_core.store.sharded import ShardedKVStore, ShardLayout
 
 T = TypeVar("T")
@@ -189,7 +190,7 @@ class ShardedEngine:
         eng = self.engine
         reserve = len(ids) + params.max_new_tokens
         layout = ShardLayout.balanced(reserve, self.rank, self.world)
-        store = ShardedKVStore(eng.model.config.num_hidden_layers, layout, self.group)
+        store = ShardedKVStore(model_config(eng.model).num_hidden_layers, layout, self.group)
         store.reserve(reserve)
         with eng._lock, enable_reattention(eng.model, eng.config, kernel_options=eng.kernel_options):
             steps = _GuardedSteps(ModelSteps(eng.model, ReAttentionCache(store), eng.config.prefill_chunk_size), self)
@@ -224,7 +225,7 @@ class ShardedEngine:
             )
 
     def _broadcast_job(self, job: tuple | None) -> tuple:
-        box = [job]
+        box: list[Any] = [job]  # rank 0's job on every rank once broadcast
         self._guarded(dist.broadcast_object_list, box, src=self._src, group=self.group)
         return box[0]
 

@@ -45,7 +45,7 @@ _VOWELS = "aeiou"
 
 def unique_words(rng: random.Random, n: int, syllables: int = 3, exclude: Sequence[str] = ()) -> list[str]:
     """``n`` distinct pronounceable synthetic words (no prior knowledge can help the model)."""
-    seen, out = set(exclude), []
+    seen, out = set(exclude), list[str]()
     while len(out) < n:
         w = "".join(rng.choice(_CONSONANTS) + rng.choice(_VOWELS) for _ in range(syllables))
         if w not in seen:

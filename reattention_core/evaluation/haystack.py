@@ -292,6 +292,7 @@ def fit_prompt(
     for budget in (best[1] + d for d in (-2, -1, 1, 2)) if best and best[0] else ():
         prompt = render(max(0, budget))
         n = count(prompt)
+        assert best is not None  # the loop above ran at least once
         if abs(n - target) < best[0]:
             best = (abs(n - target), max(0, budget), prompt, n)
     assert best is not None

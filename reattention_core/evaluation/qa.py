@@ -203,12 +203,11 @@ def _run_qa(engine: Any, grid: QAGrid, results: ResultsFile, *, limit: int | Non
                     chains[size] = (retriever, chain, f"langchain:{type(model).__name__}")
                 retriever, chain, pipeline = chains[size]
                 got = [d.metadata["id"] for d in retriever.invoke(question)]
-                answer, steps = answer_question(
-                    lambda prefix, chain=chain, question=question: chain.invoke(
-                        {"question": question, "answer_prefix": prefix}
-                    ),
-                    q,
-                )
+
+                def ask_chain(prefix: str, chain: Any = chain, question: str = question) -> str:
+                    return chain.invoke({"question": question, "answer_prefix": prefix})
+
+                answer, steps = answer_question(ask_chain, q)
                 extra = {
                     "retrieved": got,
                     "support_in_context": sum(s in got for s in q.support) / len(q.support),

@@ -117,11 +117,15 @@ def rag_chain(retriever: Any, model: Any, render: Callable[[str, str, str], str]
     from langchain_core.output_parsers import StrOutputParser
     from langchain_core.runnables import RunnableLambda
 
-    join = RunnableLambda(lambda docs: "\n\n".join(d.page_content for d in docs))
+    def join(docs: list[Any]) -> str:
+        return "\n\n".join(d.page_content for d in docs)
+
+    def prompt(d: dict[str, str]) -> str:
+        return render(d["context"], d["question"], d["answer_prefix"])
+
     inputs = {
-        "context": itemgetter("question") | retriever | join,
+        "context": itemgetter("question") | retriever | RunnableLambda(join),
         "question": itemgetter("question"),
         "answer_prefix": itemgetter("answer_prefix"),
     }
-    prompt = RunnableLambda(lambda d: render(d["context"], d["question"], d["answer_prefix"]))
-    return inputs | prompt | model | StrOutputParser()
+    return inputs | RunnableLambda(prompt) | model | StrOutputParser()

@@ -149,7 +149,7 @@ class NeedleGrid:
         return overrides_tag(self.overrides)
 
     def cells(self) -> list[Cell]:
-        out = []
+        out: list[Cell] = []
         for length in self.lengths:
             modes = [m for m in self.modes if length <= self.mode_max_length.get(m, length)]
             for task in self.tasks:

@@ -29,6 +29,7 @@ from reattention_core.attention import plan_scope, shiftable
 from reattention_core.config import ReAttentionConfig
 from reattention_core.hf import ReAttentionCache
 from reattention_core.hf._compat import cache_argument
+from reattention_core.hf.architectures import model_config
 from reattention_core.store import KVStore
 from reattention_kernels import KernelOptions, resolve_backend, shifted_steps_supported
 
@@ -179,7 +180,7 @@ class GraphPolicy:
         cfg = self.config
         if not self.enabled or cfg.mode == "full" or device.type != "cuda" or store.graph_steps() is None:
             return False
-        mc = self.model.config
+        mc = model_config(self.model)
         head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
         if not shifted_steps_supported(head_dim, cfg.top_k, cfg.max_blocks, cfg.block_size, self.kernel_options):
             return False

@@ -21,6 +21,7 @@ from reattention_core.config import RunSettings
 from reattention_core.generation.cuda_graph import GraphPolicy
 from reattention_core.generation.loop import ModelSteps
 from reattention_core.hf import ReAttentionCache, enable_reattention
+from reattention_core.hf.architectures import model_config
 from reattention_core.hf.compiled import compiled_layers
 from reattention_core.store import CachedStore, OffloadConfig
 from reattention_core.store.offloaded import make_store
@@ -104,6 +105,6 @@ class Runner:
 
     def fresh_store(self, reserve: int) -> CachedStore:
         """An empty store for every layer of the model, with room for ``reserve`` tokens."""
-        store = self.new_store(self.model.config.num_hidden_layers)
+        store = self.new_store(model_config(self.model).num_hidden_layers)
         store.reserve(reserve)
         return store

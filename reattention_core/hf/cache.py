@@ -13,6 +13,7 @@ import dataclasses
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -20,6 +21,8 @@ from reattention_core.attention.step import SelectionObserver
 from reattention_core.hf import _compat
 from reattention_core.store.protocol import KVStore
 
+_Cache: Any
+_CacheLayerMixin: Any
 _Cache, _CacheLayerMixin = _compat.cache_classes()
 
 
@@ -91,7 +94,7 @@ def keep_out_of_graphs() -> None:
     """
     if not getattr(ReAttentionLayer.update, "_reattention_disabled", False):
         update = torch.compiler.disable(ReAttentionLayer.update)
-        update._reattention_disabled = True  # type: ignore[attr-defined]
+        update._reattention_disabled = True
         ReAttentionLayer.update = update  # type: ignore[method-assign]
 
 

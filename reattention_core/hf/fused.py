@@ -129,7 +129,7 @@ def _fuse(parent: nn.Module, names: tuple[str, ...], row_reductions: bool) -> li
     if len(linears) != len(names) or not _fusable(linears):
         return None
     weight = torch.cat([m.weight for m in linears])
-    biases = [m.bias for m in linears if m.bias is not None]  # all or none (`_fusable`)
+    biases: list[torch.Tensor] = [m.bias for m in linears if m.bias is not None]  # all or none (`_fusable`)
     bias = torch.cat(biases) if biases else None
     fused = _Fused(weight, bias, [m.out_features for m in linears], row_reductions)
     start = 0

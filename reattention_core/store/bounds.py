@@ -70,6 +70,7 @@ class KeyBounds:
             self.kmax = torch.full((b, nb, h, d), float("-inf"), device=self.device)
         elif self.kmin.shape[1] < nb:
             grow = nb - self.kmin.shape[1]
+            assert self.kmax is not None  # set with kmin
             self.kmin = torch.cat([self.kmin, self.kmin.new_full((b, grow, h, d), float("inf"))], 1)
             self.kmax = torch.cat([self.kmax, self.kmax.new_full((b, grow, h, d), float("-inf"))], 1)
         assert self.kmax is not None
@@ -121,6 +122,7 @@ class KeyBounds:
     def rounding_margins(self, q: torch.Tensor) -> torch.Tensor:
         """How far fp32 rounding may move a block's scores past `upper_bounds`: ``[B, TQ, HQ, NB]``."""
         qf = self._grouped(q)
+        assert self.kmax is not None and self.kmin is not None  # as in `upper_bounds`
         mag = torch.maximum(self.kmax.abs(), self.kmin.abs())
         return (_MARGIN * torch.einsum("bthgd,bnhd->bthgn", qf.abs(), mag) + 1e-30).flatten(2, 3)
 

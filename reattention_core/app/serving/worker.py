@@ -63,12 +63,20 @@ class QueueFull(ReAttentionError):
     """More jobs are waiting than the worker accepts."""
 
 
+class PieceStream(Iterator[str], Protocol):
+    """Text deltas whose ``StopIteration`` value is the `GenerationResult`; ``close`` ends it early."""
+
+    def close(self) -> None: ...
+
+
 class Backend(Protocol):
     """What runs the generations: the engine itself, or a `ShardedEngine` on rank 0."""
 
-    keepalive_s: float | None  # call `keepalive` after this many idle seconds (None: never)
+    @property
+    def keepalive_s(self) -> float | None:
+        """Call `keepalive` after this many idle seconds (``None``: never)."""
 
-    def run(self, ids: list[int], params: SamplingParams) -> Iterator[str]:
+    def run(self, ids: list[int], params: SamplingParams) -> PieceStream:
         """A generator of text deltas; its ``StopIteration`` value is the `GenerationResult`."""
 
     def keepalive(self) -> None:
@@ -83,7 +91,7 @@ class EngineBackend:
     def __init__(self, engine: ReAttentionEngine) -> None:
         self.engine = engine
 
-    def run(self, ids: list[int], params: SamplingParams) -> Iterator[str]:
+    def run(self, ids: list[int], params: SamplingParams) -> PieceStream:
         return self.engine.start(Request(ids=tuple(ids), params=params), progress=False)
 
     def keepalive(self) -> None:
@@ -103,7 +111,7 @@ class GenerationWorker:
 
     def __init__(self, engine: ReAttentionEngine, max_pending: int = 16, backend: Backend | None = None) -> None:
         self.engine = engine
-        self.backend: Backend = backend or EngineBackend(engine)
+        self.backend: Backend = EngineBackend(engine) if backend is None else backend
         self.broken: DistributedError | None = None  # set once a sharded generation lost a rank
         self._jobs: queue.Queue[Job | None] = queue.Queue(maxsize=max_pending)
         self._busy = threading.Event()
