@@ -37,6 +37,8 @@ def test_built_wheel_installs_reattention_kernels_and_no_kernels_package(tmp_pat
     names = zipfile.ZipFile(wheel).namelist()
     assert "reattention_kernels/__init__.py" in names
     assert "reattention_kernels/reference/topk.py" in names
+    packages = ("reattention_core", "reattention_kernels", "reattention_integrations")
+    assert {f"{p}/py.typed" for p in packages} <= set(names)  # PEP 561 markers
     assert not any(n.startswith("kernels/") for n in names)
     target = tmp_path / "site"
     subprocess.run(
