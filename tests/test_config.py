@@ -139,4 +139,16 @@ def test_preset_for_finds_a_preset_named_in_a_model_path():
     assert preset_for("HuggingFaceTB/SmolLM2-135M-Instruct") == "smollm2-135m"
     assert preset_for("/models/SmolLM2_135M/model.gguf") == "smollm2-135m"  # underscores and case aside
     assert preset_for("meta-llama/Llama-3.1-8B") is None
+    assert preset_for("/root/qwen2.5-coder-1.5b/model.gguf") == "qwen2.5-coder-1.5b"
+    assert preset_for("/root/qwen2.5-coder-0.5b/model.gguf") is None  # not measured: the window's sizing
     assert all(preset_for(f"/models/{name.upper()}-instruct/x.gguf") == name for name in PRESETS)
+
+
+def test_qwen_preset_is_the_papers_sizing_for_its_window():
+    cfg = ReAttentionConfig.preset("qwen2.5-coder-1.5b")
+    assert cfg == ReAttentionConfig.for_window(32768)
+    assert cfg.sink_size + cfg.max_blocks * cfg.block_size + cfg.local_window == 16416
+    cfg.check_window(32768)
+    with pytest.raises(ConfigError):
+        cfg.check_window(8192)  # the scope does not fit a smaller model's window
+

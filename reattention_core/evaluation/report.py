@@ -12,6 +12,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from reattention_core.config import PRESETS
 from reattention_core.errors import InvalidInputError
 
 _MODE_ORDER = ("reattention", "full", "full-truncated", "yarn", "streaming", "rag")
@@ -31,7 +32,8 @@ def usable(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
 
     Rows of a budgeted offload, and rows of a config override (``--set``), get their own mode
     label, so they are never averaged with exact rows or with the preset's; so do the rows of
-    each model where rows of several models are reported together.
+    each model where rows of several models are reported together. An override that spells out a
+    named preset is labelled by the preset's name.
     """
     rows = [r for r in rows if "score" in r and "length" in r and "task" in r and "mode" in r]
     models = {_model(r) for r in rows}
@@ -45,9 +47,20 @@ def usable(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
         if r.get("offload"):
             mode += f" offload({r['offload']})"
         if r.get("overrides"):
-            mode += f" [{r['overrides']}]"
+            mode += f" [{_preset_named(r.get('config')) or r['overrides']}]"
         out.append({**r, "mode": mode} if mode != r["mode"] else r)
     return out
+
+
+def _preset_named(config: dict[str, Any] | None) -> str | None:
+    """``"preset NAME"`` when a row's attention config equals a named preset's, else ``None``."""
+    if not config:
+        return None
+    for name, preset in PRESETS.items():
+        fields = preset.to_dict()
+        if all(config.get(k, v) == v for k, v in fields.items()) and all(k in config for k in ("sink_size", "max_blocks")):
+            return f"preset {name}"
+    return None
 
 
 def _model(row: dict[str, Any]) -> str:

@@ -585,3 +585,20 @@ def test_needles_run_deepest_first_and_reuse_the_haystack_before_each_needle(tmp
         needle_at = len(tokenizer(sample.prompt[: sample.prompt.index(sample.expected[0]) - 16])["input_ids"])
         # the first prompt of each mode is cold; every later one reuses the whole pages before its needle
         assert row["cached_tokens"] == (0 if i < 2 else needle_at // 128 * 128), (needle_at, row)
+
+
+def test_report_names_a_preset_spelled_out_by_overrides():
+    from reattention_core.evaluation.report import usable
+
+    preset = ReAttentionConfig.preset("qwen2.5-coder-1.5b").to_dict()
+    base = {"task": "niah_single_2", "length": 65536, "mode": "reattention", "score": 1.0, "model": "/m/qwen"}
+    rows = [
+        {**base, "overrides": "block_size=32,local_window=8192,max_blocks=256", "config": preset},
+        {**base, "overrides": "max_blocks=32", "config": {**preset, "max_blocks": 32}},
+        {**base, "overrides": None, "config": preset},
+    ]
+    assert [r["mode"] for r in usable(rows)] == [
+        "reattention [preset qwen2.5-coder-1.5b]",
+        "reattention [max_blocks=32]",
+        "reattention",
+    ]
