@@ -151,4 +151,3 @@ def test_qwen_preset_is_the_papers_sizing_for_its_window():
     cfg.check_window(32768)
     with pytest.raises(ConfigError):
         cfg.check_window(8192)  # the scope does not fit a smaller model's window
-

@@ -58,7 +58,9 @@ def _preset_named(config: dict[str, Any] | None) -> str | None:
         return None
     for name, preset in PRESETS.items():
         fields = preset.to_dict()
-        if all(config.get(k, v) == v for k, v in fields.items()) and all(k in config for k in ("sink_size", "max_blocks")):
+        if all(config.get(k, v) == v for k, v in fields.items()) and all(
+            k in config for k in ("sink_size", "max_blocks")
+        ):
             return f"preset {name}"
     return None
 
