@@ -12,7 +12,8 @@ cut to N tokens), with the corpus passed as ``context=`` and a short question:
 
 TTFT is the wall time of ``generate(question, context=corpus, max_new_tokens=1)`` (prefill, cache
 restore and sampling the first token); the fresh process's model loading and warm-up
-(`ReAttentionEngine.warmup`: one-time CUDA/Triton start-up costs) are reported apart (``load_s``, ``warmup_s``). Every row records device, versions, commit, the tokens restored from the cache and
+(`ReAttentionEngine.warmup`: one-time CUDA/Triton start-up costs) are reported apart (``load_s``,
+``warmup_s``). Every row records device, versions, commit, the tokens restored from the cache and
 the tokens still prefilled (the tail after the last full page before the final token), and
 whether the first token equals the cold run's.
 
@@ -48,7 +49,7 @@ synthetic pages shaped like the embedded model's (``--layers/--heads/--head-dim`
 page; 1024 pages = 1M tokens = 24 GB) written with `DiskCache.save`, then, each over all pages, timed:
 ``read`` (threads reading the files into pinned buffers: the page-cache read floor), ``read+crc`` (the
 same plus a CRC-32 of every byte), ``load`` (`DiskCache.load(pin=True)`: reads, header checks, CRCs),
-``restore`` (load + `KVStore.extend` of every layer into a CUDA store, the main thread's time split
+``restore`` (load + `ResidentStore.extend` of every layer into a CUDA store, the main thread's time split
 into waiting for pages and launching copies) and ``restore-cold`` (after ``posix_fadvise(DONTNEED)``)::
 
     python3 benchmarks/bench_cache.py --restore-profile 1024 --cache-dir /root/prof --out $OUT/restore.json
@@ -81,14 +82,79 @@ PHASES = ("cold", "memory", "disk", "disk-cold")
 QUESTION = "Which function in the documentation above returns the greatest common divisor of integers?"
 # Standard-library modules whose pydoc text makes the corpus (cycled when more text is needed).
 MODULES = (
-    "math", "collections", "functools", "itertools", "os", "pathlib", "re", "json", "typing", "argparse",
-    "logging", "subprocess", "threading", "datetime", "decimal", "fractions", "statistics", "random",
-    "string", "textwrap", "shutil", "tarfile", "zipfile", "sqlite3", "socket", "csv", "configparser",
-    "dataclasses", "enum", "heapq", "bisect", "contextlib", "abc", "io", "pickle", "copy", "pprint",
-    "difflib", "calendar", "glob", "tempfile", "hashlib", "base64", "struct", "codecs", "inspect",
-    "unittest", "doctest", "asyncio", "http.client", "urllib.request", "email.message", "xml.etree.ElementTree",
-    "concurrent.futures", "queue", "sched", "selectors", "signal", "ssl", "uuid", "zlib", "gzip", "bz2",
-    "lzma", "operator", "weakref", "types", "ast", "dis", "tokenize", "traceback", "warnings", "timeit",
+    "math",
+    "collections",
+    "functools",
+    "itertools",
+    "os",
+    "pathlib",
+    "re",
+    "json",
+    "typing",
+    "argparse",
+    "logging",
+    "subprocess",
+    "threading",
+    "datetime",
+    "decimal",
+    "fractions",
+    "statistics",
+    "random",
+    "string",
+    "textwrap",
+    "shutil",
+    "tarfile",
+    "zipfile",
+    "sqlite3",
+    "socket",
+    "csv",
+    "configparser",
+    "dataclasses",
+    "enum",
+    "heapq",
+    "bisect",
+    "contextlib",
+    "abc",
+    "io",
+    "pickle",
+    "copy",
+    "pprint",
+    "difflib",
+    "calendar",
+    "glob",
+    "tempfile",
+    "hashlib",
+    "base64",
+    "struct",
+    "codecs",
+    "inspect",
+    "unittest",
+    "doctest",
+    "asyncio",
+    "http.client",
+    "urllib.request",
+    "email.message",
+    "xml.etree.ElementTree",
+    "concurrent.futures",
+    "queue",
+    "sched",
+    "selectors",
+    "signal",
+    "ssl",
+    "uuid",
+    "zlib",
+    "gzip",
+    "bz2",
+    "lzma",
+    "operator",
+    "weakref",
+    "types",
+    "ast",
+    "dis",
+    "tokenize",
+    "traceback",
+    "warnings",
+    "timeit",
 )
 
 
@@ -116,15 +182,23 @@ def corpus_text(tokenizer, tokens: int) -> str:
 
 def environment() -> dict:
     # $REATTENTION_COMMIT first: an exported copy (the GPU machine) may sit inside an unrelated checkout
-    commit = os.environ.get("REATTENTION_COMMIT") or subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
-    ).stdout.strip()
+    commit = (
+        os.environ.get("REATTENTION_COMMIT")
+        or subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+        ).stdout.strip()
+    )
     if torch.cuda.is_available():
         device = torch.cuda.get_device_name()
     else:
         device = f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-    return {"device": device, "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version(), "commit": commit or "unknown"}
+    return {
+        "device": device,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "commit": commit or "unknown",
+    }
 
 
 def sync() -> None:
@@ -156,7 +230,12 @@ def load_engine(
 
 def host_memory() -> dict:
     """This process's resident host memory by kind, in GiB (Linux ``/proc/self/status``)."""
-    fields = {"RssAnon": "rss_anon_gib", "RssFile": "rss_file_gib", "RssShmem": "rss_shmem_gib", "VmHWM": "peak_rss_gib"}
+    fields = {
+        "RssAnon": "rss_anon_gib",
+        "RssFile": "rss_file_gib",
+        "RssShmem": "rss_shmem_gib",
+        "VmHWM": "peak_rss_gib",
+    }
     out = {}
     with contextlib.suppress(OSError):
         for line in Path("/proc/self/status").read_text().splitlines():
@@ -301,9 +380,9 @@ def _read_all(paths: list[Path], workers: int, crc: bool) -> int:
 
 def _restore(cache, fp, refs, layers: int, dtype: torch.dtype) -> dict:
     """Load every page and extend a CUDA store with it: total seconds, and the main thread's waits and launches."""
-    from reattention_core.store import KVStore
+    from reattention_core.store import ResidentStore
 
-    store = KVStore(layers)
+    store = ResidentStore(layers)
     store.reserve(sum(r.tokens for r in refs))
     torch.cuda.synchronize()
     wait = launch = 0.0
@@ -326,8 +405,9 @@ def _restore(cache, fp, refs, layers: int, dtype: torch.dtype) -> dict:
 
 def restore_profile(args: argparse.Namespace) -> int:
     """`--restore-profile`: where the time of a disk-cache restore goes (see the module docstring)."""
-    from reattention_core.disk_cache import DiskCache, PageRef, page_file_name
-    from reattention_core.fingerprint import FORMAT_VERSION, EngineFingerprint
+    from reattention_core.cache.disk import DiskCache
+    from reattention_core.cache.fingerprint import FORMAT_VERSION, EngineFingerprint
+    from reattention_core.cache.page_file import PageRef, page_file_name
 
     if not torch.cuda.is_available():
         raise SystemExit("--restore-profile needs a CUDA device")
@@ -339,7 +419,7 @@ def restore_profile(args: argparse.Namespace) -> int:
     ns = cache.namespace_dir(fp)
     names = [f"{i:064x}" for i in range(1, args.restore_profile + 1)]
     refs = [PageRef(ns / page_file_name(i, k), k, p, i, page_size)
-            for i, (k, p) in enumerate(zip(names, [fp.root] + names[:-1]))]  # fmt: skip
+            for i, (k, p) in enumerate(zip(names, [fp.root] + names[:-1], strict=True))]  # fmt: skip
     row = {"bench": "restore_profile", **environment(), "cpus": os.cpu_count(), "workers": args.workers,
            "pages": len(refs), "page_size": page_size, "shape": [layers, args.heads, args.head_dim]}  # fmt: skip
     base = torch.randn(page_size, args.heads, args.head_dim, generator=torch.Generator().manual_seed(0)).to(dtype)
@@ -383,13 +463,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--progress", action="store_true", help="show prefill progress bars")
     ap.add_argument("--offload", choices=("none", "values", "host"), default="none", help="the engine's KV store")
     ap.add_argument("--offload-budget", type=int, default=None, help="with --offload host: blocks read (approximate)")
-    ap.add_argument("--map-pages", nargs="+", choices=("on", "off"), default=["on"],
-                    help="with --offload host: run each disk phase with these map_pages settings")
+    ap.add_argument(
+        "--map-pages",
+        nargs="+",
+        choices=("on", "off"),
+        default=["on"],
+        help="with --offload host: run each disk phase with these map_pages settings",
+    )
     ap.add_argument("--decode", type=int, default=0, help="disk phases: also time this many decode steps")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--restore-profile", type=int, default=None, metavar="PAGES",
-                    help="profile a restore of PAGES synthetic pages instead (see above)")
+    ap.add_argument(
+        "--restore-profile",
+        type=int,
+        default=None,
+        metavar="PAGES",
+        help="profile a restore of PAGES synthetic pages instead (see above)",
+    )
     ap.add_argument("--layers", type=int, default=30, help="--restore-profile: the pages' layers")
     ap.add_argument("--heads", type=int, default=3, help="--restore-profile: KV heads")
     ap.add_argument("--head-dim", type=int, default=64, help="--restore-profile: head dim")
@@ -414,15 +504,28 @@ def main(argv: list[str] | None = None) -> int:
         for tokens in args.tokens:
             cache_dir = cache_root / f"n{tokens}"
             kv = kv_bytes_estimate(engine, tokens + 4096)
-            cached_engine = ReAttentionEngine(engine.model, engine.tokenizer, engine.config, offload=offload,
-                                              model_name=engine.model_name, cache=cache_config(cache_dir, kv))
+            cached_engine = ReAttentionEngine(
+                engine.model,
+                engine.tokenizer,
+                engine.config,
+                offload=offload,
+                model_name=engine.model_name,
+                cache=cache_config(cache_dir, kv),
+            )
             corpus_file = work / f"corpus-{tokens}.txt"
             if not corpus_file.is_file():
                 corpus_file.write_text(corpus_text(engine.tokenizer, tokens))
             corpus = corpus_file.read_text()
-            base = {"bench": "cache", "model": engine.model_name, "tokens": tokens, **env, "offload": args.offload,
-                    "offload_budget": args.offload_budget,
-                    "config": engine.config.to_dict(), "page_size": cached_engine.cache_config.page_size_for(engine.config)}
+            base = {
+                "bench": "cache",
+                "model": engine.model_name,
+                "tokens": tokens,
+                **env,
+                "offload": args.offload,
+                "offload_budget": args.offload_budget,
+                "config": engine.config.to_dict(),
+                "page_size": cached_engine.cache_config.page_size_for(engine.config),
+            }
             cold = previous_cold(args.out, {k: base[k] for k in ("model", "tokens", "device")})
             cold_ttft = cold["ttft_s"] if cold else None
             cold_token = cold["first_token"] if cold else None
@@ -457,7 +560,9 @@ def main(argv: list[str] | None = None) -> int:
                     result["page_write_s"] = writes["s"]
                     cold_ttft, cold_token = ttft, result["first_token"]
                     info = cached_engine.cache_info()
-                    result.update(disk_bytes=info.disk.bytes if info.disk else 0, disk_pages=info.disk.pages if info.disk else 0)
+                    result.update(
+                        disk_bytes=info.disk.bytes if info.disk else 0, disk_pages=info.disk.pages if info.disk else 0
+                    )
                 elif phase == "memory":
                     result, ttft = ask(cached_engine, corpus, args.progress)
                 else:
@@ -468,11 +573,23 @@ def main(argv: list[str] | None = None) -> int:
                     if phase == "disk-cold":
                         result_files = drop_page_cache(cache_dir)
                         row["page_cache_dropped_files"] = result_files
-                    spec = {"model": args.model, "gguf_file": args.gguf_file, "cache_dir": str(cache_dir),
-                            "kv_bytes": kv, "corpus_file": str(corpus_file), "offload": args.offload,
-                            "offload_budget": args.offload_budget, "map_pages": map_pages, "decode": args.decode}
-                    proc = subprocess.run([sys.executable, __file__, "--out", str(args.out), "--child", json.dumps(spec)],
-                                          capture_output=True, text=True, check=False)
+                    spec = {
+                        "model": args.model,
+                        "gguf_file": args.gguf_file,
+                        "cache_dir": str(cache_dir),
+                        "kv_bytes": kv,
+                        "corpus_file": str(corpus_file),
+                        "offload": args.offload,
+                        "offload_budget": args.offload_budget,
+                        "map_pages": map_pages,
+                        "decode": args.decode,
+                    }
+                    proc = subprocess.run(
+                        [sys.executable, __file__, "--out", str(args.out), "--child", json.dumps(spec)],
+                        capture_output=True,
+                        text=True,
+                        check=False,
+                    )
                     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
                     if proc.returncode != 0 or not lines:
                         raise RuntimeError(f"the fresh process failed:\n{proc.stderr[-4000:]}")
@@ -484,10 +601,28 @@ def main(argv: list[str] | None = None) -> int:
                     row["same_first_token_as_cold"] = result["first_token"] == cold_token
                 with args.out.open("a") as fh:
                     fh.write(json.dumps(row) + "\n")
-                shown = {k: row[k] for k in ("tokens", "phase", "map_pages", "ttft_s", "cached_tokens", "prefilled_tokens",
-                                             "restore_s", "load_s", "warmup_s", "speedup_vs_cold", "same_first_token_as_cold",
-                                             "rss_anon_gib", "rss_file_gib", "store_host_bytes", "mapped_tokens", "decode_ms")
-                         if k in row}
+                shown = {
+                    k: row[k]
+                    for k in (
+                        "tokens",
+                        "phase",
+                        "map_pages",
+                        "ttft_s",
+                        "cached_tokens",
+                        "prefilled_tokens",
+                        "restore_s",
+                        "load_s",
+                        "warmup_s",
+                        "speedup_vs_cold",
+                        "same_first_token_as_cold",
+                        "rss_anon_gib",
+                        "rss_file_gib",
+                        "store_host_bytes",
+                        "mapped_tokens",
+                        "decode_ms",
+                    )
+                    if k in row
+                }
                 print(json.dumps(shown), flush=True)
     finally:
         shutil.rmtree(tmp_root, ignore_errors=True)  # holds only what was not given a folder

@@ -31,6 +31,7 @@ text. Every row records device, versions and commit.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import itertools
 import json
@@ -47,8 +48,10 @@ import transformers
 
 from reattention_core import ReAttentionCache, ReAttentionConfig, ReAttentionEngine, StoreMemoryError
 from reattention_core.evaluation.cli import parse_overrides
-from reattention_core.offload import OffloadConfig, OffloadedStore
-from reattention_core.prefill import run_prefill
+from reattention_core.generation.cuda_graph import GraphPolicy
+from reattention_core.generation.loop import ModelSteps
+from reattention_core.generation.prefill import run_prefill
+from reattention_core.store.offloaded import OffloadConfig, OffloadedStore
 from reattention_kernels import KernelOptions
 
 STORES = ("resident", "values", "host")
@@ -116,11 +119,12 @@ def run_engine(
     max_length = ids.shape[1] + len(options) * (decode + 1) + 1
     rows = []
     with torch.inference_mode():
-        with engine._running(cfg):  # compiled layers too, with compile_model
+        with engine._runner.running(dataclasses.replace(engine._settings(), config=cfg)):  # compiled layers too
             # the engine's own store: on the device, or offloaded (--stores values | host)
-            store = engine._fresh_store(max_length)
+            store = engine._runner.fresh_store(max_length)
             cache = ReAttentionCache(store)
-            chunks = engine._prefill_graph(cache, ids.shape[1], max_length, cfg) if graphs else None
+            policy = GraphPolicy(model, cfg, engine.kernel_options)
+            chunks = policy.prefill(cache, ids.shape[1], max_length) if graphs else None
             sync()
             t0 = time.perf_counter()
             logits = run_prefill(model, ids, cache, cfg.prefill_chunk_size, progress=progress, graph=chunks)
@@ -130,8 +134,8 @@ def run_engine(
             del chunks  # its memory pool goes before decoding
         for opts in options:
             engine.kernel_options = opts
-            with engine._running(cfg):
-                graph = engine._decode_graph(cache, max_length, decode + 1, cfg) if graphs else None
+            with engine._runner.running(dataclasses.replace(engine._settings(), config=cfg)):
+                graph = GraphPolicy(model, cfg, opts).decode(cache, max_length, decode + 1) if graphs else None
                 step_ms, logits = time_engine_decode(engine, cache, logits, decode, graph)
             row = {"prefill_s": prefill, "decode_ms_per_token": step_ms, "prefill_graph": prefill_graph,
                    "cuda_graph": graph is not None and graph.replays > 0, "kv_bytes": store.nbytes(),
@@ -152,11 +156,12 @@ def time_engine_decode(
     """Milliseconds per greedy decode step of the engine's own step (a CUDA graph when ``graph``),
     after one untimed step (which records the graph); and the last logits."""
     token = int(logits.reshape(-1, logits.shape[-1])[-1].argmax())
-    logits = engine._decode_step(token, cache, graph)
+    forward = ModelSteps(engine.model, cache, engine.config.prefill_chunk_size, decode_graph=graph)
+    logits = forward.decode(token)
     sync()
     t0 = time.perf_counter()
     for _ in range(steps):
-        logits = engine._decode_step(int(logits[0].argmax()), cache, graph)
+        logits = forward.decode(int(logits[0].argmax()))
     sync()
     return (time.perf_counter() - t0) / max(1, steps) * 1000, logits
 
@@ -227,9 +232,10 @@ def run_hf(engine: ReAttentionEngine, ids: torch.Tensor, decode: int) -> dict:
 
 def environment() -> dict:
     # REATTENTION_COMMIT names the commit where the tree has no .git (an exported copy on the GPU machine)
-    commit = os.environ.get("REATTENTION_COMMIT") or subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
+    commit = (
+        os.environ.get("REATTENTION_COMMIT")
+        or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    )
     if torch.cuda.is_available():
         device = torch.cuda.get_device_name()
     else:
@@ -240,8 +246,13 @@ def environment() -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    return {"device": device, "torch": torch.__version__, "triton": triton_version,
-            "transformers": transformers.__version__, "commit": commit or "unknown"}
+    return {
+        "device": device,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "transformers": transformers.__version__,
+        "commit": commit or "unknown",
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -249,33 +260,72 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="embedded")
     ap.add_argument("--gguf-file", default=None)
     ap.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384])
-    ap.add_argument("--modes", nargs="+", default=["reattention", "full"],
-                    choices=["reattention", "full", "streaming", "hf"])
+    ap.add_argument(
+        "--modes", nargs="+", default=["reattention", "full"], choices=["reattention", "full", "streaming", "hf"]
+    )
     ap.add_argument("--decode", type=int, default=16, help="decode steps timed after prefill")
     ap.add_argument("--prefill-chunk", type=int, default=None, help="override the config's prefill chunk")
     ap.add_argument("--backend", default=None, choices=["triton", "reference"])
     ap.add_argument("--progress", action="store_true", help="show a prefill progress bar (stderr)")
-    ap.add_argument("--stores", nargs="+", default=["resident"], choices=list(STORES),
-                    help="where the KV store lives: resident (GPU), values (keys on the GPU, values in pinned host "
-                    "memory), host (both in host memory, bounded blocks on the GPU); each is timed in turn")
-    ap.add_argument("--offload-budget", type=int, default=64, metavar="BLOCKS",
-                    help="host store: bounded blocks read first per layer step")
+    ap.add_argument(
+        "--stores",
+        nargs="+",
+        default=["resident"],
+        choices=list(STORES),
+        help="where the KV store lives: resident (GPU), values (keys on the GPU, values in pinned host "
+        "memory), host (both in host memory, bounded blocks on the GPU); each is timed in turn",
+    )
+    ap.add_argument(
+        "--offload-budget",
+        type=int,
+        default=64,
+        metavar="BLOCKS",
+        help="host store: bounded blocks read first per layer step",
+    )
     ap.add_argument("--offload-block", type=int, default=64, metavar="TOKENS", help="host store: tokens per block")
-    ap.add_argument("--offload-approximate", action="store_true",
-                    help="host store: read only the budget (no refinement to the exact top-k)")
-    ap.add_argument("--graphs", nargs="+", default=["on"], choices=["on", "off"],
-                    help="decode through a CUDA graph (on, where it applies) or eager steps (off); each is timed")
-    ap.add_argument("--set", nargs="+", default=None, metavar="FIELD=INT", dest="overrides",
-                    help="ReAttention config fields to change, e.g. top_k=6 max_blocks=48 (as `reattention eval "
-                    "--set`)")
-    ap.add_argument("--fuse", nargs="+", default=["off"], choices=["off", "layers"],
-                    help="off: the model as it is; layers: compile_model=True; each is timed")
-    ap.add_argument("--select", nargs="+", default=["default"], choices=["default", "histogram"],
-                    help="decode-step selection: default (one kernel for few hits) or histogram (the path of "
-                    "prefill chunks); each is timed")
-    ap.add_argument("--epilogues", nargs="+", default=["off"], choices=["on", "off"],
-                    help="decode steps' split kernels merge (and select) in their last program (on) or in kernels "
-                    "of their own (off, the default); each is timed")
+    ap.add_argument(
+        "--offload-approximate",
+        action="store_true",
+        help="host store: read only the budget (no refinement to the exact top-k)",
+    )
+    ap.add_argument(
+        "--graphs",
+        nargs="+",
+        default=["on"],
+        choices=["on", "off"],
+        help="decode through a CUDA graph (on, where it applies) or eager steps (off); each is timed",
+    )
+    ap.add_argument(
+        "--set",
+        nargs="+",
+        default=None,
+        metavar="FIELD=INT",
+        dest="overrides",
+        help="ReAttention config fields to change, e.g. top_k=6 max_blocks=48 (as `reattention eval --set`)",
+    )
+    ap.add_argument(
+        "--fuse",
+        nargs="+",
+        default=["off"],
+        choices=["off", "layers"],
+        help="off: the model as it is; layers: compile_model=True; each is timed",
+    )
+    ap.add_argument(
+        "--select",
+        nargs="+",
+        default=["default"],
+        choices=["default", "histogram"],
+        help="decode-step selection: default (one kernel for few hits) or histogram (the path of "
+        "prefill chunks); each is timed",
+    )
+    ap.add_argument(
+        "--epilogues",
+        nargs="+",
+        default=["off"],
+        choices=["on", "off"],
+        help="decode steps' split kernels merge (and select) in their last program (on) or in kernels "
+        "of their own (off, the default); each is timed",
+    )
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
     overrides = parse_overrides(args.overrides)  # a bad field fails before the model loads
@@ -346,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
                     engine.kernel_options, engine.compile_model = decode_options[how][0], fuse == "layers"
                     results = run_engine(engine, cfg, ids, args.decode, args.progress, graphs == "on",
                                          decode_options=decode_options[how])  # fmt: skip
-                    for result, ep in zip(results, args.epilogues):
+                    for result, ep in zip(results, args.epilogues, strict=False):
                         result["epilogues"] = ep
             except (torch.cuda.OutOfMemoryError, StoreMemoryError) as exc:  # full attention runs out first
                 results = [{"error": f"out of memory: {str(exc).splitlines()[0]}"}]

@@ -342,8 +342,20 @@ class Cases:
                 fn = partial(score_topk_fwd, q, k, top_k, tuning=TopkTuning(two_phase=phases == 2))
                 t = self.timer.all(fn, host=False)
                 tflops = 2 * tq * hq * tk * d / t["graph_ms"] / 1e9
-                self.emit(kind="score_topk_prefill", model=model, TQ=tq, TK=tk, HQ=hq, H=h, D=d, top_k=top_k,
-                          phases=phases, **t, TFLOPs=round(tflops, 1), pct_matmul=round(100 * tflops / mm_tflops, 1))
+                self.emit(
+                    kind="score_topk_prefill",
+                    model=model,
+                    TQ=tq,
+                    TK=tk,
+                    HQ=hq,
+                    H=h,
+                    D=d,
+                    top_k=top_k,
+                    phases=phases,
+                    **t,
+                    TFLOPs=round(tflops, 1),
+                    pct_matmul=round(100 * tflops / mm_tflops, 1),
+                )
 
     def scope_attention(self) -> None:
         """Against SDPA on a gathered, rotated scope, and against the unfused torch pipeline."""
@@ -404,8 +416,17 @@ class Cases:
                         fn = partial(score_topk_fwd, q, k, top_k, tuning=TopkTuning(config=cfg, splits=splits))
                         t = self.graph(fn)
                         bw = {"GBps": round(k.shape[1] * h * d * 2 / t["graph_ms"] / 1e6, 1)} if "graph_ms" in t else {}
-                        self.emit(kind="sweep_topk_decode", model=model, TK=tk, top_k=top_k, config=cfg,
-                                  splits=splits or "auto", same=bool(self.torch.equal(fn(), want)), **t, **bw)
+                        self.emit(
+                            kind="sweep_topk_decode",
+                            model=model,
+                            TK=tk,
+                            top_k=top_k,
+                            config=cfg,
+                            splits=splits or "auto",
+                            same=bool(self.torch.equal(fn(), want)),
+                            **t,
+                            **bw,
+                        )
 
     def sweep_topk_splits(self) -> None:
         """Prefill scoring (both phases, top-4) at the engines' chunk shapes with the split count forced."""
@@ -479,9 +500,16 @@ class Cases:
                     for merge in merges:
                         fn = partial(score_topk_fwd, q, k, top_k, length=k.shape[1], shift=shift,
                                      tuning=TopkTuning(splits=splits or None, merge=merge))  # fmt: skip
-                        self.emit(kind="sweep_decode_merge", model=model, TK=tk, splits=splits or "auto",
-                                  merge=merge or "auto", same=bool(self.torch.equal(fn(), want)),
-                                  graph_ms=round(self.timer.graph_ms(fn), 4), kernels=self.timer.kernels(fn))
+                        self.emit(
+                            kind="sweep_decode_merge",
+                            model=model,
+                            TK=tk,
+                            splits=splits or "auto",
+                            merge=merge or "auto",
+                            same=bool(self.torch.equal(fn(), want)),
+                            graph_ms=round(self.timer.graph_ms(fn), 4),
+                            kernels=self.timer.kernels(fn),
+                        )
 
     def sweep_decode_select(self) -> None:
         """A decode step's scoring and selection, the selection in one program or by the histogram path
@@ -505,7 +533,7 @@ class Cases:
                     outs.append(fn())
                     row[f"{path}_ms"] = round(self.timer.graph_ms(fn), 4)
                     row[f"{path}_kernels"] = self.timer.kernels(fn)
-                row["same"] = all(self.torch.equal(a, b) for a, b in zip(*outs))
+                row["same"] = all(self.torch.equal(a, b) for a, b in zip(*outs, strict=True))
                 self.emit(**row)
 
     def sweep_decode_epilogues(self) -> None:
@@ -540,9 +568,16 @@ class Cases:
 
                     outs[on] = ((sel, n_sel), attend()[0])
                     parts[on] = {"select": select, "attention": attend, "layer": layer}
-                row = {"kind": "sweep_decode_epilogues", "model": model, "tokens": tokens, "hits": hq * top_k,
-                       "same_selection": all(self.torch.equal(a, b) for a, b in zip(outs[True][0], outs[False][0])),
-                       "attention_max_diff": float((outs[True][1].float() - outs[False][1].float()).abs().max())}
+                row = {
+                    "kind": "sweep_decode_epilogues",
+                    "model": model,
+                    "tokens": tokens,
+                    "hits": hq * top_k,
+                    "same_selection": all(
+                        self.torch.equal(a, b) for a, b in zip(outs[True][0], outs[False][0], strict=True)
+                    ),
+                    "attention_max_diff": float((outs[True][1].float() - outs[False][1].float()).abs().max()),
+                }
                 for part in ("select", "attention", "layer"):
                     for on in (True, False):
                         name = f"{part}_{'on' if on else 'off'}"
@@ -565,8 +600,9 @@ class Cases:
                         (128, 64, 8, 3), (128, 32, 8, 3), (128, 128, 8, 2), (64, 64, 8, 3)):  # fmt: skip
                 t = self.graph(partial(scope_attention_fwd, q, kst, vst, sel, n_sel, config=cfg, **kw))
                 tf = {"TFLOPs": round(4 * pairs * hq * d / t["graph_ms"] / 1e9, 1)} if "graph_ms" in t else {}
-                self.emit(kind="sweep_scope_prefill", model=model, TQ=tq, scope=scope, config=cfg or "default",
-                          **t, **tf)
+                self.emit(
+                    kind="sweep_scope_prefill", model=model, TQ=tq, scope=scope, config=cfg or "default", **t, **tf
+                )
 
     def sweep_attention_decode(self) -> None:
         """One query over each model's scope (the embedded preset's 1,344 positions, 8,192 for the

@@ -32,7 +32,7 @@ from reattention_core.engine import ReAttentionEngine
 from reattention_core.evaluation.haystack import Haystack
 from reattention_core.evaluation.scoring import found
 from reattention_core.evaluation.tasks import make_sample
-from reattention_core.generation import TextStream
+from reattention_core.generation.request import TextStream
 
 
 def timed(run, marks: list[float]):

@@ -2,7 +2,7 @@
 
     python benchmarks/kernel_resources.py [--match blocks scope] [--out FILE.jsonl]
 
-Compiles every variant that ``tests/compile_sm90.py`` lists (or those whose name contains a
+Compiles every variant that ``tests/kernels/compile_sm90.py`` lists (or those whose name contains a
 ``--match`` word) as a GPU would, then reports what ptxas says of the PTX Triton emitted (registers
 per thread, spill stores and loads, stack frame) and the SASS instructions in the cubin. These are
 static numbers, not timings: a kernel at 255 registers that spills is a lead to time on a GPU, and a
@@ -23,7 +23,7 @@ from pathlib import Path
 import triton
 from triton.backends.nvidia import compiler as nvidia
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "kernels"))
 import compile_sm90  # the variant list lives with its compile test
 
 
@@ -70,9 +70,12 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     os.environ.pop("TRITON_INTERPRET", None)
-    commit = os.environ.get("REATTENTION_COMMIT") or subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
-    ).stdout.strip()
+    commit = (
+        os.environ.get("REATTENTION_COMMIT")
+        or subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+        ).stdout.strip()
+    )
     meta = {"target": "sm_90 (compiled on a CPU)", "triton": triton.__version__, "commit": commit or "unknown"}
     for name, src, warps, stages in compile_sm90.variants():
         label = " ".join(map(str, name))

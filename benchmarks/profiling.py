@@ -44,8 +44,8 @@ from bench_engine import RANDOM_MODELS, environment, key_read_floor, sync
 from bench_kernels import cuda_kernel_times
 
 from reattention_core import ReAttentionCache, ReAttentionEngine
-from reattention_core.cuda_graph import StepGraph
-from reattention_core.prefill import run_prefill
+from reattention_core.generation.cuda_graph import StepGraph
+from reattention_core.generation.prefill import run_prefill
 
 
 def load(model: str | None, gguf_file: str | None) -> ReAttentionEngine:
@@ -110,15 +110,15 @@ def graphs(args: argparse.Namespace) -> dict:
     row: dict = {"bench": "profile_graphs", "model": engine.model_name, "tokens": args.tokens,
                  "source": "synthetic" if args.synthetic else "prefill", "compiled_layers": args.compile}  # fmt: skip
     engine.compile_model = args.compile
-    with torch.inference_mode(), engine._running(cfg):
-        store = engine._fresh_store(max_length)
+    with torch.inference_mode(), engine._runner.running(engine._settings()):
+        store = engine._runner.fresh_store(max_length)
         cache = ReAttentionCache(store)
         t0 = time.perf_counter()
         if args.synthetic:
             fill_synthetic(store, model, head, param.device, param.dtype)
         else:
             run_prefill(model, random_ids(head), cache, chunk, last_alone=False, progress=True,
-                        graph=engine._prefill_graph(cache, head, max_length))  # fmt: skip
+                        graph=engine._graphs().prefill(cache, head, max_length))  # fmt: skip
         sync()
         row["context_s"] = round(time.perf_counter() - t0, 2)
         for phase, tokens, steps in (("prefill", chunk, args.chunks), ("decode", 1, args.steps)):
@@ -173,7 +173,7 @@ def _empty(a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, i0, i1, i2, i3, i4, i5, 
 
 
 def host(args: argparse.Namespace) -> dict:
-    from reattention_core.selection import select_blocks
+    from reattention_core.attention.selection import select_blocks
     from reattention_kernels import KernelOptions, scope_attention, score_topk
 
     dev, dt = torch.device("cuda"), torch.bfloat16
@@ -238,8 +238,8 @@ def step(args: argparse.Namespace) -> dict:
     model, cfg = engine.model, engine.config
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(100, model.config.vocab_size - 100, (1, args.tokens), generator=gen)
-    with torch.inference_mode(), engine._running(cfg):
-        store = engine._fresh_store(args.tokens + 3 * args.steps + 2)
+    with torch.inference_mode(), engine._runner.running(engine._settings()):
+        store = engine._runner.fresh_store(args.tokens + 3 * args.steps + 2)
         cache = ReAttentionCache(store)
         logits = run_prefill(model, ids.to(engine.device), cache, cfg.prefill_chunk_size)
         last = logits[:, -1] if logits.dim() == 3 else logits

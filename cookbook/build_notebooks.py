@@ -14,10 +14,10 @@ from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 HERE = Path(__file__).resolve().parent
 
-SETUP = '''import os, tempfile, time
+SETUP = """import os, tempfile, time
 # Under test the prefix cache goes to a temporary folder (CI must not write to ~/.cache).
 if os.environ.get("REATTENTION_COOKBOOK_TEST"):
-    os.environ["REATTENTION_CACHE_DIR"] = tempfile.mkdtemp(prefix="reattention-cookbook-")'''
+    os.environ["REATTENTION_CACHE_DIR"] = tempfile.mkdtemp(prefix="reattention-cookbook-")"""
 
 
 def md(text: str):
@@ -40,31 +40,31 @@ sample, stop on strings, look at the configuration, and put a document in contex
 second question reuses its cached keys and values.
 """),
     code(SETUP),
-    code('''
+    code("""
 from reattention_core import ReAttentionConfig, ReAttentionEngine, ConfigError
 
 t0 = time.perf_counter()
 engine = ReAttentionEngine.from_pretrained()          # CPU fp32 here, GPU bf16 when there is one
 print(f"{engine.model_name} on {engine.device}, loaded in {time.perf_counter() - t0:.1f}s; "
       f"pre-training window {engine.window} tokens")
-'''),
+"""),
     md("## Generate and stream"),
-    code('''
+    code("""
 chat = [{"role": "user", "content": "What is the capital of France?"}]
 result = engine.generate(chat, max_new_tokens=24)      # greedy by default
 print(repr(result.text))
 print(result.prompt_tokens, "prompt tokens,", result.completion_tokens, "generated, finish:", result.finish_reason)
 assert "Paris" in result.text
-'''),
-    code('''
+"""),
+    code("""
 pieces = []
 for piece in engine.stream(chat, max_new_tokens=24):  # text deltas as they are decoded
     pieces.append(piece)
     print(piece, end="", flush=True)
 assert "".join(pieces) == result.text                   # the same greedy answer
-'''),
+"""),
     md("Sampling (`temperature`, `top_p`, `top_k`, `seed`) and string stops:"),
-    code('''
+    code("""
 story = [{"role": "user", "content": "Write one sentence about a cat."}]
 a = engine.generate(story, max_new_tokens=16, temperature=0.9, top_p=0.95, seed=7).text
 b = engine.generate(story, max_new_tokens=16, temperature=0.9, top_p=0.95, seed=7).text
@@ -73,7 +73,7 @@ assert a == b                                            # same seed, same sampl
 stopped = engine.generate(story, max_new_tokens=16, stop=[" cat"])
 print(repr(stopped.text), stopped.finish_reason)
 assert " cat" not in stopped.text
-'''),
+"""),
     md("""
 ## Configuration
 
@@ -81,7 +81,7 @@ The embedded model has a measured preset: 64 sink tokens, up to 32 selected bloc
 and a local window of 256, so every step attends to at most `scope_size` tokens however long the
 prompt is. `mode="full"` is plain attention (the baseline). The config is frozen and validated.
 """),
-    code('''
+    code("""
 print(engine.config)
 print("scope:", engine.config.scope_size, "tokens")
 print(engine.config.replace(mode="full").mode)
@@ -89,7 +89,7 @@ try:
     ReAttentionConfig(local_window=128, prefill_chunk_size=256)
 except ConfigError as exc:
     print("ConfigError:", exc)
-'''),
+"""),
     md("""
 ## A document in context, asked twice
 
@@ -97,8 +97,8 @@ except ConfigError as exc:
 the same tokens and its prefill resumes where the document ends (memory, then disk): the second
 question prefills only its own tokens.
 """),
-    code('''
-from reattention_core.sample_corpus import module_document
+    code("""
+from reattention_core.app.sample_corpus import module_document
 
 doc = module_document("heapq") + module_document("bisect")  # two modules' docstrings, ~1.5K tokens
 for question in ("What does heapq.heappush do?", "What does heapq.heappop do?"):
@@ -108,7 +108,7 @@ for question in ("What does heapq.heappush do?", "What does heapq.heappop do?"):
           f"{r.cached_tokens} from the cache, {time.perf_counter() - t0:.1f}s")
 assert r.prompt_tokens - r.cached_tokens < 32   # the second question prefilled only itself
 engine.cache_info()
-'''),
+"""),
 ]
 
 # ---------------------------------------------------------------------------------------------
@@ -123,19 +123,22 @@ process that asks about the same corpus (warm, from disk), and compares the time
 
 This notebook uses a cache folder of its own, so the first run is really cold.
 """),
-    code(SETUP + '''
+    code(
+        SETUP
+        + """
 os.environ["REATTENTION_CACHE_DIR"] = cache_dir = tempfile.mkdtemp(prefix="reattention-persist-")
-work = tempfile.mkdtemp(prefix="reattention-corpus-")'''),
-    code('''
-from reattention_core.corpus import load_corpus
-from reattention_core.sample_corpus import write_sample_corpus
+work = tempfile.mkdtemp(prefix="reattention-corpus-")"""
+    ),
+    code("""
+from reattention_core.app.corpus import load_corpus
+from reattention_core.app.sample_corpus import write_sample_corpus
 
 write_sample_corpus(work, ["bisect", "heapq", "textwrap"])   # Python's own docstrings: ~2.6K tokens
 corpus = load_corpus([work]).text
 question = "What does bisect.insort do?"
-'''),
+"""),
     md("## Cold: this process prefills the corpus"),
-    code('''
+    code("""
 from reattention_core import ReAttentionEngine
 
 engine = ReAttentionEngine.from_pretrained()
@@ -144,7 +147,7 @@ cold = engine.generate(question, context=corpus, max_new_tokens=24)
 cold_s = time.perf_counter() - t0
 print(f"{cold.prompt_tokens} prompt tokens, {cold.cached_tokens} from the cache, {cold_s:.1f}s -> {cold.text!r}")
 assert cold.cached_tokens == 0
-'''),
+"""),
     md("""
 ## Warm: a fresh process reads the pages from disk
 
@@ -173,7 +176,7 @@ print(f"fresh process: {warm['cached']} of {cold.prompt_tokens} prompt tokens fr
       f"{warm['seconds']:.1f}s (cold: {cold_s:.1f}s) -> {warm['text']!r}")
 assert warm["cached"] > 0 and warm["text"] == cold.text     # the same greedy answer, computed exactly
 '''),
-    code('''
+    code("""
 import matplotlib.pyplot as plt
 
 fig, ax = plt.subplots(figsize=(5, 1.8))
@@ -181,20 +184,20 @@ ax.barh(["fresh process\\n(cache on disk)", "cold\\n(prefill)"], [warm["seconds"
 ax.set_xlabel("seconds to answer (model load excluded)")
 ax.set_title(f"{cold.prompt_tokens}-token prompt, embedded SmolLM2-135M")
 plt.tight_layout()
-'''),
+"""),
     md("## What is on disk"),
-    code('''
-from reattention_core.cache_listing import list_cache
+    code("""
+from reattention_core.cache.listing import list_cache
 
 for ns in list_cache(cache_dir):
     print(ns.model_name, ns.settings, f"{ns.entries} entries, {ns.pages} pages, {ns.tokens} tokens, "
           f"{ns.bytes / 2**20:.0f} MiB")
 print(subprocess.run([sys.executable, "-m", "reattention_core.cli", "cache", "ls"], capture_output=True, text=True).stdout)
-'''),
-    code('''
+"""),
+    code("""
 import shutil
 shutil.rmtree(cache_dir); shutil.rmtree(work)              # this notebook's folders only
-'''),
+"""),
 ]
 # ---------------------------------------------------------------------------------------------
 NOTEBOOKS["02_langchain_chain.ipynb"] = [
@@ -207,17 +210,17 @@ last, so the second question reuses the cached corpus: `usage_metadata` reports 
 `input_token_details.cache_read`.
 """),
     code(SETUP),
-    code('''
+    code("""
 import tempfile
-from reattention_core.corpus import load_corpus
-from reattention_core.sample_corpus import write_sample_corpus
+from reattention_core.app.corpus import load_corpus
+from reattention_core.app.sample_corpus import write_sample_corpus
 
 folder = tempfile.mkdtemp(prefix="reattention-docs-")
 write_sample_corpus(folder, ["bisect", "heapq"])        # Python's own docstrings: ~1.5K tokens
 docs = load_corpus([folder]).text
 print(docs[:300], "...")
-'''),
-    code('''
+"""),
+    code("""
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
 from reattention_integrations.langchain import ChatReAttention
@@ -228,33 +231,33 @@ prompt = ChatPromptTemplate.from_messages([
 ])
 llm = ChatReAttention(max_tokens=40)                     # the embedded model; loads on first use
 chain = prompt | llm | StrOutputParser()
-'''),
-    code('''
+"""),
+    code("""
 t0 = time.perf_counter()
 answer = chain.invoke({"docs": docs, "question": "What does bisect.insort do?"})
 print(f"{answer!r} ({time.perf_counter() - t0:.1f}s, corpus prefilled)")
-'''),
+"""),
     md("The second question streams; the corpus comes from the cache:"),
-    code('''
+    code("""
 t0 = time.perf_counter()
 for piece in chain.stream({"docs": docs, "question": "What does heapq.heappop do?"}):
     print(piece, end="", flush=True)
 print(f"\\n({time.perf_counter() - t0:.1f}s)")
-'''),
+"""),
     md("The chat model's message carries the usage, including the tokens read from the cache:"),
-    code('''
+    code("""
 message = (prompt | llm).invoke({"docs": docs, "question": "What does heapq.heappush do?"})
 print(repr(message.content))
 print(message.usage_metadata)
 print(message.response_metadata.get("model_name"))
 assert message.usage_metadata["input_token_details"]["cache_read"] > 0
-'''),
+"""),
     md("Batches and async work the same way (`abatch` does not block the event loop):"),
-    code('''
+    code("""
 questions = [{"docs": docs, "question": q} for q in ("What is a heap?", "What does bisect.bisect return?")]
 for q, a in zip(questions, await chain.abatch(questions)):
     print(q["question"], "->", repr(a))
-'''),
+"""),
 ]
 
 # ---------------------------------------------------------------------------------------------
@@ -271,7 +274,7 @@ Prompts at different depths share the filler before the needle, so the engine us
 pages (256 tokens) and every prompt after the first prefills only from about its needle on.
 """),
     code(SETUP),
-    code('''
+    code("""
 import random
 from reattention_core import CacheConfig, ReAttentionEngine
 
@@ -286,8 +289,8 @@ def haystack(tokens: int, depth: float, key: str) -> str:
     text = FILLER * at + f"The pass key is {key}. Remember it. {key} is the pass key. " + FILLER * (n - at)
     chat = [{"role": "user", "content": "There is a pass key hidden in this text.\\n\\n" + text + "\\n\\nWhat is the pass key?"}]
     return engine.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) + "The pass key is"
-'''),
-    code('''
+"""),
+    code("""
 TOKENS = 3072
 DEPTHS = (0.875, 0.625, 0.375, 0.125)    # deepest first: later prompts reuse the shared filler
 MODES = ("reattention", "full")
@@ -305,8 +308,8 @@ for mode in MODES:
               f"[{'found' if found[mode, depth] else 'missed'}] {r.prompt_tokens} tokens, "
               f"{r.cached_tokens} cached, {time.perf_counter() - t0:.1f}s")
 engine.config = base
-'''),
-    code('''
+"""),
+    code("""
 import matplotlib.pyplot as plt
 import numpy as np
 
@@ -321,12 +324,12 @@ for i, m in enumerate(MODES):
 ax.set_xlabel("depth of the pass key")
 ax.set_title(f"pass key in ~{TOKENS} tokens, SmolLM2-135M (green: found)")
 plt.tight_layout()
-'''),
-    code('''
+"""),
+    code("""
 hits = {m: sum(found[m, d] for d in DEPTHS) for m in MODES}
 print(hits)
 assert hits["reattention"] >= hits["full"]
-'''),
+"""),
 ]
 
 # ---------------------------------------------------------------------------------------------
@@ -341,10 +344,10 @@ window-sized calls; the corpus comes first in the prompt and the query last, so 
 read the corpus from the prefix cache.
 """),
     code(SETUP),
-    code('''
+    code("""
 from llama_index.core import Document, Settings, SummaryIndex
 from llama_index.core.callbacks import CallbackManager, LlamaDebugHandler
-from reattention_core.sample_corpus import module_document
+from reattention_core.app.sample_corpus import module_document
 from reattention_integrations.llama_index import ReAttentionLLM
 
 Settings.embed_model = None                        # SummaryIndex needs no embedding model
@@ -356,7 +359,7 @@ index = SummaryIndex.from_documents(docs)
 llm = ReAttentionLLM(max_tokens=32)                # the embedded model; loads on first use
 print(llm.metadata.context_window, "tokens of context window;", len(index.docstore.docs), "nodes")
 query_engine = index.as_query_engine(llm=llm)
-'''),
+"""),
     code('''
 from llama_index.core.callbacks import CBEventType, EventPayload
 
@@ -377,11 +380,11 @@ assert len(debug.get_event_pairs(CBEventType.LLM)) == 2       # one call per que
 assert last_usage()["prompt_tokens_details"]["cached_tokens"] > 0
 '''),
     md("Streaming works the same way:"),
-    code('''
+    code("""
 streaming = index.as_query_engine(llm=llm, streaming=True)
 streaming.query("What does heapq.heapify do?").print_response_stream()
 print("\\n", last_usage())
-'''),
+"""),
 ]
 
 
@@ -404,7 +407,7 @@ exact stores give the resident engine's tokens; the GPU measurements (memory and
 are in `benchmarks/README.md`.
 """),
     code(SETUP),
-    code('''
+    code("""
 from reattention_core import OffloadConfig, ReAttentionEngine
 
 engine = ReAttentionEngine.from_pretrained(cache=False)
@@ -413,9 +416,9 @@ text = FILLER * 30 + "The pass key is 48213. Remember it. 48213 is the pass key.
 chat = [{"role": "user", "content": "There is a pass key hidden in this text.\\n\\n" + text + "\\n\\nWhat is the pass key?"}]
 prompt = engine.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) + "The pass key is"
 print(len(engine.tokenizer(prompt)["input_ids"]), "prompt tokens; scope", engine.config.scope_size, "tokens")
-'''),
+"""),
     md("One model, four engines over it; each answers the same prompt:"),
-    code('''
+    code("""
 stores = {
     "resident": None,
     "values in host memory": OffloadConfig(keys="device"),
@@ -429,12 +432,12 @@ for name, offload in stores.items():
     r = e.generate(prompt, max_new_tokens=8)
     answers[name] = r
     print(f"{name:>34}: {r.text.strip()!r:16} {time.perf_counter() - t0:5.1f}s")
-'''),
-    code('''
+"""),
+    code("""
 exact = [answers[n].token_ids for n in ("resident", "values in host memory", "all in host memory, exact")]
 assert exact[0] == exact[1] == exact[2]       # the exact stores compute what the resident one does
 assert "48213" in answers["resident"].text
-'''),
+"""),
     md("""
 The budgeted store reads 2 of the middle's blocks per layer step: it may still find the key (the
 bounds rank its block high) or miss it; `reattention eval passkey --offload-budget N` measures how
@@ -443,6 +446,7 @@ often, on the same needles as exact runs. On the command line every command that
 `reattention ask docs/ -q "..." --offload values`.
 """),
 ]
+
 
 # ---------------------------------------------------------------------------------------------
 def main() -> None:

@@ -21,8 +21,9 @@ if __name__ == "kernels":
     # the import system returns what sys.modules holds for the name once this file has run
     if _spec is None or _spec.loader is None:
         sys.modules["kernels"] = types.ModuleType(
-            "kernels", "Not Hugging Face's kernels (not installed): the folder kernels/ of a reattention checkout "
-            "is the package reattention_kernels."
+            "kernels",
+            "Not Hugging Face's kernels (not installed): the folder kernels/ of a reattention checkout "
+            "is the package reattention_kernels.",
         )
     else:
         _hub = importlib.util.module_from_spec(_spec)

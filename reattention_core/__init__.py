@@ -7,6 +7,7 @@ Quick start::
     print(engine.generate([{"role": "user", "content": "What is the capital of France?"}]).text)
 """
 
+from reattention_core.cache import CacheConfig, CacheInfo
 from reattention_core.config import PRESETS, ReAttentionConfig
 from reattention_core.engine import PrefillResult, ReAttentionEngine
 from reattention_core.errors import (
@@ -19,11 +20,10 @@ from reattention_core.errors import (
     StoreMemoryError,
     UnsupportedModelError,
 )
-from reattention_core.generation import GenerationResult, Request, TextStream
+from reattention_core.generation.request import GenerationResult, Request, TextStream
+from reattention_core.generation.sampling import SamplingParams
 from reattention_core.hf import ReAttentionCache, enable_reattention
-from reattention_core.offload import OffloadConfig
-from reattention_core.prefix_cache import CacheConfig, CacheInfo
-from reattention_core.store import KVStore
+from reattention_core.store import KVStore, OffloadConfig, ResidentStore
 
 __version__ = "0.1.0"
 
@@ -44,8 +44,10 @@ __all__ = [
     "ReAttentionConfig",
     "ReAttentionEngine",
     "ReAttentionError",
-    "StoreMemoryError",
     "Request",
+    "ResidentStore",
+    "SamplingParams",
+    "StoreMemoryError",
     "TextStream",
     "UnsupportedModelError",
     "enable_reattention",

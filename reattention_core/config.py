@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from reattention_core.errors import ConfigError
+from reattention_kernels.options import KernelOptions
 
 Mode = Literal["reattention", "full", "streaming"]
 MODES: tuple[str, ...] = ("reattention", "full", "streaming")
@@ -61,7 +62,7 @@ class ReAttentionConfig:
             ``TQ-1, TQ-1-S, ...``: the chunk's last row, at a prompt's end the question, always
             votes); decode steps are unchanged. 1 (the default) is the paper's selection, every row.
             Larger strides cut prefill scoring about S-fold, and change what prefill selects:
-            an opt-in speed knob (benchmarks/README.md, "Prefill vote stride").
+            an opt-in speed knob (docs/design-notes.md, "Selection semantics").
         max_context: largest prompt + completion the engine accepts, in tokens; ``None`` means
             bounded only by memory. Prompts over it raise `ContextLimitError` (never truncated).
         yarn_factor: rescale the model's RoPE with YaRN by this factor (> 1) over its pre-training
@@ -203,18 +204,11 @@ class ReAttentionConfig:
 
 
 PRESETS: dict[str, ReAttentionConfig] = {
-    # SmolLM2-135M-Instruct (8K pre-training window). The paper's sizing (scope = the whole 8K
-    # window) is far more than this model uses well: with full attention it finds a 5-digit pass
-    # key 6/7 times at 1K tokens, 5/7 at 2K and about 1/5 at 3K-6K. A sweep at 16K tokens
-    # (exact per-head top-4, votes, prefill chunk 256, H100) found: sink 32 + 32 blocks of 32 +
-    # local 256 -> 7/7; blocks of 16 with 32 hits -> 7/7; 16 blocks -> 5/7; 8 blocks -> 0/7;
-    # local 512 -> 2/7; blocks of 64 -> 0/7. The winner then scored 4/4 at 64K and 4/4 at 128K.
-    # The sink is 64, not 32: the chat template's system turn plus a task instruction take about
-    # 42 tokens, and with 32 the instruction's end sat in the middle, attended only when selected.
-    # Every persistent 128K miss of the published grid echoed that half-seen instruction; with 64
-    # the same needles went from 67/72 to 72/72 at 128K, and 16K-1M from 171/179 to 181/184
-    # (docs/results.md, "A sink that holds the whole instruction").
-    # Scope: 64 + 32 x 32 + 256 = 1344 tokens, inside the range the model retrieves from.
+    # SmolLM2-135M-Instruct (8K pre-training window) retrieves well only from a short scope, far less than
+    # the paper's sizing (the whole window); this one came from a sweep of block size, blocks and local
+    # window (docs/design-notes.md, "Presets"). The sink is 64, not 32, so that it holds the chat template's
+    # system turn and the task instruction (about 42 tokens): with 32, the instruction's end sat in the
+    # middle and the persistent misses echoed it. Scope: 64 + 32 x 32 + 256 = 1344 tokens.
     "smollm2-135m": ReAttentionConfig(
         sink_size=64, block_size=32, top_k=4, max_blocks=32, local_window=256, prefill_chunk_size=256
     ),
@@ -238,3 +232,20 @@ def preset_for(name_or_path: str | None) -> str | None:
         return "smollm2-135m"
     text = re.sub(r"[\s_]+", "-", str(name_or_path).lower())
     return next((name for name in PRESETS if name in text), None)
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """An engine's settings for one generation (an engine may change them between generations).
+
+    Attributes:
+        config: the ReAttention settings.
+        kernel_options: the kernels' settings.
+        cuda_graphs: replay steps from CUDA graphs where they apply.
+        compile_model: run the decoder layers compiled (their pages get a fingerprint of their own).
+    """
+
+    config: ReAttentionConfig
+    kernel_options: KernelOptions = KernelOptions()
+    cuda_graphs: bool = True
+    compile_model: bool = False

@@ -35,6 +35,15 @@ class CacheError(ReAttentionError):
     """The prefix cache cannot do what was asked (it is off, or a prompt cannot be cached)."""
 
 
+class PageError(CacheError):
+    """A page file of the disk cache failed verification (``args``: the reason, the path); the cache
+    drops it and recomputes its tokens."""
+
+
+class PageMissing(CacheError):
+    """A page file of the disk cache is not there (a plain miss: nothing to warn about)."""
+
+
 class CorpusError(InvalidInputError):
     """Documents given to ``reattention ask`` cannot be used (missing, binary, not UTF-8, empty)."""
 

@@ -30,9 +30,11 @@ import time
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 
+from reattention_core.hf.architectures import model_config
 from reattention_core.safe_files import is_regular, read_json
 
 log = logging.getLogger("reattention")
@@ -170,8 +172,8 @@ def list_conversions() -> list[Conversion]:
         src = manifest["source"]
         try:
             size = sum(int(n) for n in manifest["files"].values())
-            shown = [_printable(str(src[k])) for k in ("path", "dtype", "transformers")]
-            found.append(Conversion(entry, *shown, size))
+            path, dtype, version = (_printable(str(src[k])) for k in ("path", "dtype", "transformers"))
+            found.append(Conversion(entry, path, dtype, version, size))
         except (KeyError, TypeError, ValueError):
             continue
     return sorted(found, key=lambda c: (c.source, c.dtype, c.folder.name))
@@ -196,7 +198,7 @@ def discard(folder: Path) -> None:
     shutil.rmtree(folder, ignore_errors=True)
 
 
-def save(model: torch.nn.Module, tokenizer: object, gguf: Path, dtype: torch.dtype) -> Path | None:
+def save(model: torch.nn.Module, tokenizer: Any, gguf: Path, dtype: torch.dtype) -> Path | None:
     """Write ``model`` and ``tokenizer``, just loaded from ``gguf`` at ``dtype``; returns the folder.
 
     Never raises for a cache that cannot be written: it logs a warning and returns ``None``.
@@ -243,21 +245,21 @@ def save(model: torch.nn.Module, tokenizer: object, gguf: Path, dtype: torch.dty
         return None
 
 
-def _write(model: torch.nn.Module, tokenizer: object, folder: Path) -> None:
+def _write(model: torch.nn.Module, tokenizer: Any, folder: Path) -> None:
     from safetensors.torch import save_model
 
     # transformers refuses to `save_pretrained` a GGUF-loaded model (it counts as quantized), so the
     # pieces are written one by one: the weights are ordinary de-quantized tensors.
-    model.config.save_pretrained(folder)
+    model_config(model).save_pretrained(folder)
     cfg_path = folder / "config.json"
     cfg = json.loads(cfg_path.read_text())
     for key in _DROP_CONFIG_KEYS:
         cfg.pop(key, None)
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
     if getattr(model, "generation_config", None) is not None:
-        model.generation_config.save_pretrained(folder)
+        cast(Any, model).generation_config.save_pretrained(folder)
     save_model(model, str(folder / WEIGHTS), metadata={"format": "pt"})  # tied weights are written once
-    tokenizer.save_pretrained(folder)  # type: ignore[attr-defined]
+    tokenizer.save_pretrained(folder)
 
 
 def _sweep(root: Path, source: ConversionSource) -> None:

@@ -25,7 +25,7 @@ import os
 import stat
 import time
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 try:  # POSIX; elsewhere temporary files are judged by age alone
     import fcntl
@@ -122,7 +122,7 @@ def create_temporary(path: Path) -> BinaryIO:
 def open_private(path: Path, mode: str = "a+b") -> BinaryIO:
     """Open (creating it ``0600`` if needed) a file that must not be a link, e.g. a lock file."""
     flags = os.O_RDWR | os.O_CREAT | _NOFOLLOW | _CLOEXEC
-    return os.fdopen(os.open(path, flags, PRIVATE_FILE), mode)
+    return cast(BinaryIO, os.fdopen(os.open(path, flags, PRIVATE_FILE), mode))
 
 
 def abandoned(path: str | Path, *, stale_s: float = 3600.0) -> bool:

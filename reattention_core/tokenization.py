@@ -107,7 +107,7 @@ def _spaceless_specials(tokenizer: Any) -> bool:
 
 def _cuts(text: str, piece_chars: int, cut: int | None) -> list[int]:
     """Safe points about ``piece_chars`` apart, none near ``cut`` or the ends of ``text``."""
-    cuts = []
+    cuts: list[int] = []
     pos = piece_chars
     while pos < len(text) - piece_chars:
         m = _SAFE.search(text, pos)

@@ -18,11 +18,12 @@ from typing import Any
 
 import torch
 
+from reattention_core.cache import CacheConfig
 from reattention_core.config import ReAttentionConfig
 from reattention_core.embedded import EMBEDDED_NAME, EMBEDDED_PRESET
-from reattention_core.engine import ReAttentionEngine, default_device, default_dtype
+from reattention_core.engine import ReAttentionEngine
 from reattention_core.errors import ConfigError, InvalidInputError
-from reattention_core.prefix_cache import CacheConfig
+from reattention_core.loading import default_device, default_dtype
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -39,8 +39,12 @@ class AdapterFields(BaseModel):
     seed: int | None = Field(default=None, description="Sampler seed (None: nondeterministic when sampling).")
     stop: list[str] | None = Field(default=None, description="Stop strings, merged with those given per call.")
     device: str | None = Field(default=None, description="'cuda' when available, else 'cpu'.")
-    dtype: str | None = Field(default=None, description="float32 / bfloat16 / float16; default bf16 on GPU, fp32 on CPU.")
-    cache_dir: str | None = Field(default=None, description="Prefix-cache directory (default $REATTENTION_CACHE_DIR or ~/.cache/reattention).")
+    dtype: str | None = Field(
+        default=None, description="float32 / bfloat16 / float16; default bf16 on GPU, fp32 on CPU."
+    )
+    cache_dir: str | None = Field(
+        default=None, description="Prefix-cache directory (default $REATTENTION_CACHE_DIR or ~/.cache/reattention)."
+    )
     progress: bool | None = Field(default=None, description="Prefill progress bar; None: only for long prompts.")
     engine: ReAttentionEngine | None = Field(
         default=None, exclude=True, repr=False, description="An engine you already built; overrides the settings above."

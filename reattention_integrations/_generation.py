@@ -15,17 +15,20 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Generator, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from reattention_core.engine import GenerationResult, Prompt, ReAttentionEngine
+from reattention_core.engine import ReAttentionEngine
 from reattention_core.errors import InvalidInputError
-from reattention_core.generation import TextStream
+from reattention_core.generation.request import GenerationResult, TextStream
+from reattention_core.generation.sampling import SamplingParams
+from reattention_core.prompts import Prompt
 
 T = TypeVar("T")
 # Starts a generation when called (in the thread that will drive it): text pieces, then the result.
-EventSource = Callable[[], Iterator["str | GenerationResult"]]
+Events = Generator["str | GenerationResult", None, None]
+EventSource = Callable[[], Events]
 
 # Call-level options an adapter accepts (e.g. ``llm.invoke(q, max_tokens=8, context=corpus)``).
 CALL_OPTIONS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "context", "progress")
@@ -42,15 +45,16 @@ class Sampling:
     seed: int | None = None
     stop: tuple[str, ...] = ()
 
-    def engine_kwargs(self) -> dict[str, Any]:
-        return {
-            "max_new_tokens": self.max_tokens,
-            "temperature": self.temperature,
-            "top_p": self.top_p,
-            "top_k": self.top_k,
-            "seed": self.seed,
-            "stop": list(self.stop) or None,
-        }
+    def params(self) -> SamplingParams:
+        """The engine's `SamplingParams` for these settings (validated there)."""
+        return SamplingParams(
+            max_new_tokens=self.max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            seed=self.seed,
+            stop=self.stop,
+        )
 
 
 def merge_stop(*sources: str | Iterable[str] | None) -> tuple[str, ...]:
@@ -97,17 +101,17 @@ def generation_events(
     sampling: Sampling,
     context: str | None = None,
     progress: bool | None = None,
-) -> Iterator[str | GenerationResult]:
+) -> Events:
     """Text pieces as they are generated, then one `GenerationResult` (usage, finish reason, cache).
 
     The prompt is encoded and checked now (bad input raises here, before any iteration). Drive
     the iterator to the end or close it, from one thread.
     """
-    request = engine.prepare(prompt, context=context, **sampling.engine_kwargs())
+    request = engine.prepare(prompt, sampling=sampling.params(), context=context)
     return _then_result(engine.start(request, progress=progress))
 
 
-def _then_result(stream: TextStream) -> Iterator[str | GenerationResult]:
+def _then_result(stream: TextStream) -> Events:
     with stream:  # closing this generator closes the stream, in the same thread
         yield from stream
     assert stream.result is not None
@@ -173,6 +177,7 @@ async def call_in_thread(fn: Callable[[], T]) -> T:
             future.set_exception(value) if failed else future.set_result(value)
 
     def work() -> None:
+        value: T | BaseException
         try:
             value, failed = fn(), False
         except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task

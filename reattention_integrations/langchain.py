@@ -24,6 +24,7 @@ tokens served from the cache. Passing ``context=corpus`` per call does the same 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
@@ -47,7 +48,8 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess by th
     ) from exc
 from pydantic import ConfigDict, Field, SecretStr
 
-from reattention_core.engine import GenerationResult, Prompt
+from reattention_core.generation.request import GenerationResult
+from reattention_core.prompts import Prompt
 from reattention_integrations._fields import AdapterFields
 from reattention_integrations._generation import (
     EventSource,
@@ -75,9 +77,13 @@ def to_chat_messages(messages: Sequence[BaseMessage]) -> list[dict[str, str]]:
     for i, message in enumerate(messages):
         role = _ROLES.get(message.type)
         if message.type == "chat":
-            role = {"user": "user", "human": "user", "assistant": "assistant", "ai": "assistant", "system": "system"}.get(
-                str(getattr(message, "role", "")).lower()
-            )
+            role = {
+                "user": "user",
+                "human": "user",
+                "assistant": "assistant",
+                "ai": "assistant",
+                "system": "system",
+            }.get(str(getattr(message, "role", "")).lower())
         if role is None:
             raise UnsupportedMessageError(
                 f"message {i} is a {type(message).__name__} (type {message.type!r}); this model reads system, human "
@@ -178,8 +184,15 @@ class ChatReAttention(_LangChainFields, BaseChatModel):
 
     @property
     def _identifying_params(self) -> dict[str, Any]:
-        return {"model_name": self.model_name, "config": self.config, "max_tokens": self.max_tokens,
-                "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k, "seed": self.seed}
+        return {
+            "model_name": self.model_name,
+            "config": self.config,
+            "max_tokens": self.max_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "seed": self.seed,
+        }
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
         return self._ls_params("chat", stop, kwargs)
@@ -193,7 +206,7 @@ class ChatReAttention(_LangChainFields, BaseChatModel):
     ) -> ChatResult:
         chat = to_chat_messages(messages)
         sampling, run = self._prepare(stop, kwargs)
-        return self._chat_result(self.get_engine().generate(chat, **sampling.engine_kwargs(), **run))
+        return self._chat_result(self.get_engine().generate(chat, sampling=sampling.params(), **run))
 
     async def _agenerate(
         self,
@@ -204,7 +217,7 @@ class ChatReAttention(_LangChainFields, BaseChatModel):
     ) -> ChatResult:
         chat = to_chat_messages(messages)
         sampling, run = self._prepare(stop, kwargs)
-        result = await call_in_thread(lambda: self.get_engine().generate(chat, **sampling.engine_kwargs(), **run))
+        result = await call_in_thread(lambda: self.get_engine().generate(chat, sampling=sampling.params(), **run))
         return self._chat_result(result)
 
     def _stream(
@@ -284,8 +297,13 @@ class ReAttentionLLM(_LangChainFields, BaseLLM):
 
     @property
     def _identifying_params(self) -> dict[str, Any]:
-        return {"model_name": self.model_name, "config": self.config, "chat_template": self.chat_template,
-                "max_tokens": self.max_tokens, "temperature": self.temperature}
+        return {
+            "model_name": self.model_name,
+            "config": self.config,
+            "chat_template": self.chat_template,
+            "max_tokens": self.max_tokens,
+            "temperature": self.temperature,
+        }
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
         return self._ls_params("llm", stop, kwargs)
@@ -303,7 +321,7 @@ class ReAttentionLLM(_LangChainFields, BaseLLM):
         **kwargs: Any,
     ) -> LLMResult:
         sampling, run = self._prepare(stop, kwargs)
-        results = [self.get_engine().generate(self._prompt(p), **sampling.engine_kwargs(), **run) for p in prompts]
+        results = [self.get_engine().generate(self._prompt(p), sampling=sampling.params(), **run) for p in prompts]
         return self._llm_result(results)
 
     async def _agenerate(
@@ -314,10 +332,11 @@ class ReAttentionLLM(_LangChainFields, BaseLLM):
         **kwargs: Any,
     ) -> LLMResult:
         sampling, run = self._prepare(stop, kwargs)
-        results = [
-            await call_in_thread(lambda p=p: self.get_engine().generate(self._prompt(p), **sampling.engine_kwargs(), **run))
-            for p in prompts
-        ]
+
+        def generate(text: str) -> GenerationResult:
+            return self.get_engine().generate(self._prompt(text), sampling=sampling.params(), **run)
+
+        results = [await call_in_thread(functools.partial(generate, p)) for p in prompts]
         return self._llm_result(results)
 
     def _stream(

@@ -20,7 +20,7 @@ has no such bound, so the whole corpus goes into one prompt whose stable prefix 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Generator, Sequence
 from typing import Any
 
 try:
@@ -45,9 +45,11 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess by th
     ) from exc
 from pydantic import ConfigDict
 
-from reattention_core.engine import GenerationResult, Prompt
+from reattention_core.generation.request import GenerationResult
+from reattention_core.prompts import Prompt
 from reattention_integrations._fields import AdapterFields
 from reattention_integrations._generation import (
+    Events,
     EventSource,
     Sampling,
     call_in_thread,
@@ -58,7 +60,7 @@ from reattention_integrations.errors import UnsupportedMessageError
 
 # What `metadata.context_window` reports when the config sets no `max_context`. ReAttention has no
 # context limit other than memory (keys and values grow by a fixed size per token); this is the
-# longest context the package has been measured at (1M tokens, benchmarks/README.md), large enough
+# longest context the package has been measured at (1M tokens), large enough
 # that LlamaIndex never splits a corpus that fits in memory. Set `config={"max_context": N}` to
 # advertise (and enforce) a smaller one.
 MEMORY_BOUND_CONTEXT_WINDOW = 1 << 20
@@ -179,9 +181,7 @@ class ReAttentionLLM(AdapterFields, CustomLLM):
         return CompletionResponse(text=result.text, raw=_raw(result, self.model_name))
 
     @llm_completion_callback()
-    async def astream_complete(
-        self, prompt: str, formatted: bool = False, **kwargs: Any
-    ) -> CompletionResponseAsyncGen:
+    async def astream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseAsyncGen:
         events = self._events(lambda: self._completion_prompt(prompt, formatted), kwargs)
         return _aresponses(iterate_in_thread(events), self.model_name, chat=False)
 
@@ -191,7 +191,9 @@ class ReAttentionLLM(AdapterFields, CustomLLM):
     def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
         chat = to_chat_messages(messages)
         result = self._generate(lambda: chat, kwargs)
-        return ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=result.text), raw=_raw(result, self.model_name))
+        return ChatResponse(
+            message=ChatMessage(role=MessageRole.ASSISTANT, content=result.text), raw=_raw(result, self.model_name)
+        )
 
     @llm_chat_callback()
     def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
@@ -202,7 +204,9 @@ class ReAttentionLLM(AdapterFields, CustomLLM):
     async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
         chat = to_chat_messages(messages)
         result = await self._agenerate(lambda: chat, kwargs)
-        return ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=result.text), raw=_raw(result, self.model_name))
+        return ChatResponse(
+            message=ChatMessage(role=MessageRole.ASSISTANT, content=result.text), raw=_raw(result, self.model_name)
+        )
 
     @llm_chat_callback()
     async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
@@ -219,11 +223,11 @@ class ReAttentionLLM(AdapterFields, CustomLLM):
     def _generate(self, prompt: Any, kwargs: dict[str, Any]) -> GenerationResult:
         """``prompt`` is a callable: rendering a completion prompt may need the engine (tokenizer)."""
         sampling, run = self._options(kwargs)
-        return self.get_engine().generate(prompt(), **sampling.engine_kwargs(), **run)
+        return self.get_engine().generate(prompt(), sampling=sampling.params(), **run)
 
     async def _agenerate(self, prompt: Any, kwargs: dict[str, Any]) -> GenerationResult:
         sampling, run = self._options(kwargs)
-        return await call_in_thread(lambda: self.get_engine().generate(prompt(), **sampling.engine_kwargs(), **run))
+        return await call_in_thread(lambda: self.get_engine().generate(prompt(), sampling=sampling.params(), **run))
 
     def _events(self, prompt: Any, kwargs: dict[str, Any]) -> EventSource:
         """Validate the options now; the returned factory loads the engine and starts generating."""
@@ -231,7 +235,7 @@ class ReAttentionLLM(AdapterFields, CustomLLM):
         return lambda: generation_events(self.get_engine(), prompt(), sampling=sampling, **run)
 
 
-def _responses(events: Iterator[str | GenerationResult], model_name: str, *, chat: bool) -> Iterator[Any]:
+def _responses(events: Events, model_name: str, *, chat: bool) -> Generator[Any, None, None]:
     """Streamed responses (cumulative text + delta; usage on the last), closing ``events`` in this thread."""
     respond = _responder(model_name, chat=chat)
     try:
@@ -241,7 +245,9 @@ def _responses(events: Iterator[str | GenerationResult], model_name: str, *, cha
         events.close()  # even when the consumer stops early: the engine lock needs the same thread
 
 
-async def _aresponses(events: AsyncIterator[str | GenerationResult], model_name: str, *, chat: bool) -> AsyncIterator[Any]:
+async def _aresponses(
+    events: AsyncIterator[str | GenerationResult], model_name: str, *, chat: bool
+) -> AsyncGenerator[Any, None]:
     respond = _responder(model_name, chat=chat)
     async for item in events:
         yield respond(item)

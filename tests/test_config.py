@@ -89,7 +89,13 @@ def test_a_vote_stride_changes_the_fingerprint_and_the_default_keeps_saved_ones(
 
 def test_embedded_preset_is_the_measured_one():
     cfg = PRESETS["smollm2-135m"]
-    assert (cfg.sink_size, cfg.max_blocks, cfg.block_size, cfg.local_window, cfg.prefill_chunk_size) == (64, 32, 32, 256, 256)
+    assert (cfg.sink_size, cfg.max_blocks, cfg.block_size, cfg.local_window, cfg.prefill_chunk_size) == (
+        64,
+        32,
+        32,
+        256,
+        256,
+    )
     assert cfg.scope_size == 1344
     with pytest.raises(ConfigError, match="unknown preset"):
         ReAttentionConfig.preset("gpt-5")
@@ -145,4 +151,3 @@ def test_qwen_preset_is_the_papers_sizing_for_its_window():
     cfg.check_window(32768)
     with pytest.raises(ConfigError):
         cfg.check_window(8192)  # the scope does not fit a smaller model's window
-

@@ -35,8 +35,10 @@ def kernel_env(tmp_path_factory: pytest.TempPathFactory) -> None:
         if "python3" not in KernelSpecManager().find_kernel_specs():
             prefix = tmp_path_factory.mktemp("jupyter")
             subprocess.run([sys.executable, "-m", "ipykernel", "install", "--prefix", str(prefix)], check=True)
-            mp.setenv("JUPYTER_PATH", os.pathsep.join(filter(None, [str(prefix / "share" / "jupyter"),
-                                                                    os.environ.get("JUPYTER_PATH")])))
+            mp.setenv(
+                "JUPYTER_PATH",
+                os.pathsep.join(filter(None, [str(prefix / "share" / "jupyter"), os.environ.get("JUPYTER_PATH")])),
+            )
         mp.setenv("REATTENTION_COOKBOOK_TEST", "1")
         yield
 

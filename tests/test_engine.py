@@ -86,7 +86,9 @@ def test_non_positive_max_new_tokens_raise(embedded_engine, n):
 
 
 def test_prompt_over_max_context_raises_instead_of_truncating(byte_tokenizer):
-    cfg = ReAttentionConfig(sink_size=4, block_size=4, top_k=1, max_blocks=2, local_window=32, prefill_chunk_size=16, max_context=40)
+    cfg = ReAttentionConfig(
+        sink_size=4, block_size=4, top_k=1, max_blocks=2, local_window=32, prefill_chunk_size=16, max_context=40
+    )
     engine = ReAttentionEngine(tiny_model("llama"), byte_tokenizer, cfg)
     with pytest.raises(ContextLimitError, match="max_context of 40"):
         engine.generate("x" * 39, max_new_tokens=2)
@@ -104,7 +106,11 @@ def test_unsupported_architecture_is_refused_by_name(byte_tokenizer):
 def test_scope_larger_than_the_model_window_is_refused(byte_tokenizer):
     model = tiny_model("llama", max_position_embeddings=256)
     with pytest.raises(Exception, match="exceeds the model's pre-training window of 256"):
-        ReAttentionEngine(model, byte_tokenizer, ReAttentionConfig(sink_size=32, block_size=32, max_blocks=8, local_window=64, prefill_chunk_size=64))
+        ReAttentionEngine(
+            model,
+            byte_tokenizer,
+            ReAttentionConfig(sink_size=32, block_size=32, max_blocks=8, local_window=64, prefill_chunk_size=64),
+        )
 
 
 def test_default_config_follows_the_model_window(byte_tokenizer):
@@ -127,16 +133,22 @@ def test_unknown_model_directory_is_a_typed_error(tmp_path):
 
 
 def test_engine_generates_on_a_tiny_model_with_sampling(byte_tokenizer):
-    engine = ReAttentionEngine(tiny_model("qwen3"), byte_tokenizer,
-                               ReAttentionConfig(sink_size=2, block_size=4, top_k=2, max_blocks=3, local_window=16, prefill_chunk_size=8))
+    engine = ReAttentionEngine(
+        tiny_model("qwen3"),
+        byte_tokenizer,
+        ReAttentionConfig(sink_size=2, block_size=4, top_k=2, max_blocks=3, local_window=16, prefill_chunk_size=8),
+    )
     res = engine.generate("hello " * 20, max_new_tokens=6, temperature=1.0, seed=1)
     assert res.completion_tokens <= 6 and res.prompt_tokens == 120
     assert torch.is_grad_enabled(), "inference mode must not leak out of generate"
 
 
 def test_stream_does_not_leak_inference_mode_to_the_caller(byte_tokenizer):
-    engine = ReAttentionEngine(tiny_model("llama"), byte_tokenizer,
-                               ReAttentionConfig(sink_size=2, block_size=4, top_k=2, max_blocks=3, local_window=16, prefill_chunk_size=8))
+    engine = ReAttentionEngine(
+        tiny_model("llama"),
+        byte_tokenizer,
+        ReAttentionConfig(sink_size=2, block_size=4, top_k=2, max_blocks=3, local_window=16, prefill_chunk_size=8),
+    )
     seen = []
     for _ in engine.stream("abc " * 10, max_new_tokens=4, temperature=1.0, seed=0):
         seen.append(torch.is_inference_mode_enabled())
@@ -144,9 +156,12 @@ def test_stream_does_not_leak_inference_mode_to_the_caller(byte_tokenizer):
 
 
 def test_stream_holds_the_result_and_prepare_start_split_the_work(byte_tokenizer):
-    engine = ReAttentionEngine(tiny_model("llama"), byte_tokenizer,
-                               ReAttentionConfig(sink_size=2, block_size=4, top_k=2, max_blocks=3, local_window=16, prefill_chunk_size=8),
-                               cache=False)
+    engine = ReAttentionEngine(
+        tiny_model("llama"),
+        byte_tokenizer,
+        ReAttentionConfig(sink_size=2, block_size=4, top_k=2, max_blocks=3, local_window=16, prefill_chunk_size=8),
+        cache=False,
+    )
     expected = engine.generate("abc " * 10, max_new_tokens=6)
     stream = engine.stream("abc " * 10, max_new_tokens=6)
     assert stream.result is None  # nothing has run yet
@@ -162,9 +177,12 @@ def test_stream_holds_the_result_and_prepare_start_split_the_work(byte_tokenizer
 
 
 def test_a_stream_closed_early_releases_the_engine(byte_tokenizer):
-    engine = ReAttentionEngine(tiny_model("llama"), byte_tokenizer,
-                               ReAttentionConfig(sink_size=2, block_size=4, top_k=2, max_blocks=3, local_window=16, prefill_chunk_size=8),
-                               cache=False)
+    engine = ReAttentionEngine(
+        tiny_model("llama"),
+        byte_tokenizer,
+        ReAttentionConfig(sink_size=2, block_size=4, top_k=2, max_blocks=3, local_window=16, prefill_chunk_size=8),
+        cache=False,
+    )
     with engine.stream("abc " * 10, max_new_tokens=8, temperature=1.0, seed=3) as stream:
         next(stream)
     assert stream.result is None  # closed before the end: no result
@@ -174,7 +192,7 @@ def test_a_stream_closed_early_releases_the_engine(byte_tokenizer):
 
 
 def test_warmup_runs_selection_for_every_query_shape_and_leaves_no_state(byte_tokenizer, monkeypatch):
-    from reattention_core import attention
+    from reattention_core.attention import selection
 
     cfg = ReAttentionConfig(sink_size=2, block_size=4, top_k=2, max_blocks=3, local_window=16, prefill_chunk_size=8)
     # pages of 8 tokens: anything that went through the prefix cache would leave pages behind
@@ -183,13 +201,13 @@ def test_warmup_runs_selection_for_every_query_shape_and_leaves_no_state(byte_to
     info_before = engine.cache_info()
     assert info_before.memory.tokens > 0
     shapes = []
-    real = attention.select_blocks
+    real = selection.select_blocks
 
     def counting(q, k_middle, **kw):
         shapes.append(q.shape[1])
         return real(q, k_middle, **kw)
 
-    monkeypatch.setattr(attention, "select_blocks", counting)
+    monkeypatch.setattr(selection, "select_blocks", counting)
     assert engine.warmup(decode_steps=2) > 0
     layers = engine.model.config.num_hidden_layers
     # a full chunk, the partial chunk, the last token alone and two decode steps, in every layer

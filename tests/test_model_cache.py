@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from reattention_core import model_cache
-from reattention_core.fingerprint import model_fingerprint, tokenizer_fingerprint
+from reattention_core.cache.fingerprint import model_fingerprint, tokenizer_fingerprint
 from tests.helpers import tiny_model
 
 

@@ -19,13 +19,26 @@ def test_import_name_maps_to_the_kernels_folder():
 
 def test_built_wheel_installs_reattention_kernels_and_no_kernels_package(tmp_path):
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(ROOT)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
         check=True,
     )
     wheel = next(tmp_path.glob("reattention-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     assert "reattention_kernels/__init__.py" in names
     assert "reattention_kernels/reference/topk.py" in names
+    packages = ("reattention_core", "reattention_kernels", "reattention_integrations")
+    assert {f"{p}/py.typed" for p in packages} <= set(names)  # PEP 561 markers
     assert not any(n.startswith("kernels/") for n in names)
     target = tmp_path / "site"
     subprocess.run(
@@ -38,7 +51,9 @@ def test_built_wheel_installs_reattention_kernels_and_no_kernels_package(tmp_pat
         "print(spec.origin if spec else None)"
     )
     env = dict(os.environ, PYTHONPATH=str(target))
-    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True, check=True
+    )
     ours, kernels_origin = out.stdout.split()
     assert Path(ours).is_relative_to(target)
     # `kernels` is either absent or Hugging Face's package, never our folder

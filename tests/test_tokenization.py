@@ -26,8 +26,22 @@ def _awkward(seed: int = 0) -> str:
     and combining marks, CJK without spaces, emoji, punctuation runs, contractions."""
     rng = random.Random(seed)
     bits = [
-        "word", "  two  spaces", "\n\n", "\t\tindented", "12345678", "3.14159", "naïve café", "e\u0301",
-        "日本語の文章です", "😀👍🏽", "...!!!", "it's they're", " \n ", "x=1;y=2", "CamelCase", "   ",
+        "word",
+        "  two  spaces",
+        "\n\n",
+        "\t\tindented",
+        "12345678",
+        "3.14159",
+        "naïve café",
+        "e\u0301",
+        "日本語の文章です",
+        "😀👍🏽",
+        "...!!!",
+        "it's they're",
+        " \n ",
+        "x=1;y=2",
+        "CamelCase",
+        "   ",
     ]
     return "".join(rng.choice(bits) + rng.choice(["", " ", "  ", "\n"]) for _ in range(1500))
 

@@ -1,6 +1,6 @@
 """Reference block selection from top-k hits: votes, clip to ``max_blocks`` (ties: lower position),
 widen to blocks, merge, keep original order; batched tensor ops, no host synchronisation. The
-specification of `triton_ops.select` (kernels/README.md; `reattention_core.selection` for context).
+specification of `triton_ops.select` (kernels/README.md; `reattention_core.attention.selection` for context).
 """
 
 from __future__ import annotations

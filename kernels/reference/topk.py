@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-# Keys are scored in slices of this many tokens so the [rows, keys] score tile stays bounded.
+# Keys are scored in slices of this many tokens (`key_slice`) so the [rows, keys] score tile stays bounded.
 _KEY_SLICE = 16384
 _IDX_BITS = 32
 # CPU GEMMs round the last, partial column tile differently from full tiles (a different
@@ -57,13 +57,14 @@ def _rank(vals: torch.Tensor, idx: torch.Tensor, k: int) -> tuple[torch.Tensor, 
     return vals.gather(1, order), idx.gather(1, order)
 
 
-def score_topk_ref(q: torch.Tensor, k: torch.Tensor, top_k: int) -> torch.Tensor:
+def score_topk_ref(q: torch.Tensor, k: torch.Tensor, top_k: int, *, key_slice: int = _KEY_SLICE) -> torch.Tensor:
     """Exact per-row, per-head top-k of raw ``q . k`` over all keys.
 
     Args:
         q (torch.Tensor): pre-RoPE queries ``[B, TQ, HQ, D]``.
         k (torch.Tensor): pre-RoPE keys ``[B, TK, H, D]`` (any strides), ``HQ % H == 0``.
         top_k (int): keys kept per (row, query head).
+        key_slice (int): keys scored at a time, which bounds the ``[rows, keys]`` score tile.
 
     Returns:
         torch.Tensor: int64 ``[B, TQ, HQ, top_k]`` indices into ``TK``, best first (score
@@ -83,8 +84,8 @@ def score_topk_ref(q: torch.Tensor, k: torch.Tensor, top_k: int) -> torch.Tensor
             # rows of the GQA group: [G * TQ, D], head-major so row r = (group member, token)
             qg = q[bi, :, hi * g : (hi + 1) * g, :].permute(1, 0, 2).reshape(g * tq, d).float()
             best_v = best_i = None
-            for start in range(0, tk, _KEY_SLICE):
-                kh = k[bi, start : start + _KEY_SLICE, hi, :].float()
+            for start in range(0, tk, key_slice):
+                kh = k[bi, start : start + key_slice, hi, :].float()
                 vals, idx = _ordered_topk(_scores(qg, kh), start, kk)
                 if best_v is None:
                     best_v, best_i = vals, idx

@@ -37,7 +37,17 @@ def _count_votes(hits, counts, shift, stride_hb, N, M, MC, BLOCK: tl.constexpr, 
 
 @triton.jit
 def _tile_top(
-    src, counts, dst, shift, stride_sb, N, M, MC, FROM_HITS: tl.constexpr, BLOCK: tl.constexpr, KP: tl.constexpr,
+    src,
+    counts,
+    dst,
+    shift,
+    stride_sb,
+    N,
+    M,
+    MC,
+    FROM_HITS: tl.constexpr,
+    BLOCK: tl.constexpr,
+    KP: tl.constexpr,
     SHIFT: tl.constexpr,
 ):
     """The ``KP`` largest keys of tile ``t`` of row ``b``, descending, into ``dst[b, t * KP:]``
@@ -100,8 +110,20 @@ def _write_blocks(kept, sel, n_sel, i_b, M, K, W, offset, BLOCK: tl.constexpr, K
 
 @triton.jit
 def _blocks(
-    top, sel, n_sel, shift, M, MC, K, W, offset, BLOCK: tl.constexpr, KP: tl.constexpr, BS: tl.constexpr,
-    BSP: tl.constexpr, SHIFT: tl.constexpr,
+    top,
+    sel,
+    n_sel,
+    shift,
+    M,
+    MC,
+    K,
+    W,
+    offset,
+    BLOCK: tl.constexpr,
+    KP: tl.constexpr,
+    BS: tl.constexpr,
+    BSP: tl.constexpr,
+    SHIFT: tl.constexpr,
 ):
     i_b = tl.program_id(0).to(tl.int64)
     if SHIFT:

@@ -1,7 +1,7 @@
 """Generate with a sharded KV store under torchrun (rank 0 prints the answer and timings).
 
-    torchrun --nproc-per-node 2 -m reattention_core.distributed "What is the capital of France?" --chat
-    torchrun --nproc-per-node 2 -m reattention_core.distributed --file book.txt --question "Who is the narrator?"
+torchrun --nproc-per-node 2 -m reattention_core.distributed "What is the capital of France?" --chat
+torchrun --nproc-per-node 2 -m reattention_core.distributed --file book.txt --question "Who is the narrator?"
 """
 
 from __future__ import annotations
@@ -42,8 +42,11 @@ def main(argv: list[str] | None = None) -> int:
         if res is not None:
             seconds = time.perf_counter() - t0
             print(res.text)
-            print(f"[{res.prompt_tokens} prompt tokens, {res.completion_tokens} generated, {seconds:.1f}s, "
-                  f"KV store over {sharded.world} ranks]", file=sys.stderr)
+            print(
+                f"[{res.prompt_tokens} prompt tokens, {res.completion_tokens} generated, {seconds:.1f}s, "
+                f"KV store over {sharded.world} ranks]",
+                file=sys.stderr,
+            )
         return 0
     except ReAttentionError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -2,7 +2,7 @@
 
 Every rank loads the same model and runs every forward pass; only the KV store is sharded
 (`ShardedKVStore`), and each attention layer combines the shards with two collectives
-(`sharded_reattention_attention`), so the logits, and the tokens, equal the single-device
+(`reattention_core.store.sharded.ShardLayer`), so the logits, and the tokens, equal the single-device
 engine's. Rank 0 leads: it tokenises and validates the prompt, broadcasts the token ids and the
 sampling settings, samples every token and broadcasts it with a "go on" flag; the other ranks
 follow. Launch one process per GPU with ``torchrun`` (NCCL), or per CPU process (gloo)::
@@ -15,21 +15,25 @@ The prefix cache is not used here: a sharded corpus is prefilled on every reques
 from __future__ import annotations
 
 import datetime
+import functools
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
-from reattention_core.decoding import Sampler, SamplingParams, TextAssembler
-from reattention_core.distributed.patch import enable_sharded_reattention
-from reattention_core.distributed.store import ShardedKVStore, ShardLayout
 from reattention_core.engine import GenerationResult, ReAttentionEngine
 from reattention_core.errors import DistributedError, ReAttentionError
-from reattention_core.hf import ReAttentionCache
-from reattention_core.prefill import run_prefill
+from reattention_core.generation.loop import ModelSteps, Steps, decode_tokens, sampled
+from reattention_core.generation.sampling import Sampler, SamplingParams
+from reattention_core.generation.text import TextAssembler
+from reattention_core.hf import ReAttentionCache, enable_reattention
+from reattention_core.hf.architectures import model_config
+from reattention_core.store.sharded import ShardedKVStore, ShardLayout
+
+T = TypeVar("T")
 
 # First element of every job broadcast.
 _RUN, _SKIP, _IDLE, _SHUTDOWN = "run", "skip", "idle", "shutdown"
@@ -47,8 +51,7 @@ def init_from_env(backend: str | None = None, timeout_s: float = 1800.0) -> torc
     if not dist.is_initialized():
         if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
             raise DistributedError("no process group: launch with torchrun (it sets RANK, WORLD_SIZE, MASTER_ADDR)")
-        dist.init_process_group(backend or ("nccl" if cuda else "gloo"),
-                                timeout=datetime.timedelta(seconds=timeout_s))
+        dist.init_process_group(backend or ("nccl" if cuda else "gloo"), timeout=datetime.timedelta(seconds=timeout_s))
     return device
 
 
@@ -86,10 +89,14 @@ class ShardedEngine:
     def is_leader(self) -> bool:
         return self.rank == 0
 
-    # -- whole generations, called on every rank --------------------------------------------------
-
     def generate(
-        self, prompt: Any = None, *, context: str | None = None, progress: bool | None = None, **sampling: Any
+        self,
+        prompt: Any = None,
+        *,
+        sampling: SamplingParams | None = None,
+        context: str | None = None,
+        progress: bool | None = None,
+        **options: Any,
     ) -> GenerationResult | None:
         """Generate on every rank; rank 0's arguments count (`ReAttentionEngine.generate`'s).
 
@@ -100,7 +107,7 @@ class ShardedEngine:
             self.follow(once=True)
             return None
         try:
-            request = self.engine.prepare(prompt, context=context, **_sampling_args(sampling))
+            request = self.engine.prepare(prompt, sampling=sampling, context=context, **options)
             ids, params = list(request.ids), request.params
         except ReAttentionError:
             self._broadcast_job((_SKIP,))
@@ -112,11 +119,9 @@ class ShardedEngine:
             except StopIteration as done:
                 return done.value
 
-    # -- leader ------------------------------------------------------------------------------------
-
     def run(
         self, ids: list[int], params: SamplingParams, *, progress: bool | None = None, boundary: int | None = None
-    ) -> Iterator[str]:
+    ) -> Generator[str, None, GenerationResult]:
         """Rank 0: broadcast a validated job, then generate it (a generator like `ReAttentionEngine.start`'s stream).
 
         Text deltas are yielded; the `GenerationResult` is the ``StopIteration`` value. Closing
@@ -143,26 +148,14 @@ class ShardedEngine:
 
     def _lead(
         self, ids: list[int], params: SamplingParams, progress: bool | None, boundary: int | None
-    ) -> Iterator[str]:
-        sampler, text = Sampler(params), TextAssembler(self.engine.tokenizer, params.stop)
-        finish = "length"
-        with self._session(ids, params, progress, boundary) as (cache, logits):
+    ) -> Generator[str, None, GenerationResult]:
+        text = TextAssembler(self.engine.tokenizer, params.stop)
+        with self._session(ids, params, progress, boundary) as (steps, logits):
             told = False
             try:
-                for step in range(params.max_new_tokens):
-                    token = sampler(logits[0])
-                    if token in self.engine._eos_ids:
-                        finish = "stop"
-                        break
-                    delta = text.push(token)
-                    if delta:
-                        yield delta
-                    if text.stopped:
-                        finish = "stop"
-                        break
-                    if step + 1 < params.max_new_tokens:
-                        self._send(token, more=True)
-                        logits = self._guarded(self.engine._decode_step, token, cache)
+                choose = sampled(Sampler(params), self.engine._eos_ids)
+                tell = functools.partial(self._send, more=True)  # the followers feed the same token
+                yield from text.stream(decode_tokens(steps, logits, choose, params.max_new_tokens, before_decode=tell))
                 self._send(0, more=False)
                 told = True
             finally:
@@ -171,10 +164,7 @@ class ShardedEngine:
         tail = text.finish()
         if tail:
             yield tail
-        return GenerationResult(text=text.text, prompt_tokens=len(ids), completion_tokens=len(text.ids),
-                                finish_reason=finish, token_ids=tuple(text.ids), cached_tokens=0)
-
-    # -- followers ---------------------------------------------------------------------------------
+        return text.result(prompt_tokens=len(ids), cached_tokens=0, max_new_tokens=params.max_new_tokens)
 
     def follow(self, *, once: bool = False) -> None:
         """Ranks > 0: run rank 0's jobs until it shuts down (``once``: a single job)."""
@@ -186,36 +176,35 @@ class ShardedEngine:
                 continue
             if job[0] == _RUN:
                 _, ids, params, boundary = job
-                with self._session(ids, params, False, boundary) as (cache, _):
-                    while True:
-                        token, more = self._recv()
-                        if not more:
-                            break
-                        self._guarded(self.engine._decode_step, token, cache)
+                with self._session(ids, params, False, boundary) as (steps, logits):
+                    for _ in decode_tokens(steps, logits, self._leaders_token, params.max_new_tokens):
+                        pass
             if once:
                 return
-
-    # -- shared ------------------------------------------------------------------------------------
 
     @contextmanager
     def _session(
         self, ids: list[int], params: SamplingParams, progress: bool | None, boundary: int | None = None
-    ) -> Iterator[tuple[ReAttentionCache, torch.Tensor]]:
-        """Hold the engine, shard a fresh store, prefill ``ids``; yields ``(cache, logits)``."""
+    ) -> Iterator[tuple[Steps, torch.Tensor]]:
+        """Hold the engine, shard a fresh store, prefill ``ids``; yields the steps and the prompt's logits."""
         eng = self.engine
         reserve = len(ids) + params.max_new_tokens
-        store = ShardedKVStore(eng.model.config.num_hidden_layers, ShardLayout.balanced(reserve, self.rank, self.world))
+        layout = ShardLayout.balanced(reserve, self.rank, self.world)
+        store = ShardedKVStore(model_config(eng.model).num_hidden_layers, layout, self.group)
         store.reserve(reserve)
-        with eng._lock, enable_sharded_reattention(
-            eng.model, eng.config, store, group=self.group, kernel_options=eng.kernel_options
-        ):
-            cache = ReAttentionCache(store)  # type: ignore[arg-type] - a ShardedKVStore has the KVStore methods it calls
+        with eng._lock, enable_reattention(eng.model, eng.config, kernel_options=eng.kernel_options):
+            steps = _GuardedSteps(ModelSteps(eng.model, ReAttentionCache(store), eng.config.prefill_chunk_size), self)
             input_ids = torch.tensor([ids], device=eng.device)
-            logits = self._guarded(run_prefill, eng.model, input_ids, cache, eng.config.prefill_chunk_size,
-                                   progress=progress, breaks=() if boundary is None else (boundary,))
-            yield cache, logits
+            logits = steps.prefill(input_ids, progress=progress, breaks=() if boundary is None else (boundary,))
+            assert logits is not None  # the last prompt token runs alone
+            yield steps, logits
 
-    def _guarded(self, fn, *args: Any, **kwargs: Any) -> Any:
+    def _leaders_token(self, logits: torch.Tensor) -> int | None:
+        """A follower's choice: the token rank 0 sends (``None`` once it says the generation is over)."""
+        token, more = self._recv()
+        return token if more else None
+
+    def _guarded(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run a step that includes collectives; a failure poisons the engine (the group is unusable)."""
         self._check()
         try:
@@ -236,7 +225,7 @@ class ShardedEngine:
             )
 
     def _broadcast_job(self, job: tuple | None) -> tuple:
-        box = [job]
+        box: list[Any] = [job]  # rank 0's job on every rank once broadcast
         self._guarded(dist.broadcast_object_list, box, src=self._src, group=self.group)
         return box[0]
 
@@ -250,11 +239,14 @@ class ShardedEngine:
         return int(ctrl[0]), bool(ctrl[1])
 
 
-def _sampling_args(sampling: dict[str, Any]) -> dict[str, Any]:
-    allowed = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop")
-    unknown = set(sampling) - set(allowed)
-    if unknown:
-        raise TypeError(f"unexpected arguments: {', '.join(sorted(unknown))}")
-    defaults: dict[str, Any] = {"max_new_tokens": 256, "temperature": 0.0, "top_p": 1.0, "top_k": 0, "seed": None,
-                                "stop": None}
-    return {**defaults, **sampling}
+class _GuardedSteps:
+    """`Steps` whose forward passes (each runs collectives) go through `ShardedEngine._guarded`."""
+
+    def __init__(self, steps: ModelSteps, owner: ShardedEngine) -> None:
+        self.steps, self.owner = steps, owner
+
+    def prefill(self, ids: torch.Tensor, **kwargs: Any) -> torch.Tensor | None:
+        return self.owner._guarded(self.steps.prefill, ids, **kwargs)
+
+    def decode(self, token: int) -> torch.Tensor:
+        return self.owner._guarded(self.steps.decode, token)

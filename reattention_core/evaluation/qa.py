@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from reattention_core.config import ReAttentionConfig
-from reattention_core.engine import CONTEXT_SEPARATOR
 from reattention_core.errors import InvalidInputError
 from reattention_core.evaluation.env import environment
 from reattention_core.evaluation.facts import DESIGN, FactCorpus, Question, corpus_of_size, hop_value
@@ -41,6 +40,7 @@ from reattention_core.evaluation.runner import (
 )
 from reattention_core.evaluation.scoring import found
 from reattention_core.evaluation.tasks import render
+from reattention_core.prompts import CONTEXT_SEPARATOR
 
 QA_MODES: tuple[str, ...] = ("reattention", "rag", "full-truncated", "yarn")
 # Room kept in the window for the chat template, the question, the answer prefixes and the answer
@@ -120,8 +120,13 @@ def answer_question(ask: Callable[[str], str], q: Question) -> tuple[str, dict[s
         return first, {"answer_prefix": q.answer_prefix}
     hop = hop_value(first)
     prefix = q.follow_up.format(office=hop)
-    return ask(prefix), {"answer_prefix": prefix, "first_step": first, "hop": hop,
-                         "hop_expected": q.hop_answer, "hop_correct": hop == q.hop_answer}
+    return ask(prefix), {
+        "answer_prefix": prefix,
+        "first_step": first,
+        "hop": hop,
+        "hop_expected": q.hop_answer,
+        "hop_correct": hop == q.hop_answer,
+    }
 
 
 def run_qa(
@@ -149,9 +154,19 @@ def _run_qa(engine: Any, grid: QAGrid, results: ResultsFile, *, limit: int | Non
         return len(engine.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def ident(size: int, mode: str, index: int) -> dict[str, Any]:
-        return {"task": "qa", "haystack": DESIGN, "length": size, "depth": None, "index": index, "mode": mode,
-                "seed": grid.seed, "model": engine.model_name, "offload": offload_tag(engine),
-                "yarn_factor": grid.yarn_factor if mode == "yarn" else None, "overrides": grid.overrides_for(mode)}
+        return {
+            "task": "qa",
+            "haystack": DESIGN,
+            "length": size,
+            "depth": None,
+            "index": index,
+            "mode": mode,
+            "seed": grid.seed,
+            "model": engine.model_name,
+            "offload": offload_tag(engine),
+            "yarn_factor": grid.yarn_factor if mode == "yarn" else None,
+            "overrides": grid.overrides_for(mode),
+        }
 
     todo = [(s, m, i) for s in grid.sizes for m in grid.modes for i in range(grid.questions)]
     pending = []
@@ -188,20 +203,29 @@ def _run_qa(engine: Any, grid: QAGrid, results: ResultsFile, *, limit: int | Non
                     chains[size] = (retriever, chain, f"langchain:{type(model).__name__}")
                 retriever, chain, pipeline = chains[size]
                 got = [d.metadata["id"] for d in retriever.invoke(question)]
-                answer, steps = answer_question(
-                    lambda prefix, chain=chain, question=question: chain.invoke(
-                        {"question": question, "answer_prefix": prefix}), q)
-                extra = {"retrieved": got, "support_in_context": sum(s in got for s in q.support) / len(q.support),
-                         "pipeline": pipeline, **steps}
+
+                def ask_chain(prefix: str, chain: Any = chain, question: str = question) -> str:
+                    return chain.invoke({"question": question, "answer_prefix": prefix})
+
+                answer, steps = answer_question(ask_chain, q)
+                extra = {
+                    "retrieved": got,
+                    "support_in_context": sum(s in got for s in q.support) / len(q.support),
+                    "pipeline": pipeline,
+                    **steps,
+                }
                 prompt_tokens = cached = None
             else:
                 if mode in ("full-truncated", "yarn"):
                     engine.config = mode_config(base, "full" if mode == "full-truncated" else "yarn", grid.yarn_factor)
                     window = engine.config.window_for(engine.window)
-                    kept, context = truncate_records(corpus.records, window - _TRUNCATION_MARGIN - grid.new_tokens,
-                                                     count)
-                    extra = {"records_in_context": kept,
-                             "support_in_context": sum(s < kept for s in q.support) / len(q.support)}
+                    kept, context = truncate_records(
+                        corpus.records, window - _TRUNCATION_MARGIN - grid.new_tokens, count
+                    )
+                    extra = {
+                        "records_in_context": kept,
+                        "support_in_context": sum(s < kept for s in q.support) / len(q.support),
+                    }
                 else:
                     engine.config = mode_config(tuned, "reattention")
                     context = corpus.text
@@ -210,8 +234,9 @@ def _run_qa(engine: Any, grid: QAGrid, results: ResultsFile, *, limit: int | Non
                     raise InvalidInputError("the window is too small to hold a single record")
                 results_of: list[Any] = []
 
-                def ask(prefix: str, context: str = context, question: str = question,
-                        results_of: list[Any] = results_of) -> str:
+                def ask(
+                    prefix: str, context: str = context, question: str = question, results_of: list[Any] = results_of
+                ) -> str:
                     prompt = render_prompt(engine.tokenizer, context, question, prefix)
                     res = engine.generate(prompt, max_new_tokens=grid.new_tokens, progress=False)
                     results_of.append(res)

@@ -17,7 +17,30 @@ from typing import Any
 from reattention_core.errors import InvalidInputError
 
 _WORD = re.compile(r"[a-z0-9]+")
-_STOP = frozenset(["a", "an", "and", "the", "of", "in", "is", "to", "for", "does", "do", "what", "which", "who", "that", "with", "by", "on", "at", "was"])
+_STOP = frozenset(
+    [
+        "a",
+        "an",
+        "and",
+        "the",
+        "of",
+        "in",
+        "is",
+        "to",
+        "for",
+        "does",
+        "do",
+        "what",
+        "which",
+        "who",
+        "that",
+        "with",
+        "by",
+        "on",
+        "at",
+        "was",
+    ]
+)
 
 
 def bm25_tokens(text: str) -> list[str]:
@@ -55,9 +78,7 @@ def make_retriever(passages: Sequence[str], k: int = 4) -> Any:
         def model_post_init(self, context: Any) -> None:
             self._index = BM25Okapi([bm25_tokens(d.page_content) for d in self.documents])
 
-        def _get_relevant_documents(
-            self, query: str, *, run_manager: CallbackManagerForRetrieverRun
-        ) -> list[Document]:
+        def _get_relevant_documents(self, query: str, *, run_manager: CallbackManagerForRetrieverRun) -> list[Document]:
             scores = self._index.get_scores(bm25_tokens(query))
             order = sorted(range(len(self.documents)), key=lambda i: (-scores[i], i))
             return [self.documents[i] for i in order[: self.k]]
@@ -96,11 +117,15 @@ def rag_chain(retriever: Any, model: Any, render: Callable[[str, str, str], str]
     from langchain_core.output_parsers import StrOutputParser
     from langchain_core.runnables import RunnableLambda
 
-    join = RunnableLambda(lambda docs: "\n\n".join(d.page_content for d in docs))
+    def join(docs: list[Any]) -> str:
+        return "\n\n".join(d.page_content for d in docs)
+
+    def prompt(d: dict[str, str]) -> str:
+        return render(d["context"], d["question"], d["answer_prefix"])
+
     inputs = {
-        "context": itemgetter("question") | retriever | join,
+        "context": itemgetter("question") | retriever | RunnableLambda(join),
         "question": itemgetter("question"),
         "answer_prefix": itemgetter("answer_prefix"),
     }
-    prompt = RunnableLambda(lambda d: render(d["context"], d["question"], d["answer_prefix"]))
-    return inputs | prompt | model | StrOutputParser()
+    return inputs | RunnableLambda(prompt) | model | StrOutputParser()

@@ -58,7 +58,9 @@ def _preset_named(config: dict[str, Any] | None) -> str | None:
         return None
     for name, preset in PRESETS.items():
         fields = preset.to_dict()
-        if all(config.get(k, v) == v for k, v in fields.items()) and all(k in config for k in ("sink_size", "max_blocks")):
+        if all(config.get(k, v) == v for k, v in fields.items()) and all(
+            k in config for k in ("sink_size", "max_blocks")
+        ):
             return f"preset {name}"
     return None
 
@@ -133,8 +135,9 @@ def heatmap(rows: Sequence[dict[str, Any]], path: str | Path, title: str | None 
 
     tasks = sorted({r["task"] for r in rows})
     modes = _order(r["mode"] for r in rows)
-    fig, axes = plt.subplots(len(tasks), len(modes), figsize=(3.4 * len(modes) + 1, 2.8 * len(tasks) + 0.4),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        len(tasks), len(modes), figsize=(3.4 * len(modes) + 1, 2.8 * len(tasks) + 0.4), squeeze=False
+    )
     cmap = plt.get_cmap("RdYlGn").with_extremes(bad="#dddddd")  # grey: cell not run
     image = None
     for i, task in enumerate(tasks):

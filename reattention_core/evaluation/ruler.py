@@ -135,7 +135,7 @@ def line_body(
         rng = random.Random(seed)
         n = max(1, int(budget / per_line))
         lines = [line(rng) for _ in range(n)]
-        for order, (depth, text) in sorted(enumerate(inserts), key=lambda x: (x[1][0], x[0]), reverse=True):
+        for _order, (depth, text) in sorted(enumerate(inserts), key=lambda x: (x[1][0], x[0]), reverse=True):
             lines.insert(min(n, round(depth * n)), text)
         return "\n".join(lines)
 
@@ -150,7 +150,7 @@ def spec_niah(name: str, rng: random.Random, depth: float, tokenizer: Any) -> Ta
     # the (first) queried key's first value at `depth`, every other needle at a seeded random depth
     order = [(queried[0], 0)] + [(k, j) for k in range(v.keys) for j in range(v.values) if (k, j) != (queried[0], 0)]
     depths = [depth] + [rng.random() for _ in order[1:]]
-    needles = tuple((d, needle_text(v.value, keys[k], values[k][j])) for d, (k, j) in zip(depths, order))
+    needles = tuple((d, needle_text(v.value, keys[k], values[k][j])) for d, (k, j) in zip(depths, order, strict=True))
     query = _joined([keys[k] for k in queried])
     before, after, prefix = niah_texts(v.value, query, plural=v.queries * v.values > 1)
     expected = tuple(x for k in queried for x in values[k])
@@ -207,7 +207,7 @@ def spec_vt(rng: random.Random, depth: float, hops: int = 4) -> TaskSpec:
     # the chain starts at `depth` and runs, in order, towards the end
     depths = [depth] + sorted(depth + (1.0 - depth) * rng.random() for _ in range(hops))
     after, prefix = _vt_texts(value, hops + 1)
-    return TaskSpec(example + VT_BEFORE, after, prefix, tuple(names), needles=tuple(zip(depths, chain)))
+    return TaskSpec(example + VT_BEFORE, after, prefix, tuple(names), needles=tuple(zip(depths, chain, strict=True)))
 
 
 CWE_BEFORE = (

@@ -6,7 +6,7 @@ mode), and each prompt's text up to its needle is the text of the prompt before 
 the same up to the needle). So an engine with its prefix cache on (what ``reattention eval``
 uses) prefills only from about the needle on, and a grid costs about ``sum(1 - depth)`` cold
 prompts instead of one per cell. The cache is exact (a warm run reproduces the cold run bit for
-bit, `reattention_core.prefix_cache`); rows record ``cached_tokens``.
+bit, `reattention_core.cache.prefix`); rows record ``cached_tokens``.
 
 A rerun with the same results file skips the cells already there; Ctrl-C stops between rows and
 leaves the file whole.
@@ -149,7 +149,7 @@ class NeedleGrid:
         return overrides_tag(self.overrides)
 
     def cells(self) -> list[Cell]:
-        out = []
+        out: list[Cell] = []
         for length in self.lengths:
             modes = [m for m in self.modes if length <= self.mode_max_length.get(m, length)]
             for task in self.tasks:
@@ -253,7 +253,10 @@ def _run_grid(
     try:
         for cell in bar:
             if sample is None or (sample.task, sample.length, sample.depth, sample.index) != (
-                cell.task, cell.length, cell.depth, cell.index
+                cell.task,
+                cell.length,
+                cell.depth,
+                cell.index,
             ):
                 kind = haystack_kind(cell.task, grid.haystack)
                 if not get_task(cell.task).generated and kind not in haystacks:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 
 from reattention_core.errors import InvalidInputError
@@ -41,7 +41,7 @@ def essays_text() -> str:
     return " ".join(e for e in essays if e)
 
 
-@lru_cache(maxsize=None)
+@cache
 def word_list(name: str) -> tuple[str, ...]:
     """One of wonderwords' lists (``"nouns"``, ``"adjectives"``, ``"verbs"``), as its file has them."""
     files = {"nouns": "nounlist.txt", "adjectives": "adjectivelist.txt", "verbs": "verblist.txt"}

@@ -41,7 +41,7 @@ class Task:
     """
 
     name: str
-    make: Callable[[random.Random, float | None, Any, int], TaskSpec]
+    make: Callable[[random.Random, Any, Any, int], TaskSpec]  # depth: a float, None for depthless tasks
     haystack: str
     max_new_tokens: int
     depthless: bool = False
@@ -75,7 +75,7 @@ def spec_niah(rng: random.Random, depth: float, tokenizer: Any = None, length: i
     )
 
 
-def _niah(name: str) -> Callable[[random.Random, float | None, Any, int], TaskSpec]:
+def _niah(name: str) -> Callable[[random.Random, Any, Any, int], TaskSpec]:
     return lambda rng, depth, tokenizer, length: ruler.spec_niah(name, rng, depth, tokenizer)
 
 
@@ -216,7 +216,11 @@ def make_sample(
         raise InvalidInputError(f"task {t.name!r} needs a Haystack (kind {t.haystack!r} by default)")
 
     def messages_for(budget: int) -> list[dict[str, str]]:
-        text = spec.body(budget) if spec.body is not None else haystack.build(budget, spec.needles)
+        if spec.body is not None:
+            text = spec.body(budget)
+        else:
+            assert haystack is not None  # checked above
+            text = haystack.build(budget, spec.needles)
         system = [{"role": "system", "content": spec.system}] if spec.system else []
         return [*system, {"role": "user", "content": spec.before + text + spec.after}]
 

@@ -12,7 +12,7 @@ import functools
 import inspect
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from typing import Any
+from typing import Any, cast
 
 import torch
 import transformers
@@ -39,12 +39,19 @@ def register_attention(name: str, fn: Callable) -> None:
     AttentionInterface.register(name, fn)
 
 
+def registered_attention(name: str) -> Callable | None:
+    """The function registered under ``name`` in the global attention registry, if any."""
+    from transformers import AttentionInterface
+
+    return AttentionInterface().get(name)
+
+
 def get_attn_implementation(model: torch.nn.Module) -> str | None:
     return getattr(model.config, "_attn_implementation", None)
 
 
 def set_attn_implementation(model: torch.nn.Module, name: str) -> None:
-    model.set_attn_implementation(name)
+    cast(Any, model).set_attn_implementation(name)
 
 
 def cache_base_init(cache: object, layers: list) -> None:
@@ -54,23 +61,29 @@ def cache_base_init(cache: object, layers: list) -> None:
     Cache.__init__(cache, layers=layers)  # type: ignore[arg-type]
 
 
-def cache_classes() -> tuple[type, type]:
-    """``(Cache, CacheLayerMixin)`` base classes."""
+def cache_classes() -> tuple[Any, Any]:
+    """``(Cache, CacheLayerMixin)`` base classes (typed ``Any``: subclassed by `hf.cache`)."""
     from transformers.cache_utils import Cache, CacheLayerMixin
 
     return Cache, CacheLayerMixin
 
 
 @functools.cache
-def _cache_argument(model_class: type) -> str:
-    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+def _cache_argument(forward: Callable[..., Any]) -> str:
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
+
+def layer_cache(kwargs: dict[str, Any]) -> Any:
+    """The cache a decoder layer hands its attention module, from the module's keyword arguments: ``cache=``
+    (transformers 5.24 and later) or ``past_key_values=``."""
+    return kwargs.get("cache", kwargs.get("past_key_values"))
 
 
 def cache_argument(model: torch.nn.Module, cache: object) -> dict[str, Any]:
     """The keyword argument that hands ``cache`` to ``model``'s forward: ``cache=`` where the forward takes it
     (transformers 5.24 and later, where ``past_key_values=`` is deprecated, to be removed in 5.40), else
     ``past_key_values=``."""
-    return {_cache_argument(type(model)): cache}
+    return {_cache_argument(type(model).forward): cache}
 
 
 def dynamo_layer_settings() -> AbstractContextManager:
@@ -96,7 +109,7 @@ def yarn_rotary(model: torch.nn.Module, rotary: torch.nn.Module, factor: float) 
     """
     import copy
 
-    config = copy.deepcopy(model.config)
+    config: Any = copy.deepcopy(model.config)
     params = getattr(config, "rope_parameters", None)
     if not isinstance(params, dict):
         raise UnsupportedModelError("this transformers version keeps no rope_parameters on the model config")

@@ -8,6 +8,7 @@ and the registered attention function: that is the seam ReAttention uses.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 
@@ -59,20 +60,42 @@ def check_model(model: torch.nn.Module) -> ArchSpec:
     return spec
 
 
+def model_config(model: torch.nn.Module) -> Any:
+    """The model's transformers config (``model.config``)."""
+    return cast(Any, model).config
+
+
+def _part(model: torch.nn.Module, name: str) -> Any:
+    return getattr(backbone(model), name)
+
+
 def rotary_module(model: torch.nn.Module) -> torch.nn.Module:
-    return backbone(model).rotary_emb
+    return _part(model, "rotary_emb")
 
 
 def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
-    return [layer.self_attn for layer in backbone(model).layers]
+    return [layer.self_attn for layer in _part(model, "layers")]
+
+
+def layer_index(attention: torch.nn.Module) -> int:
+    """The index of an attention module's layer (what it passes to ``cache.update``)."""
+    return int(vars(attention)["layer_idx"])
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    return list(backbone(model).layers)
+    return list(_part(model, "layers"))
 
 
 def final_norm(model: torch.nn.Module) -> torch.nn.Module:
-    return backbone(model).norm
+    return _part(model, "norm")
+
+
+def kv_shape(config: Any) -> tuple[int, int]:
+    """``(KV heads, head dim)`` of a model config: the shape of each token's keys and values."""
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return int(kv_heads), int(head_dim)
 
 
 def pretraining_window(config: object) -> int:

@@ -1,30 +1,34 @@
 """The attention function registered with transformers under the name ``"reattention"``.
 
 It has the contract of ``sdpa_attention_forward``: it receives ``[B, H, T, D]`` tensors and
-returns ``([B, TQ, HQ, D], None)``. Its settings come from ``module.reattention_runtime``, which
-`enable_reattention` sets on every attention module and removes on exit, so the function itself
-holds no state.
+returns ``([B, TQ, HQ, D], None)``. The model's settings come from ``module.reattention_runtime``
+and the step's context from the `ReAttentionCache` the layer was given, which `enable_reattention`
+passes on as the keyword argument ``reattention_cache``; the function itself holds no state.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from reattention_core import cuda_graph, offload
-from reattention_core.attention import reattention_attention
+from reattention_core.attention import LayerStep, reattention_attention
+from reattention_core.attention.rope import RopeSpec
 from reattention_core.config import ReAttentionConfig
-from reattention_core.rope import RopeSpec
+from reattention_core.hf.architectures import layer_index
+from reattention_core.hf.cache import ReAttentionCache
 from reattention_kernels import KernelOptions
 
 ATTN_IMPLEMENTATION = "reattention"
 RUNTIME_ATTR = "reattention_runtime"
+CACHE_KWARG = "reattention_cache"
 
 
 @dataclass(frozen=True)
 class LayerRuntime:
-    """What the attention function needs besides tensors."""
+    """What the attention function needs from the model's side besides tensors."""
 
     config: ReAttentionConfig
     rope: RopeSpec
@@ -46,43 +50,30 @@ def reattention_attention_forward(
         raise RuntimeError(
             "the 'reattention' attention implementation runs only inside `enable_reattention(model, config)`"
         )
-    if scaling is None:
-        scaling = query.shape[-1] ** -0.5
-    handed = offload.take()
-    if handed is not None:  # the store is in host memory: select and gather the scope from there
-        store, layer = handed
-        out = offload.offloaded_attention(
-            query.transpose(1, 2), store, layer, runtime.config, runtime.rope, scaling,
-            kernel_options=runtime.kernel_options,
-        )  # fmt: skip
-        return out, None
-    step = cuda_graph.current()
-    out = reattention_attention(
-        query.transpose(1, 2),
-        key.transpose(1, 2),
-        value.transpose(1, 2),
-        runtime.config,
-        runtime.rope,
-        scaling,
+    cache = kwargs.get(CACHE_KWARG)
+    if not isinstance(cache, ReAttentionCache):
+        raise RuntimeError(
+            "under `enable_reattention` the model needs a ReAttentionCache: model(..., past_key_values="
+            "ReAttentionCache(ResidentStore(num_layers)), use_cache=True)"
+        )
+    context = cache.step
+    layer = layer_index(module)
+    step = LayerStep(
+        config=runtime.config,
+        rope=runtime.rope,
+        scale=query.shape[-1] ** -0.5 if scaling is None else scaling,
         kernel_options=runtime.kernel_options,
-        total=None if step is None else step.total,
-        shift=None if step is None else step.shift,
+        shift=context.shift,
+        layer=layer,
+        observer=context.observer,
     )
-    return out, None
+    kv = context.store.layer(layer, shift=context.shift)
+    return reattention_attention(query.transpose(1, 2), kv, step), None
 
 
-_registered = reattention_attention_forward
-
-
-def registered_forward():
-    """The function `enable_reattention` registers: `reattention_attention_forward`, wrapped in
-    ``torch.compiler.disable`` once compiled layers have been used (`keep_out_of_graphs`)."""
-    return _registered
-
-
-def keep_out_of_graphs() -> None:
-    """Make compiled decoder layers (`hf.compiled`) call the attention function as it is: a graph
-    break. Done on first use, not at import (``torch.compiler.disable`` imports ``torch._dynamo``)."""
-    global _registered
-    if _registered is reattention_attention_forward:
-        _registered = torch.compiler.disable(reattention_attention_forward)
+@functools.cache
+def compiled_forward() -> Callable[..., tuple[torch.Tensor, None]]:
+    """`reattention_attention_forward` wrapped in ``torch.compiler.disable``, for compiled decoder
+    layers (`hf.compiled`): they call it as it is, a graph break. Made on first use, not at import
+    (``torch.compiler.disable`` imports ``torch._dynamo``)."""
+    return torch.compiler.disable(reattention_attention_forward)

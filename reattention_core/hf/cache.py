@@ -1,31 +1,57 @@
-"""`ReAttentionCache`: a `transformers.Cache` whose layers write into a `KVStore`.
+"""`ReAttentionCache`: a `transformers.Cache` whose layers write into a `KVStore`, and the step context
+every attention layer of a forward pass reads from it.
 
 Under `enable_reattention`, the keys that reach ``update`` carry no RoPE, so the store holds
-pre-RoPE keys. ``update`` returns ``[B, H, T, D]`` views of everything stored for the layer (no
-copy), which the registered ReAttention attention function consumes.
+pre-RoPE keys. The cache is the object transformers hands to every layer: `enable_reattention`
+passes it on to the registered attention function, which reads the store, a CUDA-graph step's
+shift and an observer from `ReAttentionCache.step`.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 
-from reattention_core import cuda_graph, offload
+from reattention_core.attention.step import SelectionObserver
 from reattention_core.hf import _compat
-from reattention_core.store import KVStore
+from reattention_core.store.protocol import KVStore
 
+_Cache: Any
+_CacheLayerMixin: Any
 _Cache, _CacheLayerMixin = _compat.cache_classes()
 
 
+@dataclass(frozen=True)
+class StepContext:
+    """What the attention layers of a forward pass work on.
+
+    Attributes:
+        store: where the keys and values live.
+        shift: inside a CUDA-graph step, an int64 ``[1]`` device tensor of the tokens stored since the
+            step was recorded (`reattention_core.generation.cuda_graph`); ``None`` otherwise.
+        observer: called with every layer step's selection (``None``: not observed).
+    """
+
+    store: KVStore
+    shift: torch.Tensor | None = None
+    observer: SelectionObserver | None = None
+
+
 class ReAttentionLayer(_CacheLayerMixin):
-    """One layer's view of the shared `KVStore`."""
+    """One layer's view of its cache's `KVStore`."""
 
     is_sliding = False
     is_compileable = False
     is_croppable = True
 
-    def __init__(self, store: KVStore, layer_idx: int) -> None:
+    def __init__(self, cache: ReAttentionCache, layer_idx: int) -> None:
         super().__init__()
-        self.store = store
+        self.cache = cache
         self.layer_idx = layer_idx
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -37,22 +63,14 @@ class ReAttentionLayer(_CacheLayerMixin):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        step = self.cache.step
         k, v = key_states.transpose(1, 2), value_states.transpose(1, 2)
-        step = cuda_graph.current()
-        if step is not None:  # a recorded (or emulated) graph step: write at a device index
-            keys, values = self.store.append_shifted(self.layer_idx, k, v, step.shift)
-            step.total = self.store.length(self.layer_idx)
-        else:
-            keys, values = self.store.append(self.layer_idx, k, v)
-        if isinstance(self.store, offload.OffloadedStore):  # host tensors: the attention call reads the store
-            offload.hand_over(self.store, self.layer_idx)
-            if not isinstance(keys, torch.Tensor):  # adopted cache pages (`TokenSegments`): never joined
-                keys, values = k, v
+        keys, values = step.store.append(self.layer_idx, k, v, shift=step.shift)
         self.keys, self.values = keys.transpose(1, 2), values.transpose(1, 2)
         return self.keys, self.values
 
     def get_seq_length(self, *args: object) -> int:
-        return self.store.length(self.layer_idx)
+        return self.cache.store.length(self.layer_idx)
 
     def get_mask_sizes(self, *args: object) -> tuple[int, int]:
         query_length = args[0] if args and isinstance(args[0], int) else 0
@@ -62,10 +80,10 @@ class ReAttentionLayer(_CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.store.truncate(0)
+        self.cache.store.truncate(0)
 
     def crop(self, max_length: int) -> None:
-        self.store.truncate(max_length)
+        self.cache.store.truncate(max_length)
 
 
 def keep_out_of_graphs() -> None:
@@ -76,7 +94,7 @@ def keep_out_of_graphs() -> None:
     """
     if not getattr(ReAttentionLayer.update, "_reattention_disabled", False):
         update = torch.compiler.disable(ReAttentionLayer.update)
-        update._reattention_disabled = True  # type: ignore[attr-defined]
+        update._reattention_disabled = True
         ReAttentionLayer.update = update  # type: ignore[method-assign]
 
 
@@ -85,11 +103,26 @@ class ReAttentionCache(_Cache):
 
     Args:
         store (KVStore): where the tokens live; it outlives the cache and can be reused.
+        observer: called with every selecting layer step's `SelectionEvent` (diagnostics).
     """
 
-    def __init__(self, store: KVStore) -> None:
-        _compat.cache_base_init(self, [ReAttentionLayer(store, i) for i in range(store.num_layers)])
-        self.store = store
+    def __init__(self, store: KVStore, *, observer: SelectionObserver | None = None) -> None:
+        _compat.cache_base_init(self, [ReAttentionLayer(self, i) for i in range(store.num_layers)])
+        self.step = StepContext(store, observer=observer)
+
+    @property
+    def store(self) -> KVStore:
+        return self.step.store
+
+    @contextmanager
+    def shifted(self, shift: torch.Tensor) -> Iterator[StepContext]:
+        """Run the forward passes inside as shifted CUDA-graph steps (`reattention_core.generation.cuda_graph`)."""
+        outer = self.step
+        self.step = dataclasses.replace(outer, shift=shift)
+        try:
+            yield self.step
+        finally:
+            self.step = outer
 
     def get_seq_length(self, layer_idx: int = 0, *args: object) -> int:
         return self.store.length(layer_idx)

@@ -1,15 +1,13 @@
 """`compiled_layers`: run a Hugging Face model's decoder layers through `torch.compile`, reversibly.
 
-A decode step of the embedded model is about 50 small kernels per layer besides attention: RMSNorms
-(six kernels each), projections, the rotary multiply (a no-op under ReAttention that still runs),
-residual adds, the MLP's activation. On an H100 they, not the attention, set the decode speed:
-compiling each whole decoder layer fuses them (1,497 -> 770 kernels per 128K decode step; through
-the engine 4.7 -> 3.2 ms per token; `benchmarks/README.md`).
+A decode step is dozens of small kernels per layer besides attention: RMSNorms, projections, the
+rotary multiply (a no-op under ReAttention that still runs), residual adds, the MLP's activation;
+at decode they, not the attention, set the pace. Compiling each whole decoder layer fuses them.
 
 The ReAttention parts stay out of the graphs: the cache update (`ReAttentionLayer.update`) and the
 attention function get ``torch.compiler.disable`` on first use (not at import: that would import
-``torch._dynamo``, and with it triton, into every process), so Dynamo breaks the graph around them and they
-run as they do eagerly (their Triton kernels, CUDA-graph shifts and offload hand-overs untouched).
+``torch._dynamo``, and with it triton, into every process), so Dynamo breaks the graph around them
+and they run as they do eagerly (their Triton kernels and CUDA-graph shifts untouched).
 One compiled graph serves all layers (their ``layer_idx`` is left unspecialised), for each step
 shape: a prefill chunk, a decode step, and one dynamic shape for a prompt's shorter chunks.
 Inside the block each layer's q/k/v and gate/up projections also run as one GEMM per group
@@ -49,11 +47,13 @@ def compiled_layers(model: torch.nn.Module, enabled: bool = True) -> Iterator[No
         yield
         return
     cache.keep_out_of_graphs()
-    attention_fn.keep_out_of_graphs()
-    # `enable_reattention` may have registered the plain function before this block began
-    _compat.register_attention(attention_fn.ATTN_IMPLEMENTATION, attention_fn.registered_forward())
     modules = [*decoder_layers(model), final_norm(model)]
     with ExitStack() as stack:
+        # the compiled layers call the attention function as it is (a graph break); the plain one is back after
+        previous = _compat.registered_attention(attention_fn.ATTN_IMPLEMENTATION)
+        _compat.register_attention(attention_fn.ATTN_IMPLEMENTATION, attention_fn.compiled_forward())
+        if previous is not None:
+            stack.callback(_compat.register_attention, attention_fn.ATTN_IMPLEMENTATION, previous)
         stack.enter_context(_compat.dynamo_layer_settings())
         stack.enter_context(fused_projections(model, row_reductions=True))
         for module in modules:

@@ -1,41 +1,17 @@
 """`fused_projections`: one matrix multiply where a layer runs several on the same input, reversibly.
 
-A decoder layer projects its normed input three times for attention (``q_proj``, ``k_proj``,
-``v_proj``) and twice for the MLP (``gate_proj``, ``up_proj``). At decode, with one token, each is a
-tiny latency-bound GEMM: on an H100 the embedded model's seven GEMMs per layer took 0.72 ms of a
-6.4 ms 1M-token decode step (`benchmarks/README.md`). Concatenating the weights of each group turns
-them into one GEMM per group (seven become four), without touching the modeling code:
-
-* each group's weights are copied into one ``[sum(out), in]`` tensor, and the original
-  ``nn.Linear`` modules' weights become views of it (no second copy stays in memory);
-* the group's modules are replaced (``setattr`` on their parent) by `_Part` modules. The first part
-  called runs the fused GEMM, returns its own slice and keeps the others, with the input they were
-  computed from; a later part called on that same input returns its slice, and any other call
-  computes its own product (so a model that calls them differently stays correct, only slower);
-* on exit the original modules are put back, and their weights get storage of their own again.
-
-**One-row products as reductions** (``row_reductions=True``, which compiled layers ask for). A decode
-step multiplies one row by each matrix, and cuBLAS takes 3.7-4 us per such GEMM at the embedded model's
-sizes where reading the weights takes under 1 us. Written as a multiply and a sum in fp32,
-``(x * W).sum(-1)``, the product is a row reduction that Inductor compiles into one Triton kernel and
-fuses with the elementwise ops around it (the residual add after ``o_proj`` and ``down_proj``, the
-activation after ``gate_up``). So with it ``o_proj`` and ``down_proj`` are wrapped too, as groups of
-one, and every one-row product with a weight of at most `ROW_REDUCTION_MAX_ELEMENTS` takes that form;
-other shapes keep ``F.linear``. On an H200 the four projections of a layer went from 21.2 to 11.9 us
-per decode step at the embedded model's sizes, and from 126 to 175 us (slower) at Llama-3.1-8B's,
-hence the size limit (docs/design-notes.md). Eagerly the form would materialise the
-``[N, K]`` product, so only compiled layers use it.
-
-Only plain ``nn.Linear`` groups on one device and dtype, all with a bias or none, and without hooks,
-are fused; anything else (quantised or adapter-wrapped layers, accelerate's offload hooks) is left
-as it is. The fused product equals the separate ones up to how the GEMM library blocks its sums, so
-the engine uses this only with compiled layers (`reattention_core.hf.compiled`), whose results
-already round differently from eager ones and carry a prefix-cache fingerprint of their own.
+At decode, with one token, ``q/k/v_proj`` and ``gate/up_proj`` are tiny latency-bound GEMMs on the
+same input; concatenating each group's weights makes one GEMM per group (seven become four) without
+touching the modeling code. The original modules' weights become views of the fused weight, the
+modules are replaced by `_Part` stand-ins; on exit all is put back, each weight in storage of its own. Only plain
+``nn.Linear`` groups on one device and dtype, with a bias on all or none and without hooks, are fused.
+The fused product equals the separate ones up to how the GEMM library blocks its sums, so only
+compiled layers (`reattention_core.hf.compiled`, a prefix-cache fingerprint of their own) use it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -53,13 +29,19 @@ GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
 SINGLES: tuple[tuple[str, tuple[str, ...]], ...] = (("self_attn", ("o_proj",)), ("mlp", ("down_proj",)))
 # Largest weight (elements) whose one-row product is a reduction: the embedded model's largest is 1.8M
 # (gate/up, 3072 x 576), faster as a reduction; Llama-3.1-8B's smallest, 16.8M (o_proj), was slower
-# (H200; docs/design-notes.md). Nothing in between was measured.
+# (docs/design-notes.md). Nothing in between was measured.
 ROW_REDUCTION_MAX_ELEMENTS = 1 << 22
 
 
 def _product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, row_reductions: bool) -> torch.Tensor:
     """``F.linear(x, weight, bias)``; with ``row_reductions``, a one-row ``x`` and a small enough
-    weight, the same product as a multiply and an fp32 sum (see the module doc)."""
+    weight, the same product as a multiply and an fp32 sum.
+
+    A GEMM library takes several times longer for one row than reading a small weight does; written
+    as ``(x * W).sum(-1)`` in fp32, the product is a row reduction that Inductor compiles into one
+    Triton kernel fused with the elementwise ops around it. Eagerly the form would materialise the
+    ``[N, K]`` product, so only compiled layers ask for it (which is also why `SINGLES` are wrapped).
+    """
     if row_reductions and x.shape[:-1].numel() == 1 and weight.numel() <= ROW_REDUCTION_MAX_ELEMENTS:
         y = (x.unsqueeze(-2).float() * weight.float()).sum(-1)
         if bias is not None:
@@ -84,7 +66,12 @@ class _Fused(nn.Module):
 
 
 class _Part(nn.Module):
-    """Stands in for projection ``index`` of a fused group (see the module doc)."""
+    """Stands in for projection ``index`` of a fused group.
+
+    The first part called runs the fused GEMM, returns its own slice and keeps the others with the
+    input they came from; a later part called on that same input returns its slice, and any other
+    call computes its own product (a model that calls them differently stays correct, only slower).
+    """
 
     def __init__(self, fused: _Fused, index: int, original: nn.Linear) -> None:
         super().__init__()
@@ -110,7 +97,7 @@ class _Part(nn.Module):
         return _product(x, linear.weight, linear.bias, fused.row_reductions)
 
 
-def _fusable(linears: list[nn.Module]) -> bool:
+def _fusable(linears: Sequence[nn.Module]) -> bool:
     if not all(type(m) is nn.Linear for m in linears):
         return False
     first = linears[0].weight
@@ -128,26 +115,27 @@ def _fusable(linears: list[nn.Module]) -> bool:
 
 @torch.no_grad()
 def _fuse(parent: nn.Module, names: tuple[str, ...], row_reductions: bool) -> list[nn.Linear] | None:
-    linears = [getattr(parent, n, None) for n in names]
-    if any(m is None for m in linears) or not _fusable(linears):  # type: ignore[arg-type]
+    linears = [m for m in (getattr(parent, n, None) for n in names) if isinstance(m, nn.Linear)]
+    if len(linears) != len(names) or not _fusable(linears):
         return None
-    weight = torch.cat([m.weight for m in linears])  # type: ignore[union-attr]
-    bias = None if linears[0].bias is None else torch.cat([m.bias for m in linears])  # type: ignore[union-attr,misc]
-    fused = _Fused(weight, bias, [m.out_features for m in linears], row_reductions)  # type: ignore[union-attr]
+    weight = torch.cat([m.weight for m in linears])
+    biases: list[torch.Tensor] = [m.bias for m in linears if m.bias is not None]  # all or none (`_fusable`)
+    bias = torch.cat(biases) if biases else None
+    fused = _Fused(weight, bias, [m.out_features for m in linears], row_reductions)
     start = 0
-    for i, (name, m) in enumerate(zip(names, linears)):
-        end = start + m.out_features  # type: ignore[union-attr]
-        m.weight.data = fused.weight.data[start:end]  # type: ignore[union-attr]
-        if bias is not None:
-            m.bias.data = fused.bias.data[start:end]  # type: ignore[union-attr]
+    for i, (name, m) in enumerate(zip(names, linears, strict=True)):
+        end = start + m.out_features
+        m.weight.data = fused.weight.data[start:end]
+        if m.bias is not None and fused.bias is not None:
+            m.bias.data = fused.bias.data[start:end]
         start = end
-        setattr(parent, name, _Part(fused, i, m))  # type: ignore[arg-type]
-    return linears  # type: ignore[return-value]
+        setattr(parent, name, _Part(fused, i, m))
+    return linears
 
 
 @torch.no_grad()
 def _unfuse(parent: nn.Module, names: tuple[str, ...], linears: list[nn.Linear]) -> None:
-    for name, m in zip(names, linears):
+    for name, m in zip(names, linears, strict=True):
         setattr(parent, name, m)
         m.weight.data = m.weight.data.clone()
         if m.bias is not None:

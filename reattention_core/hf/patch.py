@@ -6,9 +6,11 @@ Inside the context manager:
   unmodified attention layers leave queries and keys un-rotated (``q * 1 + rotate_half(q) * 0 == q``
   exactly); ReAttention re-applies RoPE itself at scope positions;
 * the model's attention implementation is switched to the registered ``"reattention"`` function,
-  which reads its settings from an attribute set on each attention module.
+  which reads its settings from an attribute set on each attention module;
+* a forward pre-hook on each attention module passes the `ReAttentionCache` the layer receives on
+  to that function (keyword ``reattention_cache``): the store and step context it reads.
 
-On exit the hook, the attributes and the previous attention implementation are restored, so the
+On exit the hooks, the attributes and the previous attention implementation are restored, so the
 model is exactly what it was.
 """
 
@@ -19,23 +21,33 @@ from contextlib import contextmanager
 
 import torch
 
+from reattention_core.attention.rope import RopeSpec
 from reattention_core.config import ReAttentionConfig
 from reattention_core.hf import _compat
 from reattention_core.hf.architectures import attention_modules, check_model, rotary_module
 from reattention_core.hf.attention_fn import (
     ATTN_IMPLEMENTATION,
+    CACHE_KWARG,
     RUNTIME_ATTR,
     LayerRuntime,
-    registered_forward,
+    reattention_attention_forward,
 )
-from reattention_core.rope import RopeSpec
 from reattention_kernels import KernelOptions
 from reattention_kernels.options import with_backend
 
 
-def _identity_rope(module: torch.nn.Module, args: object, output: tuple[torch.Tensor, torch.Tensor]):
+def _identity_rope(
+    module: torch.nn.Module, args: object, output: tuple[torch.Tensor, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
     cos, sin = output
     return torch.ones_like(cos), torch.zeros_like(sin)
+
+
+def _hand_on_cache(
+    module: torch.nn.Module, args: tuple[object, ...], kwargs: dict[str, object]
+) -> tuple[tuple[object, ...], dict[str, object]]:
+    """Give the attention function the cache the layer received (keyword arguments reach it unchanged)."""
+    return args, {**kwargs, CACHE_KWARG: _compat.layer_cache(kwargs)}
 
 
 def model_rope(model: torch.nn.Module, config: ReAttentionConfig) -> RopeSpec:
@@ -72,17 +84,20 @@ def enable_reattention(
     device = next(model.parameters()).device
     options = with_backend(kernel_options, backend)
     runtime = LayerRuntime(config=config, rope=model_rope(model, config).to(device), kernel_options=options)
-    _compat.register_attention(ATTN_IMPLEMENTATION, registered_forward())
+    if _compat.registered_attention(ATTN_IMPLEMENTATION) is None:  # compiled layers swap in their own
+        _compat.register_attention(ATTN_IMPLEMENTATION, reattention_attention_forward)
     previous = _compat.get_attn_implementation(model)
     modules = attention_modules(model)
-    handle = rotary.register_forward_hook(_identity_rope)
+    handles = [rotary.register_forward_hook(_identity_rope)]
     try:
         _compat.set_attn_implementation(model, ATTN_IMPLEMENTATION)
         for module in modules:
             setattr(module, RUNTIME_ATTR, runtime)
+            handles.append(module.register_forward_pre_hook(_hand_on_cache, with_kwargs=True))
         yield runtime
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
         for module in modules:
             if hasattr(module, RUNTIME_ATTR):
                 delattr(module, RUNTIME_ATTR)

@@ -1,34 +1,14 @@
-"""OpenAI-compatible serving of a `ReAttentionEngine` (extra ``serve``: fastapi + uvicorn).
-
-    reattention serve                        # embedded model on http://127.0.0.1:8000/v1
-
-    from reattention_core.serving import BackgroundServer
-    with BackgroundServer(engine) as srv:    # free loopback port, daemon thread
-        openai.OpenAI(base_url=srv.base_url, api_key="x").chat.completions.create(...)
-
-The names below are imported on first use: the `reattention` command registers its ``serve``
-subcommand from this package, and every other subcommand must work without the extra installed.
-"""
+"""The public import path of the server, `reattention_core.app.serving` (``BackgroundServer``, ``serve``, ...)."""
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
-_EXPORTS = {
-    "AppConfig": "reattention_core.serving.app",
-    "create_app": "reattention_core.serving.app",
-    "BackgroundServer": "reattention_core.serving.server",
-    "ServeConfig": "reattention_core.serving.server",
-    "serve": "reattention_core.serving.server",
-}
+from reattention_core.app import serving as _serving
 
 
 def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+    return getattr(_serving, name)
 
 
-__all__ = ["AppConfig", "BackgroundServer", "ServeConfig", "create_app", "serve"]
+__all__ = list(_serving.__all__)

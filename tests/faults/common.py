@@ -41,8 +41,9 @@ def tiny_engine(cache_dir: str | Path | None, *, offload=None, cache: bool = Tru
 
     config = ReAttentionConfig(**CONFIG)
     settings = CacheConfig(**{"page_size": PAGE, "dir": cache_dir, **cache_kw}) if cache else False
-    return ReAttentionEngine(tiny_model("llama"), ByteTokenizer(), config, cache=settings, offload=offload,
-                             model_name="tiny-llama")
+    return ReAttentionEngine(
+        tiny_model("llama"), ByteTokenizer(), config, cache=settings, offload=offload, model_name="tiny-llama"
+    )
 
 
 def process_context() -> BaseContext:
@@ -70,7 +71,8 @@ def child_setup() -> None:
 
 def page_files(folder: Path) -> list[Path]:
     """The cache's page files under ``folder`` (named like pages, in real namespace folders)."""
-    from reattention_core.disk_cache import namespace_folders, page_name_parts
+    from reattention_core.cache.directory import namespace_folders
+    from reattention_core.cache.page_file import page_name_parts
 
     return sorted(p for ns in namespace_folders(folder) for p in ns.iterdir() if page_name_parts(p.name))
 
@@ -152,4 +154,3 @@ def write_checkpoint(folder: Path) -> Path:
     tiny_model("llama").save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
-

@@ -86,8 +86,12 @@ def _mount(path: Path, size: int) -> bool:
     if os.environ.get(ENV_NO_MOUNT):
         return False
     try:
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)],
-                              capture_output=True, timeout=30, check=False)
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)],
+            capture_output=True,
+            timeout=30,
+            check=False,
+        )
     except (OSError, subprocess.SubprocessError):
         return False
     return done.returncode == 0
@@ -148,8 +152,12 @@ def _limit_files(limit: int | None) -> None:
 def _cold_child(conn, names: list[str]) -> None:
     child_setup()
     engine = tiny_engine(None, cache=False)
-    conn.send({n: list(engine.generate(QUESTION, context=CORPORA[n], max_new_tokens=NEW_TOKENS,
-                                       progress=False).token_ids) for n in names})
+    conn.send(
+        {
+            n: list(engine.generate(QUESTION, context=CORPORA[n], max_new_tokens=NEW_TOKENS, progress=False).token_ids)
+            for n in names
+        }
+    )
 
 
 def _cache_child(conn, folder: str, names: list[str], limit: int | None) -> None:

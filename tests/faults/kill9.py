@@ -156,9 +156,9 @@ class _StallingFile:
 
 
 def _install_stall(conn, plan: dict[str, Any]) -> None:
-    from reattention_core import disk_cache as dc
+    from reattention_core.cache import disk as dc
 
-    real_write, real_fsync_dir = dc._write_page_file, dc._fsync_dir
+    real_write, real_fsync_dir = dc.write_page_file, dc.fsync_dir
     armed = {"renamed": False}
 
     def stall(where: str) -> None:
@@ -181,14 +181,14 @@ def _install_stall(conn, plan: dict[str, Any]) -> None:
             stall("renamed into place, folder not yet fsync'ed")
         return real_fsync_dir(path)
 
-    dc._write_page_file = write
-    dc._fsync_dir = fsync_dir
+    dc.write_page_file = write
+    dc.fsync_dir = fsync_dir
 
 
 def _generating_child(conn, folder: str, plan: dict[str, Any] | None) -> None:
     """Generate over the corpus with the cache in ``folder``; report pages written, then the result."""
     child_setup()
-    from reattention_core import disk_cache as dc
+    from reattention_core.cache import disk as dc
 
     engine = tiny_engine(folder)
     real_save = dc.DiskCache.save
@@ -202,7 +202,7 @@ def _generating_child(conn, folder: str, plan: dict[str, Any] | None) -> None:
     dc.DiskCache.save = save
     if plan is not None and plan["mode"] != "timed":
         _install_stall(conn, plan)
-    boundary = len(engine._context_prefix_ids(CORPUS))
+    boundary = len(engine.prompts.context_prefix_ids(CORPUS))
     conn.send(("ready", boundary))
     t0 = time.perf_counter()
     result = engine.generate(QUESTION, context=CORPUS, max_new_tokens=NEW_TOKENS, progress=False)
@@ -213,15 +213,16 @@ def _generating_child(conn, folder: str, plan: dict[str, Any] | None) -> None:
 
 def _cold_child(conn) -> None:
     child_setup()
-    result = tiny_engine(None, cache=False).generate(QUESTION, context=CORPUS, max_new_tokens=NEW_TOKENS,
-                                                     progress=False)
+    result = tiny_engine(None, cache=False).generate(
+        QUESTION, context=CORPUS, max_new_tokens=NEW_TOKENS, progress=False
+    )
     conn.send(list(result.token_ids))
 
 
 def _answering_child(conn, folder: str) -> None:
     """A fresh process answering from ``folder``; records every temporary file opened for reading."""
     child_setup()
-    from reattention_core import disk_cache as dc
+    from reattention_core.cache import disk as dc
 
     temp_reads: list[str] = []
 
@@ -236,14 +237,14 @@ def _answering_child(conn, folder: str) -> None:
             temp_reads.append(path)
 
     sys.addaudithook(audit)
-    real_read = dc._read_page
+    real_read = dc.read_page
 
     def read_page(ref, *args, **kwargs):
         if ref.path.name.startswith(dc.TMP_PREFIX):
             temp_reads.append(str(ref.path))
         return real_read(ref, *args, **kwargs)
 
-    dc._read_page = read_page
+    dc.read_page = read_page
     result = tiny_engine(folder).generate(QUESTION, context=CORPUS, max_new_tokens=NEW_TOKENS, progress=False)
     conn.send((list(result.token_ids), result.cached_tokens, temp_reads))
 
@@ -304,14 +305,16 @@ def make_plans(trials: int, seed: int, pages: int, run_s: float) -> list[Plan]:
     for i in range(trials):
         mode = _ROTATION[i % len(_ROTATION)]
         preseed = rng.randrange(1, pages // 2) if rng.random() < 0.25 else 0
-        plans.append(Plan(
-            trial=i,
-            mode=mode,
-            delay=round(rng.uniform(0.0, 1.15 * run_s), 4) if mode == "timed" else 0.0,
-            page=rng.randrange(preseed, pages),
-            fraction=round(rng.random(), 4),
-            preseed=preseed,
-        ))
+        plans.append(
+            Plan(
+                trial=i,
+                mode=mode,
+                delay=round(rng.uniform(0.0, 1.15 * run_s), 4) if mode == "timed" else 0.0,
+                page=rng.randrange(preseed, pages),
+                fraction=round(rng.random(), 4),
+                preseed=preseed,
+            )
+        )
     return plans
 
 
@@ -405,8 +408,7 @@ def run(workdir: Path, *, trials: int = 24, seed: int = 0, page: int = 16, progr
         pages_reused=sum(r.reused_pages for r in results),
         answers_checked=len(results),
         wrong_answers=sum(not r.correct for r in results),
-        lost_pages=sum(r.lost_pages for r in results)
-        + sum(r.reused_tokens < r.expected_reuse for r in results),
+        lost_pages=sum(r.lost_pages for r in results) + sum(r.reused_tokens < r.expected_reuse for r in results),
         damaged_pages=sum(r.damaged_pages for r in results),
         temporary_files_read=sum(len(r.temp_reads) for r in results),
         temporary_files_left=sum(r.temps_left for r in results),

@@ -47,16 +47,31 @@ from tests.faults.common import corpus, write_checkpoint
 MODEL = "tiny-llama"
 MAX_CONTEXT = 2048
 MAX_REQUEST = 1 << 20
-QUESTIONS = ["Tell me about the sea.", "What is a lamp?", "Count to five.", "Why is the sky blue?", "Name a river.",
-             "Say hello in French."]
+QUESTIONS = [
+    "Tell me about the sea.",
+    "What is a lamp?",
+    "Count to five.",
+    "Why is the sky blue?",
+    "Name a river.",
+    "Say hello in French.",
+]
 CONTEXTS = [corpus(1100, seed=41), corpus(1100, seed=42)]  # a page of 1024 tokens each, cached by the server
 CONTEXT_QUESTIONS = QUESTIONS[:3]
 MAX_TOKENS = (4, 12)
 # what each client draws, and how often
 KINDS = {
-    "chat": 18, "chat-stream": 14, "completion": 8, "completion-stream": 6, "context": 10,
-    "abandon-stream": 8, "give-up": 4, "malformed": 14, "over-context": 5, "over-size": 3,
-    "unknown-model": 3, "raw-socket": 4,
+    "chat": 18,
+    "chat-stream": 14,
+    "completion": 8,
+    "completion-stream": 6,
+    "context": 10,
+    "abandon-stream": 8,
+    "give-up": 4,
+    "malformed": 14,
+    "over-context": 5,
+    "over-size": 3,
+    "unknown-model": 3,
+    "raw-socket": 4,
 }
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -120,11 +135,32 @@ class Server:
     def __init__(self, checkpoint: Path, workdir: Path) -> None:
         self.port = _free_port()
         self.log_path = workdir / "server.log"
-        env = dict(os.environ, REATTENTION_CACHE_DIR=str(workdir / "cache"), OMP_NUM_THREADS="1",
-                   TOKENIZERS_PARALLELISM="false", PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-        args = [sys.executable, "-m", "reattention_core.cli", "serve", "--model", str(checkpoint), "--model-name", MODEL,
-                "--port", str(self.port), "--max-context", str(MAX_CONTEXT), "--max-tokens", "16",
-                "--max-request-bytes", str(MAX_REQUEST), "--no-warmup"]
+        env = dict(
+            os.environ,
+            REATTENTION_CACHE_DIR=str(workdir / "cache"),
+            OMP_NUM_THREADS="1",
+            TOKENIZERS_PARALLELISM="false",
+            PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        )
+        args = [
+            sys.executable,
+            "-m",
+            "reattention_core.cli",
+            "serve",
+            "--model",
+            str(checkpoint),
+            "--model-name",
+            MODEL,
+            "--port",
+            str(self.port),
+            "--max-context",
+            str(MAX_CONTEXT),
+            "--max-tokens",
+            "16",
+            "--max-request-bytes",
+            str(MAX_REQUEST),
+            "--no-warmup",
+        ]
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(args, cwd=workdir, env=env, stdout=self._log, stderr=subprocess.STDOUT)
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
@@ -181,8 +217,9 @@ def expected_answers(checkpoint: Path) -> dict[tuple, str]:
     for c, ctx in enumerate(CONTEXTS):
         for q in CONTEXT_QUESTIONS:
             for n in MAX_TOKENS:
-                out[("context", c, q, n)] = engine.generate([{"role": "user", "content": q}], context=ctx,
-                                                            max_new_tokens=n, progress=False).text
+                out[("context", c, q, n)] = engine.generate(
+                    [{"role": "user", "content": q}], context=ctx, max_new_tokens=n, progress=False
+                ).text
     return out
 
 
@@ -192,14 +229,31 @@ _MALFORMED: list[tuple[str, bytes, str]] = [
     ("not JSON", b"{not json", "application/json"),
     ("a JSON array", b"[1, 2, 3]", "application/json"),
     ("messages is a string", b'{"model": "%s", "messages": "hi"}', "application/json"),
-    ("unknown parameter", b'{"model": "%s", "messages": [{"role": "user", "content": "hi"}], "tools": []}',
-     "application/json"),
-    ("nested 100000 deep", b'{"model": "%s", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "application/json"),
-    ("a lone surrogate", b'{"model": "%s", "messages": [{"role": "user", "content": "a\\ud800b"}]}', "application/json"),
-    ("NaN temperature", b'{"model": "%s", "messages": [{"role": "user", "content": "hi"}], "temperature": NaN}',
-     "application/json"),
-    ("a seed beyond 64 bits", (b'{"model": "%s", "messages": [{"role": "user", "content": "hi"}], '
-                               b'"seed": 123456789012345678901234567890}'), "application/json"),
+    (
+        "unknown parameter",
+        b'{"model": "%s", "messages": [{"role": "user", "content": "hi"}], "tools": []}',
+        "application/json",
+    ),
+    (
+        "nested 100000 deep",
+        b'{"model": "%s", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+        "application/json",
+    ),
+    (
+        "a lone surrogate",
+        b'{"model": "%s", "messages": [{"role": "user", "content": "a\\ud800b"}]}',
+        "application/json",
+    ),
+    (
+        "NaN temperature",
+        b'{"model": "%s", "messages": [{"role": "user", "content": "hi"}], "temperature": NaN}',
+        "application/json",
+    ),
+    (
+        "a seed beyond 64 bits",
+        (b'{"model": "%s", "messages": [{"role": "user", "content": "hi"}], "seed": 123456789012345678901234567890}'),
+        "application/json",
+    ),
     ("max_tokens 10**12", b'{"model": "%s", "prompt": "hi", "max_tokens": 1000000000000}', "application/json"),
     ("binary garbage", bytes(range(256)) * 4, "application/json"),
     ("JSON sent as text/plain", b'{"model": "%s", "messages": [{"role": "user", "content": "hi"}]}', "text/plain"),
@@ -217,8 +271,10 @@ def _raw_socket(port: int, rng: random.Random) -> int | str:
     """Half a body then a hang-up, or bytes that are not HTTP: whatever comes back (or nothing)."""
     body = b'{"model": "%s", "messages": [{"role": "user", "content": "hi"}]}' % MODEL.encode()
     if rng.random() < 0.5:
-        data = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                b"Content-Length: %d\r\n\r\n" % (len(body) * 3)) + body
+        data = (
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n" % (len(body) * 3)
+        ) + body
     else:
         data = bytes(rng.randrange(256) for _ in range(200)) + b"\r\n\r\n"
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
@@ -233,8 +289,15 @@ def _raw_socket(port: int, rng: random.Random) -> int | str:
     return "no-response"
 
 
-def _one(kind: str, client, base_url: str, port: int, rng: random.Random, expected: dict[tuple, str],
-         variant: int | None = None) -> Record:
+def _one(
+    kind: str,
+    client,
+    base_url: str,
+    port: int,
+    rng: random.Random,
+    expected: dict[tuple, str],
+    variant: int | None = None,
+) -> Record:
     import openai
 
     t0 = time.perf_counter()
@@ -254,8 +317,9 @@ def _one(kind: str, client, base_url: str, port: int, rng: random.Random, expect
                 r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=n, extra_body=extra)
                 return done(200, r.choices[0].message.content == expected[key])
             text, finished = "", None
-            for chunk in client.chat.completions.create(model=MODEL, messages=messages, max_tokens=n, stream=True,
-                                                        extra_body=extra):
+            for chunk in client.chat.completions.create(
+                model=MODEL, messages=messages, max_tokens=n, stream=True, extra_body=extra
+            ):
                 if chunk.choices:
                     text += chunk.choices[0].delta.content or ""
                     finished = chunk.choices[0].finish_reason or finished
@@ -278,8 +342,11 @@ def _one(kind: str, client, base_url: str, port: int, rng: random.Random, expect
             return done("disconnected")
         if kind == "give-up":
             with contextlib.suppress(httpx.TimeoutException):  # a 429 may come back in time
-                r = httpx.post(f"{base_url}/chat/completions",
-                               json={"model": MODEL, "messages": _chat(q), "max_tokens": 64}, timeout=0.05)
+                r = httpx.post(
+                    f"{base_url}/chat/completions",
+                    json={"model": MODEL, "messages": _chat(q), "max_tokens": 64},
+                    timeout=0.05,
+                )
                 return done(r.status_code)
             return done("disconnected")
         if kind == "malformed":
@@ -288,7 +355,9 @@ def _one(kind: str, client, base_url: str, port: int, rng: random.Random, expect
             path = "/completions" if b'"prompt"' in body else "/chat/completions"
             return done(_post(base_url, path, body, ctype))
         if kind == "over-context":
-            client.completions.create(model=MODEL, prompt=corpus(MAX_CONTEXT + 500, seed=rng.randrange(99)), max_tokens=4)
+            client.completions.create(
+                model=MODEL, prompt=corpus(MAX_CONTEXT + 500, seed=rng.randrange(99)), max_tokens=4
+            )
             return done(200, False)  # must not be answered
         if kind == "over-size":
             big = json.dumps({"model": MODEL, "prompt": "x" * (MAX_REQUEST + (MAX_REQUEST >> 1))}).encode()
@@ -305,8 +374,16 @@ def _one(kind: str, client, base_url: str, port: int, rng: random.Random, expect
     raise AssertionError(kind)
 
 
-def _client(i: int, seed: int, deadline: float, base_url: str, port: int, expected: dict, out: list[Record],
-            lock: threading.Lock) -> None:
+def _client(
+    i: int,
+    seed: int,
+    deadline: float,
+    base_url: str,
+    port: int,
+    expected: dict,
+    out: list[Record],
+    lock: threading.Lock,
+) -> None:
     import openai
 
     rng = random.Random(seed * 1000 + i)
@@ -356,8 +433,14 @@ def run(workdir: Path, *, clients: int = 32, seconds: float = 20.0, seed: int = 
         lock = threading.Lock()
         t0 = time.monotonic()
         deadline = t0 + seconds
-        threads = [threading.Thread(target=_client, args=(i, seed, deadline, server.base_url, server.port, expected,
-                                                          records, lock), daemon=True) for i in range(clients)]
+        threads = [
+            threading.Thread(
+                target=_client,
+                args=(i, seed, deadline, server.base_url, server.port, expected, records, lock),
+                daemon=True,
+            )
+            for i in range(clients)
+        ]
         for t in threads:
             t.start()
         for t in threads:
@@ -373,8 +456,12 @@ def run(workdir: Path, *, clients: int = 32, seconds: float = 20.0, seed: int = 
     statuses = Counter(str(r.status) for r in records)
     done = [r for r in records if r.correct is not None and r.status == 200]
     latencies = sorted(r.seconds * 1000 for r in done)
-    faults = Counter(r.kind for r in records if r.kind in ("abandon-stream", "give-up", "malformed", "over-context",
-                                                           "over-size", "unknown-model", "raw-socket"))
+    faults = Counter(
+        r.kind
+        for r in records
+        if r.kind
+        in ("abandon-stream", "give-up", "malformed", "over-context", "over-size", "unknown-model", "raw-socket")
+    )
     return LoadFigures(
         clients=clients,
         seconds=round(elapsed, 1),

@@ -4,5 +4,5 @@ import torch  # noqa: F401
 import transformers.models.llama.modeling_llama  # noqa: F401
 
 import reattention_core
-import reattention_core.disk_cache  # noqa: F401
+import reattention_core.cache.disk  # noqa: F401
 import tests.helpers  # noqa: F401

@@ -33,8 +33,13 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def _commit() -> str:
     try:
-        out = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             check=False, timeout=10)
+        out = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=10,
+        )
         return out.stdout.strip() or "?"
     except (OSError, subprocess.SubprocessError):
         return "?"
@@ -55,7 +60,8 @@ def problems(figures: dict[str, Any]) -> list[str]:
         "full disk: one warning": d["warnings_while_full"] == 1,
         "full disk: the cache fills once space returns": d["complete_after_space_returned"],
         "full disk: spill error typed, nothing left": "could not reserve" in d["spill_error"]
-        and d["spill_files_left"] == 0 and d["spill_answer_after_space_returned_ok"],
+        and d["spill_files_left"] == 0
+        and d["spill_answer_after_space_returned_ok"],
         "server: 5xx": s["http_5xx"] == 0,
         "server: wrong answers": s["wrong_answers"] == 0,
         "server: tracebacks in its log": s["server_tracebacks"] == 0,
@@ -68,27 +74,39 @@ def problems(figures: dict[str, Any]) -> list[str]:
 def markdown(f: dict[str, Any]) -> str:
     k, d, s = f["kill9"], f["full_disk"], f["server"]
     modes = ", ".join(f"{v} {m}" for m, v in k["modes"].items())
-    kill = (f"{k['trials']} trials ({modes}); {k['kills_during_run']} killed mid-run, "
-            f"{k['kills_inside_page_writes']} inside a page write")
-    kill_result = (f"{k['answers_checked']} answers checked, {k['wrong_answers']} wrong; {k['pages_acknowledged']} "
-                   f"pages acknowledged before the kills, {k['lost_pages']} lost, {k['damaged_pages']} damaged, "
-                   f"{k['pages_reused']} reused; temporary files read {k['temporary_files_read']}, "
-                   f"left {k['temporary_files_left']}")
-    disk = (f"{d['filesystem']}: cache full after {d['pages_written_until_full']} pages, spill reservation refused"
-            + (", then remounted read-only" if d["read_only_answers_ok"] is not None else ""))
-    disk_result = (f"{d['answers_checked']} answers checked, {d['wrong_answers']} wrong; "
-                   f"{d['warnings_while_full']} warning; {d['partial_pages']} partial pages, "
-                   f"{d['temporary_files_left']} temporary files; space back: "
-                   f"{d['pages_restored_after_space_returned']} pages restored, "
-                   f"{d['pages_written_after_space_returned']} written")
+    kill = (
+        f"{k['trials']} trials ({modes}); {k['kills_during_run']} killed mid-run, "
+        f"{k['kills_inside_page_writes']} inside a page write"
+    )
+    kill_result = (
+        f"{k['answers_checked']} answers checked, {k['wrong_answers']} wrong; {k['pages_acknowledged']} "
+        f"pages acknowledged before the kills, {k['lost_pages']} lost, {k['damaged_pages']} damaged, "
+        f"{k['pages_reused']} reused; temporary files read {k['temporary_files_read']}, "
+        f"left {k['temporary_files_left']}"
+    )
+    disk = f"{d['filesystem']}: cache full after {d['pages_written_until_full']} pages, spill reservation refused" + (
+        ", then remounted read-only" if d["read_only_answers_ok"] is not None else ""
+    )
+    disk_result = (
+        f"{d['answers_checked']} answers checked, {d['wrong_answers']} wrong; "
+        f"{d['warnings_while_full']} warning; {d['partial_pages']} partial pages, "
+        f"{d['temporary_files_left']} temporary files; space back: "
+        f"{d['pages_restored_after_space_returned']} pages restored, "
+        f"{d['pages_written_after_space_returned']} written"
+    )
     faults = ", ".join(f"{v} {n}" for n, v in s["faults_injected"].items())
     server = f"{s['clients']} clients x {s['seconds']:.0f} s, {s['requests']} requests; faults: {faults}"
-    server_result = (f"{s['completed']} answers completed, {s['wrong_answers']} wrong; {s['http_4xx']} 4xx "
-                     f"({s['http_429']} of them 429), {s['http_5xx']} 5xx; p50 {s['p50_ms']:.0f} ms, "
-                     f"p99 {s['p99_ms']:.0f} ms; RSS {s['rss_after_warmup_mib']:.0f} -> {s['rss_end_mib']:.0f} MiB "
-                     f"(peak {s['rss_peak_mib']:.0f}); {s['server_tracebacks']} tracebacks")
-    rows = [("kill -9 mid-write", kill, kill_result), ("full disk", disk, disk_result),
-            ("server under load", server, server_result)]
+    server_result = (
+        f"{s['completed']} answers completed, {s['wrong_answers']} wrong; {s['http_4xx']} 4xx "
+        f"({s['http_429']} of them 429), {s['http_5xx']} 5xx; p50 {s['p50_ms']:.0f} ms, "
+        f"p99 {s['p99_ms']:.0f} ms; RSS {s['rss_after_warmup_mib']:.0f} -> {s['rss_end_mib']:.0f} MiB "
+        f"(peak {s['rss_peak_mib']:.0f}); {s['server_tracebacks']} tracebacks"
+    )
+    rows = [
+        ("kill -9 mid-write", kill, kill_result),
+        ("full disk", disk, disk_result),
+        ("server under load", server, server_result),
+    ]
     lines = ["| scenario | faults | result |", "|---|---|---|"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
     return "\n".join(lines)
@@ -112,10 +130,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"server: {args.clients} clients for {args.seconds:.0f} s ...", file=sys.stderr, flush=True)
         s = load.run(work / "load", clients=args.clients, seconds=args.seconds, seed=args.seed)
     figures = {
-        "kill9": k.as_dict(), "full_disk": d.as_dict(), "server": s.as_dict(),
-        "env": {"commit": _commit(), "python": platform.python_version(), "machine": platform.machine(),
-                "cpus": os.cpu_count(), "seconds": round(time.perf_counter() - t0, 1),
-                "command": " ".join(["python -m tests.faults.report", *(argv if argv is not None else sys.argv[1:])])},
+        "kill9": k.as_dict(),
+        "full_disk": d.as_dict(),
+        "server": s.as_dict(),
+        "env": {
+            "commit": _commit(),
+            "python": platform.python_version(),
+            "machine": platform.machine(),
+            "cpus": os.cpu_count(),
+            "seconds": round(time.perf_counter() - t0, 1),
+            "command": " ".join(["python -m tests.faults.report", *(argv if argv is not None else sys.argv[1:])]),
+        },
     }
     broken = problems(figures)
     figures["broken"] = broken

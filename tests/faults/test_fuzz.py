@@ -19,22 +19,33 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from reattention_core import CacheConfig, OffloadConfig, ReAttentionConfig, ReAttentionEngine
-from reattention_core.decoding import SamplingParams
 from reattention_core.errors import ReAttentionError
+from reattention_core.generation.sampling import SamplingParams
 from tests.faults.common import write_checkpoint
 
-FUZZ = settings(max_examples=120, deadline=None, derandomize=True, database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+FUZZ = settings(
+    max_examples=120,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 
 # Text with what breaks naive code: lone surrogates, NUL and other controls, escapes, astral planes.
 _ODD = ["\ud800", "\udfff", "\x00", "\x1b[2J", "\u202e", "\U0001f600", "\r\n", "\\", '"', "{{ }}", "{% raw %}"]
 TEXT = st.lists(st.one_of(st.characters(), st.sampled_from(_ODD)), max_size=16).map("".join)
 SCALARS = st.one_of(
-    st.none(), st.booleans(), st.integers(), st.integers(-(2**70), 2**70), st.floats(), TEXT,
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.integers(-(2**70), 2**70),
+    st.floats(),
+    TEXT,
     st.sampled_from([0, -1, 1, 2**31, 2**63, 2**64, float("nan"), float("inf"), "", "0", "1e9"]),
 )
-ANY = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(TEXT, inner, max_size=3),
-                   max_leaves=6)
+ANY = st.recursive(
+    SCALARS, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(TEXT, inner, max_size=3), max_leaves=6
+)
 
 
 def _typed(call, outcomes: Counter | None = None) -> None:
@@ -57,8 +68,10 @@ def _fields(cls) -> list[str]:
 
 
 @FUZZ
-@given(st.dictionaries(st.sampled_from(_fields(ReAttentionConfig)), ANY, max_size=5),
-       st.dictionaries(TEXT, ANY, max_size=2))
+@given(
+    st.dictionaries(st.sampled_from(_fields(ReAttentionConfig)), ANY, max_size=5),
+    st.dictionaries(TEXT, ANY, max_size=2),
+)
 def test_reattention_config_values(values, extra):
     def build():
         config = ReAttentionConfig(**values)
@@ -111,8 +124,10 @@ def test_server_config_values():
     from reattention_core.serving import AppConfig, ServeConfig
 
     @FUZZ
-    @given(st.dictionaries(st.sampled_from(_fields(AppConfig)), ANY, max_size=4),
-           st.dictionaries(st.sampled_from(_fields(ServeConfig)), ANY, max_size=3))
+    @given(
+        st.dictionaries(st.sampled_from(_fields(AppConfig)), ANY, max_size=4),
+        st.dictionaries(st.sampled_from(_fields(ServeConfig)), ANY, max_size=3),
+    )
     def check(app_values, serve_values):
         _typed(lambda: AppConfig(**app_values))
 
@@ -132,22 +147,30 @@ def test_server_config_values():
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory) -> ReAttentionEngine:
     folder = write_checkpoint(tmp_path_factory.mktemp("checkpoint"))
-    return ReAttentionEngine.from_pretrained(str(folder), cache=CacheConfig(dir=tmp_path_factory.mktemp("cache")),
-                                             config=None)
+    return ReAttentionEngine.from_pretrained(
+        str(folder), cache=CacheConfig(dir=tmp_path_factory.mktemp("cache")), config=None
+    )
 
 
 MESSAGE = st.one_of(
     st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant"]), "content": TEXT}),
-    st.fixed_dictionaries({"role": st.one_of(st.sampled_from(["tool", "", "USER", "developer"]), ANY),
-                           "content": st.one_of(TEXT, ANY)}),
+    st.fixed_dictionaries(
+        {"role": st.one_of(st.sampled_from(["tool", "", "USER", "developer"]), ANY), "content": st.one_of(TEXT, ANY)}
+    ),
     ANY,
 )
 PROMPT = st.one_of(TEXT, st.lists(MESSAGE, max_size=4), ANY)
-SAMPLING = st.fixed_dictionaries({}, optional={
-    "max_new_tokens": st.one_of(st.integers(1, 3), ANY), "temperature": st.one_of(st.floats(0, 2), ANY),
-    "top_p": st.one_of(st.floats(0, 1), ANY), "top_k": st.one_of(st.integers(0, 50), ANY),
-    "seed": st.one_of(st.integers(), ANY), "stop": st.one_of(TEXT, st.lists(TEXT, max_size=3), ANY),
-})
+SAMPLING = st.fixed_dictionaries(
+    {},
+    optional={
+        "max_new_tokens": st.one_of(st.integers(1, 3), ANY),
+        "temperature": st.one_of(st.floats(0, 2), ANY),
+        "top_p": st.one_of(st.floats(0, 1), ANY),
+        "top_k": st.one_of(st.integers(0, 50), ANY),
+        "seed": st.one_of(st.integers(), ANY),
+        "stop": st.one_of(TEXT, st.lists(TEXT, max_size=3), ANY),
+    },
+)
 
 
 def test_prompts_and_sampling_options(engine):
@@ -176,21 +199,103 @@ def test_prompts_and_sampling_options(engine):
 
 # -- command lines --------------------------------------------------------------------------------
 
-_WORDS = ["--max-new-tokens", "1", "2", "0", "-1", "nan", "inf", "-inf", "1e400", "--temperature", "--top-p",
-          "--seed", "99999999999999999999999", "--stop", "", "--chat", "--mode", "full", "streaming", "bogus",
-          "--offload", "values", "host", "--offload-budget", "--offload-block", "--spill-dir", "notes",
-          "--depth", "--tokens", "64", "--port", "99999", "--host", "::1", "--api-key", "--max-request-bytes", "1M",
-          "12X", "--max-context", "--model-name", "-q", "--question", "--dir", "--all", "--json", "--models",
-          "--no-warmup", "--compare-full", "--tokens", "200", "\ud800", "\x00", "--", "-", "x y"]
+_WORDS = [
+    "--max-new-tokens",
+    "1",
+    "2",
+    "0",
+    "-1",
+    "nan",
+    "inf",
+    "-inf",
+    "1e400",
+    "--temperature",
+    "--top-p",
+    "--seed",
+    "99999999999999999999999",
+    "--stop",
+    "",
+    "--chat",
+    "--mode",
+    "full",
+    "streaming",
+    "bogus",
+    "--offload",
+    "values",
+    "host",
+    "--offload-budget",
+    "--offload-block",
+    "--spill-dir",
+    "notes",
+    "--depth",
+    "--tokens",
+    "64",
+    "--port",
+    "99999",
+    "--host",
+    "::1",
+    "--api-key",
+    "--max-request-bytes",
+    "1M",
+    "12X",
+    "--max-context",
+    "--model-name",
+    "-q",
+    "--question",
+    "--dir",
+    "--all",
+    "--json",
+    "--models",
+    "--no-warmup",
+    "--compare-full",
+    "--tokens",
+    "200",
+    "\ud800",
+    "\x00",
+    "--",
+    "-",
+    "x y",
+]
 # well-formed option groups too, so that half the command lines get past argparse
-_VALID = [["--max-new-tokens", "2"], ["--chat"], ["--temperature", "0.7"], ["--seed", "5"], ["--stop", "e"],
-          ["--mode", "streaming"], ["--json"], ["--dir", "c"], ["--all"], ["--no-warmup"], ["--port", "8123"],
-          ["--max-request-bytes", "2M"], ["-q", "What is the code?"], ["--compare-full"], ["--depth", "0.3"],
-          ["notes"], ["--max-context", "900"], ["--depth", "nan"], ["--depth", "inf"], ["--depth", "-3"],
-          ["--tokens", "0"]]
+_VALID = [
+    ["--max-new-tokens", "2"],
+    ["--chat"],
+    ["--temperature", "0.7"],
+    ["--seed", "5"],
+    ["--stop", "e"],
+    ["--mode", "streaming"],
+    ["--json"],
+    ["--dir", "c"],
+    ["--all"],
+    ["--no-warmup"],
+    ["--port", "8123"],
+    ["--max-request-bytes", "2M"],
+    ["-q", "What is the code?"],
+    ["--compare-full"],
+    ["--depth", "0.3"],
+    ["notes"],
+    ["--max-context", "900"],
+    ["--depth", "nan"],
+    ["--depth", "inf"],
+    ["--depth", "-3"],
+    ["--tokens", "0"],
+]
 ARGV = st.tuples(
-    st.sampled_from([["generate", "hi"], ["generate"], ["ask"], ["ask", "notes"], ["cache", "ls"], ["cache", "rm"],
-                     ["cache"], ["demo", "--tokens", "64"], ["serve"], ["bogus"], []]),
+    st.sampled_from(
+        [
+            ["generate", "hi"],
+            ["generate"],
+            ["ask"],
+            ["ask", "notes"],
+            ["cache", "ls"],
+            ["cache", "rm"],
+            ["cache"],
+            ["demo", "--tokens", "64"],
+            ["serve"],
+            ["bogus"],
+            [],
+        ]
+    ),
     st.one_of(
         st.lists(st.one_of(st.sampled_from(_WORDS), st.text("abcxyz019_-.", max_size=6)), max_size=6),
         st.lists(st.sampled_from(_VALID), max_size=3).map(lambda groups: [w for g in groups for w in g]),
@@ -200,7 +305,7 @@ ARGV = st.tuples(
 
 def test_command_lines(tmp_path, monkeypatch):
     pytest.importorskip("fastapi")
-    from reattention_core import cli
+    from reattention_core.app import cli
     from reattention_core.serving import server
     from tests.faults.common import tiny_engine
 
@@ -256,26 +361,51 @@ def test_command_lines(tmp_path, monkeypatch):
 # -- HTTP bodies ----------------------------------------------------------------------------------
 
 _BODY_FIELDS = {
-    "messages": st.one_of(st.lists(MESSAGE, max_size=3), ANY), "prompt": st.one_of(TEXT, ANY),
-    "max_tokens": st.one_of(st.integers(1, 4), ANY), "max_completion_tokens": st.one_of(st.integers(1, 4), ANY),
-    "temperature": st.one_of(st.floats(0, 2), ANY), "top_p": ANY, "top_k": ANY, "seed": ANY,
-    "stop": st.one_of(TEXT, st.lists(TEXT, max_size=3), ANY), "stream": st.one_of(st.booleans(), ANY),
-    "stream_options": st.one_of(st.just({"include_usage": True}), ANY), "n": ANY, "presence_penalty": ANY,
-    "frequency_penalty": ANY, "user": ANY, "context": st.one_of(TEXT, ANY), "logprobs": ANY, "echo": ANY,
-    "best_of": ANY, "suffix": ANY, "tools": ANY,
+    "messages": st.one_of(st.lists(MESSAGE, max_size=3), ANY),
+    "prompt": st.one_of(TEXT, ANY),
+    "max_tokens": st.one_of(st.integers(1, 4), ANY),
+    "max_completion_tokens": st.one_of(st.integers(1, 4), ANY),
+    "temperature": st.one_of(st.floats(0, 2), ANY),
+    "top_p": ANY,
+    "top_k": ANY,
+    "seed": ANY,
+    "stop": st.one_of(TEXT, st.lists(TEXT, max_size=3), ANY),
+    "stream": st.one_of(st.booleans(), ANY),
+    "stream_options": st.one_of(st.just({"include_usage": True}), ANY),
+    "n": ANY,
+    "presence_penalty": ANY,
+    "frequency_penalty": ANY,
+    "user": ANY,
+    "context": st.one_of(TEXT, ANY),
+    "logprobs": ANY,
+    "echo": ANY,
+    "best_of": ANY,
+    "suffix": ANY,
+    "tools": ANY,
 }
 BODY = st.one_of(
-    st.fixed_dictionaries({"model": st.one_of(st.just("tiny"), ANY)},
-                          optional=_BODY_FIELDS).map(lambda d: json.dumps(d, allow_nan=True).encode()),
-    st.fixed_dictionaries({"model": st.just("tiny"), "messages": st.lists(MESSAGE, min_size=1, max_size=3)},
-                          optional={k: v for k, v in _BODY_FIELDS.items() if k != "messages"})
-    .map(lambda d: json.dumps(d, allow_nan=True).encode()),
+    st.fixed_dictionaries({"model": st.one_of(st.just("tiny"), ANY)}, optional=_BODY_FIELDS).map(
+        lambda d: json.dumps(d, allow_nan=True).encode()
+    ),
+    st.fixed_dictionaries(
+        {"model": st.just("tiny"), "messages": st.lists(MESSAGE, min_size=1, max_size=3)},
+        optional={k: v for k, v in _BODY_FIELDS.items() if k != "messages"},
+    ).map(lambda d: json.dumps(d, allow_nan=True).encode()),
     ANY.map(lambda v: json.dumps(v, allow_nan=True).encode()),
     st.binary(max_size=64),
 )
-ROUTE = st.sampled_from([("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("GET", "/v1/models"),
-                         ("GET", "/v1/models/tiny"), ("POST", "/v1/models"), ("GET", "/v1/chat/completions"),
-                         ("POST", "/v1/nothing"), ("GET", "/health")])
+ROUTE = st.sampled_from(
+    [
+        ("POST", "/v1/chat/completions"),
+        ("POST", "/v1/completions"),
+        ("GET", "/v1/models"),
+        ("GET", "/v1/models/tiny"),
+        ("POST", "/v1/models"),
+        ("GET", "/v1/chat/completions"),
+        ("POST", "/v1/nothing"),
+        ("GET", "/health"),
+    ]
+)
 
 
 def _check_response(r) -> None:
@@ -303,11 +433,19 @@ def test_http_bodies(engine):
 
             @FUZZ
             @given(ROUTE, BODY, st.sampled_from(["application/json", "text/plain", "application/octet-stream"]))
-            @example(("POST", "/v1/chat/completions"),  # found: 500 once
-                     b'{"model": "tiny", "messages": [{"role": "user", "content": "a\\ud800"}]}', "application/json")
-            @example(("POST", "/v1/completions"), b'{"model": "tiny", "prompt": "hi", "seed": 1e30}', "application/json")
-            @example(("POST", "/v1/completions"),  # found: 500 once
-                     b'{"model": "tiny", "prompt": "hi", "seed": 123456789012345678901234567890}', "application/json")
+            @example(
+                ("POST", "/v1/chat/completions"),  # found: 500 once
+                b'{"model": "tiny", "messages": [{"role": "user", "content": "a\\ud800"}]}',
+                "application/json",
+            )
+            @example(
+                ("POST", "/v1/completions"), b'{"model": "tiny", "prompt": "hi", "seed": 1e30}', "application/json"
+            )
+            @example(
+                ("POST", "/v1/completions"),  # found: 500 once
+                b'{"model": "tiny", "prompt": "hi", "seed": 123456789012345678901234567890}',
+                "application/json",
+            )
             @example(("POST", "/v1/chat/completions"), b"[" * 100_000 + b"]" * 100_000, "application/json")
             @example(("POST", "/v1/completions"), b"x" * 5000, "application/json")  # over the body limit: 413
             def check(route, body, content_type):
@@ -333,11 +471,15 @@ def test_a_request_larger_than_memory_is_a_4xx_without_a_context_limit(engine):
 
     assert engine.config.max_context is None
     with TestClient(create_app(engine, AppConfig(model_name="tiny")), raise_server_exceptions=False) as client:
-        for path, body in (("/v1/completions", {"prompt": "hi"}),
-                           ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})):
+        for path, body in (
+            ("/v1/completions", {"prompt": "hi"}),
+            ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+        ):
             r = client.post(path, json={"model": "tiny", "max_tokens": 10**12, **body})
             assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
-        assert client.post("/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 2}).status_code == 200
+        assert (
+            client.post("/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 2}).status_code == 200
+        )
 
 
 def test_checkpoint_tokenizer_round_trips(tmp_path):

@@ -17,10 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from reattention_core import disk_cache as dc
 from reattention_core import model_cache
-from reattention_core.cache_listing import list_cache, remove_cache
-from reattention_core.cli import main as cli_main
+from reattention_core.app.cli import main as cli_main
+from reattention_core.cache import page_file
+from reattention_core.cache.listing import list_cache, remove_cache
+from reattention_core.errors import PageError
 from tests.faults.common import PAGE, corpus, page_files, tiny_engine
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -91,9 +92,18 @@ def _craft(raw: bytes, how: str) -> bytes:
 
 
 CRAFTS = [
-    "header length 2**64-1", "header length past the end", "unaligned data section", "overlapping offsets",
-    "offsets past the end", "negative offsets", "infinite shape", "metadata not an object",
-    "header nested 100000 deep", "header is a list", "zero heads, no data", "heads and head dim reshaped",
+    "header length 2**64-1",
+    "header length past the end",
+    "unaligned data section",
+    "overlapping offsets",
+    "offsets past the end",
+    "negative offsets",
+    "infinite shape",
+    "metadata not an object",
+    "header nested 100000 deep",
+    "header is a list",
+    "zero heads, no data",
+    "heads and head dim reshaped",
     "dtype relabelled",
 ]
 
@@ -115,9 +125,9 @@ def _copy(src: Path, dst: Path) -> Path:
     return dst
 
 
-def _ref(path: Path) -> dc.PageRef:
-    meta = dc._read_header(path)["__metadata__"]
-    return dc.PageRef(path, meta["key"], meta["parent"], int(meta["index"]), int(meta["tokens"]))
+def _ref(path: Path) -> page_file.PageRef:
+    meta = page_file.read_header(path)["__metadata__"]
+    return page_file.PageRef(path, meta["key"], meta["parent"], int(meta["index"]), int(meta["tokens"]))
 
 
 @pytest.mark.parametrize("how", CRAFTS)
@@ -125,12 +135,14 @@ def test_a_crafted_page_is_rejected_and_recomputed(tmp_path, genuine, cold, capl
     folder = _copy(genuine, tmp_path / "cache")
     victim = page_files(folder)[1]
     original = victim.read_bytes()
-    ref, root = _ref(victim), dc._read_header(victim)["__metadata__"]["fingerprint"]
+    ref, root = _ref(victim), page_file.read_header(victim)["__metadata__"]["fingerprint"]
     victim.write_bytes(_craft(original, how))
-    monkeypatch.setattr(dc, "_staging_buffer", lambda n: torch.empty(n, dtype=torch.uint8))  # the GPU reader on CPU
+    monkeypatch.setattr(
+        page_file, "_staging_buffer", lambda n: torch.empty(n, dtype=torch.uint8)
+    )  # the GPU reader on CPU
     for pin in (False, True):
-        with pytest.raises(dc.PageError):
-            dc._read_page(ref, root, 2, torch.float32, pin=pin, kv_shape=KV_SHAPE)
+        with pytest.raises(PageError):
+            page_file.read_page(ref, root, 2, torch.float32, pin=pin, kv_shape=KV_SHAPE)
     caplog.set_level(logging.WARNING, logger="reattention")
     res = _answer(folder)
     assert res.token_ids == cold and res.cached_tokens == PAGE  # page 0 reused, the crafted one not
@@ -140,8 +152,9 @@ def test_a_crafted_page_is_rejected_and_recomputed(tmp_path, genuine, cold, capl
 
 def test_the_genuine_pages_pass_the_same_checks(genuine):
     for path in page_files(genuine):
-        keys, _values = dc._read_page(_ref(path), dc._read_header(path)["__metadata__"]["fingerprint"], 2,
-                                     torch.float32, kv_shape=KV_SHAPE)
+        keys, _values = page_file.read_page(
+            _ref(path), page_file.read_header(path)["__metadata__"]["fingerprint"], 2, torch.float32, kv_shape=KV_SHAPE
+        )
         assert keys[0].shape == (PAGE, *KV_SHAPE)
 
 
@@ -320,8 +333,16 @@ def test_nothing_in_the_package_unpickles():
     found = {str(p.relative_to(ROOT)): hits for p in sources if (hits := _unpickling_lines(p.read_text()))}
     assert not found, f"code that can unpickle: {found}"
     # the patterns catch what they must (so the test above can fail)
-    for bad in ("import pickle", "from joblib import load", "x = pickle.loads(b)", "torch.load(path)",
-                "np.load(f, allow_pickle=True)", "pd.read_pickle(p)", "shelve.open(p)", "marshal.load(fh)"):
+    for bad in (
+        "import pickle",
+        "from joblib import load",
+        "x = pickle.loads(b)",
+        "torch.load(path)",
+        "np.load(f, allow_pickle=True)",
+        "pd.read_pickle(p)",
+        "shelve.open(p)",
+        "marshal.load(fh)",
+    ):
         assert _unpickling_lines(bad), bad
 
 
@@ -332,8 +353,8 @@ def test_the_api_key_is_compared_in_time_independent_of_its_length(monkeypatch):
     pytest.importorskip("fastapi")
     from fastapi.testclient import TestClient
 
+    from reattention_core.app.serving.guards import key_matches
     from reattention_core.serving import AppConfig, create_app
-    from reattention_core.serving.guards import key_matches
 
     compared: list[tuple[int, int]] = []
     real = hmac.compare_digest

@@ -27,8 +27,15 @@ def test_a_loaded_server_answers_right_and_never_fails(tmp_path, record_property
     assert figures.completed >= 30 and figures.server_tracebacks == 0
     for status in ("400", "404", "413", "429"):
         assert figures.statuses.get(status, 0) > 0, f"no {status} answer: the load did not reach that path"
-    assert set(figures.faults_injected) == {"abandon-stream", "give-up", "malformed", "over-context", "over-size",
-                                            "unknown-model", "raw-socket"}
+    assert set(figures.faults_injected) == {
+        "abandon-stream",
+        "give-up",
+        "malformed",
+        "over-context",
+        "over-size",
+        "unknown-model",
+        "raw-socket",
+    }
     assert figures.statuses.get("disconnected", 0) > 0  # some abandoned streams were really under way
     health = figures.health_after
     assert health["status"] == "ok" and not health["busy"] and health["pending"] == 0 and health["cancelled"] > 0
@@ -44,7 +51,9 @@ def test_an_oversize_body_gets_its_413_over_a_real_socket():
     from tests.faults.common import tiny_engine
 
     limit = 1 << 20
-    with BackgroundServer(tiny_engine(None, cache=False), app_config=AppConfig(model_name="m", max_request_bytes=limit)) as srv:
+    with BackgroundServer(
+        tiny_engine(None, cache=False), app_config=AppConfig(model_name="m", max_request_bytes=limit)
+    ) as srv:
         big = b'{"model": "m", "prompt": "' + b"x" * (limit + (limit >> 1)) + b'"}'
         for _ in range(10):
             r = httpx.post(f"{srv.base_url}/completions", content=big, timeout=60)
@@ -68,7 +77,9 @@ def test_a_prompt_far_over_the_context_limit_is_refused_before_tokenising(monkey
     engine.config = engine.config.replace(max_context=2048)
     tokenised: list[int] = []
     real = tokenization.encode
-    monkeypatch.setattr(tokenization, "encode", lambda tok, text, **kw: tokenised.append(len(text)) or real(tok, text, **kw))
+    monkeypatch.setattr(
+        tokenization, "encode", lambda tok, text, **kw: tokenised.append(len(text)) or real(tok, text, **kw)
+    )
     engine.tokenizer.get_vocab = lambda: {bytes([b]).decode("latin-1"): b + 3 for b in range(256)}  # as a real one has
     with TestClient(create_app(engine, AppConfig(model_name="m")), raise_server_exceptions=False) as client:
         for prompt in ("x" * 1_500_000, "x" * 3000):  # far over: refused from its length; just over: tokenised

@@ -194,7 +194,7 @@ def test_async_calls_never_block_the_event_loop(tiny_engine, method):
 
 def test_abandoned_streams_release_the_engine(tiny_engine):
     model = ChatReAttention(engine=tiny_engine, max_tokens=24)
-    for chunk in model.stream("Hello"):
+    for _chunk in model.stream("Hello"):
         break  # closes the generator in this thread
 
     async def first_piece() -> str:
@@ -256,10 +256,8 @@ def test_lcel_chain_over_documents_reuses_the_cached_corpus(shared_embedded_engi
     prompt = ChatPromptTemplate.from_messages([("system", SYSTEM_TEMPLATE), ("human", "{question}")])
     chain = prompt | ChatReAttention(max_tokens=16) | StrOutputParser()
     recorder = _Recorder()
-    answers = [
-        chain.invoke({"docs": joined(), "question": q}, config={"callbacks": [recorder]}) for q, _ in QUESTIONS
-    ]
-    for answer, (_, expected) in zip(answers, QUESTIONS):
+    answers = [chain.invoke({"docs": joined(), "question": q}, config={"callbacks": [recorder]}) for q, _ in QUESTIONS]
+    for answer, (_, expected) in zip(answers, QUESTIONS, strict=True):
         assert expected.lower() in answer.lower(), answers
     usage = [r.generations[0][0].message.usage_metadata for r in recorder.results]
     # The second question prefilled only what follows the cached page(s) of the corpus.

@@ -42,7 +42,14 @@ def test_is_a_llama_index_llm_with_honest_metadata():
 def test_message_mapping_and_typed_errors():
     messages = [
         ChatMessage(role=MessageRole.SYSTEM, content="rules"),
-        ChatMessage(role=MessageRole.USER, blocks=[TextBlock(text="corpus"), CachePoint(cache_control=CacheControl(type="ephemeral")), TextBlock(text="q")]),
+        ChatMessage(
+            role=MessageRole.USER,
+            blocks=[
+                TextBlock(text="corpus"),
+                CachePoint(cache_control=CacheControl(type="ephemeral")),
+                TextBlock(text="q"),
+            ],
+        ),
         ChatMessage(role=MessageRole.MODEL, content="a"),
     ]
     assert to_chat_messages(messages) == [

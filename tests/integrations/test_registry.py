@@ -45,7 +45,6 @@ def test_registry_loads_once_under_concurrent_first_use(tiny_engine, monkeypatch
     assert len(builds) == 1 and len(got) == 6 and all(e is tiny_engine for e in got)
 
 
-
 def test_config_dicts_override_the_models_default_config(tiny_engine, monkeypatch):
     monkeypatch.setattr(ReAttentionEngine, "from_pretrained", classmethod(lambda cls, *a, **k: tiny_engine))
     settings = EngineSettings.create("tiny-overrides", config={"max_context": 5000, "max_blocks": 8})

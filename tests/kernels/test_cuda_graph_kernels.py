@@ -1,5 +1,5 @@
-"""Step graphs (prefill chunks and decode steps) on the Triton kernels: emulated replays (interpreter on CPU) and, on a GPU, real
-recordings give the tokens of ordinary decode steps."""
+"""Step graphs (prefill chunks and decode steps) on the Triton kernels: emulated replays (interpreter on CPU)
+and, on a GPU, real recordings give the tokens of ordinary decode steps."""
 
 from __future__ import annotations
 
@@ -46,12 +46,12 @@ def test_recorded_graph_replays_equal_emulated_replays(arch, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("cache", [False, True])
-def test_engine_generates_the_same_text_with_and_without_graphs(monkeypatch, cache):
+def test_engine_generates_the_same_text_with_and_without_graphs(cache):
     model = _model()
     prompt = "the quick brown fox jumps over the lazy dog; " * 3
-    engine = ReAttentionEngine(model, ByteTokenizer(), CFG, backend="triton", cache=cache)
+    engine = ReAttentionEngine(model, ByteTokenizer(), CFG, backend="triton", cache=cache, cuda_graphs=True)
     with_graphs = engine.generate(prompt, max_new_tokens=20)
-    monkeypatch.setenv("REATTENTION_CUDA_GRAPHS", "0")
+    engine.cuda_graphs = False
     without = engine.generate(prompt, max_new_tokens=20)
     assert with_graphs.token_ids == without.token_ids and len(without.token_ids) == 20
 
@@ -66,14 +66,17 @@ def test_engine_warmup_records_graphs_on_cuda():
 def test_prefix_cache_reuse_through_graphs_gives_the_cold_tokens():
     """What `reattention eval` does: prompts that share their text up to a needle, the shared pages
     reused from the in-memory cache and the rest prefilled through graphs, answer as cold runs do."""
-    from reattention_core.prefix_cache import CacheConfig
+    from reattention_core.cache import CacheConfig
 
     model = _model()
     haystack = "the quick brown fox jumps over the lazy dog; " * 12
-    prompts = [haystack[:480] + "pass key 12345. " + haystack[480:], haystack[:200] + "pass key 67890. " + haystack[200:]]
+    prompts = [
+        haystack[:480] + "pass key 12345. " + haystack[480:],
+        haystack[:200] + "pass key 67890. " + haystack[200:],
+    ]
     cold = ReAttentionEngine(model, ByteTokenizer(), CFG, backend="triton", cache=False)
     warm = ReAttentionEngine(model, ByteTokenizer(), CFG, backend="triton", cache=CacheConfig(disk=False, page_size=32))
-    for prompt, cached in zip(prompts, (0, 192)):
+    for prompt, cached in zip(prompts, (0, 192), strict=True):
         w, c = warm.generate(prompt, max_new_tokens=16), cold.generate(prompt, max_new_tokens=16)
         assert w.cached_tokens == cached and c.cached_tokens == 0
         assert w.token_ids == c.token_ids and len(c.token_ids) == 16

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from reattention_core import ReAttentionConfig, ReAttentionEngine
+from reattention_core.cache import CacheConfig
 from reattention_core.errors import InvalidInputError
-from reattention_core.prefix_cache import CacheConfig
 from reattention_kernels import KernelOptions
 from reattention_kernels.options import with_backend
 from tests.helpers import ByteTokenizer, tiny_model
@@ -72,7 +72,7 @@ def test_only_the_merge_epilogue_changes_the_fingerprint():
     def root(**options) -> str:
         engine = ReAttentionEngine(model, ByteTokenizer(), CFG, kernel_options=KernelOptions(**options),
                                    cache=CacheConfig(disk=False))  # fmt: skip
-        return engine._fingerprint().root
+        return engine._prefix.fingerprint(engine._settings()).root
 
     plain = root(backend="triton")
     assert root(backend="triton", fuse_decode_selection=True) == plain

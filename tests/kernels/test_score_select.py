@@ -107,9 +107,9 @@ def test_other_steps_take_the_separate_kernels_and_agree(case, device, monkeypat
 
 
 def test_selection_asks_for_the_fused_op(device, monkeypatch) -> None:
-    """`reattention_core.selection.select_blocks` goes through `score_select`, so the engine's decode
+    """`reattention_core.attention.selection.select_blocks` goes through `score_select`, so the engine's decode
     steps get the one-launch path."""
-    from reattention_core import selection
+    from reattention_core.attention import selection
 
     seen = []
     monkeypatch.setattr(selection, "score_select", lambda *a, **kw: seen.append(kw) or ("sel", "n"))

@@ -210,9 +210,7 @@ def merge_candidates(splits: int, top_k: int, most: int) -> int:
     return min(32 if interpreting() else most, triton.next_power_of_2(splits * top_k))
 
 
-def fused_selection(
-    device: torch.device, b: int, rows: int, top_k: int, max_blocks: int, block_size: int, offset: int
-):
+def fused_selection(device: torch.device, b: int, rows: int, top_k: int, max_blocks: int, block_size: int, offset: int):
     """``(constexprs, counter, sel, n_sel, K, W)`` of the scan's selecting epilogue for ``rows`` rows
     (KV heads x query tokens x group) per batch row of ``top_k`` hits each, or None where it does not
     fit: more hits than `select._select_small` takes, a ``[K, block]`` tile over the selection
