@@ -212,12 +212,9 @@ PRESETS: dict[str, ReAttentionConfig] = {
     "smollm2-135m": ReAttentionConfig(
         sink_size=64, block_size=32, top_k=4, max_blocks=32, local_window=256, prefill_chunk_size=256
     ),
-    # Qwen2.5-Coder-1.5B-Instruct (32K window): the paper's sizing, `for_window(32768)`, named so
-    # the choice is on record. A sweep on the same 64K essay needles (5 depths) found every scope
-    # reads one needle (5/5 at 1408, 3200 and 16,416 tokens), but with distractor keys
-    # (niah_multikey_2) only the widest scope found any (2/5 against 0/5 and 0/5): unlike
-    # SmolLM2, this model reads well across its window, so narrowing the scope only loses context
-    # (docs/results.md, "Choosing the scope").
+    # Qwen2.5-Coder-1.5B-Instruct (32K window) reads well across its window: tighter scopes lost the
+    # needles hidden among distractor keys, so its preset is the paper's sizing, `for_window(32768)`,
+    # named so that the choice is on record (docs/design-notes.md, "Presets").
     "qwen2.5-coder-1.5b": ReAttentionConfig(
         sink_size=32, block_size=32, top_k=4, max_blocks=256, local_window=8192, prefill_chunk_size=512
     ),
