@@ -1,25 +1,7 @@
 """`ReAttentionConfig`: the knobs of ReAttention, frozen and validated.
 
-Vocabulary (used everywhere in this package, one name per concept):
-
-* **sink** - the first ``sink_size`` tokens, always attended (attention sinks + instruction head).
-* **local window** - the last ``local_window`` tokens, always attended; the current prefill chunk
-  or decode token sits at its tail.
-* **middle** - everything between sink and local window. It is never attended in full: each
-  query row and query head scores it with raw ``q . k`` (no positions), keeps its ``top_k`` best
-  keys ("hits"), hits are pooled over the rows and heads of the layer with one vote each, the
-  ``max_blocks`` most-voted hits are kept, and each kept hit is widened to a **block** of
-  ``block_size`` tokens centred on it.
-* **scope** - ``[sink | selected blocks in original order | local window]``; RoPE is applied to the
-  scope at fresh contiguous positions ``0 .. L-1``, so positions never exceed
-  ``scope_size = sink_size + max_blocks * block_size + local_window``.
-* **prefill chunk** - the step of chunked prefill, ``prefill_chunk_size`` tokens (at most the local
-  window, so a chunk always fits in it). All of a chunk's rows vote for its selection, or with
-  ``prefill_vote_stride`` S > 1 only every S-th row counting back from the chunk's last one.
-* **YaRN** - ``yarn_factor`` F rescales the model's RoPE frequencies (YaRN, Peng et al. 2023) so that
-  F times the pre-training window becomes usable; with ``mode="full"`` this is the usual way to
-  stretch a model's window (Qwen2.5's own advice past 32K is F = 4), the baseline ReAttention is
-  measured against.
+The package's vocabulary (sink, local window, middle, block, scope, prefill chunk, YaRN) is defined in
+`ReAttentionConfig`'s docstring.
 """
 
 from __future__ import annotations
@@ -47,6 +29,27 @@ _NO_DEFAULT = object()
 @dataclass(frozen=True, kw_only=True)
 class ReAttentionConfig:
     """Settings of one ReAttention engine.
+
+    Vocabulary (one name per concept, used everywhere in this package):
+
+    * **sink** - the first ``sink_size`` tokens, always attended (attention sinks + instruction head).
+    * **local window** - the last ``local_window`` tokens, always attended; the current prefill chunk
+      or decode token sits at its tail.
+    * **middle** - everything between sink and local window. It is never attended in full: each
+      query row and query head scores it with raw ``q . k`` (no positions), keeps its ``top_k`` best
+      keys ("hits"), hits are pooled over the rows and heads of the layer with one vote each, the
+      ``max_blocks`` most-voted hits are kept, and each kept hit is widened to a **block** of
+      ``block_size`` tokens centred on it.
+    * **scope** - ``[sink | selected blocks in original order | local window]``; RoPE is applied to the
+      scope at fresh contiguous positions ``0 .. L-1``, so positions never exceed
+      ``scope_size = sink_size + max_blocks * block_size + local_window``.
+    * **prefill chunk** - the step of chunked prefill, ``prefill_chunk_size`` tokens (at most the local
+      window, so a chunk always fits in it). All of a chunk's rows vote for its selection, or with
+      ``prefill_vote_stride`` S > 1 only every S-th row counting back from the chunk's last one.
+    * **YaRN** - ``yarn_factor`` F rescales the model's RoPE frequencies (YaRN, Peng et al. 2023) so that
+      F times the pre-training window becomes usable; with ``mode="full"`` this is the usual way to
+      stretch a model's window (Qwen2.5's own advice past 32K is F = 4), the baseline ReAttention is
+      measured against.
 
     Args:
         mode: ``"reattention"`` (sink + selected blocks + local window), ``"full"`` (plain causal

@@ -1,21 +1,8 @@
-"""Converted GGUF checkpoints on disk, so that a GGUF model loads in a second instead of twenty.
+"""Converted GGUF checkpoints on disk, so that a GGUF file is parsed and de-quantized once, not at every load.
 
-transformers reads a GGUF file by parsing its metadata and de-quantizing every tensor at every load,
-and `ReAttentionEngine.from_pretrained` parses it three times (config, tensors, tokenizer): 20-30 s
-for the embedded SmolLM2-135M on two CPU cores. The first load therefore
-writes what it produced, the de-quantized weights in the load's dtype with the config and the
-tokenizer, to a folder of its own; later loads read that folder (about 0.3 s). The weights are the
-very tensors the GGUF load gave (safetensors, no re-quantization), so the model computes the same
-logits bit for bit and keeps the same prefix-cache fingerprint.
-
-Where: ``$REATTENTION_MODEL_CACHE``, else ``$XDG_CACHE_HOME/reattention-models``, else
-``~/.cache/reattention-models``; ``REATTENTION_MODEL_CACHE=off`` turns the conversion cache off.
-A conversion is found by a key over the GGUF file's resolved path, size, modification time and
-first MiB, the dtype and the transformers version, so an edited file or another transformers
-release converts afresh (and the conversion it replaces is removed). Folders are written under a
-temporary name and renamed into place with a manifest written last, so a killed process never
-leaves a half conversion that a later load would read. Failing to write (a full disk, a read-only
-home) only logs a warning: the model loaded from the GGUF file is used as it is.
+The first load writes the de-quantized weights (the very tensors the GGUF load gave, so logits and the
+prefix-cache fingerprint are unchanged), config and tokenizer to a folder; later loads read it.
+Where: `model_cache_dir`; what identifies a conversion: `ConversionSource`; how it is written: `save`.
 """
 
 from __future__ import annotations
@@ -52,7 +39,11 @@ _DROP_CONFIG_KEYS = ("quantization_config",)
 
 
 def model_cache_dir() -> Path | None:
-    """The conversion cache's folder, or ``None`` when ``REATTENTION_MODEL_CACHE=off``."""
+    """The conversion cache's folder, or ``None`` when ``REATTENTION_MODEL_CACHE=off``.
+
+    ``$REATTENTION_MODEL_CACHE``, else ``$XDG_CACHE_HOME/reattention-models``, else
+    ``~/.cache/reattention-models``.
+    """
     env = os.environ.get(ENV_DIR)
     if env is not None and env.strip().lower() in _OFF:
         return None
@@ -64,7 +55,11 @@ def model_cache_dir() -> Path | None:
 
 @dataclass(frozen=True)
 class ConversionSource:
-    """What identifies one conversion: the GGUF file as it is now, the dtype, the transformers version."""
+    """What identifies one conversion: the GGUF file as it is now, the dtype, the transformers version.
+
+    The key covers the file's resolved path, size, mtime and first MiB, so an edited file or another
+    transformers release converts afresh (replacing the old conversion).
+    """
 
     path: str
     size: int
@@ -201,7 +196,9 @@ def discard(folder: Path) -> None:
 def save(model: torch.nn.Module, tokenizer: Any, gguf: Path, dtype: torch.dtype) -> Path | None:
     """Write ``model`` and ``tokenizer``, just loaded from ``gguf`` at ``dtype``; returns the folder.
 
-    Never raises for a cache that cannot be written: it logs a warning and returns ``None``.
+    Written under a temporary name and renamed into place, its manifest last, so a killed process never
+    leaves a half conversion. Never raises for a cache that cannot be written: it logs a warning and
+    returns ``None`` (the model loaded from the GGUF file is used as it is).
     """
     root = model_cache_dir()
     if root is None:

@@ -1,19 +1,8 @@
 """Files in the package's cache folders, opened so that a file that is not what it claims does no harm.
 
-A cache folder is shared with whatever else writes there: other processes of this package, a
-sync tool, a copy from another machine, a user's own files when ``REATTENTION_CACHE_DIR`` names a
-busy folder. So everything the caches read, create or delete goes through here:
-
-* `open_regular` opens for reading without following a symbolic link and refuses anything but
-  a regular file (a FIFO would block a reader forever, a device would never end);
-* `read_json` parses a small JSON file (bounded size and nesting: a manifest of a gigabyte, or
-  nested a million deep, is a `ValueError`, never a `MemoryError` or `RecursionError`);
-* `make_private_dir` and `create_temporary` create folders ``0700`` and files ``0600``;
-* `create_temporary` holds an exclusive ``flock`` on the new file while it is written, and
-  `abandoned` tells a temporary file whose writer died (killed mid-write: nobody holds its lock)
-  from one still being written, so leftovers can be swept at once instead of after an hour. The
-  file exists unlocked for an instant after its creation: callers create temporaries and sweep
-  them under one folder-wide lock, so a sweeper never meets a temporary in that instant.
+A cache folder may be shared with other processes, sync tools or a user's own files, so everything the
+caches read, create or delete goes through here. Temporaries are created and swept under one
+folder-wide lock (`create_temporary`, `abandoned`).
 """
 
 from __future__ import annotations
@@ -105,7 +94,7 @@ def create_temporary(path: Path) -> BinaryIO:
 
     The lock lasts until the file is closed; rename the file into place before closing it, so
     that no other process ever sees it complete and unlocked (`abandoned`). Call it under the
-    lock that sweepers of the folder hold (see the module doc).
+    lock that sweepers of the folder hold: the file exists unlocked for an instant after creation.
     """
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC, PRIVATE_FILE)
     try:

@@ -1,24 +1,7 @@
 """The folder of the disk cache: its layout, locking, manifests and eviction.
 
-Layout (`default_cache_dir`)::
-
-    <dir>/.lock                                  flock'ed for manifest writes, eviction, clearing
-    <dir>/<namespace>/manifest.json              the fingerprint components of every page below
-    <dir>/<namespace>/p000012-<key>.safetensors  one page file (`reattention_core.cache.page_file`)
-
-``namespace`` is the first 32 hex digits of the engine fingerprint's root (`reattention_core.cache.
-fingerprint`). Page files appear atomically and are never modified, so readers need no lock;
-manifest writes, eviction and clearing take an exclusive ``fcntl.flock`` on ``<dir>/.lock``. The
-total size of all page files is kept under ``max_bytes`` by deleting the least recently used pages
-(a page's mtime is its last use; within one prompt the deeper pages count as older, so a chain is
-cut from its end and its prefix stays usable).
-
-**Private, and only its own files**: the folders it creates are ``0700`` and its files ``0600``
-(pages hold what a model computed from the user's documents). It reads, evicts and deletes only
-regular files named like its pages, its manifests and its temporary files, in folders named like
-namespaces (32 hex digits), and never follows a symbolic link below the cache directory. A writer
-holds an exclusive ``flock`` on its temporary file until the rename, so a temporary file nobody
-holds is the leftover of a killed process: `sweep_temporaries` deletes it, under the directory lock.
+`CacheDirectory` holds the rules every process sharing the folder follows; the page files in it are
+`reattention_core.cache.page_file`'s.
 """
 
 from __future__ import annotations
@@ -140,7 +123,20 @@ def fsync_dir(path: Path) -> None:
 
 
 class CacheDirectory:
-    """One cache folder shared by processes: locking, manifests, eviction (see the module doc).
+    """One cache folder shared by processes: locking, manifests, eviction.
+
+    Layout (`default_cache_dir`): ``<dir>/.lock`` (flock'ed for manifest writes, eviction, clearing),
+    ``<dir>/<namespace>/manifest.json`` (the fingerprint components of its pages) and
+    ``<dir>/<namespace>/p000012-<key>.safetensors`` (page files); ``namespace`` is the first 32 hex
+    digits of the engine fingerprint's root. Page files appear atomically and never change, so readers
+    take no lock; manifest writes, eviction and clearing take an exclusive ``flock`` on ``<dir>/.lock``.
+    Page files stay under ``max_bytes`` by deleting the least recently used (mtime is the last use;
+    within one prompt deeper pages count as older, so a chain is cut from its end).
+
+    Private, and only its own files: folders ``0700``, files ``0600`` (pages derive from the user's
+    documents); it reads, evicts and deletes only regular files named like its pages, manifests and
+    temporaries, in folders named like namespaces, and never follows a link below the directory. A
+    temporary file nobody holds a ``flock`` on is a killed writer's leftover (`sweep_temporaries`).
 
     Args:
         directory: the folder (created on first write).
@@ -257,7 +253,7 @@ class CacheDirectory:
         """``(mtime_ns, -index, size, path)`` of every page file; ``sweep`` (under `locked`): also
         delete abandoned temporary files.
 
-        Only regular files named like pages, in folders named like namespaces, count (see the module doc).
+        Only regular files named like pages, in folders named like namespaces, count (see the class doc).
         """
         pages: list[tuple[int, int, int, Path]] = []
         for ns in namespace_folders(self.dir):

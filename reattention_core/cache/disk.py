@@ -1,19 +1,7 @@
 """The disk cache: pages saved as prefill completes them and loaded, verified, for later prompts.
 
-`DiskCache` is a `CacheDirectory` (the shared folder: locking, manifests, eviction) that writes and
-reads page files (`reattention_core.cache.page_file`):
-
-* **Atomic writes**: a page is written to a temporary file in its namespace folder, fsync'ed and
-  renamed over its final name (then the folder is fsync'ed), so a crash, Ctrl-C or a full disk
-  never leaves a half page under a page name. The writer creates its temporary file under the
-  directory lock and holds a ``flock`` on it until the rename. Two processes writing the same page
-  write identical bytes; the last rename wins.
-* **Verified reads**: every page is checked as it loads (`page_file.read_page`), on a thread pool
-  while earlier pages are being copied into the store. A page that fails any check (whatever a
-  crafted file provokes) is logged (warning, with the reason), deleted and recomputed.
-* **Within the cap**: a write first evicts least recently used pages if the cap requires it; pages
-  of the prompt being processed are never evicted for it, and if that prompt alone outgrows the
-  cap, its remaining pages are not written.
+`DiskCache` is a `CacheDirectory` (`reattention_core.cache.directory`) that writes and reads page files
+(`reattention_core.cache.page_file`).
 """
 
 from __future__ import annotations
@@ -69,7 +57,15 @@ class DiskStats:
 
 
 class DiskCache(CacheDirectory):
-    """Pages of one or more engine fingerprints in one directory (see the module doc).
+    """Pages of one or more engine fingerprints in one directory.
+
+    Writes are atomic: a page goes to a temporary file (created under the directory lock, flock'ed
+    until the rename), is fsync'ed and renamed over its final name, then the folder is fsync'ed; a
+    crash or full disk never leaves a half page under a page name, and concurrent writers of one page
+    write identical bytes. Reads are verified (`page_file.read_page`) on a thread pool while earlier
+    pages are copied into the store; a page that fails a check is logged, deleted and recomputed. A
+    write first evicts least recently used pages as the cap requires, never those of the prompt being
+    processed; if that prompt alone outgrows the cap, its remaining pages are not written.
 
     Args:
         directory: the cache directory (created on first write).

@@ -1,20 +1,8 @@
 """Fingerprints: what must match before cached keys and values may be reused.
 
-A cached page holds pre-RoPE keys and values computed by one model, under one ReAttention
-configuration, dtype, device type and kernel backend, from token ids. Every one of those goes into
-an `EngineFingerprint`; its ``root`` (a sha256) is the root of the page hash chain
-(`reattention_core.cache.prefix.page_keys`), so a page made under any other setting simply has
-another key and is never found. The components are also written to the disk cache's manifest, so
-a miss can be explained ("the config differs").
-
-Model weights are *not* hashed byte by byte (an 8B model would take seconds at every start-up).
-`model_fingerprint` hashes, for every parameter and buffer in name order: its name, shape and
-dtype, plus ``MODEL_SAMPLES`` of its values at evenly spaced flat positions (``i * numel // S``),
-and the model class and the configuration entries that change the computation. Any two
-checkpoints of different shapes, any fine-tune that moves a tensor's values, any other RoPE base
-(the rotary ``inv_freq`` buffer is sampled) give different fingerprints; two checkpoints that
-differ only in a handful of individual weights between the sampled positions would not, so
-change the cache directory (or call ``engine.clear_cache()``) after such an edit.
+Model, config, dtype, device type, kernel backend and tokenizer all go into an `EngineFingerprint`;
+its ``root`` roots the page hash chain, so a page made under other settings is never found, and its
+components in the disk manifest explain a miss.
 """
 
 from __future__ import annotations
@@ -69,7 +57,14 @@ def _json(obj: Any) -> bytes:
 
 @torch.no_grad()
 def model_fingerprint(model: torch.nn.Module, samples: int = MODEL_SAMPLES) -> str:
-    """sha256 of the model's tensor names, shapes, dtypes and sampled values (see the module doc)."""
+    """sha256 of the model's tensor names, shapes, dtypes and sampled values.
+
+    Weights are not hashed byte by byte (too slow at every start-up): for each parameter and buffer
+    in name order, its name, shape, dtype and ``samples`` values at flat positions ``i * numel // S``,
+    plus the model class and the config entries that change the computation. Other shapes, a
+    fine-tune that moves a tensor, another RoPE base (``inv_freq`` is sampled) all change it; a few
+    edited weights between the sampled positions would not, so clear the cache after such an edit.
+    """
     h = hashlib.sha256()
     h.update(type(model).__name__.encode())
     cfg = getattr(model, "config", None)

@@ -1,18 +1,6 @@
 """The page file of the disk cache: one safetensors file per page, verified on every read.
 
-A page file holds tensors ``k.<layer>`` and ``v.<layer>`` (``[T, H, D]``, pre-RoPE keys and values;
-``T`` is the page size, or less for the tail page that ends a corpus) laid out ``k.0 .. k.{L-1},
-v.0 .. v.{L-1}`` back to back, so its data section is the bytes of one ``[2, L, T, H, D]`` tensor;
-its metadata holds the format version, the fingerprint root, its key, its parent's key, its index
-in the chain, its token count and the CRC-32 of the data section. Page files are named
-``p<6 digits>-<64 hex>.safetensors``.
-
-A read checks that the header parses, covers the file exactly, names the expected fingerprint,
-key, parent and index, and describes every tensor with the expected dtype, shape and place, and
-that the data section has the recorded CRC-32 (zlib; one call per page, so the loader's threads
-hardly contend for the GIL). Files are memory-mapped (private mappings), or for a GPU store read
-straight into pinned staging buffers (one ``readinto`` per file); a link in a page's place is
-never followed.
+The format is `write_page_file`'s; the checks are `read_page`'s.
 """
 
 from __future__ import annotations
@@ -177,6 +165,12 @@ def read_page(
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Open, check and checksum one page (runs on the loader's thread pool).
 
+    Checks that the header parses, covers the file exactly, names the expected fingerprint root, key,
+    parent and index, and places every tensor with the expected dtype and shape, and that the data
+    section has the recorded CRC-32 (one zlib call per page, so loader threads hardly contend for the
+    GIL). Files are mapped privately, or (``pin``) read into pinned staging buffers with one
+    ``readinto``; a link in a page's place is never followed.
+
     ``kv_shape``: the ``(H, D)`` every tensor must have (``None``: any, as long as all agree).
 
     Returns views of the memory-mapped file, or (``pin=True``) of one pinned host buffer that the
@@ -272,6 +266,11 @@ def write_page_file(
 
     The tensors (``[T, H, D]`` each, any device) are stacked where they live and copied to the
     host in one transfer; the file is written and fsync'ed (the caller renames it into place).
+
+    Format: tensors ``k.0 .. k.{L-1}, v.0 .. v.{L-1}`` (pre-RoPE; ``T`` is the page size, or less for
+    a corpus's tail page) back to back, so the data section is one ``[2, L, T, H, D]`` tensor; the
+    metadata holds the format version, fingerprint root, key, parent key, chain index, token count and
+    the data's CRC-32. Files are named ``p<6 digits>-<64 hex>.safetensors`` (`page_file_name`).
     """
     tensors = [t.detach() for t in (*keys, *values)]
     if len({t.device for t in tensors}) > 1:  # e.g. keys on the GPU, values in host memory (offload)

@@ -1,19 +1,7 @@
 """The prefix cache: prefill a corpus once, reuse its keys and values for every later prompt.
 
-The unit is a **page** of ``page_size`` tokens (`CacheConfig`), named by a hash chain over token ids
-rooted at the engine fingerprint (`reattention_core.cache.chain`). A prompt that starts with the
-same tokens as an earlier one finds its pages in memory (`MemoryCache`), then on disk (`DiskCache`),
-and prefill resumes after the last page found.
-
-**Corpus boundary.** A ``context=`` prompt knows where its corpus ends (``b``, the tokens rendered
-before the question): its chain stops there with a tail page, and prefill breaks its chunk
-schedule at ``b`` (`reattention_core.generation.prefill.plan_prefill`), so the corpus's keys and
-values never depend on the question and a later question prefills only its own tokens.
-
-**Exactness.** A token's keys and values depend on the prefill chunk schedule (one selection per
-chunk), and the last prompt token always runs alone. Only pages that end at or before ``N - 1``
-(``N`` the prompt length) are cached, so a warm run resuming at a page boundary reproduces the
-cold run bit for bit.
+Pages of ``page_size`` tokens, named by a hash chain over token ids (`reattention_core.cache.chain`),
+are found in memory (`MemoryCache`), then on disk (`DiskCache`); prefill resumes after the last one.
 """
 
 from __future__ import annotations
@@ -97,6 +85,12 @@ class PageSource:
 
 class PrefixCache:
     """An engine's prefix cache: memory segments, the optional disk store and the fingerprints.
+
+    Corpus boundary: a ``context=`` prompt's chain stops with a tail page where its corpus ends, and
+    prefill breaks its chunk schedule there (`plan_prefill`), so the corpus's keys and values never
+    depend on the question. Exactness: keys and values depend on the chunk schedule and the last
+    prompt token runs alone, so only pages ending at or before ``N - 1`` are cached; a warm run then
+    reproduces the cold run bit for bit.
 
     Args:
         config: the cache's settings.

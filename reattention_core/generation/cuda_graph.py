@@ -1,21 +1,8 @@
 """Decode steps and prefill chunks as CUDA graphs: record a step once, replay it for every later one.
 
-A decode step launches hundreds of small kernels (every layer's norms, projections, selection,
-scope attention, MLP) through Python, so the host, not the GPU, sets its pace; a CUDA graph replays
-all those launches from one call. `GraphPolicy` decides where graphs apply.
-
-A graph replays fixed launches with fixed arguments, but every step stores one more token. Three
-things make one recording serve all steps:
-
-* the store's buffers do not move: the engine reserves prompt + ``max_new_tokens`` up front;
-* a step's size does not change: decode steps are one token, prefill chunks ``prefill_chunk_size``
-  (a prompt's shorter chunks, and its last token, run eagerly);
-* every length that changes lives on the device: the step is recorded at store length ``n0``, and
-  before each replay ``shift`` (an int64 ``[1]`` tensor) is set to ``n - n0``. Inside the recording
-  the cache carries the shift (`ReAttentionCache.shifted`): the store writes the new tokens at
-  ``n0 + shift`` and the kernels add ``shift`` to the middle's length and the local window's start
-  (see `reattention_kernels`). The scope keeps its length (sink + selected blocks + local window), so
-  the grids stay right.
+A step launches hundreds of small kernels through Python, so the host sets its pace; a graph replays
+them from one call. `GraphPolicy` decides where graphs apply; `StepGraph` says how one recording
+serves every step.
 """
 
 from __future__ import annotations
@@ -50,6 +37,13 @@ def graphs_enabled() -> bool:
 class StepGraph:
     """Forward steps of ``tokens`` tokens of ``model`` over ``cache``'s store, replayed
     from a CUDA graph: one-token decode steps, or the full-size chunks of a prefill.
+
+    One recording serves all steps because the store's buffers do not move (``max_length`` is
+    reserved), a step's size does not change (other sizes run eagerly), and every changing length
+    lives on the device: recorded at store length ``n0``, each replay sets ``shift`` (int64 ``[1]``)
+    to ``n - n0``; the cache carries it (`ReAttentionCache.shifted`), the store writes at
+    ``n0 + shift`` and the kernels add it to the middle's length and the local window's start. The
+    scope keeps its length, so the grids stay right.
 
     The first step whose scope can shift (the store then holds more than sink + local window) runs
     once eagerly to compile and warm every kernel, is then recorded, and is replayed; later steps

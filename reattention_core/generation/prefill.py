@@ -1,12 +1,7 @@
 """Chunked prefill: feed a prompt through the model ``prefill_chunk_size`` tokens at a time.
 
-Each chunk runs one selection per layer (all of its queries vote), so prefill memory and the
-attention scope stay bounded however long the prompt is.
-
-The last prompt token always runs alone, like a decode step: the query that predicts the first
-answer token then selects its scope by itself instead of sharing one selection with the rest of
-its chunk, whose votes would mostly go to whatever that chunk is about (the paper's driver does
-the same).
+Each chunk runs one selection per layer (all of its queries vote), so prefill memory and the attention
+scope stay bounded however long the prompt is.
 """
 
 from __future__ import annotations
@@ -70,7 +65,8 @@ def run_prefill(
             prefill resumes there. It must be a chunk boundary of the full schedule, so that
             every token sees exactly the chunks it would have seen in a cold run (a token's keys
             and values depend on the chunk schedule: one selection per chunk).
-        last_alone: run the last token alone (see the module doc); ``False`` for cache warm-up.
+        last_alone: run the last token alone, like a decode step, so the query that predicts the first
+            answer token selects its own scope (as the paper's driver does); ``False`` for cache warm-up.
         progress: show a tqdm bar (``None``: only for prompts of 8 chunks or more).
         on_chunk: called with the end offset after each chunk has been appended to ``cache``.
         breaks: chunk-grid restarts (see `plan_prefill`); a cache warmed up to a break and a

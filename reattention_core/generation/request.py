@@ -1,12 +1,8 @@
-"""What one generation is made of: a validated request, its text stream, and its result (and what a
-cache warm-up returns).
+"""What one generation is made of: a validated request, its text stream, and its result.
 
-`ReAttentionEngine.prepare` turns a prompt and sampling arguments into a `Request` (tokenised and
-checked: bad input raises there, before any work). `ReAttentionEngine.start` runs a request and
-returns a `TextStream`, which yields text pieces as tokens are decoded and holds the final
-`GenerationResult` (usage, finish reason, cached tokens) once it ends. `generate` and `stream` are
-these two steps in one call; the LangChain/LlamaIndex adapters and the server use them directly,
-because a streaming protocol needs the usage after the last piece.
+`ReAttentionEngine.prepare` makes a `Request` (bad input raises there, before any work);
+`ReAttentionEngine.start` runs it and returns a `TextStream` holding the final `GenerationResult` once
+it ends. The adapters and the server use these two steps, as they need the usage after the last piece.
 """
 
 from __future__ import annotations

@@ -1,25 +1,7 @@
 """`compiled_layers`: run a Hugging Face model's decoder layers through `torch.compile`, reversibly.
 
-A decode step is dozens of small kernels per layer besides attention: RMSNorms, projections, the
-rotary multiply (a no-op under ReAttention that still runs), residual adds, the MLP's activation;
-at decode they, not the attention, set the pace. Compiling each whole decoder layer fuses them.
-
-The ReAttention parts stay out of the graphs: the cache update (`ReAttentionLayer.update`) and the
-attention function get ``torch.compiler.disable`` on first use (not at import: that would import
-``torch._dynamo``, and with it triton, into every process), so Dynamo breaks the graph around them
-and they run as they do eagerly (their Triton kernels and CUDA-graph shifts untouched).
-One compiled graph serves all layers (their ``layer_idx`` is left unspecialised), for each step
-shape: a prefill chunk, a decode step, and one dynamic shape for a prompt's shorter chunks.
-Inside the block each layer's q/k/v and gate/up projections also run as one GEMM per group
-(`reattention_core.hf.fused`): seven GEMMs per layer become four; with one row (a decode step) and
-small weights, each is a fused reduction kernel instead of a GEMM.
-
-Inside the context manager every decoder layer's ``forward`` (and the final norm's) is an instance
-attribute wrapping `torch.compile`; on exit the attributes are deleted, so the model is exactly what
-it was. Compilation happens on first use of each shape (tens of seconds; later engines and calls in
-the same process reuse it). Results equal the eager model's to float rounding, not bit for bit:
-fused reductions round differently, so an engine that compiles keeps its prefix-cache pages under a
-fingerprint of its own (`FINGERPRINT`).
+At decode the small kernels around attention (norms, projections, rotary, residuals, MLP) set the pace;
+compiling each whole decoder layer fuses them. What the block guarantees is `compiled_layers`'s doc.
 """
 
 from __future__ import annotations
@@ -42,7 +24,16 @@ FINGERPRINT = "inductor+fused-projections+row-reductions"
 
 @contextmanager
 def compiled_layers(model: torch.nn.Module, enabled: bool = True) -> Iterator[None]:
-    """Run ``model``'s decoder layers (and final norm) compiled inside the block; no-op if not ``enabled``."""
+    """Run ``model``'s decoder layers (and final norm) compiled inside the block; no-op if not ``enabled``.
+
+    The ReAttention parts stay out of the graphs: the cache update and the attention function get
+    ``torch.compiler.disable`` on first use (not at import, which would import Dynamo and triton into
+    every process), so they run as they do eagerly. One graph serves all layers per step shape (a
+    prefill chunk, a decode step, one dynamic shape for shorter chunks); q/k/v and gate/up run fused
+    (`reattention_core.hf.fused`). Each layer's ``forward`` is an instance attribute for the block and
+    is deleted on exit, so the model is exactly what it was. Results equal the eager model's to float
+    rounding, not bit for bit, so compiled engines keep prefix-cache pages under their own `FINGERPRINT`.
+    """
     if not enabled:
         yield
         return

@@ -1,12 +1,8 @@
 """`fused_projections`: one matrix multiply where a layer runs several on the same input, reversibly.
 
-At decode, with one token, ``q/k/v_proj`` and ``gate/up_proj`` are tiny latency-bound GEMMs on the
-same input; concatenating each group's weights makes one GEMM per group (seven become four) without
-touching the modeling code. The original modules' weights become views of the fused weight, the
-modules are replaced by `_Part` stand-ins; on exit all is put back, each weight in storage of its own. Only plain
-``nn.Linear`` groups on one device and dtype, with a bias on all or none and without hooks, are fused.
-The fused product equals the separate ones up to how the GEMM library blocks its sums, so only
-compiled layers (`reattention_core.hf.compiled`, a prefix-cache fingerprint of their own) use it.
+At decode ``q/k/v_proj`` and ``gate/up_proj`` are tiny GEMMs on one input; concatenating each group's
+weights makes one GEMM per group. The product equals the separate ones only up to summation order, so
+only compiled layers (`reattention_core.hf.compiled`, their own prefix-cache fingerprint) use it.
 """
 
 from __future__ import annotations
@@ -144,8 +140,12 @@ def _unfuse(parent: nn.Module, names: tuple[str, ...], linears: list[nn.Linear])
 
 @contextmanager
 def fused_projections(model: nn.Module, enabled: bool = True, row_reductions: bool = False) -> Iterator[int]:
-    """Fuse each decoder layer's q/k/v and gate/up projections inside the block (see the module doc);
+    """Fuse each decoder layer's q/k/v and gate/up projections inside the block;
     with ``row_reductions``, also wrap ``o_proj`` and ``down_proj``, and take one-row products as reductions.
+
+    The original weights become views of the fused weight and the modules `_Part` stand-ins; on exit
+    all is put back, each weight in storage of its own. Only plain ``nn.Linear`` groups on one device
+    and dtype, with a bias on all or none and without hooks, are fused.
 
     Yields:
         int: how many groups were fused or wrapped (0 when nothing qualified, or not ``enabled``).

@@ -1,17 +1,7 @@
 """`enable_reattention`: run a Hugging Face model under ReAttention, reversibly.
 
-Inside the context manager:
-
-* a forward hook on the model's rotary module replaces its ``(cos, sin)`` by ``(1, 0)``, so the
-  unmodified attention layers leave queries and keys un-rotated (``q * 1 + rotate_half(q) * 0 == q``
-  exactly); ReAttention re-applies RoPE itself at scope positions;
-* the model's attention implementation is switched to the registered ``"reattention"`` function,
-  which reads its settings from an attribute set on each attention module;
-* a forward pre-hook on each attention module passes the `ReAttentionCache` the layer receives on
-  to that function (keyword ``reattention_cache``): the store and step context it reads.
-
-On exit the hooks, the attributes and the previous attention implementation are restored, so the
-model is exactly what it was.
+The model's code is not edited: hooks and its attention implementation route each attention layer to
+ReAttention; on exit everything is restored.
 """
 
 from __future__ import annotations
@@ -67,6 +57,12 @@ def enable_reattention(
     kernel_options: KernelOptions | None = None,
 ) -> Iterator[LayerRuntime]:
     """Run ``model`` under ReAttention inside a ``with`` block (use a `ReAttentionCache`).
+
+    A hook on the rotary module makes ``(cos, sin)`` ``(1, 0)``, so the layers leave queries and keys
+    un-rotated (exactly) and ReAttention applies RoPE at scope positions; the attention implementation
+    becomes the registered ``"reattention"`` function; a pre-hook on each attention module passes the
+    layer's `ReAttentionCache` on to it (``reattention_cache``). On exit hooks, attributes and the
+    previous implementation are restored, so the model is exactly what it was.
 
     Args:
         model: a supported ``*ForCausalLM`` (Llama, Mistral, Qwen2, Qwen3).

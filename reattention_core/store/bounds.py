@@ -1,20 +1,7 @@
 """Exact top-k over an offloaded middle: per-block key bounds on the device, keys fetched on demand.
 
-When the keys live in host memory, the selection still needs, per query row and query head, the
-exact top-k of ``q . k`` over the whole middle (`reattention_kernels.score_topk`). This module gets
-that result while reading only a few blocks:
-
-* `KeyBounds`: per block of ``S`` tokens and per KV head, the elementwise minimum and maximum of the
-  pre-RoPE keys (``2 * D`` numbers per block and head), kept on the device as tokens are appended.
-* For a query ``q``, ``sum_d max(q_d * kmax_d, q_d * kmin_d)`` bounds the score of every key of the
-  block from above (the bound of Quest, Tang et al. 2024).
-* `candidate_topk` fetches the ``budget`` blocks with the highest bound, scores them exactly with the
-  same top-k op as the resident path and, with ``refine=True``, fetches every further block that could
-  still hold a key ranking at or above a row's k-th hit, until no row can change: the result is then
-  identical to the top-k over the whole middle, ties included.
-
-Shapes: queries ``[B, TQ, HQ, D]``, keys ``[B, M, H, D]``, ``HQ = G * H``; bounds ``[B, NB, H, D]``
-with ``NB = ceil(M / S)``.
+`KeyBounds` keeps per-block key minima and maxima on the device; `candidate_topk` scores only the blocks
+whose bound can reach the top-k, and with ``refine`` returns exactly the top-k over the whole middle.
 """
 
 from __future__ import annotations
@@ -32,6 +19,10 @@ _MARGIN = 1e-4
 
 class KeyBounds:
     """Elementwise min/max of the keys of each block of ``block`` tokens, per batch row and KV head.
+
+    Bounds are ``[B, NB, H, D]`` with ``NB = ceil(M / block)``. For a query ``q``,
+    ``sum_d max(q_d * kmax_d, q_d * kmin_d)`` bounds every key score of the block from above (Quest's
+    bound, Tang et al. 2024).
 
     Args:
         block: tokens per block (the unit fetched from host memory).
@@ -156,7 +147,8 @@ def candidate_topk(
             covers at least the first ``hi``; the blocks are those of ``bounds`` (from token 0),
             so the range's first and last blocks may reach outside it (their bounds still hold).
         budget: blocks fetched first (the highest bounds over all rows and heads).
-        refine: fetch more blocks until the result equals the full top-k (see the module doc).
+        refine: fetch every further block that could still hold a key at or above a row's k-th hit,
+            until no row can change: the result then equals the full top-k, ties included.
         lo, hi: the token range scored (the middle of the store); ``hi`` defaults to ``T``.
 
     Returns:

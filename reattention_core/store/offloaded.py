@@ -1,13 +1,8 @@
 """`OffloadedStore`: a KV store whose values (and, by default, keys) live in host memory.
 
-For contexts whose KV store does not fit on the device. ``OffloadConfig(keys="device")`` keeps the
-keys on the device (selection is the resident one, exact and fast) and only the values in host
-memory, half the device memory. ``keys="host"`` keeps both in host memory (pinned buffers, spill
-files, or a restored prefix's own page files, mapped) and selects through per-block key bounds on
-the device (`reattention_core.store.bounds`). Either way each layer step copies only its scope
-(sink, selected blocks, local window) to the device (`reattention_core.store.scope_copy`) and runs
-the resident path's scope attention on it, so with an exact config (`OffloadConfig.exact`) the
-engine computes exactly what it computes without offload.
+For contexts whose KV store does not fit on the device. Each layer step copies only its scope to the
+device (`reattention_core.store.scope_copy`) and runs the resident scope attention on it, so with an
+exact config (`OffloadConfig.exact`) the engine computes what it computes without offload.
 """
 
 from __future__ import annotations
@@ -31,7 +26,7 @@ from reattention_core.store.spill import spill_buffer
 
 @dataclass(frozen=True)
 class OffloadConfig:
-    """How the engine keeps its KV store in host memory (see the module doc).
+    """How the engine keeps its KV store in host memory.
 
     Args:
         keys: ``"host"`` (default): keys and values in host memory, selection through per-block

@@ -1,16 +1,7 @@
 """`ResidentStore`: every layer's pre-RoPE keys and values, in preallocated, growing device buffers.
 
-ReAttention keeps the whole sequence (selection may pick any old token), so the store grows with
-the context. Appends write into spare capacity (index assignment, no ``torch.cat``); when the
-capacity runs out it grows geometrically, so the total copy traffic stays O(N). Callers that know
-the final length up front (the engine does: prompt + max_new_tokens) call `reserve` once and never
-copy at all.
-
-Layout: ``[B, T, H, D]`` (batch, tokens, KV heads, head dim), keys stored *without* RoPE.
-
-A subclass may keep a layer's first tokens elsewhere (`reattention_core.store.offloaded.OffloadedStore`
-adopts memory-mapped cache pages): ``_base[layer]`` tokens come before the buffer's first row, and
-lengths and capacities count them.
+The whole sequence is kept (selection may pick any old token); appends write into spare capacity,
+which grows geometrically, and `reserve` sizes it once when the final length is known.
 """
 
 from __future__ import annotations
@@ -60,6 +51,10 @@ def _memory_advice(
 
 class ResidentStore:
     """Per-layer pre-RoPE key/value buffers of shape ``[B, capacity, H, D]`` (a `KVStore`).
+
+    Keys are stored without RoPE. A subclass may keep a layer's first tokens elsewhere (`OffloadedStore`
+    adopts mapped cache pages): ``_base[layer]`` tokens then come before the buffer's first row, and
+    lengths and capacities count them.
 
     Args:
         num_layers: number of attention layers.

@@ -1,14 +1,7 @@
 """`TokenSegments`: tensors joined along the token axis without copying them.
 
-An offloaded store that adopts its prefix from the persistent cache (`reattention_core.store.offloaded`)
-holds one layer's keys as the page files' memory-mapped tensors followed by an ordinary host
-buffer for the tokens that follow. Joining them with ``torch.cat`` would copy the whole corpus
-into host memory, which is what mapping the pages avoids; this class presents the parts as one
-``[B, T, H, D]`` sequence instead and copies only what is read: a token range (the sink, the
-local window) or gathered tokens (the candidate blocks, the selected blocks).
-
-Shapes: every part is ``[B, T_i, H, D]`` with the same ``B, H, D``, dtype and device;
-``T = sum(T_i)``.
+An offloaded store that adopts its prefix from mapped page files (`reattention_core.store.offloaded`)
+reads one layer's keys through this instead of ``torch.cat``, which would copy the whole corpus.
 """
 
 from __future__ import annotations
@@ -20,7 +13,7 @@ import torch
 
 
 class TokenSegments:
-    """A read-only ``[B, T, H, D]`` sequence made of ``parts`` joined along dim 1 (see the module doc).
+    """A read-only ``[B, T, H, D]`` sequence made of ``parts`` (same ``B, H, D``, dtype, device) along dim 1.
 
     Supports what the offloaded attention reads: ``shape``, ``dtype``, ``device``, token ranges
     (``x[:, a:b]``, ``x[i, a:b]``; a copy when the range spans parts, a view otherwise),

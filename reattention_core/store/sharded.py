@@ -1,22 +1,8 @@
 """`ShardedKVStore`: a KV store whose sequence is split across the ranks of a process group.
 
-Layout: contiguous shards. Rank ``r`` of ``W`` holds global tokens ``[r * P, (r + 1) * P)`` (the
-last rank everything from ``(W - 1) * P`` on), with ``P`` chosen from the expected length (prompt +
-completion) so the shards come out even. Every rank runs the whole model, so every rank sees every
-chunk's keys and values; each keeps only the tokens it owns, in a `ResidentStore`. The model sees
-global lengths; the attention step reads this rank's shard (`ShardLayer`) in three exact steps, so
-the output equals the single-device layer's (up to float summation order):
-
-1. **score** - each rank takes the per-(row, query head) top-k of its part of the middle and
-   all-gathers them with their fp32 scores; every rank merges the candidates under the order *score
-   descending, then position ascending* (the single-device tie rule);
-2. **select** - the hits vote and widen to blocks identically on every rank, so all ranks agree on
-   the scope ``[sink | selected | local]`` and on its contiguous positions;
-3. **attend** - each rank attends over the scope tokens it holds, at their scope positions, giving a
-   partial output and its log-sum-exp; the partials are all-gathered and merged in rank order.
-
-Two collectives per layer: ``[B, TQ, HQ, top_k]`` candidates and ``[B, TQ, HQ, D + 1]`` partials.
-With no process group (or a world of one) no collective runs.
+Every rank runs the whole model and keeps the tokens it owns (`ShardLayout`); the attention step
+(`ShardLayer`) scores, selects and attends in three exact steps with two collectives per layer, so the
+output equals the single-device layer's up to float summation order.
 """
 
 from __future__ import annotations
@@ -41,9 +27,12 @@ from reattention_kernels.reference import apply_rope_ref, rope_cos_sin
 class ShardLayout:
     """Which global tokens one rank holds: ``[start, stop)`` (``stop=None``: to the end).
 
+    Contiguous shards: rank ``r`` of ``W`` holds ``[r * P, (r + 1) * P)``, the last rank everything from
+    ``(W - 1) * P`` on; `balanced` picks ``P`` from the expected length so the shards come out even.
+
     Args:
         rank, world: this rank and the number of ranks.
-        tokens_per_rank: ``P`` above.
+        tokens_per_rank: ``P``.
     """
 
     rank: int
@@ -137,6 +126,12 @@ class ShardedKVStore:
 @dataclass(frozen=True)
 class ShardLayer:
     """One layer's shard on this rank, as the attention step reads it (a `reattention_core.attention.LayerKV`).
+
+    The step: each rank all-gathers its per-(row, query head) top-k middle candidates with fp32 scores
+    (``[B, TQ, HQ, top_k]``) and all merge them (score descending, then position ascending: the
+    single-device tie rule); the hits vote into the same scope on every rank; each rank attends over
+    the scope tokens it holds and the partial outputs with their log-sum-exp (``[B, TQ, HQ, D + 1]``)
+    are all-gathered and merged in rank order. Without a group (or a world of one) no collective runs.
 
     Attributes:
         keys, values: this rank's shard ``[B, S, H, D]``: global tokens ``[shard_start, shard_start + S)``;
