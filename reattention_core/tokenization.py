@@ -1,17 +1,7 @@
 """Exact tokenisation of long texts on all cores.
 
-A Hugging Face tokenizer encodes one string on one thread: about 3.6 s for a million tokens on
-this project's machines, most of a warm question's time to first token over a 1M-token corpus.
-`encode` cuts a long text into pieces at *safe points* (a space that follows a non-space), encodes
-the pieces as one batch (the Rust backend spreads a batch over all cores) and joins the ids.
-
-That is exact only for tokenizers that cannot merge across such a point: byte-level BPE with the
-GPT-2 or Llama-3 split patterns (SmolLM2, Llama 3, Qwen2, Mistral's Tekken) and SentencePiece
-models that split on spaces never do; a tokenizer that prepends a marker to every string
-(Llama 2's ``add_dummy_prefix``) or adds a prefix space does. So every cut is checked before it is
-used: the text around it (between the neighbouring safe points) must encode to the same ids whole
-and in two halves. If any check fails, or the tokenizer is not a fast one, the text is encoded in
-one piece, as before. Special tokens that hold a space also disable the cuts.
+A Hugging Face tokenizer encodes one string on one thread; `encode` cuts a long text at safe points,
+encodes the pieces as one batch and joins the ids, checking each cut so the ids equal a whole encode.
 """
 
 from __future__ import annotations
@@ -36,6 +26,13 @@ def encode(
     tokenizer: Any, text: str, *, add_special_tokens: bool, cut: int | None = None, piece_chars: int = PIECE_CHARS
 ) -> tuple[list[int], int | None]:
     """Token ids of ``text``, equal to ``tokenizer(text)["input_ids"]``, and the tokens before ``cut``.
+
+    Cuts are at *safe points* (a space that follows a non-space); the batch runs on all cores. That is
+    exact only for tokenizers that never merge across such a point (byte-level BPE with GPT-2 or
+    Llama-3 split patterns, SentencePiece models that split on spaces), not for those that prepend a
+    marker or a space to every string. So the text around every cut must encode to the same ids whole
+    and in two halves; if any check fails, the tokenizer is not a fast one, or a special token holds a
+    space, the text is encoded in one piece.
 
     Args:
         cut: a character offset (where a question starts); the second result is then how many

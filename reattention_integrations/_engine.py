@@ -1,10 +1,7 @@
 """One shared `ReAttentionEngine` per distinct set of settings, built on first use.
 
-Framework adapters are created often (LangChain builds one per chain, tests build hundreds) and
-must be cheap to construct, while a model takes seconds to load and hundreds of megabytes to
-hold. So adapters keep only an `EngineSettings` and ask `shared_engine` for the engine when they
-first generate: every adapter with the same settings, in any thread, gets the same engine (and so
-the same prefix cache), and the model is loaded once per process.
+Adapters are built often and must be cheap, so they keep only an `EngineSettings` and ask
+`shared_engine` on first generation: equal settings, in any thread, get the same engine and prefix cache.
 """
 
 from __future__ import annotations

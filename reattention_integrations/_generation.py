@@ -1,14 +1,8 @@
 """Framework-neutral generation helpers shared by the LangChain and LlamaIndex adapters.
 
-* `Sampling`: the sampling settings of one call, with field-level and call-level stop strings merged.
-* `generation_events`: a generation as a stream of text pieces followed by its `GenerationResult`.
-* `iterate_in_thread` / `call_in_thread`: run a generation in one worker thread and hand its
-  pieces to an event loop, so async adapters never block the loop.
-
-Why one worker thread per generation: the engine holds its lock for the whole life of a stream
-generator, and an `RLock` can only be released by the thread that took it, so a generator must be
-started, driven and closed by the same thread (``loop.run_in_executor(None, next, gen)`` would hop
-between pool threads).
+`Sampling` and `generation_events` describe one call; `iterate_in_thread` / `call_in_thread` run a
+generation in one worker thread for async callers (the engine's `RLock` must be released by the
+thread that took it, so one generator never hops between pool threads).
 """
 
 from __future__ import annotations

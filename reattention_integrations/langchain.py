@@ -1,25 +1,7 @@
 """LangChain adapters: `ChatReAttention` (a chat model) and `ReAttentionLLM` (a text LLM).
 
-Both are thin adapters over one shared `ReAttentionEngine` (see `reattention_integrations._engine`):
-construction is cheap, the model loads on first use, and instances with equal settings share it
-and its prefix cache.
-
-Example::
-
-    from langchain_core.output_parsers import StrOutputParser
-    from langchain_core.prompts import ChatPromptTemplate
-    from reattention_integrations.langchain import ChatReAttention
-
-    prompt = ChatPromptTemplate.from_messages([("system", "Answer from these documents:\\n\\n{docs}"),
-                                               ("human", "{question}")])
-    chain = prompt | ChatReAttention(max_tokens=64) | StrOutputParser()
-    chain.invoke({"docs": corpus, "question": "Who wrote it?"})   # prefills the corpus
-    chain.invoke({"docs": corpus, "question": "When?"})           # reuses it from the cache
-
-Prompt layout for cache reuse: the prefix cache reuses the longest *token prefix* shared with an
-earlier prompt, so put the documents in the system message (or first in the first human message)
-and the question last; ``usage_metadata["input_token_details"]["cache_read"]`` reports the prompt
-tokens served from the cache. Passing ``context=corpus`` per call does the same layout for you.
+Both are thin adapters over one shared `ReAttentionEngine` (`reattention_integrations._engine`):
+construction is cheap, the model loads on first use. A chain example is in the README.
 """
 
 from __future__ import annotations
@@ -160,6 +142,10 @@ class _LangChainFields(AdapterFields):
 
 class ChatReAttention(_LangChainFields, BaseChatModel):
     """LangChain chat model over a local ReAttention engine (default: the embedded SmolLM2-135M).
+
+    For cache reuse, put the documents in the system message (or first in the first human message)
+    and the question last: the prefix cache reuses the longest token prefix shared with an earlier
+    prompt. ``context=corpus`` per call does this layout for you.
 
     Supports invoke / stream / batch and their async forms (generation runs in a worker thread,
     so the event loop is never blocked), per-token callbacks, string stop sequences,

@@ -1,21 +1,6 @@
 """LlamaIndex adapter: `ReAttentionLLM`, a `CustomLLM` over a local ReAttention engine.
 
-Example::
-
-    from llama_index.core import Document, Settings, SummaryIndex
-    from reattention_integrations.llama_index import ReAttentionLLM
-
-    Settings.embed_model = None                       # SummaryIndex needs no embeddings
-    llm = ReAttentionLLM(max_tokens=64)
-    engine = SummaryIndex.from_documents([Document(text=t) for t in texts]).as_query_engine(llm=llm)
-    engine.query("Who wrote it?")                     # the whole corpus goes in one prompt
-    engine.query("When?")                             # the corpus is served from the prefix cache
-
-Why ``context_window`` is large: LlamaIndex's response synthesizers pack retrieved text into
-prompts of ``metadata.context_window`` tokens and split (compact, refine, tree_summarize) whatever
-does not fit. A wrapper that reports the model's pre-training window (8K for the embedded model)
-makes every query engine chop the corpus into window-sized calls, each prefilled anew; ReAttention
-has no such bound, so the whole corpus goes into one prompt whose stable prefix the cache reuses.
+Why its context window is large is `ReAttentionLLM`'s doc; a query-engine example is in the README.
 """
 
 from __future__ import annotations
@@ -119,6 +104,10 @@ def _raw(result: GenerationResult, model_name: str) -> dict[str, Any]:
 
 class ReAttentionLLM(AdapterFields, CustomLLM):
     """LlamaIndex LLM over a local ReAttention engine (default: the embedded SmolLM2-135M).
+
+    ``context_window`` is never the pre-training window: LlamaIndex's response synthesizers split
+    whatever exceeds it into window-sized calls, each prefilled anew; ReAttention has no such bound, so
+    the whole corpus goes into one prompt whose stable prefix the cache reuses.
 
     A chat model (``metadata.is_chat_model``): query engines send chat messages, rendered with
     the model's chat template. ``metadata.context_window`` is ``config.max_context`` when set,

@@ -1,10 +1,7 @@
 """Answer questions over a corpus, reusing its cached keys and values across questions and runs.
 
-The corpus goes in with ``context=`` (it opens the first user message, the question follows), so
-every question over the same corpus shares one token prefix and the engine's prefix cache (in
-memory, then on disk) serves it. `ask` first warms the cache with ``engine.prefill(context=...)``,
-which shows a progress bar, resumes from whatever pages are already cached and reports how many
-tokens came from the cache, then streams the answer.
+The corpus goes in with ``context=``, so every question over it shares one token prefix that the
+prefix cache serves; `ask` warms the cache with ``engine.prefill(context=...)``, then streams the answer.
 """
 
 from __future__ import annotations

@@ -1,11 +1,4 @@
-"""The ``reattention`` command line.
-
-    reattention ask notes/ README.md -q "What did we decide about X?"   # answer over files (cached)
-    reattention ask notes/ --chat                                         # many questions, one corpus
-    reattention ask --sample-corpus /tmp/stdlib-docs -q "..."             # stdlib docstrings as a corpus
-    reattention generate "Why is the sky blue?" --chat
-    reattention cache ls | reattention cache rm MODEL | reattention cache rm --all
-    reattention demo                 # hide a pass key in ~8K tokens, let the embedded model find it
+"""The ``reattention`` command line: ``ask``, ``generate``, ``cache ls|rm``, ``demo`` (and ``serve``, ``eval``).
 
 Errors the user can fix (a missing path, a binary file, an empty question) exit with code 2 and a
 one-line message that says what to do; the model is loaded only after the documents were read.

@@ -1,19 +1,7 @@
 """Read text files and folders into one corpus string, in a stable order.
 
-``reattention ask PATH...`` puts the corpus before the question with ``context=``, so the prefix
-cache reuses it across questions and runs. Reuse needs the *same tokens*, so the rendering is
-deterministic: documents sorted by their displayed path, each opened by a header line naming it::
-
-    ### notes/a.md
-    <text of notes/a.md>
-
-    ### notes/sub/b.txt
-    <text of notes/sub/b.txt>
-
-Text detection: a file is text when its first bytes hold no NUL byte and it decodes as UTF-8.
-A binary or empty file named on the command line is an error (`CorpusError`); inside a folder it is
-skipped and counted (a folder of notes often holds an image or two). Hidden files and folders
-(``.git``, ``.venv``, ...) are skipped when walking a folder.
+``reattention ask PATH...`` passes the corpus with ``context=``; the prefix cache reuses it only for
+the same tokens, so the rendering is deterministic (`Corpus.text`, `load_corpus`).
 """
 
 from __future__ import annotations
@@ -56,7 +44,10 @@ class Corpus:
 
     @property
     def text(self) -> str:
-        """The corpus as placed in context: each document's header line and text, blank-line separated."""
+        """The corpus as placed in context: each document's header line and text, blank-line separated.
+
+        Each document opens with a header line ``### <display path>``; documents are sorted by that path.
+        """
         return DOCUMENT_SEPARATOR.join(d.render() for d in self.documents)
 
     def __len__(self) -> int:
@@ -98,6 +89,10 @@ def _walk(folder: Path) -> Iterable[Path]:
 
 def load_corpus(paths: Sequence[str | os.PathLike[str]]) -> Corpus:
     """Read files and folders (recursively) into a `Corpus`.
+
+    A file is text when its first bytes hold no NUL byte and it decodes as UTF-8. A binary or empty
+    file named on the command line is an error; inside a folder it is skipped and counted. Hidden files
+    and folders (``.git``, ``.venv``, ...) are skipped when walking a folder.
 
     Raises:
         CorpusError: no path given, a path that does not exist, a named file that is binary, not

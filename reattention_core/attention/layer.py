@@ -1,10 +1,8 @@
 """`reattention_attention`: one layer of ReAttention over keys and values wherever a store keeps them.
 
-The layer plans the scope (`plan_scope`), lets the query rows that vote select blocks of the middle,
-and attends over ``[sink | selected blocks | local window]`` with RoPE at contiguous positions. The
-two steps that touch the keys and values go through the layer's `LayerKV`, which its store provides:
-on the device (`reattention_core.store.resident`), in host memory (`...store.offloaded`) or split
-across ranks (`...store.sharded`). Framework-free: plain tensors in ``[B, T, H, D]`` layout.
+The layer plans the scope, lets the voting query rows select blocks of the middle, and attends over
+``[sink | selected blocks | local window]`` with RoPE at contiguous positions; the keys and values are
+read through the store's `LayerKV` (resident, offloaded or sharded). Framework-free, ``[B, T, H, D]``.
 """
 
 from __future__ import annotations

@@ -1,17 +1,8 @@
 """Block selection: turn per-head top-k hits into the sorted token indices of the selected blocks.
 
-No step synchronises with the host, so on a GPU the whole selection stays on the device
-(`reattention_kernels.score_select`: `score_topk`, then `select_from_hits`, fused Triton kernels on
-CUDA, optionally one launch for a decode step; the torch reference elsewhere):
-
-1. **votes** - every hit ``(row, query head, slot)`` of a layer votes for its key position (in a
-   prefill chunk, with ``prefill_vote_stride`` S > 1, only the rows `voting_rows` keeps);
-2. **clip** - the ``max_blocks`` positions with most votes are kept (ties: lower position first);
-3. **blocks** - each kept position ``p`` becomes ``[p - block//2, p + ceil(block/2) - 1]``, clipped
-   (not shifted) to the middle; overlapping blocks merge; the result is sorted ascending, i.e. in
-   original order.
-
-Output is a padded index tensor plus a per-row count (`Selection`), the form the attention kernels read.
+Nothing here synchronises with the host, so on a GPU selection stays on the device
+(`reattention_kernels.score_select`). The steps (votes, clip, blocks) are `select_blocks`'s doc; the
+output is a padded index tensor plus a per-row count (`Selection`), the form the attention kernels read.
 """
 
 from __future__ import annotations
@@ -55,6 +46,11 @@ def select_blocks(
     shift: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Position-agnostic selection over the middle of one layer's pre-RoPE key store.
+
+    Every hit ``(row, query head, slot)`` votes for its key position (only `voting_rows` with a
+    prefill vote stride); the ``max_blocks`` most-voted positions are kept (ties: lower position
+    first); each kept ``p`` becomes ``[p - block//2, p + ceil(block/2) - 1]``, clipped (not shifted) to
+    the middle; overlapping blocks merge, and the result is sorted ascending (original order).
 
     Args:
         q (torch.Tensor): pre-RoPE queries ``[B, TQ, HQ, D]`` (all rows of the chunk vote).

@@ -1,11 +1,7 @@
 """`MemoryCache`: the stores of recently prefilled prompts, kept in memory as segments.
 
-A segment is a store and the keys of the pages it holds. A prompt whose pages match a whole segment
-borrows its store (its question and answer are appended, then the store is truncated back to its
-pages); one that matches only a prefix of a segment truncates the segment back to the shared pages
-when less would be lost than kept, and otherwise copies the shared pages into a new store
-(copy-on-write), so two corpora behind a shared preamble stay cached together. Segments are evicted
-least recently used beyond ``max_bytes``.
+A segment is a store and the keys of the pages it holds; how prompts borrow, truncate or copy a
+segment is `MemoryCache`'s doc.
 """
 
 from __future__ import annotations
@@ -51,7 +47,14 @@ class _Segment:
 
 
 class MemoryCache:
-    """Stores of recently prefilled prompts, each with the keys of the pages it holds."""
+    """Stores of recently prefilled prompts, each with the keys of the pages it holds.
+
+    A prompt matching a whole segment borrows its store (its question and answer are appended, then
+    the store is truncated back to its pages); one matching only a prefix truncates the segment to the
+    shared pages when less would be lost than kept, else copies them into a new store (copy-on-write),
+    so two corpora behind a shared preamble stay cached together. Least recently used segments are
+    evicted beyond ``max_bytes``.
+    """
 
     def __init__(self, max_bytes: int, new_store: Callable[[int], CachedStore] = ResidentStore) -> None:
         self.new_store = new_store  # num_layers -> an empty store (host memory under offload)

@@ -1,15 +1,8 @@
 """`ShardedEngine`: one `ReAttentionEngine` per rank, the KV store split across the ranks.
 
-Every rank loads the same model and runs every forward pass; only the KV store is sharded
-(`ShardedKVStore`), and each attention layer combines the shards with two collectives
-(`reattention_core.store.sharded.ShardLayer`), so the logits, and the tokens, equal the single-device
-engine's. Rank 0 leads: it tokenises and validates the prompt, broadcasts the token ids and the
-sampling settings, samples every token and broadcasts it with a "go on" flag; the other ranks
-follow. Launch one process per GPU with ``torchrun`` (NCCL), or per CPU process (gloo)::
-
-    torchrun --nproc-per-node 2 -m reattention_core.distributed "What is the capital of France?"
-
-The prefix cache is not used here: a sharded corpus is prefilled on every request.
+Every rank runs every forward pass over its shard (`reattention_core.store.sharded`), so tokens equal
+the single-device engine's; rank 0 leads (tokenises, samples, broadcasts). Launch one process per GPU
+with ``torchrun --nproc-per-node N -m reattention_core.distributed "..."``. No prefix cache here.
 """
 
 from __future__ import annotations
@@ -57,6 +50,11 @@ def init_from_env(backend: str | None = None, timeout_s: float = 1800.0) -> torc
 
 class ShardedEngine:
     """Generation over a KV store sharded across the ranks of ``group``.
+
+    Only the KV store is sharded; each attention layer combines the shards with two collectives
+    (`reattention_core.store.sharded.ShardLayer`). Rank 0 tokenises and validates the prompt,
+    broadcasts the token ids and sampling settings, samples every token and broadcasts it with a
+    "go on" flag; the other ranks follow. A sharded corpus is prefilled on every request.
 
     Args:
         engine: this rank's engine (same model, tokenizer and config on every rank).

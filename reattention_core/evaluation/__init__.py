@@ -2,9 +2,6 @@
 corpus QA (whole corpus in context vs BM25-RAG vs truncated full attention).
 
 Command line: ``reattention eval passkey|ruler|qa|report ...`` (`reattention_core.evaluation.cli`).
-Modules: `haystack` (token-exact haystacks), `tasks` (seeded samples), `scoring`, `runner`
-(needle grid), `facts` + `qa` + `rag` (corpus QA), `results` (resumable JSON lines), `report`
-(tables, heat maps), `env` (device, versions, commit).
 """
 
 from reattention_core.evaluation.haystack import Haystack

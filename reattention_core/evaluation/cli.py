@@ -1,11 +1,7 @@
 """``reattention eval ...``: the evaluation subcommands (plugged into `reattention_core.app.cli`).
 
-reattention eval passkey --lengths 2K 4K 8K --depths 3 --out results/passkey.jsonl --plot results/passkey.png
-reattention eval niah --lengths 32K 64K --depths 10 --modes reattention full yarn --out results/niah.jsonl
-reattention eval ruler --tasks niah_multikey_1 vt --lengths 4K 16K --out results/ruler.jsonl
-reattention eval qa --sizes 2K 8K --questions 12 --out results/qa.jsonl --plot results/qa.png
-reattention eval report results/passkey.jsonl --plot results/passkey.png
-reattention eval trace --length 128K --depth 0.5 0.49 --check-reference --out trace.json
+For example ``reattention eval passkey --lengths 2K 4K 8K --depths 3 --out results/passkey.jsonl``;
+``niah``, ``ruler``, ``qa``, ``report`` and ``trace`` take the same shape (``--help``).
 """
 
 from __future__ import annotations

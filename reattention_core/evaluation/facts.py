@@ -1,28 +1,8 @@
 """A generated corpus of facts about fictional people and offices, with questions over it.
 
-Names and numbers are synthetic, so the model cannot answer from memory. Each person works in an
-office (a 4-digit number) and lives in a city; each office has a door code (5 digits) and a floor.
-One record per person or office, in shuffled order, each fact written right after its subject's
-name, so that an answer prefix repeating the record's words points at the answer:
-
-    Record 12: Tedoli Gatepe, office 4821, lives in Sazimu.
-    Record 31: Office 4821, door code 61250, is on floor 4.
-
-Questions (each about a different person), each with the answer prefix the model continues
-after the chat template's assistant turn start:
-
-* single-fact, alternating: "Which office does P work in?" (prefix "P, office") and "What is the
-  door code of office N?" (prefix "Office N, door code"; N is P's office);
-* multi-fact (two hops): "What is the door code of the office that P works in?". The office's
-  record is not findable from the question's words (it names the person, not the office), so
-  retrieval by the question finds the person's record only. Answered in two steps over the same
-  context: first the prefix "P, office" (the model names the office), then
-  ``follow_up.format(office=<the number it named>)``, "P, office N. Office N, door code".
-
-Why this design (measured on the embedded SmolLM2-135M-Instruct, see docs/results.md): the model
-answered fluently with a made-up name to "Which company does P work for?" even with the answering
-record among four in its prompt, but it copies a number that follows the words it is prompted
-with, as in the pass-key task.
+Names and numbers are synthetic, so the model cannot answer from memory; each fact follows its subject's
+name, so an answer prefix repeating the record's words points at the answer (`make_corpus`). Why this
+design: `docs/design-notes.md`, "Evaluation".
 """
 
 from __future__ import annotations
@@ -103,6 +83,13 @@ def _distinct(rng: random.Random, n: int, digits: int) -> list[int]:
 
 def make_corpus(n_people: int, n_questions: int, seed: int) -> FactCorpus:
     """A corpus about ``n_people`` people (a third as many offices) and its questions.
+
+    Records, one per person or office, in shuffled order: ``Record 12: Tedoli Gatepe, office 4821,
+    lives in Sazimu.`` and ``Record 31: Office 4821, door code 61250, is on floor 4.`` Single-fact
+    questions alternate between a person's office (prefix ``"P, office"``) and an office's door code
+    (prefix ``"Office N, door code"``). A multi-fact question asks for the door code of P's office; the
+    office's record is not findable from its words, so it is answered in two steps over one context:
+    ``"P, office"``, then `Question.follow_up` with the office the model named.
 
     Half of the questions (rounded up) are single-fact, the rest multi-fact; each is about a
     different person, drawn with ``seed``.

@@ -1,20 +1,7 @@
 """Haystacks: long text of an exact token length with needles inserted at chosen depths.
 
-Kinds of text:
-
-* ``"essays"``: Paul Graham's essays (`sources.essays_text`), the haystack of the usual
-  needle-in-a-haystack plots and of RULER's "essay" tasks.
-* ``"docs"``: the docstrings of a fixed list of Python standard-library modules, collected at run
-  time in a deterministic order (their wording changes a little between Python versions, so rows
-  record `Haystack.fingerprint`).
-* ``"filler"``: one repeated sentence group, the classic pass-key filler.
-* ``"noise"``: the same sentence group as lines, one per line, needles on lines of their own
-  (RULER's "noise" haystack).
-
-The text is cut into *pieces* (sentences, or lines for ``"noise"``, each carrying its leading
-whitespace), each piece is tokenized on its own, and the haystack is the concatenation of pieces:
-so a token count is a prefix sum, a cut at a piece boundary never splits a word, and a needle goes
-between two pieces.
+Text kinds (essays, stdlib docs, filler, noise) are `source_text`'s; the text is cut into pieces
+tokenized one by one, so a token count is a prefix sum and a needle goes between two pieces (`Haystack`).
 """
 
 from __future__ import annotations
@@ -160,7 +147,14 @@ def stdlib_docstrings() -> tuple[str, ...]:
 
 
 def source_text(kind: str) -> str:
-    """The text a haystack of ``kind`` repeats."""
+    """The text a haystack of ``kind`` repeats.
+
+    ``"essays"``: Paul Graham's essays (`sources.essays_text`), as in the usual needle plots and RULER;
+    ``"docs"``: docstrings of a fixed list of stdlib modules, collected in a deterministic order (their
+    wording varies a little across Python versions, so rows record `Haystack.fingerprint`);
+    ``"filler"``: one repeated sentence group, the classic pass-key filler; ``"noise"``: that group as
+    lines, needles on lines of their own (RULER's "noise" haystack).
+    """
     if kind == "docs":
         return "\n\n".join(stdlib_docstrings())
     if kind == "filler":
@@ -186,6 +180,9 @@ def split_pieces(text: str) -> list[str]:
 
 class Haystack:
     """Text of ``kind`` measured in the tokens of ``tokenizer``, cut and filled with needles.
+
+    Pieces are sentences (lines for ``"noise"``), each with its leading whitespace and tokenized on
+    its own; the haystack is their concatenation, so a cut at a piece boundary never splits a word.
 
     Args:
         tokenizer: a Hugging Face tokenizer (called as ``tokenizer(text, add_special_tokens=False)``).

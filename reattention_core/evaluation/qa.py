@@ -1,22 +1,8 @@
 """Corpus QA: the whole corpus in context (ReAttention) vs BM25-RAG vs full attention truncated or YaRN.
 
-For each corpus size the same generated corpus (`facts.make_corpus`) and the same questions go
-to every mode, in the same prompt (`render_prompt`): context, blank line, question in one user
-message, the chat template's assistant turn opened, then the question's answer prefix ("P,
-office"), which the model continues. Only the context differs:
-
-* ``reattention``: the whole corpus; the prefix cache keeps its whole pages, so a later question
-  of the same size prefills only the last partial page and its own tokens.
-* ``rag``: the ``top_k`` BM25 records retrieved by the question, through a LangChain chain
-  (`rag.rag_chain`).
-* ``full-truncated``: full attention over the records that fit the model's pre-training window
-  (whole records from the start, leaving room for the question and answer).
-* ``yarn``: full attention with the model's RoPE stretched by YaRN (`QAGrid.yarn_factor`), over the
-  records that fit the stretched window.
-
-A two-step (multi-fact) question runs twice over the same context: the first step's answer
-prefix makes the model name the office, the second step's prefix repeats what it named and asks
-for the door code (`facts.Question.follow_up`). The row scores the second step's text.
+Every mode gets the same generated corpus (`facts.make_corpus`), questions and prompt (`render_prompt`);
+only the context differs (`QAGrid`). A two-step question runs twice over one context and its row scores
+the second step (`answer_question`).
 """
 
 from __future__ import annotations
@@ -53,7 +39,12 @@ class QAGrid:
     """Corpus sizes (tokens) x modes x questions. ``top_k``: records retrieved by ``rag``;
     ``yarn_factor``: the YaRN factor of the ``yarn`` mode; ``overrides``: ReAttention config fields
     to change for the ``reattention`` and ``rag`` modes (`NeedleGrid.overrides`), part of their rows'
-    identity."""
+    identity.
+
+    Modes: ``reattention`` (the whole corpus; later questions of a size reuse its cached pages),
+    ``rag`` (the ``top_k`` BM25 records, `rag.rag_chain`), ``full-truncated`` (full attention over the
+    whole records that fit the pre-training window) and ``yarn`` (full attention with YaRN-stretched
+    RoPE over the records that fit the stretched window)."""
 
     sizes: tuple[int, ...]
     modes: tuple[str, ...] = QA_MODES

@@ -1,11 +1,8 @@
 """Retrieval-augmented generation for the corpus-QA baseline: BM25 inside a LangChain chain.
 
-``retriever | format | prompt | model | parser``: `BM25Retriever` (a LangChain `BaseRetriever`
-over ``rank_bm25.BM25Okapi``) returns the top passages for the question, they become the context
-of the same prompt the in-context modes build (``context + "\\n\\n" + question`` in one user
-message, the chat template's assistant turn opened, then the answer prefix), and the same engine
-continues it (a runnable over ``engine.generate``, greedy: text in, text out). Only
-``langchain-core`` is used, not this package's LangChain adapter.
+`BM25Retriever` returns the top passages for the question; they become the context of the same prompt
+the in-context modes build, and the same engine continues it (`rag_chain`). Only ``langchain-core`` is
+used, not this package's LangChain adapter.
 """
 
 from __future__ import annotations

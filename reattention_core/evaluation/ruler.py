@@ -1,19 +1,8 @@
 """RULER's synthetic tasks (Hsieh et al. 2024) in RULER's formats, drawn from seeds.
 
-Needle retrieval (``niah_*``): needles ``One of the special magic {numbers|uuids} for {key} is:
-{value}.`` with keys that are wonderwords ``adjective-noun`` pairs (or UUIDs), in one of RULER's
-haystacks: the essays, the "noise" sentence group as lines, or a haystack made of other needles.
-The eight variants and their settings are `NIAH_VARIANTS`, as RULER's ``synthetic.yaml`` has them.
-
-Variable tracking (``vt``): one chain of four hops, ``VAR ABCDE = 12345`` then ``VAR FGHIJ = VAR
-ABCDE``, in noise lines, after a one-shot example as RULER prepends. Common-word extraction
-(``cwe``): a numbered list of words on one line, ten of them 30 times, the rest 3 times (6 and 1
-below 4K tokens), after a one-shot example.
-
-Instructions, questions and answer prefixes are RULER's (the answer prefix follows the chat
-template's assistant turn, without RULER's leading space). Where RULER picks needle depths at
-random, the first needle here sits at the sample's ``depth`` (so a grid can be drawn as a heat map)
-and the others at seeded random depths.
+Needle retrieval (`spec_niah`, the variants of `NIAH_VARIANTS` as RULER's ``synthetic.yaml`` has them),
+variable tracking (`spec_vt`) and common-word extraction (`spec_cwe`). Instructions, questions and
+answer prefixes are RULER's; differences are noted where they arise.
 """
 
 from __future__ import annotations
@@ -143,6 +132,10 @@ def line_body(
 
 
 def spec_niah(name: str, rng: random.Random, depth: float, tokenizer: Any) -> TaskSpec:
+    """RULER's ``niah_*``: needles ``One of the special magic {numbers|uuids} for {key} is: {value}.``,
+    keys wonderwords ``adjective-noun`` pairs or UUIDs, in essays, noise lines or other needles.
+    Unlike RULER's random depths, the first needle sits at ``depth`` (for heat maps), the others at
+    seeded random depths; the answer prefix has no leading space."""
     v = NIAH_VARIANTS[name]
     keys = _distinct(rng, v.key, v.keys)
     values = [_distinct(rng, v.value, v.values) for _ in keys]
@@ -202,6 +195,8 @@ def vt_example(rng: random.Random, hops: int = 4, noise_lines: int = 16) -> str:
 
 
 def spec_vt(rng: random.Random, depth: float, hops: int = 4) -> TaskSpec:
+    """RULER's variable tracking: one chain of ``hops`` hops (``VAR ABCDE = 12345``, then ``VAR FGHIJ
+    = VAR ABCDE``) in noise lines, after a one-shot example as RULER prepends."""
     example = vt_example(rng, hops)
     names, chain, value = _vt_chain(rng, hops, letters=5)
     # the chain starts at `depth` and runs, in order, towards the end
@@ -234,7 +229,10 @@ def _word_list(
 
 def spec_cwe(rng: random.Random, tokenizer: Any, length: int, common: int = 10) -> TaskSpec:
     """RULER's common-word extraction. Beyond the word pool (about 8K words, reached near 128K tokens
-    for most tokenizers) the rare words repeat more often, always fewer times than the common ones."""
+    for most tokenizers) the rare words repeat more often, always fewer times than the common ones.
+
+    A numbered list of words on one line: ``common`` words 30 times each, the rest 3 times (6 and 1
+    below 4K tokens), after a one-shot example."""
     pool = list(common_words())
     small = length < 4096
     freq, rare = (6, 1) if small else (30, 3)

@@ -1,15 +1,8 @@
 """The needle grid: length x depth x sample x mode, one JSON line per finished cell.
 
-Cells run by length, then task, then needle position from the deepest to the shallowest, then
-mode: one prompt is built once and answered in every mode back to back (the same tokens for every
-mode), and each prompt's text up to its needle is the text of the prompt before it (the haystack is
-the same up to the needle). So an engine with its prefix cache on (what ``reattention eval``
-uses) prefills only from about the needle on, and a grid costs about ``sum(1 - depth)`` cold
-prompts instead of one per cell. The cache is exact (a warm run reproduces the cold run bit for
-bit, `reattention_core.cache.prefix`); rows record ``cached_tokens``.
-
-A rerun with the same results file skips the cells already there; Ctrl-C stops between rows and
-leaves the file whole.
+Cells are ordered so that, with the prefix cache on, each prompt reuses the one before it up to its
+needle (`deepest_first`, `run_grid`). A rerun with the same results file skips finished cells; Ctrl-C
+stops between rows and leaves the file whole.
 """
 
 from __future__ import annotations
@@ -168,7 +161,9 @@ def deepest_first(cells: Sequence[Cell], grid: NeedleGrid) -> list[Cell]:
     where their needle sits, deepest first; a sample's modes stay together in grid order.
 
     Each prompt then shares its text up to its own needle with the prompt before it, which is what
-    the prefix cache reuses. The sort is stable, so unjittered samples of one depth keep their order.
+    the prefix cache reuses, so a grid costs about ``sum(1 - depth)`` cold prompts instead of one per
+    cell; the cache is exact, and rows record ``cached_tokens``. The sort is stable, so unjittered
+    samples of one depth keep their order.
     """
     groups: dict[tuple[int, str], list[Cell]] = {}
     for cell in cells:

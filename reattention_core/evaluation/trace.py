@@ -1,19 +1,8 @@
 """``reattention eval trace``: why did a needle fail? What each layer's selection does with it.
 
-Builds one evaluation sample (the prompt ``reattention eval passkey`` runs for these coordinates),
-generates its answer greedily with a selection observer (`ReAttentionEngine.start(..., observer=)`)
-and records, for the prompt's last token (the step that chooses the first answer token) and the
-first decode steps, per layer:
-
-* ``hits``: how many of the layer's top-k hits (query heads x top_k) land on the needle sentence;
-* ``needle``: the fraction of the needle sentence's tokens inside the selected blocks;
-* ``key``: the fraction of the key's digit tokens (both mentions) inside the selected blocks;
-* ``ref_mismatch`` (``--check-reference``): hits of the dispatched kernel that the PyTorch reference
-  does not return for the same inputs (0: the kernel's top-k is exact there);
-* ``distinct_hits``: distinct positions among the hits.
-
-A failure with ``key`` = 0 in most layers is a selection miss; one with the key in scope is the
-model not using what it sees.
+Generates one evaluation sample's answer with a selection observer (`SelectionRecorder`) and records,
+per layer, for the prompt's last token and the first decode steps, where the hits and selected blocks
+fall relative to the needle (`per_layer`).
 """
 
 from __future__ import annotations
@@ -73,7 +62,14 @@ def needle_spans(tokenizer: Any, prompt: str, ids: list[int], expected: str) -> 
 
 
 def per_layer(calls: list[dict[str, Any]], layers: int, steps: int, sentence: list[int], digits: list[int]) -> list:
-    """The recorded calls as ``[step][layer]`` summaries (see the module doc)."""
+    """The recorded calls as ``[step][layer]`` summaries.
+
+    ``hits``: the layer's top-k hits on the needle sentence; ``needle``: the fraction of the needle
+    sentence's tokens in the selected blocks; ``key``: the same for the key's digit tokens (both
+    mentions); ``distinct_hits``: distinct positions among the hits (``ref_mismatch``, with
+    ``--check-reference``: kernel hits the PyTorch reference does not return). A failure with
+    ``key`` = 0 in most layers is a selection miss; with the key in scope, the model not using it.
+    """
     needle = set(sentence)
     out = []
     for s in range(min(1 + steps, len(calls) // layers)):

@@ -1,10 +1,8 @@
 """`ReAttentionCache`: a `transformers.Cache` whose layers write into a `KVStore`, and the step context
 every attention layer of a forward pass reads from it.
 
-Under `enable_reattention`, the keys that reach ``update`` carry no RoPE, so the store holds
-pre-RoPE keys. The cache is the object transformers hands to every layer: `enable_reattention`
-passes it on to the registered attention function, which reads the store, a CUDA-graph step's
-shift and an observer from `ReAttentionCache.step`.
+Under `enable_reattention` keys reach ``update`` without RoPE; the registered attention function
+reads the store, a CUDA-graph step's shift and an observer from `ReAttentionCache.step`.
 """
 
 from __future__ import annotations

@@ -1,13 +1,8 @@
 """OpenAI-compatible serving of a `ReAttentionEngine` (extra ``serve``: fastapi + uvicorn).
 
-    reattention serve                        # embedded model on http://127.0.0.1:8000/v1
-
-    from reattention_core.serving import BackgroundServer
-    with BackgroundServer(engine) as srv:    # free loopback port, daemon thread
-        openai.OpenAI(base_url=srv.base_url, api_key="x").chat.completions.create(...)
-
-The names below are imported on first use: the `reattention` command registers its ``serve``
-subcommand from this package, and every other subcommand must work without the extra installed.
+``reattention serve``, or ``BackgroundServer(engine)`` in a ``with`` block (a free loopback port, a
+daemon thread). The names below are imported on first use, so every other subcommand works without
+the extra installed.
 """
 
 from __future__ import annotations

@@ -1,18 +1,8 @@
 """What stands between a client and the application: the API key and the request body's size.
 
-The first two are plain ASGI middleware (Starlette's ``BaseHTTPMiddleware`` logs a traceback
-whenever a client hangs up before its body is complete, which under load is often):
-
-* `ApiKeyCheck`: ``/v1/`` routes need ``Authorization: Bearer <key>``, compared in time that
-  depends on neither the key nor what was sent (`key_matches`);
-* `BodyLimit`: uvicorn and FastAPI read a whole body into memory before validating it, whatever
-  its size; a client sending gigabytes (by mistake or not) would grow the server until the OOM
-  killer ends it, taking every other client's generation with it. `BodyLimit` reads at most
-  ``limit`` bytes: a ``Content-Length`` over it is refused at once (413), a chunked body as soon
-  as it passes it, and a body within the limit reaches the application unchanged;
-* `PromptBound`: a prompt within the body limit may still be far over ``--max-context``, and
-  tokenising it to find out costs far more memory than its text (a 1.5 MB prompt kept 900 MiB
-  of a server's memory). Such prompts are refused before they are tokenised.
+`ApiKeyCheck` and `BodyLimit` are plain ASGI middleware (Starlette's ``BaseHTTPMiddleware`` logs a
+traceback whenever a client hangs up mid-body, which under load is often); `PromptBound` refuses
+over-long prompts before they are tokenised.
 """
 
 from __future__ import annotations
@@ -45,7 +35,10 @@ def key_matches(authorization: str, api_key: str) -> bool:
 
 
 class ApiKeyCheck:
-    """ASGI middleware: ``/v1/`` requests without ``Authorization: Bearer <api_key>`` get a 401."""
+    """ASGI middleware: ``/v1/`` requests without ``Authorization: Bearer <api_key>`` get a 401.
+
+    The key is compared in time that depends on neither the key nor what was sent (`key_matches`).
+    """
 
     def __init__(self, app: ASGIApp, api_key: str) -> None:
         self.app = app
@@ -67,7 +60,13 @@ class ApiKeyCheck:
 
 
 class BodyLimit:
-    """ASGI middleware: HTTP request bodies over ``limit`` bytes get a 413 with an OpenAI error body."""
+    """ASGI middleware: HTTP request bodies over ``limit`` bytes get a 413 with an OpenAI error body.
+
+    uvicorn and FastAPI read a whole body into memory before validating it, so one huge body could
+    grow the server until the OOM killer ends every client's generation. At most ``limit`` bytes are
+    read: a ``Content-Length`` over it is refused at once, a chunked body as soon as it passes it, and a
+    body within the limit reaches the application unchanged.
+    """
 
     def __init__(self, app: ASGIApp, limit: int) -> None:
         self.app = app
@@ -153,6 +152,8 @@ async def _error(
 
 class PromptBound:
     """Refuses, without tokenising it, a prompt that cannot fit in ``max_context`` tokens.
+
+    Tokenising a prompt far over ``--max-context`` costs far more memory than its text.
 
     A token stands for at most as many characters as its longest vocabulary entry has (one per
     byte in byte-level BPE, where the entry spells its bytes), so a text of ``C`` characters has

@@ -1,16 +1,8 @@
 """The OpenAI wire format: validated request models, response bodies and error bodies.
 
-Requests are pydantic models with ``extra="forbid"``: a parameter this server does not implement
-(``tools``, ``logit_bias``, ``response_format``, ...) is rejected with a 400 naming it, never
-silently ignored. Parameters OpenAI defines but this engine supports only at their neutral value
-(``n``, penalties, ``logprobs``, ``echo``, ``best_of``) are accepted at that value and rejected
-otherwise.
-
-Two differences from OpenAI, both documented in the README:
-
-* ``temperature`` defaults to 0 (greedy), the engine's default, not OpenAI's 1;
-* ``context`` (pass it through the client's ``extra_body``) is an extension: a long corpus put
-  before the question so that the engine's prefix cache reuses it across requests.
+Requests forbid extra fields: an unimplemented parameter is a 400 naming it, never silently ignored;
+parameters supported only at their neutral value are rejected at any other. Differences from OpenAI
+(``temperature`` defaults to 0; the ``context`` extension) are documented in the README.
 """
 
 from __future__ import annotations

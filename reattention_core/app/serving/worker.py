@@ -1,11 +1,8 @@
 """`GenerationWorker`: one thread that runs the engine's generations one at a time.
 
-The engine holds an `RLock` for the whole life of a generation, and an RLock can only be released
-by the thread that took it, so a generation must be started, driven and closed in one thread.
-The worker owns that thread: requests put a `Job` on its queue and receive the job's events
-(text pieces, then the result or an error) through a callback, in order. Setting ``job.cancel``
-(the client went away) makes the worker close the generator at its next piece, in its own
-thread, which releases the lock and truncates the prefix-cache store, and go on to the next job.
+The engine's `RLock` is held for a generation's whole life and only its taker can release it, so a
+generation is started, driven and closed in the worker's thread; requests queue a `Job` and receive
+its events through a callback (see `GenerationWorker`).
 """
 
 from __future__ import annotations
@@ -100,6 +97,11 @@ class EngineBackend:
 
 class GenerationWorker:
     """Serialises generations through one engine in one daemon thread.
+
+    A job's events (text pieces, then the result or an error) arrive through its callback, in order.
+    Setting ``job.cancel`` (the client went away) closes the generator at its next piece, in this
+    thread, which releases the lock and truncates the prefix-cache store; the worker goes on to the
+    next job.
 
     Args:
         engine: the engine every job runs on.
