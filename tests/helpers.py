@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import torch
 
 TINY_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
@@ -63,3 +65,13 @@ class ByteTokenizer:
 def random_ids(n: int, seed: int = 0, vocab: int = 300) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, vocab, (1, n), generator=g)
+
+
+def word_text(n: int, seed: int) -> str:
+    """``n`` characters of seeded prose-like words (distinct seeds give distinct prompts)."""
+    rng = random.Random(seed)
+    words = ["alpha", "beta", "gamma", "delta", "river", "stone", "cloud", "seven", "north", "paper"]
+    out = ""
+    while len(out) < n:
+        out += rng.choice(words) + rng.choice([" ", " ", ", ", ". "])
+    return out[:n]

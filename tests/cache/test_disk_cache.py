@@ -7,7 +7,6 @@ import errno
 import json
 import logging
 import os
-import random
 import subprocess
 import sys
 import zlib
@@ -21,7 +20,7 @@ from reattention_core.cache import directory, disk, page_file
 from reattention_core.cache.fingerprint import model_fingerprint, tokenizer_fingerprint
 from reattention_core.errors import PageError
 from reattention_core.safe_files import create_temporary
-from tests.helpers import ByteTokenizer, tiny_model
+from tests.helpers import ByteTokenizer, tiny_model, word_text
 
 ROOT = Path(__file__).resolve().parents[2]
 CFG = ReAttentionConfig(sink_size=4, block_size=4, top_k=2, max_blocks=4, local_window=32, prefill_chunk_size=16)
@@ -81,15 +80,6 @@ def child_result(proc: subprocess.Popen) -> list[dict]:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def text(n: int, seed: int) -> str:
-    rng = random.Random(seed)
-    words = ["alpha", "beta", "gamma", "delta", "river", "stone", "cloud", "seven", "north", "paper"]
-    out = ""
-    while len(out) < n:
-        out += rng.choice(words) + rng.choice([" ", " ", ", ", ". "])
-    return out[:n]
-
-
 def make_engine(cache_dir: Path, *, model=None, config: ReAttentionConfig = CFG, **cache_kw) -> ReAttentionEngine:
     cache = CacheConfig(page_size=PAGE, dir=cache_dir, **cache_kw)
     return ReAttentionEngine(model if model is not None else tiny_model("llama"), ByteTokenizer(), config, cache=cache)
@@ -111,7 +101,7 @@ def verify_all(cache_dir: Path) -> None:
         page_file.read_page(ref, meta["fingerprint"], 2, torch.float32)
 
 
-PROMPT = text(5 * PAGE + 20, seed=1)  # 5 cacheable pages
+PROMPT = word_text(5 * PAGE + 20, seed=1)  # 5 cacheable pages
 
 
 @pytest.fixture(scope="module")
@@ -242,7 +232,7 @@ def test_the_staging_reader_checks_pages_like_the_mapping_reader(tmp_path, monke
 
 
 def test_eviction_keeps_the_cache_under_its_cap_and_cuts_chains_from_the_end(tmp_path, caplog):
-    make_engine(tmp_path / "probe").generate(text(PAGE + 2, seed=7), max_new_tokens=1)
+    make_engine(tmp_path / "probe").generate(word_text(PAGE + 2, seed=7), max_new_tokens=1)
     page_bytes = pages(tmp_path / "probe")[0].stat().st_size
     cap = int(page_bytes * 3.5)
     caplog.set_level(logging.WARNING, logger="reattention")
@@ -251,7 +241,7 @@ def test_eviction_keeps_the_cache_under_its_cap_and_cuts_chains_from_the_end(tmp
     assert "outgrows the disk cache cap" in caplog.text
     names = [p.name[:7] for p in pages(tmp_path / "c")]
     assert names == ["p000000", "p000001", "p000002"]
-    other = text(2 * PAGE + 10, seed=8)
+    other = word_text(2 * PAGE + 10, seed=8)
     engine.generate(other, max_new_tokens=1)  # 2 more pages: the deepest pages of PROMPT go first
     files = pages(tmp_path / "c")
     assert sum(p.stat().st_size for p in files) <= cap
@@ -262,7 +252,7 @@ def test_eviction_keeps_the_cache_under_its_cap_and_cuts_chains_from_the_end(tmp
 
 
 def test_concurrent_writers_leave_a_readable_cache(tmp_path, cold_ids):
-    b, c = text(4 * PAGE + 9, seed=11), text(4 * PAGE + 9, seed=12)
+    b, c = word_text(4 * PAGE + 9, seed=11), word_text(4 * PAGE + 9, seed=12)
     (tmp_path / "barrier").mkdir()
     go = (tmp_path / "barrier", 2)
     procs = [child(tmp_path, [PROMPT, b, PROMPT], barrier=go), child(tmp_path, [c, PROMPT, c], barrier=go)]
@@ -277,8 +267,8 @@ def test_concurrent_writers_leave_a_readable_cache(tmp_path, cold_ids):
 
 def test_concurrent_writers_respect_a_shared_cap(tmp_path):
     """13 pages written by two processes under a cap of 9: they evict each other's pages."""
-    b, c = text(4 * PAGE + 9, seed=11), text(4 * PAGE + 9, seed=12)
-    make_engine(tmp_path / "probe").generate(text(PAGE + 2, seed=7), max_new_tokens=1)
+    b, c = word_text(4 * PAGE + 9, seed=11), word_text(4 * PAGE + 9, seed=12)
+    make_engine(tmp_path / "probe").generate(word_text(PAGE + 2, seed=7), max_new_tokens=1)
     cap = int(pages(tmp_path / "probe")[0].stat().st_size * 9.5)
     (tmp_path / "barrier").mkdir()
     go = (tmp_path / "barrier", 2)
@@ -423,7 +413,7 @@ def test_clear_cache_removes_this_fingerprint_only(tmp_path):
 
 def test_a_corpus_tail_page_is_reused_from_disk_and_verified(tmp_path, caplog):
     model = tiny_model("llama")
-    corpus = text(5 * PAGE + 20, seed=3)
+    corpus = word_text(5 * PAGE + 20, seed=3)
     cold = ReAttentionEngine(model, ByteTokenizer(), CFG, cache=False)
     first = make_engine(tmp_path, model=model)
     b = len(first.prompts.context_prefix_ids(corpus))

@@ -3,8 +3,6 @@ several corpora coexist, the chat layout keeps the context a stable prefix."""
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 
@@ -22,7 +20,7 @@ from reattention_core import (
 from reattention_core.cache.chain import cacheable_pages, page_keys
 from reattention_core.cache.config import default_page_size
 from reattention_core.generation.prefill import plan_prefill, run_prefill
-from tests.helpers import ByteTokenizer, random_ids, tiny_model
+from tests.helpers import ByteTokenizer, random_ids, tiny_model, word_text
 
 CFG = ReAttentionConfig(sink_size=4, block_size=4, top_k=2, max_blocks=4, local_window=32, prefill_chunk_size=16)
 PAGE = 64
@@ -34,15 +32,6 @@ def make_engine(arch: str = "llama", *, seed: int = 0, cache: CacheConfig | bool
     return ReAttentionEngine(
         model if model is not None else tiny_model(arch, seed=seed), ByteTokenizer(), CFG, cache=cache
     )
-
-
-def text(n: int, seed: int) -> str:
-    rng = random.Random(seed)
-    words = ["alpha", "beta", "gamma", "delta", "river", "stone", "cloud", "seven", "north", "paper"]
-    out = ""
-    while len(out) < n:
-        out += rng.choice(words) + rng.choice([" ", " ", ", ", ". "])
-    return out[:n]
 
 
 class LogitsSpy:
@@ -109,7 +98,7 @@ def test_resuming_prefill_at_a_page_boundary_is_bit_identical(tiny_arch):
 def test_warm_generation_equals_cold_bit_for_bit(tiny_arch, length, monkeypatch):
     spy = LogitsSpy(monkeypatch)
     model = tiny_model(tiny_arch)
-    prompt = text(length, seed=1)
+    prompt = word_text(length, seed=1)
     cold = make_engine(model=model, cache=False).generate(prompt, max_new_tokens=6)
     engine = make_engine(model=model)
     first = engine.generate(prompt, max_new_tokens=6)
@@ -123,7 +112,7 @@ def test_warm_generation_equals_cold_bit_for_bit(tiny_arch, length, monkeypatch)
 def test_questions_never_modify_the_cached_corpus(monkeypatch):
     spy = LogitsSpy(monkeypatch)
     model = tiny_model("qwen2")
-    corpus = text(400, seed=2)
+    corpus = word_text(400, seed=2)
     engine = make_engine(model=model)
     engine.generate("first question?", context=corpus, max_new_tokens=12)
     seg = engine._prefix.memory._segments[0]
@@ -146,8 +135,8 @@ def test_questions_never_modify_the_cached_corpus(monkeypatch):
 def test_several_corpora_stay_cached_and_a_shared_preamble_is_copied_not_lost():
     model = tiny_model("llama")
     engine = make_engine(model=model)
-    preamble = text(PAGE, seed=9)  # exactly one page shared by both corpora
-    a, b = preamble + text(300, seed=10), preamble + text(300, seed=11)
+    preamble = word_text(PAGE, seed=9)  # exactly one page shared by both corpora
+    a, b = preamble + word_text(300, seed=10), preamble + word_text(300, seed=11)
     assert engine.generate(a, max_new_tokens=2).cached_tokens == 0
     assert engine.generate(b, max_new_tokens=2).cached_tokens == PAGE  # preamble copied from a's store
     ra = engine.generate(a, max_new_tokens=4)
@@ -164,7 +153,7 @@ def test_several_corpora_stay_cached_and_a_shared_preamble_is_copied_not_lost():
 def test_memory_cap_evicts_the_least_recently_used_corpus():
     one = 2 * 2 * 2 * 16 * 4 * (5 * PAGE + 2 * PAGE + 8)  # layers x (k, v) x heads x dim x fp32 x capacity
     engine = make_engine(cache=CacheConfig(page_size=PAGE, disk=False, memory_bytes=int(one * 1.5)))
-    a, b = text(330, seed=20), text(330, seed=21)
+    a, b = word_text(330, seed=20), word_text(330, seed=21)
     engine.generate(a, max_new_tokens=2)
     engine.generate(b, max_new_tokens=2)
     assert engine.cache_info().memory.entries == 1
@@ -175,7 +164,7 @@ def test_memory_cap_evicts_the_least_recently_used_corpus():
 def test_prefill_warms_the_context_and_reports_cached_tokens():
     model = tiny_model("mistral")
     engine = make_engine(model=model)
-    corpus = text(500, seed=4)
+    corpus = word_text(500, seed=4)
     first = engine.prefill(context=corpus, progress=False)
     assert first.prompt_tokens == len(engine.prompts.context_prefix_ids(corpus))
     assert first.stored_tokens == first.prompt_tokens and first.prefilled_tokens == first.stored_tokens
@@ -189,18 +178,18 @@ def test_prefill_warms_the_context_and_reports_cached_tokens():
 
 def test_cache_info_and_clear_cache():
     engine = make_engine()
-    engine.generate(text(300, seed=5), max_new_tokens=2)
+    engine.generate(word_text(300, seed=5), max_new_tokens=2)
     info = engine.cache_info()
     assert (info.entries, info.tokens, info.page_size) == (1, 4 * PAGE, PAGE) and info.bytes > 0
     assert info.as_dict()["memory"]["pages"] == 4
     engine.clear_cache()
     assert engine.cache_info().memory.entries == 0
-    assert engine.generate(text(300, seed=5), max_new_tokens=2).cached_tokens == 0
+    assert engine.generate(word_text(300, seed=5), max_new_tokens=2).cached_tokens == 0
 
 
 def test_cache_off_engine_behaves_as_before():
     engine = make_engine(cache=False)
-    prompt = text(300, seed=6)
+    prompt = word_text(300, seed=6)
     assert engine.generate(prompt, max_new_tokens=2).cached_tokens == 0
     assert engine.generate(prompt, max_new_tokens=2).cached_tokens == 0
     with pytest.raises(CacheError, match="cache is off"):
@@ -279,7 +268,7 @@ def test_tail_page_key_differs_from_a_whole_page_and_follows_its_tokens():
 def test_each_question_over_a_cached_corpus_prefills_only_itself(arch, monkeypatch):
     spy = LogitsSpy(monkeypatch)
     model = tiny_model(arch)
-    corpus = text(450, seed=12)
+    corpus = word_text(450, seed=12)
     engine = make_engine(model=model)
     b = len(engine.prompts.context_prefix_ids(corpus))
     assert b % PAGE and b % CFG.prefill_chunk_size  # the corpus ends inside a page and inside a chunk
