@@ -15,6 +15,7 @@ from typing import Any
 from reattention_core.config import PRESETS
 from reattention_core.errors import InvalidInputError
 
+_SCOPE_FIELDS = ("sink_size", "block_size", "top_k", "max_blocks", "local_window")
 _MODE_ORDER = ("reattention", "full", "full-truncated", "yarn", "streaming", "rag")
 
 
@@ -53,14 +54,12 @@ def usable(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _preset_named(config: dict[str, Any] | None) -> str | None:
-    """``"preset NAME"`` when a row's attention config equals a named preset's, else ``None``."""
-    if not config:
+    """``"preset NAME"`` when a row's attention config (which records at least the scope's sizes)
+    equals a named preset's on every field it records, else ``None``."""
+    if not config or any(k not in config for k in _SCOPE_FIELDS):
         return None
     for name, preset in PRESETS.items():
-        fields = preset.to_dict()
-        if all(config.get(k, v) == v for k, v in fields.items()) and all(
-            k in config for k in ("sink_size", "max_blocks")
-        ):
+        if all(config.get(k, v) == v for k, v in preset.to_dict().items()):
             return f"preset {name}"
     return None
 
